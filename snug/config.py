@@ -1,0 +1,405 @@
+"""Typed config sections, read from YAML plus `section.key=value` overrides.
+
+Each section is a small dataclass; the `doc` of every field is what `--help` and the README's
+config reference show. Values are checked against the field's type when the config is read,
+and rules that span sections live in `check_combinations`, so that every config error is raised
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, worded as one sentence that names the file and key."""
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A field with its documentation (lists are copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    """The base model."""
+
+    name_or_path: str = _f("models/tiny", "Local model directory or Hugging Face hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto",
+        "Storage dtype of frozen weights. auto: float32 on CPU; on GPU bfloat16 (float16 "
+        "where bf16 is unsupported) for adapter methods and float32 for full tuning.",
+    )
+    attn: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f(
+        "auto", "Attention kernel. auto: flash_attention_2 when installed and on GPU, else sdpa."
+    )
+    quant: Literal["none", "4bit", "8bit"] = _f(
+        "none", "Load frozen base weights quantized by bitsandbytes (4bit = NF4 + double quant)."
+    )
+    trust_remote_code: bool = _f(
+        False, "Run model code shipped with a hub model. Off unless you trust its author."
+    )
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) to load.")
+
+
+METHOD_NAMES = (
+    "full", "freeze", "lora", "dora", "ia3", "prefix", "prompt", "ptuning", "llama_adapter",
+    "adapter",
+)  # fmt: skip
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its settings."""
+
+    name: Literal[METHOD_NAMES] = _f("lora", "Fine-tuning method: " + ", ".join(METHOD_NAMES) + ".")  # type: ignore[valid-type]
+    r: int = _f(8, "LoRA/DoRA rank.")
+    alpha: float = _f(16, "LoRA/DoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = _f(0.0, "Dropout on the LoRA/DoRA input.")
+    targets: str | list[str] = _f(
+        "all-linear", "Modules that get adapters: all-linear, or a list of module names."
+    )
+    rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead.")
+    trainable_layers: int = _f(2, "freeze: the last N decoder layers train.")
+    num_virtual_tokens: int = _f(20, "prefix, prompt, ptuning, llama_adapter: virtual tokens.")
+    bottleneck: int = _f(64, "adapter: bottleneck width.")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    train: str | list[str] = _f(
+        "data/train.jsonl",
+        "Training data: a file (json, jsonl, csv, parquet, arrow), a directory, a hub dataset "
+        "id, or a list of these to mix.",
+    )
+    eval: str | list[str] | None = _f(None, "Held-out data, in the same forms as train.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = _f(
+        "auto", "Record format; auto detects it from the first record's keys."
+    )
+    template: str = _f(
+        "auto",
+        "Chat template: auto (the tokenizer's own, else an error), or a built-in one: "
+        "chatml, llama3, mistral, gemma, phi3, alpaca.",
+    )
+    cutoff_len: int = _f(1024, "Longest sample in tokens; longer ones are truncated.")
+    packing: bool = _f(False, "Pack several samples into one row (lands with the memory toolkit).")
+    val_size: float = _f(
+        0.0, "Part of train held out for eval: a fraction below 1, or a count of samples."
+    )
+    max_samples: int | None = _f(None, "Use at most this many samples of each dataset.")
+    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
+    split: str = _f("train", "Split to read from a hub dataset.")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    stage: Literal["sft", "pt"] = _f(
+        "sft", "sft: supervised fine-tuning on chat data; pt: language modelling on text."
+    )
+    epochs: float = _f(3, "Passes over the training data.")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
+    micro_batch: int = _f(1, "Samples per forward/backward pass.")
+    grad_accum: int = _f(8, "Micro-batches accumulated per optimizer step.")
+    lr: float = _f(1.0e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    scheduler: Literal["cosine", "linear", "constant"] = _f(
+        "cosine", "Learning-rate schedule after warmup."
+    )
+    warmup: float = _f(0.03, "Warmup as a ratio of total steps (or a step count if >= 1).")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 turns it off).")
+    precision: Literal["auto", "bf16-mixed", "bf16-true", "fp16-mixed", "fp32"] = _f(
+        "auto",
+        "Compute precision. auto: bf16-mixed on a GPU with bf16, fp16-mixed on older GPUs, "
+        "fp32 on CPU.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; auto: cuda if present.")
+    seed: int = _f(42, "Seed for initialisation, shuffling and dropout.")
+    eval_every: int | None = _f(None, "Evaluate the loss on eval data every N steps.")
+    eval_generate: int = _f(
+        200,
+        "Held-out samples scored by greedy generation (exact match) before and after "
+        "training; 0 turns it off.",
+    )
+    max_new_tokens: int = _f(64, "Longest generated answer when scoring by generation.")
+    log_every: int = _f(10, "Log metrics every N optimizer steps.")
+
+
+@dataclass
+class MemoryConfig:
+    """Memory-saving techniques."""
+
+    grad_checkpointing: bool = _f(
+        True, "Recompute each decoder layer's activations in backward instead of storing them."
+    )
+    offload_activations: bool = _f(
+        False, "Keep tensors saved for backward in host memory (pinned on CUDA)."
+    )
+    chunked_loss: bool = _f(
+        True,
+        "Compute the LM head and cross-entropy over chunks of positions, so the full fp32 "
+        "logits never exist at once.",
+    )
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "lion8bit"] = _f(
+        "adamw", "Optimizer; the 8-bit ones come from bitsandbytes."
+    )
+    gpu: str | None = _f(None, 'GPU budget for plan / auto_fit, e.g. "RTX 4090" or "24GiB".')
+    auto_fit: bool = _f(False, "Pick micro-batch and memory settings that fit memory.gpu.")
+
+
+@dataclass
+class DistConfig:
+    """Multi-GPU training."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = _f("none", "How to spread training over GPUs.")
+    nproc: int = _f(1, "Processes (GPUs) on this node.")
+
+
+@dataclass
+class OutputConfig:
+    """What a run writes."""
+
+    dir: str = _f("runs/example", "Output directory of the run.")
+    save_every: int | None = _f(None, "Write a checkpoint every N optimizer steps.")
+    keep_last: int = _f(2, "Checkpoints to keep; older ones are deleted once a new one is complete.")
+    plot_loss: bool = _f(True, "Write loss.png at the end.")
+
+
+@dataclass
+class Config:
+    """A whole snug run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _nearest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}."
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Return `value` checked against `annotation`, converting YAML-ish strings and ints."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{where} must not be null.")
+    if origin is Literal:
+        choices = get_args(annotation)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(
+                f"{where} is {value!r}, but must be one of {', '.join(map(str, choices))}{suggestion}"
+            )
+        return value
+    if origin is list:
+        (item,) = get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, not {value!r}.")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, not {value!r}.")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} must be a whole number, not {value!r}.")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} must be a number, not {value!r}.")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, not {value!r}.")
+    raise TypeError(f"unsupported config annotation {annotation!r}")  # a bug in this file
+
+
+def _build_section(cls: type, values: dict[str, Any], source: str, section: str) -> Any:
+    hints = typing.get_type_hints(cls, include_extras=False)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{section}.{key}'" + _nearest(key, names))
+        kwargs[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
+    return cls(**kwargs)
+
+
+def check_combinations(cfg: Config, source: str) -> None:
+    """Rules that involve more than one key. The one place where sections meet."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if m.quant != "none" and cfg.method.name in ("full", "freeze"):
+        raise ConfigError(
+            f"{source}: model.quant={m.quant} needs an adapter method (method.name=lora, dora, "
+            f"...), since quantized weights cannot be trained by method.name={cfg.method.name}."
+        )
+    if t.precision == "bf16-true" and cfg.method.name not in ("full", "freeze"):
+        raise ConfigError(
+            f"{source}: train.precision=bf16-true is for full and freeze tuning; adapters keep "
+            "fp32 weights, so use bf16-mixed with method.name=" + cfg.method.name + "."
+        )
+    for key in ("micro_batch", "grad_accum", "log_every", "max_new_tokens"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"{source}: train.{key} must be at least 1.")
+    if t.max_steps is None and t.epochs <= 0:
+        raise ConfigError(f"{source}: train.epochs must be positive (or set train.max_steps).")
+    if d.cutoff_len < 8:
+        raise ConfigError(f"{source}: data.cutoff_len must be at least 8 tokens.")
+    if d.val_size < 0:
+        raise ConfigError(f"{source}: data.val_size must not be negative.")
+    if t.stage == "pt" and d.format not in ("auto", "text"):
+        raise ConfigError(f"{source}: train.stage=pt reads plain text; set data.format=text.")
+    if cfg.method.r < 1:
+        raise ConfigError(f"{source}: method.r must be at least 1.")
+    if d.packing:
+        raise ConfigError(
+            f"{source}: data.packing=true is not available yet (it comes with the memory "
+            "toolkit); set data.packing=false."
+        )
+    if cfg.dist.strategy != "none" or cfg.dist.nproc != 1:
+        raise ConfigError(
+            f"{source}: dist.strategy={cfg.dist.strategy} with dist.nproc={cfg.dist.nproc} is not "
+            "available yet; snug trains on one device for now (dist.strategy=none)."
+        )
+    if cfg.memory.auto_fit:
+        raise ConfigError(
+            f"{source}: memory.auto_fit needs the planner, which is not available yet; "
+            "set memory.auto_fit=false."
+        )
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, YAML-parsed value)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.lr=1e-4).")
+    path, raw = text.split("=", 1)
+    section, key = path.split(".", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads 1e-4 as a string (YAML 1.1 wants a dot); accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return section, key, value
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections.")
+    sections = _section_types()
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section '{name}'" + _nearest(name, list(sections)))
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys.")
+        built[name] = _build_section(sections[name], values, source, name)
+    cfg = Config(**built)
+    check_combinations(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config ({e.strerror}).") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({e.__class__.__name__}).") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections.")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys.")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    return config_from_dict(raw, source)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "|".join(map(str, get_args(annotation)))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(annotation))
+    if origin is list:
+        return f"list of {_type_name(get_args(annotation)[0])}"
+    return "null" if annotation is type(None) else annotation.__name__
+
+
+def reference_markdown() -> str:
+    """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
+    lines = []
+    for name, cls in _section_types().items():
+        lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(
+                f"| `{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {f.metadata['doc']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Tokenize canonical records into (input_ids, labels), prompt tokens masked with -100.
+
+A conversation is rendered through its chat template one prefix at a time, so each assistant
+turn's tokens are known exactly: for turn k, render(messages[:k], add_generation_prompt) is
+the prompt and render(messages[:k+1]) ends with the answer. Label masks therefore follow the
+real template, whatever it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from snug.data.formats import DataError
+
+IGNORE = -100
+
+# Status of a record after tokenization, counted in summary.json["data"].
+KEPT, TRUNCATED, EMPTY, FULLY_MASKED = "kept", "truncated", "empty", "fully_masked"
+
+
+def _render(tok: PreTrainedTokenizerBase, template: str, messages: list[dict], gen: bool) -> str:
+    return tok.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=gen
+    )
+
+
+def chat_segments(
+    tok: PreTrainedTokenizerBase, template: str, messages: list[dict], where: str
+) -> list[tuple[str, str]]:
+    """[(prompt_text, answer_text), ...], one pair per assistant turn, concatenating to the whole."""
+    pairs, done = [], ""
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _render(tok, template, messages[:k], gen=True)
+        full = _render(tok, template, messages[: k + 1], gen=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise DataError(
+                f"{where}: the chat template does not render conversations prefix by prefix, so "
+                "answer tokens cannot be located; set data.template to a built-in template."
+            )
+        pairs.append((prompt[len(done) :], full[len(prompt) :]))
+        done = full
+    return pairs
+
+
+def _budget(src: int, tgt: int, budget: int) -> tuple[int, int]:
+    """Split `budget` tokens between prompt and answer, keeping part of a long answer."""
+    if src + tgt <= budget:
+        return src, tgt
+    if tgt <= budget // 2:
+        keep_tgt = tgt
+    elif src <= budget // 2:
+        keep_tgt = budget - src
+    else:  # both long: share in proportion
+        keep_tgt = max(1, budget * tgt // (src + tgt))
+    return min(src, budget - keep_tgt), keep_tgt
+
+
+def encode_chat(
+    tok: PreTrainedTokenizerBase,
+    template: str,
+    messages: list[dict],
+    cutoff_len: int,
+    train_on_prompt: bool,
+    where: str,
+) -> tuple[list[int], list[int], str]:
+    """(input_ids, labels, status). A long prompt loses its start (the end carries the turn
+    header the answer follows); a long answer loses its end."""
+    ids: list[int] = []
+    labels: list[int] = []
+    status = KEPT
+    for prompt, answer in chat_segments(tok, template, messages, where):
+        src = tok(prompt, add_special_tokens=False)["input_ids"]
+        tgt = tok(answer, add_special_tokens=False)["input_ids"]
+        n_src, n_tgt = _budget(len(src), len(tgt), cutoff_len - len(ids))
+        if (n_src, n_tgt) != (len(src), len(tgt)):
+            status = TRUNCATED
+        src, tgt = src[len(src) - n_src :], tgt[:n_tgt]
+        ids += src + tgt
+        labels += (src if train_on_prompt else [IGNORE] * len(src)) + tgt
+        if len(ids) >= cutoff_len:
+            break
+    if not ids:
+        return ids, labels, EMPTY
+    if all(x == IGNORE for x in labels[1:]):  # position 0 is never predicted
+        return ids, labels, FULLY_MASKED
+    return ids, labels, status
+
+
+def encode_text(
+    tok: PreTrainedTokenizerBase, text: str, cutoff_len: int
+) -> list[tuple[list[int], list[int], str]]:
+    """Plain text for train.stage=pt: bos? + text + eos, split into cutoff_len pieces (no
+    token is thrown away)."""
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+        ids.append(tok.eos_token_id)
+    if len(ids) < 2:
+        return [(ids, list(ids), EMPTY)]
+    pieces = [ids[i : i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
+    if len(pieces) > 1 and len(pieces[-1]) < 2:  # a lone token predicts nothing
+        pieces.pop()
+    return [(p, list(p), KEPT) for p in pieces]
+
+
+def tokenize_records(
+    records: dict[str, list[Any]],
+    indices: list[int],
+    *,
+    tok: PreTrainedTokenizerBase,
+    template: str | None,
+    fmt: str,
+    cutoff_len: int,
+    train_on_prompt: bool,
+    source: str,
+) -> dict[str, list]:
+    """Batched `datasets.map` function: raw columns -> input_ids, labels, status."""
+    from snug.data.formats import to_canonical  # local: keeps map's pickled closure small
+
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
+    columns = list(records)
+    for j, index in enumerate(indices):
+        record = {c: records[c][j] for c in columns}
+        where = f"{source} row {index + 1}"
+        canon = to_canonical(record, fmt, where)
+        if "text" in canon:
+            results = encode_text(tok, canon["text"], cutoff_len)
+        else:
+            results = [encode_chat(tok, template, canon["messages"], cutoff_len, train_on_prompt, where)]
+        for ids, labels, status in results:
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["status"].append(status)
+    return out

@@ -1,0 +1,66 @@
+"""Fine-tuning methods: one module each, registered here in one line.
+
+A method turns a loaded base model into the model that trains: it chooses which weights train
+and adds any new ones. `apply_method` is the single entry point for `snug train` and `snug plan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from snug.config import MethodConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    apply: Callable[[nn.Module, MethodConfig], nn.Module]
+    output: Literal["adapter", "model"]  # adapter/ (PEFT format) or model/ (HF format)
+    mergeable: bool
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> None:
+    REGISTRY[method.name] = method
+
+
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise ValueError(
+            f"method.name={name} is not available yet; choose one of {', '.join(sorted(REGISTRY))}."
+        )
+    return REGISTRY[name]
+
+
+def apply_method(model: nn.Module, cfg: MethodConfig, keep_fp32_trainable: bool = True) -> nn.Module:
+    """Apply the method; trainable weights are then kept in fp32 (unless bf16-true training)."""
+    model = get_method(cfg.name).apply(model, cfg)
+    if keep_fp32_trainable:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return model
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) weights count once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+from snug.methods import full, lora  # noqa: E402,F401  (each module registers itself)

@@ -1,0 +1,136 @@
+"""Load the base model and tokenizer: local directory or hub id, dtype, attention, quantization."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from snug.config import Config, ModelConfig
+
+log = logging.getLogger("snug")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer named in model.name_or_path cannot be loaded."""
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("train.device=cuda, but no CUDA GPU is visible; use train.device=cpu.")
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """train.precision=auto -> the best the device does well (fp32 on CPU: bf16 is slow there)."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "fp16-mixed"
+
+
+def resolve_dtype(cfg: Config, device: torch.device, precision: str) -> torch.dtype:
+    """Storage dtype of the base weights (trainable ones are upcast to fp32 after the method)."""
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    if precision == "bf16-true":
+        return torch.bfloat16
+    if device.type != "cuda" or cfg.method.name in ("full", "freeze"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_attn(mcfg: ModelConfig, device: torch.device) -> str:
+    if mcfg.attn != "auto":
+        if mcfg.attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ModelLoadError(
+                "model.attn=flash_attention_2 needs the flash-attn package (pip install "
+                "flash-attn) and a CUDA GPU; use model.attn=sdpa."
+            )
+        return mcfg.attn
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _quant_config(mcfg: ModelConfig, compute_dtype: torch.dtype):
+    if mcfg.quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if mcfg.quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _where(mcfg: ModelConfig) -> str:
+    local = Path(mcfg.name_or_path)
+    return f"model.name_or_path={mcfg.name_or_path}" + ("" if local.exists() else " (hub id)")
+
+
+def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision
+        )
+    except OSError as e:
+        raise ModelLoadError(f"{_where(mcfg)}: cannot load the tokenizer ({_first_line(e)}).") from None
+    if tok.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token will do; the
+        # eos token is the usual choice and keeps the vocabulary (and embeddings) unchanged.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        if tok.pad_token is None:
+            raise ModelLoadError(f"{_where(mcfg)}: the tokenizer has no pad, eos or unk token.")
+    return tok
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+
+
+def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Module:
+    """The base causal LM on `device`, frozen weights in the resolved storage dtype."""
+    mcfg = cfg.model
+    dtype = resolve_dtype(cfg, device, precision)
+    if mcfg.trust_remote_code:
+        log.warning("trust_remote_code is on: running model code from %s (revision %s)",
+                    mcfg.name_or_path, mcfg.revision or "default")
+    compute = torch.bfloat16 if "bf16" in precision else (torch.float16 if "fp16" in precision else torch.float32)
+    quant = _quant_config(mcfg, compute)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            mcfg.name_or_path,
+            dtype=dtype,
+            attn_implementation=resolve_attn(mcfg, device),
+            quantization_config=quant,
+            trust_remote_code=mcfg.trust_remote_code,
+            revision=mcfg.revision,
+            device_map={"": device} if quant is not None else None,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{_where(mcfg)}: cannot load the model ({_first_line(e)}).") from None
+    if quant is None:
+        model.to(device)
+    model.config.use_cache = False  # training never reuses the KV cache
+    return model
+
+
+def load_model_config(mcfg: ModelConfig):
+    """Only the architecture (config.json), e.g. for building a model on the meta device."""
+    return AutoConfig.from_pretrained(
+        mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision
+    )

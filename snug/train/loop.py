@@ -1,0 +1,242 @@
+"""The training loop: data -> model -> method -> steps -> eval -> outputs. snug's own, no Trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import set_seed
+
+from snug.config import Config, save_config
+from snug.data.collate import collate
+from snug.data.dataset import build_datasets
+from snug.methods import apply_method, count_params, get_method
+from snug.models.load import load_model, load_tokenizer, resolve_device, resolve_precision
+from snug.train.checkpoint import save_checkpoint
+from snug.train.evaluate import eval_loss, exact_match
+from snug.train.memory import TensorMemoryTracker, model_tensors
+from snug.train.metrics import MetricsLog
+from snug.train.optim import build_optimizer, build_scheduler
+from snug.train.step import StepOptions, train_step
+
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+class OutputDirError(ValueError):
+    """output.dir is not ours to write."""
+
+
+@dataclass
+class Schedule:
+    """How samples become micro-batches and optimizer steps."""
+
+    samples: int
+    micro_batch: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(math.ceil(self.samples / self.micro_batch) / self.grad_accum)
+
+    def windows(self, epoch: int) -> list[list[list[int]]]:
+        """Sample indices for each optimizer step of `epoch`: [step][micro-batch][sample]."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.samples, generator=g).tolist()
+        micro = [order[i : i + self.micro_batch] for i in range(0, len(order), self.micro_batch)]
+        return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
+
+
+def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptions:
+    return StepOptions(
+        device_type=device.type,
+        autocast_dtype=AUTOCAST.get(precision),
+        max_grad_norm=cfg.train.max_grad_norm,
+        chunked_loss=cfg.memory.chunked_loss,
+        offload_activations=cfg.memory.offload_activations,
+    )
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    out = Path(cfg.output.dir)
+    if out.exists() and any(out.iterdir()) and not (out / "config.yaml").exists():
+        raise OutputDirError(
+            f"output.dir={out} already holds files that are not a snug run; choose another "
+            "output.dir so nothing of yours is overwritten."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_training(cfg: Config, console: Console | None = None) -> dict:
+    """Train as `cfg` says, write everything into output.dir, return summary.json's content."""
+    console = console or Console()
+    started = time.perf_counter()
+    out = prepare_output_dir(cfg)
+    save_config(cfg, out / "config.yaml")
+    device = resolve_device(cfg)
+    precision = resolve_precision(cfg, device)
+    set_seed(cfg.train.seed)
+
+    tok = load_tokenizer(cfg.model)
+    train_ds, eval_ds, stats = build_datasets(cfg.data, tok, cfg.train.stage, cfg.train.seed,
+                                              cfg.model.name_or_path)
+    console.print(f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
+                  f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}")
+
+    model = load_model(cfg, device, precision)
+    model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
+    if cfg.memory.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable, total = count_params(model)
+    console.print(f"model: {cfg.model.name_or_path} | method {cfg.method.name} | trainable "
+                  f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}")
+
+    summary: dict = {"status": "failed", "steps": 0, "trainable_params": trainable,
+                     "total_params": total, "data": stats.as_dict(), "device": str(device),
+                     "precision": precision}
+    opts = step_options(cfg, device, precision)
+    metrics = MetricsLog(out)
+    try:
+        eval_before = _evaluate(model, tok, eval_ds, cfg, opts, device) if eval_ds else None
+        _train(model, tok, train_ds, eval_ds, cfg, opts, device, precision, out, metrics,
+               summary, console)
+        summary["status"] = "completed"
+        if eval_ds is not None:
+            after = _evaluate(model, tok, eval_ds, cfg, opts, device)
+            summary["eval"] = _eval_block(eval_before, after)
+            console.print(_eval_line(summary["eval"]))
+        _save_final(model, tok, cfg, out)
+        console.print(f"saved {get_method(cfg.method.name).output} to {out}")
+    except KeyboardInterrupt:
+        summary["status"] = "interrupted"
+        raise
+    finally:
+        summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        metrics.close()
+        if cfg.output.plot_loss and metrics.rows:
+            metrics.plot(out / "loss.png")
+    return summary
+
+
+def _train(model, tok, train_ds, eval_ds, cfg: Config, opts: StepOptions, device, precision,
+           out: Path, metrics: MetricsLog, summary: dict, console: Console) -> None:
+    t = cfg.train
+    schedule = Schedule(len(train_ds), t.micro_batch, t.grad_accum, t.seed)
+    total_steps = t.max_steps or math.ceil(t.epochs * schedule.steps_per_epoch)
+    optimizer = build_optimizer(model, cfg.memory, t)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
+
+    # Peak memory: CUDA counts it itself; on CPU our tracker counts every tensor storage.
+    tracker = TensorMemoryTracker() if device.type == "cpu" else None
+    if tracker is None:
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_idle = _peak_rss_bytes()
+    step, epoch, tokens_seen, compute_seconds = 0, 0, 0, 0.0
+    first_loss = last_loss = None
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("train", total=total_steps, info="")
+        if tracker is not None:
+            tracker.__enter__()
+            tracker.track(model_tensors(model))
+        try:
+            while step < total_steps:
+                for window in schedule.windows(epoch):
+                    batches = [{k: v.to(device) for k, v in
+                                collate([train_ds[i] for i in mb], tok.pad_token_id).items()}
+                               for mb in window]
+                    tick = time.perf_counter()
+                    result = train_step(model, optimizer, batches, opts, scaler)
+                    scheduler.step()
+                    loss = result.loss.item()  # the one host sync per step
+                    compute_seconds += time.perf_counter() - tick
+                    step += 1
+                    tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+                    first_loss = loss if first_loss is None else first_loss
+                    last_loss = loss
+                    info = f"loss {loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} " \
+                           f"{tokens_seen / compute_seconds:,.0f} tok/s"
+                    bar.update(task, advance=1, info=info)
+                    if step % t.log_every == 0 or step == total_steps:
+                        metrics.write({"step": step, "epoch": round(step / schedule.steps_per_epoch, 3),
+                                       "loss": loss, "lr": scheduler.get_last_lr()[0],
+                                       "grad_norm": None if result.grad_norm is None else result.grad_norm.item(),
+                                       "tokens_per_second": tokens_seen / compute_seconds})
+                        if not console.is_terminal:
+                            console.print(f"step {step}/{total_steps} {info}")
+                    if t.eval_every and eval_ds is not None and step % t.eval_every == 0:
+                        value = eval_loss(model, eval_ds, opts, t.micro_batch, tok.pad_token_id, device)
+                        metrics.write({"step": step, "eval_loss": value})
+                    if cfg.output.save_every and step % cfg.output.save_every == 0:
+                        save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
+                                        {"step": step, "epoch": epoch, "tokens_seen": tokens_seen},
+                                        cfg.output.keep_last)
+                    summary.update(steps=step, train_loss_first=first_loss, train_loss_last=last_loss)
+                    if step >= total_steps:
+                        break
+                epoch += 1
+        finally:
+            if tracker is not None:
+                tracker.__exit__(None, None, None)
+    summary["tokens_per_second"] = round(tokens_seen / max(compute_seconds, 1e-9), 1)
+    if tracker is not None:
+        summary["peak_memory"] = {"measured_bytes": tracker.peak, "predicted_bytes": None,
+                                  "device": "cpu", "peak_rss_bytes": _peak_rss_bytes(),
+                                  "rss_before_training_bytes": rss_idle}
+    else:
+        summary["peak_memory"] = {"measured_bytes": torch.cuda.max_memory_allocated(device),
+                                  "reserved_bytes": torch.cuda.max_memory_reserved(device),
+                                  "predicted_bytes": None, "device": torch.cuda.get_device_name(device)}
+
+
+def _evaluate(model, tok, eval_ds, cfg: Config, opts: StepOptions, device) -> dict:
+    result = {"loss": eval_loss(model, eval_ds, opts, cfg.train.micro_batch, tok.pad_token_id, device)}
+    if cfg.train.stage == "sft" and cfg.train.eval_generate > 0:
+        score, samples = exact_match(model, tok, eval_ds, cfg.train.eval_generate,
+                                     cfg.train.max_new_tokens, device)
+        result["exact_match"] = score
+        result["samples"] = samples[:5]
+    return result
+
+
+def _eval_block(before: dict, after: dict) -> dict:
+    block = {"loss_before": before["loss"], "loss_after": after["loss"]}
+    if "exact_match" in before:
+        block = {"metric": "exact_match", "before": before["exact_match"],
+                 "after": after["exact_match"], **block, "examples_after": after["samples"]}
+    return block
+
+
+def _eval_line(block: dict) -> str:
+    line = f"held-out loss: {block['loss_before']:.4f} -> {block['loss_after']:.4f}"
+    if "metric" in block:
+        line = (f"held-out exact match: {100 * block['before']:.1f}% before -> "
+                f"{100 * block['after']:.1f}% after training | " + line)
+    return line
+
+
+def _save_final(model, tok, cfg: Config, out: Path) -> None:
+    target = out / get_method(cfg.method.name).output  # adapter/ or model/
+    model.config.use_cache = True  # the saved model is for inference
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(target))  # adapter_config.json + adapter_model.safetensors
+    else:
+        model.save_pretrained(str(target), safe_serialization=True)
+    tok.save_pretrained(str(target))

@@ -1,0 +1,66 @@
+"""A dispatch-mode tracker of tensor memory: every storage created and freed, and the peak.
+
+Written here because torch's own `MemTracker` registers hooks on frozen parameters and fails
+on adapter models (torch 2.13). The same tracker measures a real CPU run (`snug train`,
+`summary.json`) and, on fake tensors, the planner's prediction, so both count alike.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def no_rounding(nbytes: int) -> int:
+    return nbytes
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Live and peak bytes of tensor storages. Storages that exist before the mode is entered
+    count once `track(...)` is given them (e.g. the model's weights)."""
+
+    def __init__(self, rounding: Callable[[int], int] = no_rounding) -> None:
+        super().__init__()
+        self.rounding = rounding
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+    def _add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        nbytes = self.rounding(storage.nbytes())
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        # Storages keep their Python object alive as long as the C++ storage lives, so the
+        # finalizer fires exactly when the memory is released.
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def track(self, tensors: Iterable[torch.Tensor]) -> None:
+        for t in tensors:
+            self._add(t)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]

@@ -1,0 +1,82 @@
+"""THE training step: one optimizer update over an accumulated batch of micro-batches.
+
+`snug train` calls it on real tensors; `snug plan` calls the very same function on fake
+tensors (no weights, no data) to read the peak memory and FLOPs. So it must stay free of
+anything that needs real values: no `.item()`, no data-dependent shapes, no host syncs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from snug.train.loss import chunked_loss, count_targets, plain_loss
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How the step computes: resolved from the config once, before training."""
+
+    device_type: str  # "cpu" | "cuda"
+    autocast_dtype: torch.dtype | None  # bf16/fp16 for *-mixed; None for fp32 and bf16-true
+    max_grad_norm: float  # 0: no clipping
+    chunked_loss: bool
+    offload_activations: bool
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return chunked_loss if self.chunked_loss else plain_loss
+
+    def forward_context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device_type, dtype=self.autocast_dtype))
+        if self.offload_activations:
+            # Tensors saved for backward go to host memory and come back when backward needs them.
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device_type == "cuda"))
+        return stack
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean cross-entropy per target token of the whole accumulated batch
+    grad_norm: torch.Tensor | None  # before clipping
+    target_tokens: torch.Tensor  # tokens that carried loss
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    opts: StepOptions,
+    scaler: torch.amp.GradScaler | None = None,
+) -> StepResult:
+    # Normalise by the target tokens of the whole accumulated batch, not per micro-batch: then
+    # 4 micro-batches of 1 give the same gradient as 1 batch of 4, whatever their lengths.
+    n_targets = sum(count_targets(b["labels"]) for b in micro_batches).clamp(min=1)
+    total = torch.zeros((), device=n_targets.device)
+    for batch in micro_batches:
+        with opts.forward_context():
+            loss = opts.loss_fn(model, batch) / n_targets
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = None
+    if opts.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=total, grad_norm=grad_norm, target_tokens=n_targets)
