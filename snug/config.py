@@ -403,3 +403,7 @@ def reference_markdown() -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m snug.config: print the reference for the README
+    print(reference_markdown())

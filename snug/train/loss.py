@@ -35,10 +35,10 @@ def _ce_sum(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -
 
 
 def plain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # The model's own forward already applies any final-logit soft-capping.
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    softcap = getattr(_causal_lm(model).config, "final_logit_softcapping", None)
     v = logits.shape[-1]
-    return _ce_sum(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), softcap)
+    return _ce_sum(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), softcap=None)
 
 
 def chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,31 @@
+# make quickstart: set up .venv if missing, then fine-tune the embedded demo.
+# make test:       set up .venv if missing, then run the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.snug-installed
+
+.PHONY: quickstart test lint data base
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel lies on disk here; elsewhere pip fetches the build that fits the machine.
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.6"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/snug train examples/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check snug tests scripts benchmarks
+	$(VENV)/bin/ruff format --check snug tests scripts benchmarks
+
+# Remake the bundled data and the tiny base model (not needed to use snug).
+data: $(STAMP)
+	$(PY) scripts/make_demo_data.py
+base: $(STAMP)
+	$(PY) scripts/make_tiny_base.py

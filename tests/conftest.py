@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models of several families, built from configs, and small data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_BASE = ROOT / "models/tiny"
+
+FAMILY_KWARGS = {
+    "llama": {},
+    "qwen2": {},
+    "mistral": {"sliding_window": None},
+    "gemma": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TINY_BASE)
+
+
+def make_tiny_model(family: str, path: Path, tokenizer, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer model of `family`, saved with the bundled tokenizer."""
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        **FAMILY_KWARGS[family],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("llama"), tokenizer)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def toy_sft(tmp_path) -> Path:
+    """A learnable toy: every answer is the first word of the input."""
+    words = "red blue green cat dog sun moon tree".split()
+    rows = [{"instruction": "Give the first word.", "input": f"{a} {b}", "output": a}
+            for a in words for b in words]
+    return write_jsonl(tmp_path / "toy.jsonl", rows)

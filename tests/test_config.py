@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from snug.config import Config, ConfigError, config_from_dict, load_config, reference_markdown
+from snug.methods import get_method
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_match_design():
+    cfg = Config()
+    assert (cfg.method.name, cfg.method.r, cfg.method.alpha) == ("lora", 8, 16)
+    assert (cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.scheduler) == (1, 8, "cosine")
+    assert cfg.memory.grad_checkpointing and cfg.memory.chunked_loss
+
+
+def test_unknown_key_names_nearest(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'train.learning_rate'.*valid|mean"):
+        load_config(p)
+    p.write_text("train:\n  micro_bach: 2\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'micro_batch'"):
+        load_config(p)
+
+
+def test_unknown_section_and_wrong_types():
+    with pytest.raises(ConfigError, match=r"unknown section 'trian'.*'train'"):
+        config_from_dict({"trian": {}})
+    with pytest.raises(ConfigError, match=r"train.micro_batch must be a whole number"):
+        config_from_dict({"train": {"micro_batch": "two"}})
+    with pytest.raises(ConfigError, match=r"method.name is 'lorra'.*did you mean 'lora'"):
+        config_from_dict({"method": {"name": "lorra"}})
+    with pytest.raises(ConfigError, match=r"memory.grad_checkpointing must be true or false"):
+        config_from_dict({"memory": {"grad_checkpointing": "yes"}})
+
+
+def test_impossible_combinations():
+    with pytest.raises(ConfigError, match=r"model.quant=4bit needs an adapter method"):
+        config_from_dict({"model": {"quant": "4bit"}, "method": {"name": "full"}})
+    with pytest.raises(ConfigError, match=r"bf16-true is for full and freeze"):
+        config_from_dict({"train": {"precision": "bf16-true"}, "method": {"name": "lora"}})
+    with pytest.raises(ConfigError, match=r"train.micro_batch must be at least 1"):
+        config_from_dict({"train": {"micro_batch": 0}})
+
+
+def test_overrides_and_yaml_numbers(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1e-4\n")
+    cfg = load_config(p, ["train.micro_batch=4", "method.targets=[q_proj, v_proj]", "train.lr=3e-4"])
+    assert cfg.train.micro_batch == 4 and cfg.method.targets == ["q_proj", "v_proj"]
+    assert cfg.train.lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(p, ["lr=3"])
+
+
+def test_bad_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: not valid YAML"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_loads_and_validates(path):
+    cfg = load_config(path)
+    get_method(cfg.method.name)  # registered
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert reference_markdown() in readme, "README config reference is stale: run python -m snug.config"

@@ -1,0 +1,139 @@
+import json
+
+import pytest
+
+from snug.config import DataConfig
+from snug.data.collate import collate
+from snug.data.dataset import build_datasets
+from snug.data.formats import DataError, detect_format, to_canonical
+from snug.data.templates import BUILTIN, TemplateError, resolve_template
+from snug.data.tokenize import IGNORE, chat_segments, encode_chat
+
+from conftest import write_jsonl
+
+CHAT = [{"role": "user", "content": "Give the first word.\n\nred cat"},
+        {"role": "assistant", "content": "red"}]
+
+
+def test_formats_detected_and_converted():
+    alpaca = {"instruction": "Say hi.", "input": "", "output": "hi", "system": "be brief"}
+    share = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+    msgs = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    assert [detect_format(r, "x") for r in (alpaca, share, msgs, {"text": "t"})] == [
+        "alpaca", "sharegpt", "messages", "text"]
+    assert to_canonical(alpaca, "alpaca", "x")["messages"] == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "hi"}]
+    assert to_canonical(share, "sharegpt", "x") == to_canonical(msgs, "messages", "x")
+
+
+def test_sharegpt_roles_out_of_order_named():
+    bad = {"conversations": [{"from": "gpt", "value": "b"}, {"from": "human", "value": "a"}]}
+    with pytest.raises(DataError, match=r"f.jsonl row 3: field 'conversations' turn 1 is from 'assistant'"):
+        to_canonical(bad, "sharegpt", "f.jsonl row 3")
+
+
+def test_missing_field_and_wrong_type_named():
+    with pytest.raises(DataError, match=r"row 2: field 'output' must be a string"):
+        to_canonical({"instruction": "a", "output": 3}, "alpaca", "row 2")
+    with pytest.raises(DataError, match=r"cannot tell the format"):
+        detect_format({"question": "a"}, "row 1")
+
+
+def test_labels_mask_prompt_and_padding_exactly(tokenizer):
+    template = tokenizer.chat_template
+    ids, labels, status = encode_chat(tokenizer, template, CHAT, 128, False, "x")
+    prompt, answer = chat_segments(tokenizer, template, CHAT, "x")[0]
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert status == "kept"
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert tokenizer.decode(ids[n_prompt:]) == answer == "red<|im_end|>\n"
+    short = {"input_ids": [1, 2], "labels": [IGNORE, 2]}
+    batch = collate([{"input_ids": ids, "labels": labels}, short], pad_id=tokenizer.pad_token_id)
+    assert batch["labels"][1, 2:].eq(IGNORE).all() and batch["attention_mask"][1, 2:].eq(0).all()
+    assert batch["input_ids"][1, 2:].eq(tokenizer.pad_token_id).all()
+
+
+def test_train_on_prompt_keeps_all_labels(tokenizer):
+    ids, labels, _ = encode_chat(tokenizer, tokenizer.chat_template, CHAT, 128, True, "x")
+    assert labels == ids
+
+
+def test_cutoff_keeps_part_of_the_answer(tokenizer):
+    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "cat " * 100}]
+    ids, labels, status = encode_chat(tokenizer, tokenizer.chat_template, long, 64, False, "x")
+    assert status == "truncated" and len(ids) == 64
+    targets = sum(x != IGNORE for x in labels)
+    assert 0 < targets < 64
+    # The kept prompt ends with the assistant header, so the answer follows it as at inference.
+    assert tokenizer.decode(ids[: len(ids) - targets]).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_builtin_templates_render_prefix_by_prefix(tokenizer, name):
+    convo = [{"role": "system", "content": "sys"}, *CHAT,
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "cat"}]
+    pairs = chat_segments(tokenizer, BUILTIN[name], convo, "x")
+    assert len(pairs) == 2 and pairs[0][1].startswith("red") and pairs[1][1].startswith("cat")
+
+
+def test_missing_template_is_a_clear_error(tokenizer):
+    bare = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(TemplateError, match="has no chat template; set data.template"):
+        resolve_template(bare, "auto", "my-model")
+
+
+def test_build_datasets_mix_split_limit_and_stats(tmp_path, tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)])
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps([{"messages": [{"role": "user", "content": f"m{i}"},
+                                           {"role": "assistant", "content": "ok"}]} for i in range(10)]))
+    cfg = DataConfig(train=[str(a), str(b)], val_size=0.2, max_samples=20, cutoff_len=64)
+    train, evals, stats = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+    assert stats.kept == 30 and stats.dropped == 0  # 20 of a (max_samples) + 10 of b
+    assert len(train) == 24 and len(evals) == 6
+
+
+def test_truncated_samples_are_counted_and_keep_targets(tmp_path, tokenizer):
+    rows = [{"instruction": "word " * 100, "output": "x"}, {"instruction": "q", "output": "a"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, _, stats = build_datasets(DataConfig(train=str(path), cutoff_len=8), tokenizer, "sft", 0, "t")
+    assert (stats.kept, stats.truncated, stats.dropped) == (2, 2, 0)
+    assert all(any(x != IGNORE for x in row["labels"][1:]) for row in train)
+
+
+def test_sample_without_answer_tokens_is_fully_masked(tokenizer):
+    drops_answers = "{% for m in messages %}{% if m['role'] == 'user' %}U: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    ids, labels, status = encode_chat(tokenizer, drops_answers, CHAT, 64, False, "x")
+    assert status == "fully_masked" and all(x == IGNORE for x in labels)
+
+
+def test_csv_parquet_and_directory(tmp_path, tokenizer):
+    import pandas as pd
+
+    df = pd.DataFrame({"instruction": ["a", "b"], "output": ["x", "y"]})
+    df.to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "pq").mkdir()
+    df.to_parquet(tmp_path / "pq" / "part.parquet")
+    for spec in (tmp_path / "d.csv", tmp_path / "pq"):
+        train, _, stats = build_datasets(DataConfig(train=str(spec)), tokenizer, "sft", 0, "tiny")
+        assert len(train) == 2 and stats.kept == 2
+
+
+def test_pt_stage_splits_long_text_without_losing_tokens(tmp_path, tokenizer):
+    text = "the red cat saw the dog. " * 40
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": text}])
+    train, _, _ = build_datasets(DataConfig(train=str(path), cutoff_len=32), tokenizer, "pt", 0, "tiny")
+    n = len(tokenizer(text)["input_ids"]) + 1  # + eos
+    assert sum(len(r["input_ids"]) for r in train) == n and all(len(r["input_ids"]) <= 32 for r in train)
+    assert all(r["labels"] == r["input_ids"] for r in train)
+
+
+def test_unreadable_source_names_file(tmp_path, tokenizer):
+    with pytest.raises(DataError, match=r"nope.jsonl: no such file"):
+        build_datasets(DataConfig(train=str(tmp_path / "nope.jsonl")), tokenizer, "sft", 0, "tiny")
+    wrong = write_jsonl(tmp_path / "w.jsonl", [{"instruction": "a", "output": "b"}])
+    with pytest.raises(DataError, match=r"w.jsonl: train.stage=pt needs plain text"):
+        build_datasets(DataConfig(train=str(wrong)), tokenizer, "pt", 0, "tiny")

@@ -1,0 +1,109 @@
+import copy
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from snug.config import MethodConfig
+from snug.data.collate import collate
+from snug.data.tokenize import IGNORE
+from snug.methods import apply_method
+from snug.train import loss as loss_module
+from snug.train.memory import TensorMemoryTracker, model_tensors
+from snug.train.step import StepOptions, train_step
+
+OPTS = StepOptions(device_type="cpu", autocast_dtype=None, max_grad_norm=0.0,
+                   chunked_loss=False, offload_activations=False)
+
+
+def samples(lengths, prompt=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, 700, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return out
+
+
+def lora_model(path, r=4):
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return apply_method(model, MethodConfig(name="lora", r=r, alpha=8, dropout=0.0))
+
+
+def sgd_after_step(model, micro_batches, opts=OPTS):
+    model = copy.deepcopy(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # B starts at zero in LoRA; give it values so that every adapter weight gets a gradient.
+    torch.manual_seed(1)
+    for p in trainable:
+        p.data.normal_(0, 0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(trainable, lr=1.0)
+    result = train_step(model, opt, micro_batches, opts)
+    grads = {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return result, grads
+
+
+def assert_grads_close(a: dict, b: dict) -> None:
+    """Equal to float tolerance, measured against each tensor's own scale."""
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = a[name].abs().max().clamp(min=1e-12)
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=float(1e-4 * scale), msg=name)
+
+
+def test_accumulation_normalises_over_the_whole_batch(tiny_llama):
+    model = lora_model(tiny_llama)
+    rows = samples([6, 19, 11, 30])  # different lengths: per-micro-batch means would differ
+    whole, g_whole = sgd_after_step(model, [collate(rows, pad_id=0)])
+    parts, g_parts = sgd_after_step(model, [collate([r], pad_id=0) for r in rows])
+    torch.testing.assert_close(parts.loss, whole.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_whole, g_parts)
+    assert int(whole.target_tokens) == sum(len(r["input_ids"]) - 3 for r in rows)
+
+
+@pytest.mark.parametrize("family_model", ["llama", "gemma2"], indirect=True)
+def test_chunked_loss_equals_plain_loss_and_gradients(family_model, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_POSITIONS", 7)  # several chunks, a ragged last one
+    model = lora_model(family_model)
+    batch = [collate(samples([9, 23, 16]), pad_id=0)]
+    plain, g_plain = sgd_after_step(model, batch)
+    chunked, g_chunked = sgd_after_step(model, batch, opts=StepOptions(
+        device_type="cpu", autocast_dtype=None, max_grad_norm=0.0, chunked_loss=True,
+        offload_activations=False))
+    torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_plain, g_chunked)
+
+
+@pytest.fixture
+def family_model(request, tmp_path, tokenizer):
+    from conftest import make_tiny_model
+
+    return make_tiny_model(request.param, tmp_path / request.param, tokenizer)
+
+
+def test_step_runs_on_fake_tensors_without_weights(tokenizer):
+    """What `snug plan` will do: a meta-device model, materialised as fake tensors, one step."""
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model = apply_method(model, MethodConfig(name="lora", r=8))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opts = StepOptions(device_type="cpu", autocast_dtype=None, max_grad_norm=1.0,
+                       chunked_loss=True, offload_activations=False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        tracker = TensorMemoryTracker()
+        with tracker:
+            tracker.track(model_tensors(model))
+            weights = tracker.live
+            ids = torch.randint(0, len(tokenizer), (2, 32))
+            batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+            result = train_step(model, opt, [batch, batch], opts)
+    assert isinstance(result.loss, FakeTensor) and result.loss.shape == ()
+    assert tracker.peak > weights > 0  # the step's own tensors were seen

@@ -1,0 +1,117 @@
+"""`snug train` end to end on tiny models: outputs, families, precisions, CLI errors."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from snug.cli import main
+from snug.config import config_from_dict
+from snug.train.checkpoint import COMPLETE
+from snug.train.loop import OutputDirError, run_training
+
+from conftest import ROOT, make_tiny_model
+
+INSTRUCT = ROOT / "data/instruct"
+
+
+def tiny_run(tmp_path, model_path, **sections) -> dict:
+    raw = {
+        "model": {"name_or_path": str(model_path)},
+        "method": {"name": "lora", "r": 4},
+        "data": {"train": str(INSTRUCT / "train.jsonl"), "eval": str(INSTRUCT / "heldout.jsonl"),
+                 "max_samples": 32, "cutoff_len": 64},
+        "train": {"max_steps": 4, "micro_batch": 4, "grad_accum": 2, "lr": 1e-3,
+                  "eval_generate": 4, "max_new_tokens": 8, "log_every": 1},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def test_train_writes_every_output(tmp_path):
+    raw = tiny_run(tmp_path, ROOT / "models/tiny", output={"dir": str(tmp_path / "run"), "save_every": 1, "keep_last": 2})
+    summary = run_training(config_from_dict(raw))
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    for key in ("train_loss_first", "train_loss_last", "trainable_params", "total_params",
+                "tokens_per_second", "wall_seconds"):
+        assert summary[key] > 0, key
+    assert summary["data"] == {"kept": 32, "dropped": 0, "truncated": 0, "fully_masked": 0, "empty": 0}
+    assert summary["eval"]["metric"] == "exact_match" and 0 <= summary["eval"]["before"] <= 1
+    assert summary["eval"]["loss_after"] < summary["eval"]["loss_before"]
+    peak = summary["peak_memory"]
+    assert peak["device"] == "cpu" and peak["measured_bytes"] > 14_000_000  # > the fp32 weights
+    assert peak["peak_rss_bytes"] > peak["measured_bytes"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert (out / "loss.png").stat().st_size > 0 and (out / "config.yaml").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-4"]
+    assert (out / "checkpoints/step-4" / COMPLETE).exists()
+    assert (out / "adapter/adapter_model.safetensors").exists()
+    assert (out / "adapter/tokenizer_config.json").exists()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny"), out / "adapter")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_families_train_with_lora_and_dora(family, tmp_path, tokenizer):
+    path = make_tiny_model(family, tmp_path / family, tokenizer)
+    for method in ("lora", "dora"):
+        raw = tiny_run(tmp_path, path, method={"name": method, "r": 4},
+                       train={"max_steps": 2, "eval_generate": 0}, output={"dir": str(tmp_path / method)})
+        summary = run_training(config_from_dict(raw))
+        assert summary["status"] == "completed"
+        assert summary["train_loss_last"] == summary["train_loss_last"]  # finite, not NaN
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_mixed_precision_keeps_trainable_weights_fp32(precision, tmp_path, tiny_llama):
+    raw = tiny_run(tmp_path, tiny_llama, train={"precision": precision, "max_steps": 2, "eval_generate": 0})
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed" and summary["precision"] == precision
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_bf16_true_full_tuning_trains_in_bf16(tmp_path, tiny_llama):
+    raw = tiny_run(tmp_path, tiny_llama, method={"name": "full"},
+                   train={"precision": "bf16-true", "max_steps": 2, "eval_generate": 0})
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed"
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run/model")
+    assert saved.config.dtype == torch.bfloat16 or next(saved.parameters()).dtype == torch.bfloat16
+
+
+def test_pt_stage_trains_on_text(tmp_path, tiny_llama):
+    raw = tiny_run(tmp_path, tiny_llama, data={"train": str(ROOT / "data/corpus/corpus.jsonl"),
+                                               "eval": None, "format": "text"},
+                   train={"stage": "pt", "max_steps": 2})
+    assert run_training(config_from_dict(raw))["status"] == "completed"
+
+
+def test_refuses_to_write_into_a_foreign_directory(tmp_path, tiny_llama):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="not a snug run"):
+        run_training(config_from_dict(tiny_run(tmp_path, tiny_llama)))
+    assert (tmp_path / "run/notes.txt").read_text() == "mine"
+
+
+def test_cli_errors_are_one_sentence(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  micro_bach: 2\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "micro_batch" in err and "Traceback" not in err
+    cfg.write_text(f"model:\n  name_or_path: {tmp_path}/missing-model\ndata:\n  train: {INSTRUCT}/train.jsonl\n"
+                   f"output:\n  dir: {tmp_path}/out\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "model.name_or_path" in err and "missing-model" in err and err.count("\n") == 1
