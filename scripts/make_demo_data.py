@@ -5,7 +5,7 @@
   list red cat sun the first word is red") and holds a few small-talk chats in ChatML, so
   the base knows the words, the skills and the turn markers, but not the instruction task.
 - data/instruct/train.jsonl and data/instruct/heldout.jsonl: the instruction task (alpaca
-  format): repeat a list of words, or give its first or last word. Held-out inputs never
+  format): repeat a list of words, or give its first or last word. Held-out lists never
   appear in train.
 
 Run: python scripts/make_demo_data.py
@@ -33,10 +33,16 @@ NAMES = """anna ben carl dora emma finn gina hugo ida jack kate leo mia nina oma
 tina uma vera will zoe""".split()
 WORDS = NOUNS + ADJS + NAMES
 
+# Each task: (instruction phrasings with {ws} for the list, answer). The list sits inside the
+# sentence so every word follows a space, as in the corpus (the byte-level BPE learned " cat",
+# not "cat" at a line start), and answers are short sentences in the corpus's own words.
 TASKS = {
-    "repeat": (["Repeat the words.", "Say the words again.", "Copy the list."], lambda ws: " ".join(ws)),
-    "first": (["Give the first word.", "What is the first word?", "Name the first word."], lambda ws: ws[0]),
-    "last": (["Give the last word.", "What is the last word?", "Name the last word."], lambda ws: ws[-1]),
+    "repeat": (["Repeat the list {ws}.", "Say the words {ws} again.", "Copy the list {ws}."],
+               lambda ws: f"the words are {' '.join(ws)}."),
+    "first": (["What is the first word in the list {ws}?", "Give the first word of the list {ws}.",
+               "Name the first word in {ws}."], lambda ws: f"the first word is {ws[0]}."),
+    "last": (["What is the last word in the list {ws}?", "Give the last word of the list {ws}.",
+              "Name the last word in {ws}."], lambda ws: f"the last word is {ws[-1]}."),
 }
 
 CHATS = [
@@ -56,7 +62,9 @@ def word_list(rng: random.Random) -> list[str]:
 
 
 def sentence(rng: random.Random) -> str:
-    kind = rng.randrange(7)
+    # Half the sentences exercise lists (copy, first, last): enough repetition for the tiny
+    # model to learn to copy (induction) within a short pretraining.
+    kind = rng.choices(range(7), weights=[1, 1, 3, 2, 2, 1, 1])[0]
     a, n, v = rng.choice, NOUNS, VERBS
     ws = " ".join(word_list(rng))
     if kind == 0:
@@ -98,7 +106,7 @@ def instruct(rng: random.Random, n: int, taken: set[str]) -> list[dict]:
         taken.add(key)
         task = rng.choice(list(TASKS))
         phrasings, answer = TASKS[task]
-        rows.append({"instruction": rng.choice(phrasings), "input": key, "output": answer(ws)})
+        rows.append({"instruction": rng.choice(phrasings).format(ws=key), "input": "", "output": answer(ws)})
     return rows
 
 
