@@ -37,12 +37,26 @@ WORDS = NOUNS + ADJS + NAMES
 # sentence so every word follows a space, as in the corpus (the byte-level BPE learned " cat",
 # not "cat" at a line start), and answers are short sentences in the corpus's own words.
 TASKS = {
-    "repeat": (["Repeat the list {ws}.", "Say the words {ws} again.", "Copy the list {ws}."],
-               lambda ws: f"the words are {' '.join(ws)}."),
-    "first": (["What is the first word in the list {ws}?", "Give the first word of the list {ws}.",
-               "Name the first word in {ws}."], lambda ws: f"the first word is {ws[0]}."),
-    "last": (["What is the last word in the list {ws}?", "Give the last word of the list {ws}.",
-              "Name the last word in {ws}."], lambda ws: f"the last word is {ws[-1]}."),
+    "repeat": (
+        ["Repeat the list {ws}.", "Say the words {ws} again.", "Copy the list {ws}."],
+        lambda ws: f"the words are {' '.join(ws)}.",
+    ),
+    "first": (
+        [
+            "What is the first word in the list {ws}?",
+            "Give the first word of the list {ws}.",
+            "Name the first word in {ws}.",
+        ],
+        lambda ws: f"the first word is {ws[0]}.",
+    ),
+    "last": (
+        [
+            "What is the last word in the list {ws}?",
+            "Give the last word of the list {ws}.",
+            "Name the last word in {ws}.",
+        ],
+        lambda ws: f"the last word is {ws[-1]}.",
+    ),
 }
 
 CHATS = [
@@ -90,7 +104,9 @@ def corpus(rng: random.Random, docs: int) -> list[dict]:
     out = []
     for _ in range(docs):
         if rng.random() < 0.1:
-            out.append({"text": "".join(chatml(*rng.choice(CHATS)) for _ in range(rng.randint(1, 2)))})
+            out.append(
+                {"text": "".join(chatml(*rng.choice(CHATS)) for _ in range(rng.randint(1, 2)))}
+            )
         else:
             out.append({"text": " ".join(sentence(rng) for _ in range(rng.randint(4, 7)))})
     return out
@@ -106,7 +122,9 @@ def instruct(rng: random.Random, n: int, taken: set[str]) -> list[dict]:
         taken.add(key)
         task = rng.choice(list(TASKS))
         phrasings, answer = TASKS[task]
-        rows.append({"instruction": rng.choice(phrasings).format(ws=key), "input": "", "output": answer(ws)})
+        rows.append(
+            {"instruction": rng.choice(phrasings).format(ws=key), "input": "", "output": answer(ws)}
+        )
     return rows
 
 

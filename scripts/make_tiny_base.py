@@ -33,22 +33,38 @@ def train_tokenizer(corpus: Path, vocab_size: int = 2048) -> PreTrainedTokenizer
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", additional_special_tokens=SPECIALS[3:])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=SPECIALS[3:],
+    )
     fast.chat_template = BUILTIN["chatml"]
     return fast
 
 
 def init_model(tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
         eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")],
         pad_token_id=tok.pad_token_id,
     )
@@ -67,8 +83,14 @@ def main() -> None:
     shutil.rmtree(INIT, ignore_errors=True)
     model.save_pretrained(INIT)
     tok.save_pretrained(INIT)
-    cmd = [sys.executable, "-m", "snug.cli", "train", str(ROOT / "examples/pretrain_tiny.yaml"),
-           *sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snug.cli",
+        "train",
+        str(ROOT / "examples/pretrain_tiny.yaml"),
+        *sys.argv[1:],
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     target = ROOT / "models/tiny"
     shutil.rmtree(target, ignore_errors=True)

@@ -43,21 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
-        "train", help="fine-tune a model as a YAML config says",
+        "train",
+        help="fine-tune a model as a YAML config says",
         description="Fine-tune as CONFIG says; writes adapter/ or model/, metrics.jsonl, "
         "loss.png, config.yaml and summary.json into output.dir. Keys are listed in the README.",
     )
     train.add_argument("config", help="YAML config file (see examples/)")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value",
-                       help="override one config key, e.g. train.lr=1e-4")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override one config key, e.g. train.lr=1e-4",
+    )
     train.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if not args.debug:  # library chatter (progress bars, optional-kernel notices) hides our output
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -79,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, _user_errors()):
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"error: {e.__class__.__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"error: {e.__class__.__name__}: {e} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

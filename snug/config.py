@@ -174,7 +174,9 @@ class OutputConfig:
 
     dir: str = _f("runs/example", "Output directory of the run.")
     save_every: int | None = _f(None, "Write a checkpoint every N optimizer steps.")
-    keep_last: int = _f(2, "Checkpoints to keep; older ones are deleted once a new one is complete.")
+    keep_last: int = _f(
+        2, "Checkpoints to keep; older ones are deleted once a new one is complete."
+    )
     plot_loss: bool = _f(True, "Write loss.png at the end.")
 
 
@@ -315,7 +317,9 @@ def check_combinations(cfg: Config, source: str) -> None:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """`section.key=value` -> (section, key, YAML-parsed value)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.lr=1e-4).")
+        raise ConfigError(
+            f"override '{text}' must look like section.key=value (e.g. train.lr=1e-4)."
+        )
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
@@ -335,7 +339,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     built = {}
     for name, values in raw.items():
         if name not in sections:
-            raise ConfigError(f"{source}: unknown section '{name}'" + _nearest(name, list(sections)))
+            raise ConfigError(
+                f"{source}: unknown section '{name}'" + _nearest(name, list(sections))
+            )
         if values is None:
             values = {}
         if not isinstance(values, dict):
@@ -394,7 +400,12 @@ def reference_markdown() -> str:
     """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
     lines = []
     for name, cls in _section_types().items():
-        lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"#### `{name}` — {cls.__doc__.strip()}",
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -29,10 +29,18 @@ def tokenizer():
 def make_tiny_model(family: str, path: Path, tokenizer, seed: int = 0) -> Path:
     """A randomly initialised 2-layer model of `family`, saved with the bundled tokenizer."""
     config = AutoConfig.for_model(
-        family, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        family,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         **FAMILY_KWARGS[family],
     )
     torch.manual_seed(seed)
@@ -56,6 +64,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def toy_sft(tmp_path) -> Path:
     """A learnable toy: every answer is the first word of the input."""
     words = "red blue green cat dog sun moon tree".split()
-    rows = [{"instruction": "Give the first word.", "input": f"{a} {b}", "output": a}
-            for a in words for b in words]
+    rows = [
+        {"instruction": "Give the first word.", "input": f"{a} {b}", "output": a}
+        for a in words
+        for b in words
+    ]
     return write_jsonl(tmp_path / "toy.jsonl", rows)

@@ -48,7 +48,9 @@ def test_impossible_combinations():
 def test_overrides_and_yaml_numbers(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  lr: 1e-4\n")
-    cfg = load_config(p, ["train.micro_batch=4", "method.targets=[q_proj, v_proj]", "train.lr=3e-4"])
+    cfg = load_config(
+        p, ["train.micro_batch=4", "method.targets=[q_proj, v_proj]", "train.lr=3e-4"]
+    )
     assert cfg.train.micro_batch == 4 and cfg.method.targets == ["q_proj", "v_proj"]
     assert cfg.train.lr == pytest.approx(3e-4)
     with pytest.raises(ConfigError, match="section.key=value"):
@@ -70,4 +72,6 @@ def test_every_example_loads_and_validates(path):
 
 def test_readme_config_reference_is_current():
     readme = (ROOT / "README.md").read_text()
-    assert reference_markdown() in readme, "README config reference is stale: run python -m snug.config"
+    assert reference_markdown() in readme, (
+        "README config reference is stale: run python -m snug.config"
+    )

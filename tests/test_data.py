@@ -11,8 +11,10 @@ from snug.data.tokenize import IGNORE, chat_segments, encode_chat
 
 from conftest import write_jsonl
 
-CHAT = [{"role": "user", "content": "Give the first word.\n\nred cat"},
-        {"role": "assistant", "content": "red"}]
+CHAT = [
+    {"role": "user", "content": "Give the first word.\n\nred cat"},
+    {"role": "assistant", "content": "red"},
+]
 
 
 def test_formats_detected_and_converted():
@@ -20,16 +22,24 @@ def test_formats_detected_and_converted():
     share = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
     msgs = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     assert [detect_format(r, "x") for r in (alpaca, share, msgs, {"text": "t"})] == [
-        "alpaca", "sharegpt", "messages", "text"]
+        "alpaca",
+        "sharegpt",
+        "messages",
+        "text",
+    ]
     assert to_canonical(alpaca, "alpaca", "x")["messages"] == [
-        {"role": "system", "content": "be brief"}, {"role": "user", "content": "Say hi."},
-        {"role": "assistant", "content": "hi"}]
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "hi"},
+    ]
     assert to_canonical(share, "sharegpt", "x") == to_canonical(msgs, "messages", "x")
 
 
 def test_sharegpt_roles_out_of_order_named():
     bad = {"conversations": [{"from": "gpt", "value": "b"}, {"from": "human", "value": "a"}]}
-    with pytest.raises(DataError, match=r"f.jsonl row 3: field 'conversations' turn 1 is from 'assistant'"):
+    with pytest.raises(
+        DataError, match=r"f.jsonl row 3: field 'conversations' turn 1 is from 'assistant'"
+    ):
         to_canonical(bad, "sharegpt", "f.jsonl row 3")
 
 
@@ -61,7 +71,10 @@ def test_train_on_prompt_keeps_all_labels(tokenizer):
 
 
 def test_cutoff_keeps_part_of_the_answer(tokenizer):
-    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "cat " * 100}]
+    long = [
+        {"role": "user", "content": "word " * 200},
+        {"role": "assistant", "content": "cat " * 100},
+    ]
     ids, labels, status = encode_chat(tokenizer, tokenizer.chat_template, long, 64, False, "x")
     assert status == "truncated" and len(ids) == 64
     targets = sum(x != IGNORE for x in labels)
@@ -72,8 +85,12 @@ def test_cutoff_keeps_part_of_the_answer(tokenizer):
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
 def test_builtin_templates_render_prefix_by_prefix(tokenizer, name):
-    convo = [{"role": "system", "content": "sys"}, *CHAT,
-             {"role": "user", "content": "again"}, {"role": "assistant", "content": "cat"}]
+    convo = [
+        {"role": "system", "content": "sys"},
+        *CHAT,
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "cat"},
+    ]
     pairs = chat_segments(tokenizer, BUILTIN[name], convo, "x")
     assert len(pairs) == 2 and pairs[0][1].startswith("red") and pairs[1][1].startswith("cat")
 
@@ -86,10 +103,23 @@ def test_missing_template_is_a_clear_error(tokenizer):
 
 
 def test_build_datasets_mix_split_limit_and_stats(tmp_path, tokenizer):
-    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)])
+    a = write_jsonl(
+        tmp_path / "a.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)]
+    )
     b = tmp_path / "b.json"
-    b.write_text(json.dumps([{"messages": [{"role": "user", "content": f"m{i}"},
-                                           {"role": "assistant", "content": "ok"}]} for i in range(10)]))
+    b.write_text(
+        json.dumps(
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": f"m{i}"},
+                        {"role": "assistant", "content": "ok"},
+                    ]
+                }
+                for i in range(10)
+            ]
+        )
+    )
     cfg = DataConfig(train=[str(a), str(b)], val_size=0.2, max_samples=20, cutoff_len=64)
     train, evals, stats = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
     assert stats.kept == 30 and stats.dropped == 0  # 20 of a (max_samples) + 10 of b
@@ -99,7 +129,9 @@ def test_build_datasets_mix_split_limit_and_stats(tmp_path, tokenizer):
 def test_truncated_samples_are_counted_and_keep_targets(tmp_path, tokenizer):
     rows = [{"instruction": "word " * 100, "output": "x"}, {"instruction": "q", "output": "a"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    train, _, stats = build_datasets(DataConfig(train=str(path), cutoff_len=8), tokenizer, "sft", 0, "t")
+    train, _, stats = build_datasets(
+        DataConfig(train=str(path), cutoff_len=8), tokenizer, "sft", 0, "t"
+    )
     assert (stats.kept, stats.truncated, stats.dropped) == (2, 2, 0)
     assert all(any(x != IGNORE for x in row["labels"][1:]) for row in train)
 
@@ -125,15 +157,37 @@ def test_csv_parquet_and_directory(tmp_path, tokenizer):
 def test_pt_stage_splits_long_text_without_losing_tokens(tmp_path, tokenizer):
     text = "the red cat saw the dog. " * 40
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": text}])
-    train, _, _ = build_datasets(DataConfig(train=str(path), cutoff_len=32), tokenizer, "pt", 0, "tiny")
+    train, _, _ = build_datasets(
+        DataConfig(train=str(path), cutoff_len=32), tokenizer, "pt", 0, "tiny"
+    )
     n = len(tokenizer(text)["input_ids"]) + 1  # + eos
-    assert sum(len(r["input_ids"]) for r in train) == n and all(len(r["input_ids"]) <= 32 for r in train)
+    assert sum(len(r["input_ids"]) for r in train) == n and all(
+        len(r["input_ids"]) <= 32 for r in train
+    )
     assert all(r["labels"] == r["input_ids"] for r in train)
 
 
-def test_unreadable_source_names_file(tmp_path, tokenizer):
+def test_unreadable_source_names_file(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"data/missing.jsonl: no such file"):  # not a hub id
+        build_datasets(DataConfig(train="data/missing.jsonl"), tokenizer, "sft", 0, "tiny")
     with pytest.raises(DataError, match=r"nope.jsonl: no such file"):
         build_datasets(DataConfig(train=str(tmp_path / "nope.jsonl")), tokenizer, "sft", 0, "tiny")
     wrong = write_jsonl(tmp_path / "w.jsonl", [{"instruction": "a", "output": "b"}])
     with pytest.raises(DataError, match=r"w.jsonl: train.stage=pt needs plain text"):
         build_datasets(DataConfig(train=str(wrong)), tokenizer, "pt", 0, "tiny")
+
+
+def test_tokenized_data_is_cached_and_save_to_disk_dirs_load(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(8)])
+    cfg = DataConfig(train=str(path))
+    first, _, _ = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+    again, _, _ = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+    assert first.cache_files and again.cache_files == first.cache_files  # reused, not redone
+    longer, _, _ = build_datasets(DataConfig(train=str(path), cutoff_len=64), tokenizer, "sft", 0, "tiny")
+    assert longer.cache_files != first.cache_files  # a setting that changes tokens misses
+    Dataset.from_list([{"text": "the red cat."}] * 3).save_to_disk(tmp_path / "saved")
+    train, _, _ = build_datasets(DataConfig(train=str(tmp_path / "saved")), tokenizer, "pt", 0, "tiny")
+    assert len(train) == 3

@@ -13,8 +13,13 @@ from snug.train import loss as loss_module
 from snug.train.memory import TensorMemoryTracker, model_tensors
 from snug.train.step import StepOptions, train_step
 
-OPTS = StepOptions(device_type="cpu", autocast_dtype=None, max_grad_norm=0.0,
-                   chunked_loss=False, offload_activations=False)
+OPTS = StepOptions(
+    device_type="cpu",
+    autocast_dtype=None,
+    max_grad_norm=0.0,
+    chunked_loss=False,
+    offload_activations=False,
+)
 
 
 def samples(lengths, prompt=3, seed=0):
@@ -69,9 +74,17 @@ def test_chunked_loss_equals_plain_loss_and_gradients(family_model, monkeypatch)
     model = lora_model(family_model)
     batch = [collate(samples([9, 23, 16]), pad_id=0)]
     plain, g_plain = sgd_after_step(model, batch)
-    chunked, g_chunked = sgd_after_step(model, batch, opts=StepOptions(
-        device_type="cpu", autocast_dtype=None, max_grad_norm=0.0, chunked_loss=True,
-        offload_activations=False))
+    chunked, g_chunked = sgd_after_step(
+        model,
+        batch,
+        opts=StepOptions(
+            device_type="cpu",
+            autocast_dtype=None,
+            max_grad_norm=0.0,
+            chunked_loss=True,
+            offload_activations=False,
+        ),
+    )
     torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-5, atol=1e-6)
     assert_grads_close(g_plain, g_chunked)
 
@@ -85,16 +98,27 @@ def family_model(request, tmp_path, tokenizer):
 
 def test_step_runs_on_fake_tensors_without_weights(tokenizer):
     """What `snug plan` will do: a meta-device model, materialised as fake tensors, one step."""
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64,
-                                  intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model = apply_method(model, MethodConfig(name="lora", r=8))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opts = StepOptions(device_type="cpu", autocast_dtype=None, max_grad_norm=1.0,
-                       chunked_loss=True, offload_activations=False)
+    opts = StepOptions(
+        device_type="cpu",
+        autocast_dtype=None,
+        max_grad_norm=1.0,
+        chunked_loss=True,
+        offload_activations=False,
+    )
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         tracker = TensorMemoryTracker()
@@ -102,8 +126,25 @@ def test_step_runs_on_fake_tensors_without_weights(tokenizer):
             tracker.track(model_tensors(model))
             weights = tracker.live
             ids = torch.randint(0, len(tokenizer), (2, 32))
-            batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+            batch = {
+                "input_ids": ids,
+                "labels": ids.clone(),
+                "attention_mask": torch.ones_like(ids),
+            }
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
             result = train_step(model, opt, [batch, batch], opts)
     assert isinstance(result.loss, FakeTensor) and result.loss.shape == ()
     assert tracker.peak > weights > 0  # the step's own tensors were seen
+
+
+def test_tracker_counts_allocations_and_frees_exactly():
+    tracker = TensorMemoryTracker()
+    with tracker:
+        a = torch.empty(1000)  # 4000 bytes
+        b = a.view(10, 100)  # a view shares the storage: no new bytes
+        c = torch.empty(500, dtype=torch.float64)  # 4000 bytes
+        assert tracker.live == 8000
+        del a, b
+        assert tracker.live == 4000
+        del c
+    assert tracker.live == 0 and tracker.peak == 8000

@@ -21,10 +21,21 @@ def tiny_run(tmp_path, model_path, **sections) -> dict:
     raw = {
         "model": {"name_or_path": str(model_path)},
         "method": {"name": "lora", "r": 4},
-        "data": {"train": str(INSTRUCT / "train.jsonl"), "eval": str(INSTRUCT / "heldout.jsonl"),
-                 "max_samples": 32, "cutoff_len": 64},
-        "train": {"max_steps": 4, "micro_batch": 4, "grad_accum": 2, "lr": 1e-3,
-                  "eval_generate": 4, "max_new_tokens": 8, "log_every": 1},
+        "data": {
+            "train": str(INSTRUCT / "train.jsonl"),
+            "eval": str(INSTRUCT / "heldout.jsonl"),
+            "max_samples": 32,
+            "cutoff_len": 64,
+        },
+        "train": {
+            "max_steps": 4,
+            "micro_batch": 4,
+            "grad_accum": 2,
+            "lr": 1e-3,
+            "eval_generate": 4,
+            "max_new_tokens": 8,
+            "log_every": 1,
+        },
         "output": {"dir": str(tmp_path / "run")},
     }
     for section, values in sections.items():
@@ -33,16 +44,32 @@ def tiny_run(tmp_path, model_path, **sections) -> dict:
 
 
 def test_train_writes_every_output(tmp_path):
-    raw = tiny_run(tmp_path, ROOT / "models/tiny", output={"dir": str(tmp_path / "run"), "save_every": 1, "keep_last": 2})
+    raw = tiny_run(
+        tmp_path,
+        ROOT / "models/tiny",
+        output={"dir": str(tmp_path / "run"), "save_every": 1, "keep_last": 2},
+    )
     summary = run_training(config_from_dict(raw))
     out = tmp_path / "run"
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert summary["status"] == "completed" and summary["steps"] == 4
-    for key in ("train_loss_first", "train_loss_last", "trainable_params", "total_params",
-                "tokens_per_second", "wall_seconds"):
+    for key in (
+        "train_loss_first",
+        "train_loss_last",
+        "trainable_params",
+        "total_params",
+        "tokens_per_second",
+        "wall_seconds",
+    ):
         assert summary[key] > 0, key
-    assert summary["data"] == {"kept": 32, "dropped": 0, "truncated": 0, "fully_masked": 0, "empty": 0}
+    assert summary["data"] == {
+        "kept": 32,
+        "dropped": 0,
+        "truncated": 0,
+        "fully_masked": 0,
+        "empty": 0,
+    }
     assert summary["eval"]["metric"] == "exact_match" and 0 <= summary["eval"]["before"] <= 1
     assert summary["eval"]["loss_after"] < summary["eval"]["loss_before"]
     peak = summary["peak_memory"]
@@ -55,15 +82,22 @@ def test_train_writes_every_output(tmp_path):
     assert (out / "checkpoints/step-4" / COMPLETE).exists()
     assert (out / "adapter/adapter_model.safetensors").exists()
     assert (out / "adapter/tokenizer_config.json").exists()
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny"), out / "adapter")
+    PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny"), out / "adapter"
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
 def test_families_train_with_lora_and_dora(family, tmp_path, tokenizer):
     path = make_tiny_model(family, tmp_path / family, tokenizer)
     for method in ("lora", "dora"):
-        raw = tiny_run(tmp_path, path, method={"name": method, "r": 4},
-                       train={"max_steps": 2, "eval_generate": 0}, output={"dir": str(tmp_path / method)})
+        raw = tiny_run(
+            tmp_path,
+            path,
+            method={"name": method, "r": 4},
+            train={"max_steps": 2, "eval_generate": 0},
+            output={"dir": str(tmp_path / method)},
+        )
         summary = run_training(config_from_dict(raw))
         assert summary["status"] == "completed"
         assert summary["train_loss_last"] == summary["train_loss_last"]  # finite, not NaN
@@ -71,7 +105,9 @@ def test_families_train_with_lora_and_dora(family, tmp_path, tokenizer):
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
 def test_mixed_precision_keeps_trainable_weights_fp32(precision, tmp_path, tiny_llama):
-    raw = tiny_run(tmp_path, tiny_llama, train={"precision": precision, "max_steps": 2, "eval_generate": 0})
+    raw = tiny_run(
+        tmp_path, tiny_llama, train={"precision": precision, "max_steps": 2, "eval_generate": 0}
+    )
     summary = run_training(config_from_dict(raw))
     assert summary["status"] == "completed" and summary["precision"] == precision
     from safetensors.torch import load_file
@@ -81,8 +117,12 @@ def test_mixed_precision_keeps_trainable_weights_fp32(precision, tmp_path, tiny_
 
 
 def test_bf16_true_full_tuning_trains_in_bf16(tmp_path, tiny_llama):
-    raw = tiny_run(tmp_path, tiny_llama, method={"name": "full"},
-                   train={"precision": "bf16-true", "max_steps": 2, "eval_generate": 0})
+    raw = tiny_run(
+        tmp_path,
+        tiny_llama,
+        method={"name": "full"},
+        train={"precision": "bf16-true", "max_steps": 2, "eval_generate": 0},
+    )
     summary = run_training(config_from_dict(raw))
     assert summary["status"] == "completed"
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run/model")
@@ -90,9 +130,12 @@ def test_bf16_true_full_tuning_trains_in_bf16(tmp_path, tiny_llama):
 
 
 def test_pt_stage_trains_on_text(tmp_path, tiny_llama):
-    raw = tiny_run(tmp_path, tiny_llama, data={"train": str(ROOT / "data/corpus/corpus.jsonl"),
-                                               "eval": None, "format": "text"},
-                   train={"stage": "pt", "max_steps": 2})
+    raw = tiny_run(
+        tmp_path,
+        tiny_llama,
+        data={"train": str(ROOT / "data/corpus/corpus.jsonl"), "eval": None, "format": "text"},
+        train={"stage": "pt", "max_steps": 2},
+    )
     assert run_training(config_from_dict(raw))["status"] == "completed"
 
 
@@ -110,8 +153,10 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "micro_batch" in err and "Traceback" not in err
-    cfg.write_text(f"model:\n  name_or_path: {tmp_path}/missing-model\ndata:\n  train: {INSTRUCT}/train.jsonl\n"
-                   f"output:\n  dir: {tmp_path}/out\n")
+    cfg.write_text(
+        f"model:\n  name_or_path: {tmp_path}/missing-model\ndata:\n  train: {INSTRUCT}/train.jsonl\n"
+        f"output:\n  dir: {tmp_path}/out\n"
+    )
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "model.name_or_path" in err and "missing-model" in err and err.count("\n") == 1

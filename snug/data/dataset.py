@@ -21,7 +21,13 @@ from snug.data.formats import FORMATS, DataError, detect_format
 from snug.data.templates import resolve_template
 from snug.data.tokenize import EMPTY, FULLY_MASKED, KEPT, TRUNCATED, tokenize_records
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
 CACHE_VERSION = "1"  # bump when tokenization changes, to invalidate cached maps
 
 
@@ -43,8 +49,13 @@ class DataStats:
         self.per_source[source] = counts[KEPT] + counts[TRUNCATED]
 
     def as_dict(self) -> dict[str, int]:
-        return {"kept": self.kept, "dropped": self.dropped, "truncated": self.truncated,
-                "fully_masked": self.fully_masked, "empty": self.empty}
+        return {
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "truncated": self.truncated,
+            "fully_masked": self.fully_masked,
+            "empty": self.empty,
+        }
 
 
 def _as_list(spec: str | list[str] | None) -> list[str]:
@@ -57,7 +68,9 @@ def load_raw(spec: str, split: str) -> Dataset:
     if path.is_file():
         builder = BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise DataError(f"{spec}: unsupported file type '{path.suffix}' (use {', '.join(BUILDERS)}).")
+            raise DataError(
+                f"{spec}: unsupported file type '{path.suffix}' (use {', '.join(BUILDERS)})."
+            )
         return _load(builder, data_files=str(path), where=spec)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
@@ -67,9 +80,12 @@ def load_raw(spec: str, split: str) -> Dataset:
             raise DataError(f"{spec}: the directory holds no {', '.join(BUILDERS)} files.")
         kinds = {BUILDERS[p.suffix.lower()] for p in files}
         if len(kinds) > 1:
-            raise DataError(f"{spec}: the directory mixes file types {sorted(kinds)}; use one per directory.")
+            raise DataError(
+                f"{spec}: the directory mixes file types {sorted(kinds)}; use one per directory."
+            )
         return _load(kinds.pop(), data_files=[str(p) for p in files], where=spec)
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+    looks_like_file = path.suffix.lower() in BUILDERS or spec.startswith((".", "/", "~"))
+    if spec.count("/") == 1 and not looks_like_file:
         return _load(spec, split=split, where=spec)  # a hub dataset id
     raise DataError(f"{spec}: no such file or directory.")
 
@@ -99,21 +115,45 @@ def tokenize_source(
         raise DataError(f"{spec}: holds no records.")
     fmt = cfg.format if cfg.format != "auto" else detect_format(raw[0], f"{spec} row 1")
     if stage == "pt" and fmt != "text":
-        raise DataError(f"{spec}: train.stage=pt needs plain text records ({{'text': ...}}), found {fmt}.")
+        raise DataError(
+            f"{spec}: train.stage=pt needs plain text records ({{'text': ...}}), found {fmt}."
+        )
     if stage == "sft" and fmt == "text":
-        raise DataError(f"{spec}: train.stage=sft needs conversations; for plain text use train.stage=pt.")
+        raise DataError(
+            f"{spec}: train.stage=sft needs conversations; for plain text use train.stage=pt."
+        )
     assert fmt in FORMATS
     template = resolve_template(tok, cfg.template, model_name) if fmt != "text" else None
     fn = functools.partial(
-        tokenize_records, tok=tok, template=template, fmt=fmt, cutoff_len=cfg.cutoff_len,
-        train_on_prompt=cfg.train_on_prompt, source=spec,
+        tokenize_records,
+        tok=tok,
+        template=template,
+        fmt=fmt,
+        cutoff_len=cfg.cutoff_len,
+        train_on_prompt=cfg.train_on_prompt,
+        source=spec,
     )
-    fingerprint = hashlib.sha256(repr((
-        CACHE_VERSION, raw._fingerprint, _tokenizer_fingerprint(tok, template), fmt,
-        cfg.cutoff_len, cfg.train_on_prompt, stage,
-    )).encode()).hexdigest()[:32]
-    ds = raw.map(fn, batched=True, with_indices=True, remove_columns=raw.column_names,
-                 new_fingerprint=fingerprint, desc=f"tokenizing {spec}")
+    fingerprint = hashlib.sha256(
+        repr(
+            (
+                CACHE_VERSION,
+                raw._fingerprint,
+                _tokenizer_fingerprint(tok, template),
+                fmt,
+                cfg.cutoff_len,
+                cfg.train_on_prompt,
+                stage,
+            )
+        ).encode()
+    ).hexdigest()[:32]
+    ds = raw.map(
+        fn,
+        batched=True,
+        with_indices=True,
+        remove_columns=raw.column_names,
+        new_fingerprint=fingerprint,
+        desc=f"tokenizing {spec}",
+    )
     counts = Counter(ds["status"])
     ds = ds.filter(lambda s: s in (KEPT, TRUNCATED), input_columns="status")
     return ds.remove_columns("status"), counts
@@ -140,5 +180,7 @@ def build_datasets(
         size = cfg.val_size if cfg.val_size < 1 else int(cfg.val_size)
         split = train.train_test_split(test_size=size, seed=seed)
         train = split["train"]
-        eval_ds = split["test"] if eval_ds is None else concatenate_datasets([eval_ds, split["test"]])
+        eval_ds = (
+            split["test"] if eval_ds is None else concatenate_datasets([eval_ds, split["test"]])
+        )
     return train, eval_ds, stats

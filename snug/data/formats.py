@@ -11,8 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 FORMATS = ("alpaca", "sharegpt", "messages", "text")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "bot": "assistant", "model": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "bot": "assistant",
+    "model": "assistant",
+}
 
 
 class DataError(ValueError):
@@ -74,7 +81,9 @@ def _alpaca(r: dict[str, Any], where: str) -> list[dict[str, str]]:
         messages.append({"role": "assistant", "content": _text(pair[1], where, "history")})
     prompt = _text(r.get("instruction"), where, "instruction")
     extra = _text(r.get("input"), where, "input", allow_empty=True)
-    messages.append({"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt})
+    messages.append(
+        {"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt}
+    )
     messages.append({"role": "assistant", "content": _text(r.get("output"), where, "output")})
     return messages
 
@@ -89,7 +98,9 @@ def _sharegpt(r: dict[str, Any], where: str) -> list[dict[str, str]]:
         messages.append({"role": "system", "content": _text(system, where, "system")})
     for i, t in enumerate(turns):
         if not isinstance(t, dict) or "from" not in t or "value" not in t:
-            raise DataError(f"{where}: field 'conversations' turn {i + 1} needs 'from' and 'value'.")
+            raise DataError(
+                f"{where}: field 'conversations' turn {i + 1} needs 'from' and 'value'."
+            )
         role = SHAREGPT_ROLES.get(str(t["from"]).lower())
         if role is None:
             raise DataError(
@@ -109,7 +120,9 @@ def _messages(r: dict[str, Any], where: str) -> list[dict[str, str]]:
         if not isinstance(t, dict) or "role" not in t or "content" not in t:
             raise DataError(f"{where}: field 'messages' turn {i + 1} needs 'role' and 'content'.")
         if t["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: field 'messages' turn {i + 1} has unknown role '{t['role']}'.")
+            raise DataError(
+                f"{where}: field 'messages' turn {i + 1} has unknown role '{t['role']}'."
+            )
         messages.append({"role": t["role"], "content": _text(t["content"], where, "messages")})
     return _check_turns(messages, where, "messages")
 

@@ -129,7 +129,9 @@ def tokenize_records(
         if "text" in canon:
             results = encode_text(tok, canon["text"], cutoff_len)
         else:
-            results = [encode_chat(tok, template, canon["messages"], cutoff_len, train_on_prompt, where)]
+            results = [
+                encode_chat(tok, template, canon["messages"], cutoff_len, train_on_prompt, where)
+            ]
         for ids, labels, status in results:
             out["input_ids"].append(ids)
             out["labels"].append(labels)

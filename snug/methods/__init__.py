@@ -39,7 +39,9 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
-def apply_method(model: nn.Module, cfg: MethodConfig, keep_fp32_trainable: bool = True) -> nn.Module:
+def apply_method(
+    model: nn.Module, cfg: MethodConfig, keep_fp32_trainable: bool = True
+) -> nn.Module:
     """Apply the method; trainable weights are then kept in fp32 (unless bf16-true training)."""
     model = get_method(cfg.name).apply(model, cfg)
     if keep_fp32_trainable:

@@ -87,7 +87,9 @@ def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
             mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision
         )
     except OSError as e:
-        raise ModelLoadError(f"{_where(mcfg)}: cannot load the tokenizer ({_first_line(e)}).") from None
+        raise ModelLoadError(
+            f"{_where(mcfg)}: cannot load the tokenizer ({_first_line(e)})."
+        ) from None
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any token will do; the
         # eos token is the usual choice and keeps the vocabulary (and embeddings) unchanged.
@@ -106,9 +108,16 @@ def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Mo
     mcfg = cfg.model
     dtype = resolve_dtype(cfg, device, precision)
     if mcfg.trust_remote_code:
-        log.warning("trust_remote_code is on: running model code from %s (revision %s)",
-                    mcfg.name_or_path, mcfg.revision or "default")
-    compute = torch.bfloat16 if "bf16" in precision else (torch.float16 if "fp16" in precision else torch.float32)
+        log.warning(
+            "trust_remote_code is on: running model code from %s (revision %s)",
+            mcfg.name_or_path,
+            mcfg.revision or "default",
+        )
+    compute = (
+        torch.bfloat16
+        if "bf16" in precision
+        else (torch.float16 if "fp16" in precision else torch.float32)
+    )
     quant = _quant_config(mcfg, compute)
     try:
         model = AutoModelForCausalLM.from_pretrained(

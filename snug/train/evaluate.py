@@ -11,13 +11,19 @@ from transformers import PreTrainedTokenizerBase
 
 from snug.data.collate import collate
 from snug.data.tokenize import IGNORE
-from snug.train.step import StepOptions
 from snug.train.loss import count_targets
+from snug.train.step import StepOptions
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, data: Dataset, opts: StepOptions, micro_batch: int,
-              pad_id: int, device: torch.device) -> float:
+def eval_loss(
+    model: nn.Module,
+    data: Dataset,
+    opts: StepOptions,
+    micro_batch: int,
+    pad_id: int,
+    device: torch.device,
+) -> float:
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(data), micro_batch):
@@ -54,8 +60,14 @@ def stop_token_ids(model: nn.Module, tok: PreTrainedTokenizerBase) -> list[int]:
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]],
-                     max_new_tokens: int, device: torch.device, batch_size: int = 32) -> list[str]:
+def generate_answers(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    device: torch.device,
+    batch_size: int = 32,
+) -> list[str]:
     """Greedy answers for token-id prompts, batched with left padding."""
     model.eval()
     stops = stop_token_ids(model, tok)
@@ -69,17 +81,29 @@ def generate_answers(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: li
         for row, i in enumerate(chunk):
             ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, longest - len(prompts[i]) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+        )
         for row, i in enumerate(chunk):
             answers[i] = tok.decode(out[row, longest:], skip_special_tokens=True)
     model.train()
     return answers
 
 
-def exact_match(model: nn.Module, tok: PreTrainedTokenizerBase, data: Dataset, limit: int,
-                max_new_tokens: int, device: torch.device) -> tuple[float, list[dict]]:
+def exact_match(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    data: Dataset,
+    limit: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> tuple[float, list[dict]]:
     """Share of held-out answers reproduced exactly (case and spacing ignored)."""
     prompts, refs = [], []
     for i in range(min(limit, len(data))):
@@ -92,7 +116,9 @@ def exact_match(model: nn.Module, tok: PreTrainedTokenizerBase, data: Dataset, l
     if not prompts:
         return math.nan, []
     answers = generate_answers(model, tok, prompts, max_new_tokens, device)
-    samples = [{"prompt": tok.decode(p, skip_special_tokens=False), "reference": r, "answer": a}
-               for p, r, a in zip(prompts, refs, answers)]
-    hits = sum(normalize(a) == normalize(r) for a, r in zip(answers, refs))
+    samples = [
+        {"prompt": tok.decode(p, skip_special_tokens=False), "reference": r, "answer": a}
+        for p, r, a in zip(prompts, refs, answers, strict=True)
+    ]
+    hits = sum(normalize(a) == normalize(r) for a, r in zip(answers, refs, strict=True))
     return hits / len(prompts), samples

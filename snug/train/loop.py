@@ -91,10 +91,13 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
     set_seed(cfg.train.seed)
 
     tok = load_tokenizer(cfg.model)
-    train_ds, eval_ds, stats = build_datasets(cfg.data, tok, cfg.train.stage, cfg.train.seed,
-                                              cfg.model.name_or_path)
-    console.print(f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
-                  f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}")
+    train_ds, eval_ds, stats = build_datasets(
+        cfg.data, tok, cfg.train.stage, cfg.train.seed, cfg.model.name_or_path
+    )
+    console.print(
+        f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
+        f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
+    )
 
     model = load_model(cfg, device, precision)
     model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
@@ -102,18 +105,38 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     trainable, total = count_params(model)
-    console.print(f"model: {cfg.model.name_or_path} | method {cfg.method.name} | trainable "
-                  f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}")
+    console.print(
+        f"model: {cfg.model.name_or_path} | method {cfg.method.name} | trainable "
+        f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}"
+    )
 
-    summary: dict = {"status": "failed", "steps": 0, "trainable_params": trainable,
-                     "total_params": total, "data": stats.as_dict(), "device": str(device),
-                     "precision": precision}
+    summary: dict = {
+        "status": "failed",
+        "steps": 0,
+        "trainable_params": trainable,
+        "total_params": total,
+        "data": stats.as_dict(),
+        "device": str(device),
+        "precision": precision,
+    }
     opts = step_options(cfg, device, precision)
     metrics = MetricsLog(out)
     try:
         eval_before = _evaluate(model, tok, eval_ds, cfg, opts, device) if eval_ds else None
-        _train(model, tok, train_ds, eval_ds, cfg, opts, device, precision, out, metrics,
-               summary, console)
+        _train(
+            model,
+            tok,
+            train_ds,
+            eval_ds,
+            cfg,
+            opts,
+            device,
+            precision,
+            out,
+            metrics,
+            summary,
+            console,
+        )
         summary["status"] = "completed"
         if eval_ds is not None:
             after = _evaluate(model, tok, eval_ds, cfg, opts, device)
@@ -133,8 +156,20 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
     return summary
 
 
-def _train(model, tok, train_ds, eval_ds, cfg: Config, opts: StepOptions, device, precision,
-           out: Path, metrics: MetricsLog, summary: dict, console: Console) -> None:
+def _train(
+    model,
+    tok,
+    train_ds,
+    eval_ds,
+    cfg: Config,
+    opts: StepOptions,
+    device,
+    precision,
+    out: Path,
+    metrics: MetricsLog,
+    summary: dict,
+    console: Console,
+) -> None:
     t = cfg.train
     schedule = Schedule(len(train_ds), t.micro_batch, t.grad_accum, t.seed)
     total_steps = t.max_steps or math.ceil(t.epochs * schedule.steps_per_epoch)
@@ -149,8 +184,13 @@ def _train(model, tok, train_ds, eval_ds, cfg: Config, opts: StepOptions, device
     rss_idle = _peak_rss_bytes()
     step, epoch, tokens_seen, compute_seconds = 0, 0, 0, 0.0
     first_loss = last_loss = None
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    columns = [
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task("train", total=total_steps, info="")
         if tracker is not None:
@@ -159,9 +199,13 @@ def _train(model, tok, train_ds, eval_ds, cfg: Config, opts: StepOptions, device
         try:
             while step < total_steps:
                 for window in schedule.windows(epoch):
-                    batches = [{k: v.to(device) for k, v in
-                                collate([train_ds[i] for i in mb], tok.pad_token_id).items()}
-                               for mb in window]
+                    batches = [
+                        {
+                            k: v.to(device)
+                            for k, v in collate([train_ds[i] for i in mb], tok.pad_token_id).items()
+                        }
+                        for mb in window
+                    ]
                     tick = time.perf_counter()
                     result = train_step(model, optimizer, batches, opts, scaler)
                     scheduler.step()
@@ -171,24 +215,44 @@ def _train(model, tok, train_ds, eval_ds, cfg: Config, opts: StepOptions, device
                     tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
                     first_loss = loss if first_loss is None else first_loss
                     last_loss = loss
-                    info = f"loss {loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} " \
-                           f"{tokens_seen / compute_seconds:,.0f} tok/s"
+                    info = (
+                        f"loss {loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                        f"{tokens_seen / compute_seconds:,.0f} tok/s"
+                    )
                     bar.update(task, advance=1, info=info)
                     if step % t.log_every == 0 or step == total_steps:
-                        metrics.write({"step": step, "epoch": round(step / schedule.steps_per_epoch, 3),
-                                       "loss": loss, "lr": scheduler.get_last_lr()[0],
-                                       "grad_norm": None if result.grad_norm is None else result.grad_norm.item(),
-                                       "tokens_per_second": tokens_seen / compute_seconds})
+                        metrics.write(
+                            {
+                                "step": step,
+                                "epoch": round(step / schedule.steps_per_epoch, 3),
+                                "loss": loss,
+                                "lr": scheduler.get_last_lr()[0],
+                                "grad_norm": None
+                                if result.grad_norm is None
+                                else result.grad_norm.item(),
+                                "tokens_per_second": tokens_seen / compute_seconds,
+                            }
+                        )
                         if not console.is_terminal:
                             console.print(f"step {step}/{total_steps} {info}")
                     if t.eval_every and eval_ds is not None and step % t.eval_every == 0:
-                        value = eval_loss(model, eval_ds, opts, t.micro_batch, tok.pad_token_id, device)
+                        value = eval_loss(
+                            model, eval_ds, opts, t.micro_batch, tok.pad_token_id, device
+                        )
                         metrics.write({"step": step, "eval_loss": value})
                     if cfg.output.save_every and step % cfg.output.save_every == 0:
-                        save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler,
-                                        {"step": step, "epoch": epoch, "tokens_seen": tokens_seen},
-                                        cfg.output.keep_last)
-                    summary.update(steps=step, train_loss_first=first_loss, train_loss_last=last_loss)
+                        save_checkpoint(
+                            out / "checkpoints",
+                            step,
+                            model,
+                            optimizer,
+                            scheduler,
+                            {"step": step, "epoch": epoch, "tokens_seen": tokens_seen},
+                            cfg.output.keep_last,
+                        )
+                    summary.update(
+                        steps=step, train_loss_first=first_loss, train_loss_last=last_loss
+                    )
                     if step >= total_steps:
                         break
                 epoch += 1
@@ -197,20 +261,30 @@ def _train(model, tok, train_ds, eval_ds, cfg: Config, opts: StepOptions, device
                 tracker.__exit__(None, None, None)
     summary["tokens_per_second"] = round(tokens_seen / max(compute_seconds, 1e-9), 1)
     if tracker is not None:
-        summary["peak_memory"] = {"measured_bytes": tracker.peak, "predicted_bytes": None,
-                                  "device": "cpu", "peak_rss_bytes": _peak_rss_bytes(),
-                                  "rss_before_training_bytes": rss_idle}
+        summary["peak_memory"] = {
+            "measured_bytes": tracker.peak,
+            "predicted_bytes": None,
+            "device": "cpu",
+            "peak_rss_bytes": _peak_rss_bytes(),
+            "rss_before_training_bytes": rss_idle,
+        }
     else:
-        summary["peak_memory"] = {"measured_bytes": torch.cuda.max_memory_allocated(device),
-                                  "reserved_bytes": torch.cuda.max_memory_reserved(device),
-                                  "predicted_bytes": None, "device": torch.cuda.get_device_name(device)}
+        summary["peak_memory"] = {
+            "measured_bytes": torch.cuda.max_memory_allocated(device),
+            "reserved_bytes": torch.cuda.max_memory_reserved(device),
+            "predicted_bytes": None,
+            "device": torch.cuda.get_device_name(device),
+        }
 
 
 def _evaluate(model, tok, eval_ds, cfg: Config, opts: StepOptions, device) -> dict:
-    result = {"loss": eval_loss(model, eval_ds, opts, cfg.train.micro_batch, tok.pad_token_id, device)}
+    result = {
+        "loss": eval_loss(model, eval_ds, opts, cfg.train.micro_batch, tok.pad_token_id, device)
+    }
     if cfg.train.stage == "sft" and cfg.train.eval_generate > 0:
-        score, samples = exact_match(model, tok, eval_ds, cfg.train.eval_generate,
-                                     cfg.train.max_new_tokens, device)
+        score, samples = exact_match(
+            model, tok, eval_ds, cfg.train.eval_generate, cfg.train.max_new_tokens, device
+        )
         result["exact_match"] = score
         result["samples"] = samples[:5]
     return result
@@ -219,16 +293,23 @@ def _evaluate(model, tok, eval_ds, cfg: Config, opts: StepOptions, device) -> di
 def _eval_block(before: dict, after: dict) -> dict:
     block = {"loss_before": before["loss"], "loss_after": after["loss"]}
     if "exact_match" in before:
-        block = {"metric": "exact_match", "before": before["exact_match"],
-                 "after": after["exact_match"], **block, "examples_after": after["samples"]}
+        block = {
+            "metric": "exact_match",
+            "before": before["exact_match"],
+            "after": after["exact_match"],
+            **block,
+            "examples_after": after["samples"],
+        }
     return block
 
 
 def _eval_line(block: dict) -> str:
     line = f"held-out loss: {block['loss_before']:.4f} -> {block['loss_after']:.4f}"
     if "metric" in block:
-        line = (f"held-out exact match: {100 * block['before']:.1f}% before -> "
-                f"{100 * block['after']:.1f}% after training | " + line)
+        line = (
+            f"held-out exact match: {100 * block['before']:.1f}% before -> "
+            f"{100 * block['after']:.1f}% after training | " + line
+        )
     return line
 
 

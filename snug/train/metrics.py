@@ -41,9 +41,9 @@ class MetricsLog:
         evals = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
         fig, ax = plt.subplots(figsize=(6, 4))
         if train:
-            ax.plot(*zip(*train), label="train loss")
+            ax.plot(*zip(*train, strict=True), label="train loss")
         if evals:
-            ax.plot(*zip(*evals), "o-", label="eval loss")
+            ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (per target token)")
         ax.legend()

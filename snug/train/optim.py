@@ -9,7 +9,9 @@ from transformers import get_scheduler
 from snug.config import MemoryConfig, TrainConfig
 
 
-def build_optimizer(model: nn.Module, mem: MemoryConfig, train: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, mem: MemoryConfig, train: TrainConfig
+) -> torch.optim.Optimizer:
     """Only trainable weights are handed over, so frozen ones never get optimizer state."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -24,12 +26,17 @@ def build_optimizer(model: nn.Module, mem: MemoryConfig, train: TrainConfig) -> 
         return Adafactor(params, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False)
     import bitsandbytes as bnb
 
-    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
-           "lion8bit": bnb.optim.Lion8bit}[mem.optimizer]
+    cls = {
+        "adamw8bit": bnb.optim.AdamW8bit,
+        "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+        "lion8bit": bnb.optim.Lion8bit,
+    }[mem.optimizer]
     return cls(params, lr=lr, weight_decay=wd)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
     warmup = int(train.warmup) if train.warmup >= 1 else round(train.warmup * total_steps)
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.scheduler]
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+        train.scheduler
+    ]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -39,7 +39,9 @@ class StepOptions:
             stack.enter_context(torch.autocast(self.device_type, dtype=self.autocast_dtype))
         if self.offload_activations:
             # Tensors saved for backward go to host memory and come back when backward needs them.
-            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device_type == "cuda"))
+            stack.enter_context(
+                torch.autograd.graph.save_on_cpu(pin_memory=self.device_type == "cuda")
+            )
         return stack
 
 
