@@ -22,14 +22,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from snug.config import load_config
-    from snug.methods import get_method
+    from snug.train.loop import run_training
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        get_method(cfg.method.name)
-    except ValueError as e:
-        raise ConfigError(f"{args.config}: {e}") from None
-    from snug.train.loop import run_training
 
     summary = run_training(cfg)
     return 0 if summary["status"] == "completed" else 1

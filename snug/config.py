@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -23,11 +24,18 @@ class ConfigError(ValueError):
     """A config problem, worded as one sentence that names the file and key."""
 
 
-def _f(default: Any, doc: str) -> Any:
-    """A field with its documentation (lists are copied per instance)."""
+Check = tuple[Callable[[Any], bool], str]
+AT_LEAST_1: Check = (lambda v: v >= 1, "at least 1")
+POSITIVE: Check = (lambda v: v > 0, "positive")
+NON_NEGATIVE: Check = (lambda v: v >= 0, "zero or more")
+
+
+def _f(default: Any, doc: str, check: Check | None = None) -> Any:
+    """A field with its documentation and an optional range check (lists are copied)."""
+    meta = {"doc": doc, "check": check}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -63,16 +71,20 @@ class MethodConfig:
     """The fine-tuning method and its settings."""
 
     name: Literal[METHOD_NAMES] = _f("lora", "Fine-tuning method: " + ", ".join(METHOD_NAMES) + ".")  # type: ignore[valid-type]
-    r: int = _f(8, "LoRA/DoRA rank.")
-    alpha: float = _f(16, "LoRA/DoRA scaling numerator: the update is scaled by alpha / r.")
-    dropout: float = _f(0.0, "Dropout on the LoRA/DoRA input.")
+    r: int = _f(8, "LoRA/DoRA rank.", AT_LEAST_1)
+    alpha: float = _f(
+        16, "LoRA/DoRA scaling numerator: the update is scaled by alpha / r.", POSITIVE
+    )
+    dropout: float = _f(0.0, "Dropout on the LoRA/DoRA input.", (lambda v: 0 <= v < 1, "in [0, 1)"))
     targets: str | list[str] = _f(
         "all-linear", "Modules that get adapters: all-linear, or a list of module names."
     )
     rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead.")
-    trainable_layers: int = _f(2, "freeze: the last N decoder layers train.")
-    num_virtual_tokens: int = _f(20, "prefix, prompt, ptuning, llama_adapter: virtual tokens.")
-    bottleneck: int = _f(64, "adapter: bottleneck width.")
+    trainable_layers: int = _f(2, "freeze: the last N decoder layers train.", AT_LEAST_1)
+    num_virtual_tokens: int = _f(
+        20, "prefix, prompt, ptuning, llama_adapter: virtual tokens.", AT_LEAST_1
+    )
+    bottleneck: int = _f(64, "adapter: bottleneck width.", AT_LEAST_1)
 
 
 @dataclass
@@ -93,12 +105,18 @@ class DataConfig:
         "Chat template: auto (the tokenizer's own, else an error), or a built-in one: "
         "chatml, llama3, mistral, gemma, phi3, alpaca.",
     )
-    cutoff_len: int = _f(1024, "Longest sample in tokens; longer ones are truncated.")
+    cutoff_len: int = _f(
+        1024,
+        "Longest sample in tokens; longer ones are truncated.",
+        (lambda v: v >= 8, "at least 8 tokens"),
+    )
     packing: bool = _f(False, "Pack several samples into one row (lands with the memory toolkit).")
     val_size: float = _f(
-        0.0, "Part of train held out for eval: a fraction below 1, or a count of samples."
+        0.0,
+        "Part of train held out for eval: a fraction below 1, or a count of samples.",
+        (lambda v: 0 <= v < 1 or float(v).is_integer(), "a fraction below 1 or a whole count"),
     )
-    max_samples: int | None = _f(None, "Use at most this many samples of each dataset.")
+    max_samples: int | None = _f(None, "Use at most this many samples of each dataset.", AT_LEAST_1)
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
     split: str = _f("train", "Split to read from a hub dataset.")
 
@@ -110,17 +128,23 @@ class TrainConfig:
     stage: Literal["sft", "pt"] = _f(
         "sft", "sft: supervised fine-tuning on chat data; pt: language modelling on text."
     )
-    epochs: float = _f(3, "Passes over the training data.")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
-    micro_batch: int = _f(1, "Samples per forward/backward pass.")
-    grad_accum: int = _f(8, "Micro-batches accumulated per optimizer step.")
-    lr: float = _f(1.0e-4, "Peak learning rate.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    epochs: float = _f(3, "Passes over the training data.", POSITIVE)
+    max_steps: int | None = _f(
+        None, "Stop after this many optimizer steps (overrides epochs).", AT_LEAST_1
+    )
+    micro_batch: int = _f(1, "Samples per forward/backward pass.", AT_LEAST_1)
+    grad_accum: int = _f(8, "Micro-batches accumulated per optimizer step.", AT_LEAST_1)
+    lr: float = _f(1.0e-4, "Peak learning rate.", POSITIVE)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", NON_NEGATIVE)
     scheduler: Literal["cosine", "linear", "constant"] = _f(
         "cosine", "Learning-rate schedule after warmup."
     )
-    warmup: float = _f(0.03, "Warmup as a ratio of total steps (or a step count if >= 1).")
-    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 turns it off).")
+    warmup: float = _f(
+        0.03, "Warmup as a ratio of total steps (or a step count if >= 1).", NON_NEGATIVE
+    )
+    max_grad_norm: float = _f(
+        1.0, "Clip the gradient norm to this value (0 turns it off).", NON_NEGATIVE
+    )
     precision: Literal["auto", "bf16-mixed", "bf16-true", "fp16-mixed", "fp32"] = _f(
         "auto",
         "Compute precision. auto: bf16-mixed on a GPU with bf16, fp16-mixed on older GPUs, "
@@ -128,14 +152,15 @@ class TrainConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; auto: cuda if present.")
     seed: int = _f(42, "Seed for initialisation, shuffling and dropout.")
-    eval_every: int | None = _f(None, "Evaluate the loss on eval data every N steps.")
+    eval_every: int | None = _f(None, "Evaluate the loss on eval data every N steps.", AT_LEAST_1)
     eval_generate: int = _f(
         200,
         "Held-out samples scored by greedy generation (exact match) before and after "
         "training; 0 turns it off.",
+        NON_NEGATIVE,
     )
-    max_new_tokens: int = _f(64, "Longest generated answer when scoring by generation.")
-    log_every: int = _f(10, "Log metrics every N optimizer steps.")
+    max_new_tokens: int = _f(64, "Longest generated answer when scoring by generation.", AT_LEAST_1)
+    log_every: int = _f(10, "Log metrics every N optimizer steps.", AT_LEAST_1)
 
 
 @dataclass
@@ -165,7 +190,7 @@ class DistConfig:
     """Multi-GPU training."""
 
     strategy: Literal["none", "ddp", "fsdp"] = _f("none", "How to spread training over GPUs.")
-    nproc: int = _f(1, "Processes (GPUs) on this node.")
+    nproc: int = _f(1, "Processes (GPUs) on this node.", AT_LEAST_1)
 
 
 @dataclass
@@ -173,9 +198,9 @@ class OutputConfig:
     """What a run writes."""
 
     dir: str = _f("runs/example", "Output directory of the run.")
-    save_every: int | None = _f(None, "Write a checkpoint every N optimizer steps.")
+    save_every: int | None = _f(None, "Write a checkpoint every N optimizer steps.", AT_LEAST_1)
     keep_last: int = _f(
-        2, "Checkpoints to keep; older ones are deleted once a new one is complete."
+        2, "Checkpoints to keep; older ones are deleted once a new one is complete.", NON_NEGATIVE
     )
     plot_loss: bool = _f(True, "Write loss.png at the end.")
 
@@ -252,22 +277,34 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where} must be a number, not {value!r}.")
     if annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a revision that is all digits
         raise ConfigError(f"{where} must be a string, not {value!r}.")
     raise TypeError(f"unsupported config annotation {annotation!r}")  # a bug in this file
 
 
 def _build_section(cls: type, values: dict[str, Any], source: str, section: str) -> Any:
     hints = typing.get_type_hints(cls, include_extras=False)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in values.items():
         if key not in names:
             raise ConfigError(f"{source}: unknown key '{section}.{key}'" + _nearest(key, names))
-        kwargs[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
+        value = _coerce(value, hints[key], f"{source}: {section}.{key}")
+        check = fields[key].metadata["check"]
+        if value is not None and check is not None and not check[0](value):
+            raise ConfigError(f"{source}: {section}.{key} is {value!r}, but must be {check[1]}.")
+        kwargs[key] = value
     return cls(**kwargs)
 
 
@@ -284,19 +321,24 @@ def check_combinations(cfg: Config, source: str) -> None:
             f"{source}: train.precision=bf16-true is for full and freeze tuning; adapters keep "
             "fp32 weights, so use bf16-mixed with method.name=" + cfg.method.name + "."
         )
-    for key in ("micro_batch", "grad_accum", "log_every", "max_new_tokens"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"{source}: train.{key} must be at least 1.")
-    if t.max_steps is None and t.epochs <= 0:
-        raise ConfigError(f"{source}: train.epochs must be positive (or set train.max_steps).")
-    if d.cutoff_len < 8:
-        raise ConfigError(f"{source}: data.cutoff_len must be at least 8 tokens.")
-    if d.val_size < 0:
-        raise ConfigError(f"{source}: data.val_size must not be negative.")
+    if d.val_size > 0 and d.eval is not None:
+        raise ConfigError(
+            f"{source}: data.val_size holds out part of train as eval data, but data.eval is "
+            "given too; set one of them."
+        )
     if t.stage == "pt" and d.format not in ("auto", "text"):
         raise ConfigError(f"{source}: train.stage=pt reads plain text; set data.format=text.")
-    if cfg.method.r < 1:
-        raise ConfigError(f"{source}: method.r must be at least 1.")
+    if t.stage == "sft" and d.format == "text":
+        raise ConfigError(
+            f"{source}: data.format=text is for train.stage=pt; sft needs conversations."
+        )
+    from snug.methods import REGISTRY  # here, not at the top: methods import this module
+
+    if cfg.method.name not in REGISTRY:
+        raise ConfigError(
+            f"{source}: method.name={cfg.method.name} is not available yet; choose one of "
+            f"{', '.join(sorted(REGISTRY))}."
+        )
     if d.packing:
         raise ConfigError(
             f"{source}: data.packing=true is not available yet (it comes with the memory "
@@ -322,14 +364,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         )
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    # YAML reads 1e-4 as a string (YAML 1.1 wants a dot); accept it as a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") else value
-        except ValueError:
-            pass
-    return section, key, value
+    return section, key, yaml.safe_load(raw) if raw.strip() else ""
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:

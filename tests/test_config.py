@@ -41,13 +41,33 @@ def test_impossible_combinations():
         config_from_dict({"model": {"quant": "4bit"}, "method": {"name": "full"}})
     with pytest.raises(ConfigError, match=r"bf16-true is for full and freeze"):
         config_from_dict({"train": {"precision": "bf16-true"}, "method": {"name": "lora"}})
-    with pytest.raises(ConfigError, match=r"train.micro_batch must be at least 1"):
+    with pytest.raises(ConfigError, match=r"train.micro_batch is 0, but must be at least 1"):
         config_from_dict({"train": {"micro_batch": 0}})
+    with pytest.raises(ConfigError, match=r"method.dropout is 1.5, but must be in \[0, 1\)"):
+        config_from_dict({"method": {"dropout": 1.5}})
+    with pytest.raises(ConfigError, match=r"data.val_size .* data.eval is given too"):
+        config_from_dict({"data": {"val_size": 0.1, "eval": "e.jsonl"}})
+    with pytest.raises(ConfigError, match=r"data.format=text is for train.stage=pt"):
+        config_from_dict({"data": {"format": "text"}})
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [({"data": {"packing": True}}, "data.packing=true is not available yet"),
+     ({"memory": {"auto_fit": True}}, "memory.auto_fit needs the planner"),
+     ({"dist": {"strategy": "fsdp", "nproc": 2}}, "dist.strategy=fsdp with dist.nproc=2 is not available"),
+     ({"method": {"name": "ia3"}}, "method.name=ia3 is not available yet; choose one of dora, full, lora")],
+)
+def test_features_not_built_yet_are_refused(section, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(section)
 
 
 def test_overrides_and_yaml_numbers(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("train:\n  lr: 1e-4\n")
+    p.write_text("train:\n  lr: 1e-4\nmodel:\n  revision: 3e51827\n")
+    cfg = load_config(p)
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.model.revision == "3e51827"
     cfg = load_config(
         p, ["train.micro_batch=4", "method.targets=[q_proj, v_proj]", "train.lr=3e-4"]
     )

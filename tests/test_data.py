@@ -52,10 +52,10 @@ def test_missing_field_and_wrong_type_named():
 
 def test_labels_mask_prompt_and_padding_exactly(tokenizer):
     template = tokenizer.chat_template
-    ids, labels, status = encode_chat(tokenizer, template, CHAT, 128, False, "x")
+    ids, labels, status, prompt_len = encode_chat(tokenizer, template, CHAT, 128, False, "x")
     prompt, answer = chat_segments(tokenizer, template, CHAT, "x")[0]
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert status == "kept"
+    assert status == "kept" and prompt_len == n_prompt
     assert labels[:n_prompt] == [IGNORE] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:]
     assert tokenizer.decode(ids[n_prompt:]) == answer == "red<|im_end|>\n"
@@ -66,7 +66,7 @@ def test_labels_mask_prompt_and_padding_exactly(tokenizer):
 
 
 def test_train_on_prompt_keeps_all_labels(tokenizer):
-    ids, labels, _ = encode_chat(tokenizer, tokenizer.chat_template, CHAT, 128, True, "x")
+    ids, labels, _, _ = encode_chat(tokenizer, tokenizer.chat_template, CHAT, 128, True, "x")
     assert labels == ids
 
 
@@ -75,12 +75,36 @@ def test_cutoff_keeps_part_of_the_answer(tokenizer):
         {"role": "user", "content": "word " * 200},
         {"role": "assistant", "content": "cat " * 100},
     ]
-    ids, labels, status = encode_chat(tokenizer, tokenizer.chat_template, long, 64, False, "x")
+    ids, labels, status, _ = encode_chat(tokenizer, tokenizer.chat_template, long, 64, False, "x")
     assert status == "truncated" and len(ids) == 64
     targets = sum(x != IGNORE for x in labels)
     assert 0 < targets < 64
     # The kept prompt ends with the assistant header, so the answer follows it as at inference.
     assert tokenizer.decode(ids[: len(ids) - targets]).endswith("<|im_start|>assistant\n")
+
+
+def test_budget_keeps_short_answers_whole_and_shares_long_ones():
+    from snug.data.tokenize import _budget
+
+    assert _budget(10, 5, 100) == (10, 5)  # fits
+    assert _budget(300, 20, 100) == (80, 20)  # short answer whole, prompt cut
+    assert _budget(20, 300, 100) == (20, 80)  # short prompt whole, answer cut
+    assert _budget(300, 100, 100) == (75, 25)  # both long: in proportion
+
+
+def test_multi_turn_masks_every_prompt_and_drops_headerless_turns(tokenizer):
+    convo = [*CHAT, {"role": "user", "content": "again"}, {"role": "assistant", "content": "cat"}]
+    ids, labels, status, prompt_len = encode_chat(
+        tokenizer, tokenizer.chat_template, convo, 128, False, "x"
+    )
+    targets = tokenizer.decode([t for t, y in zip(ids, labels, strict=True) if y != IGNORE])
+    assert targets == "red<|im_end|>\ncat<|im_end|>\n" and status == "kept"
+    assert tokenizer.decode(ids[prompt_len:]) == "cat<|im_end|>\n"
+    first_len = len(encode_chat(tokenizer, tokenizer.chat_template, CHAT, 128, False, "x")[0])
+    ids2, _, status2, _ = encode_chat(
+        tokenizer, tokenizer.chat_template, convo, first_len + 3, False, "x"
+    )
+    assert status2 == "truncated" and len(ids2) == first_len  # turn 2 would lose its header
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
@@ -138,7 +162,7 @@ def test_truncated_samples_are_counted_and_keep_targets(tmp_path, tokenizer):
 
 def test_sample_without_answer_tokens_is_fully_masked(tokenizer):
     drops_answers = "{% for m in messages %}{% if m['role'] == 'user' %}U: {{ m['content'] }}\n{% endif %}{% endfor %}"
-    ids, labels, status = encode_chat(tokenizer, drops_answers, CHAT, 64, False, "x")
+    ids, labels, status, _ = encode_chat(tokenizer, drops_answers, CHAT, 64, False, "x")
     assert status == "fully_masked" and all(x == IGNORE for x in labels)
 
 
@@ -181,13 +205,19 @@ def test_unreadable_source_names_file(tmp_path, tokenizer, monkeypatch):
 def test_tokenized_data_is_cached_and_save_to_disk_dirs_load(tmp_path, tokenizer):
     from datasets import Dataset
 
-    path = write_jsonl(tmp_path / "c.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(8)])
+    path = write_jsonl(
+        tmp_path / "c.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(8)]
+    )
     cfg = DataConfig(train=str(path))
     first, _, _ = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
     again, _, _ = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
     assert first.cache_files and again.cache_files == first.cache_files  # reused, not redone
-    longer, _, _ = build_datasets(DataConfig(train=str(path), cutoff_len=64), tokenizer, "sft", 0, "tiny")
+    longer, _, _ = build_datasets(
+        DataConfig(train=str(path), cutoff_len=64), tokenizer, "sft", 0, "tiny"
+    )
     assert longer.cache_files != first.cache_files  # a setting that changes tokens misses
     Dataset.from_list([{"text": "the red cat."}] * 3).save_to_disk(tmp_path / "saved")
-    train, _, _ = build_datasets(DataConfig(train=str(tmp_path / "saved")), tokenizer, "pt", 0, "tiny")
+    train, _, _ = build_datasets(
+        DataConfig(train=str(tmp_path / "saved")), tokenizer, "pt", 0, "tiny"
+    )
     assert len(train) == 3

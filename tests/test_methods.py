@@ -30,7 +30,7 @@ def toy_batches(tokenizer, n=4):
             {"role": "user", "content": f"first word of: {a} {b}"},
             {"role": "assistant", "content": a},
         ]
-        ids, labels, _ = encode_chat(tokenizer, tokenizer.chat_template, msgs, 64, False, "toy")
+        ids, labels, _, _ = encode_chat(tokenizer, tokenizer.chat_template, msgs, 64, False, "toy")
         rows.append({"input_ids": ids, "labels": labels})
     return [collate(rows[i : i + 2], tokenizer.pad_token_id) for i in range(0, len(rows), 2)][:n]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -20,6 +20,7 @@ from snug.config import DataConfig
 from snug.data.formats import FORMATS, DataError, detect_format
 from snug.data.templates import resolve_template
 from snug.data.tokenize import EMPTY, FULLY_MASKED, KEPT, TRUNCATED, tokenize_records
+from snug.errors import first_line
 
 BUILDERS = {
     ".json": "json",
@@ -38,15 +39,13 @@ class DataStats:
     truncated: int = 0
     fully_masked: int = 0
     empty: int = 0
-    per_source: dict[str, int] = field(default_factory=dict)
 
-    def add(self, counts: Counter, source: str) -> None:
+    def add(self, counts: Counter) -> None:
         self.kept += counts[KEPT] + counts[TRUNCATED]
         self.truncated += counts[TRUNCATED]
         self.fully_masked += counts[FULLY_MASKED]
         self.empty += counts[EMPTY]
         self.dropped += counts[FULLY_MASKED] + counts[EMPTY]
-        self.per_source[source] = counts[KEPT] + counts[TRUNCATED]
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -73,6 +72,11 @@ def load_raw(spec: str, split: str) -> Dataset:
             )
         return _load(builder, data_files=str(path), where=spec)
     if path.is_dir():
+        if (path / "dataset_dict.json").exists():  # DatasetDict.save_to_disk: pick the split
+            saved = datasets.load_from_disk(str(path))
+            if split not in saved:
+                raise DataError(f"{spec}: has splits {list(saved)}, not data.split={split}.")
+            return saved[split]
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             return datasets.load_from_disk(str(path))
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in BUILDERS)
@@ -94,8 +98,7 @@ def _load(builder: str, where: str, data_files=None, split: str = "train") -> Da
     try:
         return datasets.load_dataset(builder, data_files=data_files, split=split)
     except Exception as e:  # datasets raises many types; all mean "this source cannot be read"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise DataError(f"{where}: cannot read the data ({msg}).") from None
+        raise DataError(f"{where}: cannot read the data ({first_line(e)}).") from None
 
 
 def _tokenizer_fingerprint(tok: PreTrainedTokenizerBase, template: str | None) -> str:
@@ -169,7 +172,7 @@ def build_datasets(
     parts = []
     for spec in _as_list(cfg.train):
         ds, counts = tokenize_source(spec, cfg, tok, stage, model_name)
-        stats.add(counts, spec)
+        stats.add(counts)
         parts.append(ds)
     train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(train) == 0:

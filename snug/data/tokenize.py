@@ -66,44 +66,54 @@ def encode_chat(
     cutoff_len: int,
     train_on_prompt: bool,
     where: str,
-) -> tuple[list[int], list[int], str]:
-    """(input_ids, labels, status). A long prompt loses its start (the end carries the turn
-    header the answer follows); a long answer loses its end."""
+) -> tuple[list[int], list[int], str, int]:
+    """(input_ids, labels, status, prompt_len); the last kept answer starts at prompt_len.
+
+    A long first prompt loses its start but keeps a leading special token (BOS), since its end
+    carries the turn header the answer follows; a long answer loses its end; a later turn that
+    would lose part of its prompt is dropped whole rather than trained without its header.
+    """
     ids: list[int] = []
     labels: list[int] = []
-    status = KEPT
-    for prompt, answer in chat_segments(tok, template, messages, where):
+    status, prompt_len = KEPT, 0
+    pairs = chat_segments(tok, template, messages, where)
+    for k, (prompt, answer) in enumerate(pairs):
         src = tok(prompt, add_special_tokens=False)["input_ids"]
         tgt = tok(answer, add_special_tokens=False)["input_ids"]
         n_src, n_tgt = _budget(len(src), len(tgt), cutoff_len - len(ids))
         if (n_src, n_tgt) != (len(src), len(tgt)):
             status = TRUNCATED
-        src, tgt = src[len(src) - n_src :], tgt[:n_tgt]
+            if k > 0 and n_src < len(src):
+                break
+        head = 1 if n_src < len(src) and n_src > 1 and src[0] in tok.all_special_ids else 0
+        src, tgt = src[:head] + src[len(src) - n_src + head :], tgt[:n_tgt]
+        prompt_len = len(ids) + len(src)
         ids += src + tgt
         labels += (src if train_on_prompt else [IGNORE] * len(src)) + tgt
         if len(ids) >= cutoff_len:
+            status = TRUNCATED if k < len(pairs) - 1 else status
             break
     if not ids:
-        return ids, labels, EMPTY
+        return ids, labels, EMPTY, 0
     if all(x == IGNORE for x in labels[1:]):  # position 0 is never predicted
-        return ids, labels, FULLY_MASKED
-    return ids, labels, status
+        return ids, labels, FULLY_MASKED, prompt_len
+    return ids, labels, status, prompt_len
 
 
 def encode_text(
     tok: PreTrainedTokenizerBase, text: str, cutoff_len: int
-) -> list[tuple[list[int], list[int], str]]:
+) -> list[tuple[list[int], list[int], str, int]]:
     """Plain text for train.stage=pt: bos? + text + eos, split into cutoff_len pieces (no
     token is thrown away)."""
     ids = tok(text, add_special_tokens=True)["input_ids"]
     if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
         ids.append(tok.eos_token_id)
     if len(ids) < 2:
-        return [(ids, list(ids), EMPTY)]
+        return [(ids, list(ids), EMPTY, 0)]
     pieces = [ids[i : i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
     if len(pieces) > 1 and len(pieces[-1]) < 2:  # a lone token predicts nothing
         pieces.pop()
-    return [(p, list(p), KEPT) for p in pieces]
+    return [(p, list(p), KEPT, 0) for p in pieces]
 
 
 def tokenize_records(
@@ -117,10 +127,10 @@ def tokenize_records(
     train_on_prompt: bool,
     source: str,
 ) -> dict[str, list]:
-    """Batched `datasets.map` function: raw columns -> input_ids, labels, status."""
+    """Batched `datasets.map` function: raw columns -> input_ids, labels, status, prompt_len."""
     from snug.data.formats import to_canonical  # local: keeps map's pickled closure small
 
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "prompt_len": []}
     columns = list(records)
     for j, index in enumerate(indices):
         record = {c: records[c][j] for c in columns}
@@ -132,8 +142,9 @@ def tokenize_records(
             results = [
                 encode_chat(tok, template, canon["messages"], cutoff_len, train_on_prompt, where)
             ]
-        for ids, labels, status in results:
+        for ids, labels, status, prompt_len in results:
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["status"].append(status)
+            out["prompt_len"].append(prompt_len)
     return out

@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from snug.config import Config, ModelConfig
+from snug.errors import first_line
 
 log = logging.getLogger("snug")
 
@@ -35,6 +36,15 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "fp16-mixed"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype matmuls run in under `precision`."""
+    return {
+        "bf16-mixed": torch.bfloat16,
+        "bf16-true": torch.bfloat16,
+        "fp16-mixed": torch.float16,
+    }.get(precision, torch.float32)
 
 
 def resolve_dtype(cfg: Config, device: torch.device, precision: str) -> torch.dtype:
@@ -88,7 +98,7 @@ def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
         )
     except OSError as e:
         raise ModelLoadError(
-            f"{_where(mcfg)}: cannot load the tokenizer ({_first_line(e)})."
+            f"{_where(mcfg)}: cannot load the tokenizer ({first_line(e)})."
         ) from None
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any token will do; the
@@ -97,10 +107,6 @@ def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
         if tok.pad_token is None:
             raise ModelLoadError(f"{_where(mcfg)}: the tokenizer has no pad, eos or unk token.")
     return tok
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
 
 
 def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Module:
@@ -131,15 +137,8 @@ def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Mo
             use_safetensors=True,
         )
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{_where(mcfg)}: cannot load the model ({_first_line(e)}).") from None
+        raise ModelLoadError(f"{_where(mcfg)}: cannot load the model ({first_line(e)}).") from None
     if quant is None:
         model.to(device)
     model.config.use_cache = False  # training never reuses the KV cache
     return model
-
-
-def load_model_config(mcfg: ModelConfig):
-    """Only the architecture (config.json), e.g. for building a model on the meta device."""
-    return AutoConfig.from_pretrained(
-        mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision
-    )

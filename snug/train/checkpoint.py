@@ -62,15 +62,19 @@ def save_checkpoint(
         },
         tmp / "state.pt",
     )
+    (tmp / COMPLETE).write_text(str(step))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    # The rename is the commit point: before it the old checkpoint (if any) is whole, after it
+    # the new one is. A checkpoint of the same step is moved aside first, then deleted.
+    old = root / f".old-step-{step}"
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
-    (final / COMPLETE).write_text(str(step))
-    _fsync_dir(final)
     _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
     prune(root, keep_last)
     return final
 
@@ -86,5 +90,5 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def prune(root: Path, keep_last: int) -> None:
     for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
-    for stale in root.glob(".tmp-step-*"):
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
         shutil.rmtree(stale, ignore_errors=True)

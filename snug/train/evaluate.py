@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from snug.data.collate import collate
-from snug.data.tokenize import IGNORE
+from snug.data.tokenize import chat_segments
 from snug.train.loss import count_targets
 from snug.train.step import StepOptions
 
@@ -36,33 +34,37 @@ def eval_loss(
     return total / max(tokens, 1)
 
 
-def answer_span(labels: list[int]) -> tuple[int, int] | None:
-    """[start, end) of the last run of target tokens: the final answer of a conversation."""
-    end = len(labels)
-    while end > 0 and labels[end - 1] == IGNORE:
-        end -= 1
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
-    return (start, end) if 0 < start < end else None
-
-
 def normalize(text: str) -> str:
     return " ".join(text.strip().lower().split())
 
 
-def stop_token_ids(model: nn.Module, tok: PreTrainedTokenizerBase) -> list[int]:
-    """eos of the tokenizer and of the generation config (chat models end turns differently)."""
-    ids = {tok.eos_token_id}
+def end_of_turn(tok: PreTrainedTokenizerBase, template: str) -> str:
+    """The text a template puts after an assistant answer, e.g. "<|im_end|>\n"."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    return chat_segments(tok, template, probe, "the chat template")[0][1].split("ok", 1)[1]
+
+
+def stop_token_ids(model: nn.Module, tok: PreTrainedTokenizerBase, template: str) -> list[int]:
+    """eos of the tokenizer and of the generation config, and the template's end-of-turn token
+    (base models' generation configs often stop only at end-of-text, not end-of-turn)."""
     gen = model.generation_config.eos_token_id
-    ids.update(gen if isinstance(gen, list) else [gen])
+    ids = {tok.eos_token_id, *(gen if isinstance(gen, list) else [gen])}
+    marker = tok(end_of_turn(tok, template), add_special_tokens=False)["input_ids"]
+    ids.update(t for t in marker[:1] if t in tok.all_special_ids)
     return sorted(i for i in ids if i is not None)
+
+
+def answer_text(tok: PreTrainedTokenizerBase, ids: list[int], marker: str) -> str:
+    """Decoded answer, cut at the end-of-turn marker when it is plain text."""
+    text = tok.decode(ids, skip_special_tokens=True)
+    return text.split(marker.strip(), 1)[0] if marker.strip() else text
 
 
 @torch.no_grad()
 def generate_answers(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
+    template: str,
     prompts: list[list[int]],
     max_new_tokens: int,
     device: torch.device,
@@ -70,7 +72,8 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers for token-id prompts, batched with left padding."""
     model.eval()
-    stops = stop_token_ids(model, tok)
+    stops = stop_token_ids(model, tok, template)
+    marker = end_of_turn(tok, template)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     answers: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -91,7 +94,7 @@ def generate_answers(
             pad_token_id=tok.pad_token_id,
         )
         for row, i in enumerate(chunk):
-            answers[i] = tok.decode(out[row, longest:], skip_special_tokens=True)
+            answers[i] = answer_text(tok, out[row, longest:].tolist(), marker)
     model.train()
     return answers
 
@@ -99,26 +102,24 @@ def generate_answers(
 def exact_match(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
+    template: str,
     data: Dataset,
     limit: int,
     max_new_tokens: int,
     device: torch.device,
 ) -> tuple[float, list[dict]]:
-    """Share of held-out answers reproduced exactly (case and spacing ignored)."""
-    prompts, refs = [], []
-    for i in range(min(limit, len(data))):
-        row = data[i]
-        span = answer_span(row["labels"])
-        if span is None:
-            continue
-        prompts.append(row["input_ids"][: span[0]])
-        refs.append(tok.decode(row["input_ids"][span[0] : span[1]], skip_special_tokens=True))
-    if not prompts:
-        return math.nan, []
-    answers = generate_answers(model, tok, prompts, max_new_tokens, device)
+    """Share of held-out final answers reproduced exactly (case and spacing ignored)."""
+    rows = [data[i] for i in range(min(limit, len(data)))]
+    rows = [r for r in rows if 0 < r["prompt_len"] < len(r["input_ids"])]
+    if not rows:
+        raise ValueError("no held-out sample has a prompt and an answer to score by generation.")
+    marker = end_of_turn(tok, template)
+    prompts = [r["input_ids"][: r["prompt_len"]] for r in rows]
+    refs = [answer_text(tok, r["input_ids"][r["prompt_len"] :], marker) for r in rows]
+    answers = generate_answers(model, tok, template, prompts, max_new_tokens, device)
     samples = [
-        {"prompt": tok.decode(p, skip_special_tokens=False), "reference": r, "answer": a}
+        {"prompt": tok.decode(p), "reference": r, "answer": a}
         for p, r, a in zip(prompts, refs, answers, strict=True)
     ]
     hits = sum(normalize(a) == normalize(r) for a, r in zip(answers, refs, strict=True))
-    return hits / len(prompts), samples
+    return hits / len(rows), samples

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import set_seed
@@ -18,8 +18,15 @@ from transformers import set_seed
 from snug.config import Config, save_config
 from snug.data.collate import collate
 from snug.data.dataset import build_datasets
+from snug.data.templates import resolve_template
 from snug.methods import apply_method, count_params, get_method
-from snug.models.load import load_model, load_tokenizer, resolve_device, resolve_precision
+from snug.models.load import (
+    compute_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_precision,
+)
 from snug.train.checkpoint import save_checkpoint
 from snug.train.evaluate import eval_loss, exact_match
 from snug.train.memory import TensorMemoryTracker, model_tensors
@@ -27,7 +34,17 @@ from snug.train.metrics import MetricsLog
 from snug.train.optim import build_optimizer, build_scheduler
 from snug.train.step import StepOptions, train_step
 
-AUTOCAST = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+RUN_MARKER = ".snug-run"  # marks a directory as a snug run, so a new run may replace its outputs
+RUN_OUTPUTS = (
+    "checkpoints",
+    "adapter",
+    "model",
+    "tensorboard",
+    "metrics.jsonl",
+    "loss.png",
+    "summary.json",
+    "config.yaml",
+)
 
 
 class OutputDirError(ValueError):
@@ -56,9 +73,10 @@ class Schedule:
 
 
 def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptions:
+    mixed = precision.endswith("-mixed")
     return StepOptions(
         device_type=device.type,
-        autocast_dtype=AUTOCAST.get(precision),
+        autocast_dtype=compute_dtype(precision) if mixed else None,
         max_grad_norm=cfg.train.max_grad_norm,
         chunked_loss=cfg.memory.chunked_loss,
         offload_activations=cfg.memory.offload_activations,
@@ -66,13 +84,22 @@ def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptio
 
 
 def prepare_output_dir(cfg: Config) -> Path:
+    """Create output.dir; a directory of an earlier snug run has its run outputs replaced, any
+    other non-empty directory is refused so that no user file is overwritten."""
     out = Path(cfg.output.dir)
-    if out.exists() and any(out.iterdir()) and not (out / "config.yaml").exists():
+    if out.exists() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
         raise OutputDirError(
             f"output.dir={out} already holds files that are not a snug run; choose another "
             "output.dir so nothing of yours is overwritten."
         )
     out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).touch()
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     return out
 
 
@@ -80,49 +107,69 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _json_safe(value):
+    """NaN/inf -> null, so summary.json stays valid JSON whatever the loss did."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def run_training(cfg: Config, console: Console | None = None) -> dict:
     """Train as `cfg` says, write everything into output.dir, return summary.json's content."""
     console = console or Console()
     started = time.perf_counter()
     out = prepare_output_dir(cfg)
-    save_config(cfg, out / "config.yaml")
-    device = resolve_device(cfg)
-    precision = resolve_precision(cfg, device)
-    set_seed(cfg.train.seed)
-
-    tok = load_tokenizer(cfg.model)
-    train_ds, eval_ds, stats = build_datasets(
-        cfg.data, tok, cfg.train.stage, cfg.train.seed, cfg.model.name_or_path
-    )
-    console.print(
-        f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
-        f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
-    )
-
-    model = load_model(cfg, device, precision)
-    model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
-    if cfg.memory.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    trainable, total = count_params(model)
-    console.print(
-        f"model: {cfg.model.name_or_path} | method {cfg.method.name} | trainable "
-        f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}"
-    )
-
-    summary: dict = {
-        "status": "failed",
-        "steps": 0,
-        "trainable_params": trainable,
-        "total_params": total,
-        "data": stats.as_dict(),
-        "device": str(device),
-        "precision": precision,
-    }
-    opts = step_options(cfg, device, precision)
-    metrics = MetricsLog(out)
+    summary: dict = {"status": "failed", "steps": 0}
+    metrics: MetricsLog | None = None
     try:
-        eval_before = _evaluate(model, tok, eval_ds, cfg, opts, device) if eval_ds else None
+        save_config(cfg, out / "config.yaml")
+        device = resolve_device(cfg)
+        precision = resolve_precision(cfg, device)
+        set_seed(cfg.train.seed)
+
+        tok = load_tokenizer(cfg.model)
+        train_ds, eval_ds, stats = build_datasets(
+            cfg.data, tok, cfg.train.stage, cfg.train.seed, cfg.model.name_or_path
+        )
+        template = (
+            resolve_template(tok, cfg.data.template, cfg.model.name_or_path)
+            if cfg.train.stage == "sft"
+            else None
+        )
+        summary["data"] = stats.as_dict()
+        console.print(
+            f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
+            f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
+        )
+
+        model = load_model(cfg, device, precision)
+        model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
+        if cfg.memory.grad_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.train()
+        trainable, total = count_params(model)
+        summary.update(
+            trainable_params=trainable, total_params=total, device=str(device), precision=precision
+        )
+        console.print(
+            f"model: {cfg.model.name_or_path} | method {cfg.method.name} | trainable "
+            f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}"
+        )
+
+        opts = step_options(cfg, device, precision)
+        metrics = MetricsLog(out)
+        evaluate = (
+            (lambda: _evaluate(model, tok, template, eval_ds, cfg, opts, device))
+            if eval_ds
+            else None
+        )
+        before = evaluate() if evaluate else None
         _train(
             model,
             tok,
@@ -137,23 +184,32 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
             summary,
             console,
         )
-        summary["status"] = "completed"
-        if eval_ds is not None:
-            after = _evaluate(model, tok, eval_ds, cfg, opts, device)
-            summary["eval"] = _eval_block(eval_before, after)
+        if evaluate:
+            summary["eval"] = _eval_block(before, evaluate())
             console.print(_eval_line(summary["eval"]))
         _save_final(model, tok, cfg, out)
+        summary["status"] = "completed"
         console.print(f"saved {get_method(cfg.method.name).output} to {out}")
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         raise
     finally:
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        metrics.close()
-        if cfg.output.plot_loss and metrics.rows:
-            metrics.plot(out / "loss.png")
+        (out / "summary.json").write_text(
+            json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n"
+        )
+        if metrics is not None:
+            metrics.close()
+            if cfg.output.plot_loss and metrics.rows:
+                metrics.plot(out / "loss.png")
     return summary
+
+
+def _micro_batches(train_ds, window: list[list[int]], pad_id: int, device) -> list[dict]:
+    return [
+        {k: v.to(device) for k, v in collate([train_ds[i] for i in mb], pad_id).items()}
+        for mb in window
+    ]
 
 
 def _train(
@@ -181,9 +237,8 @@ def _train(
     tracker = TensorMemoryTracker() if device.type == "cpu" else None
     if tracker is None:
         torch.cuda.reset_peak_memory_stats(device)
-    rss_idle = _peak_rss_bytes()
-    step, epoch, tokens_seen, compute_seconds = 0, 0, 0, 0.0
-    first_loss = last_loss = None
+    rss_before = _peak_rss_bytes()
+    step, epoch, tokens_seen, seconds = 0, 0, 0, 0.0
     columns = [
         TextColumn("[bold]train"),
         BarColumn(),
@@ -198,39 +253,36 @@ def _train(
             tracker.track(model_tensors(model))
         try:
             while step < total_steps:
-                for window in schedule.windows(epoch):
-                    batches = [
-                        {
-                            k: v.to(device)
-                            for k, v in collate([train_ds[i] for i in mb], tok.pad_token_id).items()
-                        }
-                        for mb in window
-                    ]
+                for window in schedule.windows(epoch)[: total_steps - step]:
+                    batches = _micro_batches(train_ds, window, tok.pad_token_id, device)
                     tick = time.perf_counter()
                     result = train_step(model, optimizer, batches, opts, scaler)
                     scheduler.step()
                     loss = result.loss.item()  # the one host sync per step
-                    compute_seconds += time.perf_counter() - tick
+                    seconds += time.perf_counter() - tick
                     step += 1
                     tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
-                    first_loss = loss if first_loss is None else first_loss
-                    last_loss = loss
+                    summary.setdefault("train_loss_first", loss)
+                    summary.update(
+                        steps=step,
+                        train_loss_last=loss,
+                        tokens_per_second=round(tokens_seen / seconds, 1),
+                    )
                     info = (
                         f"loss {loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                        f"{tokens_seen / compute_seconds:,.0f} tok/s"
+                        f"{tokens_seen / seconds:,.0f} tok/s"
                     )
                     bar.update(task, advance=1, info=info)
                     if step % t.log_every == 0 or step == total_steps:
+                        grad_norm = None if result.grad_norm is None else result.grad_norm.item()
                         metrics.write(
                             {
                                 "step": step,
                                 "epoch": round(step / schedule.steps_per_epoch, 3),
                                 "loss": loss,
                                 "lr": scheduler.get_last_lr()[0],
-                                "grad_norm": None
-                                if result.grad_norm is None
-                                else result.grad_norm.item(),
-                                "tokens_per_second": tokens_seen / compute_seconds,
+                                "grad_norm": grad_norm,
+                                "tokens_per_second": tokens_seen / seconds,
                             }
                         )
                         if not console.is_terminal:
@@ -250,62 +302,65 @@ def _train(
                             {"step": step, "epoch": epoch, "tokens_seen": tokens_seen},
                             cfg.output.keep_last,
                         )
-                    summary.update(
-                        steps=step, train_loss_first=first_loss, train_loss_last=last_loss
-                    )
-                    if step >= total_steps:
-                        break
                 epoch += 1
         finally:
             if tracker is not None:
                 tracker.__exit__(None, None, None)
-    summary["tokens_per_second"] = round(tokens_seen / max(compute_seconds, 1e-9), 1)
+    summary["peak_memory"] = _peak_memory(tracker, device, rss_before)
+
+
+def _peak_memory(tracker: TensorMemoryTracker | None, device, rss_before: int) -> dict:
     if tracker is not None:
-        summary["peak_memory"] = {
+        return {
             "measured_bytes": tracker.peak,
             "predicted_bytes": None,
             "device": "cpu",
             "peak_rss_bytes": _peak_rss_bytes(),
-            "rss_before_training_bytes": rss_idle,
+            "rss_before_training_bytes": rss_before,
         }
-    else:
-        summary["peak_memory"] = {
-            "measured_bytes": torch.cuda.max_memory_allocated(device),
-            "reserved_bytes": torch.cuda.max_memory_reserved(device),
-            "predicted_bytes": None,
-            "device": torch.cuda.get_device_name(device),
-        }
+    return {
+        "measured_bytes": torch.cuda.max_memory_allocated(device),
+        "reserved_bytes": torch.cuda.max_memory_reserved(device),
+        "predicted_bytes": None,
+        "device": torch.cuda.get_device_name(device),
+    }
 
 
-def _evaluate(model, tok, eval_ds, cfg: Config, opts: StepOptions, device) -> dict:
+def _evaluate(model, tok, template, eval_ds, cfg: Config, opts: StepOptions, device) -> dict:
     result = {
         "loss": eval_loss(model, eval_ds, opts, cfg.train.micro_batch, tok.pad_token_id, device)
     }
-    if cfg.train.stage == "sft" and cfg.train.eval_generate > 0:
+    if template is not None and cfg.train.eval_generate > 0:
         score, samples = exact_match(
-            model, tok, eval_ds, cfg.train.eval_generate, cfg.train.max_new_tokens, device
+            model, tok, template, eval_ds, cfg.train.eval_generate, cfg.train.max_new_tokens, device
         )
-        result["exact_match"] = score
-        result["samples"] = samples[:5]
+        result.update(exact_match=score, samples=samples[:5])
     return result
 
 
 def _eval_block(before: dict, after: dict) -> dict:
-    block = {"loss_before": before["loss"], "loss_after": after["loss"]}
+    """summary.json's eval: exact match by generation where scored, else the loss."""
     if "exact_match" in before:
-        block = {
+        return {
             "metric": "exact_match",
             "before": before["exact_match"],
             "after": after["exact_match"],
-            **block,
+            "loss_before": before["loss"],
+            "loss_after": after["loss"],
             "examples_after": after["samples"],
         }
-    return block
+    return {
+        "metric": "loss",
+        "before": before["loss"],
+        "after": after["loss"],
+        "loss_before": before["loss"],
+        "loss_after": after["loss"],
+    }
 
 
 def _eval_line(block: dict) -> str:
     line = f"held-out loss: {block['loss_before']:.4f} -> {block['loss_after']:.4f}"
-    if "metric" in block:
+    if block["metric"] == "exact_match":
         line = (
             f"held-out exact match: {100 * block['before']:.1f}% before -> "
             f"{100 * block['after']:.1f}% after training | " + line
@@ -316,8 +371,5 @@ def _eval_line(block: dict) -> str:
 def _save_final(model, tok, cfg: Config, out: Path) -> None:
     target = out / get_method(cfg.method.name).output  # adapter/ or model/
     model.config.use_cache = True  # the saved model is for inference
-    if isinstance(model, PeftModel):
-        model.save_pretrained(str(target))  # adapter_config.json + adapter_model.safetensors
-    else:
-        model.save_pretrained(str(target), safe_serialization=True)
+    model.save_pretrained(str(target))  # peft: adapter_config.json + adapter_model.safetensors
     tok.save_pretrained(str(target))
