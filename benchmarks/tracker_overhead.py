@@ -26,7 +26,9 @@ def timed_steps(model, opt, batch, opts, n: int) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    model = apply_method(AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny"), MethodConfig(r=16))
+    model = apply_method(
+        AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny"), MethodConfig(r=16)
+    )
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(5, 700, (16, 40))
@@ -39,8 +41,10 @@ def main() -> None:
         with tracker:
             tracker.track(model_tensors(model))
             tracked = timed_steps(model, opt, batch, opts, 30)
-        print(f"chunked_loss={chunked}: step {plain * 1e3:.1f} ms untracked, {tracked * 1e3:.1f} ms "
-              f"tracked -> {tracked / plain:.2f}x (peak {tracker.peak / 2**20:.1f} MiB)")
+        print(
+            f"chunked_loss={chunked}: step {plain * 1e3:.1f} ms untracked, {tracked * 1e3:.1f} ms "
+            f"tracked -> {tracked / plain:.2f}x (peak {tracker.peak / 2**20:.1f} MiB)"
+        )
 
 
 if __name__ == "__main__":

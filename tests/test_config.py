@@ -53,10 +53,18 @@ def test_impossible_combinations():
 
 @pytest.mark.parametrize(
     "section, message",
-    [({"data": {"packing": True}}, "data.packing=true is not available yet"),
-     ({"memory": {"auto_fit": True}}, "memory.auto_fit needs the planner"),
-     ({"dist": {"strategy": "fsdp", "nproc": 2}}, "dist.strategy=fsdp with dist.nproc=2 is not available"),
-     ({"method": {"name": "ia3"}}, "method.name=ia3 is not available yet; choose one of dora, full, lora")],
+    [
+        ({"data": {"packing": True}}, "data.packing=true is not available yet"),
+        ({"memory": {"auto_fit": True}}, "memory.auto_fit needs the planner"),
+        (
+            {"dist": {"strategy": "fsdp", "nproc": 2}},
+            "dist.strategy=fsdp with dist.nproc=2 is not available",
+        ),
+        (
+            {"method": {"name": "ia3"}},
+            "method.name=ia3 is not available yet; choose one of dora, full, lora",
+        ),
+    ],
 )
 def test_features_not_built_yet_are_refused(section, message):
     with pytest.raises(ConfigError, match=message):

@@ -148,3 +148,37 @@ def test_tracker_counts_allocations_and_frees_exactly():
         assert tracker.live == 4000
         del c
     assert tracker.live == 0 and tracker.peak == 8000
+
+
+@pytest.mark.parametrize("technique", ["grad_checkpointing", "offload_activations"])
+def test_checkpointing_and_offload_give_the_same_gradients(technique, tiny_llama):
+    model = lora_model(tiny_llama)
+    batch = [collate(samples([12, 20]), pad_id=0)]
+    _, reference = sgd_after_step(model, batch)
+    if technique == "grad_checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        opts = OPTS
+    else:
+        opts = StepOptions("cpu", None, 0.0, chunked_loss=False, offload_activations=True)
+    _, grads = sgd_after_step(model, batch, opts=opts)
+    assert_grads_close(reference, grads)
+
+
+def test_chunked_loss_never_holds_the_full_logits(tiny_llama, monkeypatch):
+    """Peak tensor memory of a step falls by about the fp32 logits (tokens x vocab x 4 B)."""
+    monkeypatch.setattr(loss_module, "CHUNK_POSITIONS", 64)
+    model = lora_model(tiny_llama)
+    ids = torch.randint(5, 700, (8, 256))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    peaks = {}
+    for chunked in (False, True):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        opts = StepOptions("cpu", None, 1.0, chunked_loss=chunked, offload_activations=False)
+        tracker = TensorMemoryTracker()
+        with tracker:
+            tracker.track(model_tensors(model))
+            train_step(model, opt, [batch], opts)
+        peaks[chunked] = tracker.peak
+    logits_bytes = 8 * 255 * model.config.vocab_size * 4
+    assert peaks[False] - peaks[True] > logits_bytes

@@ -160,3 +160,31 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "model.name_or_path" in err and "missing-model" in err and err.count("\n") == 1
+
+
+def test_failed_run_still_writes_summary_and_rerun_replaces_outputs(tmp_path, tiny_llama):
+    bad = tiny_run(
+        tmp_path, tiny_llama, data={"train": str(tmp_path / "missing.jsonl"), "eval": None}
+    )
+    from snug.data.formats import DataError
+
+    with pytest.raises(DataError):
+        run_training(config_from_dict(bad))
+    assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"
+    good = tiny_run(
+        tmp_path, tiny_llama, train={"max_steps": 2, "eval_generate": 0, "eval_every": 1}
+    )
+    summary = run_training(config_from_dict(good))
+    assert summary["status"] == "completed" and summary["eval"]["metric"] == "loss"
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [1, 2]
+
+
+def test_adafactor_trains(tmp_path, tiny_llama):
+    raw = tiny_run(
+        tmp_path,
+        tiny_llama,
+        memory={"optimizer": "adafactor"},
+        train={"max_steps": 2, "eval_generate": 0},
+    )
+    assert run_training(config_from_dict(raw))["status"] == "completed"

@@ -71,7 +71,7 @@ def resolve_attn(mcfg: ModelConfig, device: torch.device) -> str:
     return "sdpa"
 
 
-def _quant_config(mcfg: ModelConfig, compute_dtype: torch.dtype):
+def _quant_config(mcfg: ModelConfig, compute: torch.dtype):
     if mcfg.quant == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -82,7 +82,7 @@ def _quant_config(mcfg: ModelConfig, compute_dtype: torch.dtype):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_compute_dtype=compute,
     )
 
 
@@ -119,12 +119,7 @@ def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Mo
             mcfg.name_or_path,
             mcfg.revision or "default",
         )
-    compute = (
-        torch.bfloat16
-        if "bf16" in precision
-        else (torch.float16 if "fp16" in precision else torch.float32)
-    )
-    quant = _quant_config(mcfg, compute)
+    quant = _quant_config(mcfg, compute_dtype(precision))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             mcfg.name_or_path,

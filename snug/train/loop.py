@@ -238,6 +238,7 @@ def _train(
     if tracker is None:
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _peak_rss_bytes()
+    loop_started = time.perf_counter()
     step, epoch, tokens_seen, seconds = 0, 0, 0, 0.0
     columns = [
         TextColumn("[bold]train"),
@@ -306,6 +307,7 @@ def _train(
         finally:
             if tracker is not None:
                 tracker.__exit__(None, None, None)
+    summary["train_seconds"] = round(time.perf_counter() - loop_started, 2)  # the loop, no evals
     summary["peak_memory"] = _peak_memory(tracker, device, rss_before)
 
 
