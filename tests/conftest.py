@@ -70,3 +70,17 @@ def toy_sft(tmp_path) -> Path:
         for b in words
     ]
     return write_jsonl(tmp_path / "toy.jsonl", rows)
+
+
+def cpu_opts(**changes):
+    """Step options for fp32 CPU tests; defaults: no clipping, plain loss, no offload."""
+    from snug.train.step import StepOptions
+
+    base = {
+        "device_type": "cpu",
+        "autocast_dtype": None,
+        "max_grad_norm": 0.0,
+        "chunked_loss": False,
+        "offload_activations": False,
+    }
+    return StepOptions(**{**base, **changes})

@@ -7,14 +7,13 @@ from snug.config import Config, MethodConfig
 from snug.data.collate import collate
 from snug.methods import apply_method, count_params, get_method
 from snug.train.loop import _save_final
-from snug.train.step import StepOptions, train_step
+from snug.train.step import train_step
 
-OPTS = StepOptions(
-    device_type="cpu",
-    autocast_dtype=None,
+from conftest import cpu_opts
+
+OPTS = cpu_opts(
     max_grad_norm=1.0,
     chunked_loss=True,
-    offload_activations=False,
 )
 
 

@@ -11,15 +11,11 @@ from snug.data.tokenize import IGNORE
 from snug.methods import apply_method
 from snug.train import loss as loss_module
 from snug.train.memory import TensorMemoryTracker, model_tensors
-from snug.train.step import StepOptions, train_step
+from snug.train.step import train_step
 
-OPTS = StepOptions(
-    device_type="cpu",
-    autocast_dtype=None,
-    max_grad_norm=0.0,
-    chunked_loss=False,
-    offload_activations=False,
-)
+from conftest import cpu_opts
+
+OPTS = cpu_opts()
 
 
 def samples(lengths, prompt=3, seed=0):
@@ -77,12 +73,8 @@ def test_chunked_loss_equals_plain_loss_and_gradients(family_model, monkeypatch)
     chunked, g_chunked = sgd_after_step(
         model,
         batch,
-        opts=StepOptions(
-            device_type="cpu",
-            autocast_dtype=None,
-            max_grad_norm=0.0,
+        opts=cpu_opts(
             chunked_loss=True,
-            offload_activations=False,
         ),
     )
     torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-5, atol=1e-6)
@@ -112,12 +104,9 @@ def test_step_runs_on_fake_tensors_without_weights(tokenizer):
     model = apply_method(model, MethodConfig(name="lora", r=8))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opts = StepOptions(
-        device_type="cpu",
-        autocast_dtype=None,
+    opts = cpu_opts(
         max_grad_norm=1.0,
         chunked_loss=True,
-        offload_activations=False,
     )
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
@@ -160,7 +149,7 @@ def test_checkpointing_and_offload_give_the_same_gradients(technique, tiny_llama
         model.train()
         opts = OPTS
     else:
-        opts = StepOptions("cpu", None, 0.0, chunked_loss=False, offload_activations=True)
+        opts = cpu_opts(offload_activations=True)
     _, grads = sgd_after_step(model, batch, opts=opts)
     assert_grads_close(reference, grads)
 
@@ -174,7 +163,7 @@ def test_chunked_loss_never_holds_the_full_logits(tiny_llama, monkeypatch):
     peaks = {}
     for chunked in (False, True):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-        opts = StepOptions("cpu", None, 1.0, chunked_loss=chunked, offload_activations=False)
+        opts = cpu_opts(max_grad_norm=1.0, chunked_loss=chunked)
         tracker = TensorMemoryTracker()
         with tracker:
             tracker.track(model_tensors(model))

@@ -8,24 +8,19 @@ on adapter models (torch 2.13). The same tracker measures a real CPU run (`snug 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-def no_rounding(nbytes: int) -> int:
-    return nbytes
-
-
 class TensorMemoryTracker(TorchDispatchMode):
     """Live and peak bytes of tensor storages. Storages that exist before the mode is entered
     count once `track(...)` is given them (e.g. the model's weights)."""
 
-    def __init__(self, rounding: Callable[[int], int] = no_rounding) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.rounding = rounding
         self.live = 0
         self.peak = 0
         self._seen: set[int] = set()
@@ -40,7 +35,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         if key in self._seen:
             return
         self._seen.add(key)
-        nbytes = self.rounding(storage.nbytes())
+        nbytes = storage.nbytes()
         self.live += nbytes
         self.peak = max(self.peak, self.live)
         # Storages keep their Python object alive as long as the C++ storage lives, so the
@@ -50,9 +45,6 @@ class TensorMemoryTracker(TorchDispatchMode):
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
             self._add(t)
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
