@@ -80,11 +80,25 @@ class MethodConfig:
         "all-linear", "Modules that get adapters: all-linear, or a list of module names."
     )
     rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead.")
-    trainable_layers: int = _f(2, "freeze: the last N decoder layers train.", AT_LEAST_1)
+    lora_plus_ratio: float | None = _f(
+        None, "LoRA+: the B matrices learn this many times faster than A (e.g. 16).", POSITIVE
+    )
+    trainable_layers: int = _f(
+        2, "freeze: the last N decoder layers train; llama_adapter: adapted top layers.", AT_LEAST_1
+    )
+    trainable_modules: list[str] | None = _f(
+        None, "freeze: train the modules whose names match these glob patterns instead."
+    )
+    extra_modules: list[str] = _f(
+        [],
+        "freeze: also train modules whose names contain these (e.g. embed_tokens, lm_head, norm).",
+    )
     num_virtual_tokens: int = _f(
         20, "prefix, prompt, ptuning, llama_adapter: virtual tokens.", AT_LEAST_1
     )
-    bottleneck: int = _f(64, "adapter: bottleneck width.", AT_LEAST_1)
+    bottleneck: int = _f(
+        64, "adapter: bottleneck width; ptuning: width of the prompt encoder.", AT_LEAST_1
+    )
 
 
 @dataclass
@@ -334,6 +348,10 @@ def check_combinations(cfg: Config, source: str) -> None:
         )
     from snug.methods import REGISTRY  # here, not at the top: methods import this module
 
+    if cfg.method.lora_plus_ratio is not None and cfg.method.name not in ("lora", "dora"):
+        raise ConfigError(
+            f"{source}: method.lora_plus_ratio is for lora and dora, not {cfg.method.name}."
+        )
     if cfg.method.name not in REGISTRY:
         raise ConfigError(
             f"{source}: method.name={cfg.method.name} is not available yet; choose one of "

@@ -61,8 +61,8 @@ def test_impossible_combinations():
             "dist.strategy=fsdp with dist.nproc=2 is not available",
         ),
         (
-            {"method": {"name": "ia3"}},
-            "method.name=ia3 is not available yet; choose one of dora, full, lora",
+            {"method": {"name": "adapter"}},
+            "method.name=adapter is not available yet; choose one of dora, freeze, full, ia3",
         ),
     ],
 )

@@ -221,3 +221,11 @@ def test_tokenized_data_is_cached_and_save_to_disk_dirs_load(tmp_path, tokenizer
         DataConfig(train=str(tmp_path / "saved")), tokenizer, "pt", 0, "tiny"
     )
     assert len(train) == 3
+
+
+def test_val_size_that_leaves_nothing_is_named(tmp_path, tokenizer):
+    path = write_jsonl(
+        tmp_path / "v.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(5)]
+    )
+    with pytest.raises(DataError, match=r"data.val_size=200 holds out 200 of 5 samples"):
+        build_datasets(DataConfig(train=str(path), val_size=200), tokenizer, "sft", 0, "tiny")

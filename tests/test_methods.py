@@ -113,5 +113,113 @@ def test_saved_adapter_loads_with_peft_and_gives_same_logits(name, tiny_llama, t
 
 
 def test_unknown_method_is_named():
-    with pytest.raises(ValueError, match="method.name=ia3 is not available yet; choose one of"):
-        get_method("ia3")
+    with pytest.raises(ValueError, match="method.name=adapter is not available yet; choose one of"):
+        get_method("adapter")
+
+
+ALL_METHODS = [
+    "full",
+    "freeze",
+    "lora",
+    "dora",
+    "ia3",
+    "prefix",
+    "prompt",
+    "ptuning",
+    "llama_adapter",
+]
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_every_method_learns_keeps_frozen_weights_and_round_trips(name, tokenizer, tmp_path):
+    from conftest import TINY_BASE
+
+    cfg = Config()
+    cfg.method = MethodConfig(name=name, r=4, num_virtual_tokens=8, trainable_layers=1)
+    model = apply_method(AutoModelForCausalLM.from_pretrained(TINY_BASE), cfg.method)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and (name == "full" or frozen)
+    model.train()
+    losses = train_toy(model, tokenizer, steps=40, lr=1e-2)
+    assert losses[-1] < losses[0] - 0.25, losses
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(
+        not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable
+    )
+
+    _save_final(model, tokenizer, cfg, tmp_path)
+    if get_method(name).output == "adapter":
+        loaded = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(TINY_BASE), tmp_path / "adapter"
+        )
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    ids = toy_batches(tokenizer)[0]["input_ids"]
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5
+        )
+
+
+def test_trainable_params_match_each_methods_formula():
+    from conftest import TINY_BASE
+
+    c = AutoModelForCausalLM.from_pretrained(TINY_BASE).config
+    L, h, kv, inter, n = c.num_hidden_layers, c.hidden_size, 128, c.intermediate_size, 8
+    assert kv == c.num_key_value_heads * h // c.num_attention_heads
+    expected = {
+        "ia3": L * (kv + kv + inter),  # k, v outputs and the down_proj input are rescaled
+        "prefix": n * L * 2 * kv,  # a key and a value prefix per layer
+        "prompt": n * h,  # virtual input embeddings
+        "llama_adapter": 1 * (n * h + 1),  # top layer: adaption prompt + gate
+        "freeze": sum(
+            p.numel()
+            for p in AutoModelForCausalLM.from_pretrained(TINY_BASE).model.layers[-1].parameters()
+        ),
+    }
+    for name, count in expected.items():
+        model = AutoModelForCausalLM.from_pretrained(TINY_BASE)
+        method = MethodConfig(name=name, num_virtual_tokens=n, trainable_layers=1)
+        assert count_params(apply_method(model, method))[0] == count, name
+
+
+def test_freeze_by_patterns_with_extra_modules():
+    from conftest import TINY_BASE
+
+    model = apply_method(
+        AutoModelForCausalLM.from_pretrained(TINY_BASE),
+        MethodConfig(
+            name="freeze", trainable_modules=["model.layers.0.mlp"], extra_modules=["norm"]
+        ),
+    )
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {
+        "model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight",
+        "model.layers.3.input_layernorm.weight",
+    } <= names
+    assert (
+        "model.layers.1.mlp.up_proj.weight" not in names
+        and "model.embed_tokens.weight" not in names
+    )
+
+
+def test_lora_plus_gives_b_matrices_a_larger_learning_rate(tiny_llama):
+    from snug.config import MemoryConfig, TrainConfig
+    from snug.train.optim import build_optimizer
+
+    model = apply_method(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), MethodConfig(name="lora", r=4)
+    )
+    opt = build_optimizer(model, MemoryConfig(), TrainConfig(lr=1e-4), lora_plus_ratio=16)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            assert lrs[id(p)] == pytest.approx(1.6e-3)
+        elif "lora_A" in name:
+            assert lrs[id(p)] == pytest.approx(1e-4)

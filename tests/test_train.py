@@ -188,3 +188,25 @@ def test_adafactor_trains(tmp_path, tiny_llama):
         train={"max_steps": 2, "eval_generate": 0},
     )
     assert run_training(config_from_dict(raw))["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "example",
+    sorted(
+        p.name
+        for p in (ROOT / "examples").glob("*.yaml")
+        if "name_or_path: models/tiny\n" in p.read_text()
+    ),
+)
+def test_every_tiny_example_trains(example, tmp_path, monkeypatch):
+    """`snug train examples/<method>.yaml` works: two steps of each, through the CLI."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    overrides = [
+        "train.max_steps=2",
+        "train.eval_generate=4",
+        "data.max_samples=32",
+        f"output.dir={out}",
+    ]
+    assert main(["train", f"examples/{example}", *overrides]) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"

@@ -179,11 +179,14 @@ def build_datasets(
         raise DataError(f"data.train: no usable samples remain ({stats.as_dict()}).")
     evals = [tokenize_source(spec, cfg, tok, stage, model_name)[0] for spec in _as_list(cfg.eval)]
     eval_ds = (concatenate_datasets(evals) if len(evals) > 1 else evals[0]) if evals else None
-    if cfg.val_size > 0:
+    if cfg.val_size > 0:  # config checks ensure there is no data.eval then
         size = cfg.val_size if cfg.val_size < 1 else int(cfg.val_size)
+        held = round(size * len(train)) if size < 1 else size
+        if not 0 < held < len(train):
+            raise DataError(
+                f"data.val_size={cfg.val_size} holds out {held} of {len(train)} samples; "
+                "leave at least one on each side."
+            )
         split = train.train_test_split(test_size=size, seed=seed)
-        train = split["train"]
-        eval_ds = (
-            split["test"] if eval_ds is None else concatenate_datasets([eval_ds, split["test"]])
-        )
+        train, eval_ds = split["train"], split["test"]
     return train, eval_ds, stats

@@ -65,4 +65,11 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-from snug.methods import full, lora  # noqa: E402,F401  (each module registers itself)
+from snug.methods import (  # noqa: E402,F401  (each module registers itself)
+    freeze,
+    full,
+    ia3,
+    llama_adapter,
+    lora,
+    virtual_tokens,
+)

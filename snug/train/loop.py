@@ -229,7 +229,7 @@ def _train(
     t = cfg.train
     schedule = Schedule(len(train_ds), t.micro_batch, t.grad_accum, t.seed)
     total_steps = t.max_steps or math.ceil(t.epochs * schedule.steps_per_epoch)
-    optimizer = build_optimizer(model, cfg.memory, t)
+    optimizer = build_optimizer(model, cfg.memory, t, cfg.method.lora_plus_ratio)
     scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
 

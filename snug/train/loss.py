@@ -35,18 +35,37 @@ def _ce_sum(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -
 
 
 def plain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    # The model's own forward already applies any final-logit soft-capping.
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # The model's own forward already applies any final-logit soft-capping. Prompt-learning
+    # methods (prompt, ptuning) prepend virtual positions: the last T are the sample's.
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, -ids.shape[1] :]
     v = logits.shape[-1]
     return _ce_sum(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), softcap=None)
 
 
+def _final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden state (after its final norm), (B, T, C), taken by a hook while
+    the whole model runs forward, so that whatever a method adds (virtual tokens, prefixes)
+    takes part; the head then runs on one position only (logits_to_keep=1)."""
+    captured: list[torch.Tensor] = []
+    hook = (
+        _causal_lm(model)
+        .get_decoder()
+        .register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+    )
+    try:
+        ids = batch["input_ids"]
+        model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[-1][:, -ids.shape[1] :]
+
+
 def chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     lm = _causal_lm(model)
-    hidden = lm.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state  # (B, T, C)
+    hidden = _final_hidden(model, batch)  # (B, T, C)
     head = lm.get_output_embeddings()
+    # gemma-2 style soft-capping lives in the model's forward, which the chunks bypass.
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (N, C): position t predicts t+1
     y = batch["labels"][:, 1:].reshape(-1)  # (N,)

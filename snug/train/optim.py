@@ -9,29 +9,43 @@ from transformers import get_scheduler
 from snug.config import MemoryConfig, TrainConfig
 
 
-def build_optimizer(
-    model: nn.Module, mem: MemoryConfig, train: TrainConfig
-) -> torch.optim.Optimizer:
-    """Only trainable weights are handed over, so frozen ones never get optimizer state."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the method left no trainable weights; check the method section.")
-    lr, wd = train.lr, train.weight_decay
+def _optimizer_class(mem: MemoryConfig, params: list[torch.Tensor]) -> tuple[type, dict]:
     if mem.optimizer == "adamw":
-        fused = all(p.is_cuda for p in params)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused or None)
+        return torch.optim.AdamW, {"fused": True if all(p.is_cuda for p in params) else None}
     if mem.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=lr, weight_decay=wd, scale_parameter=False, relative_step=False)
+        return Adafactor, {"scale_parameter": False, "relative_step": False}
     import bitsandbytes as bnb
 
-    cls = {
+    return {
         "adamw8bit": bnb.optim.AdamW8bit,
         "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
         "lion8bit": bnb.optim.Lion8bit,
-    }[mem.optimizer]
-    return cls(params, lr=lr, weight_decay=wd)
+    }[mem.optimizer], {}
+
+
+def build_optimizer(
+    model: nn.Module, mem: MemoryConfig, train: TrainConfig, lora_plus_ratio: float | None = None
+) -> torch.optim.Optimizer:
+    """Only trainable weights are handed over, so frozen ones never get optimizer state.
+    With LoRA+ (peft's implementation) the B matrices get lr x lora_plus_ratio."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the method left no trainable weights; check the method section.")
+    cls, extra = _optimizer_class(mem, params)
+    if lora_plus_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model,
+            cls,
+            lr=train.lr,
+            loraplus_lr_ratio=lora_plus_ratio,
+            weight_decay=train.weight_decay,
+            **extra,
+        )
+    return cls(params, lr=train.lr, weight_decay=train.weight_decay, **extra)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):

@@ -1,0 +1,37 @@
+"""Freeze tuning: only the top decoder layers (or named modules) train. Written here: peft has
+no such method, and it is a few lines over module names."""
+
+from fnmatch import fnmatch
+
+from torch import nn
+
+from snug.config import MethodConfig
+from snug.methods import Method, register
+
+
+def apply_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    model.requires_grad_(False)
+    if cfg.trainable_modules:
+        chosen = [
+            m
+            for name, m in model.named_modules()
+            if any(fnmatch(name, pattern) for pattern in cfg.trainable_modules)
+        ]
+    else:
+        layers = model.get_decoder().layers
+        chosen = list(layers[len(layers) - min(cfg.trainable_layers, len(layers)) :])
+    chosen += [
+        m
+        for name, m in model.named_modules()
+        if name and any(extra in name.split(".")[-1] for extra in cfg.extra_modules)
+    ]
+    if not chosen:
+        raise ValueError(
+            "method.trainable_modules matched no module of the model; check the patterns."
+        )
+    for module in chosen:
+        module.requires_grad_(True)
+    return model
+
+
+register(Method("freeze", apply_freeze, output="model", mergeable=False))

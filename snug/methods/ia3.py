@@ -1,0 +1,22 @@
+"""IA3 through peft: learned vectors that rescale keys, values and the MLP's inner activations."""
+
+from peft import IA3Config, get_peft_model
+from torch import nn
+
+from snug.config import MethodConfig
+from snug.methods import Method, register
+
+FEEDFORWARD = ("down_proj", "fc2", "w2", "c_proj")  # modules whose *input* IA3 rescales
+
+
+def apply_ia3(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    # all-linear: peft's per-architecture defaults (k_proj, v_proj, down_proj for llama).
+    targets = None if cfg.targets == "all-linear" else cfg.targets
+    feedforward = None if targets is None else [t for t in targets if t in FEEDFORWARD]
+    config = IA3Config(
+        target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+register(Method("ia3", apply_ia3, output="adapter", mergeable=True))

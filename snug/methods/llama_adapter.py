@@ -1,0 +1,21 @@
+"""LLaMA-Adapter (adaption prompts) through peft: gated learned prompts in the top layers'
+attention. peft supports it for llama- and mistral-style attention."""
+
+from peft import AdaptionPromptConfig, get_peft_model
+from torch import nn
+
+from snug.config import MethodConfig
+from snug.methods import Method, register
+
+
+def apply_llama_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    layers = len(model.get_decoder().layers)
+    config = AdaptionPromptConfig(
+        adapter_len=cfg.num_virtual_tokens,
+        task_type="CAUSAL_LM",
+        adapter_layers=min(cfg.trainable_layers, layers),
+    )
+    return get_peft_model(model, config)
+
+
+register(Method("llama_adapter", apply_llama_adapter, output="adapter", mergeable=False))
