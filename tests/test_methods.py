@@ -223,3 +223,36 @@ def test_lora_plus_gives_b_matrices_a_larger_learning_rate(tiny_llama):
             assert lrs[id(p)] == pytest.approx(1.6e-3)
         elif "lora_A" in name:
             assert lrs[id(p)] == pytest.approx(1e-4)
+
+
+def test_4bit_gradients_are_the_same_after_an_eval_forward():
+    """bitsandbytes repacks 4-bit weights for CPU inference on an eval-mode forward, and its packed
+    kernel has no backward: training after an evaluation must not lose gradients."""
+    from snug.config import config_from_dict
+    from snug.models.load import load_model
+
+    from conftest import TINY_BASE
+
+    cfg = config_from_dict({"model": {"name_or_path": str(TINY_BASE), "quant": "4bit"}})
+    model = apply_method(
+        load_model(cfg, torch.device("cpu"), "fp32"), MethodConfig(name="lora", r=4)
+    )
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.02)
+    ids = torch.randint(5, 700, (2, 12))
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = grads()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)

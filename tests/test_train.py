@@ -210,3 +210,24 @@ def test_every_tiny_example_trains(example, tmp_path, monkeypatch):
     ]
     assert main(["train", f"examples/{example}", *overrides]) == 0
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_qlora_trains_on_cpu(quant, tmp_path):
+    raw = tiny_run(
+        tmp_path,
+        ROOT / "models/tiny",
+        model={"name_or_path": str(ROOT / "models/tiny"), "quant": quant},
+        train={"max_steps": 2, "eval_generate": 2},
+    )
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed" and summary["train_loss_last"] > 0
+    full = run_training(
+        config_from_dict(
+            tiny_run(
+                tmp_path / "fp", ROOT / "models/tiny", train={"max_steps": 1, "eval_generate": 0}
+            )
+        )
+    )
+    assert summary["total_params"] == full["total_params"]  # 4-bit packing is counted by shape
+    assert summary["trainable_params"] == full["trainable_params"]

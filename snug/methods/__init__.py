@@ -6,6 +6,7 @@ and adds any new ones. `apply_method` is the single entry point for `snug train`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -51,6 +52,16 @@ def apply_method(
     return model
 
 
+def logical_numel(p: torch.Tensor) -> int:
+    """Weights a parameter holds; bitsandbytes 4-bit packs two per byte and keeps the real shape
+    in its quant_state."""
+    from bitsandbytes.nn import Params4bit
+
+    return (
+        math.prod(p.quant_state.shape) if isinstance(p, Params4bit) and p.quant_state else p.numel()
+    )
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) weights count once."""
     seen: set[int] = set()
@@ -59,7 +70,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.numel()
+        n = logical_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -109,6 +109,24 @@ def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
+def _prepare_kbit(model: torch.nn.Module) -> None:
+    """What QLoRA users expect of a quantized base: norm weights upcast to fp32 for stable
+    statistics (embeddings and head stay as loaded, unlike peft's prepare_model_for_kbit_training,
+    which upcasts every non-quantized weight and so doubles a large vocabulary's memory)."""
+    for name, p in model.named_parameters():
+        if "norm" in name and p.dtype != torch.float32:
+            p.data = p.data.float()
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference on the
+            # first eval-mode forward and keeps that layout; its packed kernel has no backward,
+            # so training after an evaluation would silently lose gradients through the layer
+            # (tests/test_methods.py). snug trains, so it keeps the trainable layout.
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Module:
     """The base causal LM on `device`, frozen weights in the resolved storage dtype."""
     mcfg = cfg.model
@@ -135,5 +153,7 @@ def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Mo
         raise ModelLoadError(f"{_where(mcfg)}: cannot load the model ({first_line(e)}).") from None
     if quant is None:
         model.to(device)
+    else:
+        _prepare_kbit(model)
     model.config.use_cache = False  # training never reuses the KV cache
     return model
