@@ -60,10 +60,6 @@ def test_impossible_combinations():
             {"dist": {"strategy": "fsdp", "nproc": 2}},
             "dist.strategy=fsdp with dist.nproc=2 is not available",
         ),
-        (
-            {"method": {"name": "adapter"}},
-            "method.name=adapter is not available yet; choose one of dora, freeze, full, ia3",
-        ),
     ],
 )
 def test_features_not_built_yet_are_refused(section, message):

@@ -113,8 +113,8 @@ def test_saved_adapter_loads_with_peft_and_gives_same_logits(name, tiny_llama, t
 
 
 def test_unknown_method_is_named():
-    with pytest.raises(ValueError, match="method.name=adapter is not available yet; choose one of"):
-        get_method("adapter")
+    with pytest.raises(ValueError, match="method.name=lorra is not available yet; choose one of"):
+        get_method("lorra")
 
 
 ALL_METHODS = [
@@ -127,6 +127,7 @@ ALL_METHODS = [
     "prompt",
     "ptuning",
     "llama_adapter",
+    "adapter",
 ]
 
 
@@ -151,10 +152,9 @@ def test_every_method_learns_keeps_frozen_weights_and_round_trips(name, tokenize
     )
 
     _save_final(model, tokenizer, cfg, tmp_path)
-    if get_method(name).output == "adapter":
-        loaded = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(TINY_BASE), tmp_path / "adapter"
-        )
+    method = get_method(name)
+    if method.output == "adapter":
+        loaded = method.load(AutoModelForCausalLM.from_pretrained(TINY_BASE), tmp_path / "adapter")
     else:
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     ids = toy_batches(tokenizer)[0]["input_ids"]
@@ -177,6 +177,7 @@ def test_trainable_params_match_each_methods_formula():
         "prefix": n * L * 2 * kv,  # a key and a value prefix per layer
         "prompt": n * h,  # virtual input embeddings
         "llama_adapter": 1 * (n * h + 1),  # top layer: adaption prompt + gate
+        "adapter": L * 2 * (h * 64 + 64 + 64 * h + h),  # down + up (with biases), twice per layer
         "freeze": sum(
             p.numel()
             for p in AutoModelForCausalLM.from_pretrained(TINY_BASE).model.layers[-1].parameters()

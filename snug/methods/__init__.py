@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -17,12 +18,25 @@ from torch import nn
 from snug.config import MethodConfig
 
 
+def save_pretrained(model: nn.Module, path: Path) -> None:
+    """peft adapters (adapter_config.json + adapter_model.safetensors) or a whole HF model."""
+    model.save_pretrained(str(path))
+
+
+def load_peft(base: nn.Module, path: Path) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(path))
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     apply: Callable[[nn.Module, MethodConfig], nn.Module]
-    output: Literal["adapter", "model"]  # adapter/ (PEFT format) or model/ (HF format)
+    output: Literal["adapter", "model"]  # written to output.dir/adapter/ or output.dir/model/
     mergeable: bool
+    save: Callable[[nn.Module, Path], None] = save_pretrained
+    load: Callable[[nn.Module, Path], nn.Module] = load_peft  # base + saved adapter -> model
 
 
 REGISTRY: dict[str, Method] = {}
@@ -77,6 +91,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 from snug.methods import (  # noqa: E402,F401  (each module registers itself)
+    adapter,
     freeze,
     full,
     ia3,

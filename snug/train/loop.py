@@ -371,7 +371,8 @@ def _eval_line(block: dict) -> str:
 
 
 def _save_final(model, tok, cfg: Config, out: Path) -> None:
-    target = out / get_method(cfg.method.name).output  # adapter/ or model/
+    method = get_method(cfg.method.name)
+    target = out / method.output  # adapter/ or model/
     model.config.use_cache = True  # the saved model is for inference
-    model.save_pretrained(str(target))  # peft: adapter_config.json + adapter_model.safetensors
+    method.save(model, target)
     tok.save_pretrained(str(target))
