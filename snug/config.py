@@ -89,6 +89,12 @@ class MethodConfig:
     trainable_modules: list[str] | None = _f(
         None, "freeze: train the modules whose names match these glob patterns instead."
     )
+    unfreeze_every: int | None = _f(
+        None,
+        "freeze: progressive unfreezing: start with the top layer and add the next one down every "
+        "N steps, up to trainable_layers.",
+        AT_LEAST_1,
+    )
     extra_modules: list[str] = _f(
         [],
         "freeze: also train modules whose names contain these (e.g. embed_tokens, lm_head, norm).",
@@ -351,6 +357,13 @@ def check_combinations(cfg: Config, source: str) -> None:
     if cfg.method.lora_plus_ratio is not None and cfg.method.name not in ("lora", "dora"):
         raise ConfigError(
             f"{source}: method.lora_plus_ratio is for lora and dora, not {cfg.method.name}."
+        )
+    if cfg.method.unfreeze_every is not None and (
+        cfg.method.name != "freeze" or cfg.method.trainable_modules
+    ):
+        raise ConfigError(
+            f"{source}: method.unfreeze_every works with method.name=freeze by layers "
+            "(trainable_layers), not with trainable_modules or other methods."
         )
     if cfg.method.name not in REGISTRY:
         raise ConfigError(

@@ -257,3 +257,31 @@ def test_4bit_gradients_are_the_same_after_an_eval_forward():
     after = grads()
     for name in before:
         torch.testing.assert_close(after[name], before[name], msg=name)
+
+
+def test_progressive_unfreezing_adds_layers_from_the_top(tokenizer):
+    from conftest import TINY_BASE
+
+    cfg = MethodConfig(name="freeze", trainable_layers=3, unfreeze_every=2)
+    method = get_method("freeze")
+    model = apply_method(AutoModelForCausalLM.from_pretrained(TINY_BASE), cfg)
+    model.train()
+    layers = model.model.layers
+    start = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batches = toy_batches(tokenizer)
+
+    def changed():
+        return [
+            any(not torch.equal(p, q) for p, q in zip(layer.parameters(), s0, strict=True))
+            for layer, s0 in zip(layers, start, strict=True)
+        ]
+
+    seen = []
+    for step in range(6):
+        method.before_step(model, cfg, step)
+        train_step(model, opt, batches, OPTS)
+        seen.append(changed())
+    assert seen[1] == [False, False, False, True]  # steps 0-1: top layer only
+    assert seen[3] == [False, False, True, True]  # steps 2-3: one more
+    assert seen[5] == [False, True, True, True]  # steps 4-5: all three; layer 0 never

@@ -37,6 +37,9 @@ class Method:
     mergeable: bool
     save: Callable[[nn.Module, Path], None] = save_pretrained
     load: Callable[[nn.Module, Path], nn.Module] = load_peft  # base + saved adapter -> model
+    # Called by the loop before optimizer step `step` (0-based), for methods whose trainable
+    # set changes during training (freeze with progressive unfreezing).
+    before_step: Callable[[nn.Module, MethodConfig, int], None] | None = None
 
 
 REGISTRY: dict[str, Method] = {}

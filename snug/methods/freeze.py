@@ -34,4 +34,21 @@ def apply_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return model
 
 
-register(Method("freeze", apply_freeze, output="model", mergeable=False))
+def unfreeze_progressively(model: nn.Module, cfg: MethodConfig, step: int) -> None:
+    """With unfreeze_every: the top layer trains from the start, and one more layer (going down)
+    joins every unfreeze_every steps. Layers not yet unfrozen keep requires_grad off, so they get
+    no gradient and no optimizer update (AdamW skips parameters without a gradient)."""
+    if cfg.unfreeze_every is None or cfg.trainable_modules:
+        return
+    layers = model.get_decoder().layers
+    chosen = layers[len(layers) - min(cfg.trainable_layers, len(layers)) :]
+    active = min(len(chosen), 1 + step // cfg.unfreeze_every)
+    for i, layer in enumerate(chosen):
+        layer.requires_grad_(i >= len(chosen) - active)
+
+
+register(
+    Method(
+        "freeze", apply_freeze, output="model", mergeable=False, before_step=unfreeze_progressively
+    )
+)

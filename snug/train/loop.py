@@ -230,6 +230,7 @@ def _train(
     schedule = Schedule(len(train_ds), t.micro_batch, t.grad_accum, t.seed)
     total_steps = t.max_steps or math.ceil(t.epochs * schedule.steps_per_epoch)
     optimizer = build_optimizer(model, cfg.memory, t, cfg.method.lora_plus_ratio)
+    method = get_method(cfg.method.name)
     scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
 
@@ -256,6 +257,8 @@ def _train(
             while step < total_steps:
                 for window in schedule.windows(epoch)[: total_steps - step]:
                     batches = _micro_batches(train_ds, window, tok.pad_token_id, device)
+                    if method.before_step is not None:
+                        method.before_step(model, cfg.method, step)
                     tick = time.perf_counter()
                     result = train_step(model, optimizer, batches, opts, scaler)
                     scheduler.step()
