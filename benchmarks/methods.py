@@ -4,7 +4,7 @@ For each: trainable parameters, tracked peak tensor memory, tokens/s, final trai
 held-out exact match by greedy generation (before is the base model: 0.0% for all). Learning
 rates are each method's customary scale, not tuned per method; say so when quoting the table.
 
-Run: python benchmarks/methods.py [--steps 400] [--out benchmarks/results/methods-DATE.md]
+Run: python benchmarks/methods.py [--steps 1000] [--out benchmarks/results/methods-DATE.md]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ ROWS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument(
         "--out", type=Path, default=ROOT / f"benchmarks/results/methods-{datetime.date.today()}.md"
     )

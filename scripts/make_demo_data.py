@@ -4,6 +4,8 @@
   model (`train.stage: pt`). Besides plain sentences it states list facts in prose ("in the
   list red cat sun the first word is red") and holds a few small-talk chats in ChatML, so
   the base knows the words, the skills and the turn markers, but not the instruction task.
+- data/classify/{train,heldout}.jsonl: text classification (train.stage=cls): is the first word
+  of a list a name, a noun or an adjective?
 - data/instruct/train.jsonl and data/instruct/heldout.jsonl: the instruction task (alpaca
   format): repeat a list of words, or give its first or last word. Held-out lists never
   appear in train.
@@ -142,6 +144,23 @@ def main() -> None:
     train = instruct(rng, 2000, taken)
     write_jsonl(ROOT / "data/instruct/heldout.jsonl", heldout)
     write_jsonl(ROOT / "data/instruct/train.jsonl", train)
+    # Classification (train.stage=cls): which kind of word opens the list? Own RNG, so the
+    # files above do not change when this is edited.
+    crng = random.Random(99)
+    kinds = {"name": NAMES, "noun": NOUNS, "adjective": ADJS}
+
+    def classified(n: int) -> list[dict]:
+        rows = []
+        for _ in range(n):
+            label = crng.choice(list(kinds))
+            first = crng.choice(kinds[label])
+            rows.append(
+                {"text": " ".join([first, *crng.sample(WORDS, crng.randint(2, 4))]), "label": label}
+            )
+        return rows
+
+    write_jsonl(ROOT / "data/classify/train.jsonl", classified(1200))
+    write_jsonl(ROOT / "data/classify/heldout.jsonl", classified(200))
 
 
 if __name__ == "__main__":

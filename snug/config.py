@@ -84,7 +84,15 @@ class MethodConfig:
         None, "LoRA+: the B matrices learn this many times faster than A (e.g. 16).", POSITIVE
     )
     trainable_layers: int = _f(
-        2, "freeze: the last N decoder layers train; llama_adapter: adapted top layers.", AT_LEAST_1
+        2,
+        "freeze: the last N decoder layers train (0 with train.stage=cls: the head only); "
+        "llama_adapter: adapted top layers.",
+        NON_NEGATIVE,
+    )
+    cls_head: Literal["linear", "mlp"] = _f(
+        "linear",
+        "train.stage=cls: the new classification head: linear, or mlp (a new fully connected "
+        "layer and GELU before it).",
     )
     trainable_modules: list[str] | None = _f(
         None, "freeze: train the modules whose names match these glob patterns instead."
@@ -139,14 +147,18 @@ class DataConfig:
     max_samples: int | None = _f(None, "Use at most this many samples of each dataset.", AT_LEAST_1)
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
     split: str = _f("train", "Split to read from a hub dataset.")
+    text_column: str = _f("text", "train.stage=cls: the column holding the text to classify.")
+    label_column: str = _f("label", "train.stage=cls: the column holding the class label.")
 
 
 @dataclass
 class TrainConfig:
     """The training loop."""
 
-    stage: Literal["sft", "pt"] = _f(
-        "sft", "sft: supervised fine-tuning on chat data; pt: language modelling on text."
+    stage: Literal["sft", "pt", "cls"] = _f(
+        "sft",
+        "sft: supervised fine-tuning on chat data; pt: language modelling on text; cls: sequence "
+        "classification (labels from data.label_column).",
     )
     epochs: float = _f(3, "Passes over the training data.", POSITIVE)
     max_steps: int | None = _f(
@@ -348,6 +360,16 @@ def check_combinations(cfg: Config, source: str) -> None:
         )
     if t.stage == "pt" and d.format not in ("auto", "text"):
         raise ConfigError(f"{source}: train.stage=pt reads plain text; set data.format=text.")
+    if cfg.method.trainable_layers == 0 and not (cfg.method.name == "freeze" and t.stage == "cls"):
+        raise ConfigError(
+            f"{source}: method.trainable_layers=0 (head only) is for method.name=freeze "
+            "with train.stage=cls."
+        )
+    if t.stage == "cls" and cfg.method.name in ("llama_adapter",):
+        raise ConfigError(
+            f"{source}: method.name=llama_adapter cannot classify (peft supports it "
+            "for causal LMs only)."
+        )
     if t.stage == "sft" and d.format == "text":
         raise ConfigError(
             f"{source}: data.format=text is for train.stage=pt; sft needs conversations."

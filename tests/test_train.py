@@ -231,3 +231,42 @@ def test_qlora_trains_on_cpu(quant, tmp_path):
     )
     assert summary["total_params"] == full["total_params"]  # 4-bit packing is counted by shape
     assert summary["trainable_params"] == full["trainable_params"]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"name": "freeze", "trainable_layers": 0},  # head only
+        {"name": "freeze", "trainable_layers": 0, "cls_head": "mlp"},  # head + a new FC layer
+        {"name": "freeze", "trainable_layers": 2},  # last N layers + head
+        {"name": "lora", "r": 4},
+        {"name": "adapter", "bottleneck": 16},
+        {"name": "prompt", "num_virtual_tokens": 4},
+    ],
+    ids=["head", "head-mlp", "last-2", "lora", "adapter", "prompt"],
+)
+def test_classification_strategies_learn(strategy, tmp_path):
+    raw = {
+        "model": {"name_or_path": str(ROOT / "models/tiny")},
+        "method": strategy,
+        "data": {
+            "train": str(ROOT / "data/classify/train.jsonl"),
+            "eval": str(ROOT / "data/classify/heldout.jsonl"),
+            "cutoff_len": 32,
+            "max_samples": 400,
+        },
+        "train": {
+            "stage": "cls",
+            "max_steps": 25,
+            "micro_batch": 16,
+            "grad_accum": 1,
+            "lr": 3e-3,
+            "log_every": 5,
+        },
+        "memory": {"grad_checkpointing": False},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed" and summary["eval"]["metric"] == "accuracy"
+    assert summary["eval"]["loss_after"] < summary["eval"]["loss_before"]
+    assert summary["eval"]["after"] > 0.4  # three balanced classes: chance is 1/3

@@ -16,6 +16,9 @@ def collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         ids[i, :n] = torch.tensor(s["input_ids"])
-        labels[i, :n] = torch.tensor(s["labels"])
+        if not isinstance(s["labels"], int):
+            labels[i, :n] = torch.tensor(s["labels"])
         mask[i, :n] = 1
+    if isinstance(samples[0]["labels"], int):  # train.stage=cls: one class id per sample, (B,)
+        labels = torch.tensor([s["labels"] for s in samples])
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}

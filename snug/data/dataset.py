@@ -19,7 +19,14 @@ from transformers import PreTrainedTokenizerBase
 from snug.config import DataConfig
 from snug.data.formats import FORMATS, DataError, detect_format
 from snug.data.templates import resolve_template
-from snug.data.tokenize import EMPTY, FULLY_MASKED, KEPT, TRUNCATED, tokenize_records
+from snug.data.tokenize import (
+    EMPTY,
+    FULLY_MASKED,
+    KEPT,
+    TRUNCATED,
+    tokenize_classes,
+    tokenize_records,
+)
 from snug.errors import first_line
 
 BUILDERS = {
@@ -39,6 +46,8 @@ class DataStats:
     truncated: int = 0
     fully_masked: int = 0
     empty: int = 0
+
+    labels: list[str] | None = None  # class names, for train.stage=cls (index = class id)
 
     def add(self, counts: Counter) -> None:
         self.kept += counts[KEPT] + counts[TRUNCATED]
@@ -109,13 +118,20 @@ def _tokenizer_fingerprint(tok: PreTrainedTokenizerBase, template: str | None) -
 
 
 def tokenize_source(
-    spec: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, stage: str, model_name: str
+    spec: str,
+    cfg: DataConfig,
+    tok: PreTrainedTokenizerBase,
+    stage: str,
+    model_name: str,
+    labels: list[str] | None = None,
 ) -> tuple[Dataset, Counter]:
     raw = load_raw(spec, cfg.split)
     if cfg.max_samples is not None:
         raw = raw.select(range(min(cfg.max_samples, len(raw))))
     if len(raw) == 0:
         raise DataError(f"{spec}: holds no records.")
+    if stage == "cls":
+        return _tokenize_classes(raw, spec, cfg, tok, labels)
     fmt = cfg.format if cfg.format != "auto" else detect_format(raw[0], f"{spec} row 1")
     if stage == "pt" and fmt != "text":
         raise DataError(
@@ -162,22 +178,84 @@ def tokenize_source(
     return ds.remove_columns("status"), counts
 
 
+def _tokenize_classes(
+    raw: Dataset, spec: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, labels: list[str]
+) -> tuple[Dataset, Counter]:
+    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw.column_names]
+    if missing:
+        raise DataError(
+            f"{spec}: has no column {missing[0]!r} (columns: {raw.column_names}); "
+            "set data.text_column / data.label_column."
+        )
+    fn = functools.partial(
+        tokenize_classes,
+        tok=tok,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        label_ids={name: i for i, name in enumerate(labels)},
+        cutoff_len=cfg.cutoff_len,
+        source=spec,
+    )
+    fingerprint = hashlib.sha256(
+        repr(
+            (
+                CACHE_VERSION,
+                "cls",
+                raw._fingerprint,
+                _tokenizer_fingerprint(tok, None),
+                labels,
+                cfg.text_column,
+                cfg.label_column,
+                cfg.cutoff_len,
+            )
+        ).encode()
+    ).hexdigest()[:32]
+    ds = raw.map(
+        fn,
+        batched=True,
+        with_indices=True,
+        remove_columns=raw.column_names,
+        new_fingerprint=fingerprint,
+        desc=f"tokenizing {spec}",
+    )
+    return ds.remove_columns("status"), Counter(ds["status"])
+
+
+def class_labels(cfg: DataConfig) -> list[str]:
+    """The classes of data.train's label column, sorted (class id = position)."""
+    names: set[str] = set()
+    for spec in _as_list(cfg.train):
+        raw = load_raw(spec, cfg.split)
+        if cfg.label_column not in raw.column_names:
+            raise DataError(f"{spec}: has no column {cfg.label_column!r}; set data.label_column.")
+        names.update(str(v) for v in raw[cfg.label_column])
+    if len(names) < 2:
+        raise DataError(
+            f"data.train: the label column {cfg.label_column!r} holds {len(names)} class(es); "
+            "classification needs at least 2."
+        )
+    return sorted(names)
+
+
 def build_datasets(
     cfg: DataConfig, tok: PreTrainedTokenizerBase, stage: str, seed: int, model_name: str
 ) -> tuple[Dataset, Dataset | None, DataStats]:
     """(train, eval or None, stats). Several train sources are mixed (concatenated; the
     sampler shuffles); val_size holds out part of train when there is no eval data."""
     datasets.disable_progress_bars()
-    stats = DataStats()
+    stats = DataStats(labels=class_labels(cfg) if stage == "cls" else None)
     parts = []
     for spec in _as_list(cfg.train):
-        ds, counts = tokenize_source(spec, cfg, tok, stage, model_name)
+        ds, counts = tokenize_source(spec, cfg, tok, stage, model_name, stats.labels)
         stats.add(counts)
         parts.append(ds)
     train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(train) == 0:
         raise DataError(f"data.train: no usable samples remain ({stats.as_dict()}).")
-    evals = [tokenize_source(spec, cfg, tok, stage, model_name)[0] for spec in _as_list(cfg.eval)]
+    evals = [
+        tokenize_source(spec, cfg, tok, stage, model_name, stats.labels)[0]
+        for spec in _as_list(cfg.eval)
+    ]
     eval_ds = (concatenate_datasets(evals) if len(evals) > 1 else evals[0]) if evals else None
     if cfg.val_size > 0:  # config checks ensure there is no data.eval then
         size = cfg.val_size if cfg.val_size < 1 else int(cfg.val_size)

@@ -148,3 +148,32 @@ def tokenize_records(
             out["status"].append(status)
             out["prompt_len"].append(prompt_len)
     return out
+
+
+def tokenize_classes(
+    records: dict[str, list[Any]],
+    indices: list[int],
+    *,
+    tok: PreTrainedTokenizerBase,
+    text_column: str,
+    label_column: str,
+    label_ids: dict[str, int],
+    cutoff_len: int,
+    source: str,
+) -> dict[str, list]:
+    """Batched `datasets.map` function for train.stage=cls: text -> input_ids, label -> class id."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "prompt_len": []}
+    for text, label, index in zip(
+        records[text_column], records[label_column], indices, strict=True
+    ):
+        where = f"{source} row {index + 1}"
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: field '{text_column}' must be non-empty text.")
+        if str(label) not in label_ids:
+            raise DataError(f"{where}: label {label!r} does not occur in data.train.")
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        out["input_ids"].append(ids[:cutoff_len])
+        out["labels"].append(label_ids[str(label)])
+        out["status"].append(TRUNCATED if len(ids) > cutoff_len else KEPT)
+        out["prompt_len"].append(0)
+    return out

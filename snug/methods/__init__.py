@@ -57,11 +57,21 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
+def peft_task(model: nn.Module) -> str:
+    """peft's task type for the model: classifiers get their head trained and saved too."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
 def apply_method(
     model: nn.Module, cfg: MethodConfig, keep_fp32_trainable: bool = True
 ) -> nn.Module:
     """Apply the method; trainable weights are then kept in fp32 (unless bf16-true training)."""
+    classifier = peft_task(model) == "SEQ_CLS"
     model = get_method(cfg.name).apply(model, cfg)
+    if classifier and cfg.name in ("full", "freeze", "adapter"):
+        model.score.requires_grad_(
+            True
+        )  # the new head always trains (peft methods do it themselves)
     if keep_fp32_trainable:
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:

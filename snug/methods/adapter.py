@@ -62,8 +62,9 @@ def apply_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
 def save_adapter(model: nn.Module, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
+    # Every trainable weight: the adapters, and a classifier's new head.
     weights = {
-        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if "_adapter." in n
+        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
     }
     save_file(weights, path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(model.snug_adapter_config, indent=2) + "\n")
@@ -74,7 +75,7 @@ def load_adapter(base: nn.Module, path: Path) -> nn.Module:
     model = apply_adapter(base, MethodConfig(name="adapter", bottleneck=config["bottleneck"]))
     weights = load_file(Path(path) / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if "_adapter." in k]
+    missing = [k for k in missing if "_adapter." in k or k.startswith("score.")]
     if missing or unexpected:
         raise ValueError(
             f"{path}: adapter weights do not fit the model (missing {missing[:3]}, "

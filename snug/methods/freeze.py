@@ -25,7 +25,7 @@ def apply_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:
         for name, m in model.named_modules()
         if name and any(extra in name.split(".")[-1] for extra in cfg.extra_modules)
     ]
-    if not chosen:
+    if cfg.trainable_modules and not chosen:
         raise ValueError(
             "method.trainable_modules matched no module of the model; check the patterns."
         )

@@ -4,7 +4,7 @@ from peft import IA3Config, get_peft_model
 from torch import nn
 
 from snug.config import MethodConfig
-from snug.methods import Method, register
+from snug.methods import Method, peft_task, register
 
 FEEDFORWARD = ("down_proj", "fc2", "w2", "c_proj")  # modules whose *input* IA3 rescales
 
@@ -14,7 +14,7 @@ def apply_ia3(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     targets = None if cfg.targets == "all-linear" else cfg.targets
     feedforward = None if targets is None else [t for t in targets if t in FEEDFORWARD]
     config = IA3Config(
-        target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM"
+        target_modules=targets, feedforward_modules=feedforward, task_type=peft_task(model)
     )
     return get_peft_model(model, config)
 

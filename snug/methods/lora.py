@@ -4,10 +4,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from snug.config import MethodConfig
-from snug.methods import Method, register
+from snug.methods import Method, peft_task, register
 
 
-def _lora_config(cfg: MethodConfig, use_dora: bool) -> LoraConfig:
+def _lora_config(model: nn.Module, cfg: MethodConfig, use_dora: bool) -> LoraConfig:
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -15,16 +15,16 @@ def _lora_config(cfg: MethodConfig, use_dora: bool) -> LoraConfig:
         target_modules=cfg.targets,
         use_rslora=cfg.rslora,
         use_dora=use_dora,
-        task_type="CAUSAL_LM",
+        task_type=peft_task(model),
     )
 
 
 def apply_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
-    return get_peft_model(model, _lora_config(cfg, use_dora=False))
+    return get_peft_model(model, _lora_config(model, cfg, use_dora=False))
 
 
 def apply_dora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
-    return get_peft_model(model, _lora_config(cfg, use_dora=True))
+    return get_peft_model(model, _lora_config(model, cfg, use_dora=True))
 
 
 register(Method("lora", apply_lora, output="adapter", mergeable=True))

@@ -5,23 +5,27 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, ge
 from torch import nn
 
 from snug.config import MethodConfig
-from snug.methods import Method, register
+from snug.methods import Method, peft_task, register
 
 
 def apply_prefix(model: nn.Module, cfg: MethodConfig) -> nn.Module:
-    config = PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    config = PrefixTuningConfig(
+        num_virtual_tokens=cfg.num_virtual_tokens, task_type=peft_task(model)
+    )
     return get_peft_model(model, config)
 
 
 def apply_prompt(model: nn.Module, cfg: MethodConfig) -> nn.Module:
-    config = PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    config = PromptTuningConfig(
+        num_virtual_tokens=cfg.num_virtual_tokens, task_type=peft_task(model)
+    )
     return get_peft_model(model, config)
 
 
 def apply_ptuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     config = PromptEncoderConfig(
         num_virtual_tokens=cfg.num_virtual_tokens,
-        task_type="CAUSAL_LM",
+        task_type=peft_task(model),
         encoder_hidden_size=cfg.bottleneck,
     )
     return get_peft_model(model, config)

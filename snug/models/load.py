@@ -7,7 +7,13 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from snug.config import Config, ModelConfig
 from snug.errors import first_line
@@ -127,8 +133,15 @@ def _prepare_kbit(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Module:
-    """The base causal LM on `device`, frozen weights in the resolved storage dtype."""
+def load_model(
+    cfg: Config,
+    device: torch.device,
+    precision: str,
+    labels: list[str] | None = None,
+    pad_token_id: int | None = None,
+) -> torch.nn.Module:
+    """The base model on `device`, frozen weights in the resolved storage dtype: a causal LM, or
+    with train.stage=cls a sequence classifier with a new head over `labels`."""
     mcfg = cfg.model
     dtype = resolve_dtype(cfg, device, precision)
     if mcfg.trust_remote_code:
@@ -138,8 +151,17 @@ def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Mo
             mcfg.revision or "default",
         )
     quant = _quant_config(mcfg, compute_dtype(precision))
+    auto_class, head = AutoModelForCausalLM, {}
+    if cfg.train.stage == "cls":
+        auto_class = AutoModelForSequenceClassification
+        head = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+            "pad_token_id": pad_token_id,
+        }
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             mcfg.name_or_path,
             dtype=dtype,
             attn_implementation=resolve_attn(mcfg, device),
@@ -148,6 +170,7 @@ def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Mo
             revision=mcfg.revision,
             device_map={"": device} if quant is not None else None,
             use_safetensors=True,
+            **head,
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{_where(mcfg)}: cannot load the model ({first_line(e)}).") from None
@@ -156,4 +179,10 @@ def load_model(cfg: Config, device: torch.device, precision: str) -> torch.nn.Mo
     else:
         _prepare_kbit(model)
     model.config.use_cache = False  # training never reuses the KV cache
+    if cfg.train.stage == "cls" and cfg.method.cls_head == "mlp":
+        # Head plus a new fully connected layer; keeps the name `score` so peft trains it too.
+        h, n = model.config.hidden_size, len(labels)
+        model.score = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, n, bias=False)).to(
+            device
+        )
     return model

@@ -9,7 +9,6 @@ from transformers import PreTrainedTokenizerBase
 
 from snug.data.collate import collate
 from snug.data.tokenize import chat_segments
-from snug.train.loss import count_targets
 from snug.train.step import StepOptions
 
 
@@ -29,7 +28,7 @@ def eval_loss(
         batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
         with opts.forward_context():
             total += opts.loss_fn(model, batch).item()
-        tokens += count_targets(batch["labels"]).item()
+        tokens += opts.count_fn(batch["labels"]).item()
     model.train()
     return total / max(tokens, 1)
 
@@ -123,3 +122,19 @@ def exact_match(
     ]
     hits = sum(normalize(a) == normalize(r) for a, r in zip(answers, refs, strict=True))
     return hits / len(rows), samples
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module, data: Dataset, micro_batch: int, pad_id: int, device: torch.device
+) -> float:
+    """train.stage=cls: share of held-out samples whose highest-scoring class is the label."""
+    model.eval()
+    hits = 0
+    for start in range(0, len(data), micro_batch):
+        rows = [data[i] for i in range(start, min(start + micro_batch, len(data)))]
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hits += int((logits.argmax(-1) == batch["labels"]).sum())
+    model.train()
+    return hits / len(data)

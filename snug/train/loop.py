@@ -28,7 +28,7 @@ from snug.models.load import (
     resolve_precision,
 )
 from snug.train.checkpoint import save_checkpoint
-from snug.train.evaluate import eval_loss, exact_match
+from snug.train.evaluate import accuracy, eval_loss, exact_match
 from snug.train.memory import TensorMemoryTracker, model_tensors
 from snug.train.metrics import MetricsLog
 from snug.train.optim import build_optimizer, build_scheduler
@@ -80,6 +80,7 @@ def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptio
         max_grad_norm=cfg.train.max_grad_norm,
         chunked_loss=cfg.memory.chunked_loss,
         offload_activations=cfg.memory.offload_activations,
+        classify=cfg.train.stage == "cls",
     )
 
 
@@ -146,7 +147,7 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
             f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
         )
 
-        model = load_model(cfg, device, precision)
+        model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
         model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
         if cfg.memory.grad_checkpointing:
             model.gradient_checkpointing_enable(
@@ -340,11 +341,24 @@ def _evaluate(model, tok, template, eval_ds, cfg: Config, opts: StepOptions, dev
             model, tok, template, eval_ds, cfg.train.eval_generate, cfg.train.max_new_tokens, device
         )
         result.update(exact_match=score, samples=samples[:5])
+    if cfg.train.stage == "cls":
+        result["accuracy"] = accuracy(
+            model, eval_ds, cfg.train.micro_batch, tok.pad_token_id, device
+        )
     return result
 
 
 def _eval_block(before: dict, after: dict) -> dict:
-    """summary.json's eval: exact match by generation where scored, else the loss."""
+    """summary.json's eval: exact match by generation where scored, accuracy for
+    classification, else the loss."""
+    if "accuracy" in before:
+        return {
+            "metric": "accuracy",
+            "before": before["accuracy"],
+            "after": after["accuracy"],
+            "loss_before": before["loss"],
+            "loss_after": after["loss"],
+        }
     if "exact_match" in before:
         return {
             "metric": "exact_match",
@@ -365,6 +379,11 @@ def _eval_block(before: dict, after: dict) -> dict:
 
 def _eval_line(block: dict) -> str:
     line = f"held-out loss: {block['loss_before']:.4f} -> {block['loss_after']:.4f}"
+    if block["metric"] == "accuracy":
+        line = (
+            f"held-out accuracy: {100 * block['before']:.1f}% before -> "
+            f"{100 * block['after']:.1f}% after training | " + line
+        )
     if block["metric"] == "exact_match":
         line = (
             f"held-out exact match: {100 * block['before']:.1f}% before -> "

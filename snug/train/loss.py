@@ -23,6 +23,18 @@ def count_targets(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE).sum()
 
 
+def count_samples(labels: torch.Tensor) -> torch.Tensor:
+    """Classification: every sample carries one target."""
+    return (labels != IGNORE).sum()
+
+
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits  # (B, n)
+    return F.cross_entropy(logits.float(), batch["labels"], ignore_index=IGNORE, reduction="sum")
+
+
 def _causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from snug.train.loss import chunked_loss, count_targets, plain_loss
+from snug.train.loss import (
+    chunked_loss,
+    classification_loss,
+    count_samples,
+    count_targets,
+    plain_loss,
+)
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -28,10 +34,18 @@ class StepOptions:
     max_grad_norm: float  # 0: no clipping
     chunked_loss: bool
     offload_activations: bool
+    classify: bool = False  # train.stage=cls: one label per sample instead of next tokens
 
     @property
     def loss_fn(self) -> LossFn:
+        if self.classify:
+            return classification_loss
         return chunked_loss if self.chunked_loss else plain_loss
+
+    @property
+    def count_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Targets in a label batch: the loss of the accumulated batch is divided by their sum."""
+        return count_samples if self.classify else count_targets
 
     def forward_context(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -61,7 +75,7 @@ def train_step(
 ) -> StepResult:
     # Normalise by the target tokens of the whole accumulated batch, not per micro-batch: then
     # 4 micro-batches of 1 give the same gradient as 1 batch of 4, whatever their lengths.
-    n_targets = sum(count_targets(b["labels"]) for b in micro_batches).clamp(min=1)
+    n_targets = sum(opts.count_fn(b["labels"]) for b in micro_batches).clamp(min=1)
     total = torch.zeros((), device=n_targets.device)
     for batch in micro_batches:
         with opts.forward_context():
