@@ -152,25 +152,20 @@ def tokenize_source(
         train_on_prompt=cfg.train_on_prompt,
         source=spec,
     )
-    fingerprint = hashlib.sha256(
-        repr(
-            (
-                CACHE_VERSION,
-                raw._fingerprint,
-                _tokenizer_fingerprint(tok, template),
-                fmt,
-                cfg.cutoff_len,
-                cfg.train_on_prompt,
-                stage,
-            )
-        ).encode()
-    ).hexdigest()[:32]
+    key = (fmt, _tokenizer_fingerprint(tok, template), cfg.cutoff_len, cfg.train_on_prompt, stage)
+    return _map_cached(raw, fn, key, spec)
+
+
+def _map_cached(raw: Dataset, fn, key: tuple, spec: str) -> tuple[Dataset, Counter]:
+    """Tokenize `raw` with `fn` through datasets' map cache (keyed by the raw data and `key`,
+    everything that changes the tokens), count each sample's status, keep the usable ones."""
+    fingerprint = hashlib.sha256(repr((CACHE_VERSION, raw._fingerprint, key)).encode()).hexdigest()
     ds = raw.map(
         fn,
         batched=True,
         with_indices=True,
         remove_columns=raw.column_names,
-        new_fingerprint=fingerprint,
+        new_fingerprint=fingerprint[:32],
         desc=f"tokenizing {spec}",
     )
     counts = Counter(ds["status"])
@@ -196,29 +191,15 @@ def _tokenize_classes(
         cutoff_len=cfg.cutoff_len,
         source=spec,
     )
-    fingerprint = hashlib.sha256(
-        repr(
-            (
-                CACHE_VERSION,
-                "cls",
-                raw._fingerprint,
-                _tokenizer_fingerprint(tok, None),
-                labels,
-                cfg.text_column,
-                cfg.label_column,
-                cfg.cutoff_len,
-            )
-        ).encode()
-    ).hexdigest()[:32]
-    ds = raw.map(
-        fn,
-        batched=True,
-        with_indices=True,
-        remove_columns=raw.column_names,
-        new_fingerprint=fingerprint,
-        desc=f"tokenizing {spec}",
+    key = (
+        "cls",
+        _tokenizer_fingerprint(tok, None),
+        labels,
+        cfg.text_column,
+        cfg.label_column,
+        cfg.cutoff_len,
     )
-    return ds.remove_columns("status"), Counter(ds["status"])
+    return _map_cached(raw, fn, key, spec)
 
 
 def class_labels(cfg: DataConfig) -> list[str]:
