@@ -349,44 +349,27 @@ def _evaluate(model, tok, template, eval_ds, cfg: Config, opts: StepOptions, dev
 
 
 def _eval_block(before: dict, after: dict) -> dict:
-    """summary.json's eval: exact match by generation where scored, accuracy for
-    classification, else the loss."""
-    if "accuracy" in before:
-        return {
-            "metric": "accuracy",
-            "before": before["accuracy"],
-            "after": after["accuracy"],
-            "loss_before": before["loss"],
-            "loss_after": after["loss"],
-        }
-    if "exact_match" in before:
-        return {
-            "metric": "exact_match",
-            "before": before["exact_match"],
-            "after": after["exact_match"],
-            "loss_before": before["loss"],
-            "loss_after": after["loss"],
-            "examples_after": after["samples"],
-        }
-    return {
-        "metric": "loss",
-        "before": before["loss"],
-        "after": after["loss"],
+    """summary.json's eval: accuracy for classification, exact match by generation where
+    scored, else the loss."""
+    metric = next((m for m in ("accuracy", "exact_match") if m in before), "loss")
+    block = {
+        "metric": metric,
+        "before": before[metric],
+        "after": after[metric],
         "loss_before": before["loss"],
         "loss_after": after["loss"],
     }
+    if metric == "exact_match":
+        block["examples_after"] = after["samples"]
+    return block
 
 
 def _eval_line(block: dict) -> str:
     line = f"held-out loss: {block['loss_before']:.4f} -> {block['loss_after']:.4f}"
-    if block["metric"] == "accuracy":
+    if block["metric"] != "loss":
+        name = block["metric"].replace("_", " ")
         line = (
-            f"held-out accuracy: {100 * block['before']:.1f}% before -> "
-            f"{100 * block['after']:.1f}% after training | " + line
-        )
-    if block["metric"] == "exact_match":
-        line = (
-            f"held-out exact match: {100 * block['before']:.1f}% before -> "
+            f"held-out {name}: {100 * block['before']:.1f}% before -> "
             f"{100 * block['after']:.1f}% after training | " + line
         )
     return line
