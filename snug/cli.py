@@ -14,10 +14,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "your input is wrong": shown as one sentence, no traceback."""
     from snug.data.formats import DataError
     from snug.data.templates import TemplateError
+    from snug.deploy.merge import MergeError
     from snug.models.load import ModelLoadError
     from snug.train.loop import OutputDirError
 
-    return (ConfigError, DataError, TemplateError, ModelLoadError, OutputDirError)
+    return (ConfigError, DataError, TemplateError, ModelLoadError, OutputDirError, MergeError)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -28,6 +29,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = run_training(cfg)
     return 0 if summary["status"] == "completed" else 1
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from snug.deploy.merge import find_source, merge
+
+    src = find_source(args.adapter, args.model)
+    report = merge(
+        src,
+        args.out,
+        dtype=args.dtype,
+        device=args.device,
+        verify=args.verify,
+        max_shard_size=args.max_shard_size,
+    )
+    print(f"merged {report['method']} from {report['adapter']} into {report['base']}")
+    if report["verified"]:
+        print(
+            f"verified on {report['prompts']} prompts: largest logit difference "
+            f"{report['max_logit_difference']:.3g} (tolerance {report['tolerance']:.3g}, "
+            f"{report['dtype']})"
+        )
+    print(f"wrote {args.out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +75,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one config key, e.g. train.lr=1e-4",
     )
     train.set_defaults(func=cmd_train)
+
+    merge = sub.add_parser(
+        "merge",
+        help="fold a LoRA, DoRA or IA3 adapter into its base; write a transformers model",
+        description="Fold the adapter of a run (or any peft LoRA/DoRA/IA3 directory) into the "
+        "base weights and write a model directory that transformers loads without peft. A QLoRA "
+        "adapter is folded into the dequantized base. Before writing, checks that the merged "
+        "logits equal base plus adapter on a few prompts.",
+    )
+    merge.add_argument("--adapter", required=True, metavar="RUN_OR_DIR", help="run or adapter dir")
+    merge.add_argument("--out", required=True, help="new directory for the merged model")
+    merge.add_argument("--model", help="base model (default: the one the run or adapter names)")
+    merge.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype to merge and write in (auto: the base checkpoint's)",
+    )
+    merge.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
+    merge.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare merged logits with base plus adapter before writing (default: on)",
+    )
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    merge.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -40,6 +40,8 @@ class Method:
     # Called by the loop before optimizer step `step` (0-based), for methods whose trainable
     # set changes during training (freeze with progressive unfreezing).
     before_step: Callable[[nn.Module, MethodConfig, int], None] | None = None
+    # Why `snug merge` cannot fold this method into the base (shown to the user); "" if it can.
+    unmergeable_because: str = ""
 
 
 REGISTRY: dict[str, Method] = {}

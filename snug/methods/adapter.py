@@ -92,5 +92,7 @@ register(
         mergeable=False,
         save=save_adapter,
         load=load_adapter,
+        unmergeable_because="bottleneck adapters add a non-linear block (down, activation, up) "
+        "after attention and MLP, which no base weight can absorb",
     )
 )

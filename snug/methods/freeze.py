@@ -49,6 +49,12 @@ def unfreeze_progressively(model: nn.Module, cfg: MethodConfig, step: int) -> No
 
 register(
     Method(
-        "freeze", apply_freeze, output="model", mergeable=False, before_step=unfreeze_progressively
+        "freeze",
+        apply_freeze,
+        output="model",
+        mergeable=False,
+        before_step=unfreeze_progressively,
+        unmergeable_because="freeze tuning already writes a whole model (model/), with nothing "
+        "to fold in",
     )
 )

@@ -11,4 +11,13 @@ def apply_full(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return model
 
 
-register(Method("full", apply_full, output="model", mergeable=False))
+register(
+    Method(
+        "full",
+        apply_full,
+        output="model",
+        mergeable=False,
+        unmergeable_because="a full fine-tune already writes a whole model (model/), with "
+        "nothing to fold in",
+    )
+)

@@ -18,4 +18,13 @@ def apply_llama_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return get_peft_model(model, config)
 
 
-register(Method("llama_adapter", apply_llama_adapter, output="adapter", mergeable=False))
+register(
+    Method(
+        "llama_adapter",
+        apply_llama_adapter,
+        output="adapter",
+        mergeable=False,
+        unmergeable_because="adaption prompts add a gated attention over learned prompts in the "
+        "top layers, which no base weight can absorb",
+    )
+)

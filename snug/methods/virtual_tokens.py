@@ -31,6 +31,20 @@ def apply_ptuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return get_peft_model(model, config)
 
 
-register(Method("prefix", apply_prefix, output="adapter", mergeable=False))
-register(Method("prompt", apply_prompt, output="adapter", mergeable=False))
-register(Method("ptuning", apply_ptuning, output="adapter", mergeable=False))
+VIRTUAL = "learned virtual tokens are extra inputs to the model, not changes to any base weight"
+register(
+    Method(
+        "prefix",
+        apply_prefix,
+        output="adapter",
+        mergeable=False,
+        unmergeable_because="prefix tuning adds learned keys and values to every attention "
+        "layer: extra inputs, not changes to any base weight",
+    )
+)
+register(
+    Method("prompt", apply_prompt, output="adapter", mergeable=False, unmergeable_because=VIRTUAL)
+)
+register(
+    Method("ptuning", apply_ptuning, output="adapter", mergeable=False, unmergeable_because=VIRTUAL)
+)

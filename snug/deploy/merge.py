@@ -1,0 +1,208 @@
+"""`snug merge`: fold a trained adapter into its base and write a plain transformers model.
+
+peft does the arithmetic (merge_and_unload) and transformers the dequantization of a QLoRA base
+(PreTrainedModel.dequantize); snug finds what was trained, refuses what cannot be merged, checks
+the merged logits against base plus adapter before anything is written, and writes atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from snug.config import Config, load_config
+from snug.methods import get_method
+from snug.models.load import DTYPES, load_model, load_tokenizer
+
+# The few prompts whose logits `--verify` compares.
+VERIFY_PROMPTS = (
+    "Hello! How are you today?",
+    "What is 12 times 7?",
+    "Write one sentence about the sea.",
+    "Translate 'good morning' into French.",
+)
+# Largest allowed |merged - reference| logit, relative to the largest reference logit (>= 1):
+# fp32 is exact to rounding; half precisions round the merged weights themselves.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# peft_type (adapter_config.json) -> snug method, for adapter directories outside a run.
+PEFT_TYPES = {
+    "IA3": "ia3",
+    "PREFIX_TUNING": "prefix",
+    "PROMPT_TUNING": "prompt",
+    "P_TUNING": "ptuning",
+    "ADAPTION_PROMPT": "llama_adapter",
+}
+
+
+class MergeError(ValueError):
+    """The adapter cannot be merged as asked (user input; shown as one line)."""
+
+
+@dataclass
+class Source:
+    """What was trained: the method, where its adapter lies, and the run's config (base, quant)."""
+
+    method: str
+    adapter_dir: Path
+    cfg: Config
+
+
+def _method_of_peft_dir(adapter_dir: Path) -> str:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    peft_type = config.get("peft_type", "")
+    if peft_type == "LORA":
+        return "dora" if config.get("use_dora") else "lora"
+    if peft_type not in PEFT_TYPES:
+        raise MergeError(
+            f"{adapter_dir / 'adapter_config.json'}: peft_type {peft_type!r} is not one snug knows."
+        )
+    return PEFT_TYPES[peft_type]
+
+
+def find_source(path: str | Path, model: str | None = None) -> Source:
+    """A run directory (config.yaml beside adapter/ or model/), its adapter/ directory, or any
+    peft adapter directory (adapter_config.json). `model` overrides the base the run names."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MergeError(f"--adapter {path}: no such directory.")
+    run = path if (path / "config.yaml").is_file() else path.parent
+    if (run / "config.yaml").is_file() and (path == run or path.name == "adapter"):
+        cfg = load_config(run / "config.yaml")
+        method = cfg.method.name
+        adapter_dir = run / get_method(method).output
+    elif (path / "adapter_config.json").is_file():
+        adapter_dir, method = path, _method_of_peft_dir(path)
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not (model or base):
+            raise MergeError(f"{path}/adapter_config.json names no base model; pass --model BASE.")
+        cfg = load_config(None, [f"model.name_or_path={model or base}", f"method.name={method}"])
+    elif (path / "snug_adapter.json").is_file():
+        adapter_dir, method, cfg = path, "adapter", load_config(None, ["method.name=adapter"])
+    else:
+        raise MergeError(
+            f"--adapter {path}: neither a snug run directory (config.yaml with adapter/) nor an "
+            "adapter directory (adapter_config.json)."
+        )
+    if model:
+        cfg.model.name_or_path = model
+    return Source(method, adapter_dir, cfg)
+
+
+def check_mergeable(src: Source) -> None:
+    method = get_method(src.method)
+    if not method.mergeable:
+        where = src.adapter_dir
+        hint = (
+            f"use {where} as it is: transformers loads it directly"
+            if method.output == "model"
+            else f"load it on the base instead (peft: PeftModel.from_pretrained(base, '{where}'))"
+        )
+        raise MergeError(
+            f"method {src.method} cannot be merged: {method.unmergeable_because}; {hint}."
+        )
+    if src.cfg.train.stage == "cls":
+        raise MergeError(
+            "merging a classification run (train.stage=cls) is not supported; load its adapter "
+            f"on the base with peft: PeftModel.from_pretrained(base, '{src.adapter_dir}')."
+        )
+    if not (src.adapter_dir / "adapter_config.json").is_file():
+        raise MergeError(f"{src.adapter_dir}: no adapter_config.json; the run did not finish?")
+
+
+def base_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the base checkpoint is stored in (what a merged model is written in)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        cfg.model.name_or_path,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+    )
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
+    model.eval()
+    return [model(**b).logits.float().cpu() for b in batches]
+
+
+def _max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
+    """(largest |a - b|, largest |b|) over all prompts."""
+    diff = max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+    return diff, max(y.abs().max().item() for y in b)
+
+
+def merge(
+    src: Source,
+    out: Path,
+    dtype: str = "auto",
+    device: str = "cpu",
+    verify: bool = True,
+    max_shard_size: str = "5GB",
+) -> dict:
+    """Merge, verify, then write `out` (a new directory); returns what merge_report.json says."""
+    from peft import PeftModel
+
+    check_mergeable(src)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MergeError(f"--out {out} exists and is not empty; name a new directory.")
+    work_dtype = base_dtype(src.cfg) if dtype == "auto" else DTYPES[dtype]
+    precision = {torch.bfloat16: "bf16-mixed", torch.float16: "fp16-mixed"}.get(work_dtype, "fp32")
+    dtype_name = next(k for k, v in DTYPES.items() if v == work_dtype)
+    cfg = dataclasses.replace(src.cfg, model=dataclasses.replace(src.cfg.model, dtype=dtype_name))
+    dev = torch.device(device)
+    tok = load_tokenizer(cfg.model)
+    base = load_model(cfg, dev, precision)  # quantized as trained when model.quant is set
+    batches = [tok(p, return_tensors="pt").to(dev) for p in VERIFY_PROMPTS] if verify else []
+
+    # Reference: the model as trained (base, quantized if it was, plus the unmerged adapter).
+    peft_model = PeftModel.from_pretrained(base, str(src.adapter_dir))
+    reference = _logits(peft_model, batches)
+    if cfg.model.quant != "none":
+        # QLoRA: fold into the dequantized base, in the base's dtype (transformers dequantizes).
+        base = peft_model.unload()
+        base.dequantize(dtype=work_dtype)
+        peft_model = PeftModel.from_pretrained(base, str(src.adapter_dir))
+    merged = peft_model.merge_and_unload()
+    merged.to(work_dtype)  # k-bit preparation kept norms in fp32; write one dtype
+    report = {
+        "base": cfg.model.name_or_path,
+        "adapter": str(src.adapter_dir),
+        "method": src.method,
+        "quant": cfg.model.quant,
+        "dtype": dtype_name,
+        "verified": verify,
+    }
+    if verify:
+        diff, scale = _max_difference(_logits(merged, batches), reference)
+        tolerance = TOLERANCE[work_dtype] * max(1.0, scale)
+        report.update(max_logit_difference=diff, tolerance=tolerance, prompts=len(batches))
+        if not diff <= tolerance:
+            raise MergeError(
+                f"verification failed: merged logits differ from base plus adapter by {diff:.3g} "
+                f"(tolerance {tolerance:.3g} in {dtype_name}); nothing was written."
+            )
+
+    # Write next to `out`, then rename: a half-written directory is never left under its name.
+    tmp = out.with_name(out.name + ".tmp-merge")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.config.use_cache = True
+        merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        tok.save_pretrained(str(tmp))
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # checked empty above
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
