@@ -19,6 +19,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+# Methods that add virtual tokens or prefixes: one set per row, so they cannot pack samples.
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning", "llama_adapter")
+
 
 class ConfigError(ValueError):
     """A config problem, worded as one sentence that names the file and key."""
@@ -138,7 +141,14 @@ class DataConfig:
         "Longest sample in tokens; longer ones are truncated.",
         (lambda v: v >= 8, "at least 8 tokens"),
     )
-    packing: bool = _f(False, "Pack several samples into one row (lands with the memory toolkit).")
+    packing: bool = _f(
+        False,
+        "Pack several samples into rows of up to cutoff_len tokens, attention kept within each "
+        "sample; the loss equals the unpacked one.",
+    )
+    group_by_length: bool = _f(
+        False, "Put samples (or packed rows) of similar length in the same micro-batch."
+    )
     val_size: float = _f(
         0.0,
         "Part of train held out for eval: a fraction below 1, or a count of samples.",
@@ -203,12 +213,14 @@ class MemoryConfig:
         True, "Recompute each decoder layer's activations in backward instead of storing them."
     )
     offload_activations: bool = _f(
-        False, "Keep tensors saved for backward in host memory (pinned on CUDA)."
+        False,
+        "Keep activations in host memory until backward: each checkpointed layer's input (pinned, "
+        "copied on a side stream on CUDA) and every other tensor saved for backward.",
     )
     chunked_loss: bool = _f(
         True,
-        "Compute the LM head and cross-entropy over chunks of positions, so the full fp32 "
-        "logits never exist at once.",
+        "Compute the LM head and cross-entropy over chunks of positions that carry loss only, "
+        "so the full fp32 logits never exist at once.",
     )
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "adafactor", "lion8bit"] = _f(
         "adamw", "Optimizer; the 8-bit ones come from bitsandbytes."
@@ -392,10 +404,16 @@ def check_combinations(cfg: Config, source: str) -> None:
             f"{source}: method.name={cfg.method.name} is not available yet; choose one of "
             f"{', '.join(sorted(REGISTRY))}."
         )
-    if d.packing:
+    if d.packing and (cfg.train.stage == "cls" or cfg.method.name in VIRTUAL_TOKEN_METHODS):
+        what = "train.stage=cls" if cfg.train.stage == "cls" else f"method.name={cfg.method.name}"
         raise ConfigError(
-            f"{source}: data.packing=true is not available yet (it comes with the memory "
-            "toolkit); set data.packing=false."
+            f"{source}: data.packing=true does not work with {what}: "
+            + (
+                "a classifier reads one pooled position per row"
+                if cfg.train.stage == "cls"
+                else "its virtual tokens would be shared by every sample of a packed row"
+            )
+            + "; set data.packing=false."
         )
     if cfg.dist.strategy != "none" or cfg.dist.nproc != 1:
         raise ConfigError(

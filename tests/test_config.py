@@ -49,12 +49,15 @@ def test_impossible_combinations():
         config_from_dict({"data": {"val_size": 0.1, "eval": "e.jsonl"}})
     with pytest.raises(ConfigError, match=r"data.format=text is for train.stage=pt"):
         config_from_dict({"data": {"format": "text"}})
+    with pytest.raises(ConfigError, match=r"packing=true does not work with method.name=prefix"):
+        config_from_dict({"data": {"packing": True}, "method": {"name": "prefix"}})
+    with pytest.raises(ConfigError, match=r"packing=true does not work with train.stage=cls"):
+        config_from_dict({"data": {"packing": True}, "train": {"stage": "cls"}})
 
 
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"data": {"packing": True}}, "data.packing=true is not available yet"),
         ({"memory": {"auto_fit": True}}, "memory.auto_fit needs the planner"),
         (
             {"dist": {"strategy": "fsdp", "nproc": 2}},

@@ -16,8 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import set_seed
 
 from snug.config import Config, save_config
-from snug.data.collate import collate
+from snug.data.collate import collate, collate_packed, real_tokens
 from snug.data.dataset import build_datasets
+from snug.data.packing import micro_batches, pack
 from snug.data.templates import resolve_template
 from snug.methods import apply_method, count_params, get_method
 from snug.models.load import (
@@ -27,6 +28,7 @@ from snug.models.load import (
     resolve_device,
     resolve_precision,
 )
+from snug.train.activations import enable_checkpointing
 from snug.train.checkpoint import save_checkpoint
 from snug.train.evaluate import accuracy, eval_loss, exact_match
 from snug.train.memory import TensorMemoryTracker, model_tensors
@@ -53,22 +55,30 @@ class OutputDirError(ValueError):
 
 @dataclass
 class Schedule:
-    """How samples become micro-batches and optimizer steps."""
+    """How samples become rows, micro-batches and optimizer steps."""
 
-    samples: int
+    rows: list[list[int]]  # sample indices of each batch row: one sample, or several if packed
     micro_batch: int
     grad_accum: int
     seed: int
+    row_tokens: list[int] | None = None  # given: length-grouped micro-batches
+
+    @classmethod
+    def build(cls, lengths: list[int], cfg: Config) -> Schedule:
+        d, t = cfg.data, cfg.train
+        rows = pack(lengths, d.cutoff_len) if d.packing else [[i] for i in range(len(lengths))]
+        tokens = [sum(lengths[i] for i in r) for r in rows] if d.group_by_length else None
+        return cls(rows, t.micro_batch, t.grad_accum, t.seed, tokens)
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(math.ceil(self.samples / self.micro_batch) / self.grad_accum)
+        return math.ceil(math.ceil(len(self.rows) / self.micro_batch) / self.grad_accum)
 
-    def windows(self, epoch: int) -> list[list[list[int]]]:
-        """Sample indices for each optimizer step of `epoch`: [step][micro-batch][sample]."""
+    def windows(self, epoch: int) -> list[list[list[list[int]]]]:
+        """Rows for each optimizer step of `epoch`: [step][micro-batch][row][sample]."""
         g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.samples, generator=g).tolist()
-        micro = [order[i : i + self.micro_batch] for i in range(0, len(order), self.micro_batch)]
+        micro = micro_batches(len(self.rows), self.micro_batch, g, self.row_tokens)
+        micro = [[self.rows[r] for r in mb] for mb in micro]
         return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
 
 
@@ -150,9 +160,7 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
         model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
         model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
         if cfg.memory.grad_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_checkpointing(model, offload=cfg.memory.offload_activations)
         model.train()
         trainable, total = count_params(model)
         summary.update(
@@ -206,11 +214,21 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
     return summary
 
 
-def _micro_batches(train_ds, window: list[list[int]], pad_id: int, device) -> list[dict]:
-    return [
-        {k: v.to(device) for k, v in collate([train_ds[i] for i in mb], pad_id).items()}
-        for mb in window
-    ]
+def _micro_batches(
+    train_ds, window: list[list[list[int]]], pad_id: int, packed: bool, device
+) -> tuple[list[dict], int]:
+    """The step's micro-batches on `device`, and how many of their tokens are not padding."""
+    batches, tokens = [], 0
+    for mb in window:
+        rows = [[train_ds[i] for i in row] for row in mb]
+        batch = collate_packed(rows, pad_id) if packed else collate([r[0] for r in rows], pad_id)
+        batches.append({k: v.to(device) for k, v in batch.items()})
+        tokens += real_tokens(rows)
+    return batches, tokens
+
+
+def _lengths(train_ds) -> list[int]:
+    return [len(ids) for ids in train_ds["input_ids"]]
 
 
 def _train(
@@ -228,7 +246,7 @@ def _train(
     console: Console,
 ) -> None:
     t = cfg.train
-    schedule = Schedule(len(train_ds), t.micro_batch, t.grad_accum, t.seed)
+    schedule = Schedule.build(_lengths(train_ds), cfg)
     total_steps = t.max_steps or math.ceil(t.epochs * schedule.steps_per_epoch)
     optimizer = build_optimizer(model, cfg.memory, t, cfg.method.lora_plus_ratio)
     method = get_method(cfg.method.name)
@@ -257,7 +275,9 @@ def _train(
         try:
             while step < total_steps:
                 for window in schedule.windows(epoch)[: total_steps - step]:
-                    batches = _micro_batches(train_ds, window, tok.pad_token_id, device)
+                    batches, n_tokens = _micro_batches(
+                        train_ds, window, tok.pad_token_id, cfg.data.packing, device
+                    )
                     if method.before_step is not None:
                         method.before_step(model, cfg.method, step)
                     tick = time.perf_counter()
@@ -266,7 +286,7 @@ def _train(
                     loss = result.loss.item()  # the one host sync per step
                     seconds += time.perf_counter() - tick
                     step += 1
-                    tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+                    tokens_seen += n_tokens
                     summary.setdefault("train_loss_first", loss)
                     summary.update(
                         steps=step,

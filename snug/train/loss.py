@@ -2,7 +2,8 @@
 
 The chunked form runs the LM head and the loss over chunks of positions under activation
 checkpointing, so only one chunk's fp32 logits (chunk x vocab) exist at a time, in forward and
-in backward; it equals the plain loss and gradients to float tolerance.
+in backward, and only over positions that carry loss; it equals the plain loss and gradients to
+float tolerance.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def _causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model reads of a batch: packed batches carry position_ids and no attention mask.
+    No KV cache: transformers keeps packed samples apart only when there is none."""
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return {k: batch[k] for k in keys if k in batch} | {"use_cache": False}
+
+
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
     logits = logits.float()
     if softcap:  # gemma-2 style final logit soft-capping
@@ -50,7 +58,7 @@ def plain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     # The model's own forward already applies any final-logit soft-capping. Prompt-learning
     # methods (prompt, ptuning) prepend virtual positions: the last T are the sample's.
     ids = batch["input_ids"]
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, -ids.shape[1] :]
+    logits = model(**model_inputs(batch)).logits[:, -ids.shape[1] :]
     v = logits.shape[-1]
     return _ce_sum(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), softcap=None)
 
@@ -67,7 +75,7 @@ def _final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     )
     try:
         ids = batch["input_ids"]
-        model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=1)
+        model(**model_inputs(batch), logits_to_keep=1)
     finally:
         hook.remove()
     return captured[-1][:, -ids.shape[1] :]
@@ -81,6 +89,14 @@ def chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (N, C): position t predicts t+1
     y = batch["labels"][:, 1:].reshape(-1)  # (N,)
+    if "target_positions" in batch:
+        # Masked positions (prompt, padding) add nothing to the loss: drop them before the head,
+        # whose matmul with a large vocabulary is most of the loss's cost. The indices come from
+        # the collate step on the host, so the shapes here depend on no device values.
+        h, y = (
+            h.index_select(0, batch["target_positions"]),
+            y.index_select(0, batch["target_positions"]),
+        )
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], CHUNK_POSITIONS):
         sl = slice(start, start + CHUNK_POSITIONS)
