@@ -59,9 +59,10 @@ def resolve_dtype(cfg: Config, device: torch.device, precision: str) -> torch.dt
         return DTYPES[cfg.model.dtype]
     if precision == "bf16-true":
         return torch.bfloat16
-    if device.type != "cuda" or cfg.method.name in ("full", "freeze"):
+    if device.type != "cuda" or cfg.method.name in ("full", "freeze") or precision == "fp32":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Adapters on a GPU: frozen weights in the half type the precision computes in.
+    return torch.float16 if precision.startswith("fp16") else torch.bfloat16
 
 
 def resolve_attn(mcfg: ModelConfig, device: torch.device) -> str:
