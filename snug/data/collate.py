@@ -17,7 +17,8 @@ def _targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `labels` (-100 on padding) and `attention_mask`, each (B, T)."""
+    """Right-padded `input_ids`, `labels` (-100 on padding), each (B, T), and the
+    `attention_mask` when there is padding."""
     longest = max(len(s["input_ids"]) for s in samples)
     ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
@@ -34,12 +35,12 @@ def collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch
             "labels": torch.tensor([s["labels"] for s in samples]),
             "attention_mask": mask,
         }
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "attention_mask": mask,
-        "target_positions": _targets(labels),
-    }
+    batch = {"input_ids": ids, "labels": labels, "target_positions": _targets(labels)}
+    if not bool(mask.all()):
+        # Without padding the mask says nothing; leaving it out lets attention use its causal
+        # fast path and keeps what the model sees the same as in the planner's replay.
+        batch["attention_mask"] = mask
+    return batch
 
 
 def collate_packed(rows: list[list[dict[str, list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -134,7 +134,9 @@ def accuracy(
     for start in range(0, len(data), micro_batch):
         rows = [data[i] for i in range(start, min(start + micro_batch, len(data)))]
         batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        ).logits
         hits += int((logits.argmax(-1) == batch["labels"]).sum())
     model.train()
     return hits / len(data)

@@ -31,7 +31,7 @@ def count_samples(labels: torch.Tensor) -> torch.Tensor:
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
     ).logits  # (B, n)
     return F.cross_entropy(logits.float(), batch["labels"], ignore_index=IGNORE, reduction="sum")
 

@@ -17,10 +17,13 @@ from torch.utils._pytree import tree_flatten
 
 class TensorMemoryTracker(TorchDispatchMode):
     """Live and peak bytes of tensor storages. Storages that exist before the mode is entered
-    count once `track(...)` is given them (e.g. the model's weights)."""
+    count once `track(...)` is given them (e.g. the model's weights). With `rounding`, every
+    storage counts as its size rounded up to a multiple of it (the CUDA caching allocator's 512
+    bytes), as the planner needs for a GPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, rounding: int = 1) -> None:
         super().__init__()
+        self.rounding = rounding
         self.live = 0
         self.peak = 0
         self._seen: set[int] = set()
@@ -35,7 +38,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         if key in self._seen:
             return
         self._seen.add(key)
-        nbytes = storage.nbytes()
+        nbytes = -(-storage.nbytes() // self.rounding) * self.rounding
         self.live += nbytes
         self.peak = max(self.peak, self.live)
         # Storages keep their Python object alive as long as the C++ storage lives, so the

@@ -1,0 +1,191 @@
+"""Replay snug's own training step on fake tensors: the peak memory and FLOPs of a fine-tune,
+without weights, data or a GPU.
+
+The model is built from its config on the `meta` device, the method and memory settings are
+applied exactly as `snug train` applies them, the weights become fake tensors
+(`FakeTensorMode`: shapes, dtypes and devices, no storage), and `train/step.py` runs two
+optimizer steps (so optimizer state exists) under snug's tensor tracker and torch's FLOP
+counter. The peak is what the tracker saw; nothing here is a formula.
+
+Deep models are simulated at two small depths and extended by the layer count: every decoder
+layer adds the same tensors (weights, their gradients and optimizer state, one checkpointed
+input or one layer's activations), so peak and FLOPs are linear in the depth past the first
+layers. `tests/test_plan.py` checks that the extension equals a direct simulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from dataclasses import dataclass
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
+
+from snug.config import Config
+from snug.methods import apply_method, count_params
+from snug.models.load import resolve_dtype
+from snug.train.activations import enable_checkpointing
+from snug.train.loop import step_options
+from snug.train.memory import TensorMemoryTracker, model_tensors
+from snug.train.optim import build_optimizer
+from snug.train.step import train_step
+
+# The CUDA caching allocator hands out blocks in multiples of 512 bytes.
+CUDA_ROUNDING = 512
+SHORT_DEPTHS = (2, 3)  # depths simulated when extending to a deep model
+
+
+class PlanError(ValueError):
+    """The configuration cannot be simulated (user input; shown as one line)."""
+
+
+@dataclass
+class Simulation:
+    peak_bytes: int  # tracked peak of live tensor storage during two optimizer steps
+    weights_bytes: int  # the model's tensors before the first step (weights and buffers)
+    flops_per_step: int  # forward + backward (+ recomputation) of one optimizer step
+    trainable_params: int
+    total_params: int
+    layers_simulated: tuple[int, ...]
+
+
+def _with_depth(config: PretrainedConfig, layers: int) -> PretrainedConfig:
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = layers
+    for key in ("layer_types", "mlp_only_layers"):  # per-layer lists follow the depth
+        value = getattr(config, key, None)
+        if isinstance(value, list) and value:
+            setattr(config, key, (value * layers)[:layers])
+    return config
+
+
+@contextlib.contextmanager
+def _unpacked_rows(unpacked: bool):
+    """transformers decides from the values of position_ids whether rows are packed; fake
+    tensors have no values, so it would assume packing and build a full mask that a real
+    unpacked run never builds. Unpacked configs tell it the answer the real run gets."""
+    if not unpacked:
+        yield
+        return
+    with mock.patch.object(
+        masking_utils, "find_packed_sequence_indices", lambda position_ids: None
+    ):
+        yield
+
+
+def _simulate_once(
+    cfg: Config,
+    config: PretrainedConfig,
+    seq_len: int,
+    device_type: str,
+    precision: str,
+    targets: int | None,
+) -> Simulation:
+    if cfg.model.quant != "none":
+        raise PlanError(
+            f"model.quant={cfg.model.quant}: 4-bit and 8-bit bases are not simulated yet; "
+            "plan the same method without quantization for an upper bound."
+        )
+    device = torch.device(device_type)
+    dtype = resolve_dtype(cfg, device, precision)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype,
+            attn_implementation="sdpa" if cfg.model.attn == "auto" else cfg.model.attn,
+        )
+    model.config.use_cache = False
+    model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
+    if cfg.memory.grad_checkpointing:
+        enable_checkpointing(model, offload=cfg.memory.offload_activations)
+    model.train()
+    trainable, total = count_params(model)
+    opts = step_options(cfg, device, precision)
+    b, t = cfg.train.micro_batch, seq_len
+    n_targets = b * (t - 1) if targets is None else min(targets, b * (t - 1))
+    tracker = TensorMemoryTracker(CUDA_ROUNDING if device_type == "cuda" else 1)
+    flops = FlopCounterMode(display=False)
+    with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_rows(not cfg.data.packing):
+        model.to_empty(device="cpu")
+
+        def step() -> None:
+            # What the collate step gives a row of seq_len real tokens (no padding, so no mask)
+            micro = []
+            for _ in range(cfg.train.grad_accum):
+                ids = torch.zeros((b, t), dtype=torch.long)
+                targets_at = torch.zeros(n_targets, dtype=torch.long)
+                micro.append(
+                    {"input_ids": ids, "labels": ids.clone(), "target_positions": targets_at}
+                )
+            train_step(model, optimizer, micro, opts)
+
+        with tracker:
+            tracker.track(model_tensors(model))
+            weights = tracker.live
+            optimizer = build_optimizer(model, cfg.memory, cfg.train, cfg.method.lora_plus_ratio)
+            step()  # creates the optimizer state
+            step()  # the steady state
+        # FLOPs in a third step of their own: the counter's module hooks keep tensors alive
+        # under checkpointing, which would change the peak.
+        with flops:
+            step()
+    return Simulation(
+        peak_bytes=tracker.peak,
+        weights_bytes=weights,
+        flops_per_step=flops.get_total_flops(),
+        trainable_params=trainable,
+        total_params=total,
+        layers_simulated=(config.num_hidden_layers,),
+    )
+
+
+def simulate(
+    cfg: Config,
+    config: PretrainedConfig,
+    seq_len: int,
+    device_type: str = "cuda",
+    precision: str | None = None,
+    targets: int | None = None,
+    extend: bool = True,
+) -> Simulation:
+    """Peak bytes and FLOPs of `snug train` with `cfg` on a model of `config`, micro-batches of
+    `cfg.train.micro_batch` x `seq_len` tokens, `targets` loss-carrying positions per
+    micro-batch (default: all). `extend`: simulate two short depths and extend linearly."""
+    precision = precision or ("bf16-mixed" if device_type == "cuda" else "fp32")
+    layers = config.num_hidden_layers
+    if not extend or layers <= SHORT_DEPTHS[-1] or cfg.method.name == "freeze":
+        # freeze trains the top N layers: the trainable set does not grow with depth alike
+        return _simulate_once(cfg, config, seq_len, device_type, precision, targets)
+    a, b = (
+        _simulate_once(cfg, _with_depth(config, d), seq_len, device_type, precision, targets)
+        for d in SHORT_DEPTHS
+    )
+    extra = layers - SHORT_DEPTHS[-1]
+    step = SHORT_DEPTHS[-1] - SHORT_DEPTHS[0]
+
+    def grow(x: int, y: int) -> int:
+        return y + (y - x) * extra // step
+
+    return Simulation(
+        peak_bytes=grow(a.peak_bytes, b.peak_bytes),
+        weights_bytes=grow(a.weights_bytes, b.weights_bytes),
+        flops_per_step=grow(a.flops_per_step, b.flops_per_step),
+        trainable_params=grow(a.trainable_params, b.trainable_params),
+        total_params=grow(a.total_params, b.total_params),
+        layers_simulated=SHORT_DEPTHS,
+    )
+
+
+def with_overrides(cfg: Config, **sections) -> Config:
+    """A copy of cfg with some keys of some sections replaced, e.g. memory={"optimizer": ...}."""
+    return dataclasses.replace(
+        cfg,
+        **{
+            name: dataclasses.replace(getattr(cfg, name), **keys) for name, keys in sections.items()
+        },
+    )
