@@ -117,3 +117,33 @@ def test_cuda_plan_rounds_like_the_caching_allocator():
     cuda = simulate(cfg, small_config(), 64, device_type="cuda", precision="fp32", extend=False)
     assert cpu.peak_bytes < cuda.peak_bytes < cpu.peak_bytes * 1.2
     assert cuda.peak_bytes % 512 == 0
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])  # small weights (fp32 states), large (8-bit)
+@pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw8bit", "lion8bit"])
+def test_8bit_stand_in_allocates_what_bitsandbytes_allocates(name, method):
+    """On CPU, bitsandbytes' real optimizer state against the planner's stand-in."""
+    from snug.plan.simulate import _optimizer
+
+    def state_bytes(optimizer) -> int:
+        return sum(
+            v.untyped_storage().nbytes()
+            for state in optimizer.state.values()
+            for v in state.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
+
+    cfg = plan_config(method, False, optimizer=name)
+    sizes = []
+    for stand_in in (False, True):
+        model = apply_method(AutoModelForCausalLM.from_config(small_config()), cfg.method)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn_like(p)
+        if stand_in:
+            optimizer = _optimizer(model, cfg, "cpu")
+        else:
+            optimizer = build_optimizer(model, cfg.memory, cfg.train)
+        optimizer.step()
+        sizes.append(state_bytes(optimizer))
+    assert sizes[0] == sizes[1] > 0

@@ -54,6 +54,48 @@ class Simulation:
     layers_simulated: tuple[int, ...]
 
 
+class EightBitStandIn(torch.optim.Optimizer):
+    """bitsandbytes' 8-bit optimizers read device scalars and cannot run on fake tensors; this
+    stands in with the same state tensors (uint8 moments with a 256-entry fp32 code book and one
+    fp32 absmax per block of 256 for weights of at least 4,096 elements, fp32 moments below
+    that, as bitsandbytes 0.50 allocates them; `tests/test_plan.py` compares) and updates in
+    place as its fused kernel does. Paged states live in CUDA unified memory, outside what the
+    caching allocator counts, so on CUDA they are not allocated here."""
+
+    MIN_8BIT_SIZE, BLOCK = 4096, 256
+
+    def __init__(self, params, lr: float, moments: int, paged: bool) -> None:
+        super().__init__(params, {"lr": lr})
+        self.moments, self.paged = moments, paged
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state and not self.paged:
+                    for i in range(1, self.moments + 1):
+                        if p.numel() >= self.MIN_8BIT_SIZE:
+                            state[f"state{i}"] = torch.zeros_like(p, dtype=torch.uint8)
+                            state[f"qmap{i}"] = torch.zeros(256, dtype=torch.float32)
+                            blocks = -(-p.numel() // self.BLOCK)
+                            state[f"absmax{i}"] = torch.zeros(blocks, dtype=torch.float32)
+                        else:
+                            state[f"state{i}"] = torch.zeros_like(p, dtype=torch.float32)
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.optim.Optimizer:
+    name = cfg.memory.optimizer
+    if name not in ("adamw8bit", "paged_adamw8bit", "lion8bit"):
+        return build_optimizer(model, cfg.memory, cfg.train, cfg.method.lora_plus_ratio)
+    params = [p for p in model.parameters() if p.requires_grad]
+    paged = name.startswith("paged") and device_type == "cuda"  # CPU bitsandbytes does not page
+    return EightBitStandIn(params, cfg.train.lr, 1 if name == "lion8bit" else 2, paged)
+
+
 def _with_depth(config: PretrainedConfig, layers: int) -> PretrainedConfig:
     config = copy.deepcopy(config)
     config.num_hidden_layers = layers
@@ -106,6 +148,10 @@ def _simulate_once(
     model.train()
     trainable, total = count_params(model)
     opts = step_options(cfg, device, precision)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        # torch turns CUDA autocast off without a GPU; CPU autocast casts the same matmuls to
+        # the same half type, which is what the fake step needs to allocate like a GPU run.
+        opts = dataclasses.replace(opts, device_type="cpu")
     b, t = cfg.train.micro_batch, seq_len
     n_targets = b * (t - 1) if targets is None else min(targets, b * (t - 1))
     tracker = TensorMemoryTracker(CUDA_ROUNDING if device_type == "cuda" else 1)
@@ -127,7 +173,7 @@ def _simulate_once(
         with tracker:
             tracker.track(model_tensors(model))
             weights = tracker.live
-            optimizer = build_optimizer(model, cfg.memory, cfg.train, cfg.method.lora_plus_ratio)
+            optimizer = _optimizer(model, cfg, device_type)
             step()  # creates the optimizer state
             step()  # the steady state
         # FLOPs in a third step of their own: the counter's module hooks keep tensors alive

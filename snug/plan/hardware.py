@@ -1,0 +1,132 @@
+"""What the planner plans for: the model's architecture and the device.
+
+Models: a local directory, a `config.json`, a name from the bundled catalog
+(`snug/models/catalog/models/`, keyed by hub id such as `meta-llama/Llama-3.2-3B`), or a hub id
+(config only, when the hub is reachable). Devices: a GPU name from the bundled table
+(`snug/models/catalog/gpus.csv`), matched loosely, a memory size such as `24GiB`, or the CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, PretrainedConfig
+
+from snug.plan.simulate import PlanError
+
+CATALOG = Path(__file__).resolve().parent.parent / "models" / "catalog"
+GIB = 2**30
+
+
+def catalog_models() -> list[str]:
+    """Hub ids of the bundled model configs."""
+    return sorted(p.stem.replace("__", "/", 1) for p in (CATALOG / "models").glob("*.json"))
+
+
+def model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    path = Path(name)
+    if path.is_file():  # a config.json
+        raw = json.loads(path.read_text())
+    elif (CATALOG / "models" / (name.replace("/", "__", 1) + ".json")).is_file():
+        raw = json.loads((CATALOG / "models" / (name.replace("/", "__", 1) + ".json")).read_text())
+    else:
+        try:  # a local model directory, or a hub id when the hub is reachable
+            return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            close = [m for m in catalog_models() if name.lower().split("/")[-1] in m.lower()]
+            hint = f"; bundled: {', '.join(close)}" if close else " (snug plan --list-models)"
+            raise PlanError(
+                f"--model {name}: not a config.json, a model directory, a bundled model or a "
+                f"reachable hub id ({str(e).splitlines()[0][:120]}){hint}."
+            ) from None
+    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    if "model_type" not in raw:
+        raise PlanError(f"--model {name}: the config has no model_type.")
+    config = AutoConfig.for_model(**raw)
+    if hasattr(config, "text_config") and not hasattr(config, "num_hidden_layers"):
+        raise PlanError(f"--model {name}: multimodal configs are not planned yet.")
+    return config
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    type: str  # "cuda" | "cpu"
+    memory_bytes: int | None  # per device; None: no budget (plan without a fit verdict)
+    count: int = 1
+    bf16_tflops: float | None = None  # dense, fp32 accumulate
+    fp16_tflops: float | None = None
+    fp32_tflops: float | None = None
+    bandwidth_gbs: float | None = None
+    supports_bf16: bool = True
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "memory_bytes": self.memory_bytes, "count": self.count}
+
+
+def gpu_table() -> list[dict]:
+    with open(CATALOG / "gpus.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _words(text: str) -> list[str]:
+    text = text.lower().replace("geforce", " ").replace("nvidia", " ")
+    return re.findall(r"[a-z]+|\d+", text)
+
+
+def parse_memory(text: str) -> int | None:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb)\s*", text.lower())
+    if not m:
+        return None
+    value, unit = float(m.group(1)), m.group(2)
+    scale = {"gib": GIB, "g": GIB, "gb": 10**9, "mib": 2**20, "mb": 10**6}[unit]
+    return int(value * scale)
+
+
+def _num(row: dict, key: str) -> float | None:
+    return float(row[key]) if row.get(key) else None
+
+
+def find_gpu(query: str, count: int = 1) -> Device:
+    """A GPU by a loose name ("4090", "RTX 4090", "a100 80gb", "h100"), or a memory size
+    ("24GiB"). An ambiguous name lists the matches."""
+    memory = parse_memory(query)
+    if memory is not None:
+        return Device(name=query.strip(), type="cuda", memory_bytes=memory, count=count)
+    want = _words(query)
+    rows = gpu_table()
+    hits = [r for r in rows if all(w in _words(r["name"]) for w in want)]
+    exact = [r for r in hits if _words(r["name"]) == want]
+    if len(hits) > 1 and not exact:
+        # "a100" matches 40GB and 80GB; prefer none silently
+        names = "; ".join(r["name"] for r in hits)
+        raise PlanError(f"--gpu {query!r} matches several GPUs: {names}. Name one.")
+    if not hits:
+        raise PlanError(
+            f"--gpu {query!r} is not in the bundled table; give a memory size such as 24GiB, "
+            f"or one of: {', '.join(r['name'] for r in rows)}."
+        )
+    row = (exact or hits)[0]
+    return Device(
+        name=row["name"],
+        type="cuda",
+        # Usable memory: nominal GiB less the 2% CUDA keeps (an A100 40GB reports 39.49 GiB).
+        memory_bytes=int(float(row["memory_gib_usable_nominal"]) * GIB * 0.98),
+        count=count,
+        bf16_tflops=_num(row, "bf16_dense_tflops"),
+        fp16_tflops=_num(row, "fp16_dense_tflops"),
+        fp32_tflops=_num(row, "fp32_tflops"),
+        bandwidth_gbs=_num(row, "mem_bandwidth_gbs"),
+        supports_bf16=row["supports_bf16"] == "true",
+    )
+
+
+def cpu_device(memory: int | None = None) -> Device:
+    import psutil
+
+    total = memory or psutil.virtual_memory().total
+    return Device(name="cpu", type="cpu", memory_bytes=total)
