@@ -16,9 +16,18 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from snug.data.templates import TemplateError
     from snug.deploy.merge import MergeError
     from snug.models.load import ModelLoadError
+    from snug.plan.simulate import PlanError
     from snug.train.loop import OutputDirError
 
-    return (ConfigError, DataError, TemplateError, ModelLoadError, OutputDirError, MergeError)
+    return (
+        ConfigError,
+        DataError,
+        TemplateError,
+        ModelLoadError,
+        OutputDirError,
+        MergeError,
+        PlanError,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -29,6 +38,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = run_training(cfg)
     return 0 if summary["status"] == "completed" else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from snug.plan.report import cmd_plan as run
+
+    return run(args)
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from snug.plan.report import cmd_measure as run
+
+    return run(args)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -75,6 +96,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one config key, e.g. train.lr=1e-4",
     )
     train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser(
+        "plan",
+        help="predict peak memory and step time before training; search what fits",
+        description="Replays snug's training step on fake tensors (no weights, no GPU) and "
+        "reports the peak tensor memory, what the device must hold, FLOPs and a step-time "
+        "estimate. Without CONFIG or --method, or with --search, searches methods, "
+        "checkpointing, optimizers and micro-batches for the fastest that fits.",
+    )
+    plan.add_argument("config", nargs="?", help="YAML config (optional)")
+    plan.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    plan.add_argument("--model", help="catalog name (see --list-models), config.json, dir, hub id")
+    plan.add_argument("--gpu", help="GPU name from the bundled table (e.g. 4090) or a size (24GiB)")
+    plan.add_argument("--device", choices=["cpu"], help="plan for this machine's CPU")
+    plan.add_argument("--num-gpus", type=int, default=1, help="GPUs (1 until dist lands)")
+    plan.add_argument("--seq-len", type=int, help="tokens per sample (default: from the data)")
+    plan.add_argument("--micro-batch", type=int, help="micro-batch size")
+    plan.add_argument("--method", help="plan this method (no search unless --search)")
+    plan.add_argument("--search", action="store_true", help="search for the fastest that fits")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--write-config", metavar="OUT.yaml", help="write the chosen config")
+    plan.add_argument("--list-models", action="store_true", help="list the bundled model configs")
+    plan.set_defaults(func=cmd_plan)
+
+    measure = sub.add_parser(
+        "measure",
+        help="run a few real steps and print the measured peak next to the plan's",
+        description="Runs N real training steps of CONFIG (outputs in a temporary directory) "
+        "and prints the measured peak memory and step time next to the predicted ones.",
+    )
+    measure.add_argument("config", help="YAML config")
+    measure.add_argument("overrides", nargs="*", metavar="section.key=value")
+    measure.add_argument("--steps", type=int, default=3, help="real optimizer steps (default 3)")
+    measure.add_argument("--seq-len", type=int, help="tokens per sample to plan for")
+    measure.add_argument("--json", action="store_true", help="print JSON")
+    measure.set_defaults(func=cmd_measure)
 
     merge = sub.add_parser(
         "merge",

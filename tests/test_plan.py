@@ -61,7 +61,9 @@ def measured_peak(cfg, config, seq_len: int) -> int:
     return tracker.peak
 
 
-def plan_config(method: str, gc: bool, chunked: bool = True, optimizer: str = "adamw"):
+def plan_config(
+    method: str, gc: bool, chunked: bool = True, optimizer: str = "adamw", accum: int = 2
+):
     return load_config(
         None,
         [
@@ -70,41 +72,44 @@ def plan_config(method: str, gc: bool, chunked: bool = True, optimizer: str = "a
             f"memory.chunked_loss={str(chunked).lower()}",
             f"memory.optimizer={optimizer}",
             "train.micro_batch=2",
-            "train.grad_accum=2",
+            f"train.grad_accum={accum}",
         ],
     )
 
 
 @pytest.mark.parametrize(
-    "family,method,gc,chunked",
+    "family,method,gc,chunked,accum",
     [
-        ("llama", "lora", True, True),
-        ("llama", "lora", False, False),
-        ("llama", "full", True, True),
-        ("llama", "full", False, True),
-        ("llama", "dora", True, True),
-        ("llama", "ia3", False, True),
-        ("llama", "prompt", True, True),
-        ("llama", "adapter", True, True),
-        ("qwen2", "lora", True, True),
-        ("mistral", "lora", False, True),
+        ("llama", "lora", True, True, 4),  # two simulated micro-batches stand for four
+        ("llama", "lora", False, False, 2),
+        ("llama", "full", True, True, 2),
+        ("llama", "full", False, True, 2),
+        ("llama", "dora", True, True, 2),
+        ("llama", "ia3", False, True, 2),
+        ("llama", "prompt", True, True, 2),
+        ("llama", "adapter", True, True, 2),
+        ("qwen2", "lora", True, True, 2),
+        ("mistral", "lora", False, True, 2),
     ],
 )
-def test_fake_replay_predicts_the_real_peak_exactly(family, method, gc, chunked):
-    cfg = plan_config(method, gc, chunked)
+def test_fake_replay_predicts_the_real_peak_exactly(family, method, gc, chunked, accum):
+    cfg = plan_config(method, gc, chunked, accum=accum)
     config = small_config(family)
     predicted = simulate(cfg, config, 128, device_type="cpu", extend=False)
     assert predicted.peak_bytes == measured_peak(cfg, config, 128)
     assert predicted.flops_per_step > 0
 
 
-@pytest.mark.parametrize("method,gc", [("lora", True), ("full", False), ("adapter", True)])
+@pytest.mark.parametrize(
+    "method,gc", [("lora", True), ("full", False), ("adapter", True), ("freeze", True)]
+)
 def test_extending_two_short_depths_equals_the_whole_model(method, gc):
     cfg = plan_config(method, gc)
     deep = small_config(layers=7)
     whole = simulate(cfg, deep, 64, device_type="cpu", extend=False)
     extended = simulate(cfg, deep, 64, device_type="cpu", extend=True)
-    assert extended.layers_simulated == (2, 3)
+    # freeze: the top trainable_layers (2) train, and each layer added below them is frozen
+    assert extended.layers_simulated == ((3, 4) if method == "freeze" else (2, 3))
     assert extended.peak_bytes == whole.peak_bytes
     assert extended.total_params == whole.total_params
     assert extended.trainable_params == whole.trainable_params

@@ -49,6 +49,7 @@ class Simulation:
     peak_bytes: int  # tracked peak of live tensor storage during two optimizer steps
     weights_bytes: int  # the model's tensors before the first step (weights and buffers)
     flops_per_step: int  # forward + backward (+ recomputation) of one optimizer step
+    optimizer_bytes: int  # optimizer state after the steps
     trainable_params: int
     total_params: int
     layers_simulated: tuple[int, ...]
@@ -127,6 +128,7 @@ def _simulate_once(
     device_type: str,
     precision: str,
     targets: int | None,
+    count_flops: bool = True,
 ) -> Simulation:
     if cfg.model.quant != "none":
         raise PlanError(
@@ -159,31 +161,47 @@ def _simulate_once(
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_rows(not cfg.data.packing):
         model.to_empty(device="cpu")
 
-        def step() -> None:
+        def batch() -> dict:
             # What the collate step gives a row of seq_len real tokens (no padding, so no mask)
-            micro = []
-            for _ in range(cfg.train.grad_accum):
-                ids = torch.zeros((b, t), dtype=torch.long)
-                targets_at = torch.zeros(n_targets, dtype=torch.long)
-                micro.append(
-                    {"input_ids": ids, "labels": ids.clone(), "target_positions": targets_at}
-                )
-            train_step(model, optimizer, micro, opts)
+            ids = torch.zeros((b, t), dtype=torch.long)
+            targets_at = torch.zeros(n_targets, dtype=torch.long)
+            return {"input_ids": ids, "labels": ids.clone(), "target_positions": targets_at}
+
+        def step(n_micro: int, held: int = 0) -> None:
+            # The loop collates every micro-batch of a step before it starts: `held` more
+            # batches stay alive (and are counted) without being run.
+            waiting = [batch() for _ in range(held)]
+            train_step(model, optimizer, [batch() for _ in range(n_micro)], opts)
+            del waiting
 
         with tracker:
             tracker.track(model_tensors(model))
             weights = tracker.live
             optimizer = _optimizer(model, cfg, device_type)
-            step()  # creates the optimizer state
-            step()  # the steady state
+            # Memory: the second micro-batch of a step is the first to add into existing
+            # gradients, and every later one repeats it, so two stand for any accumulation.
+            accum = min(cfg.train.grad_accum, 2)
+            held = cfg.train.grad_accum - accum
+            step(accum, held)  # creates the optimizer state
+            step(accum, held)  # the steady state
+            optimizer_bytes = sum(
+                {
+                    id(v.untyped_storage()): v.untyped_storage().nbytes()
+                    for state in optimizer.state.values()
+                    for v in state.values()
+                    if torch.is_tensor(v)
+                }.values()
+            )
         # FLOPs in a third step of their own: the counter's module hooks keep tensors alive
         # under checkpointing, which would change the peak.
-        with flops:
-            step()
+        if count_flops:  # one micro-batch's work, times the accumulation
+            with flops:
+                step(1)
     return Simulation(
         peak_bytes=tracker.peak,
         weights_bytes=weights,
-        flops_per_step=flops.get_total_flops(),
+        flops_per_step=flops.get_total_flops() * cfg.train.grad_accum,
+        optimizer_bytes=optimizer_bytes,
         trainable_params=trainable,
         total_params=total,
         layers_simulated=(config.num_hidden_layers,),
@@ -198,21 +216,30 @@ def simulate(
     precision: str | None = None,
     targets: int | None = None,
     extend: bool = True,
+    count_flops: bool = True,
 ) -> Simulation:
     """Peak bytes and FLOPs of `snug train` with `cfg` on a model of `config`, micro-batches of
     `cfg.train.micro_batch` x `seq_len` tokens, `targets` loss-carrying positions per
-    micro-batch (default: all). `extend`: simulate two short depths and extend linearly."""
+    micro-batch (default: all). `extend`: simulate two short depths and extend linearly.
+    `count_flops=False` skips the FLOP-counting step (flops_per_step is then 0)."""
     precision = precision or ("bf16-mixed" if device_type == "cuda" else "fp32")
     layers = config.num_hidden_layers
-    if not extend or layers <= SHORT_DEPTHS[-1] or cfg.method.name == "freeze":
-        # freeze trains the top N layers: the trainable set does not grow with depth alike
-        return _simulate_once(cfg, config, seq_len, device_type, precision, targets)
+    depths = SHORT_DEPTHS
+    if cfg.method.name == "freeze":
+        # The top N layers train: simulate N+1 and N+2 layers, each added layer is frozen.
+        if cfg.method.trainable_modules:
+            extend = False  # patterns may pick any layer: no uniform growth to rely on
+        depths = (cfg.method.trainable_layers + 1, cfg.method.trainable_layers + 2)
+    if not extend or layers <= depths[-1]:
+        return _simulate_once(cfg, config, seq_len, device_type, precision, targets, count_flops)
     a, b = (
-        _simulate_once(cfg, _with_depth(config, d), seq_len, device_type, precision, targets)
-        for d in SHORT_DEPTHS
+        _simulate_once(
+            cfg, _with_depth(config, d), seq_len, device_type, precision, targets, count_flops
+        )
+        for d in depths
     )
-    extra = layers - SHORT_DEPTHS[-1]
-    step = SHORT_DEPTHS[-1] - SHORT_DEPTHS[0]
+    extra = layers - depths[-1]
+    step = depths[-1] - depths[0]
 
     def grow(x: int, y: int) -> int:
         return y + (y - x) * extra // step
@@ -221,9 +248,10 @@ def simulate(
         peak_bytes=grow(a.peak_bytes, b.peak_bytes),
         weights_bytes=grow(a.weights_bytes, b.weights_bytes),
         flops_per_step=grow(a.flops_per_step, b.flops_per_step),
+        optimizer_bytes=grow(a.optimizer_bytes, b.optimizer_bytes),
         trainable_params=grow(a.trainable_params, b.trainable_params),
         total_params=grow(a.total_params, b.total_params),
-        layers_simulated=SHORT_DEPTHS,
+        layers_simulated=depths,
     )
 
 

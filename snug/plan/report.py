@@ -1,0 +1,203 @@
+"""`snug plan` and `snug measure`: inputs resolved, the plan printed as a table or JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from snug.config import Config, load_config, save_config
+from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
+from snug.plan.search import Candidate, _rate, plan_one, precision_for, recommend, search
+from snug.plan.simulate import PlanError, simulate
+
+
+def resolve_device(args, cfg: Config) -> Device:
+    if args.num_gpus > 1:
+        raise PlanError("--num-gpus above 1 needs dist.strategy, which is not available yet.")
+    if args.device == "cpu":
+        return cpu_device()
+    gpu = args.gpu or cfg.memory.gpu
+    if not gpu:
+        raise PlanError("name the device: --gpu NAME (e.g. 'RTX 4090' or 24GiB) or --device cpu.")
+    return find_gpu(gpu, args.num_gpus)
+
+
+def sequence_length(args, cfg: Config, has_config: bool) -> tuple[int, str]:
+    """--seq-len, else the longest sample of the config's data (cutoff_len with packing),
+    else cutoff_len."""
+    if args.seq_len:
+        return args.seq_len, "--seq-len"
+    if cfg.data.packing:
+        return cfg.data.cutoff_len, "data.cutoff_len (packed rows)"
+    if has_config:
+        try:
+            from snug.data.dataset import build_datasets
+            from snug.models.load import load_tokenizer
+
+            tok = load_tokenizer(cfg.model)
+            train, _, _ = build_datasets(
+                cfg.data, tok, cfg.train.stage, cfg.train.seed, cfg.model.name_or_path
+            )
+            return max(len(x) for x in train["input_ids"]), "longest tokenized sample of data.train"
+        except Exception:  # no tokenizer or data here: plan for the cutoff
+            pass
+    return cfg.data.cutoff_len, "data.cutoff_len"
+
+
+def _gib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**30:.2f}"
+
+
+def print_table(console: Console, cands: list[Candidate], device: Device, title: str) -> None:
+    table = Table(title=title)
+    for col in ("candidate", "peak GiB", "reserved GiB", "fits", "trainable", "step s", "tokens/s"):
+        table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=True)
+    for c in cands:
+        if c.error:
+            table.add_row(c.name, "—", "—", "—", "—", "—", c.error[:60])
+            continue
+        table.add_row(
+            c.name,
+            _gib(c.peak_bytes),
+            _gib(c.reserved_bytes),
+            {True: "yes", False: "no", None: "—"}[c.fits],
+            f"{c.sim.trainable_params:,}",
+            "—" if c.step_seconds is None else f"{c.step_seconds:.2f}",
+            "—" if c.tokens_per_second is None else f"{c.tokens_per_second:,.0f}",
+        )
+    console.print(table)
+    if device.memory_bytes:
+        console.print(f"device: {device.name}, {_gib(device.memory_bytes)} GiB usable")
+
+
+def cmd_plan(args) -> int:
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # the table's columns stay whole in logs and pipes
+    if args.list_models:
+        from snug.plan.hardware import catalog_models
+
+        console.print("\n".join(catalog_models()))
+        return 0
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name_or_path={args.model}")
+    if args.method:
+        overrides.append(f"method.name={args.method}")
+    if args.micro_batch:
+        overrides.append(f"train.micro_batch={args.micro_batch}")
+    cfg = load_config(args.config, overrides)
+    config = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    device = resolve_device(args, cfg)
+    seq_len, seq_source = sequence_length(args, cfg, args.config is not None)
+    searching = args.search or (args.config is None and args.method is None)
+    if searching:
+        cands = search(cfg, config, device, seq_len)
+        choice, why = recommend(cands)
+    else:
+        cands = [plan_one(cfg, config, device, seq_len)]
+        choice, why = (cands[0], "the configuration as given") if cands[0].fits else (None, "")
+    result = {
+        "model": cfg.model.name_or_path,
+        "device": device.as_dict(),
+        "seq_len": seq_len,
+        "seq_len_from": seq_source,
+        "precision": precision_for(device),
+        "candidates": [c.as_dict() for c in cands],
+        "best": cands.index(choice) if choice is not None else None,
+        "why": why,
+    }
+    if args.write_config and choice is not None:
+        path = Path(args.write_config)
+        if path.exists():
+            raise PlanError(f"--write-config {path} exists; name a new file.")
+        save_config(choice.cfg, path)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0 if choice is not None else 1
+    title = f"{cfg.model.name_or_path}, {seq_len} tokens per sample ({seq_source})"
+    print_table(console, cands, device, title)
+    if choice is not None:
+        console.print(f"recommended: [bold]{choice.name}[/bold] — {why}")
+        if args.write_config:
+            console.print(f"wrote {args.write_config}")
+    else:
+        console.print("nothing fits" + (f": {why}" if why else ""))
+    return 0 if choice is not None else 1
+
+
+def cmd_measure(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    seq_len, seq_source = sequence_length(args, cfg, True)
+    result = measure(cfg, args.steps, seq_len, seq_source)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"peak: predicted {_gib(result['predicted_peak_bytes'])} GiB, measured "
+        f"{_gib(result['measured_peak_bytes'])} GiB ({100 * result['error']:+.2f}%), "
+        f"{result['steps']} steps of {seq_len} tokens per sample ({seq_source}) on "
+        f"{result['device']}; plan took {result['plan_seconds']} s"
+    )
+    if result["predicted_step_seconds"] is not None:
+        print(
+            f"step: predicted {result['predicted_step_seconds']:.3f} s, measured "
+            f"{result['measured_step_seconds']:.3f} s"
+        )
+    return 0
+
+
+def measure(cfg: Config, steps: int, seq_len: int, seq_source: str = "given") -> dict:
+    """N real steps of the config; measured peak and step time next to the plan's."""
+    import time
+
+    from snug.models.load import resolve_device as train_device
+    from snug.models.load import resolve_precision
+    from snug.train.loop import run_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_cfg = dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(cfg.train, max_steps=steps, eval_generate=0),
+            data=dataclasses.replace(cfg.data, eval=None, val_size=0.0),
+            output=dataclasses.replace(cfg.output, dir=str(Path(tmp) / "run"), save_every=None),
+        )
+        device = train_device(run_cfg)
+        precision = resolve_precision(run_cfg, device)
+        started = time.perf_counter()
+        predicted = simulate(
+            run_cfg,
+            model_config(cfg.model.name_or_path),
+            seq_len,
+            device.type,
+            precision,
+            extend=False,
+        )
+        plan_seconds = time.perf_counter() - started
+        summary = run_training(run_cfg, Console(quiet=True))
+        rate = _rate(cpu_device(), "fp32") if device.type == "cpu" else None
+    measured = summary["peak_memory"]
+    result = {
+        "steps": summary["steps"],
+        "seq_len": seq_len,
+        "seq_len_from": seq_source,
+        "device": measured["device"],
+        "predicted_peak_bytes": predicted.peak_bytes,
+        "measured_peak_bytes": measured["measured_bytes"],
+        "error": (predicted.peak_bytes - measured["measured_bytes"]) / measured["measured_bytes"],
+        "measured_reserved_bytes": measured.get("reserved_bytes"),
+        "peak_rss_above_start_bytes": measured.get("peak_rss_bytes", 0)
+        - measured.get("rss_before_training_bytes", 0)
+        if "peak_rss_bytes" in measured
+        else None,
+        "plan_seconds": round(plan_seconds, 2),
+        "tokens_per_second": summary.get("tokens_per_second"),
+        "measured_step_seconds": summary["train_seconds"] / max(summary["steps"], 1),
+        "predicted_step_seconds": predicted.flops_per_step / rate if rate else None,
+    }
+    return result

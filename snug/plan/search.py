@@ -1,0 +1,287 @@
+"""Candidates, their predicted peak and step time, and the search for the fastest that fits."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PretrainedConfig
+
+from snug.config import Config
+from snug.plan.hardware import GIB, Device
+from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
+
+# Terms between the allocator's peak and what the device must hold. Not yet calibrated on a GPU
+# (none was lent while this was written); the sources say where each number comes from.
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspace with torch, typical
+FRAGMENTATION = 0.05  # caching-allocator blocks held but unused at the peak, typical
+# Share of the device's dense rate a fine-tuning step reaches (model FLOPs utilisation);
+# 0.4 is typical of published LoRA/full fine-tune runs. Uncalibrated until a GPU is measured.
+GPU_EFFICIENCY = 0.4
+METHODS = ("full", "freeze", "lora", "dora", "ia3", "prefix", "prompt", "adapter")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
+# Quality order from benchmarks/results/methods-2026-11-25.md (held-out exact match).
+QUALITY = ("lora", "dora", "full", "freeze", "ia3", "adapter", "prefix", "prompt")
+
+
+@dataclass
+class Candidate:
+    cfg: Config
+    name: str
+    sim: Simulation | None = None
+    error: str | None = None
+    reserved_terms: dict = field(default_factory=dict)
+    step_seconds: float | None = None
+    tokens_per_second: float | None = None
+    fits: bool | None = None
+
+    @property
+    def peak_bytes(self) -> int | None:
+        return self.sim.peak_bytes if self.sim else None
+
+    @property
+    def reserved_bytes(self) -> int | None:
+        return self.peak_bytes + sum(self.reserved_terms.values()) if self.sim else None
+
+    def as_dict(self) -> dict:
+        s = self.sim
+        return {
+            "name": self.name,
+            "config": {
+                "method": {"name": self.cfg.method.name},
+                "memory": {
+                    "grad_checkpointing": self.cfg.memory.grad_checkpointing,
+                    "offload_activations": self.cfg.memory.offload_activations,
+                    "chunked_loss": self.cfg.memory.chunked_loss,
+                    "optimizer": self.cfg.memory.optimizer,
+                },
+                "train": {"micro_batch": self.cfg.train.micro_batch},
+            },
+            "peak_bytes": self.peak_bytes,
+            "reserved_bytes": self.reserved_bytes,
+            "reserved_terms": self.reserved_terms,
+            "fits": self.fits,
+            "trainable_params": s.trainable_params if s else None,
+            "total_params": s.total_params if s else None,
+            "breakdown": {
+                "weights": s.weights_bytes,
+                "optimizer": s.optimizer_bytes,
+                "activations_gradients_temporary": s.peak_bytes
+                - s.weights_bytes
+                - s.optimizer_bytes,
+            }
+            if s
+            else None,
+            "flops_per_step": s.flops_per_step if s else None,
+            "step_seconds": self.step_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "error": self.error,
+        }
+
+
+def candidate_name(cfg: Config) -> str:
+    m = cfg.memory
+    gc = ("gc+offload" if m.offload_activations else "gc") if m.grad_checkpointing else "no-gc"
+    method = cfg.method.name + (f" r{cfg.method.r}" if cfg.method.name in ("lora", "dora") else "")
+    return f"{method} {gc} {m.optimizer} mb{cfg.train.micro_batch}"
+
+
+def _cpu_rate() -> float:
+    """This CPU's fp32 matmul rate (FLOP/s), measured now: a few 1024 x 1024 products."""
+    a = torch.randn(1024, 1024)
+    a @ a
+    started, n = time.perf_counter(), 8
+    for _ in range(n):
+        a @ a
+    return n * 2 * 1024**3 / (time.perf_counter() - started)
+
+
+def _rate(device: Device, precision: str) -> float | None:
+    if device.type == "cpu":
+        return _cpu_rate()
+    tflops = {
+        "bf16": device.bf16_tflops,
+        "fp16": device.fp16_tflops,
+        "fp32": device.fp32_tflops,
+    }[precision.split("-")[0]]
+    return tflops * 1e12 * GPU_EFFICIENCY if tflops else None
+
+
+def precision_for(device: Device) -> str:
+    if device.type == "cpu":
+        return "fp32"
+    return "bf16-mixed" if device.supports_bf16 else "fp16-mixed"
+
+
+def evaluate(
+    cand: Candidate,
+    config: PretrainedConfig,
+    device: Device,
+    seq_len: int,
+    rate: float | None,
+    count_flops: bool = True,
+) -> Candidate:
+    precision = precision_for(device)
+    try:
+        cand.sim = simulate(
+            cand.cfg, config, seq_len, device.type, precision, count_flops=count_flops
+        )
+    except PlanError as e:
+        cand.error = str(e)
+        return cand
+    except Exception as e:  # a method/model pair the step cannot run: say so, keep searching
+        cand.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return cand
+    if device.type == "cuda":
+        cand.reserved_terms = {
+            "cuda_context": CUDA_CONTEXT_BYTES,
+            "fragmentation": int(FRAGMENTATION * cand.sim.peak_bytes),
+        }
+    if device.memory_bytes is not None:
+        cand.fits = cand.reserved_bytes <= device.memory_bytes
+    if rate:
+        compute = cand.sim.flops_per_step / rate
+        memory = 0.0
+        if device.bandwidth_gbs:  # weights are read in forward, backward and recomputation
+            memory = 3 * cand.sim.weights_bytes / (device.bandwidth_gbs * 1e9)
+        cand.step_seconds = max(compute, memory)
+        tokens = cand.cfg.train.micro_batch * cand.cfg.train.grad_accum * seq_len
+        cand.tokens_per_second = tokens / cand.step_seconds
+    return cand
+
+
+def plan_one(cfg: Config, config: PretrainedConfig, device: Device, seq_len: int) -> Candidate:
+    rate = _rate(device, precision_for(device))
+    return evaluate(Candidate(cfg, candidate_name(cfg)), config, device, seq_len, rate)
+
+
+def _variants(cfg: Config, method: str, device: Device) -> list[Config]:
+    """Memory settings to try for a method, cheapest in time first: checkpointing off, then on;
+    the optimizer stays AdamW (for full and freeze the 8-bit ones and Adafactor come in when
+    AdamW does not fit); activation offload comes in on a GPU when nothing else fits."""
+    gcs = [(False, False)] if method == "prefix" else [(False, False), (True, False)]
+    return [
+        with_overrides(
+            cfg,
+            method={"name": method},
+            memory={
+                "grad_checkpointing": gc,
+                "offload_activations": offload,
+                "optimizer": "adamw",
+                "chunked_loss": True,
+            },
+        )
+        for gc, offload in gcs
+    ]
+
+
+def _fallbacks(variant: Config, method: str, device: Device) -> list[Config]:
+    """What to try when a variant does not fit even at micro-batch 1."""
+    out = []
+    if method in ("full", "freeze") and variant.memory.optimizer == "adamw":
+        out += [with_overrides(variant, memory={"optimizer": o}) for o in OPTIMIZERS[1:]]
+    if (
+        device.type == "cuda"
+        and variant.memory.grad_checkpointing
+        and not variant.memory.offload_activations
+    ):
+        out.append(with_overrides(variant, memory={"offload_activations": True}))
+    return out
+
+
+def _largest_fitting_micro_batch(
+    variant: Config, config, device: Device, seq_len: int, rate, effective: int, cap: int
+) -> Candidate | None:
+    """Peak is linear in the micro-batch (every activation scales with it): simulate 1 and 2,
+    take the largest power of two the line says fits, then simulate that one to confirm
+    (halving while it does not)."""
+
+    def at(b: int, flops: bool = True) -> Candidate:
+        trial = with_overrides(
+            variant, train={"micro_batch": b, "grad_accum": max(1, effective // b)}
+        )
+        cand = Candidate(trial, candidate_name(trial))
+        return evaluate(cand, config, device, seq_len, rate if flops else None, count_flops=flops)
+
+    one = at(1)
+    if one.error or not one.fits:
+        return one
+    two = at(2, flops=False)
+    if two.error or not two.fits:
+        return one
+    slope = two.reserved_bytes - one.reserved_bytes
+    b = 2
+    while b * 2 <= cap and one.reserved_bytes + slope * (b * 2 - 1) <= device.memory_bytes:
+        b *= 2
+    while b > 2:
+        cand = at(b)
+        if cand.fits:
+            return cand
+        b //= 2
+    return at(2)
+
+
+def search(
+    cfg: Config,
+    config: PretrainedConfig,
+    device: Device,
+    seq_len: int,
+    methods: tuple[str, ...] = METHODS,
+    max_micro_batch: int = 64,
+) -> list[Candidate]:
+    """The fastest fitting candidate per method (or the closest miss, to show why), fastest
+    first. The chunked loss stays on (it never costs memory); the effective batch is kept:
+    grad_accum shrinks as the micro-batch grows."""
+    if device.memory_bytes is None:
+        raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
+    rate = _rate(device, precision_for(device))
+    effective = cfg.train.micro_batch * cfg.train.grad_accum
+    best: dict[str, Candidate] = {}
+    for method in methods:
+        queue = _variants(cfg, method, device)
+        while queue:
+            variant = queue.pop(0)
+            cand = _largest_fitting_micro_batch(
+                variant, config, device, seq_len, rate, effective, max_micro_batch
+            )
+            if cand.fits:
+                if _faster(cand, best.get(method)):
+                    best[method] = cand
+            else:
+                best.setdefault(method, cand)
+                if not cand.error and not any(c.fits for c in [best[method]]):
+                    queue += _fallbacks(variant, method, device)
+    return sorted(best.values(), key=_rank)
+
+
+def _faster(a: Candidate, b: Candidate | None) -> bool:
+    if b is None or not b.fits:
+        return True
+    return (a.tokens_per_second or 0) > (b.tokens_per_second or 0)
+
+
+def _rank(c: Candidate) -> tuple:
+    return (not c.fits, -(c.tokens_per_second or 0), c.peak_bytes or 0)
+
+
+def recommend(cands: list[Candidate]) -> tuple[Candidate | None, str]:
+    """One choice with its reasons: the best-quality method that fits (order from the methods
+    benchmark), then the fastest of its settings; headroom is reported."""
+    fitting = [c for c in cands if c.fits]
+    if not fitting:
+        return None, "nothing fits this device at this sequence length"
+    choice = min(fitting, key=lambda c: (QUALITY.index(c.cfg.method.name), _rank(c)))
+    reasons = [
+        f"{choice.cfg.method.name} ranks highest in quality among the methods that fit "
+        "(held-out exact match, benchmarks/results/methods-2026-11-25.md)",
+        f"its fastest fitting setting is micro-batch {choice.cfg.train.micro_batch} with "
+        + (
+            "gradient checkpointing"
+            + (" and activation offload" if choice.cfg.memory.offload_activations else "")
+            if choice.cfg.memory.grad_checkpointing
+            else "no gradient checkpointing"
+        )
+        + f" and {choice.cfg.memory.optimizer}",
+    ]
+    return choice, "; ".join(reasons)
