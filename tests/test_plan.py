@@ -152,3 +152,73 @@ def test_8bit_stand_in_allocates_what_bitsandbytes_allocates(name, method):
         optimizer.step()
         sizes.append(state_bytes(optimizer))
     assert sizes[0] == sizes[1] > 0
+
+
+def test_plan_cli_json_for_a_bundled_model_on_a_named_gpu(capsys):
+    import json
+
+    from snug.cli import main
+
+    args = ["plan", "--model", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--method", "lora"]
+    assert main([*args, "--seq-len", "256", "--micro-batch", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["device"]["name"] == "NVIDIA GeForce RTX 4090" and plan["best"] == 0
+    (cand,) = plan["candidates"]
+    assert cand["fits"] and cand["config"]["train"]["micro_batch"] == 2
+    assert cand["reserved_bytes"] > cand["peak_bytes"] > cand["breakdown"]["weights"] > 0
+    assert cand["step_seconds"] > 0 and cand["tokens_per_second"] > 0
+    # bf16 weights of a 0.5B model: about 1 GB
+    assert 0.8e9 < cand["breakdown"]["weights"] < 1.2e9
+
+
+def test_plan_search_writes_a_config_that_trains(tmp_path, capsys):
+    from snug.cli import main
+    from snug.config import load_config
+
+    out = tmp_path / "chosen.yaml"
+    code = main(
+        [
+            "plan",
+            "--model",
+            "models/tiny",
+            "--device",
+            "cpu",
+            "--search",
+            "--seq-len",
+            "64",
+            "--write-config",
+            str(out),
+        ]
+    )
+    shown = capsys.readouterr().out
+    assert code == 0 and "recommended:" in shown and out.exists()
+    chosen = load_config(out)
+    assert chosen.model.name_or_path == "models/tiny" and chosen.method.name == "lora"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gpu", "h100"], "matches several GPUs: NVIDIA H100 80GB SXM; NVIDIA H100 PCIe"),
+        (["--gpu", "potato"], "not in the bundled table"),
+        (["--model", "nobody/nothing", "--device", "cpu"], "not a config.json, a model directory"),
+        ([], "name the device"),
+    ],
+)
+def test_plan_cli_errors_are_one_line(args, message, capsys):
+    from snug.cli import main
+
+    base = ["plan", "--method", "lora", "--seq-len", "32"]
+    if "--model" not in args:
+        base += ["--model", "models/tiny"]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_gpu_names_match_loosely():
+    from snug.plan.hardware import find_gpu
+
+    assert find_gpu("RTX 4090").name == find_gpu("4090").name == "NVIDIA GeForce RTX 4090"
+    assert find_gpu("a100 80gb").name == "NVIDIA A100 80GB (SXM4)"
+    assert find_gpu("16GiB").memory_bytes == 16 * 2**30
