@@ -18,7 +18,7 @@ from snug.train.step import train_step
 
 FAMILIES = {
     "llama": {},
-    "qwen2": {},
+    "qwen2": {"tie_word_embeddings": True},  # the replay must keep tied weights tied
     "mistral": {"sliding_window": None},
 }
 

@@ -160,6 +160,7 @@ def _simulate_once(
     flops = FlopCounterMode(display=False)
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_rows(not cfg.data.packing):
         model.to_empty(device="cpu")
+        model.tie_weights()  # to_empty gives each module its own tensor: tie them again
 
         def batch() -> dict:
             # What the collate step gives a row of seq_len real tokens (no padding, so no mask)
