@@ -113,8 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--num-gpus", type=int, default=1, help="GPUs (1 until dist lands)")
     plan.add_argument("--seq-len", type=int, help="tokens per sample (default: from the data)")
     plan.add_argument("--micro-batch", type=int, help="micro-batch size")
-    plan.add_argument("--method", help="plan this method (no search unless --search)")
+    plan.add_argument(
+        "--method", help="plan this method (with --search: search only its memory settings)"
+    )
     plan.add_argument("--search", action="store_true", help="search for the fastest that fits")
+    plan.add_argument(
+        "--max-micro-batch", type=int, default=64, help="largest micro-batch to try (default 64)"
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--write-config", metavar="OUT.yaml", help="write the chosen config")
     plan.add_argument("--list-models", action="store_true", help="list the bundled model configs")

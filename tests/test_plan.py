@@ -183,9 +183,13 @@ def test_plan_search_writes_a_config_that_trains(tmp_path, capsys):
             "models/tiny",
             "--device",
             "cpu",
+            "--method",
+            "lora",
             "--search",
             "--seq-len",
             "64",
+            "--max-micro-batch",
+            "4",
             "--write-config",
             str(out),
         ]
@@ -195,13 +199,31 @@ def test_plan_search_writes_a_config_that_trains(tmp_path, capsys):
     chosen = load_config(out)
     assert chosen.model.name_or_path == "models/tiny" and chosen.method.name == "lora"
 
+    from snug.train.loop import run_training
+
+    from conftest import ROOT
+
+    run = load_config(
+        out,
+        [
+            f"model.name_or_path={ROOT / 'models/tiny'}",
+            f"data.train={ROOT / 'data/instruct/train.jsonl'}",
+            "data.eval=null",
+            "data.max_samples=64",
+            "train.max_steps=2",
+            "train.eval_generate=0",
+            f"output.dir={tmp_path / 'run'}",
+        ],
+    )
+    assert run_training(run)["status"] == "completed"
+
 
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--gpu", "h100"], "matches several GPUs: NVIDIA H100 80GB SXM; NVIDIA H100 PCIe"),
         (["--gpu", "potato"], "not in the bundled table"),
-        (["--model", "nobody/nothing", "--device", "cpu"], "not a config.json, a model directory"),
+        (["--model", "/no/such/model", "--device", "cpu"], "not a config.json, a model directory"),
         ([], "name the device"),
     ],
 )

@@ -12,7 +12,15 @@ from rich.table import Table
 
 from snug.config import Config, load_config, save_config
 from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
-from snug.plan.search import Candidate, _rate, plan_one, precision_for, recommend, search
+from snug.plan.search import (
+    METHODS,
+    Candidate,
+    _rate,
+    plan_one,
+    precision_for,
+    recommend,
+    search,
+)
 from snug.plan.simulate import PlanError, simulate
 
 
@@ -97,7 +105,9 @@ def cmd_plan(args) -> int:
     seq_len, seq_source = sequence_length(args, cfg, args.config is not None)
     searching = args.search or (args.config is None and args.method is None)
     if searching:
-        cands = search(cfg, config, device, seq_len)
+        # --method with --search: that method's settings only; without: every method
+        methods = (args.method,) if args.method else METHODS
+        cands = search(cfg, config, device, seq_len, methods, args.max_micro_batch)
         choice, why = recommend(cands)
     else:
         cands = [plan_one(cfg, config, device, seq_len)]
