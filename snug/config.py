@@ -226,7 +226,11 @@ class MemoryConfig:
         "adamw", "Optimizer; the 8-bit ones come from bitsandbytes."
     )
     gpu: str | None = _f(None, 'GPU budget for plan / auto_fit, e.g. "RTX 4090" or "24GiB".')
-    auto_fit: bool = _f(False, "Pick micro-batch and memory settings that fit memory.gpu.")
+    auto_fit: bool = _f(
+        False,
+        "Before training, adopt the fastest micro-batch, checkpointing, offload and optimizer "
+        "that fit memory.gpu (else the device), keeping the method and effective batch.",
+    )
 
 
 @dataclass
@@ -420,10 +424,10 @@ def check_combinations(cfg: Config, source: str) -> None:
             f"{source}: dist.strategy={cfg.dist.strategy} with dist.nproc={cfg.dist.nproc} is not "
             "available yet; snug trains on one device for now (dist.strategy=none)."
         )
-    if cfg.memory.auto_fit:
+    if cfg.memory.auto_fit and cfg.model.quant != "none":
         raise ConfigError(
-            f"{source}: memory.auto_fit needs the planner, which is not available yet; "
-            "set memory.auto_fit=false."
+            f"{source}: memory.auto_fit does not plan quantized bases yet; set model.quant=none "
+            "or memory.auto_fit=false."
         )
 
 

@@ -289,3 +289,44 @@ def test_classification_strategies_learn(strategy, tmp_path):
     assert summary["status"] == "completed" and summary["eval"]["metric"] == "accuracy"
     assert summary["eval"]["loss_after"] < summary["eval"]["loss_before"]
     assert summary["eval"]["after"] > 0.4  # three balanced classes: chance is 1/3
+
+
+def test_auto_fit_keeps_the_effective_batch_and_stays_under_the_budget(tmp_path):
+    """A budget below what micro-batch 16 without checkpointing needs: auto_fit picks a
+    setting the plan says fits, and the real run's measured peak stays under it."""
+    budget = 40 * 2**20
+    raw = tiny_run(
+        tmp_path,
+        ROOT / "models/tiny",
+        memory={"auto_fit": True, "gpu": "40MiB", "grad_checkpointing": False},
+        data={"max_samples": 64, "cutoff_len": 128},
+        train={"micro_batch": 16, "grad_accum": 1, "max_steps": 3, "eval_generate": 0},
+    )
+    summary = run_training(config_from_dict(raw))
+    fit = summary["auto_fit"]
+    assert summary["status"] == "completed"
+    assert fit["micro_batch"] * fit["grad_accum"] == 16
+    assert (fit["micro_batch"], fit["grad_checkpointing"]) != (16, False)  # something changed
+    assert summary["peak_memory"]["measured_bytes"] <= summary["peak_memory"]["predicted_bytes"]
+    assert summary["peak_memory"]["predicted_bytes"] <= budget
+    saved = (tmp_path / "run/config.yaml").read_text()
+    assert f"micro_batch: {fit['micro_batch']}" in saved
+
+
+def test_auto_fit_refuses_with_the_smallest_change_that_fits(tmp_path, capsys):
+    raw = tiny_run(
+        tmp_path,
+        ROOT / "models/tiny",
+        memory={"auto_fit": True, "gpu": "10MiB"},  # less than the weights (14 MB)
+        data={"max_samples": 64, "cutoff_len": 128},
+        train={"eval_generate": 0},
+    )
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "memory.auto_fit: method lora does not fit cpu (0.01 GiB)" in err
+    assert "a larger device is needed" in err and err.count("\n") == 1
+    assert not (tmp_path / "run/adapter").exists()

@@ -285,3 +285,71 @@ def recommend(cands: list[Candidate]) -> tuple[Candidate | None, str]:
         + f" and {choice.cfg.memory.optimizer}",
     ]
     return choice, "; ".join(reasons)
+
+
+def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]:
+    """`memory.auto_fit`: the user's method, the fastest micro-batch / checkpointing / offload /
+    optimizer that fits the budget (memory.gpu, else the training device's memory), with the
+    effective batch (micro_batch x grad_accum) kept. Returns the adopted config and what to
+    report; raises PlanError with the smallest change that fits when nothing does."""
+    from snug.plan.hardware import cpu_device, find_gpu, model_config, parse_memory
+
+    budget = cfg.memory.gpu
+    if device_type == "cuda":
+        if budget:
+            device = find_gpu(budget)
+        else:
+            total = torch.cuda.get_device_properties(0).total_memory
+            device = Device(name=torch.cuda.get_device_name(0), type="cuda", memory_bytes=total)
+    else:
+        memory = parse_memory(budget) if budget else None
+        if budget and memory is None:
+            raise PlanError(
+                f"memory.gpu={budget!r}: training runs on the CPU here, so give a size (e.g. 8GiB)."
+            )
+        device = cpu_device(memory)
+    config = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    effective = cfg.train.micro_batch * cfg.train.grad_accum
+    cap = effective & -effective  # the largest power of two that divides it: batch kept exactly
+    found = search(cfg, config, device, seq_len, (cfg.method.name,), cap)
+    choice = next((c for c in found if c.fits), None)
+    if choice is None:
+        raise PlanError(_smallest_change(cfg, config, device, seq_len, found))
+    m, t = choice.cfg.memory, choice.cfg.train
+    report = {
+        "device": device.name,
+        "budget_bytes": device.memory_bytes,
+        "seq_len": seq_len,
+        "micro_batch": t.micro_batch,
+        "grad_accum": t.grad_accum,
+        "grad_checkpointing": m.grad_checkpointing,
+        "offload_activations": m.offload_activations,
+        "optimizer": m.optimizer,
+        "predicted_peak_bytes": choice.peak_bytes,
+        "predicted_reserved_bytes": choice.reserved_bytes,
+        "why": f"the fastest setting of {cfg.method.name} that fits {device.name} "
+        f"({choice.reserved_bytes / GIB:.2f} of {device.memory_bytes / GIB:.2f} GiB) with the "
+        f"effective batch of {effective} kept",
+    }
+    return choice.cfg, report
+
+
+def _smallest_change(cfg: Config, config, device: Device, seq_len: int, tried) -> str:
+    miss = tried[0] if tried else None
+    need = f"needs {miss.reserved_bytes / GIB:.2f} GiB at best" if miss and miss.sim else ""
+    head = (
+        f"memory.auto_fit: method {cfg.method.name} does not fit {device.name} "
+        f"({device.memory_bytes / GIB:.2f} GiB) at {seq_len} tokens per sample"
+        + (f"; it {need}" if need else "")
+    )
+    for shorter in (seq_len // 2, seq_len // 4):
+        if shorter < 16:
+            break
+        found = search(cfg, config, device, shorter, (cfg.method.name,), 1)
+        if any(c.fits for c in found):
+            return f"{head}. It fits with data.cutoff_len={shorter}."
+    if cfg.method.name != "lora":
+        found = search(cfg, config, device, seq_len, ("lora",), 1)
+        if any(c.fits for c in found):
+            return f"{head}. method.name=lora fits."
+    return f"{head}. Nothing smaller fits either: a larger device is needed."

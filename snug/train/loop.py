@@ -157,6 +157,9 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
             f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
         )
 
+        if cfg.memory.auto_fit:
+            cfg = _auto_fit(cfg, train_ds, device, console, summary)
+            save_config(cfg, out / "config.yaml")  # what actually trains
         model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
         model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
         if cfg.memory.grad_checkpointing:
@@ -225,6 +228,21 @@ def _micro_batches(
         batches.append({k: v.to(device) for k, v in batch.items()})
         tokens += real_tokens(rows)
     return batches, tokens
+
+
+def _auto_fit(cfg: Config, train_ds, device, console: Console, summary: dict) -> Config:
+    """Adopt the planner's fastest fitting memory settings (snug/plan/search.py:auto_fit)."""
+    from snug.plan.search import auto_fit
+
+    seq_len = cfg.data.cutoff_len if cfg.data.packing else max(_lengths(train_ds))
+    cfg, report = auto_fit(cfg, device.type, seq_len)
+    summary["auto_fit"] = report
+    console.print(
+        f"auto_fit: micro_batch {report['micro_batch']} x grad_accum {report['grad_accum']}, "
+        f"grad_checkpointing {report['grad_checkpointing']}, offload "
+        f"{report['offload_activations']}, optimizer {report['optimizer']}: {report['why']}"
+    )
+    return cfg
 
 
 def _lengths(train_ds) -> list[int]:
@@ -333,6 +351,8 @@ def _train(
                 tracker.__exit__(None, None, None)
     summary["train_seconds"] = round(time.perf_counter() - loop_started, 2)  # the loop, no evals
     summary["peak_memory"] = _peak_memory(tracker, device, rss_before)
+    if "auto_fit" in summary:
+        summary["peak_memory"]["predicted_bytes"] = summary["auto_fit"]["predicted_peak_bytes"]
 
 
 def _peak_memory(tracker: TensorMemoryTracker | None, device, rss_before: int) -> dict:
