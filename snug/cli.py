@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-micro-batch", type=int, default=64, help="largest micro-batch to try (default 64)"
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument(
+        "--explain",
+        action="store_true",
+        help="list the largest live tensors at the peak, with the op and module that made them",
+    )
     plan.add_argument("--write-config", metavar="OUT.yaml", help="write the chosen config")
     plan.add_argument("--list-models", action="store_true", help="list the bundled model configs")
     plan.set_defaults(func=cmd_plan)

@@ -244,3 +244,16 @@ def test_gpu_names_match_loosely():
     assert find_gpu("RTX 4090").name == find_gpu("4090").name == "NVIDIA GeForce RTX 4090"
     assert find_gpu("a100 80gb").name == "NVIDIA A100 80GB (SXM4)"
     assert find_gpu("16GiB").memory_bytes == 16 * 2**30
+
+
+def test_explain_names_the_peak_without_moving_it():
+    from snug.plan.simulate import _simulate_once
+
+    cfg, config = plan_config("lora", True), small_config()
+    plain = _simulate_once(cfg, config, 128, "cpu", "fp32", None, False, False)
+    named = _simulate_once(cfg, config, 128, "cpu", "fp32", None, False, True)
+    assert named.peak_bytes == plain.peak_bytes
+    largest = named.largest_at_peak
+    assert [t["bytes"] for t in largest] == sorted((t["bytes"] for t in largest), reverse=True)
+    assert any(t["op"] == "weights and buffers" for t in largest)  # e.g. the embedding
+    assert any("softmax" in t["op"] for t in largest)  # a chunk of the loss's fp32 logits

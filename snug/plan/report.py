@@ -22,6 +22,7 @@ from snug.plan.search import (
     search,
 )
 from snug.plan.simulate import PlanError, simulate
+from snug.plan.simulate import explain as explain_peak
 
 
 def resolve_device(args, cfg: Config) -> Device:
@@ -83,6 +84,24 @@ def print_table(console: Console, cands: list[Candidate], device: Device, title:
         console.print(f"device: {device.name}, {_gib(device.memory_bytes)} GiB usable")
 
 
+def print_explain(console: Console, explained: dict) -> None:
+    table = Table(
+        title=f"largest live tensors at the peak of {explained['candidate']} "
+        f"(simulated with {explained['layers']} decoder layers)"
+    )
+    for col in ("MiB", "shape", "dtype", "made by", "in module"):
+        table.add_column(col, justify="right" if col == "MiB" else "left", no_wrap=True)
+    for t in explained["largest"]:
+        table.add_row(
+            f"{t['bytes'] / 2**20:,.1f}",
+            "x".join(map(str, t["shape"])),
+            t["dtype"].replace("torch.", ""),
+            t["op"],
+            t["module"],
+        )
+    console.print(table)
+
+
 def cmd_plan(args) -> int:
     console = Console()
     if not console.is_terminal:
@@ -122,6 +141,15 @@ def cmd_plan(args) -> int:
         "best": cands.index(choice) if choice is not None else None,
         "why": why,
     }
+    explained = None
+    if args.explain:
+        target = choice or cands[0]
+        if target.sim is not None:
+            largest, layers = explain_peak(
+                target.cfg, config, seq_len, device.type, precision_for(device)
+            )
+            explained = {"candidate": target.name, "layers": layers, "largest": largest}
+            result["explain"] = explained
     if args.write_config and choice is not None:
         path = Path(args.write_config)
         if path.exists():
@@ -132,6 +160,8 @@ def cmd_plan(args) -> int:
         return 0 if choice is not None else 1
     title = f"{cfg.model.name_or_path}, {seq_len} tokens per sample ({seq_source})"
     print_table(console, cands, device, title)
+    if explained:
+        print_explain(console, explained)
     if choice is not None:
         console.print(f"recommended: [bold]{choice.name}[/bold] — {why}")
         if args.write_config:

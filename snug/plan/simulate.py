@@ -31,7 +31,12 @@ from snug.methods import apply_method, count_params
 from snug.models.load import resolve_dtype
 from snug.train.activations import enable_checkpointing
 from snug.train.loop import step_options
-from snug.train.memory import TensorMemoryTracker, model_tensors
+from snug.train.memory import (
+    ExplainingTracker,
+    ModuleNames,
+    TensorMemoryTracker,
+    model_tensors,
+)
 from snug.train.optim import build_optimizer
 from snug.train.step import train_step
 
@@ -53,6 +58,7 @@ class Simulation:
     trainable_params: int
     total_params: int
     layers_simulated: tuple[int, ...]
+    largest_at_peak: list[dict] = dataclasses.field(default_factory=list)  # with explain=True
 
 
 class EightBitStandIn(torch.optim.Optimizer):
@@ -129,6 +135,7 @@ def _simulate_once(
     precision: str,
     targets: int | None,
     count_flops: bool = True,
+    explain: bool = False,
 ) -> Simulation:
     if cfg.model.quant != "none":
         raise PlanError(
@@ -156,7 +163,9 @@ def _simulate_once(
         opts = dataclasses.replace(opts, device_type="cpu")
     b, t = cfg.train.micro_batch, seq_len
     n_targets = b * (t - 1) if targets is None else min(targets, b * (t - 1))
-    tracker = TensorMemoryTracker(CUDA_ROUNDING if device_type == "cuda" else 1)
+    rounding = CUDA_ROUNDING if device_type == "cuda" else 1
+    modules = ModuleNames(model) if explain else contextlib.nullcontext()
+    tracker = ExplainingTracker(rounding, modules) if explain else TensorMemoryTracker(rounding)
     flops = FlopCounterMode(display=False)
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_rows(not cfg.data.packing):
         model.to_empty(device="cpu")
@@ -175,7 +184,7 @@ def _simulate_once(
             train_step(model, optimizer, [batch() for _ in range(n_micro)], opts)
             del waiting
 
-        with tracker:
+        with modules, tracker:
             tracker.track(model_tensors(model))
             weights = tracker.live
             optimizer = _optimizer(model, cfg, device_type)
@@ -206,6 +215,7 @@ def _simulate_once(
         trainable_params=trainable,
         total_params=total,
         layers_simulated=(config.num_hidden_layers,),
+        largest_at_peak=tracker.largest() if explain else [],
     )
 
 
@@ -254,6 +264,20 @@ def simulate(
         total_params=grow(a.total_params, b.total_params),
         layers_simulated=depths,
     )
+
+
+def explain(
+    cfg: Config, config: PretrainedConfig, seq_len: int, device_type: str, precision: str
+) -> tuple[list[dict], int]:
+    """The largest live tensors at the peak, with the op and module that made them; deep
+    models are explained at 3 decoder layers (each layer repeats the same tensors)."""
+    layers = min(config.num_hidden_layers, 3)
+    if cfg.method.name == "freeze":
+        layers = min(config.num_hidden_layers, cfg.method.trainable_layers + 1)
+    sim = _simulate_once(
+        cfg, _with_depth(config, layers), seq_len, device_type, precision, None, False, True
+    )
+    return sim.largest_at_peak, layers
 
 
 def with_overrides(cfg: Config, **sections) -> Config:
