@@ -424,10 +424,10 @@ def check_combinations(cfg: Config, source: str) -> None:
             f"{source}: dist.strategy={cfg.dist.strategy} with dist.nproc={cfg.dist.nproc} is not "
             "available yet; snug trains on one device for now (dist.strategy=none)."
         )
-    if cfg.memory.auto_fit and cfg.model.quant != "none":
+    if cfg.memory.auto_fit and cfg.model.quant == "8bit":
         raise ConfigError(
-            f"{source}: memory.auto_fit does not plan quantized bases yet; set model.quant=none "
-            "or memory.auto_fit=false."
+            f"{source}: memory.auto_fit does not plan 8-bit bases yet; use model.quant=4bit or "
+            "none, or memory.auto_fit=false."
         )
 
 

@@ -59,8 +59,8 @@ def test_impossible_combinations():
     "section, message",
     [
         (
-            {"memory": {"auto_fit": True}, "model": {"quant": "4bit"}},
-            "memory.auto_fit does not plan quantized bases yet",
+            {"memory": {"auto_fit": True}, "model": {"quant": "8bit"}},
+            "memory.auto_fit does not plan 8-bit bases yet",
         ),
         (
             {"dist": {"strategy": "fsdp", "nproc": 2}},

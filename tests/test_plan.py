@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from snug.config import load_config
 from snug.data.collate import collate
 from snug.methods import apply_method
-from snug.plan.simulate import simulate
+from snug.plan.simulate import simulate, with_overrides
 from snug.train.activations import enable_checkpointing
 from snug.train.loop import step_options
 from snug.train.memory import TensorMemoryTracker, model_tensors
@@ -257,3 +257,52 @@ def test_explain_names_the_peak_without_moving_it():
     assert [t["bytes"] for t in largest] == sorted((t["bytes"] for t in largest), reverse=True)
     assert any(t["op"] == "weights and buffers" for t in largest)  # e.g. the embedding
     assert any("softmax" in t["op"] for t in largest)  # a chunk of the loss's fp32 logits
+
+
+@pytest.mark.parametrize("gc", [True, False])
+def test_4bit_stand_in_predicts_a_real_qlora_step_exactly(gc, tmp_path):
+    """QLoRA: bitsandbytes' real NF4 layers on CPU against the replay's stand-ins."""
+    from transformers import AutoTokenizer
+
+    from snug.models.load import load_model
+
+    config = small_config("llama")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained("models/tiny").save_pretrained(tmp_path)
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tmp_path}",
+            "model.quant=4bit",
+            "method.name=lora",
+            f"memory.grad_checkpointing={str(gc).lower()}",
+            "train.micro_batch=2",
+            "train.grad_accum=2",
+        ],
+    )
+    model = apply_method(load_model(cfg, torch.device("cpu"), "fp32"), cfg.method)
+    if gc:
+        enable_checkpointing(model, False)
+    model.train()
+    optimizer = build_optimizer(model, cfg.memory, cfg.train)
+    opts = step_options(cfg, torch.device("cpu"), "fp32")
+    tracker = TensorMemoryTracker()
+    with tracker:
+        tracker.track(model_tensors(model))
+        for _ in range(2):
+            micro = []
+            for _ in range(2):
+                rows = torch.randint(0, config.vocab_size, (2, 128)).tolist()
+                micro.append(collate([{"input_ids": r, "labels": r} for r in rows], pad_id=0))
+            train_step(model, optimizer, micro, opts)
+            del micro
+    predicted = simulate(cfg, config, 128, "cpu", "fp32", extend=False)
+    assert predicted.peak_bytes == tracker.peak
+    # the packed 4-bit weights: half a byte per weight of every linear but the head
+    assert (
+        predicted.weights_bytes
+        < simulate(
+            with_overrides(cfg, model={"quant": "none"}), config, 128, "cpu", "fp32", extend=False
+        ).weights_bytes
+    )

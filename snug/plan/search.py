@@ -19,10 +19,16 @@ FRAGMENTATION = 0.05  # caching-allocator blocks held but unused at the peak, ty
 # Share of the device's dense rate a fine-tuning step reaches (model FLOPs utilisation);
 # 0.4 is typical of published LoRA/full fine-tune runs. Uncalibrated until a GPU is measured.
 GPU_EFFICIENCY = 0.4
-METHODS = ("full", "freeze", "lora", "dora", "ia3", "prefix", "prompt", "adapter")
+# "qlora" is LoRA on a 4-bit NF4 base (model.quant=4bit).
+METHODS = ("full", "freeze", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
 # Quality order from benchmarks/results/methods-2026-11-25.md (held-out exact match).
-QUALITY = ("lora", "dora", "full", "freeze", "ia3", "adapter", "prefix", "prompt")
+QUALITY = ("lora", "dora", "qlora", "full", "freeze", "ia3", "adapter", "prefix", "prompt")
+
+
+def method_label(cfg: Config) -> str:
+    """The method as the search names it: qlora for LoRA on a 4-bit base."""
+    return "qlora" if cfg.model.quant == "4bit" and cfg.method.name == "lora" else cfg.method.name
 
 
 @dataclass
@@ -83,7 +89,8 @@ class Candidate:
 def candidate_name(cfg: Config) -> str:
     m = cfg.memory
     gc = ("gc+offload" if m.offload_activations else "gc") if m.grad_checkpointing else "no-gc"
-    method = cfg.method.name + (f" r{cfg.method.r}" if cfg.method.name in ("lora", "dora") else "")
+    label = method_label(cfg)
+    method = label + (f" r{cfg.method.r}" if cfg.method.name in ("lora", "dora") else "")
     return f"{method} {gc} {m.optimizer} mb{cfg.train.micro_batch}"
 
 
@@ -141,14 +148,18 @@ def evaluate(
     if device.memory_bytes is not None:
         cand.fits = cand.reserved_bytes <= device.memory_bytes
     if rate:
-        compute = cand.sim.flops_per_step / rate
-        memory = 0.0
-        if device.bandwidth_gbs:  # weights are read in forward, backward and recomputation
-            memory = 3 * cand.sim.weights_bytes / (device.bandwidth_gbs * 1e9)
-        cand.step_seconds = max(compute, memory)
-        tokens = cand.cfg.train.micro_batch * cand.cfg.train.grad_accum * seq_len
-        cand.tokens_per_second = tokens / cand.step_seconds
+        _time(cand, device, seq_len, rate)
     return cand
+
+
+def _time(cand: Candidate, device: Device, seq_len: int, rate: float) -> None:
+    compute = cand.sim.flops_per_step / rate
+    memory = 0.0
+    if device.bandwidth_gbs:  # weights are read in forward, backward and recomputation
+        memory = 3 * cand.sim.weights_bytes / (device.bandwidth_gbs * 1e9)
+    cand.step_seconds = max(compute, memory)
+    tokens = cand.cfg.train.micro_batch * cand.cfg.train.grad_accum * seq_len
+    cand.tokens_per_second = tokens / cand.step_seconds
 
 
 def plan_one(cfg: Config, config: PretrainedConfig, device: Device, seq_len: int) -> Candidate:
@@ -161,10 +172,12 @@ def _variants(cfg: Config, method: str, device: Device) -> list[Config]:
     the optimizer stays AdamW (for full and freeze the 8-bit ones and Adafactor come in when
     AdamW does not fit); activation offload comes in on a GPU when nothing else fits."""
     gcs = [(False, False)] if method == "prefix" else [(False, False), (True, False)]
+    quant = "4bit" if method == "qlora" else "none"
     return [
         with_overrides(
             cfg,
-            method={"name": method},
+            model={"quant": quant},
+            method={"name": "lora" if method == "qlora" else method},
             memory={
                 "grad_checkpointing": gc,
                 "offload_activations": offload,
@@ -214,12 +227,21 @@ def _largest_fitting_micro_batch(
     b = 2
     while b * 2 <= cap and one.reserved_bytes + slope * (b * 2 - 1) <= device.memory_bytes:
         b *= 2
+    cand = two
     while b > 2:
-        cand = at(b)
+        cand = at(b, flops=False)
         if cand.fits:
-            return cand
+            break
         b //= 2
-    return at(2)
+    cand = two if b == 2 else cand
+    # FLOPs are per sample: the step's work at b follows from micro-batch 1's exactly enough
+    # (all but the optimizer's update, which does not depend on b) without counting again.
+    t1, tb = one.cfg.train, cand.cfg.train
+    scale = (tb.micro_batch * tb.grad_accum) / (t1.micro_batch * t1.grad_accum)
+    cand.sim.flops_per_step = int(one.sim.flops_per_step * scale)
+    if rate:
+        _time(cand, device, seq_len, rate)
+    return cand
 
 
 def search(
@@ -271,9 +293,9 @@ def recommend(cands: list[Candidate]) -> tuple[Candidate | None, str]:
     fitting = [c for c in cands if c.fits]
     if not fitting:
         return None, "nothing fits this device at this sequence length"
-    choice = min(fitting, key=lambda c: (QUALITY.index(c.cfg.method.name), _rank(c)))
+    choice = min(fitting, key=lambda c: (QUALITY.index(method_label(c.cfg)), _rank(c)))
     reasons = [
-        f"{choice.cfg.method.name} ranks highest in quality among the methods that fit "
+        f"{method_label(choice.cfg)} ranks highest in quality among the methods that fit "
         "(held-out exact match, benchmarks/results/methods-2026-11-25.md)",
         f"its fastest fitting setting is micro-batch {choice.cfg.train.micro_batch} with "
         + (
@@ -311,7 +333,7 @@ def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]
     config = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     cap = effective & -effective  # the largest power of two that divides it: batch kept exactly
-    found = search(cfg, config, device, seq_len, (cfg.method.name,), cap)
+    found = search(cfg, config, device, seq_len, (method_label(cfg),), cap)
     choice = next((c for c in found if c.fits), None)
     if choice is None:
         raise PlanError(_smallest_change(cfg, config, device, seq_len, found))
@@ -345,11 +367,16 @@ def _smallest_change(cfg: Config, config, device: Device, seq_len: int, tried) -
     for shorter in (seq_len // 2, seq_len // 4):
         if shorter < 16:
             break
-        found = search(cfg, config, device, shorter, (cfg.method.name,), 1)
+        found = search(cfg, config, device, shorter, (method_label(cfg),), 1)
         if any(c.fits for c in found):
             return f"{head}. It fits with data.cutoff_len={shorter}."
-    if cfg.method.name != "lora":
-        found = search(cfg, config, device, seq_len, ("lora",), 1)
+    for other, change in (
+        ("lora", "method.name=lora"),
+        ("qlora", "method.name=lora with model.quant=4bit"),
+    ):
+        if other == method_label(cfg):
+            continue
+        found = search(cfg, config, device, seq_len, (other,), 1)
         if any(c.fits for c in found):
-            return f"{head}. method.name=lora fits."
+            return f"{head}. {change} fits."
     return f"{head}. Nothing smaller fits either: a larger device is needed."

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
@@ -94,6 +95,74 @@ class EightBitStandIn(torch.optim.Optimizer):
                 p.add_(p.grad, alpha=-group["lr"])
 
 
+class _FourBitMatmul(torch.autograd.Function):
+    """What bitsandbytes' MatMul4Bit allocates (0.50): forward, one fused gemm_4bit op whose
+    output is all the tracker sees (on CUDA the op also dequantizes the weight into a temporary
+    in the input's dtype); backward, the weight dequantized in the dtype it was quantized from,
+    cast to the gradient's dtype, and the input's gradient. Nothing dequantized is saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, layer):
+        ctx.layer = layer
+        if layer.device_temporaries or layer.counting_flops:
+            # the dequantized weight; in the FLOP-counting step, the matmul that uses it
+            w = torch.empty((layer.in_features, layer.out_features), dtype=x.dtype)
+            if layer.counting_flops:
+                return torch.matmul(x, w)
+        return x.new_empty((*x.shape[:-1], layer.out_features))
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.layer
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        shape = (layer.out_features, layer.in_features)
+        weight = torch.empty(shape, dtype=layer.quant_dtype).to(grad.dtype)
+        return torch.matmul(grad, weight), None, None
+
+
+class FourBitStandIn(nn.Linear):
+    """A bitsandbytes NF4 Linear4bit (double quantization) for the replay: the packed uint8
+    weight ((n + 1) // 2, 1) and, on CUDA, the quantization state (uint8 absmax per 64 weights,
+    fp32 absmax per 256 of those, the code books) that lives beside it. On CPU snug's tracker
+    does not see the state (it is neither parameter nor buffer), so the replay leaves it out to
+    predict what `snug train` measures there. A subclass of nn.Linear, so peft wraps it as the
+    real one."""
+
+    def __init__(self, linear: nn.Linear, quant_dtype: torch.dtype, device_type: str) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        n = self.in_features * self.out_features
+        self.quant_dtype, self.device_temporaries = quant_dtype, device_type == "cuda"
+        self.counting_flops = False  # set for the FLOP-counting step only (memory is not read)
+        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="meta")
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.bias = linear.bias
+        if device_type == "cuda":
+            blocks = -(-n // 64)
+            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device="meta"))
+            nested = torch.empty(-(-blocks // 256), dtype=torch.float32, device="meta")
+            self.register_buffer("absmax2", nested)
+            self.register_buffer("code", torch.empty(16 + 256, dtype=torch.float32, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FourBitMatmul.apply(x, self.weight, self)
+
+
+def _stand_in_4bit(model: nn.Module, device_type: str) -> None:
+    """Swap the linears transformers would quantize (all but the output head) for stand-ins,
+    and upcast norm weights to fp32 as models/load.py's k-bit preparation does."""
+    head = model.get_output_embeddings()
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child is not head:
+                dtype = child.weight.dtype
+                setattr(module, child_name, FourBitStandIn(child, dtype, device_type))
+    for name, p in model.named_parameters():
+        if "norm" in name and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def _optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.optim.Optimizer:
     name = cfg.memory.optimizer
     if name not in ("adamw8bit", "paged_adamw8bit", "lion8bit"):
@@ -137,10 +206,10 @@ def _simulate_once(
     count_flops: bool = True,
     explain: bool = False,
 ) -> Simulation:
-    if cfg.model.quant != "none":
+    if cfg.model.quant == "8bit":
         raise PlanError(
-            f"model.quant={cfg.model.quant}: 4-bit and 8-bit bases are not simulated yet; "
-            "plan the same method without quantization for an upper bound."
+            "model.quant=8bit: 8-bit bases are not simulated yet; plan model.quant=4bit or none "
+            "for a bound."
         )
     device = torch.device(device_type)
     dtype = resolve_dtype(cfg, device, precision)
@@ -151,6 +220,8 @@ def _simulate_once(
             attn_implementation="sdpa" if cfg.model.attn == "auto" else cfg.model.attn,
         )
     model.config.use_cache = False
+    if cfg.model.quant == "4bit":
+        _stand_in_4bit(model, device_type)
     model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
     if cfg.memory.grad_checkpointing:
         enable_checkpointing(model, offload=cfg.memory.offload_activations)
@@ -205,6 +276,9 @@ def _simulate_once(
         # FLOPs in a third step of their own: the counter's module hooks keep tensors alive
         # under checkpointing, which would change the peak.
         if count_flops:  # one micro-batch's work, times the accumulation
+            stand_ins = [m for m in model.modules() if isinstance(m, FourBitStandIn)]
+            for m in stand_ins:
+                m.counting_flops = True
             with flops:
                 step(1)
     return Simulation(
