@@ -75,6 +75,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "config", nargs=None if required else "?", help="YAML config file (see examples/)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override one config key, e.g. train.lr=1e-4",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snug", description="Fine-tune large language models inside the memory you have."
@@ -88,13 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune as CONFIG says; writes adapter/ or model/, metrics.jsonl, "
         "loss.png, config.yaml and summary.json into output.dir. Keys are listed in the README.",
     )
-    train.add_argument("config", help="YAML config file (see examples/)")
-    train.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="section.key=value",
-        help="override one config key, e.g. train.lr=1e-4",
-    )
+    _config_arguments(train)
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser(
@@ -105,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate. Without CONFIG or --method, or with --search, searches methods, "
         "checkpointing, optimizers and micro-batches for the fastest that fits.",
     )
-    plan.add_argument("config", nargs="?", help="YAML config (optional)")
-    plan.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    _config_arguments(plan, required=False)
     plan.add_argument("--model", help="catalog name (see --list-models), config.json, dir, hub id")
     plan.add_argument("--gpu", help="GPU name from the bundled table (e.g. 4090) or a size (24GiB)")
     plan.add_argument("--device", choices=["cpu"], help="plan for this machine's CPU")
@@ -136,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs N real training steps of CONFIG (outputs in a temporary directory) "
         "and prints the measured peak memory and step time next to the predicted ones.",
     )
-    measure.add_argument("config", help="YAML config")
-    measure.add_argument("overrides", nargs="*", metavar="section.key=value")
+    _config_arguments(measure)
     measure.add_argument("--steps", type=int, default=3, help="real optimizer steps (default 3)")
     measure.add_argument("--seq-len", type=int, help="tokens per sample to plan for")
     measure.add_argument("--json", action="store_true", help="print JSON")

@@ -10,8 +10,7 @@ from snug.config import load_config
 from snug.data.collate import collate
 from snug.methods import apply_method
 from snug.plan.simulate import simulate, with_overrides
-from snug.train.activations import enable_checkpointing
-from snug.train.loop import step_options
+from snug.train.loop import prepare_for_training, step_options
 from snug.train.memory import TensorMemoryTracker, model_tensors
 from snug.train.optim import build_optimizer
 from snug.train.step import train_step
@@ -36,15 +35,14 @@ def small_config(family: str = "llama", layers: int = 3):
     )
 
 
-def measured_peak(cfg, config, seq_len: int) -> int:
-    """Two real optimizer steps of snug's step on CPU, under the same tracker `snug train` uses."""
+def measured_peak(cfg, config, seq_len: int, base=None) -> int:
+    """Two real optimizer steps of snug's step on CPU, under the same tracker `snug train` uses,
+    on `base` (default: a fresh model of `config`) prepared as `snug train` prepares it."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model.config.use_cache = False
-    model = apply_method(model, cfg.method)
-    if cfg.memory.grad_checkpointing:
-        enable_checkpointing(model, cfg.memory.offload_activations)
-    model.train()
+    if base is None:
+        base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        base.config.use_cache = False
+    model = prepare_for_training(base, cfg, "fp32")
     opts = step_options(cfg, torch.device("cpu"), "fp32")
     optimizer = build_optimizer(model, cfg.memory, cfg.train)
     b = cfg.train.micro_batch
@@ -281,24 +279,9 @@ def test_4bit_stand_in_predicts_a_real_qlora_step_exactly(gc, tmp_path):
             "train.grad_accum=2",
         ],
     )
-    model = apply_method(load_model(cfg, torch.device("cpu"), "fp32"), cfg.method)
-    if gc:
-        enable_checkpointing(model, False)
-    model.train()
-    optimizer = build_optimizer(model, cfg.memory, cfg.train)
-    opts = step_options(cfg, torch.device("cpu"), "fp32")
-    tracker = TensorMemoryTracker()
-    with tracker:
-        tracker.track(model_tensors(model))
-        for _ in range(2):
-            micro = []
-            for _ in range(2):
-                rows = torch.randint(0, config.vocab_size, (2, 128)).tolist()
-                micro.append(collate([{"input_ids": r, "labels": r} for r in rows], pad_id=0))
-            train_step(model, optimizer, micro, opts)
-            del micro
+    measured = measured_peak(cfg, config, 128, load_model(cfg, torch.device("cpu"), "fp32"))
     predicted = simulate(cfg, config, 128, "cpu", "fp32", extend=False)
-    assert predicted.peak_bytes == tracker.peak
+    assert predicted.peak_bytes == measured
     # the packed 4-bit weights: half a byte per weight of every linear but the head
     assert (
         predicted.weights_bytes

@@ -116,13 +116,19 @@ def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _prepare_kbit(model: torch.nn.Module) -> None:
-    """What QLoRA users expect of a quantized base: norm weights upcast to fp32 for stable
-    statistics (embeddings and head stay as loaded, unlike peft's prepare_model_for_kbit_training,
-    which upcasts every non-quantized weight and so doubles a large vocabulary's memory)."""
+def upcast_norms(model: torch.nn.Module) -> None:
+    """Norm weights to fp32, for stable statistics on a quantized base (the planner's 4-bit
+    replay calls this too, so both hold the same tensors)."""
     for name, p in model.named_parameters():
         if "norm" in name and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def _prepare_kbit(model: torch.nn.Module) -> None:
+    """What QLoRA users expect of a quantized base: norm weights upcast to fp32 (embeddings and
+    head stay as loaded, unlike peft's prepare_model_for_kbit_training, which upcasts every
+    non-quantized weight and so doubles a large vocabulary's memory)."""
+    upcast_norms(model)
     from bitsandbytes.nn import Linear4bit
 
     for module in model.modules():

@@ -28,10 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
 
 from snug.config import Config
-from snug.methods import apply_method, count_params
-from snug.models.load import resolve_dtype
-from snug.train.activations import enable_checkpointing
-from snug.train.loop import step_options
+from snug.methods import count_params
+from snug.models.load import resolve_dtype, upcast_norms
+from snug.train.loop import prepare_for_training, step_options
 from snug.train.memory import (
     ExplainingTracker,
     ModuleNames,
@@ -158,9 +157,7 @@ def _stand_in_4bit(model: nn.Module, device_type: str) -> None:
             if isinstance(child, nn.Linear) and child is not head:
                 dtype = child.weight.dtype
                 setattr(module, child_name, FourBitStandIn(child, dtype, device_type))
-    for name, p in model.named_parameters():
-        if "norm" in name and p.dtype != torch.float32:
-            p.data = p.data.float()
+    upcast_norms(model)
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.optim.Optimizer:
@@ -222,10 +219,7 @@ def _simulate_once(
     model.config.use_cache = False
     if cfg.model.quant == "4bit":
         _stand_in_4bit(model, device_type)
-    model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
-    if cfg.memory.grad_checkpointing:
-        enable_checkpointing(model, offload=cfg.memory.offload_activations)
-    model.train()
+    model = prepare_for_training(model, cfg, precision)
     trainable, total = count_params(model)
     opts = step_options(cfg, device, precision)
     if device_type == "cuda" and not torch.cuda.is_available():

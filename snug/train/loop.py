@@ -94,6 +94,16 @@ def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptio
     )
 
 
+def prepare_for_training(model: torch.nn.Module, cfg: Config, precision: str) -> torch.nn.Module:
+    """The loaded base -> the model that trains: the method, then checkpointing (and offload).
+    `snug plan` prepares its meta-device model with this same function."""
+    model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
+    if cfg.memory.grad_checkpointing:
+        enable_checkpointing(model, offload=cfg.memory.offload_activations)
+    model.train()
+    return model
+
+
 def prepare_output_dir(cfg: Config) -> Path:
     """Create output.dir; a directory of an earlier snug run has its run outputs replaced, any
     other non-empty directory is refused so that no user file is overwritten."""
@@ -161,10 +171,7 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
             cfg = _auto_fit(cfg, train_ds, device, console, summary)
             save_config(cfg, out / "config.yaml")  # what actually trains
         model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
-        model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
-        if cfg.memory.grad_checkpointing:
-            enable_checkpointing(model, offload=cfg.memory.offload_activations)
-        model.train()
+        model = prepare_for_training(model, cfg, precision)
         trainable, total = count_params(model)
         summary.update(
             trainable_params=trainable, total_params=total, device=str(device), precision=precision
