@@ -78,8 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     from snug.config import load_config
     from snug.plan.hardware import find_gpu, model_config
-    from snug.plan.report import measure
-    from snug.plan.search import search
+    from snug.plan.report import breakdown_line, measure
+    from snug.plan.search import recommend, search
     from snug.plan.simulate import simulate
 
     started = time.perf_counter()
@@ -126,6 +126,7 @@ def main() -> None:
     )
     t7 = time.perf_counter() - t
     best = next((c for c in found if c.fits), None)
+    choice, _ = recommend(found)
 
     abs_err = [abs(e) for e in errors]
     lines = [
@@ -153,7 +154,8 @@ def main() -> None:
         f"accumulation 8, bf16 on CUDA): {t70:.1f} s (target 20 s); predicted peak "
         f"{sim70.peak_bytes / 2**30:.1f} GiB. A whole `--search` of Qwen2.5-7B on one RTX 4090 "
         f"(1,024 tokens): {t7:.1f} s (target 120 s); its fastest fitting candidate: "
-        f"{best.name if best else 'nothing'}.",
+        f"{best.name if best else 'nothing'}; recommended: {choice.name if choice else 'nothing'}, "
+        f"{breakdown_line(choice) if choice else ''} (GiB).",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

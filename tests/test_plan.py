@@ -248,8 +248,8 @@ def test_explain_names_the_peak_without_moving_it():
     from snug.plan.simulate import _simulate_once
 
     cfg, config = plan_config("lora", True), small_config()
-    plain = _simulate_once(cfg, config, 128, "cpu", "fp32", None, False, False)
-    named = _simulate_once(cfg, config, 128, "cpu", "fp32", None, False, True)
+    plain = _simulate_once(cfg, config, 128, "cpu", "fp32", None, False)
+    named = _simulate_once(cfg, config, 128, "cpu", "fp32", None, True)
     assert named.peak_bytes == plain.peak_bytes
     largest = named.largest_at_peak
     assert [t["bytes"] for t in largest] == sorted((t["bytes"] for t in largest), reverse=True)
@@ -289,3 +289,41 @@ def test_4bit_stand_in_predicts_a_real_qlora_step_exactly(gc, tmp_path):
             with_overrides(cfg, model={"quant": "none"}), config, 128, "cpu", "fp32", extend=False
         ).weights_bytes
     )
+
+
+@pytest.mark.parametrize("method,gc", [("lora", True), ("full", False)])
+def test_breakdown_adds_up_to_the_peak_and_names_its_parts(method, gc):
+    cfg, config = plan_config(method, gc), small_config()
+    sim = simulate(cfg, config, 128, "cpu", "fp32", extend=False)
+    parts = sim.breakdown
+    assert sum(parts.values()) == sim.peak_bytes
+    assert all(v >= 0 for v in parts.values())
+    trainable = sim.trainable_params * 4
+    assert parts["trainable"] == trainable
+    assert parts["weights"] + parts["trainable"] == sim.weights_bytes
+    assert parts["optimizer"] > 0 and parts["gradients"] > 0
+    if method == "full":
+        # the peak of a full fine-tune falls in the update: every gradient and both moments
+        assert parts["gradients"] == trainable
+        assert parts["optimizer"] >= 2 * trainable
+    else:
+        assert parts["activations"] > 0 and parts["logits"] > 0
+
+
+@pytest.mark.parametrize("method,gc,accum", [("lora", True, 2), ("full", False, 3)])
+def test_replay_counts_the_flops_torch_counts_on_a_real_step(method, gc, accum):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, config = plan_config(method, gc, accum=accum), small_config()
+    predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False).flops_per_step
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    base.config.use_cache = False
+    model = prepare_for_training(base, cfg, "fp32")
+    optimizer = build_optimizer(model, cfg.memory, cfg.train)
+    rows = torch.randint(0, config.vocab_size, (2, 64)).tolist()
+    micro = [collate([{"input_ids": r, "labels": r} for r in rows], pad_id=0)] * accum
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(model, optimizer, micro, step_options(cfg, torch.device("cpu"), "fp32"))
+    assert predicted == counter.get_total_flops()

@@ -84,16 +84,27 @@ def print_table(console: Console, cands: list[Candidate], device: Device, title:
         console.print(f"device: {device.name}, {_gib(device.memory_bytes)} GiB usable")
 
 
+def breakdown_line(c: Candidate) -> str:
+    """What the peak of one candidate is made of, and what reserved adds, in GiB."""
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in c.sim.breakdown.items() if v)
+    line = f"peak of {c.name} ({_gib(c.peak_bytes)} GiB): {parts}"
+    if c.reserved_terms:
+        terms = ", ".join(f"{k} {v['bytes'] / 2**30:.2f}" for k, v in c.reserved_terms.items())
+        line += f"; reserved adds {terms}"
+    return line
+
+
 def print_explain(console: Console, explained: dict) -> None:
     table = Table(
         title=f"largest live tensors at the peak of {explained['candidate']} "
         f"(simulated with {explained['layers']} decoder layers)"
     )
-    for col in ("MiB", "shape", "dtype", "made by", "in module"):
+    for col in ("MiB", "what", "shape", "dtype", "made by", "in module"):
         table.add_column(col, justify="right" if col == "MiB" else "left", no_wrap=True)
     for t in explained["largest"]:
         table.add_row(
             f"{t['bytes'] / 2**20:,.1f}",
+            t["what"],
             "x".join(map(str, t["shape"])),
             t["dtype"].replace("torch.", ""),
             t["op"],
@@ -160,6 +171,9 @@ def cmd_plan(args) -> int:
         return 0 if choice is not None else 1
     title = f"{cfg.model.name_or_path}, {seq_len} tokens per sample ({seq_source})"
     print_table(console, cands, device, title)
+    shown = choice or cands[0]
+    if shown.sim is not None:
+        console.print(breakdown_line(shown))
     if explained:
         print_explain(console, explained)
     if choice is not None:

@@ -13,9 +13,16 @@ from snug.plan.hardware import GIB, Device
 from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
 
 # Terms between the allocator's peak and what the device must hold. Not yet calibrated on a GPU
-# (none was lent while this was written); the sources say where each number comes from.
-CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS workspace with torch, typical
-FRAGMENTATION = 0.05  # caching-allocator blocks held but unused at the peak, typical
+# (none was lent while this was written); each carries its source into the plan's output.
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)
+CUDA_CONTEXT_SOURCE = (
+    "CUDA context and cuBLAS workspace with torch: a typical 0.5 GiB, not yet calibrated on a GPU"
+)
+FRAGMENTATION = 0.05
+FRAGMENTATION_SOURCE = (
+    "caching-allocator blocks held but unused at the peak: 5% of the peak, typical, not yet "
+    "calibrated on a GPU"
+)
 # Share of the device's dense rate a fine-tuning step reaches (model FLOPs utilisation);
 # 0.4 is typical of published LoRA/full fine-tune runs. Uncalibrated until a GPU is measured.
 GPU_EFFICIENCY = 0.4
@@ -48,7 +55,9 @@ class Candidate:
 
     @property
     def reserved_bytes(self) -> int | None:
-        return self.peak_bytes + sum(self.reserved_terms.values()) if self.sim else None
+        if not self.sim:
+            return None
+        return self.peak_bytes + sum(term["bytes"] for term in self.reserved_terms.values())
 
     def as_dict(self) -> dict:
         s = self.sim
@@ -70,15 +79,7 @@ class Candidate:
             "fits": self.fits,
             "trainable_params": s.trainable_params if s else None,
             "total_params": s.total_params if s else None,
-            "breakdown": {
-                "weights": s.weights_bytes,
-                "optimizer": s.optimizer_bytes,
-                "activations_gradients_temporary": s.peak_bytes
-                - s.weights_bytes
-                - s.optimizer_bytes,
-            }
-            if s
-            else None,
+            "breakdown": s.breakdown if s else None,
             "flops_per_step": s.flops_per_step if s else None,
             "step_seconds": self.step_seconds,
             "tokens_per_second": self.tokens_per_second,
@@ -127,13 +128,10 @@ def evaluate(
     device: Device,
     seq_len: int,
     rate: float | None,
-    count_flops: bool = True,
 ) -> Candidate:
     precision = precision_for(device)
     try:
-        cand.sim = simulate(
-            cand.cfg, config, seq_len, device.type, precision, count_flops=count_flops
-        )
+        cand.sim = simulate(cand.cfg, config, seq_len, device.type, precision)
     except PlanError as e:
         cand.error = str(e)
         return cand
@@ -142,8 +140,11 @@ def evaluate(
         return cand
     if device.type == "cuda":
         cand.reserved_terms = {
-            "cuda_context": CUDA_CONTEXT_BYTES,
-            "fragmentation": int(FRAGMENTATION * cand.sim.peak_bytes),
+            "cuda_context": {"bytes": CUDA_CONTEXT_BYTES, "source": CUDA_CONTEXT_SOURCE},
+            "fragmentation": {
+                "bytes": int(FRAGMENTATION * cand.sim.peak_bytes),
+                "source": FRAGMENTATION_SOURCE,
+            },
         }
     if device.memory_bytes is not None:
         cand.fits = cand.reserved_bytes <= device.memory_bytes
@@ -210,17 +211,16 @@ def _largest_fitting_micro_batch(
     take the largest power of two the line says fits, then simulate that one to confirm
     (halving while it does not)."""
 
-    def at(b: int, flops: bool = True) -> Candidate:
+    def at(b: int) -> Candidate:
         trial = with_overrides(
             variant, train={"micro_batch": b, "grad_accum": max(1, effective // b)}
         )
-        cand = Candidate(trial, candidate_name(trial))
-        return evaluate(cand, config, device, seq_len, rate if flops else None, count_flops=flops)
+        return evaluate(Candidate(trial, candidate_name(trial)), config, device, seq_len, rate)
 
     one = at(1)
     if one.error or not one.fits:
         return one
-    two = at(2, flops=False)
+    two = at(2)
     if two.error or not two.fits:
         return one
     slope = two.reserved_bytes - one.reserved_bytes
@@ -229,19 +229,11 @@ def _largest_fitting_micro_batch(
         b *= 2
     cand = two
     while b > 2:
-        cand = at(b, flops=False)
+        cand = at(b)
         if cand.fits:
             break
         b //= 2
-    cand = two if b == 2 else cand
-    # FLOPs are per sample: the step's work at b follows from micro-batch 1's exactly enough
-    # (all but the optimizer's update, which does not depend on b) without counting again.
-    t1, tb = one.cfg.train, cand.cfg.train
-    scale = (tb.micro_batch * tb.grad_accum) / (t1.micro_batch * t1.grad_accum)
-    cand.sim.flops_per_step = int(one.sim.flops_per_step * scale)
-    if rate:
-        _time(cand, device, seq_len, rate)
-    return cand
+    return two if b == 2 else cand
 
 
 def search(

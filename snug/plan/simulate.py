@@ -24,19 +24,14 @@ from unittest import mock
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
 
 from snug.config import Config
 from snug.methods import count_params
 from snug.models.load import resolve_dtype, upcast_norms
+from snug.plan.tracker import CATEGORIES, ModuleNames, PlanTracker
 from snug.train.loop import prepare_for_training, step_options
-from snug.train.memory import (
-    ExplainingTracker,
-    ModuleNames,
-    TensorMemoryTracker,
-    model_tensors,
-)
+from snug.train.memory import model_tensors
 from snug.train.optim import build_optimizer
 from snug.train.step import train_step
 
@@ -58,6 +53,7 @@ class Simulation:
     trainable_params: int
     total_params: int
     layers_simulated: tuple[int, ...]
+    breakdown: dict[str, int]  # the peak by category (tracker.CATEGORIES); sums to peak_bytes
     largest_at_peak: list[dict] = dataclasses.field(default_factory=list)  # with explain=True
 
 
@@ -98,16 +94,17 @@ class _FourBitMatmul(torch.autograd.Function):
     """What bitsandbytes' MatMul4Bit allocates (0.50): forward, one fused gemm_4bit op whose
     output is all the tracker sees (on CUDA the op also dequantizes the weight into a temporary
     in the input's dtype); backward, the weight dequantized in the dtype it was quantized from,
-    cast to the gradient's dtype, and the input's gradient. Nothing dequantized is saved."""
+    cast to the gradient's dtype, and the input's gradient. Nothing dequantized is saved. The
+    fused op is not in torch's FLOP table, so its matmul's FLOPs are added to the tracker's."""
 
     @staticmethod
     def forward(ctx, x, weight, layer):
         ctx.layer = layer
-        if layer.device_temporaries or layer.counting_flops:
-            # the dequantized weight; in the FLOP-counting step, the matmul that uses it
-            w = torch.empty((layer.in_features, layer.out_features), dtype=x.dtype)
-            if layer.counting_flops:
-                return torch.matmul(x, w)
+        if layer.device_temporaries:  # the dequantized weight
+            torch.empty((layer.in_features, layer.out_features), dtype=x.dtype)
+        if layer.tracker is not None and layer.tracker.counting:
+            rows = x.numel() // layer.in_features
+            layer.tracker.flops += 2 * rows * layer.in_features * layer.out_features
         return x.new_empty((*x.shape[:-1], layer.out_features))
 
     @staticmethod
@@ -133,7 +130,7 @@ class FourBitStandIn(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         n = self.in_features * self.out_features
         self.quant_dtype, self.device_temporaries = quant_dtype, device_type == "cuda"
-        self.counting_flops = False  # set for the FLOP-counting step only (memory is not read)
+        self.tracker: PlanTracker | None = None  # set by the replay, to add FLOPs to
         packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="meta")
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = linear.bias
@@ -169,6 +166,10 @@ def _optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.o
     return EightBitStandIn(params, cfg.train.lr, 1 if name == "lion8bit" else 2, paged)
 
 
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+
+
 def _with_depth(config: PretrainedConfig, layers: int) -> PretrainedConfig:
     config = copy.deepcopy(config)
     config.num_hidden_layers = layers
@@ -200,7 +201,6 @@ def _simulate_once(
     device_type: str,
     precision: str,
     targets: int | None,
-    count_flops: bool = True,
     explain: bool = False,
 ) -> Simulation:
     if cfg.model.quant == "8bit":
@@ -228,61 +228,73 @@ def _simulate_once(
         opts = dataclasses.replace(opts, device_type="cpu")
     b, t = cfg.train.micro_batch, seq_len
     n_targets = b * (t - 1) if targets is None else min(targets, b * (t - 1))
+    modules = ModuleNames(model)
     rounding = CUDA_ROUNDING if device_type == "cuda" else 1
-    modules = ModuleNames(model) if explain else contextlib.nullcontext()
-    tracker = ExplainingTracker(rounding, modules) if explain else TensorMemoryTracker(rounding)
-    flops = FlopCounterMode(display=False)
+    tracker = PlanTracker(rounding, modules, model.config.get_text_config().vocab_size)
+    for m in model.modules():
+        if isinstance(m, FourBitStandIn):
+            m.tracker = tracker
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_rows(not cfg.data.packing):
         model.to_empty(device="cpu")
         model.tie_weights()  # to_empty gives each module its own tensor: tie them again
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: tracker.mark([p.grad], "gradients"))
 
         def batch() -> dict:
             # What the collate step gives a row of seq_len real tokens (no padding, so no mask)
+            tracker.inputs = True
             ids = torch.zeros((b, t), dtype=torch.long)
-            targets_at = torch.zeros(n_targets, dtype=torch.long)
-            return {"input_ids": ids, "labels": ids.clone(), "target_positions": targets_at}
-
-        def step(n_micro: int, held: int = 0) -> None:
-            # The loop collates every micro-batch of a step before it starts: `held` more
-            # batches stay alive (and are counted) without being run.
-            waiting = [batch() for _ in range(held)]
-            train_step(model, optimizer, [batch() for _ in range(n_micro)], opts)
-            del waiting
+            out = {
+                "input_ids": ids,
+                "labels": ids.clone(),
+                "target_positions": torch.zeros(n_targets, dtype=torch.long),
+            }
+            tracker.inputs = False
+            return out
 
         with modules, tracker:
             tracker.track(model_tensors(model))
             weights = tracker.live
             optimizer = _optimizer(model, cfg, device_type)
-            # Memory: the second micro-batch of a step is the first to add into existing
-            # gradients, and every later one repeats it, so two stand for any accumulation.
+            optimizer.register_step_post_hook(
+                lambda opt, args, kwargs: tracker.mark(_state_tensors(opt), "optimizer")
+            )
+            # Step 1 only has to leave the optimizer state behind: its forward and backward
+            # run again in step 2 with that state alive, so they never set the peak. Zero
+            # gradients and one update make the same state (tests/test_plan.py compares with
+            # two real steps).
+            for p in params:
+                p.grad = torch.zeros_like(p)
+                tracker.mark([p.grad], "gradients")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # Step 2, the steady state. The second micro-batch of a step is the first to add
+            # into existing gradients, and every later one repeats it, so two stand for any
+            # accumulation; the loop collates every micro-batch of a step before it starts, so
+            # the others are held (and counted) without being run.
             accum = min(cfg.train.grad_accum, 2)
-            held = cfg.train.grad_accum - accum
-            step(accum, held)  # creates the optimizer state
-            step(accum, held)  # the steady state
+            held = [batch() for _ in range(cfg.train.grad_accum - accum)]
+            tracker.counting = True
+            train_step(model, optimizer, [batch() for _ in range(accum)], opts)
+            tracker.counting = False
+            del held
             optimizer_bytes = sum(
                 {
                     id(v.untyped_storage()): v.untyped_storage().nbytes()
-                    for state in optimizer.state.values()
-                    for v in state.values()
-                    if torch.is_tensor(v)
+                    for v in _state_tensors(optimizer)
                 }.values()
             )
-        # FLOPs in a third step of their own: the counter's module hooks keep tensors alive
-        # under checkpointing, which would change the peak.
-        if count_flops:  # one micro-batch's work, times the accumulation
-            stand_ins = [m for m in model.modules() if isinstance(m, FourBitStandIn)]
-            for m in stand_ins:
-                m.counting_flops = True
-            with flops:
-                step(1)
     return Simulation(
         peak_bytes=tracker.peak,
         weights_bytes=weights,
-        flops_per_step=flops.get_total_flops() * cfg.train.grad_accum,
+        # FLOPs of the micro-batches run, per micro-batch times the accumulation
+        flops_per_step=tracker.flops * cfg.train.grad_accum // accum,
         optimizer_bytes=optimizer_bytes,
         trainable_params=trainable,
         total_params=total,
         layers_simulated=(config.num_hidden_layers,),
+        breakdown=tracker.breakdown(),
         largest_at_peak=tracker.largest() if explain else [],
     )
 
@@ -295,12 +307,11 @@ def simulate(
     precision: str | None = None,
     targets: int | None = None,
     extend: bool = True,
-    count_flops: bool = True,
 ) -> Simulation:
     """Peak bytes and FLOPs of `snug train` with `cfg` on a model of `config`, micro-batches of
     `cfg.train.micro_batch` x `seq_len` tokens, `targets` loss-carrying positions per
     micro-batch (default: all). `extend`: simulate two short depths and extend linearly.
-    `count_flops=False` skips the FLOP-counting step (flops_per_step is then 0)."""
+    """
     precision = precision or ("bf16-mixed" if device_type == "cuda" else "fp32")
     layers = config.num_hidden_layers
     depths = SHORT_DEPTHS
@@ -310,11 +321,9 @@ def simulate(
             extend = False  # patterns may pick any layer: no uniform growth to rely on
         depths = (cfg.method.trainable_layers + 1, cfg.method.trainable_layers + 2)
     if not extend or layers <= depths[-1]:
-        return _simulate_once(cfg, config, seq_len, device_type, precision, targets, count_flops)
+        return _simulate_once(cfg, config, seq_len, device_type, precision, targets)
     a, b = (
-        _simulate_once(
-            cfg, _with_depth(config, d), seq_len, device_type, precision, targets, count_flops
-        )
+        _simulate_once(cfg, _with_depth(config, d), seq_len, device_type, precision, targets)
         for d in depths
     )
     extra = layers - depths[-1]
@@ -331,6 +340,7 @@ def simulate(
         trainable_params=grow(a.trainable_params, b.trainable_params),
         total_params=grow(a.total_params, b.total_params),
         layers_simulated=depths,
+        breakdown={k: grow(a.breakdown[k], b.breakdown[k]) for k in CATEGORIES},
     )
 
 
@@ -343,7 +353,7 @@ def explain(
     if cfg.method.name == "freeze":
         layers = min(config.num_hidden_layers, cfg.method.trainable_layers + 1)
     sim = _simulate_once(
-        cfg, _with_depth(config, layers), seq_len, device_type, precision, None, False, True
+        cfg, _with_depth(config, layers), seq_len, device_type, precision, None, True
     )
     return sim.largest_at_peak, layers
 

@@ -1,0 +1,147 @@
+"""The planner's tracker: snug's tensor tracker, plus what the peak is made of and the FLOPs.
+
+Written here (not torch's MemTracker / FlopCounterMode) because MemTracker fails on adapter
+models with torch 2.13 and both register module hooks that keep tensors alive and so move the
+peak they measure. This one only reads what the dispatcher passes through; FLOPs use torch's
+own per-op formulas (`torch.utils.flop_counter.flop_registry`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.utils.flop_counter import flop_registry
+
+from snug.train.memory import TensorMemoryTracker
+
+# What the bytes at the peak are, as DESIGN.md's `breakdown` names them.
+CATEGORIES = (
+    "weights",  # frozen weights and buffers
+    "trainable",  # trainable parameters
+    "gradients",  # .grad of trainable parameters
+    "optimizer",  # optimizer state
+    "activations",  # made inside a module's forward (or its recomputation) and still alive
+    "logits",  # vocabulary-wide tensors of the head and loss, and their gradients
+    "temporary",  # everything else: backward temporaries, the update's scratch, loss scalars
+    "overhead",  # the batch tensors and the allocator's rounding of every block
+)
+
+
+class ModuleNames:
+    """The name of the module whose forward is running (forward hooks that hold no tensors:
+    torch's ModuleTracker keeps tensors alive through its backward hooks and so moves the peak
+    it is asked to explain). Empty in backward, except while checkpointing recomputes."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.stack, self.handles = model, [], []
+
+    def __enter__(self) -> ModuleNames:
+        for name, module in self.model.named_modules():
+            short = name.split("model.")[-1] or type(module).__name__
+            self.handles.append(
+                module.register_forward_pre_hook(lambda m, a, n=short: self.stack.append(n))
+            )
+            # always_call: checkpointing stops a recomputation early by raising inside forward
+            self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+        return self
+
+    def _leave(self, module, args, output) -> None:  # returns None: the output stays as is
+        self.stack.pop()
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else "(backward)"
+
+
+class PlanTracker(TensorMemoryTracker):
+    """Remembers, for each live storage, its size, shape, dtype, the op and module that made it
+    and what it is (CATEGORIES), and keeps that list as it stood at the peak. The list is copied
+    lazily, at the first free after a new peak (nothing is freed between the peak and then, so
+    the copy is exact), which keeps the cost to one copy per local maximum.
+
+    Gradients are made by backward ops and optimizer state by the update, so what they are is
+    only known once they are stored: `mark(tensors, category)` says so then (from a gradient
+    hook, after an optimizer step). The copy at the peak shares each storage's record, so a mark
+    made after the peak on a storage alive at the peak still counts. `inputs=True` marks the
+    batch being built. While `counting`, FLOPs of every op add to `flops`."""
+
+    def __init__(self, rounding: int, modules: ModuleNames, vocab_size: int) -> None:
+        super().__init__(rounding)
+        self.modules, self.vocab_size = modules, vocab_size
+        self.inputs = False
+        self.counting = False
+        self.flops = 0
+        self._op: str | None = None  # None: outside dispatch (the model's own tensors)
+        self._meta: dict[int, list] = {}  # [bytes, shape, dtype, op, module, category]
+        self._at_peak: list[list] = []
+        self._stale = False
+
+    def _origin(self, t: torch.Tensor) -> tuple[str, str]:
+        if self._op is None:
+            return ("trainable" if t.requires_grad else "weights"), ""
+        module = self.modules.stack[-1] if self.modules.stack else ""
+        if self.inputs:
+            return "overhead", module
+        if t.dim() and t.shape[-1] == self.vocab_size:
+            return "logits", module
+        return ("activations" if module else "temporary"), module or "(backward)"
+
+    def _add(self, t: torch.Tensor) -> None:
+        key, peak = id(t.untyped_storage()), self.peak
+        fresh = key not in self._seen
+        super()._add(t)
+        if fresh:
+            origin, module = self._origin(t)
+            nbytes = t.untyped_storage().nbytes()
+            op = self._op or "weights and buffers"
+            self._meta[key] = [nbytes, tuple(t.shape), str(t.dtype), op, module, origin]
+        if self.peak > peak:
+            self._stale = True
+
+    def _free(self, key: int, nbytes: int) -> None:
+        # Runs as a storage is released (a finalizer): it must not touch any tensor.
+        if self._stale:
+            self._snapshot()
+        super()._free(key, nbytes)
+        self._meta.pop(key, None)
+
+    def _snapshot(self) -> None:
+        self._at_peak = list(self._meta.values())
+        self._stale = False
+
+    def mark(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+        for t in tensors:
+            meta = self._meta.get(id(t.untyped_storage()))
+            if meta is not None:
+                meta[5] = category
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._op = func.overloadpacket.__name__
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.counting and func.overloadpacket in flop_registry:
+            self.flops += flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out)
+        return out
+
+    def __exit__(self, *exc):
+        if self._stale:
+            self._snapshot()
+        return super().__exit__(*exc)
+
+    def breakdown(self) -> dict[str, int]:
+        """Bytes at the peak by category; the allocator's rounding counts as overhead, so the
+        parts add up to the peak exactly."""
+        parts = dict.fromkeys(CATEGORIES, 0)
+        for nbytes, *_, category in self._at_peak:
+            parts[category] += nbytes
+        parts["overhead"] += self.peak - sum(parts.values())
+        return parts
+
+    def largest(self, n: int = 12) -> list[dict]:
+        keys = ("bytes", "shape", "dtype", "op", "module", "what")
+        at_peak = sorted(map(tuple, self._at_peak), reverse=True)
+        return [dict(zip(keys, m, strict=True)) for m in at_peak[:n]]
