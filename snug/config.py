@@ -159,6 +159,12 @@ class DataConfig:
     split: str = _f("train", "Split to read from a hub dataset.")
     text_column: str = _f("text", "train.stage=cls: the column holding the text to classify.")
     label_column: str = _f("label", "train.stage=cls: the column holding the class label.")
+    on_error: Literal["strict", "skip"] = _f(
+        "strict",
+        "A malformed record (bad JSON line, missing or mistyped field, empty sample, roles out "
+        "of order, no label left after truncation): strict stops at preprocessing naming file, "
+        "line or row and field; skip drops it and lists it in summary.json.",
+    )
 
 
 @dataclass
@@ -194,6 +200,12 @@ class TrainConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; auto: cuda if present.")
     seed: int = _f(42, "Seed for initialisation, shuffling and dropout.")
+    skip_nonfinite: int = _f(
+        0,
+        "Steps whose loss or gradient norm is NaN/inf that may be skipped (no update) before "
+        "the run stops; 0 stops at the first, naming the step and the last good checkpoint.",
+        NON_NEGATIVE,
+    )
     eval_every: int | None = _f(None, "Evaluate the loss on eval data every N steps.", AT_LEAST_1)
     eval_generate: int = _f(
         200,
