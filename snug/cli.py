@@ -18,6 +18,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from snug.models.load import ModelLoadError
     from snug.plan.simulate import PlanError
     from snug.train.loop import OutputDirError
+    from snug.train.resume import ResumeError
 
     return (
         ConfigError,
@@ -27,16 +28,29 @@ def _user_errors() -> tuple[type[Exception], ...]:
         OutputDirError,
         MergeError,
         PlanError,
+        ResumeError,
     )
+
+
+def _run_errors() -> tuple[type[Exception], ...]:
+    """Errors of a run that stopped for a reason it states (exit 1, one sentence)."""
+    from snug.train.checkpoint import CheckpointError
+    from snug.train.loop import NonFiniteError, OutOfMemory
+
+    return (CheckpointError, NonFiniteError, OutOfMemory)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from snug.config import load_config
     from snug.train.loop import run_training
+    from snug.train.resume import EXIT_STOPPED, TrainingStopped
 
     cfg = load_config(args.config, args.overrides)
-
-    summary = run_training(cfg)
+    try:
+        summary = run_training(cfg, fresh=args.fresh, allow_config_change=args.allow_config_change)
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_STOPPED
     return 0 if summary["status"] == "completed" else 1
 
 
@@ -101,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
         "loss.png, config.yaml and summary.json into output.dir. Keys are listed in the README.",
     )
     _config_arguments(train)
+    train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over instead of resuming the newest checkpoint in output.dir",
+    )
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though seed, data, method, batch or accumulation changed",
+    )
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser(
@@ -203,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, _user_errors()):
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, _run_errors()):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(
             f"error: {e.__class__.__name__}: {e} (run with --debug for the traceback)",
             file=sys.stderr,

@@ -1,22 +1,33 @@
-"""Checkpoints that are either complete or ignored.
+"""Checkpoints that are either complete or ignored, and loading one back exactly.
 
-A checkpoint is written into a temporary directory beside its target, flushed, renamed into
-place, and only then marked complete; old ones are deleted after the new one is complete.
+A checkpoint is written into a temporary directory beside its target, every file flushed to
+disk, then the completion marker written (and flushed) last, then the directory renamed into
+place; old ones are deleted only after the new one is complete. A kill at any moment leaves
+the previous checkpoint whole; a failed write (a full disk) removes the partial one and says so.
+Written here (not accelerate's save_state) because snug's step, data position and resume
+checks are its own; the formats are safetensors and `torch.save` of plain types, read back
+with `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 COMPLETE = "COMPLETE"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names it and what is intact."""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -38,7 +49,17 @@ def rng_state() -> dict:
     return state
 
 
-def _fsync_dir(path: Path) -> None:
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -47,35 +68,50 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, model: nn.Module, optimizer, scheduler, train_state: dict, keep_last: int
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    train_state: dict,
+    keep_last: int,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "train_state": train_state,
-        },
-        tmp / "state.pt",
-    )
-    (tmp / COMPLETE).write_text(str(step))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(),
+                "train_state": train_state,
+            },
+            tmp / "state.pt",
+        )
+        for f in tmp.iterdir():
+            _fsync(f)
+        (tmp / COMPLETE).write_text(str(step))  # last: its presence means the rest is on disk
+        _fsync(tmp / COMPLETE)
+        _fsync(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(root)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none before"
+        raise CheckpointError(f"could not write checkpoint {final} ({e}); {kept}.") from None
     # The rename is the commit point: before it the old checkpoint (if any) is whole, after it
-    # the new one is. A checkpoint of the same step is moved aside first, then deleted.
+    # the new one is. A checkpoint of the same step is moved aside first (recover() moves it
+    # back should a kill fall between the two renames), then deleted.
     old = root / f".old-step-{step}"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync(root)
     shutil.rmtree(old, ignore_errors=True)
     prune(root, keep_last)
     return final
@@ -85,8 +121,28 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first; half-written ones are not listed."""
     if not root.exists():
         return []
-    done = [p for p in root.glob("step-*") if (p / COMPLETE).exists()]
+    done = [p for p in root.iterdir() if _STEP.match(p.name) and (p / COMPLETE).exists()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def recover(root: Path) -> Path | None:
+    """Clean what a kill during a save left behind and return the newest complete checkpoint:
+    a checkpoint moved aside for a same-step replacement comes back if the new one never
+    landed; temporary and unmarked directories are removed."""
+    if not root.exists():
+        return None
+    for old in root.glob(".old-step-*"):
+        final = root / old.name.removeprefix(".old-")
+        if (final / COMPLETE).exists() or not (old / COMPLETE).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-step-") or (_STEP.match(p.name) and not (p / COMPLETE).exists()):
+            shutil.rmtree(p, ignore_errors=True)
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -94,3 +150,43 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old)
     for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_train_state(path: Path) -> dict:
+    """The loop's state of a checkpoint (data position, config, counters), without loading it."""
+    try:
+        return torch.load(path / "state.pt", weights_only=True, map_location="cpu")["train_state"]
+    except Exception as e:  # a damaged file: say which
+        raise CheckpointError(f"cannot read checkpoint {path} ({e}); use --fresh.") from None
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict:
+    """Restore trainable weights, optimizer, scheduler, grad scaler and every RNG from `path`;
+    returns its train_state."""
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected or any(
+        weights[n].shape != params[n].shape for n in expected & set(weights)
+    ):
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}, or shapes differ); use --fresh."
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state["train_state"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import set_seed
 
-from snug.config import Config, save_config
+from snug.config import Config, config_from_dict, save_config
 from snug.data.collate import collate, collate_packed, real_tokens
 from snug.data.dataset import build_datasets
 from snug.data.packing import micro_batches, pack
@@ -29,11 +30,18 @@ from snug.models.load import (
     resolve_precision,
 )
 from snug.train.activations import enable_checkpointing
-from snug.train.checkpoint import save_checkpoint
+from snug.train.checkpoint import load_checkpoint, read_train_state, recover, save_checkpoint
 from snug.train.evaluate import accuracy, eval_loss, exact_match
 from snug.train.memory import TensorMemoryTracker, model_tensors
 from snug.train.metrics import MetricsLog
 from snug.train.optim import build_optimizer, build_scheduler
+from snug.train.resume import (
+    ResumeError,
+    Signals,
+    TrainingStopped,
+    config_drift,
+    data_hash,
+)
 from snug.train.step import StepOptions, train_step
 
 RUN_MARKER = ".snug-run"  # marks a directory as a snug run, so a new run may replace its outputs
@@ -104,10 +112,12 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config, precision: str) ->
     return model
 
 
-def prepare_output_dir(cfg: Config) -> Path:
-    """Create output.dir; a directory of an earlier snug run has its run outputs replaced, any
-    other non-empty directory is refused so that no user file is overwritten."""
-    out = Path(cfg.output.dir)
+def prepare_output_dir(cfg: Config, fresh: bool = False) -> tuple[Path, Path | None]:
+    """Create output.dir and find what to resume: the newest complete checkpoint of an earlier
+    snug run there (unless `fresh`). A run's outputs are replaced, except, when resuming, its
+    checkpoints and metrics; any other non-empty directory is refused so that no user file is
+    overwritten."""
+    out = Path(cfg.output.dir).resolve()
     if out.exists() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
         raise OutputDirError(
             f"output.dir={out} already holds files that are not a snug run; choose another "
@@ -115,13 +125,17 @@ def prepare_output_dir(cfg: Config) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_MARKER).touch()
+    resume = None if fresh else recover(out / "checkpoints")
+    keep = ("checkpoints", "metrics.jsonl", "tensorboard") if resume else ()
     for name in RUN_OUTPUTS:
         path = out / name
+        if name in keep:
+            continue
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    return out
+    return out, resume
 
 
 def _peak_rss_bytes() -> int:
@@ -139,13 +153,21 @@ def _json_safe(value):
     return value
 
 
-def run_training(cfg: Config, console: Console | None = None) -> dict:
-    """Train as `cfg` says, write everything into output.dir, return summary.json's content."""
+def run_training(
+    cfg: Config,
+    console: Console | None = None,
+    fresh: bool = False,
+    allow_config_change: bool = False,
+) -> dict:
+    """Train as `cfg` says, write everything into output.dir, return summary.json's content.
+    Resumes the newest complete checkpoint in output.dir unless `fresh`; a checkpoint of a
+    different run (guarded keys, data) is refused unless `allow_config_change`."""
     console = console or Console()
     started = time.perf_counter()
-    out = prepare_output_dir(cfg)
+    out, resume_path = prepare_output_dir(cfg, fresh)
     summary: dict = {"status": "failed", "steps": 0}
     metrics: MetricsLog | None = None
+    given = cfg.to_dict()  # the user's config, before auto_fit or an OOM fallback change it
     try:
         save_config(cfg, out / "config.yaml")
         device = resolve_device(cfg)
@@ -166,10 +188,15 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
             f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
             f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
         )
-
-        if cfg.memory.auto_fit:
+        hashed = data_hash(train_ds)
+        resumed = None
+        if resume_path is not None:
+            resumed = _check_resume(resume_path, given, hashed, allow_config_change, console)
+            if cfg.memory.auto_fit:  # keep what was adopted: the search need not run again
+                cfg = config_from_dict(resumed["adopted"], f"{resume_path}/state.pt")
+        if cfg.memory.auto_fit and resumed is None:
             cfg = _auto_fit(cfg, train_ds, device, console, summary)
-            save_config(cfg, out / "config.yaml")  # what actually trains
+        save_config(cfg, out / "config.yaml")  # what actually trains
         model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
         model = prepare_for_training(model, cfg, precision)
         trainable, total = count_params(model)
@@ -182,14 +209,15 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
         )
 
         opts = step_options(cfg, device, precision)
-        metrics = MetricsLog(out)
+        metrics = MetricsLog(out, keep_until=resumed["step"] if resumed else None)
         evaluate = (
             (lambda: _evaluate(model, tok, template, eval_ds, cfg, opts, device))
             if eval_ds
             else None
         )
-        before = evaluate() if evaluate else None
-        _train(
+        # before training; a resumed run kept it in its checkpoint (the model has moved on)
+        before = resumed["eval_before"] if resumed else (evaluate() if evaluate else None)
+        run = Run(
             model,
             tok,
             train_ds,
@@ -202,13 +230,18 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
             metrics,
             summary,
             console,
+            {"config": given, "adopted": cfg.to_dict(), "data_hash": hashed, "eval_before": before},
         )
+        run.train(resume_path)
         if evaluate:
             summary["eval"] = _eval_block(before, evaluate())
             console.print(_eval_line(summary["eval"]))
         _save_final(model, tok, cfg, out)
         summary["status"] = "completed"
         console.print(f"saved {get_method(cfg.method.name).output} to {out}")
+    except TrainingStopped:
+        summary["status"] = "stopped"
+        raise
     except KeyboardInterrupt:
         summary["status"] = "interrupted"
         raise
@@ -224,6 +257,25 @@ def run_training(cfg: Config, console: Console | None = None) -> dict:
     return summary
 
 
+def _check_resume(path: Path, given: dict, hashed: str, allow: bool, console: Console) -> dict:
+    """The checkpoint's train state, if it belongs to this run; else a ResumeError listing
+    what differs (or, with `allow`, a warning)."""
+    state = read_train_state(path)
+    changes = config_drift(state["config"], given)
+    if state["data_hash"] != hashed:
+        changes.append("data: the tokenized training set differs from the checkpoint's")
+    if changes and not allow:
+        raise ResumeError(
+            f"output.dir holds checkpoint {path} of a different run: "
+            + "; ".join(changes)
+            + ". Run with --fresh to start over, or --allow-config-change to resume anyway."
+        )
+    for line in changes:
+        console.print(f"[yellow]resuming with a changed config: {line}[/yellow]")
+    console.print(f"resuming from {path} (step {state['step']})")
+    return state
+
+
 def _micro_batches(
     train_ds, window: list[list[list[int]]], pad_id: int, packed: bool, device
 ) -> tuple[list[dict], int]:
@@ -235,6 +287,13 @@ def _micro_batches(
         batches.append({k: v.to(device) for k, v in batch.items()})
         tokens += real_tokens(rows)
     return batches, tokens
+
+
+def split_window(window: list[list[list[int]]], rows: int) -> list[list[list[int]]]:
+    """The same rows, in the same order, in micro-batches of at most `rows` rows: what an
+    out-of-memory fallback trains instead of `window` (the gradient is the same, since the
+    step divides by the targets of the whole window)."""
+    return [mb[i : i + rows] for mb in window for i in range(0, len(mb), rows)]
 
 
 def _auto_fit(cfg: Config, train_ds, device, console: Console, summary: dict) -> Config:
@@ -256,110 +315,261 @@ def _lengths(train_ds) -> list[int]:
     return [len(ids) for ids in train_ds["input_ids"]]
 
 
-def _train(
-    model,
-    tok,
-    train_ds,
-    eval_ds,
-    cfg: Config,
-    opts: StepOptions,
-    device,
-    precision,
-    out: Path,
-    metrics: MetricsLog,
-    summary: dict,
-    console: Console,
-) -> None:
-    t = cfg.train
-    schedule = Schedule.build(_lengths(train_ds), cfg)
-    total_steps = t.max_steps or math.ceil(t.epochs * schedule.steps_per_epoch)
-    optimizer = build_optimizer(model, cfg.memory, t, cfg.method.lora_plus_ratio)
-    method = get_method(cfg.method.name)
-    scheduler = build_scheduler(optimizer, t, total_steps)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm of a step was NaN/inf (the update was not applied)."""
 
-    # Peak memory: CUDA counts it itself; on CPU our tracker counts every tensor storage.
-    tracker = TensorMemoryTracker() if device.type == "cpu" else None
-    if tracker is None:
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _peak_rss_bytes()
-    loop_started = time.perf_counter()
-    step, epoch, tokens_seen, seconds = 0, 0, 0, 0.0
-    columns = [
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    ]
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-        task = bar.add_task("train", total=total_steps, info="")
-        if tracker is not None:
-            tracker.__enter__()
-            tracker.track(model_tensors(model))
-        try:
-            while step < total_steps:
-                for window in schedule.windows(epoch)[: total_steps - step]:
-                    batches, n_tokens = _micro_batches(
-                        train_ds, window, tok.pad_token_id, cfg.data.packing, device
-                    )
-                    if method.before_step is not None:
-                        method.before_step(model, cfg.method, step)
-                    tick = time.perf_counter()
-                    result = train_step(model, optimizer, batches, opts, scaler)
-                    scheduler.step()
-                    loss = result.loss.item()  # the one host sync per step
-                    seconds += time.perf_counter() - tick
-                    step += 1
-                    tokens_seen += n_tokens
-                    summary.setdefault("train_loss_first", loss)
-                    summary.update(
-                        steps=step,
-                        train_loss_last=loss,
-                        tokens_per_second=round(tokens_seen / seconds, 1),
-                    )
-                    info = (
-                        f"loss {loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                        f"{tokens_seen / seconds:,.0f} tok/s"
-                    )
-                    bar.update(task, advance=1, info=info)
-                    if step % t.log_every == 0 or step == total_steps:
-                        grad_norm = None if result.grad_norm is None else result.grad_norm.item()
-                        metrics.write(
-                            {
-                                "step": step,
-                                "epoch": round(step / schedule.steps_per_epoch, 3),
-                                "loss": loss,
-                                "lr": scheduler.get_last_lr()[0],
-                                "grad_norm": grad_norm,
-                                "tokens_per_second": tokens_seen / seconds,
-                            }
-                        )
-                        if not console.is_terminal:
-                            console.print(f"step {step}/{total_steps} {info}")
-                    if t.eval_every and eval_ds is not None and step % t.eval_every == 0:
-                        value = eval_loss(
-                            model, eval_ds, opts, t.micro_batch, tok.pad_token_id, device
-                        )
-                        metrics.write({"step": step, "eval_loss": value})
-                    if cfg.output.save_every and step % cfg.output.save_every == 0:
-                        save_checkpoint(
-                            out / "checkpoints",
-                            step,
-                            model,
-                            optimizer,
-                            scheduler,
-                            {"step": step, "epoch": epoch, "tokens_seen": tokens_seen},
-                            cfg.output.keep_last,
-                        )
-                epoch += 1
-        finally:
+
+class OutOfMemory(RuntimeError):
+    """Out of memory at micro-batch 1: nothing left to halve."""
+
+
+@dataclass
+class Position:
+    """Where the loop is: saved in every checkpoint, so a resume continues exactly there."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    window: int = 0  # steps done within the epoch (index of the next window)
+    micro_step: int = 0  # micro-batches done within the window: 0, checkpoints fall between steps
+    tokens_seen: int = 0
+    seconds: float = 0.0  # time spent in steps, for tokens/s
+    rows_per_micro_batch: int = 0  # below train.micro_batch after an out-of-memory fallback
+    nonfinite_skipped: list[int] = field(default_factory=list)
+    oom_changes: list[dict] = field(default_factory=list)
+    train_loss_first: float | None = None
+
+
+class Run:
+    """The loop over optimizer steps of one run: schedule, position, checkpoints, signals,
+    NaN checks and the out-of-memory fallback around THE step (train/step.py)."""
+
+    def __init__(
+        self,
+        model,
+        tok,
+        train_ds,
+        eval_ds,
+        cfg: Config,
+        opts: StepOptions,
+        device,
+        precision,
+        out: Path,
+        metrics: MetricsLog,
+        summary: dict,
+        console: Console,
+        identity: dict,
+    ) -> None:
+        self.model, self.tok, self.train_ds, self.eval_ds = model, tok, train_ds, eval_ds
+        self.cfg, self.opts, self.device = cfg, opts, device
+        self.out, self.metrics, self.summary, self.console = out, metrics, summary, console
+        self.identity = identity  # config, adopted config, data hash, eval before: checkpointed
+        t = cfg.train
+        self.schedule = Schedule.build(_lengths(train_ds), cfg)
+        self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
+        self.optimizer = build_optimizer(model, cfg.memory, t, cfg.method.lora_plus_ratio)
+        self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
+        self.method = get_method(cfg.method.name)
+        self.pos = Position(rows_per_micro_batch=t.micro_batch)
+        self.last_checkpoint: Path | None = None
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {**dataclasses.asdict(self.pos), **self.identity}
+        self.last_checkpoint = save_checkpoint(
+            self.out / "checkpoints",
+            self.pos.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            state,
+            self.cfg.output.keep_last,
+            self.scaler,
+        )
+        return self.last_checkpoint
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
+        names = {f.name for f in dataclasses.fields(Position)}
+        self.pos = Position(**{k: v for k, v in state.items() if k in names})
+        self.last_checkpoint = path
+        if self.pos.rows_per_micro_batch > self.cfg.train.micro_batch:  # micro_batch lowered
+            self.pos.rows_per_micro_batch = self.cfg.train.micro_batch
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self, resume: Path | None) -> None:
+        if resume is not None:
+            self.restore(resume)
+        tracker = TensorMemoryTracker() if self.device.type == "cpu" else None
+        if tracker is None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        rss_before = _peak_rss_bytes()
+        loop_started = time.perf_counter()
+        columns = [
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
+        progress = Progress(*columns, console=self.console, disable=not self.console.is_terminal)
+        with progress as bar, Signals(self.console) as signals:
+            task = bar.add_task("train", total=self.total_steps, completed=self.pos.step, info="")
             if tracker is not None:
-                tracker.__exit__(None, None, None)
-    summary["train_seconds"] = round(time.perf_counter() - loop_started, 2)  # the loop, no evals
-    summary["peak_memory"] = _peak_memory(tracker, device, rss_before)
-    if "auto_fit" in summary:
-        summary["peak_memory"]["predicted_bytes"] = summary["auto_fit"]["predicted_peak_bytes"]
+                tracker.__enter__()
+                tracker.track(model_tensors(self.model))
+            try:
+                while self.pos.step < self.total_steps:
+                    windows = self.schedule.windows(self.pos.epoch)
+                    while self.pos.window < len(windows) and self.pos.step < self.total_steps:
+                        info = self._step(windows[self.pos.window])
+                        bar.update(task, advance=1, info=info)
+                        self._after_step(signals)
+                    self.pos.epoch += 1
+                    self.pos.window = 0
+            finally:
+                if tracker is not None:
+                    tracker.__exit__(None, None, None)
+        s = self.summary
+        s["train_seconds"] = round(time.perf_counter() - loop_started, 2)  # the loop, no evals
+        s["peak_memory"] = _peak_memory(tracker, self.device, rss_before)
+        if "auto_fit" in s:
+            s["peak_memory"]["predicted_bytes"] = s["auto_fit"]["predicted_peak_bytes"]
+
+    def _step(self, window: list[list[list[int]]]) -> str:
+        pos, t = self.pos, self.cfg.train
+        if self.method.before_step is not None:
+            self.method.before_step(self.model, self.cfg.method, pos.step)
+        tick = time.perf_counter()
+        result, n_tokens = self._step_fitting(window)
+        self.scheduler.step()
+        loss = result.loss.item()
+        pos.seconds += time.perf_counter() - tick
+        pos.step += 1
+        pos.window += 1
+        pos.tokens_seen += n_tokens
+        if result.skipped:
+            pos.nonfinite_skipped.append(pos.step)
+        elif pos.train_loss_first is None:
+            pos.train_loss_first = loss
+        speed = pos.tokens_seen / max(pos.seconds, 1e-9)
+        self.summary.update(
+            steps=pos.step,
+            train_loss_first=pos.train_loss_first,
+            train_loss_last=loss,
+            tokens_per_second=round(speed, 1),
+            nonfinite_skipped=pos.nonfinite_skipped,
+        )
+        if pos.oom_changes:
+            self.summary["oom_changes"] = pos.oom_changes
+        info = f"loss {loss:.4f} lr {self.scheduler.get_last_lr()[0]:.2e} {speed:,.0f} tok/s"
+        if pos.step % t.log_every == 0 or pos.step == self.total_steps:
+            grad_norm = None if result.grad_norm is None else result.grad_norm.item()
+            self.metrics.write(
+                {
+                    "step": pos.step,
+                    "epoch": round(pos.step / self.schedule.steps_per_epoch, 3),
+                    "loss": loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_second": speed,
+                }
+            )
+            if not self.console.is_terminal:
+                self.console.print(f"step {pos.step}/{self.total_steps} {info}")
+        return info
+
+    def _step_fitting(self, window):
+        """THE step on `window`; on running out of memory, the same rows again in micro-batches
+        of half as many rows (twice the accumulation), down to one row."""
+        while True:
+            rows = self.pos.rows_per_micro_batch
+            batches, n_tokens = _micro_batches(
+                self.train_ds,
+                split_window(window, rows),
+                self.tok.pad_token_id,
+                self.cfg.data.packing,
+                self.device,
+            )
+            try:
+                result = train_step(
+                    self.model, self.optimizer, batches, self.opts, self.scaler, self._finite
+                )
+                return result, n_tokens
+            except torch.OutOfMemoryError:
+                pass  # handled below, once the failed step's tensors are released
+            del batches
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if rows == 1:
+                raise OutOfMemory(
+                    f"out of memory at step {self.pos.step + 1} with micro-batches of one row: "
+                    "nothing left to halve. "
+                    + self._last_good()
+                    + " Try memory.grad_checkpointing, memory.offload_activations, a shorter "
+                    "data.cutoff_len, or `snug plan` with this config to see what fits."
+                )
+            self.pos.rows_per_micro_batch = (rows + 1) // 2
+            change = {
+                "step": self.pos.step + 1,
+                "micro_batch": self.pos.rows_per_micro_batch,
+                "grad_accum": len(split_window(window, self.pos.rows_per_micro_batch)),
+            }
+            self.pos.oom_changes.append(change)
+            self.console.print(
+                f"[yellow]out of memory at step {change['step']}: retrying with micro-batches "
+                f"of {change['micro_batch']} rows ({change['grad_accum']} per step), same "
+                "samples and effective batch[/yellow]"
+            )
+
+    def _finite(self, result) -> bool:
+        """Refuse the update of a step whose loss (or gradient norm, unless a grad scaler
+        handles overflow itself) is NaN/inf: skip it if train.skip_nonfinite allows, else stop."""
+        values = [result.loss]
+        if result.grad_norm is not None and self.scaler is None:
+            values.append(result.grad_norm)
+        if bool(torch.isfinite(torch.stack([v.float() for v in values])).all()):
+            return True
+        step = self.pos.step + 1
+        if len(self.pos.nonfinite_skipped) < self.cfg.train.skip_nonfinite:
+            self.console.print(
+                f"[yellow]step {step}: non-finite loss or gradient, skipped[/yellow]"
+            )
+            return False
+        norm = "none" if result.grad_norm is None else f"{result.grad_norm.item():g}"
+        raise NonFiniteError(
+            f"step {step}: the loss is {result.loss.item():g} and the gradient norm {norm}; "
+            "stopped before the optimizer step. "
+            + self._last_good()
+            + " train.skip_nonfinite: N skips up to N such steps."
+        )
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "There is no checkpoint of this run (set output.save_every to keep some)."
+        return f"The last good checkpoint is {self.last_checkpoint}; running again resumes it."
+
+    def _after_step(self, signals: Signals) -> None:
+        t, pos = self.cfg.train, self.pos
+        if t.eval_every and self.eval_ds is not None and pos.step % t.eval_every == 0:
+            value = eval_loss(
+                self.model,
+                self.eval_ds,
+                self.opts,
+                t.micro_batch,
+                self.tok.pad_token_id,
+                self.device,
+            )
+            self.metrics.write({"step": pos.step, "eval_loss": value})
+        every = self.cfg.output.save_every
+        if (every and pos.step % every == 0) or signals.requested:
+            self.save()
+        if signals.requested:
+            raise TrainingStopped(
+                f"{signals.requested}: stopped after step {pos.step}, checkpoint "
+                f"{self.last_checkpoint}; run the same command again to resume."
+            )
 
 
 def _peak_memory(tracker: TensorMemoryTracker | None, device, rss_before: int) -> dict:

@@ -8,15 +8,27 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path) -> None:
+    """`keep_until`: a resumed run keeps the rows of steps up to its checkpoint's and drops
+    later ones (they are trained again); TensorBoard purges them likewise."""
+
+    def __init__(self, out_dir: Path, keep_until: int | None = None) -> None:
         self.path = out_dir / "metrics.jsonl"
-        self.path.write_text("")
         self.rows: list[dict] = []
+        if keep_until is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if row.get("step", 0) <= keep_until:
+                    self.rows.append(row)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.tb = None
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            purge = None if keep_until is None else keep_until + 1
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict) -> None:
         self.rows.append(row)

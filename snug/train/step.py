@@ -64,6 +64,7 @@ class StepResult:
     loss: torch.Tensor  # mean cross-entropy per target token of the whole accumulated batch
     grad_norm: torch.Tensor | None  # before clipping
     target_tokens: torch.Tensor  # tokens that carried loss
+    skipped: bool = False  # `check` refused the update: no optimizer step was taken
 
 
 def train_step(
@@ -72,7 +73,11 @@ def train_step(
     micro_batches: list[dict[str, torch.Tensor]],
     opts: StepOptions,
     scaler: torch.amp.GradScaler | None = None,
+    check: Callable[[StepResult], bool] | None = None,
 ) -> StepResult:
+    """`check` (the loop's; the planner passes none) sees the loss and gradient norm before
+    the update and may refuse it (a NaN): the gradients are then dropped, nothing is updated.
+    With `check` and no clipping, the gradient norm is still computed for it to see."""
     # Normalise by the target tokens of the whole accumulated batch, not per micro-batch: then
     # 4 micro-batches of 1 give the same gradient as 1 batch of 4, whatever their lengths.
     n_targets = sum(opts.count_fn(b["labels"]) for b in micro_batches).clamp(min=1)
@@ -89,10 +94,17 @@ def train_step(
     grad_norm = None
     if opts.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+    elif check is not None:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    result = StepResult(loss=total, grad_norm=grad_norm, target_tokens=n_targets)
+    if check is not None and not check(result):
+        optimizer.zero_grad(set_to_none=True)
+        result.skipped = True
+        return result
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=total, grad_norm=grad_norm, target_tokens=n_targets)
+    return result

@@ -1,0 +1,352 @@
+"""Never lose a run: exact resume after kill -9, checkpoints that survive a kill or a full disk,
+signals, config drift, NaN/inf steps and out-of-memory fallback (docs/reliability.md).
+
+Killed runs are real processes: a small wrapper patches one function of snug to SIGKILL (or
+signal) itself at a chosen call, then runs the `snug` command line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from snug.config import config_from_dict
+from snug.train.checkpoint import CheckpointError, complete_checkpoints, recover
+from snug.train.loop import NonFiniteError, OutOfMemory, run_training
+from snug.train.resume import EXIT_STOPPED, ResumeError
+
+from conftest import ROOT
+
+# 24 samples, micro-batch 2 x accumulation 2: 6 steps an epoch, 2 epochs, shuffled per epoch;
+# LoRA dropout, so a resume that did not restore the RNG would differ.
+STEPS, MICRO_PER_STEP = 12, 2
+
+
+def raw_config(out: Path, **sections) -> dict:
+    raw = {
+        "model": {"name_or_path": str(ROOT / "models/tiny")},
+        "method": {"name": "lora", "r": 4, "dropout": 0.1},
+        "data": {"train": str(ROOT / "data/instruct/train.jsonl"), "max_samples": 24},
+        "train": {
+            "epochs": 2,
+            "micro_batch": 2,
+            "grad_accum": 2,
+            "lr": 1e-3,
+            "eval_generate": 0,
+            "log_every": 1,
+            "max_grad_norm": 1.0,
+        },
+        "output": {"dir": str(out), "save_every": 2, "keep_last": 2, "plot_loss": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+WRAPPER = """
+import os, signal, sys, types
+import snug.train.step as step
+import snug.train.checkpoint as ckpt
+
+at, where = int(os.environ["AT"]), os.environ["WHERE"]
+actions = os.environ["ACTION"].split(",")  # the i-th goes out at call at + i
+calls = 0
+
+def wrap(module, name):
+    real = getattr(module, name)
+    def patched(*args, **kwargs):
+        global calls
+        calls += 1
+        if at <= calls < at + len(actions):
+            os.kill(os.getpid(), getattr(signal, actions[calls - at]))
+        return real(*args, **kwargs)
+    setattr(module, name, patched)
+
+# checkpoint.py's own view of os, so that other libraries' os.replace calls do not count
+ckpt.os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+module, name = where.split(".")
+wrap({"step": step, "ckpt": ckpt, "os": ckpt.os}[module], name)
+from snug.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def snug_train(
+    cfg_path: Path, at: int = 0, action: str = "SIGKILL", where: str = "step.chunked_loss"
+):
+    """`snug train CFG` in a new process; with `at`, the wrapper sends `action` to itself at
+    the at-th call of `where`."""
+    env = {**os.environ, "AT": str(at), "ACTION": action, "WHERE": where}
+    cmd = [sys.executable, "-c", WRAPPER, "train", str(cfg_path)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter/adapter_model.safetensors")
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run, in a process of its own like the killed ones."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = snug_train(write_config(out.parent / "cfg.yaml", raw_config(out)))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    ours, theirs = adapter(run), adapter(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "final weights differ"
+    assert losses(run) == losses(reference)  # every step's loss, before and after the resume
+    assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        2 * MICRO_PER_STEP * 2 + 2,  # second micro-batch of step 5: mid-accumulation
+        6 * MICRO_PER_STEP + 1,  # first micro-batch of step 7: the start of epoch 2
+        random.Random().randint(2, STEPS * MICRO_PER_STEP),  # anywhere
+    ],
+)
+def test_kill_9_then_resume_is_bit_identical(at, tmp_path, reference):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", raw_config(out))
+    killed = snug_train(cfg, at=at)
+    assert killed.returncode == -9, f"kill at micro-batch call {at}: {killed.stderr[-500:]}"
+    assert not (out / "adapter").exists()
+    resumed = snug_train(cfg)
+    assert resumed.returncode == 0, resumed.stderr
+    newest = complete_checkpoints(out / "checkpoints")
+    if (at - 1) // MICRO_PER_STEP >= 2:  # a checkpoint existed before the kill
+        assert "resuming from" in resumed.stdout, f"kill at micro-batch call {at}"
+    assert newest  # the resumed run kept saving
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize(
+    "where,at",
+    [
+        ("ckpt.save_file", 2),  # the second checkpoint, before its weights are written
+        ("ckpt._fsync", 7),  # the second checkpoint, files written, before its marker
+        ("os.replace", 2),  # the second checkpoint complete in its temporary directory
+        ("ckpt.prune", 2),  # the second checkpoint renamed into place, before pruning
+    ],
+)
+def test_kill_during_a_save_leaves_a_loadable_checkpoint(where, at, tmp_path, reference):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", raw_config(out))
+    killed = snug_train(cfg, at=at, where=where)
+    assert killed.returncode == -9, killed.stderr[-500:]
+    newest = recover(out / "checkpoints")
+    assert newest is not None and newest.name in ("step-2", "step-4")
+    assert newest.name == ("step-4" if where == "ckpt.prune" else "step-2")
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    resumed = snug_train(cfg)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, reference)
+
+
+def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import snug.train.checkpoint as ckpt
+
+    real, calls = ckpt.save_file, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", failing)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError) as e:
+        run_training(config_from_dict(raw_config(out)))
+    message = str(e.value)
+    assert "step-4" in message and "No space left" in message
+    assert "step-2 is intact" in message
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    assert load_file(out / "checkpoints/step-2/trainable.safetensors")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_one_ctrl_c_saves_and_stops_then_resumes(signal_name, tmp_path, reference):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", raw_config(out))
+    at = 3 * MICRO_PER_STEP  # during step 3: no periodic checkpoint falls there
+    stopped = snug_train(cfg, at=at, action=signal_name)
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr
+    assert "step-3" in [p.name for p in complete_checkpoints(out / "checkpoints")]
+    assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
+    resumed = snug_train(cfg)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout
+    assert_same_run(out, reference)
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
+    out = tmp_path / "run"
+    raw = raw_config(out, output={"save_every": None})
+    # the first Ctrl-C in step 2's first micro-batch, the second in its second
+    aborted = snug_train(write_config(tmp_path / "cfg.yaml", raw), at=3, action="SIGINT,SIGINT")
+    assert aborted.returncode == 130, aborted.stderr
+    assert complete_checkpoints(out / "checkpoints") == []
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("train", "seed", 7),
+        ("data", "max_samples", 20),
+        ("method", "r", 8),
+        ("train", "micro_batch", 1),
+        ("train", "grad_accum", 4),
+    ],
+)
+def test_resuming_a_changed_run_is_refused_with_the_differences(section, key, value, tmp_path):
+    out = tmp_path / "run"
+    first = raw_config(out, train={"max_steps": 2, "epochs": 1})
+    assert run_training(config_from_dict(first))["status"] == "completed"
+    changed = raw_config(out, train={"max_steps": 3, "epochs": 1})
+    changed[section][key] = value
+    with pytest.raises(ResumeError) as e:
+        run_training(config_from_dict(changed))
+    assert f"{section}.{key}:" in str(e.value) and "--allow-config-change" in str(e.value)
+    if section == "method":  # other trainable shapes: allowed, but it cannot load them
+        with pytest.raises(CheckpointError, match="shapes differ"):
+            run_training(config_from_dict(changed), allow_config_change=True)
+    else:
+        summary = run_training(config_from_dict(changed), allow_config_change=True)
+        assert summary["status"] == "completed" and summary["steps"] == 3
+    assert run_training(config_from_dict(changed), fresh=True)["steps"] == 3
+
+
+def test_resuming_with_more_steps_is_allowed(tmp_path):
+    out = tmp_path / "run"
+    run_training(config_from_dict(raw_config(out, train={"max_steps": 2, "epochs": 1})))
+    more = raw_config(out, train={"max_steps": 4, "epochs": 1, "lr": 5e-4})
+    summary = run_training(config_from_dict(more))
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
+class NanGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient: a finite loss with a non-finite gradient norm."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison_step(monkeypatch, step: int, kind: str) -> None:
+    import snug.train.step as step_module
+
+    real, calls = step_module.chunked_loss, []
+
+    def loss(model, batch):
+        calls.append(1)
+        value = real(model, batch)
+        if (len(calls) - 1) // MICRO_PER_STEP + 1 == step:
+            return value * float("nan") if kind == "loss" else NanGradient.apply(value)
+        return value
+
+    monkeypatch.setattr(step_module, "chunked_loss", loss)
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_a_nonfinite_step_stops_before_the_update(kind, tmp_path, monkeypatch):
+    poison_step(monkeypatch, 5, kind)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as e:
+        run_training(config_from_dict(raw_config(out)))
+    message = str(e.value)
+    assert message.startswith("step 5:") and "step-4" in message
+    saved = load_file(out / "checkpoints/step-4/trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
+    poison_step(monkeypatch, 5, "loss")
+    out = tmp_path / "run"
+    summary = run_training(config_from_dict(raw_config(out, train={"skip_nonfinite": 1})))
+    assert summary["status"] == "completed" and summary["nonfinite_skipped"] == [5]
+    assert all(torch.isfinite(v).all() for v in adapter(out).values())
+
+
+def inject_oom(monkeypatch, above_rows: int) -> list[int]:
+    """Every micro-batch of more than `above_rows` rows runs out of memory; returns the row
+    counts that trained."""
+    import snug.train.step as step_module
+
+    real, trained = step_module.chunked_loss, []
+
+    def loss(model, batch):
+        rows = batch["input_ids"].shape[0]
+        if rows > above_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        trained.append(rows)
+        return real(model, batch)
+
+    monkeypatch.setattr(step_module, "chunked_loss", loss)
+    return trained
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_result(tmp_path, monkeypatch):
+    # no dropout: its masks are drawn per micro-batch, so other splits draw other masks
+    sections = {"train": {"micro_batch": 4, "grad_accum": 1}, "method": {"dropout": 0.0}}
+    plain = run_training(config_from_dict(raw_config(tmp_path / "plain", **sections)))
+    trained = inject_oom(monkeypatch, above_rows=1)
+    out = tmp_path / "run"
+    raw = raw_config(out, **sections)
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed" and summary["steps"] == plain["steps"]
+    assert summary["oom_changes"] == [
+        {"step": 1, "micro_batch": 2, "grad_accum": 2},
+        {"step": 1, "micro_batch": 1, "grad_accum": 4},
+    ]
+    assert set(trained) == {1}
+    ours, theirs = adapter(out), adapter(tmp_path / "plain")
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    assert worst < 1e-5, worst
+    # the change is in the checkpoint, and a resume keeps it
+    state = torch.load(
+        complete_checkpoints(out / "checkpoints")[-1] / "state.pt", weights_only=True
+    )
+    assert state["train_state"]["rows_per_micro_batch"] == 1
+    more = dict(raw, train={**raw["train"], "epochs": 3})
+    trained.clear()
+    resumed = run_training(config_from_dict(more))
+    assert resumed["status"] == "completed" and resumed["steps"] > summary["steps"]
+    assert set(trained) == {1} and resumed["oom_changes"] == summary["oom_changes"]
+
+
+def test_out_of_memory_at_one_row_stops_with_a_clear_message(tmp_path, monkeypatch):
+    inject_oom(monkeypatch, above_rows=0)
+    with pytest.raises(OutOfMemory) as e:
+        run_training(config_from_dict(raw_config(tmp_path / "run")))
+    assert "micro-batches of one row" in str(e.value) and "step 1" in str(e.value)
