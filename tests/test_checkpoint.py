@@ -46,3 +46,19 @@ def test_saving_the_same_step_again_replaces_it_whole(tmp_path):
     assert (
         name == now[0] and np.array_equal(keys.numpy().astype(np.uint32), now[1]) and pos == now[2]
     )
+
+
+def test_recover_brings_back_a_checkpoint_moved_aside_and_cleans_the_rest(tmp_path):
+    import os
+
+    from snug.train.checkpoint import recover
+
+    model, opt, sched = tiny_state()
+    save_checkpoint(tmp_path, 2, model, opt, sched, {"step": 2}, keep_last=3)
+    save_checkpoint(tmp_path, 3, model, opt, sched, {"step": 3}, keep_last=3)
+    # a kill between "move step-3 aside" and "rename the new step-3 into place"
+    os.replace(tmp_path / "step-3", tmp_path / ".old-step-3")
+    (tmp_path / ".tmp-step-3").mkdir()
+    (tmp_path / "step-4").mkdir()  # no marker
+    assert recover(tmp_path) == tmp_path / "step-3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3"]

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -7,7 +8,7 @@ from snug.data.collate import collate
 from snug.data.dataset import build_datasets
 from snug.data.formats import DataError, detect_format, to_canonical
 from snug.data.templates import BUILTIN, TemplateError, resolve_template
-from snug.data.tokenize import IGNORE, chat_segments, encode_chat
+from snug.data.tokenize import IGNORE, chat_segments, encode_chat, tokenize_records
 
 from conftest import write_jsonl
 
@@ -229,3 +230,239 @@ def test_val_size_that_leaves_nothing_is_named(tmp_path, tokenizer):
     )
     with pytest.raises(DataError, match=r"data.val_size=200 holds out 200 of 5 samples"):
         build_datasets(DataConfig(train=str(path), val_size=200), tokenizer, "sft", 0, "tiny")
+
+
+# Bad input: each case as line 3 of a JSON Lines file (line 2 is blank, so the line is not the
+# row), between good records of the same format. Strict names file, line and field; skip drops
+# and counts it.
+ALPACA = json.dumps({"instruction": "q", "output": "a"})
+SHAREGPT = json.dumps(
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+)
+BAD_RECORDS = {
+    "malformed_line": (ALPACA, '{"instruction": "q", "output": "a"', r"not valid JSON \("),
+    "missing_field": (ALPACA, json.dumps({"instruction": "q"}), r"field 'output' is missing"),
+    "wrong_type": (
+        ALPACA,
+        json.dumps({"instruction": "q", "output": 3}),
+        r"field 'output' must be a string, not int",
+    ),
+    "not_a_record": (ALPACA, "[1, 2]", r"holds a JSON list, not a record"),
+    "empty_sample": (
+        ALPACA,
+        json.dumps({"instruction": " ", "output": "a"}),
+        r"field 'instruction' is empty",
+    ),
+    "roles_out_of_order": (
+        SHAREGPT,
+        json.dumps(
+            {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}
+        ),
+        r"field 'conversations' turn 1 is from 'assistant' where 'user' was expected",
+    ),
+}
+
+
+def _file_with_bad_line(tmp_path, case: str, blank_line: bool = True):
+    good, bad, message = BAD_RECORDS[case]
+    lines = [good, "" if blank_line else good, bad, good, good]
+    path = tmp_path / f"{case}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path, message
+
+
+@pytest.mark.parametrize("blank_line", [True, False], ids=["blank_line", "no_blank_line"])
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_record_strict_names_file_line_and_field(tmp_path, tokenizer, case, blank_line):
+    path, message = _file_with_bad_line(tmp_path, case, blank_line)
+    with pytest.raises(DataError) as failure:
+        build_datasets(DataConfig(train=str(path)), tokenizer, "sft", 0, "tiny")
+    text = str(failure.value)
+    assert re.match(rf"{re.escape(str(path))} line 3: {message}", text), text
+    assert text.endswith("or set data.on_error: skip to drop such records.") or text.endswith(
+        "or set data.on_error: skip to drop such lines."
+    )
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("blank_line", [True, False], ids=["blank_line", "no_blank_line"])
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_record_skip_drops_and_counts_it(tmp_path, tokenizer, case, blank_line):
+    path, message = _file_with_bad_line(tmp_path, case, blank_line)
+    cfg = DataConfig(train=str(path), on_error="skip")
+    train, _, stats = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+    n_good = 3 if blank_line else 4
+    assert len(train) == stats.kept == n_good
+    assert (stats.dropped, stats.invalid) == (1, 1)
+    assert len(stats.problems) == 1
+    assert re.match(rf"{re.escape(str(path))} line 3: {message}", stats.problems[0])
+    summary = stats.as_dict()
+    assert summary["invalid"] == 1 and summary["problems"] == stats.problems
+    assert {"kept", "dropped", "truncated", "fully_masked", "empty"} <= set(summary)
+
+
+def test_bad_record_in_csv_is_named_by_row(tmp_path, tokenizer):
+    import pandas as pd
+
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"instruction": ["a", "b", "c"], "output": ["x", None, "z"]}).to_csv(
+        path, index=False
+    )
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} row 2: field 'output'"):
+        build_datasets(DataConfig(train=str(path)), tokenizer, "sft", 0, "tiny")
+    cfg = DataConfig(train=str(path), on_error="skip")
+    train, _, stats = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+    assert len(train) == 2 and stats.invalid == 1 and "row 2" in stats.problems[0]
+
+
+def test_json_array_names_the_line(tmp_path, tokenizer):
+    items = [{"instruction": "a", "output": "x"}, {"instruction": "b", "output": 3}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(items, indent=2))  # the second item opens on line 6
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} line 6: field 'output'"):
+        build_datasets(DataConfig(train=str(path)), tokenizer, "sft", 0, "tiny")
+    # A syntax error spoils the whole array: named, and not skipped.
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(items, indent=2).replace('"output": 3', '"output" 3'))
+    for on_error in ("strict", "skip"):
+        cfg = DataConfig(train=str(broken), on_error=on_error)
+        with pytest.raises(DataError, match=r"broken.json line 8: not valid JSON \(Expecting ':'"):
+            build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+
+
+def test_directory_of_jsonl_names_the_file_of_a_bad_line(tmp_path, tokenizer):
+    (tmp_path / "dir").mkdir()
+    write_jsonl(tmp_path / "dir/a.jsonl", [{"instruction": "q", "output": "a"}] * 3)
+    b = tmp_path / "dir/b.jsonl"
+    b.write_text(ALPACA + "\n" + json.dumps({"instruction": "q"}) + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(b))} line 2: field 'output' is missing"):
+        build_datasets(DataConfig(train=str(tmp_path / "dir")), tokenizer, "sft", 0, "tiny")
+
+
+# A chat template that renders no answer for replies starting with "skip": such samples have
+# every label masked.
+DROPS_SOME_ANSWERS = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}U: {{ m['content'] }}\n"
+    "{% elif not m['content'].startswith('skip') %}A: {{ m['content'] }}\n{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture
+def answer_dropping_tokenizer(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = DROPS_SOME_ANSWERS
+    return tok
+
+
+def test_fully_masked_sample_strict_names_row_and_hint(tmp_path, answer_dropping_tokenizer):
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "skip me"}]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    with pytest.raises(DataError) as failure:
+        build_datasets(DataConfig(train=str(path)), answer_dropping_tokenizer, "sft", 0, "t")
+    text = str(failure.value)
+    assert text.startswith(f"{path} line 2: field 'output' leaves no answer token to train on")
+    assert "raise data.cutoff_len, or set data.on_error: skip" in text
+    cfg = DataConfig(train=str(path), on_error="skip")
+    train, _, stats = build_datasets(cfg, answer_dropping_tokenizer, "sft", 0, "t")
+    assert len(train) == 1 and (stats.fully_masked, stats.dropped, stats.invalid) == (1, 1, 0)
+    assert stats.problems[0].startswith(f"{path} line 2: field 'output'")
+
+
+def test_no_fully_masked_sample_reaches_training_with_tiny_cutoff(
+    tmp_path, answer_dropping_tokenizer
+):
+    rows = [
+        {"instruction": "word " * n, "output": ("skip " if n % 3 == 0 else "") + "cat " * m}
+        for n in (1, 5, 40)
+        for m in (1, 6, 40)
+    ]
+    rows += [
+        {"instruction": "a", "output": "b", "history": [["word " * 30, "skip " * 30]]},
+        {"instruction": "word " * 30, "output": "cat", "history": [["a", "b"]]},
+    ]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = DataConfig(train=str(path), cutoff_len=8, on_error="skip")
+    train, _, stats = build_datasets(cfg, answer_dropping_tokenizer, "sft", 0, "t")
+    assert stats.fully_masked > 0 and stats.truncated > 0  # both kinds were in the data
+    assert len(train) == stats.kept > 0
+    for sample in train:
+        assert len(sample["input_ids"]) <= 8
+        assert any(x != IGNORE for x in sample["labels"][1:]), sample
+    # So every sample of a batch has loss targets: no NaN and no silent 0.0 loss.
+    batch = collate(list(train), pad_id=answer_dropping_tokenizer.pad_token_id)
+    assert (batch["labels"][:, 1:] != IGNORE).sum(1).min() > 0
+
+
+@pytest.mark.parametrize("on_error", ["strict", "skip"])
+def test_missing_chat_template_always_fails_naming_file_and_key(tmp_path, tokenizer, on_error):
+    bare = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    bare.chat_template = None
+    path = write_jsonl(tmp_path / "c.jsonl", [{"instruction": "q", "output": "a"}])
+    cfg = DataConfig(train=str(path), on_error=on_error)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: alpaca records need a chat "):
+        build_datasets(cfg, bare, "sft", 0, "my-model")
+    with pytest.raises(TemplateError, match=r"my-model has no chat template; set data.template"):
+        build_datasets(cfg, bare, "sft", 0, "my-model")
+
+
+def test_strict_and_skip_share_the_cached_tokenization(tmp_path, tokenizer, monkeypatch):
+    import snug.data.dataset as dataset
+
+    path, _ = _file_with_bad_line(tmp_path, "missing_field", blank_line=False)
+    build_datasets(DataConfig(train=str(path), on_error="skip"), tokenizer, "sft", 0, "tiny")
+    calls = []
+    monkeypatch.setattr(
+        dataset, "tokenize_records", lambda *a, **k: calls.append(1) or tokenize_records(*a, **k)
+    )
+    with pytest.raises(DataError, match=r"line 3: field 'output' is missing"):
+        build_datasets(DataConfig(train=str(path)), tokenizer, "sft", 0, "tiny")
+    assert calls == []  # strict read skip's cached map; it decided after the map
+
+
+def test_problems_listed_are_capped_but_all_counted(tmp_path, tokenizer):
+    rows = [{"instruction": "q", "output": "a"}] + [{"instruction": "q"}] * 25
+    path = write_jsonl(tmp_path / "many.jsonl", rows)
+    cfg = DataConfig(train=str(path), on_error="skip")
+    _, _, stats = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+    assert stats.invalid == stats.dropped == 25 and len(stats.problems) == 20
+    assert stats.problems[0].startswith(f"{path} line 2:")
+
+
+def test_every_record_bad_is_named_even_under_skip(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "all.jsonl", [{"instruction": "q", "output": 1}] * 3)
+    cfg = DataConfig(train=str(path), on_error="skip")
+    with pytest.raises(
+        DataError, match=r"no usable samples remain \(3 dropped; the first: .*line 1"
+    ):
+        build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+
+
+def test_bad_eval_record_is_dropped_and_listed(tmp_path, tokenizer):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "q", "output": "a"}] * 4)
+    held = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [{"instruction": "q", "output": 1}, {"instruction": "q", "output": "a"}],
+    )
+    cfg = DataConfig(train=str(train), eval=str(held), on_error="skip")
+    _, evals, stats = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+    assert len(evals) == 1 and stats.eval_dropped == 1 and stats.dropped == 0
+    assert stats.problems == [f"{held} line 1: field 'output' must be a string, not int."]
+    with pytest.raises(DataError, match=r"eval.jsonl line 1: field 'output'"):
+        build_datasets(DataConfig(train=str(train), eval=str(held)), tokenizer, "sft", 0, "tiny")
+
+
+def test_classification_record_without_label_is_named(tmp_path, tokenizer):
+    rows = [{"text": "red cat", "label": "a"}, {"text": "blue", "label": "b"}, {"text": "x"}]
+    path = write_jsonl(tmp_path / "cls.jsonl", rows)
+    with pytest.raises(DataError, match=r"cls.jsonl line 3: field 'label' is missing"):
+        build_datasets(DataConfig(train=str(path)), tokenizer, "cls", 0, "tiny")
+    cfg = DataConfig(train=str(path), on_error="skip")
+    train, _, stats = build_datasets(cfg, tokenizer, "cls", 0, "tiny")
+    assert len(train) == 2 and stats.labels == ["a", "b"] and stats.invalid == 1
+
+
+def test_format_is_told_by_the_fields_a_record_fills():
+    # `datasets` gives each record every column of the file, None where it lacks one.
+    record = {"instruction": "q", "output": "a", "conversations": None}
+    assert detect_format(record, "x") == "alpaca"
+    assert detect_format({"instruction": "q", "output": None}, "x") == "alpaca"

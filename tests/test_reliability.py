@@ -350,3 +350,15 @@ def test_out_of_memory_at_one_row_stops_with_a_clear_message(tmp_path, monkeypat
     with pytest.raises(OutOfMemory) as e:
         run_training(config_from_dict(raw_config(tmp_path / "run")))
     assert "micro-batches of one row" in str(e.value) and "step 1" in str(e.value)
+
+
+def test_outputs_stay_inside_the_resolved_output_dir(tmp_path):
+    out = tmp_path / "a" / ".." / "run"
+    (tmp_path / "a").mkdir()
+    before = set(tmp_path.rglob("*"))
+    raw = raw_config(out, train={"max_steps": 2, "epochs": 1})
+    run_training(config_from_dict(raw))
+    written = set(tmp_path.rglob("*")) - before
+    resolved = (tmp_path / "run").resolve()
+    assert written and all(p.resolve().is_relative_to(resolved) or p == resolved for p in written)
+    assert (resolved / "checkpoints/step-2").is_dir() and (resolved / "adapter").is_dir()

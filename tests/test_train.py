@@ -69,6 +69,9 @@ def test_train_writes_every_output(tmp_path):
         "truncated": 0,
         "fully_masked": 0,
         "empty": 0,
+        "invalid": 0,
+        "eval_dropped": 0,
+        "problems": [],
     }
     assert summary["eval"]["metric"] == "exact_match" and 0 <= summary["eval"]["before"] <= 1
     assert summary["eval"]["loss_after"] < summary["eval"]["loss_before"]

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, Features, Json, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from snug.config import DataConfig
 from snug.data.formats import FORMATS, DataError, detect_format
-from snug.data.templates import resolve_template
+from snug.data.locate import Locator, read_json
+from snug.data.templates import TemplateError, resolve_template
 from snug.data.tokenize import (
     EMPTY,
     FULLY_MASKED,
+    INVALID,
     KEPT,
     TRUNCATED,
     tokenize_classes,
@@ -36,33 +39,55 @@ BUILDERS = {
     ".parquet": "parquet",
     ".arrow": "arrow",
 }
-CACHE_VERSION = "1"  # bump when tokenization changes, to invalidate cached maps
+CACHE_VERSION = "2"  # bump when tokenization changes, to invalidate cached maps
+MAX_PROBLEMS = 20  # problems listed in summary.json; the counts cover them all
+# What to do about a record of each dropped status, in the message that stops a strict run.
+FIXES = {
+    INVALID: "fix the record, or set data.on_error: skip to drop such records",
+    EMPTY: "fix the record, or set data.on_error: skip to drop such records",
+    FULLY_MASKED: "raise data.cutoff_len, or set data.on_error: skip to drop such samples",
+}
 
 
 @dataclass
 class DataStats:
+    """Counts of train samples (kept, dropped and why), and the first problems of train and
+    eval data alike, each naming file, line or row, and field."""
+
     kept: int = 0
-    dropped: int = 0
+    dropped: int = 0  # fully_masked + empty + invalid
     truncated: int = 0
     fully_masked: int = 0
     empty: int = 0
+    invalid: int = 0  # unreadable lines and records with a missing, mistyped or bad field
+    eval_dropped: int = 0  # eval samples dropped for the same reasons
+    problems: list[str] = field(default_factory=list)
 
     labels: list[str] | None = None  # class names, for train.stage=cls (index = class id)
 
-    def add(self, counts: Counter) -> None:
-        self.kept += counts[KEPT] + counts[TRUNCATED]
-        self.truncated += counts[TRUNCATED]
-        self.fully_masked += counts[FULLY_MASKED]
-        self.empty += counts[EMPTY]
-        self.dropped += counts[FULLY_MASKED] + counts[EMPTY]
+    def add(self, counts: Counter, problems: list[str], train: bool = True) -> None:
+        dropped = counts[FULLY_MASKED] + counts[EMPTY] + counts[INVALID]
+        if train:
+            self.kept += counts[KEPT] + counts[TRUNCATED]
+            self.truncated += counts[TRUNCATED]
+            self.fully_masked += counts[FULLY_MASKED]
+            self.empty += counts[EMPTY]
+            self.invalid += counts[INVALID]
+            self.dropped += dropped
+        else:
+            self.eval_dropped += dropped
+        self.problems += problems[: MAX_PROBLEMS - len(self.problems)]
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | list[str]]:
         return {
             "kept": self.kept,
             "dropped": self.dropped,
             "truncated": self.truncated,
             "fully_masked": self.fully_masked,
             "empty": self.empty,
+            "invalid": self.invalid,
+            "eval_dropped": self.eval_dropped,
+            "problems": self.problems,
         }
 
 
@@ -70,8 +95,17 @@ def _as_list(spec: str | list[str] | None) -> list[str]:
     return [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
 
 
-def load_raw(spec: str, split: str) -> Dataset:
-    """One data source -> a `datasets.Dataset` of raw records."""
+@dataclass
+class RawSource:
+    """One source's raw records, where each came from, and the lines left out (unreadable)."""
+
+    records: Dataset
+    where: Locator
+    unreadable: list[str] = field(default_factory=list)  # only under data.on_error=skip
+
+
+def load_raw(spec: str, split: str, on_error: str = "strict") -> RawSource:
+    """One data source -> its raw records (a `datasets.Dataset`) and their locations."""
     path = Path(spec)
     if path.is_file():
         builder = BUILDERS.get(path.suffix.lower())
@@ -79,15 +113,17 @@ def load_raw(spec: str, split: str) -> Dataset:
             raise DataError(
                 f"{spec}: unsupported file type '{path.suffix}' (use {', '.join(BUILDERS)})."
             )
-        return _load(builder, data_files=str(path), where=spec)
+        if builder == "json":
+            return _load_json([path], spec, on_error)
+        return RawSource(_load(builder, data_files=str(path), where=spec), Locator(spec))
     if path.is_dir():
         if (path / "dataset_dict.json").exists():  # DatasetDict.save_to_disk: pick the split
             saved = datasets.load_from_disk(str(path))
             if split not in saved:
                 raise DataError(f"{spec}: has splits {list(saved)}, not data.split={split}.")
-            return saved[split]
+            return RawSource(saved[split], Locator(spec))
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return datasets.load_from_disk(str(path))
+            return RawSource(datasets.load_from_disk(str(path)), Locator(spec))
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in BUILDERS)
         if not files:
             raise DataError(f"{spec}: the directory holds no {', '.join(BUILDERS)} files.")
@@ -96,10 +132,13 @@ def load_raw(spec: str, split: str) -> Dataset:
             raise DataError(
                 f"{spec}: the directory mixes file types {sorted(kinds)}; use one per directory."
             )
-        return _load(kinds.pop(), data_files=[str(p) for p in files], where=spec)
+        if kinds == {"json"}:
+            return _load_json(files, spec, on_error)
+        ds = _load(kinds.pop(), data_files=[str(p) for p in files], where=spec)
+        return RawSource(ds, Locator(spec))
     looks_like_file = path.suffix.lower() in BUILDERS or spec.startswith((".", "/", "~"))
     if spec.count("/") == 1 and not looks_like_file:
-        return _load(spec, split=split, where=spec)  # a hub dataset id
+        return RawSource(_load(spec, split=split, where=spec), Locator(spec))  # a hub dataset id
     raise DataError(f"{spec}: no such file or directory.")
 
 
@@ -108,6 +147,45 @@ def _load(builder: str, where: str, data_files=None, split: str = "train") -> Da
         return datasets.load_dataset(builder, data_files=data_files, split=split)
     except Exception as e:  # datasets raises many types; all mean "this source cannot be read"
         raise DataError(f"{where}: cannot read the data ({first_line(e)}).") from None
+
+
+def _load_json(files: list[Path], spec: str, on_error: str) -> RawSource:
+    """JSON or JSON Lines files through `datasets` (cached); when it fails, which names no line,
+    read them here: name the first unreadable line, or with data.on_error=skip leave such lines
+    out and load the rest."""
+    # The loader logs its failure (an ERROR naming no line) before raising: the message below
+    # says more, so that log is muted while it reads.
+    quiet = logging.getLogger("datasets.packaged_modules.json.json")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        ds = _load("json", data_files=[str(p) for p in files], where=spec)
+        return RawSource(ds, Locator(spec, files, len(ds)))
+    except DataError as e:
+        failure = e
+    finally:
+        quiet.setLevel(level)
+    known, records, unreadable = [], [], []
+    for path in files:
+        lines, recs, bad = read_json(path)
+        known += [(str(path), n) for n in lines]
+        records += recs
+        unreadable += [f"{path} line {n}: {why}." for n, why in bad]
+    if unreadable and on_error == "strict":
+        raise DataError(
+            f"{unreadable[0].removesuffix('.')}; fix the line, or set data.on_error: skip to "
+            "drop such lines."
+        )
+    # Each column as JSON values, so that a mistyped field stays as written (and is named).
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    try:
+        ds = Dataset.from_dict(
+            {c: [r.get(c) for r in records] for c in columns},
+            features=Features({c: Json() for c in columns}),
+        )
+    except Exception:  # pyarrow raises several types; the loader's message says more
+        raise failure from None
+    return RawSource(ds, Locator(spec, files, len(ds), known), unreadable)
 
 
 def _tokenizer_fingerprint(tok: PreTrainedTokenizerBase, template: str | None) -> str:
@@ -124,15 +202,35 @@ def tokenize_source(
     stage: str,
     model_name: str,
     labels: list[str] | None = None,
-) -> tuple[Dataset, Counter]:
-    raw = load_raw(spec, cfg.split)
+) -> tuple[Dataset, Counter, list[str]]:
+    """One source -> its usable samples, the count of each status, and the first problems of
+    the dropped ones (unreadable lines count as invalid). Under data.on_error=strict the first
+    problem stops the run here instead."""
+    src = load_raw(spec, cfg.split, cfg.on_error)
+    raw = src.records
     if cfg.max_samples is not None:
         raw = raw.select(range(min(cfg.max_samples, len(raw))))
     if len(raw) == 0:
-        raise DataError(f"{spec}: holds no records.")
+        lost = f" (the first unreadable line: {src.unreadable[0]})" if src.unreadable else ""
+        raise DataError(f"{spec}: holds no records{lost}.")
     if stage == "cls":
-        return _tokenize_classes(raw, spec, cfg, tok, labels)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(raw[0], f"{spec} row 1")
+        ds, counts, problems = _tokenize_classes(raw, src.where, spec, cfg, tok, labels)
+    else:
+        ds, counts, problems = _tokenize_records(raw, src.where, spec, cfg, tok, stage, model_name)
+    counts[INVALID] += len(src.unreadable)
+    return ds, counts, src.unreadable + problems
+
+
+def _tokenize_records(
+    raw: Dataset,
+    where: Locator,
+    spec: str,
+    cfg: DataConfig,
+    tok: PreTrainedTokenizerBase,
+    stage: str,
+    model_name: str,
+) -> tuple[Dataset, Counter, list[str]]:
+    fmt = cfg.format if cfg.format != "auto" else detect_format(raw[0], where(0))
     if stage == "pt" and fmt != "text":
         raise DataError(
             f"{spec}: train.stage=pt needs plain text records ({{'text': ...}}), found {fmt}."
@@ -142,7 +240,12 @@ def tokenize_source(
             f"{spec}: train.stage=sft needs conversations; for plain text use train.stage=pt."
         )
     assert fmt in FORMATS
-    template = resolve_template(tok, cfg.template, model_name) if fmt != "text" else None
+    template = None
+    if fmt != "text":  # not a problem of one record: stops the run whatever data.on_error says
+        try:
+            template = resolve_template(tok, cfg.template, model_name)
+        except TemplateError as e:
+            raise TemplateError(f"{spec}: {fmt} records need a chat template, but {e}") from None
     fn = functools.partial(
         tokenize_records,
         tok=tok,
@@ -150,16 +253,23 @@ def tokenize_source(
         fmt=fmt,
         cutoff_len=cfg.cutoff_len,
         train_on_prompt=cfg.train_on_prompt,
-        source=spec,
+        where=where,
     )
     key = (fmt, _tokenizer_fingerprint(tok, template), cfg.cutoff_len, cfg.train_on_prompt, stage)
-    return _map_cached(raw, fn, key, spec)
+    return _map_cached(raw, fn, key, spec, cfg.on_error)
 
 
-def _map_cached(raw: Dataset, fn, key: tuple, spec: str) -> tuple[Dataset, Counter]:
-    """Tokenize `raw` with `fn` through datasets' map cache (keyed by the raw data and `key`,
-    everything that changes the tokens), count each sample's status, keep the usable ones."""
-    fingerprint = hashlib.sha256(repr((CACHE_VERSION, raw._fingerprint, key)).encode()).hexdigest()
+def _map_cached(
+    raw: Dataset, fn, key: tuple, spec: str, on_error: str
+) -> tuple[Dataset, Counter, list[str]]:
+    """Tokenize `raw` with `fn` through datasets' map cache (keyed by the raw data, by `key`,
+    everything that changes the tokens, and by `spec`, named in the problems), count each
+    sample's status, keep the usable ones. data.on_error acts after the map, so that strict
+    and skip share one cached result: strict stops at the first dropped sample in row order,
+    skip returns the first problems."""
+    fingerprint = hashlib.sha256(
+        repr((CACHE_VERSION, raw._fingerprint, key, spec)).encode()
+    ).hexdigest()
     ds = raw.map(
         fn,
         batched=True,
@@ -168,14 +278,26 @@ def _map_cached(raw: Dataset, fn, key: tuple, spec: str) -> tuple[Dataset, Count
         new_fingerprint=fingerprint[:32],
         desc=f"tokenizing {spec}",
     )
-    counts = Counter(ds["status"])
-    ds = ds.filter(lambda s: s in (KEPT, TRUNCATED), input_columns="status")
-    return ds.remove_columns("status"), counts
+    statuses = ds["status"]
+    counts = Counter(statuses)
+    dropped = [i for i, status in enumerate(statuses) if status in FIXES]
+    if dropped and on_error == "strict":
+        first = ds[dropped[0]]
+        raise DataError(f"{first['problem'].removesuffix('.')}; {FIXES[first['status']]}.")
+    problems = list(ds.select(dropped[:MAX_PROBLEMS])["problem"]) if dropped else []
+    if dropped:
+        ds = ds.filter(lambda s: s in (KEPT, TRUNCATED), input_columns="status")
+    return ds.remove_columns(["status", "problem"]), counts, problems
 
 
 def _tokenize_classes(
-    raw: Dataset, spec: str, cfg: DataConfig, tok: PreTrainedTokenizerBase, labels: list[str]
-) -> tuple[Dataset, Counter]:
+    raw: Dataset,
+    where: Locator,
+    spec: str,
+    cfg: DataConfig,
+    tok: PreTrainedTokenizerBase,
+    labels: list[str],
+) -> tuple[Dataset, Counter, list[str]]:
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw.column_names]
     if missing:
         raise DataError(
@@ -189,7 +311,7 @@ def _tokenize_classes(
         label_column=cfg.label_column,
         label_ids={name: i for i, name in enumerate(labels)},
         cutoff_len=cfg.cutoff_len,
-        source=spec,
+        where=where,
     )
     key = (
         "cls",
@@ -199,17 +321,18 @@ def _tokenize_classes(
         cfg.label_column,
         cfg.cutoff_len,
     )
-    return _map_cached(raw, fn, key, spec)
+    return _map_cached(raw, fn, key, spec, cfg.on_error)
 
 
 def class_labels(cfg: DataConfig) -> list[str]:
-    """The classes of data.train's label column, sorted (class id = position)."""
+    """The classes of data.train's label column, sorted (class id = position); a record without
+    a label names none (it is dropped or stops the run when tokenized)."""
     names: set[str] = set()
     for spec in _as_list(cfg.train):
-        raw = load_raw(spec, cfg.split)
+        raw = load_raw(spec, cfg.split, cfg.on_error).records
         if cfg.label_column not in raw.column_names:
             raise DataError(f"{spec}: has no column {cfg.label_column!r}; set data.label_column.")
-        names.update(str(v) for v in raw[cfg.label_column])
+        names.update(str(v) for v in raw[cfg.label_column] if v is not None)
     if len(names) < 2:
         raise DataError(
             f"data.train: the label column {cfg.label_column!r} holds {len(names)} class(es); "
@@ -227,16 +350,22 @@ def build_datasets(
     stats = DataStats(labels=class_labels(cfg) if stage == "cls" else None)
     parts = []
     for spec in _as_list(cfg.train):
-        ds, counts = tokenize_source(spec, cfg, tok, stage, model_name, stats.labels)
-        stats.add(counts)
+        ds, counts, problems = tokenize_source(spec, cfg, tok, stage, model_name, stats.labels)
+        stats.add(counts, problems)
         parts.append(ds)
     train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(train) == 0:
-        raise DataError(f"data.train: no usable samples remain ({stats.as_dict()}).")
-    evals = [
-        tokenize_source(spec, cfg, tok, stage, model_name, stats.labels)[0]
-        for spec in _as_list(cfg.eval)
-    ]
+        raise DataError(
+            f"data.train: no usable samples remain ({stats.dropped} dropped; the first: "
+            f"{stats.problems[0]})"
+        )
+    evals = []
+    for spec in _as_list(cfg.eval):
+        ds, counts, problems = tokenize_source(spec, cfg, tok, stage, model_name, stats.labels)
+        stats.add(counts, problems, train=False)
+        if len(ds) == 0:
+            raise DataError(f"{spec}: no usable eval samples remain (the first: {problems[0]})")
+        evals.append(ds)
     eval_ds = (concatenate_datasets(evals) if len(evals) > 1 else evals[0]) if evals else None
     if cfg.val_size > 0:  # config checks ensure there is no data.eval then
         size = cfg.val_size if cfg.val_size < 1 else int(cfg.val_size)

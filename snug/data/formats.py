@@ -11,6 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 FORMATS = ("alpaca", "sharegpt", "messages", "text")
+# The field that holds what a record trains on, named when nothing of it is left to train on.
+ANSWER_FIELD = {
+    "alpaca": "output",
+    "sharegpt": "conversations",
+    "messages": "messages",
+    "text": "text",
+}
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -26,25 +33,35 @@ class DataError(ValueError):
     """A problem with one record, worded with its file, row and field."""
 
 
-def detect_format(record: dict[str, Any], where: str) -> str:
-    keys = set(record)
+def _format_of(keys: set[str]) -> str | None:
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
         return "sharegpt"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
-    if "text" in keys:
-        return "text"
-    raise DataError(
-        f"{where}: cannot tell the format from the keys {sorted(keys)}; expected alpaca "
-        "(instruction, output), sharegpt (conversations), messages, or text; or set data.format."
-    )
+    return "text" if "text" in keys else None
+
+
+def detect_format(record: dict[str, Any], where: str) -> str:
+    """The format of `record`, told by the fields it fills, else by all its keys (`datasets`
+    gives every record each column of the file, None where the record lacks it)."""
+    filled = {k for k, v in record.items() if v is not None}
+    fmt = _format_of(filled) or _format_of(set(record))
+    if fmt is None:
+        raise DataError(
+            f"{where}: cannot tell the format from the keys {sorted(record)}; expected alpaca "
+            "(instruction, output), sharegpt (conversations), messages, or text; or set "
+            "data.format."
+        )
+    return fmt
 
 
 def _text(value: Any, where: str, key: str, allow_empty: bool = False) -> str:
     if value is None and allow_empty:
         return ""
+    if value is None:  # `datasets` fills a field that a record lacks with None
+        raise DataError(f"{where}: field '{key}' is missing.")
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string, not {type(value).__name__}.")
     if not value.strip() and not allow_empty:

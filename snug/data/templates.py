@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from snug.data.formats import DataError
+
 BUILTIN = {
     "chatml": (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -44,8 +46,8 @@ BUILTIN = {
 }
 
 
-class TemplateError(ValueError):
-    """No usable chat template."""
+class TemplateError(DataError):
+    """No usable chat template (a DataError: the data cannot be rendered)."""
 
 
 def resolve_template(tokenizer: PreTrainedTokenizerBase, name: str, model_name: str) -> str:

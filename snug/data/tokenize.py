@@ -8,16 +8,20 @@ real template, whatever it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from snug.data.formats import DataError
+from snug.data.formats import ANSWER_FIELD, DataError
 
 IGNORE = -100
 
-# Status of a record after tokenization, counted in summary.json["data"].
-KEPT, TRUNCATED, EMPTY, FULLY_MASKED = "kept", "truncated", "empty", "fully_masked"
+# Status of a record after tokenization, counted in summary.json["data"]. The last three are
+# dropped (data.on_error=skip) or stop the run (strict); each comes with a `problem` message.
+KEPT, TRUNCATED = "kept", "truncated"
+EMPTY, FULLY_MASKED, INVALID = "empty", "fully_masked", "invalid"
+COLUMNS = ("input_ids", "labels", "status", "prompt_len", "problem")  # what the map functions give
 
 
 def _render(tok: PreTrainedTokenizerBase, template: str, messages: list[dict], gen: bool) -> str:
@@ -116,6 +120,18 @@ def encode_text(
     return [(p, list(p), KEPT, 0) for p in pieces]
 
 
+def _problem(status: str, where: str, field: str, cutoff_len: int) -> str:
+    """Why a sample of `status` cannot train ("" when it can)."""
+    if status == EMPTY:
+        return f"{where}: field '{field}' gives no tokens."
+    if status == FULLY_MASKED:
+        return (
+            f"{where}: field '{field}' leaves no answer token to train on (all labels masked "
+            f"after truncation to data.cutoff_len={cutoff_len}, or the template renders none)."
+        )
+    return ""
+
+
 def tokenize_records(
     records: dict[str, list[Any]],
     indices: list[int],
@@ -125,28 +141,36 @@ def tokenize_records(
     fmt: str,
     cutoff_len: int,
     train_on_prompt: bool,
-    source: str,
+    where: Callable[[int], str],
 ) -> dict[str, list]:
-    """Batched `datasets.map` function: raw columns -> input_ids, labels, status, prompt_len."""
+    """Batched `datasets.map` function: raw columns -> input_ids, labels, status, prompt_len,
+    problem. A record that cannot train becomes one row with a status that drops it and a
+    `problem` naming its file, line or row, and field; the caller decides whether to stop."""
     from snug.data.formats import to_canonical  # local: keeps map's pickled closure small
 
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "prompt_len": []}
+    out: dict[str, list] = {c: [] for c in COLUMNS}
     columns = list(records)
     for j, index in enumerate(indices):
         record = {c: records[c][j] for c in columns}
-        where = f"{source} row {index + 1}"
-        canon = to_canonical(record, fmt, where)
-        if "text" in canon:
-            results = encode_text(tok, canon["text"], cutoff_len)
+        at = where(index)
+        try:
+            canon = to_canonical(record, fmt, at)
+        except DataError as e:
+            results, problem = [([], [], INVALID, 0)], str(e)
         else:
-            results = [
-                encode_chat(tok, template, canon["messages"], cutoff_len, train_on_prompt, where)
-            ]
+            if "text" in canon:
+                results = encode_text(tok, canon["text"], cutoff_len)
+            else:
+                results = [
+                    encode_chat(tok, template, canon["messages"], cutoff_len, train_on_prompt, at)
+                ]
+            problem = ""
         for ids, labels, status, prompt_len in results:
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["status"].append(status)
             out["prompt_len"].append(prompt_len)
+            out["problem"].append(problem or _problem(status, at, ANSWER_FIELD[fmt], cutoff_len))
     return out
 
 
@@ -159,21 +183,28 @@ def tokenize_classes(
     label_column: str,
     label_ids: dict[str, int],
     cutoff_len: int,
-    source: str,
+    where: Callable[[int], str],
 ) -> dict[str, list]:
-    """Batched `datasets.map` function for train.stage=cls: text -> input_ids, label -> class id."""
-    out: dict[str, list] = {"input_ids": [], "labels": [], "status": [], "prompt_len": []}
+    """Batched `datasets.map` function for train.stage=cls: text -> input_ids, label -> class id
+    (a record without usable text or label: status invalid, as in `tokenize_records`)."""
+    out: dict[str, list] = {c: [] for c in COLUMNS}
     for text, label, index in zip(
         records[text_column], records[label_column], indices, strict=True
     ):
-        where = f"{source} row {index + 1}"
+        problem = ""
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: field '{text_column}' must be non-empty text.")
-        if str(label) not in label_ids:
-            raise DataError(f"{where}: label {label!r} does not occur in data.train.")
-        ids = tok(text, add_special_tokens=True)["input_ids"]
+            problem = f"{where(index)}: field '{text_column}' must be non-empty text."
+        elif label is None:
+            problem = f"{where(index)}: field '{label_column}' is missing."
+        elif str(label) not in label_ids:
+            problem = (
+                f"{where(index)}: field '{label_column}' holds {label!r}, "
+                "a class that does not occur in data.train."
+            )
+        ids = [] if problem else tok(text, add_special_tokens=True)["input_ids"]
         out["input_ids"].append(ids[:cutoff_len])
-        out["labels"].append(label_ids[str(label)])
-        out["status"].append(TRUNCATED if len(ids) > cutoff_len else KEPT)
+        out["labels"].append(label_ids.get(str(label), -1))
+        out["status"].append(INVALID if problem else TRUNCATED if len(ids) > cutoff_len else KEPT)
         out["prompt_len"].append(0)
+        out["problem"].append(problem)
     return out

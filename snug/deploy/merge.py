@@ -113,6 +113,14 @@ def check_mergeable(src: Source) -> None:
         )
     if not (src.adapter_dir / "adapter_config.json").is_file():
         raise MergeError(f"{src.adapter_dir}: no adapter_config.json; the run did not finish?")
+    if not (src.adapter_dir / "adapter_model.safetensors").is_file():
+        # peft would fall back to adapter_model.bin, a pickle: snug loads safetensors only.
+        pickled = (src.adapter_dir / "adapter_model.bin").is_file()
+        raise MergeError(
+            f"{src.adapter_dir}: no adapter_model.safetensors"
+            + (" (only a pickled adapter_model.bin, which snug does not load)" if pickled else "")
+            + "; save the adapter with peft's save_pretrained, which writes safetensors."
+        )
 
 
 def base_dtype(cfg: Config) -> torch.dtype:

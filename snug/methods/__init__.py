@@ -26,6 +26,9 @@ def save_pretrained(model: nn.Module, path: Path) -> None:
 def load_peft(base: nn.Module, path: Path) -> nn.Module:
     from peft import PeftModel
 
+    if not (Path(path) / "adapter_model.safetensors").is_file():
+        # peft would fall back to adapter_model.bin, a pickle: snug loads safetensors only
+        raise ValueError(f"{path}: no adapter_model.safetensors (snug loads safetensors only).")
     return PeftModel.from_pretrained(base, str(path))
 
 

@@ -98,7 +98,33 @@ def _where(mcfg: ModelConfig) -> str:
     return f"model.name_or_path={mcfg.name_or_path}" + ("" if local.exists() else " (hub id)")
 
 
+def warn_remote_code(mcfg: ModelConfig, what: str) -> None:
+    """With model.trust_remote_code (off unless set), say whose code runs, at which revision."""
+    if mcfg.trust_remote_code:
+        log.warning(
+            "trust_remote_code is on: running the %s code of %s (revision %s)",
+            what,
+            mcfg.name_or_path,
+            mcfg.revision or "default",
+        )
+
+
+def require_safetensors(mcfg: ModelConfig) -> None:
+    """Refuse a local model directory whose weights are only pickled (*.bin): unpickling can
+    run code, so snug loads safetensors only (hub models: transformers is told the same)."""
+    local = Path(mcfg.name_or_path)
+    if not local.is_dir() or any(local.glob("*.safetensors")):
+        return
+    if any(local.glob("pytorch_model*.bin")):
+        raise ModelLoadError(
+            f"model.name_or_path={local}: the directory holds weights only as pickled "
+            "pytorch_model*.bin files, and snug loads safetensors only (unpickling can run "
+            "code); if you trust them, convert once with from_pretrained then save_pretrained."
+        )
+
+
 def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
+    warn_remote_code(mcfg, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(
             mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision
@@ -151,12 +177,8 @@ def load_model(
     with train.stage=cls a sequence classifier with a new head over `labels`."""
     mcfg = cfg.model
     dtype = resolve_dtype(cfg, device, precision)
-    if mcfg.trust_remote_code:
-        log.warning(
-            "trust_remote_code is on: running model code from %s (revision %s)",
-            mcfg.name_or_path,
-            mcfg.revision or "default",
-        )
+    require_safetensors(mcfg)
+    warn_remote_code(mcfg, "model")
     quant = _quant_config(mcfg, compute_dtype(precision))
     auto_class, head = AutoModelForCausalLM, {}
     if cfg.train.stage == "cls":
@@ -176,7 +198,7 @@ def load_model(
             trust_remote_code=mcfg.trust_remote_code,
             revision=mcfg.revision,
             device_map={"": device} if quant is not None else None,
-            use_safetensors=True,
+            use_safetensors=True,  # never unpickle weights, local or from the hub
             **head,
         )
     except (OSError, ValueError) as e:

@@ -27,7 +27,9 @@ def catalog_models() -> list[str]:
     return sorted(p.stem.replace("__", "/", 1) for p in (CATALOG / "models").glob("*.json"))
 
 
-def model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+def model_config(
+    name: str, trust_remote_code: bool = False, revision: str | None = None
+) -> PretrainedConfig:
     path = Path(name)
     if path.is_file():  # a config.json
         raw = json.loads(path.read_text())
@@ -35,7 +37,9 @@ def model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig
         raw = json.loads((CATALOG / "models" / (name.replace("/", "__", 1) + ".json")).read_text())
     else:
         try:  # a local model directory, or a hub id when the hub is reachable
-            return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+            return AutoConfig.from_pretrained(
+                name, trust_remote_code=trust_remote_code, revision=revision
+            )
         except (OSError, ValueError) as e:
             close = [m for m in catalog_models() if name.lower().split("/")[-1] in m.lower()]
             hint = f"; bundled: {', '.join(close)}" if close else " (snug plan --list-models)"

@@ -130,7 +130,7 @@ def cmd_plan(args) -> int:
     if args.micro_batch:
         overrides.append(f"train.micro_batch={args.micro_batch}")
     cfg = load_config(args.config, overrides)
-    config = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    config = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
     device = resolve_device(args, cfg)
     seq_len, seq_source = sequence_length(args, cfg, args.config is not None)
     searching = args.search or (args.config is None and args.method is None)

@@ -188,6 +188,8 @@ def run_training(
             f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
             f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
         )
+        for problem in stats.problems[:3]:  # data.on_error=skip: what was dropped, and why
+            console.print(f"[yellow]dropped: {problem}[/yellow]")
         hashed = data_hash(train_ds)
         resumed = None
         if resume_path is not None:
@@ -241,6 +243,9 @@ def run_training(
         console.print(f"saved {get_method(cfg.method.name).output} to {out}")
     except TrainingStopped:
         summary["status"] = "stopped"
+        raise
+    except Exception as e:  # the reason, in the summary too
+        summary["error"] = f"{type(e).__name__}: {e}"
         raise
     except KeyboardInterrupt:
         summary["status"] = "interrupted"

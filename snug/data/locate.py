@@ -1,0 +1,109 @@
+"""Where a raw record came from, for messages: file and line (JSON, JSONL) or source and row.
+
+`datasets` reads JSON Lines fast but names no line when one is broken, and keeps no line
+numbers; snug reads the files itself only when it needs them: to name a record's line in a
+message, or to find (and, with data.on_error=skip, leave out) the lines the loader failed on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snug.data.formats import DataError
+
+_BETWEEN_ITEMS = re.compile(r"[\s,]*")
+
+
+def _array_lines(text: str) -> list[int]:
+    """The line each item of a valid JSON array starts on."""
+    decoder, lines, line, at = json.JSONDecoder(), [], 1, 0
+    i = _BETWEEN_ITEMS.match(text, text.index("[") + 1).end()
+    while text[i] != "]":
+        line, at = line + text.count("\n", at, i), i
+        lines.append(line)
+        i = _BETWEEN_ITEMS.match(text, decoder.raw_decode(text, i)[1]).end()
+    return lines
+
+
+def record_lines(path: Path) -> list[int]:
+    """The line each record starts on in a JSON Lines file or a JSON array that `datasets`
+    read without error (so a valid one; blank lines hold no record, for it too)."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return _array_lines(text)
+    return [n for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def read_json(path: Path) -> tuple[list[int], list[Any], list[tuple[int, str]]]:
+    """(the 1-based line of each record, the records, (line, why) of each line that holds no
+    record) of a JSON Lines file or of a file holding one JSON array. A syntax error in an array
+    spoils the whole file, so it is raised rather than returned."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the file ({e}).") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); the file "
+                "holds one JSON array, so no record can be skipped: fix that line."
+            ) from None
+        lines = _array_lines(text)
+        bad = [(n, _not_a_record(x)) for n, x in zip(lines, items, strict=True)]
+        keep = [i for i, x in enumerate(items) if isinstance(x, dict)]
+        return [lines[i] for i in keep], [items[i] for i in keep], [b for b in bad if b[1]]
+    lines, records, problems = [], [], []
+    for n, line in enumerate(text.split("\n"), 1):  # only \n ends a JSON Lines record
+        if not line.strip():
+            continue  # `datasets` skips blank lines too
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if why := _not_a_record(value):
+            problems.append((n, why))
+            continue
+        lines.append(n)
+        records.append(value)
+    return lines, records, problems
+
+
+def _not_a_record(value: Any) -> str:
+    if isinstance(value, dict):
+        return ""
+    return f"holds a JSON {type(value).__name__}, not a record ({{...}})"
+
+
+@dataclass
+class Locator:
+    """Names raw row `index` of one source: 'FILE line N' when the rows were read from JSON or
+    JSON Lines files, else 'SOURCE row N'. Lines are found when first asked for."""
+
+    spec: str
+    json_files: list[Path] = field(default_factory=list)
+    rows: int = 0  # rows the source loaded, to check the lines found against
+    known: list[tuple[str, int]] | None = None  # (file, line) of each row, when already known
+
+    @functools.cached_property
+    def _origins(self) -> list[tuple[str, int]] | None:
+        if self.known is not None:
+            return self.known
+        try:
+            origins = [(str(p), n) for p in self.json_files for n in record_lines(p)]
+        except (OSError, ValueError, IndexError):  # not as `datasets` read it: name rows
+            return None
+        return origins if self.json_files and len(origins) == self.rows else None
+
+    def __call__(self, index: int) -> str:
+        if self._origins is None:
+            return f"{self.spec} row {index + 1}"
+        path, line = self._origins[index]
+        return f"{path} line {line}"
