@@ -46,6 +46,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from snug.train.resume import EXIT_STOPPED, TrainingStopped
 
     cfg = load_config(args.config, args.overrides)
+    from snug.train import dist
+
+    if cfg.dist.nproc > 1 and not dist.launched():  # start the ranks, each runs this again
+        argv = ["train", args.config, *args.overrides]
+        argv += ["--fresh"] * args.fresh + ["--allow-config-change"] * args.allow_config_change
+        return dist.launch(cfg, argv, {k: getattr(args, k) for k in dist.LAUNCH_FLAGS})
     try:
         summary = run_training(cfg, fresh=args.fresh, allow_config_change=args.allow_config_change)
     except TrainingStopped as e:
@@ -125,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume even though seed, data, method, batch or accumulation changed",
     )
+    several = train.add_argument_group(
+        "several nodes", "passed to torchrun with dist.nproc processes on each node"
+    )
+    several.add_argument("--nnodes", type=int, help="nodes taking part (default 1)")
+    several.add_argument("--node-rank", type=int, help="this node's rank, 0 to nnodes-1")
+    several.add_argument("--master-addr", help="address of node 0")
+    several.add_argument("--master-port", type=int, help="port on node 0 (default 29500)")
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser(

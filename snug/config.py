@@ -249,8 +249,20 @@ class MemoryConfig:
 class DistConfig:
     """Multi-GPU training."""
 
-    strategy: Literal["none", "ddp", "fsdp"] = _f("none", "How to spread training over GPUs.")
-    nproc: int = _f(1, "Processes (GPUs) on this node.", AT_LEAST_1)
+    strategy: Literal["none", "ddp", "fsdp"] = _f(
+        "none",
+        "How to spread training over processes: ddp replicates the model, fsdp shards "
+        "parameters, gradients and optimizer state (PyTorch FSDP2, one unit per decoder layer).",
+    )
+    nproc: int = _f(
+        1, "Processes (GPUs) on this node; above 1, snug train starts torchrun itself.", AT_LEAST_1
+    )
+    reshard_after_forward: bool = _f(
+        True,
+        "fsdp: free gathered layers after forward (ZeRO-3 like); false keeps them until backward "
+        "(ZeRO-2 like: more memory, less communication).",
+    )
+    cpu_offload: bool = _f(False, "fsdp: keep parameter shards and optimizer state on the host.")
 
 
 @dataclass
@@ -432,10 +444,12 @@ def check_combinations(cfg: Config, source: str) -> None:
             + "; set data.packing=false."
         )
     if cfg.dist.strategy != "none" or cfg.dist.nproc != 1:
-        raise ConfigError(
-            f"{source}: dist.strategy={cfg.dist.strategy} with dist.nproc={cfg.dist.nproc} is not "
-            "available yet; snug trains on one device for now (dist.strategy=none)."
-        )
+        from snug.train.dist import check
+
+        try:
+            check(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     if cfg.memory.auto_fit and cfg.model.quant == "8bit":
         raise ConfigError(
             f"{source}: memory.auto_fit does not plan 8-bit bases yet; use model.quant=4bit or "

@@ -76,14 +76,31 @@ def save_checkpoint(
     train_state: dict,
     keep_last: int,
     scaler: torch.amp.GradScaler | None = None,
+    ctx=None,
 ) -> Path:
+    """`ctx` (train/dist.py Dist) with several ranks: weights and optimizer state go through
+    torch.distributed.checkpoint (each rank writes its shards; DDP's replicas once), each rank
+    its own RNG file; rank 0 writes the rest, the marker and renames, between barriers."""
+    from snug.train import dist
+
+    sharded = ctx is not None and ctx.active
+    main = not sharded or ctx.main
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
-    try:
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
+    dist.barrier()
+    try:
+        if sharded:
+            _save_sharded(tmp, model, optimizer, ctx)
+        else:
+            save_file(trainable_state(model), tmp / "trainable.safetensors")
+        dist.barrier()
+        if not main:
+            dist.barrier()  # rank 0 commits
+            return final
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
@@ -94,8 +111,9 @@ def save_checkpoint(
             },
             tmp / "state.pt",
         )
-        for f in tmp.iterdir():
-            _fsync(f)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
         (tmp / COMPLETE).write_text(str(step))  # last: its presence means the rest is on disk
         _fsync(tmp / COMPLETE)
         _fsync(tmp)
@@ -114,7 +132,50 @@ def save_checkpoint(
     _fsync(root)
     shutil.rmtree(old, ignore_errors=True)
     prune(root, keep_last)
+    if sharded:
+        dist.barrier()
     return final
+
+
+def _save_sharded(tmp: Path, model: nn.Module, optimizer, ctx) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    torch.save({"rng": rng_state()}, tmp / f"rng-rank{ctx.rank}.pt")
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer, ctx) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+    except Exception as e:  # another model, method or strategy
+        raise CheckpointError(
+            f"cannot load checkpoint {path} into this run ({e}); use --fresh."
+        ) from None
+    # strict=False: the frozen weights are not in the checkpoint (dcp.load above already
+    # refused a checkpoint lacking any trainable one)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )
+    own = path / f"rng-rank{ctx.rank}.pt"  # another world size: rank 0's generators
+    rng = torch.load(own if own.exists() else path / "rng-rank0.pt", weights_only=True)
+    set_rng_state(rng["rng"])
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -166,9 +227,21 @@ def load_checkpoint(
     optimizer,
     scheduler,
     scaler: torch.amp.GradScaler | None = None,
+    ctx=None,
 ) -> dict:
     """Restore trainable weights, optimizer, scheduler, grad scaler and every RNG from `path`;
     returns its train_state."""
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    if (path / "dcp").is_dir():
+        if ctx is None or not ctx.active:
+            raise CheckpointError(
+                f"checkpoint {path} is sharded (dist.strategy); resume it with dist.nproc > 1."
+            )
+        _load_sharded(path, model, optimizer, ctx)
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        return state["train_state"]
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -183,7 +256,6 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:

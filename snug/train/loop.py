@@ -29,11 +29,18 @@ from snug.models.load import (
     resolve_device,
     resolve_precision,
 )
+from snug.train import dist
 from snug.train.activations import enable_checkpointing
-from snug.train.checkpoint import load_checkpoint, read_train_state, recover, save_checkpoint
+from snug.train.checkpoint import (
+    complete_checkpoints,
+    load_checkpoint,
+    read_train_state,
+    recover,
+    save_checkpoint,
+)
 from snug.train.evaluate import accuracy, eval_loss, exact_match
 from snug.train.memory import TensorMemoryTracker, model_tensors
-from snug.train.metrics import MetricsLog
+from snug.train.metrics import MetricsLog, NoMetrics
 from snug.train.optim import build_optimizer, build_scheduler
 from snug.train.resume import (
     ResumeError,
@@ -72,11 +79,13 @@ class Schedule:
     row_tokens: list[int] | None = None  # given: length-grouped micro-batches
 
     @classmethod
-    def build(cls, lengths: list[int], cfg: Config) -> Schedule:
+    def build(cls, lengths: list[int], cfg: Config, world: int = 1) -> Schedule:
+        """With `world` ranks, each micro-batch is global (micro_batch x world rows) and each
+        rank trains its share (train/dist.py: share)."""
         d, t = cfg.data, cfg.train
         rows = pack(lengths, d.cutoff_len) if d.packing else [[i] for i in range(len(lengths))]
         tokens = [sum(lengths[i] for i in r) for r in rows] if d.group_by_length else None
-        return cls(rows, t.micro_batch, t.grad_accum, t.seed, tokens)
+        return cls(rows, t.micro_batch * world, t.grad_accum, t.seed, tokens)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -164,20 +173,33 @@ def run_training(
     different run (guarded keys, data) is refused unless `allow_config_change`."""
     console = console or Console()
     started = time.perf_counter()
-    out, resume_path = prepare_output_dir(cfg, fresh)
+    ctx, device = dist.setup(cfg, resolve_device(cfg))
+    if not ctx.main:  # one voice: rank 0 prints, logs and writes the summary
+        console = Console(quiet=True)
+    if ctx.main:
+        out, resume_path = prepare_output_dir(cfg, fresh)
+    dist.barrier()
+    if not ctx.main:
+        out = Path(cfg.output.dir).resolve()
+        done = [] if fresh else complete_checkpoints(out / "checkpoints")
+        resume_path = done[-1] if done else None
     summary: dict = {"status": "failed", "steps": 0}
     metrics: MetricsLog | None = None
     given = cfg.to_dict()  # the user's config, before auto_fit or an OOM fallback change it
     try:
-        save_config(cfg, out / "config.yaml")
-        device = resolve_device(cfg)
+        if ctx.main:
+            save_config(cfg, out / "config.yaml")
         precision = resolve_precision(cfg, device)
         set_seed(cfg.train.seed)
 
         tok = load_tokenizer(cfg.model)
+        if not ctx.main:  # rank 0 tokenizes into the datasets cache first, the others read it
+            dist.barrier()
         train_ds, eval_ds, stats = build_datasets(
             cfg.data, tok, cfg.train.stage, cfg.train.seed, cfg.model.name_or_path
         )
+        if ctx.main:
+            dist.barrier()
         template = (
             resolve_template(tok, cfg.data.template, cfg.model.name_or_path)
             if cfg.train.stage == "sft"
@@ -198,28 +220,33 @@ def run_training(
                 cfg = config_from_dict(resumed["adopted"], f"{resume_path}/state.pt")
         if cfg.memory.auto_fit and resumed is None:
             cfg = _auto_fit(cfg, train_ds, device, console, summary)
-        save_config(cfg, out / "config.yaml")  # what actually trains
+        if ctx.main:
+            save_config(cfg, out / "config.yaml")  # what actually trains
         model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
         model = prepare_for_training(model, cfg, precision)
         trainable, total = count_params(model)
+        model = dist.wrap(model, cfg, ctx, precision, device)
         summary.update(
             trainable_params=trainable, total_params=total, device=str(device), precision=precision
         )
         console.print(
             f"model: {cfg.model.name_or_path} | method {cfg.method.name} | trainable "
             f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}"
+            + (f" | {ctx.strategy} x {ctx.world} processes" if ctx.active else "")
         )
 
-        opts = step_options(cfg, device, precision)
-        metrics = MetricsLog(out, keep_until=resumed["step"] if resumed else None)
+        opts = dataclasses.replace(step_options(cfg, device, precision), world=ctx.world)
+        keep_until = resumed["step"] if resumed else None
+        metrics = MetricsLog(out, keep_until) if ctx.main else NoMetrics()
         evaluate = (
-            (lambda: _evaluate(model, tok, template, eval_ds, cfg, opts, device))
+            (lambda: _evaluate(dist.unwrap(model), tok, template, eval_ds, cfg, opts, device))
             if eval_ds
             else None
         )
         # before training; a resumed run kept it in its checkpoint (the model has moved on)
         before = resumed["eval_before"] if resumed else (evaluate() if evaluate else None)
         run = Run(
+            ctx,
             model,
             tok,
             train_ds,
@@ -238,7 +265,7 @@ def run_training(
         if evaluate:
             summary["eval"] = _eval_block(before, evaluate())
             console.print(_eval_line(summary["eval"]))
-        _save_final(model, tok, cfg, out)
+        _save_final(model, tok, cfg, out, ctx)
         summary["status"] = "completed"
         console.print(f"saved {get_method(cfg.method.name).output} to {out}")
     except TrainingStopped:
@@ -252,13 +279,15 @@ def run_training(
         raise
     finally:
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-        (out / "summary.json").write_text(
-            json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n"
-        )
+        if ctx.main:
+            (out / "summary.json").write_text(
+                json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n"
+            )
         if metrics is not None:
             metrics.close()
             if cfg.output.plot_loss and metrics.rows:
                 metrics.plot(out / "loss.png")
+        dist.teardown()
     return summary
 
 
@@ -350,6 +379,7 @@ class Run:
 
     def __init__(
         self,
+        ctx: dist.Dist,
         model,
         tok,
         train_ds,
@@ -364,12 +394,13 @@ class Run:
         console: Console,
         identity: dict,
     ) -> None:
+        self.ctx = ctx
         self.model, self.tok, self.train_ds, self.eval_ds = model, tok, train_ds, eval_ds
         self.cfg, self.opts, self.device = cfg, opts, device
         self.out, self.metrics, self.summary, self.console = out, metrics, summary, console
         self.identity = identity  # config, adopted config, data hash, eval before: checkpointed
         t = cfg.train
-        self.schedule = Schedule.build(_lengths(train_ds), cfg)
+        self.schedule = Schedule.build(_lengths(train_ds), cfg, ctx.world)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
         self.optimizer = build_optimizer(model, cfg.memory, t, cfg.method.lora_plus_ratio)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
@@ -390,11 +421,14 @@ class Run:
             state,
             self.cfg.output.keep_last,
             self.scaler,
+            self.ctx,
         )
         return self.last_checkpoint
 
     def restore(self, path: Path) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
+        state = load_checkpoint(
+            path, self.model, self.optimizer, self.scheduler, self.scaler, self.ctx
+        )
         names = {f.name for f in dataclasses.fields(Position)}
         self.pos = Position(**{k: v for k, v in state.items() if k in names})
         self.last_checkpoint = path
@@ -438,6 +472,13 @@ class Run:
         s = self.summary
         s["train_seconds"] = round(time.perf_counter() - loop_started, 2)  # the loop, no evals
         s["peak_memory"] = _peak_memory(tracker, self.device, rss_before)
+        if self.ctx.active:  # every rank's own peak (rank 0's is measured_bytes)
+            own = torch.tensor([s["peak_memory"]["measured_bytes"]], dtype=torch.float64)
+            peaks = [torch.zeros_like(own) for _ in range(self.ctx.world)]
+            torch.distributed.all_gather(
+                peaks, own.to(self.device) if self.device.type == "cuda" else own
+            )
+            s["peak_memory"]["per_rank_bytes"] = [int(p.item()) for p in peaks]
         if "auto_fit" in s:
             s["peak_memory"]["predicted_bytes"] = s["auto_fit"]["predicted_peak_bytes"]
 
@@ -487,11 +528,12 @@ class Run:
     def _step_fitting(self, window):
         """THE step on `window`; on running out of memory, the same rows again in micro-batches
         of half as many rows (twice the accumulation), down to one row."""
+        mine = [dist.share(mb, self.ctx) for mb in window]  # this rank's rows
         while True:
             rows = self.pos.rows_per_micro_batch
             batches, n_tokens = _micro_batches(
                 self.train_ds,
-                split_window(window, rows),
+                split_window(mine, rows),
                 self.tok.pad_token_id,
                 self.cfg.data.packing,
                 self.device,
@@ -500,10 +542,18 @@ class Run:
                 result = train_step(
                     self.model, self.optimizer, batches, self.opts, self.scaler, self._finite
                 )
+                if self.ctx.active:  # tokens/s of the whole run
+                    n_tokens = int(dist.all_sum(torch.tensor(n_tokens, device=self.device)))
                 return result, n_tokens
             except torch.OutOfMemoryError:
                 pass  # handled below, once the failed step's tensors are released
             del batches
+            if self.ctx.active:  # every rank would have to halve together: not attempted
+                raise OutOfMemory(
+                    f"out of memory on rank {self.ctx.rank} at step {self.pos.step + 1}; with "
+                    "dist.strategy the micro-batch is not halved automatically: lower "
+                    "train.micro_batch (and raise train.grad_accum). " + self._last_good()
+                )
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -568,11 +618,13 @@ class Run:
             )
             self.metrics.write({"step": pos.step, "eval_loss": value})
         every = self.cfg.output.save_every
-        if (every and pos.step % every == 0) or signals.requested:
+        stop = dist.any_rank(signals.requested is not None, self.device)  # all ranks agree
+        if (every and pos.step % every == 0) or stop:
             self.save()
-        if signals.requested:
+        if stop:
             raise TrainingStopped(
-                f"{signals.requested}: stopped after step {pos.step}, checkpoint "
+                f"{signals.requested or 'a signal to another rank'}: stopped after step "
+                f"{pos.step}, checkpoint "
                 f"{self.last_checkpoint}; run the same command again to resume."
             )
 
@@ -637,9 +689,18 @@ def _eval_line(block: dict) -> str:
     return line
 
 
-def _save_final(model, tok, cfg: Config, out: Path) -> None:
+def _save_final(model, tok, cfg: Config, out: Path, ctx: dist.Dist) -> None:
+    """The adapter or model, written once (by rank 0) in the same format whatever the strategy:
+    FSDP's shards are gathered to rank 0's host memory first."""
     method = get_method(cfg.method.name)
     target = out / method.output  # adapter/ or model/
-    model.config.use_cache = True  # the saved model is for inference
-    method.save(model, target)
-    tok.save_pretrained(str(target))
+    model = dist.unwrap(model)
+    state = dist.full_state(model, trainable_only=method.output == "adapter", ctx=ctx)
+    if ctx.main:
+        model.config.use_cache = True  # the saved model is for inference
+        if state is None:
+            method.save(model, target)
+        else:
+            model.save_pretrained(str(target), state_dict=state)
+        tok.save_pretrained(str(target))
+    dist.barrier()

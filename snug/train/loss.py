@@ -36,7 +36,12 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
     return F.cross_entropy(logits.float(), batch["labels"], ignore_index=IGNORE, reduction="sum")
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a DDP wrapper and/or a peft model."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -69,7 +74,7 @@ def _final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     takes part; the head then runs on one position only (logits_to_keep=1)."""
     captured: list[torch.Tensor] = []
     hook = (
-        _causal_lm(model)
+        causal_lm(model)
         .get_decoder()
         .register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
     )
@@ -82,7 +87,7 @@ def _final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     hidden = _final_hidden(model, batch)  # (B, T, C)
     head = lm.get_output_embeddings()
     # gemma-2 style soft-capping lives in the model's forward, which the chunks bypass.

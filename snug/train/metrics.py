@@ -63,3 +63,15 @@ class MetricsLog:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+class NoMetrics:
+    """What ranks other than 0 log to: nothing."""
+
+    rows: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from snug.train.dist import all_sum
 from snug.train.loss import (
     chunked_loss,
     classification_loss,
@@ -35,6 +36,7 @@ class StepOptions:
     chunked_loss: bool
     offload_activations: bool
     classify: bool = False  # train.stage=cls: one label per sample instead of next tokens
+    world: int = 1  # processes whose gradients DDP/FSDP average: the loss is scaled back by it
 
     @property
     def loss_fn(self) -> LossFn:
@@ -78,15 +80,20 @@ def train_step(
     """`check` (the loop's; the planner passes none) sees the loss and gradient norm before
     the update and may refuse it (a NaN): the gradients are then dropped, nothing is updated.
     With `check` and no clipping, the gradient norm is still computed for it to see."""
-    # Normalise by the target tokens of the whole accumulated batch, not per micro-batch: then
-    # 4 micro-batches of 1 give the same gradient as 1 batch of 4, whatever their lengths.
-    n_targets = sum(opts.count_fn(b["labels"]) for b in micro_batches).clamp(min=1)
+    # Normalise by the target tokens of the whole accumulated batch (of every rank), not per
+    # micro-batch: then 4 micro-batches of 1 give the same gradient as 1 batch of 4, whatever
+    # their lengths, and 2 ranks the gradient of one process with their rows together.
+    counted = sum(opts.count_fn(b["labels"]) for b in micro_batches)
+    n_targets = all_sum(torch.as_tensor(counted)).clamp(min=1)
     total = torch.zeros((), device=n_targets.device)
-    for batch in micro_batches:
-        with opts.forward_context():
-            loss = opts.loss_fn(model, batch) / n_targets
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for i, batch in enumerate(micro_batches):
+        with _gradient_sync(model, last=i == len(micro_batches) - 1):
+            with opts.forward_context():
+                loss = opts.loss_fn(model, batch) / n_targets
+            scaled = loss * opts.world if opts.world > 1 else loss  # DDP/FSDP average over ranks
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach()
+    total = all_sum(total)
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if scaler is not None:
@@ -96,6 +103,8 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
     elif check is not None:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
+        grad_norm = grad_norm.full_tensor()
     result = StepResult(loss=total, grad_norm=grad_norm, target_tokens=n_targets)
     if check is not None and not check(result):
         optimizer.zero_grad(set_to_none=True)
@@ -108,3 +117,13 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return result
+
+
+def _gradient_sync(model: nn.Module, last: bool):
+    """DDP all-reduces gradients only after the last micro-batch of a step (no_sync before);
+    FSDP reduce-scatters after each, which keeps only sharded gradients in memory."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()

@@ -1,0 +1,197 @@
+"""Many processes: torchrun launch, process group, DDP / FSDP2 wrapping, data shares, and the
+collectives the loop needs. PyTorch's own engine (torch.distributed, DistributedDataParallel,
+FSDP2 `fully_shard`, torch.distributed.checkpoint); what is written here is only the glue
+snug's own loop needs (which rows each rank trains, how the loss is normalised across ranks).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from snug.config import Config, ConfigError
+
+# What `snug train` passes on to torchrun for several nodes (the usual rendezvous arguments).
+LAUNCH_FLAGS = ("nnodes", "node_rank", "master_addr", "master_port")
+DIST_METHODS = ("lora", "dora", "full", "freeze")  # trained and tested under ddp and fsdp
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run; world 1 without torchrun."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    strategy: str = "none"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def launched() -> bool:
+    """True inside a process torchrun started."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(cfg: Config, argv: list[str], flags: dict) -> int:
+    """Start `snug train` again under torchrun with dist.nproc processes on this node (and the
+    rendezvous flags for several nodes); returns torchrun's exit status. No shell."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.dist.nproc}"]
+    for key in LAUNCH_FLAGS:
+        if flags.get(key) is not None:
+            cmd.append(f"--{key.replace('_', '-')}={flags[key]}")
+    if flags.get("nnodes") in (None, 1):
+        cmd.append("--standalone")  # one node: a private rendezvous on a free port
+    cmd += ["-m", "snug.cli", *argv]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def check(cfg: Config) -> None:
+    """What ddp/fsdp support today; anything else is refused before any process starts."""
+    d = cfg.dist
+    if d.strategy == "none":
+        if d.nproc > 1:
+            raise ConfigError("dist.nproc > 1 needs dist.strategy: ddp or fsdp.")
+        return
+    if cfg.method.name not in DIST_METHODS:
+        raise ConfigError(
+            f"dist.strategy={d.strategy} trains {', '.join(DIST_METHODS)}; method.name="
+            f"{cfg.method.name} runs on one device (dist.strategy=none)."
+        )
+    if cfg.model.quant != "none":
+        raise ConfigError(
+            f"dist.strategy={d.strategy} with model.quant={cfg.model.quant} is not supported yet; "
+            "use model.quant=none (sharding already divides the weights by the GPU count)."
+        )
+    if cfg.method.name == "freeze" and cfg.method.unfreeze_every is not None:
+        raise ConfigError(
+            "method.unfreeze_every changes the trainable set during training, which DDP and FSDP "
+            "fix at wrapping; leave it unset with dist.strategy."
+        )
+    if d.cpu_offload and d.strategy != "fsdp":
+        raise ConfigError("dist.cpu_offload needs dist.strategy=fsdp.")
+
+
+def setup(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun described (gloo on CPU, nccl on CUDA); the device of
+    this rank."""
+    if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist(strategy=cfg.dist.strategy), device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_world_size(), dist.get_rank(), local_rank, cfg.dist.strategy), device
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, cfg: Config, ctx: Dist, precision: str, device) -> nn.Module:
+    """DDP: replicate, all-reduce gradients. FSDP: `fully_shard` each decoder layer, then the
+    root (embeddings, final norm, head), so parameters, gradients and optimizer state are
+    sharded; `dist.reshard_after_forward=false` keeps gathered layers until backward (ZeRO-2
+    like); `dist.cpu_offload` keeps shards and optimizer state on the host."""
+    if not ctx.active or ctx.strategy == "none":
+        return model
+    if ctx.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if precision.endswith("-mixed"):  # half-precision compute, fp32 master weights and reduce
+        half = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+    if cfg.dist.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=cfg.dist.reshard_after_forward, **kwargs)
+    # The root (embeddings, final norm, head) stays gathered from forward to backward, FSDP2's
+    # default for a root: snug's chunked loss runs the head after the model's forward returns.
+    fully_shard(model, **kwargs)
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    from snug.train.loss import causal_lm
+
+    layers = causal_lm(model).get_decoder().layers
+    return list(layers)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under a DDP wrapper (FSDP2 wraps in place: the model is itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def share(rows: list, ctx: Dist) -> list:
+    """This rank's contiguous share of a global micro-batch's rows (sizes differ by at most
+    one); rank order concatenated gives the rows back, so a 1-process run with the same
+    global micro-batch trains the same samples."""
+    if not ctx.active:
+        return rows
+    n, k = divmod(len(rows), ctx.world)
+    start = ctx.rank * n + min(ctx.rank, k)
+    return rows[start : start + n + (1 if ctx.rank < k else 0)]
+
+
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place, returned), or the value itself in one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is true on any (e.g. a signal one rank received)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def full_state(model: nn.Module, trainable_only: bool, ctx: Dist) -> dict | None:
+    """FSDP: the whole (or trainable) state dict gathered to rank 0's host memory (a collective:
+    every rank calls it; others get an empty dict). None when nothing is sharded."""
+    if not (ctx.active and ctx.strategy == "fsdp"):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+    )
+    state = get_model_state_dict(model, options=options)
+    # Tied weights (e.g. embeddings and head) are one parameter under two names; the gathered
+    # copies are separate tensors, so keep the first name only, as save_pretrained expects.
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = {n for group in names.values() for n in group[1:]}
+    return {k: v for k, v in state.items() if k not in tied}

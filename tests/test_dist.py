@@ -1,0 +1,159 @@
+"""Two processes on this CPU (gloo): FSDP and DDP give the losses and weights of one process
+with the same global batch, a sharded checkpoint resumes exactly, and the ranks launch
+themselves (`snug train cfg.yaml dist.nproc=2` starts torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+STEPS = 6  # 24 samples, global micro-batch 4, accumulation 2: 3 steps an epoch, 2 epochs
+
+
+def raw_config(out: Path, strategy: str, method: str = "lora", **train) -> dict:
+    nproc = 1 if strategy == "none" else 2
+    return {
+        "model": {"name_or_path": str(ROOT / "models/tiny")},
+        "method": {"name": method, "r": 4, "dropout": 0.0},
+        "data": {"train": str(ROOT / "data/instruct/train.jsonl"), "max_samples": 24},
+        "train": {
+            "epochs": 2,
+            "micro_batch": 4 // nproc,  # the same global micro-batch of 4 rows
+            "grad_accum": 2,
+            "lr": 1e-3,
+            "eval_generate": 0,
+            "log_every": 1,
+            **train,
+        },
+        "dist": {"strategy": strategy, "nproc": nproc},
+        "output": {"dir": str(out), "save_every": 2, "plot_loss": False},
+    }
+
+
+def train(tmp: Path, name: str, raw: dict) -> Path:
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [sys.executable, "-m", "snug.cli", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return Path(raw["output"]["dir"])
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def weights(run: Path, method: str = "lora") -> dict[str, torch.Tensor]:
+    if method == "lora":
+        return load_file(run / "adapter/adapter_model.safetensors")
+    return load_file(run / "model/model.safetensors")
+
+
+def assert_same(run: Path, single: Path, method: str = "lora") -> None:
+    ours, theirs = weights(run, method), weights(single, method)
+    assert ours.keys() == theirs.keys()
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    assert worst < 1e-5, worst
+    assert losses(run) == pytest.approx(losses(single), rel=1e-5)
+    assert len(losses(run)) == STEPS
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("dist")
+    return {s: train(tmp, s, raw_config(tmp / s, s)) for s in ("none", "fsdp", "ddp")}
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(strategy, runs):
+    assert_same(runs[strategy], runs["none"])
+    summary = json.loads((runs[strategy] / "summary.json").read_text())
+    assert summary["status"] == "completed" and len(summary["peak_memory"]["per_rank_bytes"]) == 2
+    if strategy == "fsdp":  # sharded: trainable state in torch.distributed.checkpoint shards
+        step = runs[strategy] / "checkpoints/step-6"
+        assert (step / "dcp").is_dir() and (step / "rng-rank1.pt").exists()
+
+
+def test_fsdp_full_fine_tune_matches_one_process(tmp_path):
+    single = train(tmp_path, "one", raw_config(tmp_path / "one", "none", "full", lr=1e-4))
+    fsdp = train(tmp_path, "fsdp", raw_config(tmp_path / "fsdp", "fsdp", "full", lr=1e-4))
+    assert_same(fsdp, single, "full")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+KILL_AT = """
+import os, signal, sys
+import snug.train.step as step
+real, calls = step.chunked_loss, [0]
+def loss(model, batch):
+    calls[0] += 1
+    if calls[0] == int(os.environ["AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(model, batch)
+step.chunked_loss = loss
+from snug.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sharded_checkpoint_resumes_exactly_after_kill_9(tmp_path, runs):
+    """Both ranks die by SIGKILL in step 5 (after the step-4 checkpoint); `snug train` again
+    resumes the sharded checkpoint and ends where the uninterrupted FSDP run ended."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp")))
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", KILL_AT, "train", str(cfg)],
+            env={
+                **os.environ,
+                "AT": "9",  # the first micro-batch of step 5
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    codes = [p.wait(timeout=600) for p in procs]
+    assert codes == [-9, -9], [p.stderr.read()[-2000:] for p in procs]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "snug.cli", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    ours, theirs = weights(out), weights(runs["fsdp"])
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert losses(out) == losses(runs["fsdp"])
