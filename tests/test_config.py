@@ -63,8 +63,14 @@ def test_impossible_combinations():
             "memory.auto_fit does not plan 8-bit bases yet",
         ),
         (
-            {"dist": {"strategy": "fsdp", "nproc": 2}},
-            "dist.strategy=fsdp with dist.nproc=2 is not available",
+            {"dist": {"strategy": "fsdp", "nproc": 2}, "model": {"quant": "4bit"}},
+            "dist.strategy=fsdp with model.quant=4bit is not supported yet",
+        ),
+        ({"dist": {"nproc": 2}}, "dist.nproc > 1 needs dist.strategy"),
+        ({"dist": {"strategy": "ddp"}, "method": {"name": "prefix"}}, "runs on one device"),
+        (
+            {"dist": {"strategy": "fsdp"}, "memory": {"auto_fit": True}},
+            "memory.auto_fit plans one device",
         ),
     ],
 )

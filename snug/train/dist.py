@@ -80,6 +80,11 @@ def check(cfg: Config) -> None:
             "method.unfreeze_every changes the trainable set during training, which DDP and FSDP "
             "fix at wrapping; leave it unset with dist.strategy."
         )
+    if cfg.memory.auto_fit:
+        raise ConfigError(
+            "memory.auto_fit plans one device; with dist.strategy set micro_batch, "
+            "grad_checkpointing and optimizer yourself."
+        )
     if d.cpu_offload and d.strategy != "fsdp":
         raise ConfigError("dist.cpu_offload needs dist.strategy=fsdp.")
 
