@@ -450,11 +450,6 @@ def check_combinations(cfg: Config, source: str) -> None:
             check(cfg)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-    if cfg.memory.auto_fit and cfg.model.quant == "8bit":
-        raise ConfigError(
-            f"{source}: memory.auto_fit does not plan 8-bit bases yet; use model.quant=4bit or "
-            "none, or memory.auto_fit=false."
-        )
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -59,10 +59,6 @@ def test_impossible_combinations():
     "section, message",
     [
         (
-            {"memory": {"auto_fit": True}, "model": {"quant": "8bit"}},
-            "memory.auto_fit does not plan 8-bit bases yet",
-        ),
-        (
             {"dist": {"strategy": "fsdp", "nproc": 2}, "model": {"quant": "4bit"}},
             "dist.strategy=fsdp with model.quant=4bit is not supported yet",
         ),

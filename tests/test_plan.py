@@ -99,16 +99,27 @@ def test_fake_replay_predicts_the_real_peak_exactly(family, method, gc, chunked,
 
 
 @pytest.mark.parametrize(
-    "method,gc", [("lora", True), ("full", False), ("adapter", True), ("freeze", True)]
+    "method,gc,quant",
+    [
+        ("lora", True, "none"),
+        ("full", False, "none"),
+        ("adapter", True, "none"),
+        ("freeze", True, "none"),
+        # 8-bit layers keep their inputs as long as the graph: past a few layers the peak moves
+        # from the loss's backward to the next micro-batch's forward
+        ("lora", True, "8bit"),
+        ("lora", False, "8bit"),
+    ],
 )
-def test_extending_two_short_depths_equals_the_whole_model(method, gc):
-    cfg = plan_config(method, gc)
+def test_extending_two_short_depths_equals_the_whole_model(method, gc, quant):
+    cfg = with_overrides(plan_config(method, gc), model={"quant": quant})
     deep = small_config(layers=7)
     whole = simulate(cfg, deep, 64, device_type="cpu", extend=False)
     extended = simulate(cfg, deep, 64, device_type="cpu", extend=True)
     # freeze: the top trainable_layers (2) train, and each layer added below them is frozen
     assert extended.layers_simulated == ((3, 4) if method == "freeze" else (2, 3))
     assert extended.peak_bytes == whole.peak_bytes
+    assert extended.breakdown == whole.breakdown
     assert extended.total_params == whole.total_params
     assert extended.trainable_params == whole.trainable_params
     assert extended.flops_per_step == whole.flops_per_step
@@ -257,14 +268,11 @@ def test_explain_names_the_peak_without_moving_it():
     assert any("softmax" in t["op"] for t in largest)  # a chunk of the loss's fp32 logits
 
 
-@pytest.mark.parametrize("gc", [True, False])
-def test_4bit_stand_in_predicts_a_real_qlora_step_exactly(gc, tmp_path):
-    """QLoRA: bitsandbytes' real NF4 layers on CPU against the replay's stand-ins."""
+def quantized_lora(tmp_path, quant: str, gc: bool, layers: int = 3):
+    """A small model saved to tmp_path, with the config that loads it quantized for LoRA."""
     from transformers import AutoTokenizer
 
-    from snug.models.load import load_model
-
-    config = small_config("llama")
+    config = small_config("llama", layers)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained("models/tiny").save_pretrained(tmp_path)
@@ -272,13 +280,22 @@ def test_4bit_stand_in_predicts_a_real_qlora_step_exactly(gc, tmp_path):
         None,
         [
             f"model.name_or_path={tmp_path}",
-            "model.quant=4bit",
+            f"model.quant={quant}",
             "method.name=lora",
             f"memory.grad_checkpointing={str(gc).lower()}",
             "train.micro_batch=2",
             "train.grad_accum=2",
         ],
     )
+    return cfg, config
+
+
+@pytest.mark.parametrize("gc", [True, False])
+def test_4bit_stand_in_predicts_a_real_qlora_step_exactly(gc, tmp_path):
+    """QLoRA: bitsandbytes' real NF4 layers on CPU against the replay's stand-ins."""
+    from snug.models.load import load_model
+
+    cfg, config = quantized_lora(tmp_path, "4bit", gc)
     measured = measured_peak(cfg, config, 128, load_model(cfg, torch.device("cpu"), "fp32"))
     predicted = simulate(cfg, config, 128, "cpu", "fp32", extend=False)
     assert predicted.peak_bytes == measured
@@ -289,6 +306,29 @@ def test_4bit_stand_in_predicts_a_real_qlora_step_exactly(gc, tmp_path):
             with_overrides(cfg, model={"quant": "none"}), config, 128, "cpu", "fp32", extend=False
         ).weights_bytes
     )
+
+
+@pytest.mark.parametrize("gc", [True, False])
+def test_8bit_stand_in_predicts_a_real_8bit_lora_step_exactly(gc, tmp_path):
+    """LoRA on an LLM.int8 base: bitsandbytes' real Linear8bitLt layers on CPU (MatMul8bitFp)
+    against the replay's stand-ins. At 6 layers the peak falls in the second micro-batch's
+    forward, while the first one's graph still holds the inputs the 8-bit layers keep."""
+    from snug.models.load import load_model
+
+    cfg, config = quantized_lora(tmp_path, "8bit", gc, layers=6)
+    measured = measured_peak(cfg, config, 64, load_model(cfg, torch.device("cpu"), "fp32"))
+    predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False)
+    assert predicted.peak_bytes == measured
+    assert simulate(cfg, config, 64, "cpu", "fp32").peak_bytes == measured  # from 2 and 3 layers
+
+    def at(quant: str, device: str = "cpu"):
+        return simulate(with_overrides(cfg, model={"quant": quant}), config, 64, device, "fp32")
+
+    # int8 weights and an fp32 scale per row: between the 4-bit and the unquantized base
+    assert at("4bit").weights_bytes < predicted.weights_bytes < at("none").weights_bytes
+    # the CUDA stand-in counts its int8 product by hand: the same FLOPs as torch's on CPU
+    assert at("8bit", "cuda").flops_per_step == predicted.flops_per_step
+    assert predicted.flops_per_step == at("none").flops_per_step
 
 
 @pytest.mark.parametrize("method,gc", [("lora", True), ("full", False)])
@@ -327,3 +367,23 @@ def test_replay_counts_the_flops_torch_counts_on_a_real_step(method, gc, accum):
     with counter:
         train_step(model, optimizer, micro, step_options(cfg, torch.device("cpu"), "fp32"))
     assert predicted == counter.get_total_flops()
+
+
+def test_search_tries_lora_on_each_base_and_prefers_the_full_precision_one():
+    from snug.plan.hardware import cpu_device
+    from snug.plan.search import method_label, recommend, search
+
+    cfg, config = plan_config("lora", True), small_config()
+    found = search(cfg, config, cpu_device(2**30), 64, ("qlora", "qlora-8bit", "lora"), 2)
+    bases = {c.name.split()[0]: (c.cfg.method.name, c.cfg.model.quant) for c in found}
+    assert bases == {
+        "lora": ("lora", "none"),
+        "qlora-8bit": ("lora", "8bit"),
+        "qlora": ("lora", "4bit"),
+    }
+    assert all(c.fits for c in found)
+    assert {method_label(c.cfg) for c in found} == set(bases)
+    choice, why = recommend(found)
+    assert method_label(choice.cfg) == "lora" and why.startswith("lora ranks highest")
+    choice, _ = recommend([c for c in found if method_label(c.cfg) != "lora"])
+    assert method_label(choice.cfg) == "qlora-8bit"

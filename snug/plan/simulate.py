@@ -9,8 +9,10 @@ counter. The peak is what the tracker saw; nothing here is a formula.
 
 Deep models are simulated at two small depths and extended by the layer count: every decoder
 layer adds the same tensors (weights, their gradients and optimizer state, one checkpointed
-input or one layer's activations), so peak and FLOPs are linear in the depth past the first
-layers. `tests/test_plan.py` checks that the extension equals a direct simulation.
+input or one layer's activations), so FLOPs and the peak of each phase of the step (each
+micro-batch's forward, its backward, the update) are linear in the depth past the first
+layers. Which phase holds the step's peak can change with depth, so each is extended on its
+own. `tests/test_plan.py` checks that the extension equals a direct simulation.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from unittest import mock
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -54,7 +57,45 @@ class Simulation:
     total_params: int
     layers_simulated: tuple[int, ...]
     breakdown: dict[str, int]  # the peak by category (tracker.CATEGORIES); sums to peak_bytes
+    # peak and breakdown of each phase of the step (PhaseTracker), which the extension grows
+    phases: list[tuple[int, dict[str, int]]] = dataclasses.field(default_factory=list)
     largest_at_peak: list[dict] = dataclasses.field(default_factory=list)  # with explain=True
+
+
+class PhaseTracker(PlanTracker):
+    """PlanTracker that also keeps the peak and breakdown of each phase of the step: a phase
+    ends whenever autograd's backward starts or ends (its graph task id, as
+    torch.utils.checkpoint reads it) and at `close_phase()`. Each phase's peak is linear in the
+    depth, but which phase holds the step's peak need not be: bitsandbytes' 8-bit matmuls keep
+    their input for as long as the graph lives, and the step holds a micro-batch's graph until
+    the next one's loss replaces it, so past a few layers the next forward overtakes the loss's
+    backward. After the step, `peak`, `breakdown()` and `largest()` are the step's, as before."""
+
+    def __init__(self, rounding: int, modules: ModuleNames, vocab_size: int) -> None:
+        super().__init__(rounding, modules, vocab_size)
+        self.phases: list[tuple[int, dict[str, int]]] = []
+        self._backward = False
+        self._step_peak: tuple[int, list] = (0, [])  # the largest phase's peak and records
+
+    def close_phase(self) -> None:
+        if self._stale:
+            self._snapshot()
+        self.phases.append((self.peak, self.breakdown()))
+        if self.peak > self._step_peak[0]:
+            self._step_peak = (self.peak, self._at_peak)
+        self.peak, self._at_peak = self.live, list(self._meta.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        backward = torch._C._current_graph_task_id() != -1
+        if backward != self._backward:
+            self._backward = backward
+            self.close_phase()
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def __exit__(self, *exc):
+        self.close_phase()
+        self.peak, self._at_peak = self._step_peak
+        return super().__exit__(*exc)
 
 
 class EightBitStandIn(torch.optim.Optimizer):
@@ -145,15 +186,130 @@ class FourBitStandIn(nn.Linear):
         return _FourBitMatmul.apply(x, self.weight, self)
 
 
-def _stand_in_4bit(model: nn.Module, device_type: str) -> None:
+def _dequantized(layer: Int8StandIn, dtype: torch.dtype) -> torch.Tensor:
+    """`state.CB.to(dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))`: the weight
+    in `dtype` (out, in), and while it is made its row scales in fp32 (out, 1)."""
+    return layer.weight.to(dtype, copy=True).mul_(layer.SCB.unsqueeze(1).mul(1.0 / 127.0))
+
+
+class _Int8MatmulFp(torch.autograd.Function):
+    """What bitsandbytes' MatMul8bitFp allocates (0.50, autograd/_functions.py; `bnb.matmul`
+    trains with it on CPU): forward, the weight dequantized in the input's dtype
+    (`_dequantized`) and `F.linear(A, CB, bias)`, whose FLOPs torch counts. The input is kept
+    as `ctx.A = A`, an attribute rather than a saved tensor, so it lives as long as the graph:
+    through checkpointing, and past backward until the step drops the micro-batch's loss.
+    Backward: `_int8_input_grad`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.layer, ctx.input = layer, x
+        return nn.functional.linear(x, _dequantized(layer, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _int8_input_grad(ctx, grad)
+
+
+class _Int8MatmulLt(torch.autograd.Function):
+    """What bitsandbytes' MatMul8bitLt allocates on CUDA (0.50; `bnb.matmul` trains with it
+    there, the kernels allocate as backends/cuda/ops.py and backends/default/ops.py say), for an
+    input of `rows` x `k`, `n` outputs, threshold 6.0 and no outlier column. The input is kept
+    as an attribute (`ctx.tensors = (CAt, subA, A)`), as in MatMul8bitFp. The int8 product is
+    not in torch's FLOP table, so its FLOPs are added to the tracker's. Backward:
+    `_int8_input_grad`. Not measured on a GPU yet (none was lent); an input width that is not a
+    multiple of 4 would make `int8_linear_matmul` fall back to an fp32 product, left out here."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.layer, ctx.input = layer, x
+        rows, k, n = x.numel() // layer.in_features, layer.in_features, layer.out_features
+        # F.int8_vectorwise_quant(A.to(torch.float16), threshold): the half copy, then the
+        # kernel's row_stats (SCA) and out_row (CA), which live to the end of forward, and its
+        # outlier search `outliers = A.abs() >= threshold; if outliers.any(): ...`
+        half = torch.empty((rows, k), dtype=torch.float16) if x.dtype != torch.float16 else x
+        row_stats = torch.empty(rows, dtype=torch.float32)
+        out_row = torch.empty((rows, k), dtype=torch.int8)
+        magnitude = torch.empty((rows, k), dtype=torch.float16)  # A.abs()
+        outliers = torch.empty((rows, k), dtype=torch.bool)
+        del magnitude
+        torch.empty((), dtype=torch.bool)  # outliers.any(): no column, so subA is empty
+        del outliers, half
+        # int8_mixed_scaled_mm -> int8_scaled_mm: the int32 product of int8_linear_matmul,
+        # int8_mm_dequant's fp16 output, `out.to(dtype)` to the input's dtype
+        product = torch.empty((rows, n), dtype=torch.int32)
+        dequantized = torch.empty((*x.shape[:-1], n), dtype=torch.float16)
+        out = dequantized.to(x.dtype)
+        del product, dequantized, out_row, row_stats
+        if layer.tracker is not None and layer.tracker.counting:
+            layer.tracker.flops += 2 * rows * k * n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _int8_input_grad(ctx, grad)
+
+
+def _int8_input_grad(ctx, grad: torch.Tensor) -> tuple:
+    """The backward both 8-bit matmuls share, for a frozen weight and bias (only the input's
+    gradient): `grad_output.reshape(-1, n).contiguous()`, the weight dequantized anew in the
+    input's dtype, `torch.matmul(grad_output.to(dtype_A), CB).view(A.shape)`."""
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    x = ctx.input
+    grad = grad.reshape(-1, grad.shape[-1]).contiguous()
+    weight = _dequantized(ctx.layer, x.dtype)
+    return torch.matmul(grad.to(x.dtype), weight).view(x.shape), None, None, None
+
+
+class Int8StandIn(bnb.nn.Linear8bitLt):
+    """A bitsandbytes LLM.int8 Linear8bitLt (transformers' `load_in_8bit`: threshold 6.0, int8
+    weights) for the replay: the int8 weight (out, in) and its fp32 row scales SCB (out,), here
+    a buffer. On CUDA SCB is device memory; on CPU it is an attribute of the weight that snug's
+    tracker first sees when the dequantization takes a view of it, in the layer's first
+    forward, so by the peak it counts there too. Training, `bnb.matmul` runs MatMul8bitFp on
+    CPU and MatMul8bitLt on CUDA: the stand-in runs the stand-in of its device's.
+
+    The outlier decomposition depends on the activations' values, which a replay does not have:
+    the stand-in assumes that no input column reaches the threshold, as in the random-weight
+    models of the tests. In a real model, on CUDA, the few outlier columns add what the plan
+    leaves out: the outlier inputs (rows x outliers, kept for backward), their weight columns
+    dequantized, and for a moment a second output, as `output.addmm(subA, subB)` makes a new
+    one (backends/default/ops.py). On CPU training never decomposes. A subclass of
+    Linear8bitLt with the `state` and `index` peft reads, so that peft wraps it with its 8-bit
+    LoRA layer as it wraps the real one."""
+
+    def __init__(self, linear: nn.Linear, device_type: str) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.state, self.index = bnb.MatmulLtState(), None
+        self.state.threshold, self.state.has_fp16_weights = 6.0, False
+        self.matmul = _Int8MatmulLt if device_type == "cuda" else _Int8MatmulFp
+        self.tracker: PlanTracker | None = None  # set by the replay, to add FLOPs to
+        weight = torch.empty((self.out_features, self.in_features), dtype=torch.int8, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = linear.bias
+        self.register_buffer("SCB", torch.empty(self.out_features, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            self.bias.data = self.bias.data.to(x.dtype)  # as Linear8bitLt.forward, for good
+        return self.matmul.apply(x, self.weight, self.bias, self)
+
+
+def _stand_in_quantized(model: nn.Module, quant: str, device_type: str) -> None:
     """Swap the linears transformers would quantize (all but the output head) for stand-ins,
     and upcast norm weights to fp32 as models/load.py's k-bit preparation does."""
     head = model.get_output_embeddings()
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child is not head:
-                dtype = child.weight.dtype
-                setattr(module, child_name, FourBitStandIn(child, dtype, device_type))
+                if quant == "4bit":
+                    stand_in = FourBitStandIn(child, child.weight.dtype, device_type)
+                else:
+                    stand_in = Int8StandIn(child, device_type)
+                setattr(module, child_name, stand_in)
+    if quant == "8bit":
+        model.is_loaded_in_8bit = True  # as transformers marks it; peft reads it
     upcast_norms(model)
 
 
@@ -203,11 +359,6 @@ def _simulate_once(
     targets: int | None,
     explain: bool = False,
 ) -> Simulation:
-    if cfg.model.quant == "8bit":
-        raise PlanError(
-            "model.quant=8bit: 8-bit bases are not simulated yet; plan model.quant=4bit or none "
-            "for a bound."
-        )
     device = torch.device(device_type)
     dtype = resolve_dtype(cfg, device, precision)
     with torch.device("meta"):
@@ -217,8 +368,8 @@ def _simulate_once(
             attn_implementation="sdpa" if cfg.model.attn == "auto" else cfg.model.attn,
         )
     model.config.use_cache = False
-    if cfg.model.quant == "4bit":
-        _stand_in_4bit(model, device_type)
+    if cfg.model.quant != "none":
+        _stand_in_quantized(model, cfg.model.quant, device_type)
     model = prepare_for_training(model, cfg, precision)
     trainable, total = count_params(model)
     opts = step_options(cfg, device, precision)
@@ -230,9 +381,9 @@ def _simulate_once(
     n_targets = b * (t - 1) if targets is None else min(targets, b * (t - 1))
     modules = ModuleNames(model)
     rounding = CUDA_ROUNDING if device_type == "cuda" else 1
-    tracker = PlanTracker(rounding, modules, model.config.get_text_config().vocab_size)
+    tracker = PhaseTracker(rounding, modules, model.config.get_text_config().vocab_size)
     for m in model.modules():
-        if isinstance(m, FourBitStandIn):
+        if isinstance(m, (FourBitStandIn, Int8StandIn)):
             m.tracker = tracker
     with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_rows(not cfg.data.packing):
         model.to_empty(device="cpu")
@@ -269,6 +420,7 @@ def _simulate_once(
                 tracker.mark([p.grad], "gradients")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            tracker.close_phase()  # step 1 made state, step 2 is the steady state
             # Step 2, the steady state. The second micro-batch of a step is the first to add
             # into existing gradients, and every later one repeats it, so two stand for any
             # accumulation; the loop collates every micro-batch of a step before it starts, so
@@ -295,6 +447,7 @@ def _simulate_once(
         total_params=total,
         layers_simulated=(config.num_hidden_layers,),
         breakdown=tracker.breakdown(),
+        phases=tracker.phases,
         largest_at_peak=tracker.largest() if explain else [],
     )
 
@@ -332,15 +485,21 @@ def simulate(
     def grow(x: int, y: int) -> int:
         return y + (y - x) * extra // step
 
+    phases = [
+        (grow(peak_a, peak_b), {k: grow(parts_a[k], parts_b[k]) for k in CATEGORIES})
+        for (peak_a, parts_a), (peak_b, parts_b) in zip(a.phases, b.phases, strict=True)
+    ]
+    peak, breakdown = max(phases, key=lambda phase: phase[0])
     return Simulation(
-        peak_bytes=grow(a.peak_bytes, b.peak_bytes),
+        peak_bytes=peak,
         weights_bytes=grow(a.weights_bytes, b.weights_bytes),
         flops_per_step=grow(a.flops_per_step, b.flops_per_step),
         optimizer_bytes=grow(a.optimizer_bytes, b.optimizer_bytes),
         trainable_params=grow(a.trainable_params, b.trainable_params),
         total_params=grow(a.total_params, b.total_params),
         layers_simulated=depths,
-        breakdown={k: grow(a.breakdown[k], b.breakdown[k]) for k in CATEGORIES},
+        breakdown=breakdown,
+        phases=phases,
     )
 
 

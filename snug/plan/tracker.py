@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils.flop_counter import flop_registry
 
-from snug.train.memory import TensorMemoryTracker
+from snug.train.memory import TensorMemoryTracker, local
 
 # What the bytes at the peak are, as DESIGN.md's `breakdown` names them.
 CATEGORIES = (
@@ -92,6 +92,7 @@ class PlanTracker(TensorMemoryTracker):
         return ("activations" if module else "temporary"), module or "(backward)"
 
     def _add(self, t: torch.Tensor) -> None:
+        t = local(t)
         key, peak = id(t.untyped_storage()), self.peak
         fresh = key not in self._seen
         super()._add(t)
@@ -116,7 +117,7 @@ class PlanTracker(TensorMemoryTracker):
 
     def mark(self, tensors: Iterable[torch.Tensor], category: str) -> None:
         for t in tensors:
-            meta = self._meta.get(id(t.untyped_storage()))
+            meta = self._meta.get(id(local(t).untyped_storage()))
             if meta is not None:
                 meta[5] = category
 

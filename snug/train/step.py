@@ -93,6 +93,10 @@ def train_step(
             scaled = loss * opts.world if opts.world > 1 else loss  # DDP/FSDP average over ranks
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach()
+        # Drop this micro-batch's graph now, not when the next loss replaces it: tensors some
+        # layers keep as attributes of their backward node (bitsandbytes' 8-bit inputs) live
+        # as long as the graph does.
+        del loss, scaled
     total = all_sum(total)
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
