@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -33,6 +34,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         self._seen.discard(key)
 
     def _add(self, t: torch.Tensor) -> None:
+        t = local(t)
         storage = t.untyped_storage()
         key = id(storage)
         if key in self._seen:
@@ -55,6 +57,12 @@ class TensorMemoryTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._add(t)
         return out
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage holds `t` on this rank: an FSDP shard (DTensor) reports the
+    whole tensor's size through its wrapper, its local tensor the shard's."""
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
