@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", help="catalog name (see --list-models), config.json, dir, hub id")
     plan.add_argument("--gpu", help="GPU name from the bundled table (e.g. 4090) or a size (24GiB)")
     plan.add_argument("--device", choices=["cpu"], help="plan for this machine's CPU")
-    plan.add_argument("--num-gpus", type=int, default=1, help="GPUs (1 until dist lands)")
+    plan.add_argument(
+        "--num-gpus", type=int, default=1, help="GPUs: plan one rank of FSDP or DDP over N"
+    )
     plan.add_argument("--seq-len", type=int, help="tokens per sample (default: from the data)")
     plan.add_argument("--micro-batch", type=int, help="micro-batch size")
     plan.add_argument(

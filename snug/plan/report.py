@@ -21,13 +21,11 @@ from snug.plan.search import (
     recommend,
     search,
 )
-from snug.plan.simulate import PlanError, simulate
+from snug.plan.simulate import PlanError, simulate, with_overrides
 from snug.plan.simulate import explain as explain_peak
 
 
 def resolve_device(args, cfg: Config) -> Device:
-    if args.num_gpus > 1:
-        raise PlanError("--num-gpus above 1 needs dist.strategy, which is not available yet.")
     if args.device == "cpu":
         return cpu_device()
     gpu = args.gpu or cfg.memory.gpu
@@ -137,9 +135,12 @@ def cmd_plan(args) -> int:
     if searching:
         # --method with --search: that method's settings only; without: every method
         methods = (args.method,) if args.method else METHODS
-        cands = search(cfg, config, device, seq_len, methods, args.max_micro_batch)
+        cands = search(cfg, config, device, seq_len, methods, args.max_micro_batch, args.num_gpus)
         choice, why = recommend(cands)
     else:
+        if args.num_gpus > 1:  # one config on N ranks: its strategy, else FSDP
+            strategy = cfg.dist.strategy if cfg.dist.strategy != "none" else "fsdp"
+            cfg = with_overrides(cfg, dist={"strategy": strategy, "nproc": args.num_gpus})
         cands = [plan_one(cfg, config, device, seq_len)]
         choice, why = (cands[0], "the configuration as given") if cands[0].fits else (None, "")
     result = {

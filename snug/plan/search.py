@@ -101,7 +101,11 @@ class Candidate:
                     "chunked_loss": self.cfg.memory.chunked_loss,
                     "optimizer": self.cfg.memory.optimizer,
                 },
-                "train": {"micro_batch": self.cfg.train.micro_batch},
+                "train": {
+                    "micro_batch": self.cfg.train.micro_batch,
+                    "grad_accum": self.cfg.train.grad_accum,
+                },
+                "dist": {"strategy": self.cfg.dist.strategy, "nproc": self.cfg.dist.nproc},
             },
             "peak_bytes": self.peak_bytes,
             "reserved_bytes": self.reserved_bytes,
@@ -122,7 +126,9 @@ def candidate_name(cfg: Config) -> str:
     gc = ("gc+offload" if m.offload_activations else "gc") if m.grad_checkpointing else "no-gc"
     label = method_label(cfg)
     method = label + (f" r{cfg.method.r}" if cfg.method.name in ("lora", "dora") else "")
-    return f"{method} {gc} {m.optimizer} mb{cfg.train.micro_batch}"
+    d = cfg.dist
+    ranks = f" {d.strategy}x{d.nproc}" if d.strategy != "none" and d.nproc > 1 else ""
+    return f"{method} {gc} {m.optimizer} mb{cfg.train.micro_batch}{ranks}"
 
 
 def _cpu_rate() -> float:
@@ -188,8 +194,9 @@ def _time(cand: Candidate, device: Device, seq_len: int, rate: float) -> None:
     memory = 0.0
     if device.bandwidth_gbs:  # weights are read in forward, backward and recomputation
         memory = 3 * cand.sim.weights_bytes / (device.bandwidth_gbs * 1e9)
-    cand.step_seconds = max(compute, memory)
-    tokens = cand.cfg.train.micro_batch * cand.cfg.train.grad_accum * seq_len
+    cand.step_seconds = max(compute, memory)  # per rank; communication is not modelled
+    ranks = cand.cfg.dist.nproc if cand.cfg.dist.strategy != "none" else 1
+    tokens = cand.cfg.train.micro_batch * cand.cfg.train.grad_accum * seq_len * ranks
     cand.tokens_per_second = tokens / cand.step_seconds
 
 
@@ -272,17 +279,30 @@ def search(
     seq_len: int,
     methods: tuple[str, ...] = METHODS,
     max_micro_batch: int = 64,
+    num_gpus: int = 1,
 ) -> list[Candidate]:
     """The fastest fitting candidate per method (or the closest miss, to show why), fastest
     first. The chunked loss stays on (it never costs memory); the effective batch is kept:
-    grad_accum shrinks as the micro-batch grows."""
+    grad_accum shrinks as the micro-batch grows. With `num_gpus` above 1, each method that
+    trains sharded is tried under FSDP and DDP (per-rank micro-batches; the global batch,
+    micro_batch x grad_accum x num_gpus of the config, kept)."""
+    from snug.plan.distributed import STRATEGIES
+    from snug.train.dist import DIST_METHODS
+
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
     rate = _rate(device, precision_for(device))
     effective = cfg.train.micro_batch * cfg.train.grad_accum
+    strategies = STRATEGIES if num_gpus > 1 else ("none",)
     best: dict[str, Candidate] = {}
     for method in methods:
-        queue = _variants(cfg, method, device)
+        if num_gpus > 1 and method not in DIST_METHODS:
+            continue  # trains on one device only (train/dist.py: check)
+        queue = [
+            with_overrides(v, dist={"strategy": s, "nproc": num_gpus if s != "none" else 1})
+            for s in strategies
+            for v in _variants(cfg, method, device)
+        ]
         while queue:
             variant = queue.pop(0)
             cand = _largest_fitting_micro_batch(

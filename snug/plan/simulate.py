@@ -32,9 +32,10 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
 from snug.config import Config
 from snug.methods import count_params
 from snug.models.load import resolve_dtype, upcast_norms
+from snug.plan.distributed import fake_group, shard
 from snug.plan.tracker import CATEGORIES, ModuleNames, PlanTracker
 from snug.train.loop import prepare_for_training, step_options
-from snug.train.memory import model_tensors
+from snug.train.memory import local, model_tensors
 from snug.train.optim import build_optimizer
 from snug.train.step import train_step
 
@@ -372,7 +373,8 @@ def _simulate_once(
         _stand_in_quantized(model, cfg.model.quant, device_type)
     model = prepare_for_training(model, cfg, precision)
     trainable, total = count_params(model)
-    opts = step_options(cfg, device, precision)
+    world = cfg.dist.nproc if cfg.dist.strategy != "none" else 1
+    opts = dataclasses.replace(step_options(cfg, device, precision), world=world)
     if device_type == "cuda" and not torch.cuda.is_available():
         # torch turns CUDA autocast off without a GPU; CPU autocast casts the same matmuls to
         # the same half type, which is what the fake step needs to allocate like a GPU run.
@@ -385,9 +387,14 @@ def _simulate_once(
     for m in model.modules():
         if isinstance(m, (FourBitStandIn, Int8StandIn)):
             m.tracker = tracker
-    with FakeTensorMode(allow_non_fake_inputs=True), _unpacked_rows(not cfg.data.packing):
+    with (
+        fake_group(world) as mesh,
+        FakeTensorMode(allow_non_fake_inputs=True),
+        _unpacked_rows(not cfg.data.packing),
+    ):
         model.to_empty(device="cpu")
         model.tie_weights()  # to_empty gives each module its own tensor: tie them again
+        held_by_wrapper = shard(model, cfg, mesh, precision)  # rank 0 of dist.nproc, if any
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: tracker.mark([p.grad], "gradients"))
@@ -406,6 +413,8 @@ def _simulate_once(
 
         with modules, tracker:
             tracker.track(model_tensors(model))
+            tracker.track(held_by_wrapper)
+            tracker.mark(held_by_wrapper, "gradients")  # DDP's gradient buckets
             weights = tracker.live
             optimizer = _optimizer(model, cfg, device_type)
             optimizer.register_step_post_hook(
@@ -433,7 +442,7 @@ def _simulate_once(
             del held
             optimizer_bytes = sum(
                 {
-                    id(v.untyped_storage()): v.untyped_storage().nbytes()
+                    id(local(v).untyped_storage()): local(v).untyped_storage().nbytes()
                     for v in _state_tensors(optimizer)
                 }.values()
             )

@@ -81,9 +81,9 @@ class PlanTracker(TensorMemoryTracker):
         self._at_peak: list[list] = []
         self._stale = False
 
-    def _origin(self, t: torch.Tensor) -> tuple[str, str]:
+    def _origin(self, t: torch.Tensor, requires_grad: bool) -> tuple[str, str]:
         if self._op is None:
-            return ("trainable" if t.requires_grad else "weights"), ""
+            return ("trainable" if requires_grad else "weights"), ""
         module = self.modules.stack[-1] if self.modules.stack else ""
         if self.inputs:
             return "overhead", module
@@ -92,24 +92,39 @@ class PlanTracker(TensorMemoryTracker):
         return ("activations" if module else "temporary"), module or "(backward)"
 
     def _add(self, t: torch.Tensor) -> None:
+        requires_grad = t.requires_grad  # an FSDP parameter says so, its local shard does not
         t = local(t)
         key, peak = id(t.untyped_storage()), self.peak
         fresh = key not in self._seen
         super()._add(t)
         if fresh:
-            origin, module = self._origin(t)
+            origin, module = self._origin(t, requires_grad)
             nbytes = t.untyped_storage().nbytes()
             op = self._op or "weights and buffers"
             self._meta[key] = [nbytes, tuple(t.shape), str(t.dtype), op, module, origin]
         if self.peak > peak:
             self._stale = True
 
-    def _free(self, key: int, nbytes: int) -> None:
+    def _free(self, key: int) -> None:
         # Runs as a storage is released (a finalizer): it must not touch any tensor.
         if self._stale:
             self._snapshot()
-        super()._free(key, nbytes)
+        super()._free(key)
         self._meta.pop(key, None)
+
+    def _resized(self, storage) -> None:
+        key = id(storage)
+        if key not in self._seen:
+            return
+        if self._stale:  # a resize may shrink: the peak before it is the one to keep
+            self._snapshot()
+        peak = self.peak
+        super()._resized(storage)
+        meta = self._meta.get(key)
+        if meta is not None:  # a new record: the copy at the peak keeps the old size
+            self._meta[key] = [storage.nbytes(), *meta[1:]]
+        if self.peak > peak:
+            self._stale = True
 
     def _snapshot(self) -> None:
         self._at_peak = list(self._meta.values())

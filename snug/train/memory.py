@@ -20,7 +20,11 @@ class TensorMemoryTracker(TorchDispatchMode):
     """Live and peak bytes of tensor storages. Storages that exist before the mode is entered
     count once `track(...)` is given them (e.g. the model's weights). With `rounding`, every
     storage counts as its size rounded up to a multiple of it (the CUDA caching allocator's 512
-    bytes), as the planner needs for a GPU."""
+    bytes), as the planner needs for a GPU.
+
+    FSDP frees and re-allocates gathered parameters by resizing their storage in place
+    (`UntypedStorage.resize_`), which no op reports: while the tracker is active that method
+    is wrapped so a resize counts as the memory it frees or takes."""
 
     def __init__(self, rounding: int = 1) -> None:
         super().__init__()
@@ -28,9 +32,14 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._seen: set[int] = set()
+        self._sizes: dict[int, int] = {}  # counted bytes of each live storage
+        self._resize = None
 
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
+    def _rounded(self, nbytes: int) -> int:
+        return -(-nbytes // self.rounding) * self.rounding
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
         self._seen.discard(key)
 
     def _add(self, t: torch.Tensor) -> None:
@@ -40,12 +49,38 @@ class TensorMemoryTracker(TorchDispatchMode):
         if key in self._seen:
             return
         self._seen.add(key)
-        nbytes = -(-storage.nbytes() // self.rounding) * self.rounding
+        nbytes = self._rounded(storage.nbytes())
+        self._sizes[key] = nbytes
         self.live += nbytes
         self.peak = max(self.peak, self.live)
         # Storages keep their Python object alive as long as the C++ storage lives, so the
         # finalizer fires exactly when the memory is released.
-        weakref.finalize(storage, self._free, key, nbytes)
+        weakref.finalize(storage, self._free, key)
+
+    def _resized(self, storage) -> None:
+        key = id(storage)
+        if key not in self._seen:
+            return
+        nbytes = self._rounded(storage.nbytes())
+        self.live += nbytes - self._sizes[key]
+        self._sizes[key] = nbytes
+        self.peak = max(self.peak, self.live)
+
+    def __enter__(self):
+        original, tracker = torch.UntypedStorage.resize_, self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            tracker._resized(storage)
+            return out
+
+        self._resize, torch.UntypedStorage.resize_ = original, resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._resize is not None:
+            torch.UntypedStorage.resize_, self._resize = self._resize, None
+        return super().__exit__(*exc)
 
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
