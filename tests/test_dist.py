@@ -117,19 +117,16 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sharded_checkpoint_resumes_exactly_after_kill_9(tmp_path, runs):
-    """Both ranks die by SIGKILL in step 5 (after the step-4 checkpoint); `snug train` again
-    resumes the sharded checkpoint and ends where the uninterrupted FSDP run ended."""
-    out = tmp_path / "run"
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp")))
+def kill_both_ranks(cfg: Path, at: int) -> None:
+    """Start the 2 ranks of `snug train cfg` by hand (torchrun's environment), each SIGKILLing
+    itself at its at-th micro-batch."""
     port = _free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", KILL_AT, "train", str(cfg)],
             env={
                 **os.environ,
-                "AT": "9",  # the first micro-batch of step 5
+                "AT": str(at),
                 "RANK": str(r),
                 "LOCAL_RANK": str(r),
                 "WORLD_SIZE": "2",
@@ -145,6 +142,15 @@ def test_sharded_checkpoint_resumes_exactly_after_kill_9(tmp_path, runs):
     ]
     codes = [p.wait(timeout=600) for p in procs]
     assert codes == [-9, -9], [p.stderr.read()[-2000:] for p in procs]
+
+
+def test_sharded_checkpoint_resumes_exactly_after_kill_9(tmp_path, runs):
+    """Both ranks die by SIGKILL in step 5 (after the step-4 checkpoint); `snug train` again
+    resumes the sharded checkpoint and ends where the uninterrupted FSDP run ended."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp")))
+    kill_both_ranks(cfg, at=9)  # the first micro-batch of step 5
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
     resumed = subprocess.run(
         [sys.executable, "-m", "snug.cli", "train", str(cfg)],
@@ -185,3 +191,24 @@ def test_planner_predicts_the_per_rank_peak(strategy, tmp_path):
         predicted.peak_bytes,
         measured,
     )
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path, runs):
+    """Two ranks die after the step-4 checkpoint; one process with the same global
+    micro-batch resumes the shards (torch.distributed.checkpoint re-splits them) and ends
+    where the one-process run ended."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp")))
+    kill_both_ranks(cfg, at=9)
+    one = raw_config(out, "none")
+    cfg.write_text(yaml.safe_dump(one))
+    resumed = subprocess.run(
+        [sys.executable, "-m", "snug.cli", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
+    assert_same(out, runs["none"])

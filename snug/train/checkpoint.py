@@ -173,7 +173,8 @@ def _load_sharded(path: Path, model: nn.Module, optimizer, ctx) -> None:
         optim_state_dict=state["optim"],
         options=StateDictOptions(ignore_frozen_params=True, strict=False),
     )
-    own = path / f"rng-rank{ctx.rank}.pt"  # another world size: rank 0's generators
+    rank = ctx.rank if ctx is not None else 0
+    own = path / f"rng-rank{rank}.pt"  # more processes than saved: rank 0's generators
     rng = torch.load(own if own.exists() else path / "rng-rank0.pt", weights_only=True)
     set_rng_state(rng["rng"])
 
@@ -232,16 +233,17 @@ def load_checkpoint(
     """Restore trainable weights, optimizer, scheduler, grad scaler and every RNG from `path`;
     returns its train_state."""
     state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    if (path / "dcp").is_dir():
-        if ctx is None or not ctx.active:
-            raise CheckpointError(
-                f"checkpoint {path} is sharded (dist.strategy); resume it with dist.nproc > 1."
-            )
+    if (path / "dcp").is_dir():  # any number of processes: the shards are re-split on load
         _load_sharded(path, model, optimizer, ctx)
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         return state["train_state"]
+    if ctx is not None and ctx.active:
+        raise CheckpointError(
+            f"checkpoint {path} was written by one process; resume it with dist.nproc=1, or "
+            "use --fresh."
+        )
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
