@@ -689,9 +689,10 @@ def _eval_line(block: dict) -> str:
     return line
 
 
-def _save_final(model, tok, cfg: Config, out: Path, ctx: dist.Dist) -> None:
+def _save_final(model, tok, cfg: Config, out: Path, ctx: dist.Dist | None = None) -> None:
     """The adapter or model, written once (by rank 0) in the same format whatever the strategy:
     FSDP's shards are gathered to rank 0's host memory first."""
+    ctx = ctx or dist.Dist()
     method = get_method(cfg.method.name)
     target = out / method.output  # adapter/ or model/
     model = dist.unwrap(model)
