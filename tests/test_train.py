@@ -332,5 +332,6 @@ def test_auto_fit_refuses_with_the_smallest_change_that_fits(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "memory.auto_fit: method lora does not fit cpu (0.01 GiB)" in err
     # 4-bit weights take a quarter of fp32's: QLoRA fits where LoRA does not
-    assert "method.name=lora with model.quant=4bit fits" in err and err.count("\n") == 1
+    # the smallest change: an 8-bit base before a 4-bit one
+    assert "method.name=lora with model.quant=8bit fits" in err and err.count("\n") == 1
     assert not (tmp_path / "run/adapter").exists()

@@ -24,7 +24,7 @@ GUARDED_KEYS = (
     "model.dtype",
     "train.stage",
     "train.seed",
-    "train.global_micro_batch",  # micro_batch x processes: the rows of each micro-step
+    "train.micro_batch x processes",  # the global micro-batch: the rows of each micro-step
     "train.grad_accum",
 )
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
@@ -54,7 +54,7 @@ def _flat(cfg: dict) -> dict[str, object]:
     # What fixes the sample order is the global micro-batch, not how it is split: 2 processes
     # of micro_batch 2 may resume 1 process of micro_batch 4, and back.
     ranks = flat.get("dist.nproc", 1) if flat.get("dist.strategy", "none") != "none" else 1
-    flat["train.global_micro_batch"] = flat.get("train.micro_batch", 1) * ranks
+    flat["train.micro_batch x processes"] = flat.get("train.micro_batch", 1) * ranks
     return flat
 
 
