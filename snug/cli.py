@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from snug.config import ConfigError
 
@@ -51,7 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.dist.nproc > 1 and not dist.launched():  # start the ranks, each runs this again
         argv = ["train", args.config, *args.overrides]
         argv += ["--fresh"] * args.fresh + ["--allow-config-change"] * args.allow_config_change
-        return dist.launch(cfg, argv, {k: getattr(args, k) for k in dist.LAUNCH_FLAGS})
+        code = dist.launch(cfg, argv, {k: getattr(args, k) for k in dist.LAUNCH_FLAGS})
+        summary = Path(cfg.output.dir) / "summary.json"  # rank 0's: torchrun reports only 1
+        if code != 0 and summary.exists():
+            if json.loads(summary.read_text()).get("status") == "stopped":
+                return EXIT_STOPPED
+        return code
     try:
         summary = run_training(cfg, fresh=args.fresh, allow_config_change=args.allow_config_change)
     except TrainingStopped as e:

@@ -233,6 +233,9 @@ def test_resuming_a_changed_run_is_refused_with_the_differences(section, key, va
     with pytest.raises(ResumeError) as e:
         run_training(config_from_dict(changed))
     assert f"{section}.{key}" in str(e.value) and "--allow-config-change" in str(e.value)
+    # refusing lost nothing: the finished run's outputs are all still there
+    assert (out / "adapter").is_dir() and (out / "summary.json").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())[section][key] != value
     if section == "method":  # other trainable shapes: allowed, but it cannot load them
         with pytest.raises(CheckpointError, match="shapes differ"):
             run_training(config_from_dict(changed), allow_config_change=True)
@@ -362,3 +365,32 @@ def test_outputs_stay_inside_the_resolved_output_dir(tmp_path):
     resolved = (tmp_path / "run").resolve()
     assert written and all(p.resolve().is_relative_to(resolved) or p == resolved for p in written)
     assert (resolved / "checkpoints/step-2").is_dir() and (resolved / "adapter").is_dir()
+
+
+def test_progressive_unfreezing_resumes(tmp_path):
+    """freeze with unfreeze_every: the trainable set grows during training; a checkpoint holds
+    the set of its step and a resume restores that set before loading."""
+    out = tmp_path / "run"
+    method = {"name": "freeze", "trainable_layers": 3, "unfreeze_every": 3}
+    whole = raw_config(tmp_path / "whole", method=method, train={"max_steps": 5, "epochs": 1})
+    reference = run_training(config_from_dict(whole))
+    first = raw_config(out, method=method, train={"max_steps": 5, "epochs": 1})
+    first["output"]["save_every"] = 1
+    import snug.train.loop as loop
+
+    real = loop.Run._after_step
+
+    def stop_after_3(self, signals):
+        real(self, signals)
+        if self.pos.step == 3:
+            raise KeyboardInterrupt  # a crash right after the step-3 checkpoint
+
+    loop.Run._after_step = stop_after_3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_training(config_from_dict(first))
+    finally:
+        loop.Run._after_step = real
+    resumed = run_training(config_from_dict(first))
+    assert resumed["status"] == "completed" and losses(out) == losses(tmp_path / "whole")
+    assert resumed["train_loss_last"] == reference["train_loss_last"]

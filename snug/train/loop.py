@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import set_seed
 
-from snug.config import Config, config_from_dict, save_config
+from snug.config import Config, save_config
 from snug.data.collate import collate, collate_packed, real_tokens
 from snug.data.dataset import build_datasets
 from snug.data.packing import micro_batches, pack
@@ -123,9 +123,9 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config, precision: str) ->
 
 def prepare_output_dir(cfg: Config, fresh: bool = False) -> tuple[Path, Path | None]:
     """Create output.dir and find what to resume: the newest complete checkpoint of an earlier
-    snug run there (unless `fresh`). A run's outputs are replaced, except, when resuming, its
-    checkpoints and metrics; any other non-empty directory is refused so that no user file is
-    overwritten."""
+    snug run there (unless `fresh`). A fresh run replaces an earlier run's outputs; a resumed
+    one leaves them until the checkpoint is found to belong to this run (clear_outputs); any
+    other non-empty directory is refused so that no user file is overwritten."""
     out = Path(cfg.output.dir).resolve()
     if out.exists() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
         raise OutputDirError(
@@ -135,7 +135,12 @@ def prepare_output_dir(cfg: Config, fresh: bool = False) -> tuple[Path, Path | N
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_MARKER).touch()
     resume = None if fresh else recover(out / "checkpoints")
-    keep = ("checkpoints", "metrics.jsonl", "tensorboard") if resume else ()
+    if resume is None:
+        clear_outputs(out)
+    return out, resume
+
+
+def clear_outputs(out: Path, keep: tuple[str, ...] = ()) -> None:
     for name in RUN_OUTPUTS:
         path = out / name
         if name in keep:
@@ -144,7 +149,6 @@ def prepare_output_dir(cfg: Config, fresh: bool = False) -> tuple[Path, Path | N
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    return out, resume
 
 
 def _peak_rss_bytes() -> int:
@@ -187,7 +191,7 @@ def run_training(
     metrics: MetricsLog | None = None
     given = cfg.to_dict()  # the user's config, before auto_fit or an OOM fallback change it
     try:
-        if ctx.main:
+        if ctx.main and resume_path is None:
             save_config(cfg, out / "config.yaml")
         precision = resolve_precision(cfg, device)
         set_seed(cfg.train.seed)
@@ -216,8 +220,10 @@ def run_training(
         resumed = None
         if resume_path is not None:
             resumed = _check_resume(resume_path, given, hashed, allow_config_change, console)
+            if ctx.main:  # it is this run's: its old final outputs go, checkpoints stay
+                clear_outputs(out, keep=("checkpoints", "metrics.jsonl", "tensorboard"))
             if cfg.memory.auto_fit:  # keep what was adopted: the search need not run again
-                cfg = config_from_dict(resumed["adopted"], f"{resume_path}/state.pt")
+                cfg = _adopted(cfg, resumed["adopted"])
         if cfg.memory.auto_fit and resumed is None:
             cfg = _auto_fit(cfg, train_ds, device, console, summary)
         if ctx.main:
@@ -289,6 +295,20 @@ def run_training(
                 metrics.plot(out / "loss.png")
         dist.teardown()
     return summary
+
+
+def _adopted(cfg: Config, adopted: dict) -> Config:
+    """The current config with the memory settings auto_fit chose for the checkpoint's run
+    (everything else as the user has it now)."""
+    m, t = adopted["memory"], adopted["train"]
+    memory = {k: m[k] for k in ("grad_checkpointing", "offload_activations", "optimizer")}
+    return dataclasses.replace(
+        cfg,
+        memory=dataclasses.replace(cfg.memory, **memory),
+        train=dataclasses.replace(
+            cfg.train, micro_batch=t["micro_batch"], grad_accum=t["grad_accum"]
+        ),
+    )
 
 
 def _check_resume(path: Path, given: dict, hashed: str, allow: bool, console: Console) -> dict:
@@ -426,13 +446,17 @@ class Run:
         return self.last_checkpoint
 
     def restore(self, path: Path) -> None:
+        if self.method.before_step is not None:  # the trainable set as it was when saved
+            step = read_train_state(path)["step"]
+            self.method.before_step(self.model, self.cfg.method, max(step - 1, 0))
         state = load_checkpoint(
             path, self.model, self.optimizer, self.scheduler, self.scaler, self.ctx
         )
         names = {f.name for f in dataclasses.fields(Position)}
         self.pos = Position(**{k: v for k, v in state.items() if k in names})
         self.last_checkpoint = path
-        if self.pos.rows_per_micro_batch > self.cfg.train.micro_batch:  # micro_batch lowered
+        if not self.pos.oom_changes or self.pos.rows_per_micro_batch > self.cfg.train.micro_batch:
+            # only an out-of-memory fallback carries over; else this run's micro_batch
             self.pos.rows_per_micro_batch = self.cfg.train.micro_batch
 
     # -- the loop -----------------------------------------------------------------------------
