@@ -41,9 +41,8 @@ def raw_config(out: Path, strategy: str, method: str = "lora", **train) -> dict:
     }
 
 
-def train(tmp: Path, name: str, raw: dict) -> Path:
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump(raw))
+def snug_train(cfg: Path) -> subprocess.CompletedProcess:
+    """`snug train CFG` in a process of its own; it must succeed."""
     done = subprocess.run(
         [sys.executable, "-m", "snug.cli", "train", str(cfg)],
         capture_output=True,
@@ -51,6 +50,13 @@ def train(tmp: Path, name: str, raw: dict) -> Path:
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def train(tmp: Path, name: str, raw: dict) -> Path:
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    snug_train(cfg)
     return Path(raw["output"]["dir"])
 
 
@@ -152,13 +158,7 @@ def test_sharded_checkpoint_resumes_exactly_after_kill_9(tmp_path, runs):
     cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp")))
     kill_both_ranks(cfg, at=9)  # the first micro-batch of step 5
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
-    resumed = subprocess.run(
-        [sys.executable, "-m", "snug.cli", "train", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = snug_train(cfg)
     assert "resuming from" in resumed.stdout
     ours, theirs = weights(out), weights(runs["fsdp"])
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -203,12 +203,6 @@ def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path, runs):
     kill_both_ranks(cfg, at=9)
     one = raw_config(out, "none")
     cfg.write_text(yaml.safe_dump(one))
-    resumed = subprocess.run(
-        [sys.executable, "-m", "snug.cli", "train", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = snug_train(cfg)
     assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
     assert_same(out, runs["none"])
