@@ -264,6 +264,11 @@ class DistConfig:
     )
     cpu_offload: bool = _f(False, "fsdp: keep parameter shards and optimizer state on the host.")
 
+    @property
+    def processes(self) -> int:
+        """How many processes share each step: nproc under ddp/fsdp, else 1."""
+        return self.nproc if self.strategy != "none" else 1
+
 
 @dataclass
 class OutputConfig:

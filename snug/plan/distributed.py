@@ -48,14 +48,7 @@ def shard(model: nn.Module, cfg, mesh, precision: str) -> list[torch.Tensor]:
         return [
             torch.empty(p.numel(), dtype=p.dtype) for p in model.parameters() if p.requires_grad
         ]
-    from torch.distributed.fsdp import fully_shard
+    from snug.train.dist import shard_fsdp
 
-    from snug.train.dist import decoder_layers, fsdp_kwargs
-
-    kwargs = fsdp_kwargs(cfg, precision)
-    for layer in decoder_layers(model):
-        fully_shard(
-            layer, mesh=mesh, reshard_after_forward=cfg.dist.reshard_after_forward, **kwargs
-        )
-    fully_shard(model, mesh=mesh, **kwargs)
+    shard_fsdp(model, cfg, precision, mesh)
     return []

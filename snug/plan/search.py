@@ -127,7 +127,7 @@ def candidate_name(cfg: Config) -> str:
     label = method_label(cfg)
     method = label + (f" r{cfg.method.r}" if cfg.method.name in ("lora", "dora") else "")
     d = cfg.dist
-    ranks = f" {d.strategy}x{d.nproc}" if d.strategy != "none" and d.nproc > 1 else ""
+    ranks = f" {d.strategy}x{d.nproc}" if d.processes > 1 else ""
     return f"{method} {gc} {m.optimizer} mb{cfg.train.micro_batch}{ranks}"
 
 
@@ -195,8 +195,9 @@ def _time(cand: Candidate, device: Device, seq_len: int, rate: float) -> None:
     if device.bandwidth_gbs:  # weights are read in forward, backward and recomputation
         memory = 3 * cand.sim.weights_bytes / (device.bandwidth_gbs * 1e9)
     cand.step_seconds = max(compute, memory)  # per rank; communication is not modelled
-    ranks = cand.cfg.dist.nproc if cand.cfg.dist.strategy != "none" else 1
-    tokens = cand.cfg.train.micro_batch * cand.cfg.train.grad_accum * seq_len * ranks
+    tokens = (
+        cand.cfg.train.micro_batch * cand.cfg.train.grad_accum * seq_len * cand.cfg.dist.processes
+    )
     cand.tokens_per_second = tokens / cand.step_seconds
 
 

@@ -373,7 +373,7 @@ def _simulate_once(
         _stand_in_quantized(model, cfg.model.quant, device_type)
     model = prepare_for_training(model, cfg, precision)
     trainable, total = count_params(model)
-    world = cfg.dist.nproc if cfg.dist.strategy != "none" else 1
+    world = cfg.dist.processes
     opts = dataclasses.replace(step_options(cfg, device, precision), world=world)
     if device_type == "cuda" and not torch.cuda.is_available():
         # torch turns CUDA autocast off without a GPU; CPU autocast casts the same matmuls to

@@ -95,7 +95,7 @@ class PlanTracker(TensorMemoryTracker):
         requires_grad = t.requires_grad  # an FSDP parameter says so, its local shard does not
         t = local(t)
         key, peak = id(t.untyped_storage()), self.peak
-        fresh = key not in self._seen
+        fresh = key not in self._sizes
         super()._add(t)
         if fresh:
             origin, module = self._origin(t, requires_grad)
@@ -114,7 +114,7 @@ class PlanTracker(TensorMemoryTracker):
 
     def _resized(self, storage) -> None:
         key = id(storage)
-        if key not in self._seen:
+        if key not in self._sizes:
             return
         if self._stale:  # a resize may shrink: the peak before it is the one to keep
             self._snapshot()

@@ -120,28 +120,26 @@ def wrap(model: nn.Module, cfg: Config, ctx: Dist, precision: str, device) -> nn
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import fully_shard
+    return shard_fsdp(model, cfg, precision)
 
-    kwargs = fsdp_kwargs(cfg, precision)
+
+def shard_fsdp(model: nn.Module, cfg: Config, precision: str, mesh=None) -> nn.Module:
+    """`fully_shard` each decoder layer, then the root, in place (the planner passes the mesh
+    of its fake process group)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh}
+    if precision.endswith("-mixed"):  # half-precision compute, fp32 master weights and reduce
+        half = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+    if cfg.dist.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=cfg.dist.reshard_after_forward, **kwargs)
     # The root (embeddings, final norm, head) stays gathered from forward to backward, FSDP2's
     # default for a root: snug's chunked loss runs the head after the model's forward returns.
     fully_shard(model, **kwargs)
     return model
-
-
-def fsdp_kwargs(cfg: Config, precision: str) -> dict:
-    """fully_shard's policies for a config (the planner wraps its fake model with the same)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
-
-    kwargs = {}
-    if precision.endswith("-mixed"):  # half-precision compute, fp32 master weights and reduce
-        half = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
-    if cfg.dist.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    return kwargs
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

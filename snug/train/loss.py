@@ -38,10 +38,9 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
 
 def causal_lm(model: nn.Module) -> nn.Module:
     """The transformers causal LM inside a DDP wrapper and/or a peft model."""
-    from torch.nn.parallel import DistributedDataParallel
+    from snug.train.dist import unwrap
 
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
+    model = unwrap(model)
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 

@@ -31,8 +31,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.rounding = rounding
         self.live = 0
         self.peak = 0
-        self._seen: set[int] = set()
-        self._sizes: dict[int, int] = {}  # counted bytes of each live storage
+        self._sizes: dict[int, int] = {}  # counted bytes of each live storage, by id
         self._resize = None
 
     def _rounded(self, nbytes: int) -> int:
@@ -40,15 +39,13 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
-        self._seen.discard(key)
 
     def _add(self, t: torch.Tensor) -> None:
         t = local(t)
         storage = t.untyped_storage()
         key = id(storage)
-        if key in self._seen:
+        if key in self._sizes:
             return
-        self._seen.add(key)
         nbytes = self._rounded(storage.nbytes())
         self._sizes[key] = nbytes
         self.live += nbytes
@@ -59,7 +56,7 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def _resized(self, storage) -> None:
         key = id(storage)
-        if key not in self._seen:
+        if key not in self._sizes:
             return
         nbytes = self._rounded(storage.nbytes())
         self.live += nbytes - self._sizes[key]
