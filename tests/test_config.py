@@ -59,8 +59,8 @@ def test_impossible_combinations():
     "section, message",
     [
         (
-            {"dist": {"strategy": "fsdp", "nproc": 2}, "model": {"quant": "4bit"}},
-            "dist.strategy=fsdp with model.quant=4bit is not supported yet",
+            {"dist": {"strategy": "fsdp", "nproc": 2}, "model": {"quant": "8bit"}},
+            "dist.strategy=fsdp with model.quant=8bit is not supported",
         ),
         ({"dist": {"nproc": 2}}, "dist.nproc > 1 needs dist.strategy"),
         ({"dist": {"strategy": "ddp"}, "method": {"name": "prefix"}}, "runs on one device"),

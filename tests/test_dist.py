@@ -102,6 +102,18 @@ def test_fsdp_full_fine_tune_matches_one_process(tmp_path):
     assert_same(fsdp, single, "full")
 
 
+def test_qlora_trains_sharded_and_replicated_like_one_process(tmp_path):
+    """QLoRA (NF4 base) under FSDP, whose 4-bit weights are packed in the compute dtype and
+    sharded like the rest, and under DDP: the adapter and losses of one process."""
+    made = {}
+    for strategy in ("none", "fsdp", "ddp"):
+        raw = raw_config(tmp_path / strategy, strategy)
+        raw["model"]["quant"] = "4bit"
+        made[strategy] = train(tmp_path, strategy, raw)
+    assert_same(made["fsdp"], made["none"])
+    assert_same(made["ddp"], made["none"])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,8 +177,8 @@ def test_sharded_checkpoint_resumes_exactly_after_kill_9(tmp_path, runs):
     assert losses(out) == losses(runs["fsdp"])
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_planner_predicts_the_per_rank_peak(strategy, tmp_path):
+@pytest.mark.parametrize("strategy,quant", [("fsdp", "none"), ("ddp", "none"), ("fsdp", "4bit")])
+def test_planner_predicts_the_per_rank_peak(strategy, quant, tmp_path):
     """`snug plan` simulates rank 0 with a fake process group; against the tracked peak of each
     rank of a real 2-process run (text cut at the cutoff: every row full, no padding)."""
     from snug.config import config_from_dict
@@ -183,6 +195,7 @@ def test_planner_predicts_the_per_rank_peak(strategy, tmp_path):
     raw = raw_config(tmp_path / "run", strategy, max_steps=3, stage="pt")
     raw["data"] = {"train": str(text), "format": "text", "cutoff_len": 64}
     raw["memory"] = {"grad_checkpointing": True}
+    raw["model"]["quant"] = quant
     run = train(tmp_path, strategy, raw)
     measured = json.loads((run / "summary.json").read_text())["peak_memory"]["per_rank_bytes"]
     cfg = config_from_dict(raw)
@@ -203,6 +216,29 @@ def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path, runs):
     kill_both_ranks(cfg, at=9)
     one = raw_config(out, "none")
     cfg.write_text(yaml.safe_dump(one))
+    resumed = snug_train(cfg)
+    assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
+    assert_same(out, runs["none"])
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_one_process_checkpoint_resumes_on_two_ranks(strategy, tmp_path, runs):
+    """One process dies after its step-4 checkpoint (whole tensors); two ranks with the same
+    global micro-batch resume it (FSDP: each keeps its slice of weights and optimizer state)
+    and end where the uninterrupted run ended."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(out, "none")))
+    died = subprocess.run(
+        [sys.executable, "-c", KILL_AT, "train", str(cfg)],
+        env={**os.environ, "AT": "9"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert died.returncode == -9, died.stderr[-2000:]
+    assert (out / "checkpoints/step-4/trainable.safetensors").exists()
+    cfg.write_text(yaml.safe_dump(raw_config(out, strategy)))
     resumed = snug_train(cfg)
     assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
     assert_same(out, runs["none"])

@@ -78,7 +78,14 @@ def resolve_attn(mcfg: ModelConfig, device: torch.device) -> str:
     return "sdpa"
 
 
-def _quant_config(mcfg: ModelConfig, compute: torch.dtype):
+def quant_storage(cfg: Config, compute: torch.dtype) -> torch.dtype:
+    """The dtype bitsandbytes packs 4-bit weights into: uint8 on one device; under FSDP the
+    compute dtype, which is every other parameter's (or FSDP's mixed-precision param dtype), so
+    the packed weights shard and all-gather with the rest and are never cast. Same bytes."""
+    return compute if cfg.dist.strategy == "fsdp" else torch.uint8
+
+
+def _quant_config(mcfg: ModelConfig, compute: torch.dtype, storage: torch.dtype):
     if mcfg.quant == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -90,6 +97,7 @@ def _quant_config(mcfg: ModelConfig, compute: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
     )
 
 
@@ -179,7 +187,8 @@ def load_model(
     dtype = resolve_dtype(cfg, device, precision)
     require_safetensors(mcfg)
     warn_remote_code(mcfg, "model")
-    quant = _quant_config(mcfg, compute_dtype(precision))
+    compute = compute_dtype(precision)
+    quant = _quant_config(mcfg, compute, quant_storage(cfg, compute))
     auto_class, head = AutoModelForCausalLM, {}
     if cfg.train.stage == "cls":
         auto_class = AutoModelForSequenceClassification

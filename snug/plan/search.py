@@ -288,7 +288,7 @@ def search(
     trains sharded is tried under FSDP and DDP (per-rank micro-batches; the global batch,
     micro_batch x grad_accum x num_gpus of the config, kept)."""
     from snug.plan.distributed import STRATEGIES
-    from snug.train.dist import DIST_METHODS
+    from snug.train.dist import trains_sharded
 
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
@@ -297,7 +297,8 @@ def search(
     strategies = STRATEGIES if num_gpus > 1 else ("none",)
     best: dict[str, Candidate] = {}
     for method in methods:
-        if num_gpus > 1 and method not in DIST_METHODS:
+        base_method = "lora" if method in QUANT_OF else method
+        if num_gpus > 1 and not trains_sharded(base_method, QUANT_OF.get(method, "none")):
             continue  # trains on one device only (train/dist.py: check)
         queue = [
             with_overrides(v, dist={"strategy": s, "nproc": num_gpus if s != "none" else 1})

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
 
 from snug.config import Config
 from snug.methods import count_params
-from snug.models.load import resolve_dtype, upcast_norms
+from snug.models.load import compute_dtype, quant_storage, resolve_dtype, upcast_norms
 from snug.plan.distributed import fake_group, shard
 from snug.plan.tracker import CATEGORIES, ModuleNames, PlanTracker
 from snug.train.loop import prepare_for_training, step_options
@@ -160,20 +160,27 @@ class _FourBitMatmul(torch.autograd.Function):
 
 
 class FourBitStandIn(nn.Linear):
-    """A bitsandbytes NF4 Linear4bit (double quantization) for the replay: the packed uint8
-    weight ((n + 1) // 2, 1) and, on CUDA, the quantization state (uint8 absmax per 64 weights,
+    """A bitsandbytes NF4 Linear4bit (double quantization) for the replay: the packed weight
+    ((n + 1) // 2 bytes, one column; uint8, or under FSDP the compute dtype) and, on CUDA, the quantization state (uint8 absmax per 64 weights,
     fp32 absmax per 256 of those, the code books) that lives beside it. On CPU snug's tracker
     does not see the state (it is neither parameter nor buffer), so the replay leaves it out to
     predict what `snug train` measures there. A subclass of nn.Linear, so peft wraps it as the
     real one."""
 
-    def __init__(self, linear: nn.Linear, quant_dtype: torch.dtype, device_type: str) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        quant_dtype: torch.dtype,
+        device_type: str,
+        storage: torch.dtype = torch.uint8,
+    ) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         n = self.in_features * self.out_features
         self.quant_dtype, self.device_temporaries = quant_dtype, device_type == "cuda"
         self.tracker: PlanTracker | None = None  # set by the replay, to add FLOPs to
-        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device="meta")
+        # The packed bytes, in bitsandbytes' quant storage dtype (models/load.py: quant_storage)
+        packed = torch.empty(((n + 1) // (2 * storage.itemsize), 1), dtype=storage, device="meta")
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = linear.bias
         if device_type == "cuda":
@@ -297,7 +304,9 @@ class Int8StandIn(bnb.nn.Linear8bitLt):
         return self.matmul.apply(x, self.weight, self.bias, self)
 
 
-def _stand_in_quantized(model: nn.Module, quant: str, device_type: str) -> None:
+def _stand_in_quantized(
+    model: nn.Module, quant: str, device_type: str, storage: torch.dtype = torch.uint8
+) -> None:
     """Swap the linears transformers would quantize (all but the output head) for stand-ins,
     and upcast norm weights to fp32 as models/load.py's k-bit preparation does."""
     head = model.get_output_embeddings()
@@ -305,7 +314,7 @@ def _stand_in_quantized(model: nn.Module, quant: str, device_type: str) -> None:
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child is not head:
                 if quant == "4bit":
-                    stand_in = FourBitStandIn(child, child.weight.dtype, device_type)
+                    stand_in = FourBitStandIn(child, child.weight.dtype, device_type, storage)
                 else:
                     stand_in = Int8StandIn(child, device_type)
                 setattr(module, child_name, stand_in)
@@ -370,7 +379,8 @@ def _simulate_once(
         )
     model.config.use_cache = False
     if cfg.model.quant != "none":
-        _stand_in_quantized(model, cfg.model.quant, device_type)
+        storage = quant_storage(cfg, compute_dtype(precision))
+        _stand_in_quantized(model, cfg.model.quant, device_type, storage)
     model = prepare_for_training(model, cfg, precision)
     trainable, total = count_params(model)
     world = cfg.dist.processes

@@ -179,6 +179,34 @@ def _load_sharded(path: Path, model: nn.Module, optimizer, ctx) -> None:
     set_rng_state(rng["rng"])
 
 
+def _load_full_into_shards(model: nn.Module, optimizer, weights: dict, saved: dict) -> None:
+    """A one-process checkpoint (whole tensors) into FSDP shards: each rank keeps its slice
+    (torch.distributed.checkpoint's set_state_dict with full_state_dict). The saved optimizer
+    state names parameters by position; this run's optimizer, built the same way, holds the
+    same parameters in the same order, which gives each position its name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    ours = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    theirs = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(ours) != len(theirs):
+        raise CheckpointError("the checkpoint's optimizer holds other parameters; use --fresh.")
+    name = dict(zip(theirs, ours, strict=True))
+    optim = {
+        "state": {name[i]: v for i, v in saved["state"].items()},
+        "param_groups": [
+            {**g, "params": [name[i] for i in g["params"]]} for g in saved["param_groups"]
+        ],
+    }
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=weights,
+        optim_state_dict=optim,
+        options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False),
+    )
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first; half-written ones are not listed."""
     if not root.exists():
@@ -239,13 +267,10 @@ def load_checkpoint(
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         return state["train_state"]
-    if ctx is not None and ctx.active:
-        raise CheckpointError(
-            f"checkpoint {path} was written by one process; resume it with dist.nproc=1, or "
-            "use --fresh."
-        )
+    from snug.train import dist
+
     weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
+    params = dict(dist.unwrap(model).named_parameters())  # FSDP: global shapes
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected or any(
         weights[n].shape != params[n].shape for n in expected & set(weights)
@@ -255,10 +280,13 @@ def load_checkpoint(
             f"checkpoint {path} does not match this model's trainable parameters "
             f"(missing {missing[:3]}, unexpected {extra[:3]}, or shapes differ); use --fresh."
         )
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    if ctx is not None and ctx.active and ctx.strategy == "fsdp":
+        _load_full_into_shards(model, optimizer, weights, state["optimizer"])
+    else:  # one process, or DDP's replicas: every rank loads the whole state
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])

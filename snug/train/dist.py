@@ -58,6 +58,11 @@ def launch(cfg: Config, argv: list[str], flags: dict) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
+def trains_sharded(method: str, quant: str) -> bool:
+    """Whether `check` lets this method on this base train under ddp and fsdp."""
+    return method in DIST_METHODS and quant != "8bit"
+
+
 def check(cfg: Config) -> None:
     """What ddp/fsdp support today; anything else is refused before any process starts."""
     d = cfg.dist
@@ -70,10 +75,11 @@ def check(cfg: Config) -> None:
             f"dist.strategy={d.strategy} trains {', '.join(DIST_METHODS)}; method.name="
             f"{cfg.method.name} runs on one device (dist.strategy=none)."
         )
-    if cfg.model.quant != "none":
+    if cfg.model.quant == "8bit":
         raise ConfigError(
-            f"dist.strategy={d.strategy} with model.quant={cfg.model.quant} is not supported yet; "
-            "use model.quant=none (sharding already divides the weights by the GPU count)."
+            f"dist.strategy={d.strategy} with model.quant=8bit is not supported: bitsandbytes' "
+            "LLM.int8 weights keep their scales on the parameter object, which DDP/FSDP wrapping "
+            "does not carry; use model.quant=4bit (QLoRA shards) or none."
         )
     if cfg.method.name == "freeze" and cfg.method.unfreeze_every is not None:
         raise ConfigError(
