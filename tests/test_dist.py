@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -242,3 +244,34 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(strategy, tmp_path, runs)
     resumed = snug_train(cfg)
     assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
     assert_same(out, runs["none"])
+
+
+def test_a_stop_signal_to_the_launcher_saves_every_rank_and_resumes(tmp_path):
+    """SIGTERM to the `snug train` process alone (as a scheduler or `kill` sends it): it passes
+    the signal through torchrun to the ranks, which save after their step; exit 75, and the
+    same command resumes there and finishes."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp", epochs=8, lr=1e-4)))
+    cmd = [sys.executable, "-m", "snug.cli", "train", str(cfg)]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 75, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["steps"] < 24
+    assert stderr.count("SIGTERM: stopped after step") == 1  # rank 0 says it, once
+    step = summary["steps"]
+    assert (out / f"checkpoints/step-{step}/dcp").is_dir()
+    resumed = snug_train(cfg)
+    flat = "".join(resumed.stdout.split())  # the console wraps long lines
+    assert f"resumingfrom{out}/checkpoints/step-{step}" in flat
+    assert (
+        len(losses(out)) == 24
+        and json.loads((out / "summary.json").read_text())["status"] == "completed"
+    )

@@ -6,7 +6,9 @@ snug's own loop needs (which rows each rank trains, how the loss is normalised a
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -45,9 +47,19 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+# How long torchrun lets the ranks finish their step and save after a stop signal before it
+# kills them (torchrun's own default, 30 s, is shorter than one step of a large model).
+SHUTDOWN_TIMEOUT_S = 1800
+
+
 def launch(cfg: Config, argv: list[str], flags: dict) -> int:
     """Start `snug train` again under torchrun with dist.nproc processes on this node (and the
-    rendezvous flags for several nodes); returns torchrun's exit status. No shell."""
+    rendezvous flags for several nodes); returns torchrun's exit status. No shell.
+
+    torchrun runs in a session of its own, so a terminal's Ctrl-C reaches only this process,
+    which passes each stop signal on once: the first SIGINT or SIGTERM goes to torchrun, which
+    forwards it to every rank (they save after the current step and exit 75); a second Ctrl-C
+    goes straight to the ranks, which abort without saving, as in one process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.dist.nproc}"]
     for key in LAUNCH_FLAGS:
         if flags.get(key) is not None:
@@ -55,7 +67,36 @@ def launch(cfg: Config, argv: list[str], flags: dict) -> int:
     if flags.get("nnodes") in (None, 1):
         cmd.append("--standalone")  # one node: a private rendezvous on a free port
     cmd += ["-m", "snug.cli", *argv]
-    return subprocess.run(cmd, check=False).returncode
+    env = {**os.environ}
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        if len(received) == 1 or signum != signal.SIGINT:
+            _signal(proc.pid, signum)
+            return
+        import psutil  # a second Ctrl-C: abort the ranks themselves
+
+        try:
+            ranks = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for rank in ranks:
+            _signal(rank.pid, signal.SIGINT)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
 
 
 def trains_sharded(method: str, quant: str) -> bool:
