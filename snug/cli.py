@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 from snug.config import ConfigError
+from snug.deploy.chat import add_parser as add_chat_parser
+from snug.deploy.evaluate import add_eval_parser
+from snug.deploy.generate import add_generate_parser
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -62,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = run_training(cfg, fresh=args.fresh, allow_config_change=args.allow_config_change)
     except TrainingStopped as e:
-        print(str(e), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
+            print(str(e), file=sys.stderr)
         return EXIT_STOPPED
     return 0 if summary["status"] == "completed" else 1
 
@@ -219,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     merge.set_defaults(func=cmd_merge)
+    add_generate_parser(sub)
+    add_eval_parser(sub)
+    add_chat_parser(sub)
     return parser
 
 

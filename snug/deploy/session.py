@@ -40,6 +40,7 @@ class Session:
     device: torch.device
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> adapter directory
     active: str = BASE
+    cfg: Config | None = None  # the config the base was loaded with (the first adapter's run's)
 
     def use(self, name: str) -> None:
         if name != BASE and name not in self.adapters:
@@ -82,6 +83,10 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
             raise SessionError(f"--adapter {spec}: write NAME=DIR or DIR.")
         if name == BASE:
             raise SessionError(f"--adapter {spec}: the name {BASE!r} means the model without one.")
+        if "." in name:  # peft names a torch module after the adapter, and those take no dot
+            raise SessionError(
+                f"--adapter {spec}: adapter names cannot contain '.'; name it: NAME=DIR."
+            )
         if any(name == n for n, _ in pairs):
             raise SessionError(f"--adapter {spec}: two adapters are named {name!r}.")
         pairs.append((name, Path(path)))
@@ -98,6 +103,12 @@ def _sources(pairs: list[tuple[str, Path]], model: str | None) -> list[Source]:
             )
         if src.cfg.train.stage == "cls":
             raise SessionError(f"--adapter {name}: a classifier (train.stage=cls) does not chat.")
+        weights = src.adapter_dir / "adapter_model.safetensors"
+        if get_method(src.method).load is load_peft and not weights.is_file():
+            # every adapter, not only the first: peft falls back to adapter_model.bin, a pickle
+            raise SessionError(
+                f"{src.adapter_dir}: no adapter_model.safetensors (snug loads safetensors only)."
+            )
     if len(sources) > 1:
         first = sources[0]
         for (name, _), src in zip(pairs[1:], sources[1:], strict=True):
@@ -176,7 +187,12 @@ def open_session(
             net.load_adapter(str(src.adapter_dir), adapter_name=name)
     net.eval()
     session = Session(
-        net, tok, chat, dev, {n: s.adapter_dir for (n, _), s in zip(pairs, sources, strict=True)}
+        net,
+        tok,
+        chat,
+        dev,
+        {n: s.adapter_dir for (n, _), s in zip(pairs, sources, strict=True)},
+        cfg=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template=chosen)),
     )
     if pairs:
         session.use(pairs[0][0])
@@ -187,10 +203,6 @@ def _load_first(base: nn.Module, src: Source, name: str) -> nn.Module:
     method = get_method(src.method)
     if method.load is not load_peft:  # snug's own format (method adapter): alone, not switchable
         return method.load(base, src.adapter_dir)
-    if not (src.adapter_dir / "adapter_model.safetensors").is_file():
-        raise SessionError(
-            f"{src.adapter_dir}: no adapter_model.safetensors (snug loads safetensors only)."
-        )
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(src.adapter_dir), adapter_name=name)

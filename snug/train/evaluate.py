@@ -68,8 +68,13 @@ def generate_answers(
     max_new_tokens: int,
     device: torch.device,
     batch_size: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Greedy answers for token-id prompts, batched with left padding."""
+    """Answers for token-id prompts, batched with left padding: greedy, or sampled at
+    `temperature` > 0 with nucleus `top_p` (seed torch's generator first to repeat a draw)."""
+    # top_k=0: no top-k cut (transformers would add top_k=50), the draw is what these two say
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     model.eval()
     stops = stop_token_ids(model, tok, template)
     marker = end_of_turn(tok, template)
@@ -87,7 +92,7 @@ def generate_answers(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            **(sampling if temperature > 0 else {"do_sample": False}),
             use_cache=True,
             eos_token_id=stops,
             pad_token_id=tok.pad_token_id,

@@ -1,0 +1,67 @@
+"""Command-line options shared by `snug chat`, `snug generate` and `snug eval`: which base and
+adapters to load, and which answers. No torch import here: `snug --help` builds its parser
+from these modules."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from snug.deploy.session import Session
+
+
+def at_least_1(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is less than 1")
+    return value
+
+
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --adapter, --use, --device, --dtype, --template: what `open_session` loads."""
+    parser.add_argument(
+        "--model",
+        help="base model: a directory, a hub id, or a full/freeze run (default: the base the "
+        "first adapter's run trained)",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a run directory, its adapter/ or any peft adapter directory; repeat for several "
+        "(NAME defaults to the run's directory name)",
+    )
+    parser.add_argument(
+        "--use",
+        metavar="NAME",
+        help="the adapter that answers, or 'base' for none (default: the first --adapter)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the model runs (default auto: cuda when present)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype of the base weights (default auto: as the run loaded them)",
+    )
+    parser.add_argument(
+        "--template",
+        help="chat template: auto (the tokenizer's) or a built-in name such as chatml "
+        "(default: the run's data.template)",
+    )
+
+
+def open_from_args(args: argparse.Namespace) -> Session:
+    """The session the options name, with --use's adapter active."""
+    from snug.deploy.session import open_session
+
+    session = open_session(args.model, args.adapter, args.device, args.dtype, args.template)
+    if args.use:
+        session.use(args.use)
+    return session

@@ -1,0 +1,225 @@
+"""`snug eval`: loss, perplexity and accuracy by generation, of the base and its adapters.
+
+Each number is the one training reports on its held-out data, computed by the same code: the
+data is tokenized as the first adapter's run tokenized its eval data (template, cutoff, answer
+mask), the loss is `eval_loss` (mean cross-entropy per answer token) with the run's step
+options and micro-batch, and exact match is `exact_match` (greedy, case and spacing ignored).
+So `snug eval --adapter RUN --data DATA.EVAL` gives the run's summary.json `eval.loss_after`.
+"contains" counts answers that hold the reference (normalized the same way).
+
+torch and transformers are imported inside the functions that use them (see generate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snug.deploy.args import add_session_arguments, at_least_1, open_from_args
+from snug.deploy.generate import refuse_existing, write_atomically
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from snug.deploy.session import Session
+
+METRICS = ("loss", "exact", "contains")  # as --metrics names them
+SAMPLES = 3  # generations kept per model in the results file
+
+
+@dataclass
+class EvalData:
+    dataset: Dataset  # tokenized as training tokenizes its eval data
+    records: int  # records read (at most --limit)
+    dropped: int  # records left out (data.on_error=skip in the run's config)
+    answers: bool  # conversations whose answers generation can be scored on (not plain text)
+
+
+def load_eval_data(session: Session, spec: str, limit: int | None) -> EvalData:
+    """`spec` (a file, directory or hub dataset, as data.eval takes) tokenized with the run's
+    data settings; plain text records ({"text"}) are scored as language modelling."""
+    import datasets
+
+    from snug.data.dataset import load_raw, tokenize_source
+    from snug.data.formats import detect_format
+    from snug.data.tokenize import EMPTY, FULLY_MASKED, INVALID
+
+    datasets.disable_progress_bars()  # as training reads data: quietly
+    cfg = dataclasses.replace(session.cfg.data, format="auto", max_samples=limit)
+    raw = load_raw(spec, cfg.split, cfg.on_error).records
+    text = len(raw) > 0 and detect_format(raw[0], f"{spec} record 1") == "text"
+    ds, counts, _ = tokenize_source(
+        spec, cfg, session.tok, "pt" if text else "sft", session.cfg.model.name_or_path
+    )
+    records = min(len(raw), limit or len(raw))
+    return EvalData(ds, records, counts[EMPTY] + counts[FULLY_MASKED] + counts[INVALID], not text)
+
+
+def score(
+    session: Session, name: str, data: EvalData, metrics: list[str], micro_batch: int, max_new: int
+) -> dict:
+    """The metrics of one model: `name` is an adapter or "base"."""
+    from snug.models.load import resolve_precision
+    from snug.train.evaluate import eval_loss, exact_match, normalize
+    from snug.train.loop import step_options
+
+    session.use(name)
+    result: dict = {}
+    with session.scope():
+        if "loss" in metrics:
+            precision = resolve_precision(session.cfg, session.device)
+            opts = step_options(session.cfg, session.device, precision)
+            pad = session.tok.pad_token_id
+            loss = eval_loss(session.model, data.dataset, opts, micro_batch, pad, session.device)
+            result.update(loss=loss, perplexity=math.exp(loss))
+        if "exact" in metrics or "contains" in metrics:
+            hits, samples = exact_match(
+                session.model,
+                session.tok,
+                session.template,
+                data.dataset,
+                len(data.dataset),
+                max_new,
+                session.device,
+            )
+            if "exact" in metrics:
+                result["exact_match"] = hits
+            if "contains" in metrics:
+                held = [normalize(s["reference"]) in normalize(s["answer"]) for s in samples]
+                result["contains"] = sum(held) / len(held)
+            result.update(generated=len(samples), samples=samples[:SAMPLES])
+    session.model.eval()  # the evaluation helpers leave the model in train mode
+    return result
+
+
+def parse_metrics(text: str) -> list[str]:
+    from snug.deploy.session import SessionError
+
+    wanted = [m.strip() for m in text.split(",") if m.strip()]
+    for m in wanted:
+        if m not in METRICS:
+            raise SessionError(f"--metrics {text}: unknown metric {m!r}; use {','.join(METRICS)}.")
+    if not wanted:
+        raise SessionError(f"--metrics {text!r}: name at least one of {','.join(METRICS)}.")
+    return wanted
+
+
+ROWS = (  # (key in the results, row label, format)
+    ("loss", "loss", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.4g}"),
+    ("exact_match", "exact match", "{:.1%}"),
+    ("contains", "contains", "{:.1%}"),
+)
+
+
+def table(results: dict[str, dict]) -> str:
+    """Metrics down, models across."""
+    names = list(results)
+    lines = [["metric", *names]]
+    for key, label, fmt in ROWS:
+        if key in results[names[0]]:
+            lines.append([label, *(fmt.format(results[n][key]) for n in names)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(names) + 1)]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    )
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "eval",
+        help="loss, perplexity and accuracy of a base and its adapters on a dataset",
+        description="Scores the active adapter (the first, or --use NAME), or with --compare "
+        "the base and every adapter side by side, on --data: loss per answer token and "
+        "perplexity, as training's held-out loss; exact match and 'contains' (the reference "
+        "within the answer, case and spacing ignored) by greedy generation. Data is read and "
+        "tokenized as the first adapter's run read its eval data; plain text records "
+        "({'text'}) give loss and perplexity only.",
+    )
+    add_session_arguments(parser)
+    parser.add_argument(
+        "--data", required=True, help="eval data: a file, directory or hub dataset (as data.eval)"
+    )
+    parser.add_argument("--limit", type=at_least_1, help="score only the first N records")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="score the base and every --adapter, one column each",
+    )
+    parser.add_argument(
+        "--metrics",
+        help="comma-separated, from loss,exact,contains (default: all; plain text data: loss)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=at_least_1,
+        help="samples per forward pass of the loss (default: the run's train.micro_batch)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=at_least_1,
+        help="longest generated answer (default: the run's train.max_new_tokens)",
+    )
+    parser.add_argument("--output", help="write every metric and a few generations as JSON here")
+    parser.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from snug.deploy.session import BASE, SessionError
+
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        refuse_existing(out, "--output")
+    metrics = parse_metrics(args.metrics) if args.metrics else None
+    if args.compare and args.use:
+        raise SessionError("--compare scores the base and every adapter; leave out --use.")
+    session = open_from_args(args)
+    names = [BASE, *session.adapters] if args.compare else [session.active]
+    data = load_eval_data(session, args.data, args.limit)
+    possible = list(METRICS) if data.answers else ["loss"]  # plain text has no answers to score
+    for m in metrics or []:
+        if m not in possible:
+            raise SessionError(f"--metrics {m}: {args.data} holds plain text, no answers.")
+    metrics = metrics or possible
+    micro_batch = args.batch_size or session.cfg.train.micro_batch
+    max_new = args.max_new_tokens or session.cfg.train.max_new_tokens
+    results = {}
+    for name in names:
+        print(f"scoring {name} on {len(data.dataset)} samples", file=sys.stderr)
+        results[name] = score(session, name, data, metrics, micro_batch, max_new)
+    first = results[names[0]]
+    scored = f", {first['generated']} answered by generation" if "generated" in first else ""
+    print(
+        f"{args.data}: {len(data.dataset)} samples from {data.records} records{scored} | "
+        f"base {session.cfg.model.name_or_path}"
+    )
+    print(table(results))
+    if out is not None:
+        report = {
+            "data": args.data,
+            "base_model": session.cfg.model.name_or_path,
+            "adapters": {n: str(d) for n, d in session.adapters.items()},
+            "counts": {
+                "records": data.records,
+                "samples": len(data.dataset),
+                "dropped": data.dropped,
+                "generated": first.get("generated", 0),
+            },
+            "limit": args.limit,
+            "metrics": metrics,
+            "max_new_tokens": max_new if "generated" in first else None,
+            "models": results,
+        }
+        write_atomically(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n", "--output")
+        print(f"wrote {out}")
+    return 0

@@ -1,0 +1,232 @@
+"""`snug generate`: an answer for every row of a file of prompts, written in the same order.
+
+Rows are `{"prompt": "..."}`, OpenAI-style `{"messages": [...]}`, sharegpt
+`{"conversations": [...]}` or alpaca `{"instruction", "input"?, "system"?, "history"?}`, checked
+by the same converters that read training data. A conversation that ends with an assistant turn
+(a reference answer) is answered from the turn before it.
+
+torch and transformers are imported inside the functions that use them: `snug --help` builds
+its parser from this module and should not wait seconds for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from snug.deploy.args import add_session_arguments, at_least_1, open_from_args
+
+if TYPE_CHECKING:
+    from snug.deploy.session import Session
+
+# (field, format, role key, text key) of the conversation formats a prompt row may use
+CONVERSATIONS = (
+    ("messages", "messages", "role", "content"),
+    ("conversations", "sharegpt", "from", "value"),
+)
+
+
+def prompt_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The conversation a row asks to continue, checked as training checks its records: a
+    placeholder answer is appended where the row has none, and left out again after."""
+    from snug.data.formats import SHAREGPT_ROLES, DataError, to_canonical
+
+    if "prompt" in record:
+        prompt = record["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{where}: field 'prompt' must be a non-empty string.")
+        return [{"role": "user", "content": prompt}]
+    if "instruction" in record:  # alpaca; its "output", if any, is the reference answer
+        return to_canonical({**record, "output": "-"}, "alpaca", where)["messages"][:-1]
+    for key, fmt, role, text in CONVERSATIONS:
+        if key not in record:
+            continue
+        turns = record[key]
+        if isinstance(turns, list):
+            last = turns[-1] if turns and isinstance(turns[-1], dict) else {}
+            if SHAREGPT_ROLES.get(str(last.get(role)).lower()) != "assistant":
+                record = {**record, key: [*turns, {role: "assistant", text: "-"}]}
+        return to_canonical(record, fmt, where)["messages"][:-1]
+    raise DataError(
+        f"{where}: cannot tell the prompt from the keys {sorted(record)}; write "
+        '{"prompt": ...}, {"messages": [...]}, {"conversations": [...]} or '
+        '{"instruction": ..., "input": ...}.'
+    )
+
+
+def read_prompts(path: Path, system: str | None = None) -> list[tuple[dict, list[dict]]]:
+    """(the row as written, the conversation to answer) for each record of a JSON Lines file
+    (or a file holding one JSON array); the first bad line stops it, named. `system` goes first
+    in conversations that bring no system message of their own."""
+    from snug.data.formats import DataError
+    from snug.data.locate import read_json
+
+    if not path.is_file():
+        raise DataError(f"--input {path}: no such file.")
+    lines, records, bad = read_json(path)
+    if bad:
+        line, why = bad[0]
+        raise DataError(f"{path} line {line}: {why}; fix that line.")
+    if not records:
+        raise DataError(f"{path}: holds no rows.")
+    rows = []
+    for line, record in zip(lines, records, strict=True):
+        messages = prompt_messages(record, f"{path} line {line}")
+        if system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        rows.append((record, messages))
+    return rows
+
+
+def generate(
+    session: Session,
+    prompts: list[list[int]],
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Answers of the session's active model, in the order of `prompts`. Batches are formed
+    as `generate_answers` forms them (prompts sorted by length, then cut), so this equals one
+    `generate_answers(..., batch_size=batch_size)` call; a bar on stderr counts rows."""
+    import torch
+    from tqdm import tqdm
+
+    from snug.train.evaluate import generate_answers
+
+    torch.manual_seed(seed)  # a sampled draw depends on the seed and on the batches
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=session.active, unit="row", file=sys.stderr, disable=None)
+    with session.scope(), bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            got = generate_answers(
+                session.model,
+                session.tok,
+                session.template,
+                [prompts[i] for i in chunk],
+                max_new_tokens,
+                session.device,
+                batch_size=len(chunk),
+                temperature=temperature,
+                top_p=top_p,
+            )
+            for i, answer in zip(chunk, got, strict=True):
+                answers[i] = answer
+            bar.update(len(chunk))
+    session.model.eval()  # generate_answers leaves the model in train mode
+    return answers
+
+
+def output_row(row: dict[str, Any], answer: str, model: str) -> dict[str, Any]:
+    """The row as written plus the answer as "output" and the model ("base" or the adapter's
+    name) as "adapter"; an "output" the row already had (alpaca's reference answer) is kept as
+    "reference"."""
+    kept = {k: v for k, v in row.items() if k != "output"}
+    if "output" in row:
+        kept.setdefault("reference", row["output"])
+    return {**kept, "output": answer, "adapter": model}
+
+
+def refuse_existing(path: Path, flag: str) -> None:
+    """snug never overwrites a results file: an existing one is refused, before any work."""
+    from snug.deploy.session import SessionError
+
+    if path.exists():
+        raise SessionError(f"{flag} {path} already exists; remove it or name another file.")
+    if not path.parent.is_dir():
+        raise SessionError(f"{flag} {path}: the directory {path.parent} does not exist.")
+
+
+def write_atomically(path: Path, text: str, flag: str) -> None:
+    """Write a temporary file beside `path` and rename it into place, so that a crash never
+    leaves a half-written file under the name."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        refuse_existing(path, flag)  # made by someone else while this one worked
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not 0 (greedy) or more")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "generate",
+        help="answer every prompt of a JSON Lines file with a base and its adapters",
+        description="Reads prompts ({'prompt'}, {'messages'}, {'conversations'} or alpaca "
+        "{'instruction', 'input'} rows), answers each with the chosen adapter (or the base), "
+        "and writes one row per input row, in the same order: the row as given plus 'output' "
+        "and 'adapter' (an alpaca 'output' already there is kept as 'reference'). An existing "
+        "--output is never overwritten; the file appears whole or not at all.",
+    )
+    add_session_arguments(parser)
+    parser.add_argument("--input", required=True, help="JSON Lines file of prompts")
+    parser.add_argument("--output", required=True, help="JSON Lines file to write (must be new)")
+    parser.add_argument(
+        "--batch-size", type=at_least_1, default=8, help="prompts per generate call (default 8)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=at_least_1, default=128, help="longest answer (default 128)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=0.0,
+        help="0 (default): greedy; above 0: sample at this temperature",
+    )
+    parser.add_argument(
+        "--top-p", type=_top_p, default=1.0, help="nucleus sampling mass (default 1.0: all)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    parser.add_argument(
+        "--system", metavar="TEXT", help="system message for rows that bring none of their own"
+    )
+    parser.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    refuse_existing(out, "--output")
+    rows = read_prompts(Path(args.input), args.system)  # bad input stops before the model loads
+    session = open_from_args(args)
+    prompts = [session.prompt_ids(messages) for _, messages in rows]
+    answers = generate(
+        session,
+        prompts,
+        args.batch_size,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    text = "".join(
+        json.dumps(output_row(row, answer, session.active), ensure_ascii=False) + "\n"
+        for (row, _), answer in zip(rows, answers, strict=True)
+    )
+    write_atomically(out, text, "--output")
+    print(f"wrote {len(rows)} answers of {session.active} to {out}")
+    return 0
