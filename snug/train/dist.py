@@ -176,9 +176,10 @@ def shard_fsdp(model: nn.Module, cfg: Config, precision: str, mesh=None) -> nn.M
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs = {"mesh": mesh}
-    if precision.endswith("-mixed"):  # half-precision compute, fp32 master weights and reduce
+    if precision.endswith("-mixed"):  # half-precision compute, fp32 master weights
         half = torch.bfloat16 if precision.startswith("bf16") else torch.float16
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+        reduce = getattr(torch, cfg.dist.reduce_dtype)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=reduce)
     if cfg.dist.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
