@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from snug.train import dist
 
     if cfg.dist.nproc > 1 and not dist.launched():  # start the ranks, each runs this again
-        argv = ["train", args.config, *args.overrides]
+        argv = ["--debug"] * args.debug + ["train", args.config, *args.overrides]
         argv += ["--fresh"] * args.fresh + ["--allow-config-change"] * args.allow_config_change
         code = dist.launch(cfg, argv, {k: getattr(args, k) for k in dist.LAUNCH_FLAGS})
         summary = Path(cfg.output.dir) / "summary.json"  # rank 0's: torchrun reports only 1

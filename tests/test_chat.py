@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import fcntl
 import io
 import os
 import re
@@ -13,7 +12,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
@@ -32,6 +30,13 @@ from snug.methods import apply_method
 from snug.models.load import load_model
 from snug.train.evaluate import answer_text, end_of_turn, stop_token_ids
 from snug.train.loop import _save_final
+
+try:  # pseudo-terminals are POSIX: elsewhere only the tests that type into one are skipped
+    import fcntl
+    import termios
+except ImportError:
+    fcntl = termios = None
+needs_pty = pytest.mark.skipif(termios is None, reason="needs a POSIX pseudo-terminal")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models/tiny"  # a real (tiny) chat model: it answers in words
@@ -173,6 +178,7 @@ def terminal():
         t.close()
 
 
+@needs_pty
 def test_chat_in_a_terminal_streams_each_adapters_answer_and_switches_by_name(runs, terminal):
     # it loads while the expected answers are computed here (2 cores)
     chat = terminal(
@@ -204,7 +210,16 @@ def test_chat_in_a_terminal_streams_each_adapters_answer_and_switches_by_name(ru
         "no adapter named 'nope'; loaded: base, first, second."
     )
     listed = chat.ask("/adapters", "[base] you> ").splitlines()
-    assert listed[0].split() == ["*", "base", "the", "model", "without", "an", "adapter"]
+    assert listed[0].split() == [
+        "*",
+        "base",
+        "the",
+        "model",
+        "without",
+        "an",
+        "adapter:",
+        str(TINY),
+    ]
     assert listed[1].split()[0] == "first" and listed[2].split()[0] == "second"
     unknown = chat.ask("/what", "[base] you> ").strip()
     assert unknown.count("\n") == 0 and unknown.startswith("unknown command /what; commands:")
@@ -213,6 +228,7 @@ def test_chat_in_a_terminal_streams_each_adapters_answer_and_switches_by_name(ru
     assert chat.exit_code() == 0
 
 
+@needs_pty
 def test_ctrl_c_stops_an_answer_and_ctrl_c_or_ctrl_d_at_the_prompt_leave(runs, terminal):
     rambling = terminal(
         "--temperature", "0", "--max-new-tokens", "480", "--adapter", str(runs["rambling"])
@@ -347,6 +363,11 @@ def test_user_errors_are_one_line_and_exit_2(runs, tmp_path, capsys):
         (["--model", str(TINY), "--template", "nope"], "--template nope: use auto or one of"),
         (["--model", str(TINY), "--max-new-tokens", "512"], "leaves no room for a prompt"),
         (["--adapter", "base=x"], "the name 'base' means the model without one"),
+        # a LoRA run names no model of its own
+        (
+            ["--model", str(runs["first"])],
+            f"a lora run, which trained an adapter, not a model; pass it as --adapter {runs['first']}",
+        ),
         # peft cannot name a module "v1.5"; the dir's name is the default name
         ([f"--adapter={tmp_path / 'v1.5'}"], "adapter names cannot contain '.'"),
         # snug loads safetensors only, the second adapter's too (a .bin is a pickle)

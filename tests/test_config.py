@@ -63,6 +63,10 @@ def test_impossible_combinations():
             "dist.strategy=fsdp with model.quant=8bit is not supported",
         ),
         ({"dist": {"nproc": 2}}, "dist.nproc > 1 needs dist.strategy"),
+        (
+            {"dist": {"strategy": "fsdp", "cpu_offload": True}, "train": {"device": "cpu"}},
+            "training on the CPU keeps them there already",
+        ),
         ({"dist": {"strategy": "ddp"}, "method": {"name": "prefix"}}, "runs on one device"),
         (
             {"dist": {"strategy": "fsdp"}, "memory": {"auto_fit": True}},

@@ -179,8 +179,16 @@ def test_sharded_checkpoint_resumes_exactly_after_kill_9(tmp_path, runs):
     assert losses(out) == losses(runs["fsdp"])
 
 
-@pytest.mark.parametrize("strategy,quant", [("fsdp", "none"), ("ddp", "none"), ("fsdp", "4bit")])
-def test_planner_predicts_the_per_rank_peak(strategy, quant, tmp_path):
+@pytest.mark.parametrize(
+    "strategy,quant,reshard",
+    [
+        ("fsdp", "none", True),
+        ("ddp", "none", True),
+        ("fsdp", "4bit", True),
+        ("fsdp", "none", False),
+    ],
+)
+def test_planner_predicts_the_per_rank_peak(strategy, quant, reshard, tmp_path):
     """`snug plan` simulates rank 0 with a fake process group; against the tracked peak of each
     rank of a real 2-process run (text cut at the cutoff: every row full, no padding)."""
     from snug.config import config_from_dict
@@ -198,6 +206,7 @@ def test_planner_predicts_the_per_rank_peak(strategy, quant, tmp_path):
     raw["data"] = {"train": str(text), "format": "text", "cutoff_len": 64}
     raw["memory"] = {"grad_checkpointing": True}
     raw["model"]["quant"] = quant
+    raw["dist"]["reshard_after_forward"] = reshard  # false: gathered layers kept until backward
     run = train(tmp_path, strategy, raw)
     measured = json.loads((run / "summary.json").read_text())["peak_memory"]["per_rank_bytes"]
     cfg = config_from_dict(raw)

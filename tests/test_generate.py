@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snug.cli import main
-from snug.config import config_from_dict
+from snug.config import config_from_dict, load_config, save_config
 from snug.deploy import generate as generate_mod
-from snug.deploy.session import SessionError
-from snug.train.loop import run_training
+from snug.deploy.session import SessionError, open_session, parse_adapters
+from snug.methods import apply_method
+from snug.models.load import load_model
+from snug.train.evaluate import answer_text, end_of_turn, stop_token_ids
+from snug.train.loop import _save_final, run_training
 
 from conftest import ROOT, write_jsonl
 
@@ -140,24 +145,152 @@ def test_generate_answers_every_row_in_order_as_greedy_decoding_would(run, tmp_p
 def test_system_goes_first_unless_the_row_brings_its_own(tmp_path):
     source, rows = prompts_file(tmp_path)
     read = generate_mod.read_prompts(source, system="Be kind.")
-    assert [row for row, _ in read] == rows
-    firsts = [messages[0] for _, messages in read]
+    assert [p.row for p in read] == rows
+    assert [p.line for p in read] == list(range(1, len(rows) + 1))
+    firsts = [p.messages[0] for p in read]
     assert firsts[4] == {"role": "system", "content": "Answer briefly."}
     assert all(
         m == {"role": "system", "content": "Be kind."} for i, m in enumerate(firsts) if i != 4
     )
-    assert read[4][1][-1]["role"] == "user"  # the reference answer is not part of the prompt
+    assert read[4].messages[-1]["role"] == "user"  # the reference answer is not in the prompt
 
 
-def test_sampling_repeats_with_the_seed(run, tmp_path):
+def test_sampling_repeats_with_the_seed_and_changes_with_it(run, tmp_path):
     source, _ = prompts_file(tmp_path)
     outs = []
-    for name in ("a", "b"):
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
         outs.append(tmp_path / f"{name}.jsonl")
         argv = ["generate", "--adapter", str(run), "--input", str(source), "--output"]
-        argv += [str(outs[-1]), "--temperature", "1.5", "--top-p", "0.9", "--seed", "7"]
+        argv += [str(outs[-1]), "--temperature", "1.5", "--top-p", "0.9", "--seed", seed]
         assert main([*argv, "--max-new-tokens", "8"]) == 0
     assert read_rows(outs[0]) == read_rows(outs[1])
+    assert read_rows(outs[0]) != read_rows(outs[2])  # so the draw is sampled, and seeded
+
+
+@pytest.fixture(scope="module")
+def prompt_adapter(tmp_path_factory):
+    """A peft prompt-tuning adapter on the bundled base, as peft saves it (random prompt)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(BASE)
+    peft_config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8)
+    out = tmp_path_factory.mktemp("prompt") / "virtual"
+    get_peft_model(model, peft_config).save_pretrained(out)
+    return out
+
+
+def forward_greedy(model, prompt: list[int], stops: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy answer ids by whole forward passes, no cache, no padding: the model's own answer."""
+    ids = list(prompt)
+    with torch.no_grad():
+        while len(ids) < len(prompt) + max_new_tokens:
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] in stops:
+                break
+    return ids[len(prompt) :]
+
+
+def test_prompt_learning_answers_are_the_models_own_in_any_batch(prompt_adapter):
+    session = open_session(adapters=[str(prompt_adapter)], device="cpu")
+    assert session.context() == 512 - 8  # the virtual tokens take positions
+    questions = ["hi", "What is the last word in the list small king uma lamp rain?", "Copy a b"]
+    prompts = [session.prompt_ids([{"role": "user", "content": q}]) for q in questions]
+    stops = stop_token_ids(session.model, session.tok, session.template)
+    marker = end_of_turn(session.tok, session.template)
+    want = [
+        answer_text(session.tok, forward_greedy(session.model, p, stops, 8), marker)
+        for p in prompts
+    ]
+    assert generate_mod.generate(session, prompts, 3, 8) == want
+    session.use("base")
+    assert generate_mod.generate(session, prompts, 3, 8) != want  # the prompt changes answers
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """A full fine-tuning run directory whose model is the bundled base, unchanged."""
+    run = tmp_path_factory.mktemp("full") / "full"
+    run.mkdir()
+    save_config(
+        load_config(None, [f"model.name_or_path={BASE}", "method.name=full"]), run / "config.yaml"
+    )
+    shutil.copytree(BASE, run / "model")
+    return run
+
+
+def test_a_full_run_as_model_carries_adapters_and_its_name(run, full_run, tmp_path, capsys):
+    summary = json.loads((run / "summary.json").read_text())["eval"]
+    results = tmp_path / "compare.json"
+    argv = ["eval", "--model", str(full_run), "--adapter", f"mine={run}", "--compare"]
+    argv += ["--data", str(INSTRUCT / "heldout.jsonl"), "--limit", str(HELD_OUT)]
+    assert main([*argv, "--metrics", "loss", "--output", str(results)]) == 0
+    models = json.loads(results.read_text())["models"]
+    assert list(models) == ["full", "mine"]  # the run's name, not "base"
+    assert models["full"]["loss"] == pytest.approx(summary["loss_before"], rel=1e-5)
+    assert models["mine"]["loss"] == pytest.approx(summary["loss_after"], rel=1e-6)
+
+    source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi", "adapter": "theirs"}])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(full_run), "--input", str(source), "--output", str(out)]
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    (row,) = read_rows(out)
+    assert row["adapter"] == "full" and row["reference_adapter"] == "theirs"
+
+
+def snug_adapter_run(tmp_path):
+    """A run of snug's own bottleneck adapter (method adapter), saved as training saves it."""
+    cfg = load_config(None, [f"model.name_or_path={BASE}", "method.name=adapter"])
+    model = apply_method(load_model(cfg, torch.device("cpu"), "fp32"), cfg.method)
+    run = tmp_path / "bottleneck"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    _save_final(model, AutoTokenizer.from_pretrained(BASE), cfg, run)
+    return run
+
+
+def test_eval_refuses_what_it_cannot_score_in_one_line(run, tmp_path, capsys):
+    skipping = shutil.copytree(run, tmp_path / "skipping")
+    cfg = load_config(skipping / "config.yaml")
+    cfg.data.on_error = "skip"
+    save_config(cfg, skipping / "config.yaml")
+    no_answer = write_jsonl(tmp_path / "no_answer.jsonl", [{"instruction": "hi", "output": ""}])
+    heldout = str(INSTRUCT / "heldout.jsonl")
+    for argv, message in [
+        # every record dropped: no loss 0 / perplexity 1 of nothing
+        (["--adapter", str(skipping), "--data", str(no_answer), "--metrics", "loss"], "1 dropped"),
+        (["--adapter", str(skipping), "--data", str(no_answer)], "no sample to score"),
+        # snug's own adapter cannot be switched off to score the base
+        (
+            ["--adapter", str(snug_adapter_run(tmp_path)), "--data", heldout, "--compare"],
+            "cannot be switched off",
+        ),
+    ]:
+        capsys.readouterr()
+        assert main(["eval", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+        assert "scoring" not in err
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_by_its_line(tmp_path, capsys):
+    rows = [{"prompt": "hi"}, {"prompt": "word " * 600}]
+    source = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(BASE), "--input", str(source), "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {source} line 2: ") and "512-token context" in err, err
+    assert not out.exists()
+
+
+def test_adapter_specs_name_and_path(tmp_path):
+    swept = tmp_path / "lr=1e-4"
+    swept.mkdir()
+    assert parse_adapters([str(swept)]) == [("lr=1e-4", swept)]  # a directory, not NAME=DIR
+    assert parse_adapters(["runs/lr=1e-4"]) == [("lr=1e-4", Path("runs/lr=1e-4"))]  # '/' first
+    assert parse_adapters(["mine=runs/a", "runs/b/adapter"]) == [
+        ("mine", Path("runs/a")),
+        ("b", Path("runs/b/adapter")),
+    ]
 
 
 def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path):
@@ -229,17 +362,20 @@ def test_an_existing_output_is_never_overwritten(tmp_path, capsys):
     assert out.read_text() == "mine\n"
 
 
-def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+def test_a_failed_write_leaves_no_file_and_a_late_rival_keeps_the_results(tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
 
     def crash(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(generate_mod.os, "replace", crash)
-    with pytest.raises(OSError):
-        generate_mod.write_atomically(out, "x\n", "--output")
+    with monkeypatch.context() as m:
+        m.setattr(generate_mod.os, "fsync", crash)
+        with pytest.raises(OSError):
+            generate_mod.write_atomically(out, "x\n", "--output")
     assert list(tmp_path.iterdir()) == []
-    out.write_text("there\n")
-    with pytest.raises(SessionError, match="already exists"):  # appeared while generating
+    out.write_text("there\n")  # appeared while generating
+    with pytest.raises(SessionError, match="appeared while this ran") as refused:
         generate_mod.write_atomically(out, "x\n", "--output")
-    assert out.read_text() == "there\n" and len(list(tmp_path.iterdir())) == 1
+    assert out.read_text() == "there\n"
+    (kept,) = [p for p in tmp_path.iterdir() if p != out]
+    assert kept.read_text() == "x\n" and str(kept) in str(refused.value)

@@ -70,7 +70,7 @@ def start_chat(session: Session, sampling: Sampling, system: str | None = None) 
     marker = end_of_turn(session.tok, session.template)
     first = session.tok(marker, add_special_tokens=False)["input_ids"][:1]
     plain = bool(marker.strip()) and not (first and first[0] in stops)
-    context = _context(session)
+    context = session.context()
     if context is not None and sampling.max_new_tokens >= context:
         raise SessionError(
             f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt in the "
@@ -79,18 +79,6 @@ def start_chat(session: Session, sampling: Sampling, system: str | None = None) 
     return Chat(
         session, sampling, system, stops, marker, marker.strip() if plain else None, context
     )
-
-
-def _context(session: Session) -> int | None:
-    """Positions the model attends over, less the virtual tokens a prompt-learning adapter
-    prepends (those are the same for every adapter a session holds: one peft kind)."""
-    from peft import PeftModel
-
-    # Configs without a position limit (e.g. state-space models) have no such attribute.
-    limit = getattr(session.model.config, "max_position_embeddings", None)
-    adapters = session.model.peft_config.values() if isinstance(session.model, PeftModel) else []
-    virtual = max((c.num_virtual_tokens for c in adapters if c.is_prompt_learning), default=0)
-    return None if limit is None else limit - virtual
 
 
 class AnswerPrinter:
@@ -163,7 +151,7 @@ def reply(chat: Chat, question: str, out: TextIO) -> str | None:
     there is no answer (too long, or stopped with Ctrl-C: then the question is not kept)."""
     import torch
 
-    from snug.train.evaluate import answer_text
+    from snug.train.evaluate import answer_text, prompt_learning
 
     prompt = fit(chat, question, out)
     if prompt is None:
@@ -183,6 +171,7 @@ def reply(chat: Chat, question: str, out: TextIO) -> str | None:
                 eos_token_id=chat.stops,
                 pad_token_id=session.tok.pad_token_id,
                 streamer=printer.streamer,
+                use_cache=not prompt_learning(session.model),  # as snug eval generates
                 **options,
             )
     except KeyboardInterrupt:
@@ -218,7 +207,8 @@ def command(chat: Chat, line: str, out: TextIO) -> bool:
         print(f"/use NAME, NAME one of: {', '.join([BASE, *session.adapters])}", file=out)
     elif name == "/adapters":
         width = max(len(n) for n in [BASE, *session.adapters])
-        for n, where in [(BASE, "the model without an adapter"), *session.adapters.items()]:
+        base = f"the model without an adapter: {session.cfg.model.name_or_path}"
+        for n, where in [(BASE, base), *session.adapters.items()]:
             print(f"{'*' if n == session.active else ' '} {n:<{width}}  {where}", file=out)
     elif name == "/system":
         chat.system, chat.history = rest or None, []
@@ -240,13 +230,13 @@ def chat_loop(chat: Chat, read: Callable[[str], str] = input, out: TextIO = sys.
     names = ", ".join(session.adapters) or "none"
     print(
         f"snug chat: {session.model.config.name_or_path}, adapters: {names}; answering with "
-        f"{session.active}.\n/help lists the commands; /exit or Ctrl-D leaves.",
+        f"{session.label}.\n/help lists the commands; /exit or Ctrl-D leaves.",
         file=out,
         flush=True,
     )
     while True:
         try:
-            line = read(f"[{session.active}] you> ").strip()
+            line = read(f"[{session.label}] you> ").strip()
         except (EOFError, KeyboardInterrupt):
             print(file=out)
             return 0

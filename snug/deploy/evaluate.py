@@ -51,9 +51,12 @@ def load_eval_data(session: Session, spec: str, limit: int | None) -> EvalData:
     from snug.data.tokenize import EMPTY, FULLY_MASKED, INVALID
 
     datasets.disable_progress_bars()  # as training reads data: quietly
-    cfg = dataclasses.replace(session.cfg.data, format="auto", max_samples=limit)
+    cfg = dataclasses.replace(session.cfg.data, max_samples=limit)  # the run's format too
     raw = load_raw(spec, cfg.split, cfg.on_error).records
-    text = len(raw) > 0 and detect_format(raw[0], f"{spec} record 1") == "text"
+    fmt = cfg.format
+    if fmt == "auto" and raw:
+        fmt = detect_format(raw[0], f"{spec} record 1")
+    text = fmt == "text"
     ds, counts, _ = tokenize_source(
         spec, cfg, session.tok, "pt" if text else "sft", session.cfg.model.name_or_path
     )
@@ -64,7 +67,7 @@ def load_eval_data(session: Session, spec: str, limit: int | None) -> EvalData:
 def score(
     session: Session, name: str, data: EvalData, metrics: list[str], micro_batch: int, max_new: int
 ) -> dict:
-    """The metrics of one model: `name` is an adapter or "base"."""
+    """The metrics of one model: `name` is an adapter or BASE."""
     from snug.models.load import resolve_precision
     from snug.train.evaluate import eval_loss, exact_match, normalize
     from snug.train.loop import step_options
@@ -184,8 +187,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.compare and args.use:
         raise SessionError("--compare scores the base and every adapter; leave out --use.")
     session = open_from_args(args)
+    if args.compare and not session.base_reachable:
+        raise SessionError(
+            "--compare scores the base too, but this adapter (method adapter) is built into the "
+            "model's layers and cannot be switched off; score the base on its own with --model."
+        )
     names = [BASE, *session.adapters] if args.compare else [session.active]
     data = load_eval_data(session, args.data, args.limit)
+    if len(data.dataset) == 0:  # scores of nothing would read as loss 0, perplexity 1
+        raise SessionError(
+            f"--data {args.data}: no sample to score ({data.records} records read, {data.dropped} "
+            "dropped as empty, invalid or with no answer token within data.cutoff_len)."
+        )
     possible = list(METRICS) if data.answers else ["loss"]  # plain text has no answers to score
     for m in metrics or []:
         if m not in possible:
@@ -193,11 +206,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = metrics or possible
     micro_batch = args.batch_size or session.cfg.train.micro_batch
     max_new = args.max_new_tokens or session.cfg.train.max_new_tokens
-    results = {}
+    results = {}  # by label: a full/freeze run given as --model is its directory's name
     for name in names:
-        print(f"scoring {name} on {len(data.dataset)} samples", file=sys.stderr)
-        results[name] = score(session, name, data, metrics, micro_batch, max_new)
-    first = results[names[0]]
+        session.use(name)
+        print(f"scoring {session.label} on {len(data.dataset)} samples", file=sys.stderr)
+        results[session.label] = score(session, name, data, metrics, micro_batch, max_new)
+    first = next(iter(results.values()))
     scored = f", {first['generated']} answered by generation" if "generated" in first else ""
     print(
         f"{args.data}: {len(data.dataset)} samples from {data.records} records{scored} | "

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from snug.deploy.args import add_session_arguments, at_least_1, open_from_args
 
@@ -58,10 +58,16 @@ def prompt_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
     )
 
 
-def read_prompts(path: Path, system: str | None = None) -> list[tuple[dict, list[dict]]]:
-    """(the row as written, the conversation to answer) for each record of a JSON Lines file
-    (or a file holding one JSON array); the first bad line stops it, named. `system` goes first
-    in conversations that bring no system message of their own."""
+class Prompt(NamedTuple):
+    line: int  # where the row is in its file (1 = first)
+    row: dict[str, Any]  # as written
+    messages: list[dict[str, str]]  # the conversation to answer
+
+
+def read_prompts(path: Path, system: str | None = None) -> list[Prompt]:
+    """Each record of a JSON Lines file (or a file holding one JSON array); the first bad line
+    stops it, named. `system` goes first in conversations that bring no system message of their
+    own."""
     from snug.data.formats import DataError
     from snug.data.locate import read_json
 
@@ -78,8 +84,27 @@ def read_prompts(path: Path, system: str | None = None) -> list[tuple[dict, list
         messages = prompt_messages(record, f"{path} line {line}")
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
-        rows.append((record, messages))
+        rows.append(Prompt(line, record, messages))
     return rows
+
+
+def refuse_too_long(
+    session: Session, rows: list[Prompt], prompts: list[list[int]], path: Path, max_new: int
+) -> None:
+    """A prompt that leaves no room for --max-new-tokens in the model's context would be
+    answered with garbage: the first such row stops it, named."""
+    from snug.deploy.session import SessionError
+
+    context = session.context()
+    if context is None:
+        return
+    for row, ids in zip(rows, prompts, strict=True):
+        if len(ids) + max_new > context:
+            raise SessionError(
+                f"{path} line {row.line}: a {len(ids)}-token prompt and --max-new-tokens "
+                f"{max_new} overflow the model's {context}-token context; shorten the prompt or "
+                "lower --max-new-tokens."
+            )
 
 
 def generate(
@@ -102,7 +127,7 @@ def generate(
     torch.manual_seed(seed)  # a sampled draw depends on the seed and on the batches
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=session.active, unit="row", file=sys.stderr, disable=None)
+    bar = tqdm(total=len(prompts), desc=session.label, unit="row", file=sys.stderr, disable=None)
     with session.scope(), bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -125,12 +150,15 @@ def generate(
 
 
 def output_row(row: dict[str, Any], answer: str, model: str) -> dict[str, Any]:
-    """The row as written plus the answer as "output" and the model ("base" or the adapter's
-    name) as "adapter"; an "output" the row already had (alpaca's reference answer) is kept as
-    "reference"."""
-    kept = {k: v for k, v in row.items() if k != "output"}
+    """The row as written plus the answer as "output" and the model (the adapter's name, or
+    the base's label) as "adapter"; an "output" and "adapter" the row already had (alpaca's
+    reference answer, or an earlier generate's row) are kept as "reference" and
+    "reference_adapter"."""
+    kept = {k: v for k, v in row.items() if k not in ("output", "adapter")}
     if "output" in row:
         kept.setdefault("reference", row["output"])
+    if "adapter" in row:
+        kept.setdefault("reference_adapter", row["adapter"])
     return {**kept, "output": answer, "adapter": model}
 
 
@@ -145,18 +173,33 @@ def refuse_existing(path: Path, flag: str) -> None:
 
 
 def write_atomically(path: Path, text: str, flag: str) -> None:
-    """Write a temporary file beside `path` and rename it into place, so that a crash never
-    leaves a half-written file under the name."""
+    """Write a temporary file beside `path` and link it into place, so that a crash never
+    leaves a half-written file under the name. os.link fails, atomically, when `path` exists
+    (made by someone else while this one worked): then the temporary file, which holds all the
+    work, is kept and named."""
+    from snug.deploy.session import SessionError
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        refuse_existing(path, flag)  # made by someone else while this one worked
-        os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise SessionError(
+            f"{flag} {path} appeared while this ran and is left as it is; the results are in {tmp}."
+        ) from None
+    except OSError as e:  # e.g. a filesystem without hard links
+        raise SessionError(
+            f"{flag} {path}: cannot link the results into place ({e.strerror or e}); they are in "
+            f"{tmp}."
+        ) from None
+    tmp.unlink()
 
 
 def _temperature(text: str) -> float:
@@ -180,7 +223,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         description="Reads prompts ({'prompt'}, {'messages'}, {'conversations'} or alpaca "
         "{'instruction', 'input'} rows), answers each with the chosen adapter (or the base), "
         "and writes one row per input row, in the same order: the row as given plus 'output' "
-        "and 'adapter' (an alpaca 'output' already there is kept as 'reference'). An existing "
+        "and 'adapter' (an 'output' and 'adapter' already there are kept as 'reference' and "
+        "'reference_adapter'). An existing "
         "--output is never overwritten; the file appears whole or not at all.",
     )
     add_session_arguments(parser)
@@ -211,9 +255,11 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     refuse_existing(out, "--output")
-    rows = read_prompts(Path(args.input), args.system)  # bad input stops before the model loads
+    source = Path(args.input)
+    rows = read_prompts(source, args.system)  # bad input stops before the model loads
     session = open_from_args(args)
-    prompts = [session.prompt_ids(messages) for _, messages in rows]
+    prompts = [session.prompt_ids(row.messages) for row in rows]
+    refuse_too_long(session, rows, prompts, source, args.max_new_tokens)
     answers = generate(
         session,
         prompts,
@@ -224,9 +270,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     text = "".join(
-        json.dumps(output_row(row, answer, session.active), ensure_ascii=False) + "\n"
-        for (row, _), answer in zip(rows, answers, strict=True)
+        json.dumps(output_row(row.row, answer, session.label), ensure_ascii=False) + "\n"
+        for row, answer in zip(rows, answers, strict=True)
     )
     write_atomically(out, text, "--output")
-    print(f"wrote {len(rows)} answers of {session.active} to {out}")
+    print(f"wrote {len(rows)} answers of {session.label} to {out}")
     return 0

@@ -41,26 +41,51 @@ class Session:
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> adapter directory
     active: str = BASE
     cfg: Config | None = None  # the config the base was loaded with (the first adapter's run's)
+    base_label: str = BASE  # what output calls the base: a full/freeze run's directory name
+
+    @property
+    def label(self) -> str:
+        """The active model's name in output rows and tables: the adapter's, or `base_label`."""
+        return self.base_label if self.active == BASE else self.active
+
+    @property
+    def base_reachable(self) -> bool:
+        """False when snug's own adapter format (method adapter), built into the layers, is
+        loaded: there is no base without it in this session."""
+        from peft import PeftModel
+
+        return not self.adapters or isinstance(self.model, PeftModel)
 
     def use(self, name: str) -> None:
         if name != BASE and name not in self.adapters:
             known = ", ".join([BASE, *self.adapters])
             raise SessionError(f"no adapter named {name!r}; loaded: {known}.")
-        if self.adapters and not hasattr(self.model, "disable_adapter"):
-            if name == BASE:  # snug's own adapter format is built into the layers
-                raise SessionError(
-                    "this adapter (method adapter) cannot be switched off; open the base alone "
-                    "(no --adapter) to use it."
-                )
-        elif name != BASE:
+        if name == BASE and not self.base_reachable:
+            raise SessionError(
+                "this adapter (method adapter) cannot be switched off; open the base alone "
+                "(no --adapter) to use it."
+            )
+        if name != BASE and self.base_reachable:
             self.model.set_adapter(name)
         self.active = name
 
     def scope(self) -> contextlib.AbstractContextManager:
         """Context under which the model is the active choice: the base disables the adapters."""
-        if self.active == BASE and self.adapters and hasattr(self.model, "disable_adapter"):
+        if self.active == BASE and self.adapters:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
+
+    def context(self) -> int | None:
+        """Tokens a prompt and its answer may take: the model's positions, less the virtual
+        tokens a prompt-learning adapter prepends (the same for every adapter a session holds:
+        one peft kind); None for models without a position limit."""
+        from peft import PeftModel
+
+        # Configs without a position limit (e.g. state-space models) have no such attribute.
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        configs = self.model.peft_config.values() if isinstance(self.model, PeftModel) else []
+        virtual = max((c.num_virtual_tokens for c in configs if c.is_prompt_learning), default=0)
+        return None if limit is None else limit - virtual
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation rendered with the chat template, ready for the answer."""
@@ -71,11 +96,13 @@ class Session:
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
-    """`NAME=DIR` or `DIR` (named after the directory, or its run for .../adapter) -> pairs."""
+    """`NAME=DIR` or `DIR` (named after the directory, or its run for .../adapter) -> pairs.
+    A spec is a plain DIR when it is an existing directory or its part before '=' holds a '/'
+    (`runs/lr=1e-4`)."""
     pairs: list[tuple[str, Path]] = []
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep:
+        if not sep or "/" in name or Path(spec).is_dir():
             path = spec
             p = Path(spec.rstrip("/"))
             name = p.parent.name if p.name == "adapter" else p.name
@@ -139,19 +166,48 @@ def _peft_kind(method: str) -> str | None:
     return {"lora": "lora", "dora": "lora", "ia3": "ia3"}.get(method)
 
 
-def _config(model: str | None, sources: list[Source], device: str, dtype: str) -> Config:
+@dataclass
+class Base:
+    """What --model names, resolved: the model to load, and for a full/freeze run its config."""
+
+    name_or_path: str
+    run_cfg: Config | None = None  # the run's config; None for a model directory or hub id
+    label: str = BASE  # what output calls it: the run directory's name for a run
+
+
+def resolve_model(model: str) -> Base:
+    """--model as a model to load: a full/freeze run stands for its model/ directory; a run or
+    directory that holds an adapter is refused (it is an --adapter)."""
+    path = Path(model)
+    run = path.parent if path.name == "adapter" else path
+    if (run / "config.yaml").is_file():
+        cfg = load_config(run / "config.yaml")
+        output = get_method(cfg.method.name).output
+        if output == "adapter":
+            raise SessionError(
+                f"--model {model}: a {cfg.method.name} run, which trained an adapter, not a "
+                f"model; pass it as --adapter {model} (its base {cfg.model.name_or_path} loads "
+                "with it)."
+            )
+        if not (run / "model").is_dir():
+            raise SessionError(f"--model {model}: the run has no model/ directory; did it finish?")
+        cfg.model.name_or_path = str(run / "model")
+        cfg.model.quant = "none"  # a full/freeze run writes plain weights
+        return Base(str(run / "model"), cfg, run.resolve().name)
+    if (path / "adapter_config.json").is_file() or (path / "snug_adapter.json").is_file():
+        raise SessionError(f"--model {model} is an adapter, not a model; pass it as --adapter.")
+    return Base(model)
+
+
+def _config(base: Base | None, sources: list[Source], device: str, dtype: str) -> Config:
     if sources:
-        cfg = sources[0].cfg
-    elif model:
-        cfg = load_config(None, [f"model.name_or_path={model}"])
+        cfg = sources[0].cfg  # find_source has put --model's path in
+    elif base and base.run_cfg:
+        cfg = base.run_cfg
+    elif base:
+        cfg = load_config(None, [f"model.name_or_path={base.name_or_path}"])
     else:
         raise SessionError("name a model: --model BASE_OR_RUN and/or --adapter RUN_OR_DIR.")
-    if model and not sources:
-        run = Path(model)
-        if (run / "config.yaml").is_file() and (run / "model").is_dir():  # a full/freeze run
-            cfg = load_config(run / "config.yaml")
-            cfg.model.name_or_path = str(run / "model")
-            cfg.model.quant = "none"
     cfg = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, dtype=dtype),
@@ -171,9 +227,10 @@ def open_session(
     each adapter under its name; the first adapter is active, or the base when there is none."""
     from snug.models.load import resolve_device, resolve_precision
 
+    base = resolve_model(model) if model else None
     pairs = parse_adapters(adapters or [])
-    sources = _sources(pairs, model)
-    cfg = _config(model, sources, device, dtype)
+    sources = _sources(pairs, base.name_or_path if base else None)
+    cfg = _config(base, sources, device, dtype)
     dev = resolve_device(cfg)
     precision = resolve_precision(cfg, dev)
     tok = load_tokenizer(cfg.model)
@@ -194,6 +251,8 @@ def open_session(
         {n: s.adapter_dir for (n, _), s in zip(pairs, sources, strict=True)},
         cfg=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template=chosen)),
     )
+    if base and base.label not in session.adapters:  # else "base": one name, one model
+        session.base_label = base.label
     if pairs:
         session.use(pairs[0][0])
     return session

@@ -134,6 +134,14 @@ def check(cfg: Config) -> None:
         )
     if d.cpu_offload and d.strategy != "fsdp":
         raise ConfigError("dist.cpu_offload needs dist.strategy=fsdp.")
+    on_cpu = cfg.train.device == "cpu" or (
+        cfg.train.device == "auto" and not torch.cuda.is_available()
+    )
+    if d.cpu_offload and on_cpu:
+        raise ConfigError(
+            "dist.cpu_offload moves FSDP's shards from the GPU to the host; training on the CPU "
+            "keeps them there already, so leave it off there."
+        )
 
 
 def setup(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -59,6 +60,14 @@ def answer_text(tok: PreTrainedTokenizerBase, ids: list[int], marker: str) -> st
     return text.split(marker.strip(), 1)[0] if marker.strip() else text
 
 
+def prompt_learning(model: nn.Module) -> bool:
+    """Whether a peft prompt-learning adapter (prefix, prompt, p-tuning) is active. peft (0.21,
+    with transformers 5) generates such a model's answers wrong from a left-padded batch (the
+    virtual tokens go before the padding) and from a KV cache (prompt tuning's answer drifts
+    from its greedy forward after the first token): generate one prompt at a time, uncached."""
+    return isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module,
@@ -72,7 +81,11 @@ def generate_answers(
     top_p: float = 1.0,
 ) -> list[str]:
     """Answers for token-id prompts, batched with left padding: greedy, or sampled at
-    `temperature` > 0 with nucleus `top_p` (seed torch's generator first to repeat a draw)."""
+    `temperature` > 0 with nucleus `top_p` (seed torch's generator first to repeat a draw).
+    Under peft prompt learning the prompts go one at a time, without a cache (see
+    `prompt_learning`)."""
+    alone = prompt_learning(model)
+    batch_size = 1 if alone else batch_size
     # top_k=0: no top-k cut (transformers would add top_k=50), the draw is what these two say
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     model.eval()
@@ -93,7 +106,7 @@ def generate_answers(
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             **(sampling if temperature > 0 else {"do_sample": False}),
-            use_cache=True,
+            use_cache=not alone,
             eos_token_id=stops,
             pad_token_id=tok.pad_token_id,
         )
