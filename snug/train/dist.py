@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,7 @@ def launch(cfg: Config, argv: list[str], flags: dict) -> int:
     cmd += ["-m", "snug.cli", *argv]
     env = {**os.environ}
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_stop_with_parent)
     received: list[int] = []
 
     def forward(signum, frame) -> None:
@@ -92,6 +93,17 @@ def launch(cfg: Config, argv: list[str], flags: dict) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _stop_with_parent() -> None:
+    """In torchrun's process, before it starts (Linux): should `snug train` itself be killed,
+    the kernel sends torchrun SIGTERM, which stops the ranks with a checkpoint instead of
+    leaving them running unwatched."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -159,7 +171,14 @@ def setup(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def teardown() -> None:
+    """Leave the process group. Gloo's worker thread releases each finished collective (and
+    the Python tensors it holds, which needs the GIL) a moment after the caller sees it done;
+    should the group's destructor run before that (when DDP's reducer, its last owner, is
+    freed), it joins that thread while holding the GIL and never returns (seen once under
+    load, torch 2.13). A last barrier, then a pause without the GIL, lets the thread finish."""
     if dist.is_initialized():
+        barrier()
+        time.sleep(0.5)
         dist.destroy_process_group()
 
 
