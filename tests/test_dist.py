@@ -254,7 +254,7 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(tmp_path, runs):
     assert_same(out, runs["none"])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_stop_signal_to_the_launcher_saves_every_rank_and_resumes(sig, tmp_path):
     """SIGTERM to the `snug train` process alone (as a scheduler or `kill` sends it): it passes
     the signal through torchrun to the ranks, which save after their step; exit 75, and the
