@@ -9,6 +9,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -87,6 +88,15 @@ def greedy_answer(model, tok, question: str) -> str:
     return answer_text(tok, out[0, ids.shape[1] :].tolist(), end_of_turn(tok, tok.chat_template))
 
 
+def _as_a_terminal_session() -> None:
+    """In the child: the pty becomes the controlling terminal, so Ctrl-C typed on it sends
+    SIGINT; and SIGINT gets its default action back, as in a login shell (a test runner
+    started in the background by a non-interactive shell ignores SIGINT, and children inherit
+    that: Python would then never raise KeyboardInterrupt)."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """`snug chat` on a pseudo-terminal of its own: what a person types, what their screen
     shows. Every wait has a deadline, so a hang fails the test instead of blocking it."""
@@ -103,8 +113,7 @@ class Terminal:
             cwd=ROOT,
             env={**os.environ, "TERM": "dumb"},
             start_new_session=True,
-            # the pty becomes the controlling terminal, so Ctrl-C typed on it sends SIGINT
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=_as_a_terminal_session,
         )
         os.close(child)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
