@@ -3,67 +3,64 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import re
+import shlex
 import sys
-from pathlib import Path
 
-from snug.config import ConfigError
+from snug.deploy.args import add_trust_arguments
 from snug.deploy.chat import add_parser as add_chat_parser
 from snug.deploy.evaluate import add_eval_parser
 from snug.deploy.generate import add_generate_parser
+from snug.errors import AlreadySaid, RunError, UserError, exit_code, first_line
+
+# What `snug train` passes on to torchrun for several nodes (the usual rendezvous arguments).
+LAUNCH_FLAGS = ("nnodes", "node_rank", "master_addr", "master_port")
+DEBUG_HELP = "show tracebacks on errors (also accepted before the sub-command)"
+OVERRIDE = re.compile(r"[A-Za-z_]\w*\.[\w.]+=")  # section.key=value
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean "your input is wrong": shown as one sentence, no traceback."""
-    from snug.data.formats import DataError
-    from snug.data.templates import TemplateError
-    from snug.deploy.merge import MergeError
-    from snug.models.load import ModelLoadError
-    from snug.plan.simulate import PlanError
-    from snug.train.loop import OutputDirError
-    from snug.train.resume import ResumeError
-
-    return (
-        ConfigError,
-        DataError,
-        TemplateError,
-        ModelLoadError,
-        OutputDirError,
-        MergeError,
-        PlanError,
-        ResumeError,
-    )
-
-
-def _run_errors() -> tuple[type[Exception], ...]:
-    """Errors of a run that stopped for a reason it states (exit 1, one sentence)."""
-    from snug.train.checkpoint import CheckpointError
-    from snug.train.loop import NonFiniteError, OutOfMemory
-
-    return (CheckpointError, NonFiniteError, OutOfMemory)
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes a stopped run: this one, less --fresh."""
+    argv = ["snug", "train", args.config, *args.overrides]
+    argv += ["--allow-config-change"] * args.allow_config_change
+    for key in LAUNCH_FLAGS:
+        if getattr(args, key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return shlex.join(argv)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # Config, output directory, model and data paths first, before torch is imported (seconds).
     from snug.config import load_config
+    from snug.preflight import check_data_paths, check_model_dir
+    from snug.train.outputs import check_output_dir
+
+    cfg = load_config(args.config, args.overrides)
+    check_output_dir(cfg)
+    check_model_dir(cfg.model.name_or_path)
+    check_data_paths(cfg.data)
+    if cfg.dist.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks (torchrun)
+        from snug.train import dist
+
+        argv = ["--debug"] * args.debug + ["train", args.config, *args.overrides]
+        argv += ["--fresh"] * args.fresh + ["--allow-config-change"] * args.allow_config_change
+        for key in LAUNCH_FLAGS:  # the ranks pass them on in the command that resumes
+            if getattr(args, key) is not None:
+                argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
+        return dist.launch(cfg, argv, flags, args.debug)
     from snug.train.loop import run_training
     from snug.train.resume import EXIT_STOPPED, TrainingStopped
 
-    cfg = load_config(args.config, args.overrides)
-    from snug.train import dist
-
-    if cfg.dist.nproc > 1 and not dist.launched():  # start the ranks, each runs this again
-        argv = ["--debug"] * args.debug + ["train", args.config, *args.overrides]
-        argv += ["--fresh"] * args.fresh + ["--allow-config-change"] * args.allow_config_change
-        code = dist.launch(cfg, argv, {k: getattr(args, k) for k in dist.LAUNCH_FLAGS})
-        summary = Path(cfg.output.dir) / "summary.json"  # rank 0's: torchrun reports only 1
-        if code != 0 and summary.exists():
-            if json.loads(summary.read_text()).get("status") == "stopped":
-                return EXIT_STOPPED
-        return code
     try:
-        summary = run_training(cfg, fresh=args.fresh, allow_config_change=args.allow_config_change)
+        summary = run_training(
+            cfg,
+            fresh=args.fresh,
+            allow_config_change=args.allow_config_change,
+            resume_command=resume_command(args),
+        )
     except TrainingStopped as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
             print(str(e), file=sys.stderr)
@@ -72,12 +69,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.config:  # a config error in a moment, before the planner's imports
+        from snug.config import load_config
+
+        load_config(args.config, args.overrides)
     from snug.plan.report import cmd_plan as run
 
     return run(args)
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
+    from snug.config import load_config
+
+    load_config(args.config, args.overrides)
     from snug.plan.report import cmd_measure as run
 
     return run(args)
@@ -86,7 +90,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from snug.deploy.merge import find_source, merge
 
-    src = find_source(args.adapter, args.model)
+    src = find_source(args.adapter, args.model, args.trust_remote_code)
     report = merge(
         src,
         args.out,
@@ -94,6 +98,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         device=args.device,
         verify=args.verify,
         max_shard_size=args.max_shard_size,
+        allow_other_base=args.allow_other_base,
     )
     print(f"merged {report['method']} from {report['adapter']} into {report['base']}")
     if report["verified"]:
@@ -122,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snug", description="Fine-tune large language models inside the memory you have."
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
@@ -222,15 +227,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare merged logits with base plus adapter before writing (default: on)",
     )
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    add_trust_arguments(merge)
     merge.set_defaults(func=cmd_merge)
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_chat_parser(sub)
+    for command in sub.choices.values():  # `snug train --debug` as well as `snug --debug train`
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere (`snug --debug train`, `snug train cfg.yaml --debug k=v`): argparse would
+    # take it after the sub-command only before the overrides.
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for i, a in enumerate(argv) if a != "--debug" or i >= end]
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `snug train cfg.yaml --fresh train.lr=1e-4`: argparse ends the overrides at the first flag
+    if extra and args.command in ("train", "plan", "measure") and all(map(OVERRIDE.match, extra)):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.debug = debug
     logging.basicConfig(
         level=logging.INFO if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -238,32 +261,35 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:  # library chatter (progress bars, optional-kernel notices) hides our output
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers loads
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import warnings
 
         warnings.filterwarnings("ignore")
-        from transformers.utils import logging as hf_logging
+        if "transformers" in sys.modules:  # already imported (snug used as a library): too late
+            from transformers.utils import logging as hf_logging  # for the variable above
 
-        hf_logging.disable_progress_bar()
+            hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except AlreadySaid as e:  # another process of this run said why
+        return e.code
     except Exception as e:
         if args.debug:
             raise
-        if isinstance(e, _user_errors()):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, _run_errors()):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(
-            f"error: {e.__class__.__name__}: {e} (run with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        if isinstance(e, (UserError, RunError)):
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        else:  # not a message of snug's: a bug here or in a library
+            print(
+                f"error: {e.__class__.__name__}: {first_line(e)} (unexpected; run with --debug "
+                "for the traceback and report it)",
+                file=sys.stderr,
+            )
+        return exit_code(e)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -19,12 +21,19 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from snug import paths
+from snug.errors import UserError
+from snug.files import write_text_atomic
+from snug.yamlfile import read_mapping
+
+# Methods trained and tested under dist.strategy ddp and fsdp.
+DIST_METHODS = ("lora", "dora", "full", "freeze")
 # Methods that add virtual tokens or prefixes: one set per row, so they cannot pack samples.
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning", "llama_adapter")
 
 
-class ConfigError(ValueError):
-    """A config problem, worded as one sentence that names the file and key."""
+class ConfigError(UserError):
+    """A config problem, worded as one sentence that names the file, line and key."""
 
 
 Check = tuple[Callable[[Any], bool], str]
@@ -199,7 +208,11 @@ class TrainConfig:
         "fp32 on CPU.",
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to train; auto: cuda if present.")
-    seed: int = _f(42, "Seed for initialisation, shuffling and dropout.")
+    seed: int = _f(
+        42,
+        "Seed for initialisation, shuffling and dropout.",
+        (lambda v: 0 <= v < 2**32, "between 0 and 4294967295 (the seeds numpy accepts)"),
+    )
     skip_nonfinite: int = _f(
         0,
         "Steps whose loss or gradient norm is NaN/inf that may be skipped (no update) before "
@@ -298,12 +311,63 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # Not a section: for each path made absolute, what the user wrote and where
+    # ('section.key' -> text); save_config writes it beside the absolute path.
+    given_paths: dict[str, str] = field(
+        default_factory=dict, repr=False, compare=False, metadata={"internal": True}
+    )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {
+    f.name: f.type  # type: ignore[misc]
+    for f in dataclasses.fields(Config)
+    if not f.metadata.get("internal")
+}
+# Keys holding paths, and whether a value may instead be a hub id of a model or a dataset.
+PATH_KEYS: dict[str, str | None] = {
+    "model.name_or_path": "model",
+    "data.train": "dataset",
+    "data.eval": "dataset",
+    "output.dir": None,
+}
+# Names other fine-tuning tools give these keys (Hugging Face TrainingArguments, PEFT,
+# LLaMA-Factory), for the suggestion when one of them is used here.
+ALIASES = {
+    "learning_rate": "lr",
+    "lr_scheduler_type": "scheduler",
+    "warmup_ratio": "warmup",
+    "warmup_steps": "warmup",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch",
+    "batch_size": "micro_batch",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_steps": "max_steps",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "save_total_limit": "keep_last",
+    "output_dir": "dir",
+    "model_name_or_path": "name_or_path",
+    "gradient_checkpointing": "grad_checkpointing",
+    "lora_rank": "r",
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target": "targets",
+    "target_modules": "targets",
+    "finetuning_type": "name",
+    "dataset": "train",
+    "template": "template",
+    "cutoff": "cutoff_len",
+    "max_length": "cutoff_len",
+    "max_seq_length": "cutoff_len",
+    "optim": "optimizer",
+    "bf16": "precision",
+    "fp16": "precision",
+}
 
 
 def _section_types() -> dict[str, type]:
@@ -312,8 +376,21 @@ def _section_types() -> dict[str, type]:
 
 
 def _nearest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(choices)}."
+    """'; did you mean X?' for the choice that shares most of the key's own words (its parts
+    between underscores), then the closest spelling; else the valid keys."""
+    if ALIASES.get(word) in choices:
+        return f"; did you mean '{ALIASES[word]}'?"
+    words = set(word.lower().split("_"))
+
+    def score(choice: str) -> tuple[int, float]:
+        shared = len(words & set(choice.split("_")))
+        return shared, difflib.SequenceMatcher(None, word.lower(), choice).ratio()
+
+    best = max(choices, key=score)
+    shared, ratio = score(best)
+    if shared or ratio >= 0.6:
+        return f"; did you mean '{best}'?"
+    return f"; valid keys: {', '.join(choices)}."
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -357,14 +434,19 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where} must be a whole number, not {value!r}.")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where} must be a number, not {value!r}.")
+        if number is None:
+            raise ConfigError(f"{where} must be a number, not {value!r}.")
+        if not math.isfinite(number):  # .inf, .nan, 'inf': a run that diverges at step 2
+            raise ConfigError(f"{where} is {value!r}, but must be a finite number.")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -374,20 +456,72 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"unsupported config annotation {annotation!r}")  # a bug in this file
 
 
-def _build_section(cls: type, values: dict[str, Any], source: str, section: str) -> Any:
+class Origins:
+    """Where each key's value came from, for messages: 'FILE line N', "the command-line override
+    'k=v'", or the config file when neither is known (defaults, a dict)."""
+
+    def __init__(self, source: str, lines: dict[str, int] | None = None) -> None:
+        self.source = source
+        self.lines = lines or {}
+        self.overrides: dict[str, str] = {}  # 'section.key' -> the override's text
+
+    def of(self, key: str) -> str:
+        if key in self.overrides:
+            return f"command-line override '{self.overrides[key]}'"
+        section = key.split(".")[0]
+        line = self.lines.get(key) or self.lines.get(section)
+        return f"{self.source} line {line}" if line else self.source
+
+    def from_file(self, key: str) -> bool:
+        return key not in self.overrides
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str, origins: Origins) -> Any:
     hints = typing.get_type_hints(cls, include_extras=False)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = list(fields)
     kwargs = {}
     for key, value in values.items():
+        where = origins.of(f"{section}.{key}")
         if key not in names:
-            raise ConfigError(f"{source}: unknown key '{section}.{key}'" + _nearest(key, names))
-        value = _coerce(value, hints[key], f"{source}: {section}.{key}")
+            raise ConfigError(f"{where}: unknown key '{section}.{key}'" + _nearest(key, names))
+        value = _coerce(value, hints[key], f"{where}: {section}.{key}")
         check = fields[key].metadata["check"]
         if value is not None and check is not None and not check[0](value):
-            raise ConfigError(f"{source}: {section}.{key} is {value!r}, but must be {check[1]}.")
+            raise ConfigError(f"{where}: {section}.{key} is {value!r}, but must be {check[1]}.")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _resolve_paths(cfg: Config, origins: Origins, base: Path | None) -> None:
+    """Make every local path in `cfg` absolute: a relative path written in the config file
+    against the file's folder; one from the command line, a default, or one of a config built
+    from a dict against the current directory. What the user wrote goes to cfg.given_paths."""
+    for key, hub in PATH_KEYS.items():
+        section, name = key.split(".")
+        part = getattr(cfg, section)
+        value = getattr(part, name)
+        if value is None:
+            continue
+        in_file = base is not None and key in origins.lines and origins.from_file(key)
+        folder = base if in_file else Path.cwd()
+        try:
+            if isinstance(value, list):
+                resolved = [paths.resolve(v, folder, hub) for v in value]
+            else:
+                resolved = paths.resolve(value, folder, hub)
+        except paths.Ambiguous as e:
+            raise ConfigError(f"{origins.of(key)}: {key}: {e}.") from None
+        if resolved != value:
+            setattr(part, name, resolved)
+            where = (
+                f" in {Path(origins.source).resolve()}"
+                if in_file
+                else " on the command line"
+                if key in origins.overrides
+                else f" (from {Path.cwd()})"
+            )
+            cfg.given_paths[key] = f"{json.dumps(value)}{where}"
 
 
 def check_combinations(cfg: Config, source: str) -> None:
@@ -424,8 +558,6 @@ def check_combinations(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: data.format=text is for train.stage=pt; sft needs conversations."
         )
-    from snug.methods import REGISTRY  # here, not at the top: methods import this module
-
     if cfg.method.lora_plus_ratio is not None and cfg.method.name not in ("lora", "dora"):
         raise ConfigError(
             f"{source}: method.lora_plus_ratio is for lora and dora, not {cfg.method.name}."
@@ -436,11 +568,6 @@ def check_combinations(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: method.unfreeze_every works with method.name=freeze by layers "
             "(trainable_layers), not with trainable_modules or other methods."
-        )
-    if cfg.method.name not in REGISTRY:
-        raise ConfigError(
-            f"{source}: method.name={cfg.method.name} is not available yet; choose one of "
-            f"{', '.join(sorted(REGISTRY))}."
         )
     if d.packing and (cfg.train.stage == "cls" or cfg.method.name in VIRTUAL_TOKEN_METHODS):
         what = "train.stage=cls" if cfg.train.stage == "cls" else f"method.name={cfg.method.name}"
@@ -453,27 +580,55 @@ def check_combinations(cfg: Config, source: str) -> None:
             )
             + "; set data.packing=false."
         )
-    if cfg.dist.strategy != "none" or cfg.dist.nproc != 1:
-        from snug.train.dist import check
-
-        try:
-            check(cfg)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+    _check_dist(cfg, source)
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """`section.key=value` -> (section, key, YAML-parsed value)."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
+def _check_dist(cfg: Config, source: str) -> None:
+    """What ddp/fsdp support today; anything else is refused before any process starts."""
+    d = cfg.dist
+    if d.strategy == "none":
+        if d.nproc > 1:
+            raise ConfigError(f"{source}: dist.nproc > 1 needs dist.strategy: ddp or fsdp.")
+        return
+    if cfg.method.name not in DIST_METHODS:
         raise ConfigError(
-            f"override '{text}' must look like section.key=value (e.g. train.lr=1e-4)."
+            f"{source}: dist.strategy={d.strategy} trains {', '.join(DIST_METHODS)}; method.name="
+            f"{cfg.method.name} runs on one device (dist.strategy=none)."
         )
-    path, raw = text.split("=", 1)
-    section, key = path.split(".", 1)
-    return section, key, yaml.safe_load(raw) if raw.strip() else ""
+    if cfg.model.quant == "8bit":
+        raise ConfigError(
+            f"{source}: dist.strategy={d.strategy} with model.quant=8bit is not supported: "
+            "bitsandbytes' LLM.int8 weights keep their scales on the parameter object, which "
+            "DDP/FSDP wrapping does not carry; use model.quant=4bit (QLoRA shards) or none."
+        )
+    if cfg.method.name == "freeze" and cfg.method.unfreeze_every is not None:
+        raise ConfigError(
+            f"{source}: method.unfreeze_every changes the trainable set during training, which "
+            "DDP and FSDP fix at wrapping; leave it unset with dist.strategy."
+        )
+    if cfg.memory.auto_fit:
+        raise ConfigError(
+            f"{source}: memory.auto_fit plans one device; with dist.strategy set micro_batch, "
+            "grad_checkpointing and optimizer yourself."
+        )
+    if d.cpu_offload and d.strategy != "fsdp":
+        raise ConfigError(f"{source}: dist.cpu_offload needs dist.strategy=fsdp.")
+    if d.cpu_offload and cfg.train.device == "cpu":
+        raise ConfigError(
+            f"{source}: dist.cpu_offload moves FSDP's shards from the GPU to the host; training "
+            "on the CPU keeps them there already, so leave it off there."
+        )
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+def config_from_dict(
+    raw: dict[str, Any],
+    source: str = "config",
+    origins: Origins | None = None,
+    base: Path | None = None,
+) -> Config:
+    """A checked config from sections of plain values. `base`: the folder relative paths of the
+    file's keys are read from (None: the current directory)."""
+    origins = origins or Origins(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections.")
     sections = _section_types()
@@ -481,49 +636,80 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     for name, values in raw.items():
         if name not in sections:
             raise ConfigError(
-                f"{source}: unknown section '{name}'" + _nearest(name, list(sections))
+                f"{origins.of(str(name))}: unknown section '{name}'"
+                + _nearest(str(name), list(sections))
             )
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys.")
-        built[name] = _build_section(sections[name], values, source, name)
+            raise ConfigError(f"{origins.of(name)}: section '{name}' must be a mapping of keys.")
+        built[name] = _build_section(sections[name], values, name, origins)
     cfg = Config(**built)
     check_combinations(cfg, source)
+    _resolve_paths(cfg, origins, base)
     return cfg
 
 
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, YAML-parsed value)."""
+    where = f"command-line override '{text}'"
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"{where} must look like section.key=value (e.g. train.lr=1e-4).")
+    path, raw = text.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        return section, key, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: the value is not valid YAML; quote it.") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or start from defaults), apply overrides, validate everything."""
+    """Read a YAML config (or start from defaults), apply overrides, validate everything.
+    Relative paths in the file are read from the file's folder."""
     raw: dict[str, Any] = {}
     source = "config"
+    lines: dict[str, int] = {}
+    base = None
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the config ({e.strerror}).") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({e.__class__.__name__}).") from None
+        if Path(path).is_dir():
+            raise ConfigError(f"{path}: is a directory; give the config's YAML file.")
+        if not Path(path).exists():
+            raise ConfigError(f"{path}: no such config file.")
+        raw, lines = read_mapping(path, "the config", ConfigError)
+        raw = raw or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections.")
+        base = Path(path).resolve().parent
+    origins = Origins(source, lines)
     for text in overrides:
         section, key, value = parse_override(text)
+        origins.overrides[f"{section}.{key}"] = text
+        origins.overrides.setdefault(section, text)
         if not isinstance(raw.get(section, {}), dict):
-            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys.")
+            raise ConfigError(
+                f"{origins.of(section)}: section '{section}' must be a mapping of keys."
+            )
         raw.setdefault(section, {})
         if raw[section] is None:
             raw[section] = {}
         raw[section][key] = value
-    return config_from_dict(raw, source)
+    return config_from_dict(raw, source, origins, base)
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """The resolved config as YAML (written aside, then renamed into place); each path made
+    absolute carries what the user wrote as a comment."""
+    lines = []
+    for name, values in cfg.to_dict().items():
+        lines.append(f"{name}:")
+        for key, value in values.items():
+            text = yaml.safe_dump({key: value}, sort_keys=False).rstrip("\n").splitlines()
+            given = cfg.given_paths.get(f"{name}.{key}")
+            if given:
+                text[0] += f"  # as given: {given}"
+            lines += ["  " + t for t in text]
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _type_name(annotation: Any) -> str:

@@ -8,25 +8,32 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, Features, Json, concatenate_datasets
+from datasets import Dataset, Json, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from snug.config import DataConfig
 from snug.data.formats import FORMATS, DataError, detect_format
-from snug.data.locate import Locator, read_json
+from snug.data.locate import Locator, check_utf8, read_json
 from snug.data.templates import TemplateError, resolve_template
 from snug.data.tokenize import (
     EMPTY,
     FULLY_MASKED,
     INVALID,
     KEPT,
+    RAW_JSON,
     TRUNCATED,
+    column_names,
+    first_record,
+    records_of,
     tokenize_classes,
     tokenize_records,
 )
@@ -115,6 +122,8 @@ def load_raw(spec: str, split: str, on_error: str = "strict") -> RawSource:
             )
         if builder == "json":
             return _load_json([path], spec, on_error)
+        if builder == "csv":
+            check_utf8(path)
         return RawSource(_load(builder, data_files=str(path), where=spec), Locator(spec))
     if path.is_dir():
         if (path / "dataset_dict.json").exists():  # DatasetDict.save_to_disk: pick the split
@@ -151,18 +160,24 @@ def _load(builder: str, where: str, data_files=None, split: str = "train") -> Da
 
 def _load_json(files: list[Path], spec: str, on_error: str) -> RawSource:
     """JSON or JSON Lines files through `datasets` (cached); when it fails, which names no line,
-    read them here: name the first unreadable line, or with data.on_error=skip leave such lines
-    out and load the rest."""
+    or reads a field of mixed types (which it coerces), read them here: name the first
+    unreadable line, or with data.on_error=skip leave such lines out and load the rest."""
     # The loader logs its failure (an ERROR naming no line) before raising: the message below
     # says more, so that log is muted while it reads.
+    for path in files:
+        check_utf8(path)
     quiet = logging.getLogger("datasets.packaged_modules.json.json")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        ds = _load("json", data_files=[str(p) for p in files], where=spec)
-        return RawSource(ds, Locator(spec, files, len(ds)))
-    except DataError as e:
-        failure = e
+        # A JSON array is read here always: `datasets` takes an array of strings for a "text"
+        # column, where each item should be a record.
+        if not any(_holds_array(p) for p in files):
+            ds = _load("json", data_files=[str(p) for p in files], where=spec)
+            if not _mixed(ds.features):
+                return RawSource(ds, Locator(spec, files, len(ds)))
+    except DataError:
+        pass  # read below, where each bad line is found and named
     finally:
         quiet.setLevel(level)
     known, records, unreadable = [], [], []
@@ -176,16 +191,29 @@ def _load_json(files: list[Path], spec: str, on_error: str) -> RawSource:
             f"{unreadable[0].removesuffix('.')}; fix the line, or set data.on_error: skip to "
             "drop such lines."
         )
-    # Each column as JSON values, so that a mistyped field stays as written (and is named).
-    columns = list(dict.fromkeys(k for r in records for k in r))
-    try:
-        ds = Dataset.from_dict(
-            {c: [r.get(c) for r in records] for c in columns},
-            features=Features({c: Json() for c in columns}),
-        )
-    except Exception:  # pyarrow raises several types; the loader's message says more
-        raise failure from None
+    # Each record as its own JSON text, so that every value stays exactly as written (a
+    # mistyped field is named, the string "4" stays a string) and no record gains the fields
+    # of others; the tokenizers read it back (data/tokenize.py: records_of).
+    ds = Dataset.from_dict({RAW_JSON: [json.dumps(r) for r in records]})
     return RawSource(ds, Locator(spec, files, len(ds), known), unreadable)
+
+
+def _holds_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
+def _mixed(feature) -> bool:
+    """Whether `datasets` read a field of several JSON types: its Json feature then decodes
+    strings that look like JSON ("4", "true", "[1, 2]") as numbers, booleans and lists."""
+    if isinstance(feature, Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_mixed(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_mixed(f) for f in feature)
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _mixed(inner)
 
 
 def _tokenizer_fingerprint(tok: PreTrainedTokenizerBase, template: str | None) -> str:
@@ -202,10 +230,12 @@ def tokenize_source(
     stage: str,
     model_name: str,
     labels: list[str] | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[Dataset, Counter, list[str]]:
     """One source -> its usable samples, the count of each status, and the first problems of
     the dropped ones (unreadable lines count as invalid). Under data.on_error=strict the first
-    problem stops the run here instead."""
+    problem stops the run here instead. `report` hears what is being done, with counts."""
+    started = time.monotonic()
     src = load_raw(spec, cfg.split, cfg.on_error)
     raw = src.records
     if cfg.max_samples is not None:
@@ -213,11 +243,19 @@ def tokenize_source(
     if len(raw) == 0:
         lost = f" (the first unreadable line: {src.unreadable[0]})" if src.unreadable else ""
         raise DataError(f"{spec}: holds no records{lost}.")
+    if report is not None:
+        report(f"tokenizing {spec}: {len(raw):,} records")
     if stage == "cls":
         ds, counts, problems = _tokenize_classes(raw, src.where, spec, cfg, tok, labels)
     else:
         ds, counts, problems = _tokenize_records(raw, src.where, spec, cfg, tok, stage, model_name)
     counts[INVALID] += len(src.unreadable)
+    if report is not None:
+        dropped = counts[FULLY_MASKED] + counts[EMPTY] + counts[INVALID]
+        report(
+            f"tokenized {spec}: {len(ds):,} samples, {dropped:,} dropped "
+            f"({time.monotonic() - started:.1f} s)"
+        )
     return ds, counts, src.unreadable + problems
 
 
@@ -230,7 +268,7 @@ def _tokenize_records(
     stage: str,
     model_name: str,
 ) -> tuple[Dataset, Counter, list[str]]:
-    fmt = cfg.format if cfg.format != "auto" else detect_format(raw[0], where(0))
+    fmt = cfg.format if cfg.format != "auto" else detect_format(first_record(raw), where(0))
     if stage == "pt" and fmt != "text":
         raise DataError(
             f"{spec}: train.stage=pt needs plain text records ({{'text': ...}}), found {fmt}."
@@ -298,10 +336,11 @@ def _tokenize_classes(
     tok: PreTrainedTokenizerBase,
     labels: list[str],
 ) -> tuple[Dataset, Counter, list[str]]:
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw.column_names]
+    columns = column_names(raw)
+    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in columns]
     if missing:
         raise DataError(
-            f"{spec}: has no column {missing[0]!r} (columns: {raw.column_names}); "
+            f"{spec}: has no column {missing[0]!r} (columns: {columns}); "
             "set data.text_column / data.label_column."
         )
     fn = functools.partial(
@@ -330,9 +369,10 @@ def class_labels(cfg: DataConfig) -> list[str]:
     names: set[str] = set()
     for spec in _as_list(cfg.train):
         raw = load_raw(spec, cfg.split, cfg.on_error).records
-        if cfg.label_column not in raw.column_names:
+        if cfg.label_column not in column_names(raw):
             raise DataError(f"{spec}: has no column {cfg.label_column!r}; set data.label_column.")
-        names.update(str(v) for v in raw[cfg.label_column] if v is not None)
+        values = (r.get(cfg.label_column) for r in records_of(raw[:]))
+        names.update(str(v) for v in values if v is not None and not isinstance(v, (dict, list)))
     if len(names) < 2:
         raise DataError(
             f"data.train: the label column {cfg.label_column!r} holds {len(names)} class(es); "
@@ -342,15 +382,23 @@ def class_labels(cfg: DataConfig) -> list[str]:
 
 
 def build_datasets(
-    cfg: DataConfig, tok: PreTrainedTokenizerBase, stage: str, seed: int, model_name: str
+    cfg: DataConfig,
+    tok: PreTrainedTokenizerBase,
+    stage: str,
+    seed: int,
+    model_name: str,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[Dataset, Dataset | None, DataStats]:
     """(train, eval or None, stats). Several train sources are mixed (concatenated; the
-    sampler shuffles); val_size holds out part of train when there is no eval data."""
+    sampler shuffles); val_size holds out part of train when there is no eval data. `report`
+    hears each source's progress (snug train prints it)."""
     datasets.disable_progress_bars()
     stats = DataStats(labels=class_labels(cfg) if stage == "cls" else None)
     parts = []
     for spec in _as_list(cfg.train):
-        ds, counts, problems = tokenize_source(spec, cfg, tok, stage, model_name, stats.labels)
+        ds, counts, problems = tokenize_source(
+            spec, cfg, tok, stage, model_name, stats.labels, report
+        )
         stats.add(counts, problems)
         parts.append(ds)
     train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -361,7 +409,9 @@ def build_datasets(
         )
     evals = []
     for spec in _as_list(cfg.eval):
-        ds, counts, problems = tokenize_source(spec, cfg, tok, stage, model_name, stats.labels)
+        ds, counts, problems = tokenize_source(
+            spec, cfg, tok, stage, model_name, stats.labels, report
+        )
         stats.add(counts, problems, train=False)
         if len(ds) == 0:
             raise DataError(f"{spec}: no usable eval samples remain (the first: {problems[0]})")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from snug.errors import UserError
+
 FORMATS = ("alpaca", "sharegpt", "messages", "text")
 # The field that holds what a record trains on, named when nothing of it is left to train on.
 ANSWER_FIELD = {
@@ -29,7 +31,7 @@ SHAREGPT_ROLES = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with one record, worded with its file, row and field."""
 
 
@@ -114,7 +116,9 @@ def _sharegpt(r: dict[str, Any], where: str) -> list[dict[str, str]]:
     if system:
         messages.append({"role": "system", "content": _text(system, where, "system")})
     for i, t in enumerate(turns):
-        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+        if isinstance(t, dict):
+            _no_tools(t, str(t.get("from")).lower(), where, "conversations", i)
+        if not isinstance(t, dict) or t.get("from") is None or t.get("value") is None:
             raise DataError(
                 f"{where}: field 'conversations' turn {i + 1} needs 'from' and 'value'."
             )
@@ -128,19 +132,44 @@ def _sharegpt(r: dict[str, Any], where: str) -> list[dict[str, str]]:
     return _check_turns(messages, where, "conversations")
 
 
+TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
+
+
+def _no_tools(turn: dict[str, Any], role: Any, where: str, field: str, i: int) -> None:
+    """Tool calls and results have no text turn to train on (yet): say so, not 'missing'."""
+    if turn.get("tool_calls") or turn.get("function_call") or role in TOOL_ROLES:
+        raise DataError(
+            f"{where}: field '{field}' turn {i + 1} is a tool call or tool result; snug trains "
+            "on the text turns of system, user and assistant only."
+        )
+
+
 def _messages(r: dict[str, Any], where: str) -> list[dict[str, str]]:
     turns = r.get("messages")
     if not isinstance(turns, list):
         raise DataError(f"{where}: field 'messages' must be a list of turns.")
     messages = []
     for i, t in enumerate(turns):
-        if not isinstance(t, dict) or "role" not in t or "content" not in t:
+        if not isinstance(t, dict):
+            raise DataError(
+                f"{where}: field 'messages' turn {i + 1} must be an object with 'role' and "
+                f"'content', not a {type(t).__name__}."
+            )
+        _no_tools(t, t.get("role"), where, "messages", i)
+        if t.get("role") is None or "content" not in t:
             raise DataError(f"{where}: field 'messages' turn {i + 1} needs 'role' and 'content'.")
         if t["role"] not in ("system", "user", "assistant"):
             raise DataError(
-                f"{where}: field 'messages' turn {i + 1} has unknown role '{t['role']}'."
+                f"{where}: field 'messages' turn {i + 1} has unknown role {t['role']!r}."
             )
-        messages.append({"role": t["role"], "content": _text(t["content"], where, "messages")})
+        content = t["content"]
+        if content is None or not isinstance(content, str):
+            kind = "null" if content is None else f"a {type(content).__name__}"
+            raise DataError(
+                f"{where}: field 'messages' turn {i + 1} has {kind} content, where its text "
+                "should be."
+            )
+        messages.append({"role": t["role"], "content": _text(content, where, "messages")})
     return _check_turns(messages, where, "messages")
 
 

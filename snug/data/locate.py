@@ -7,6 +7,7 @@ message, or to find (and, with data.on_error=skip, leave out) the lines the load
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import re
@@ -17,6 +18,32 @@ from typing import Any
 from snug.data.formats import DataError
 
 _BETWEEN_ITEMS = re.compile(r"[\s,]*")
+NEWLINE = b"\n"
+
+
+def check_utf8(path: Path, chunk: int = 16 << 20) -> None:
+    """DataError naming the line and column of the first byte of `path` that is not UTF-8
+    (pyarrow reads such bytes into its strings unchecked, and they fail later, nameless).
+    Read in chunks: a large file is never held whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, done = 1, 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                before = data[: max(e.start, 0)]
+                column = len(before) - (before.rfind(b"\n") + 1) + 1
+                where = f"line {line + before.count(NEWLINE)}, column {column}"
+                raise DataError(
+                    f"{path} {where}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the "
+                    "file as UTF-8."
+                ) from None
+            if not data:
+                return
+            line += data.count(b"\n")
+            done += len(data)
 
 
 def _array_lines(text: str) -> list[int]:

@@ -8,6 +8,7 @@ real template, whatever it is.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,30 @@ IGNORE = -100
 KEPT, TRUNCATED = "kept", "truncated"
 EMPTY, FULLY_MASKED, INVALID = "empty", "fully_masked", "invalid"
 COLUMNS = ("input_ids", "labels", "status", "prompt_len", "problem")  # what the map functions give
+# The one column of raw records that snug read itself: each record's exact JSON text
+# (data/dataset.py), where `datasets` would have coerced or merged fields.
+RAW_JSON = "__json__"
+
+
+def records_of(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """A batch of raw columns as one dict per record."""
+    if RAW_JSON in columns:
+        return [json.loads(text) for text in columns[RAW_JSON]]
+    names = list(columns)
+    count = len(columns[names[0]]) if names else 0
+    return [{c: columns[c][j] for c in names} for j in range(count)]
+
+
+def first_record(raw) -> dict[str, Any]:
+    """The first record of a raw `datasets.Dataset`."""
+    return records_of(raw[:1])[0]
+
+
+def column_names(raw) -> list[str]:
+    """The fields of a raw dataset's records (all of them, for records snug read itself)."""
+    if RAW_JSON not in raw.column_names:
+        return raw.column_names
+    return list(dict.fromkeys(k for r in records_of(raw[:]) for k in r))
 
 
 def _render(tok: PreTrainedTokenizerBase, template: str, messages: list[dict], gen: bool) -> str:
@@ -149,9 +174,7 @@ def tokenize_records(
     from snug.data.formats import to_canonical  # local: keeps map's pickled closure small
 
     out: dict[str, list] = {c: [] for c in COLUMNS}
-    columns = list(records)
-    for j, index in enumerate(indices):
-        record = {c: records[c][j] for c in columns}
+    for record, index in zip(records_of(records), indices, strict=True):
         at = where(index)
         try:
             canon = to_canonical(record, fmt, at)
@@ -188,14 +211,15 @@ def tokenize_classes(
     """Batched `datasets.map` function for train.stage=cls: text -> input_ids, label -> class id
     (a record without usable text or label: status invalid, as in `tokenize_records`)."""
     out: dict[str, list] = {c: [] for c in COLUMNS}
-    for text, label, index in zip(
-        records[text_column], records[label_column], indices, strict=True
-    ):
+    for record, index in zip(records_of(records), indices, strict=True):
+        text, label = record.get(text_column), record.get(label_column)
         problem = ""
         if not isinstance(text, str) or not text.strip():
             problem = f"{where(index)}: field '{text_column}' must be non-empty text."
         elif label is None:
             problem = f"{where(index)}: field '{label_column}' is missing."
+        elif isinstance(label, (dict, list)):
+            problem = f"{where(index)}: field '{label_column}' must be a class name or number, not {type(label).__name__}."
         elif str(label) not in label_ids:
             problem = (
                 f"{where(index)}: field '{label_column}' holds {label!r}, "

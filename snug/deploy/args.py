@@ -55,13 +55,37 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
         help="chat template: auto (the tokenizer's) or a built-in name such as chatml "
         "(default: the run's data.template)",
     )
+    add_trust_arguments(parser)
+
+
+def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
+    """--trust-remote-code and --allow-other-base: what a run directory can never switch on."""
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run model code shipped with the base (off unless given here: a run's saved "
+        "config.yaml never turns it on)",
+    )
+    parser.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="load an adapter on a base whose weights differ from those it was trained on",
+    )
 
 
 def open_from_args(args: argparse.Namespace) -> Session:
     """The session the options name, with --use's adapter active."""
     from snug.deploy.session import open_session
 
-    session = open_session(args.model, args.adapter, args.device, args.dtype, args.template)
+    session = open_session(
+        args.model,
+        args.adapter,
+        args.device,
+        args.dtype,
+        args.template,
+        args.trust_remote_code,
+        args.allow_other_base,
+    )
     if args.use:
         session.use(args.use)
     return session

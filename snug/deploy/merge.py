@@ -16,9 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from snug import paths
 from snug.config import Config, load_config
+from snug.errors import UserError, first_line, read_utf8
 from snug.methods import get_method
 from snug.models.load import DTYPES, load_model, load_tokenizer
+from snug.preflight import check_model_dir
 
 # The few prompts whose logits `--verify` compares.
 VERIFY_PROMPTS = (
@@ -40,7 +43,7 @@ PEFT_TYPES = {
 }
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """The adapter cannot be merged as asked (user input; shown as one line)."""
 
 
@@ -53,8 +56,24 @@ class Source:
     cfg: Config
 
 
-def _method_of_peft_dir(adapter_dir: Path) -> str:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json of a peft adapter directory, or one MergeError naming the file and
+    what is wrong with it."""
+    path = adapter_dir / "adapter_config.json"
+    text = read_utf8(path, "the adapter config", MergeError)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MergeError(
+            f"{path} line {e.lineno}: not valid JSON ({e.msg}); save the adapter again with "
+            "peft's save_pretrained."
+        ) from None
+    if not isinstance(config, dict):
+        raise MergeError(f"{path}: holds a JSON {type(config).__name__}, not an object.")
+    return config
+
+
+def _method_of_peft_dir(adapter_dir: Path, config: dict) -> str:
     peft_type = config.get("peft_type", "")
     if peft_type == "LORA":
         return "dora" if config.get("use_dora") else "lora"
@@ -65,9 +84,33 @@ def _method_of_peft_dir(adapter_dir: Path) -> str:
     return PEFT_TYPES[peft_type]
 
 
-def find_source(path: str | Path, model: str | None = None) -> Source:
+def _base_of_peft_dir(adapter_dir: Path, config: dict) -> str | None:
+    """The base an adapter_config.json names: a relative path means the adapter's folder (where
+    the file is), never the current directory; else a hub id."""
+    base = config.get("base_model_name_or_path")
+    if base is None:
+        return None
+    if not isinstance(base, str) or not base.strip():
+        raise MergeError(
+            f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path is {base!r}, not a "
+            "path or hub id; pass --model BASE."
+        )
+    try:
+        return paths.resolve(base, adapter_dir.resolve(), "model")
+    except paths.Ambiguous as e:
+        raise MergeError(
+            f"{adapter_dir / 'adapter_config.json'}: base_model_name_or_path {e}; or pass "
+            "--model BASE."
+        ) from None
+
+
+def find_source(
+    path: str | Path, model: str | None = None, trust_remote_code: bool = False
+) -> Source:
     """A run directory (config.yaml beside adapter/ or model/), its adapter/ directory, or any
-    peft adapter directory (adapter_config.json). `model` overrides the base the run names."""
+    peft adapter directory (adapter_config.json). `model` overrides the base the run names.
+    Remote code runs only if `trust_remote_code` (the command line) says so: a run directory's
+    config.yaml, which anyone can have written, never switches it on."""
     path = Path(path)
     if not path.is_dir():
         raise MergeError(f"--adapter {path}: no such directory.")
@@ -76,12 +119,16 @@ def find_source(path: str | Path, model: str | None = None) -> Source:
         cfg = load_config(run / "config.yaml")
         method = cfg.method.name
         adapter_dir = run / get_method(method).output
+        if (adapter_dir / "adapter_config.json").is_file():
+            read_adapter_config(adapter_dir)  # peft reads it unchecked
     elif (path / "adapter_config.json").is_file():
-        adapter_dir, method = path, _method_of_peft_dir(path)
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        config = read_adapter_config(path)
+        adapter_dir, method = path, _method_of_peft_dir(path, config)
+        base = _base_of_peft_dir(path, config)
         if not (model or base):
             raise MergeError(f"{path}/adapter_config.json names no base model; pass --model BASE.")
-        cfg = load_config(None, [f"model.name_or_path={model or base}", f"method.name={method}"])
+        cfg = load_config(None, [f"method.name={method}"])
+        cfg.model.name_or_path = base
     elif (path / "snug_adapter.json").is_file():
         adapter_dir, method, cfg = path, "adapter", load_config(None, ["method.name=adapter"])
     else:
@@ -90,8 +137,53 @@ def find_source(path: str | Path, model: str | None = None) -> Source:
             "adapter directory (adapter_config.json)."
         )
     if model:
-        cfg.model.name_or_path = model
+        cfg.model.name_or_path = (
+            paths.absolute(model, Path.cwd()) if Path(model).exists() else model
+        )
+    cfg.model.trust_remote_code = trust_remote_code
+    check_model_dir(cfg.model.name_or_path)
     return Source(method, adapter_dir, cfg)
+
+
+def check_base(src: Source, label: str, allow_other_base: bool) -> None:
+    """Refuse to put an adapter on weights other than those it was trained on (its run
+    recorded their fingerprint), also when the shapes match, unless `allow_other_base`. An
+    adapter from elsewhere has no record: nothing to check."""
+    from snug.models.fingerprint import fingerprint, local_dir, read_base_record
+
+    record = read_base_record(src.adapter_dir)
+    folder = local_dir(src.cfg.model.name_or_path, src.cfg.model.revision)
+    if record is None or folder is None or allow_other_base:
+        return
+    now = fingerprint(folder)
+    if now != record["fingerprint"]:
+        raise MergeError(
+            f"{label} was trained on {record['name_or_path']} (fingerprint "
+            f"{record['fingerprint']}), but {src.cfg.model.name_or_path} holds other weights "
+            f"({now}), on which it would answer garbage; pass --allow-other-base to load it "
+            "anyway."
+        )
+
+
+def attach(label: str, base_name: str, load, *args, **kwargs):
+    """`load(*args, **kwargs)` (peft putting an adapter on the base), with a shape mismatch (an
+    adapter of another model) or damaged adapter files said in one line instead of a library's
+    report."""
+    try:
+        return load(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 (peft and safetensors raise many types for bad files)
+        if "size mismatch" not in str(e):
+            raise MergeError(f"{label}: cannot load the adapter ({first_line(e)}).") from None
+        first = next(
+            (line.strip() for line in str(e).splitlines() if "size mismatch" in line),
+            first_line(e),
+        )
+        raise MergeError(
+            f"{label} does not fit {base_name}: it was trained on a model of another shape "
+            f"({first.rstrip('.')})."
+        ) from None
 
 
 def check_mergeable(src: Source) -> None:
@@ -155,6 +247,7 @@ def merge(
     device: str = "cpu",
     verify: bool = True,
     max_shard_size: str = "5GB",
+    allow_other_base: bool = False,
 ) -> dict:
     """Merge, verify, then write `out` (a new directory); returns what merge_report.json says."""
     from peft import PeftModel
@@ -172,8 +265,10 @@ def merge(
     base = load_model(cfg, dev, precision)  # quantized as trained when model.quant is set
     batches = [tok(p, return_tensors="pt").to(dev) for p in VERIFY_PROMPTS] if verify else []
 
+    check_base(src, f"--adapter {src.adapter_dir}", allow_other_base)
     # Reference: the model as trained (base, quantized if it was, plus the unmerged adapter).
-    peft_model = PeftModel.from_pretrained(base, str(src.adapter_dir))
+    label, base_name = f"--adapter {src.adapter_dir}", cfg.model.name_or_path
+    peft_model = attach(label, base_name, PeftModel.from_pretrained, base, str(src.adapter_dir))
     reference = _logits(peft_model, batches)
     if cfg.model.quant != "none":
         # QLoRA: fold into the dequantized base, in the base's dtype (transformers dequantizes).

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from snug.config import Config, load_config
 from snug.data.templates import resolve_template
-from snug.deploy.merge import MergeError, Source, find_source
+from snug.deploy.merge import MergeError, Source, attach, check_base, find_source
 from snug.methods import get_method, load_peft
 from snug.models.load import load_model, load_tokenizer
 
@@ -120,8 +120,10 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     return pairs
 
 
-def _sources(pairs: list[tuple[str, Path]], model: str | None) -> list[Source]:
-    sources = [find_source(path, model) for _, path in pairs]
+def _sources(
+    pairs: list[tuple[str, Path]], model: str | None, trust_remote_code: bool
+) -> list[Source]:
+    sources = [find_source(path, model, trust_remote_code) for _, path in pairs]
     for (name, _), src in zip(pairs, sources, strict=True):
         if get_method(src.method).output != "adapter":
             raise SessionError(
@@ -175,13 +177,15 @@ class Base:
     label: str = BASE  # what output calls it: the run directory's name for a run
 
 
-def resolve_model(model: str) -> Base:
+def resolve_model(model: str, trust_remote_code: bool = False) -> Base:
     """--model as a model to load: a full/freeze run stands for its model/ directory; a run or
-    directory that holds an adapter is refused (it is an --adapter)."""
+    directory that holds an adapter is refused (it is an --adapter). Remote code runs only if
+    the command line says so, whatever the run's config.yaml holds."""
     path = Path(model)
     run = path.parent if path.name == "adapter" else path
     if (run / "config.yaml").is_file():
         cfg = load_config(run / "config.yaml")
+        cfg.model.trust_remote_code = trust_remote_code
         output = get_method(cfg.method.name).output
         if output == "adapter":
             raise SessionError(
@@ -191,21 +195,24 @@ def resolve_model(model: str) -> Base:
             )
         if not (run / "model").is_dir():
             raise SessionError(f"--model {model}: the run has no model/ directory; did it finish?")
-        cfg.model.name_or_path = str(run / "model")
+        cfg.model.name_or_path = str((run / "model").resolve())
         cfg.model.quant = "none"  # a full/freeze run writes plain weights
-        return Base(str(run / "model"), cfg, run.resolve().name)
+        return Base(cfg.model.name_or_path, cfg, run.resolve().name)
     if (path / "adapter_config.json").is_file() or (path / "snug_adapter.json").is_file():
         raise SessionError(f"--model {model} is an adapter, not a model; pass it as --adapter.")
-    return Base(model)
+    return Base(str(path.resolve()) if path.exists() else model)
 
 
-def _config(base: Base | None, sources: list[Source], device: str, dtype: str) -> Config:
+def _config(
+    base: Base | None, sources: list[Source], device: str, dtype: str, trust_remote_code: bool
+) -> Config:
     if sources:
         cfg = sources[0].cfg  # find_source has put --model's path in
     elif base and base.run_cfg:
         cfg = base.run_cfg
     elif base:
         cfg = load_config(None, [f"model.name_or_path={base.name_or_path}"])
+        cfg.model.trust_remote_code = trust_remote_code
     else:
         raise SessionError("name a model: --model BASE_OR_RUN and/or --adapter RUN_OR_DIR.")
     cfg = dataclasses.replace(
@@ -222,15 +229,19 @@ def open_session(
     device: str = "auto",
     dtype: str = "auto",
     template: str | None = None,
+    trust_remote_code: bool = False,
+    allow_other_base: bool = False,
 ) -> Session:
     """Load the base (as the first adapter's run trained it, unless `model` names another) and
-    each adapter under its name; the first adapter is active, or the base when there is none."""
+    each adapter under its name; the first adapter is active, or the base when there is none.
+    Each adapter must fit the base it was trained on (its recorded fingerprint) unless
+    `allow_other_base`; model code ships only with `trust_remote_code` (the command line)."""
     from snug.models.load import resolve_device, resolve_precision
 
-    base = resolve_model(model) if model else None
+    base = resolve_model(model, trust_remote_code) if model else None
     pairs = parse_adapters(adapters or [])
-    sources = _sources(pairs, base.name_or_path if base else None)
-    cfg = _config(base, sources, device, dtype)
+    sources = _sources(pairs, base.name_or_path if base else None, trust_remote_code)
+    cfg = _config(base, sources, device, dtype, trust_remote_code)
     dev = resolve_device(cfg)
     precision = resolve_precision(cfg, dev)
     tok = load_tokenizer(cfg.model)
@@ -238,10 +249,12 @@ def open_session(
     chat = resolve_template(tok, chosen, cfg.model.name_or_path)
     net = load_model(cfg, dev, precision)
     for i, ((name, _), src) in enumerate(zip(pairs, sources, strict=True)):
+        check_base(src, f"--adapter {name}", allow_other_base)
+        label = f"--adapter {name}"
         if i == 0:
-            net = _load_first(net, src, name)
+            net = attach(label, cfg.model.name_or_path, _load_first, net, src, name)
         else:
-            net.load_adapter(str(src.adapter_dir), adapter_name=name)
+            attach(label, cfg.model.name_or_path, net.load_adapter, str(src.adapter_dir), name)
     net.eval()
     session = Session(
         net,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -17,14 +18,11 @@ from transformers import (
 
 from snug.config import Config, ModelConfig
 from snug.errors import first_line
+from snug.preflight import ModelLoadError, check_model_dir
 
 log = logging.getLogger("snug")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The model or tokenizer named in model.name_or_path cannot be loaded."""
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -107,37 +105,24 @@ def _where(mcfg: ModelConfig) -> str:
 
 
 def warn_remote_code(mcfg: ModelConfig, what: str) -> None:
-    """With model.trust_remote_code (off unless set), say whose code runs, at which revision."""
+    """With model.trust_remote_code (off unless the command line or the config given to this
+    command sets it), say whose code runs, at which revision, on stderr."""
     if mcfg.trust_remote_code:
-        log.warning(
-            "trust_remote_code is on: running the %s code of %s (revision %s)",
-            what,
-            mcfg.name_or_path,
-            mcfg.revision or "default",
-        )
-
-
-def require_safetensors(mcfg: ModelConfig) -> None:
-    """Refuse a local model directory whose weights are only pickled (*.bin): unpickling can
-    run code, so snug loads safetensors only (hub models: transformers is told the same)."""
-    local = Path(mcfg.name_or_path)
-    if not local.is_dir() or any(local.glob("*.safetensors")):
-        return
-    if any(local.glob("pytorch_model*.bin")):
-        raise ModelLoadError(
-            f"model.name_or_path={local}: the directory holds weights only as pickled "
-            "pytorch_model*.bin files, and snug loads safetensors only (unpickling can run "
-            "code); if you trust them, convert once with from_pretrained then save_pretrained."
+        print(
+            f"trust_remote_code is on: running the {what} code shipped with "
+            f"{mcfg.name_or_path} (revision {mcfg.revision or 'default'})",
+            file=sys.stderr,
         )
 
 
 def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
+    check_model_dir(mcfg.name_or_path)
     warn_remote_code(mcfg, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(
             mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision
         )
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 (missing, damaged or foreign files: all bad input)
         raise ModelLoadError(
             f"{_where(mcfg)}: cannot load the tokenizer ({first_line(e)})."
         ) from None
@@ -185,7 +170,7 @@ def load_model(
     with train.stage=cls a sequence classifier with a new head over `labels`."""
     mcfg = cfg.model
     dtype = resolve_dtype(cfg, device, precision)
-    require_safetensors(mcfg)
+    check_model_dir(mcfg.name_or_path)
     warn_remote_code(mcfg, "model")
     compute = compute_dtype(precision)
     quant = _quant_config(mcfg, compute, quant_storage(cfg, compute))
@@ -210,7 +195,7 @@ def load_model(
             use_safetensors=True,  # never unpickle weights, local or from the hub
             **head,
         )
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (missing, damaged or foreign files: all bad input)
         raise ModelLoadError(f"{_where(mcfg)}: cannot load the model ({first_line(e)}).") from None
     if quant is None:
         model.to(device)

@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
 
 from snug.config import Config
+from snug.errors import UserError
 from snug.methods import count_params
 from snug.models.load import compute_dtype, quant_storage, resolve_dtype, upcast_norms
 from snug.plan.distributed import fake_group, shard
@@ -44,7 +45,7 @@ CUDA_ROUNDING = 512
 SHORT_DEPTHS = (2, 3)  # depths simulated when extending to a deep model
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The configuration cannot be simulated (user input; shown as one line)."""
 
 
