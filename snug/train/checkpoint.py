@@ -1,19 +1,25 @@
-"""Checkpoints that are either complete or ignored, and loading one back exactly.
+"""Checkpoints that are either complete or ignored, loaded back exactly, and never unpickled.
 
 A checkpoint is written into a temporary directory beside its target, every file flushed to
 disk, then the completion marker written (and flushed) last, then the directory renamed into
 place; old ones are deleted only after the new one is complete. A kill at any moment leaves
 the previous checkpoint whole; a failed write (a full disk) removes the partial one and says so.
 Written here (not accelerate's save_state) because snug's step, data position and resume
-checks are its own; the formats are safetensors and `torch.save` of plain types, read back
-with `weights_only=True`.
+checks are its own.
+
+Files (nothing in them can run code when read):
+- `trainable.safetensors`: the trainable weights (one process), or `shards/`: every rank's
+  slice of the trainable weights and optimizer tensors, through torch.distributed.checkpoint's
+  Hugging Face storage (safetensors with their offsets in the header, no pickled metadata);
+- `state.json` + `state.safetensors`: optimizer, scheduler, grad scaler, RNGs and the loop's
+  state (snug/train/statefile.py); with several ranks, `rng-rankN.json/.safetensors` each;
+- `COMPLETE`, written last.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -22,12 +28,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-COMPLETE = "COMPLETE"
-_STEP = re.compile(r"^step-(\d+)$")
+from snug.errors import RunError, UserError, first_line
+from snug.files import fsync
+from snug.train.outputs import COMPLETE, complete_checkpoints, prune
+from snug.train.statefile import load_state, save_state
+
+SHARDS = "shards"  # torch.distributed.checkpoint's safetensors files, one per rank
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names it and what is intact."""
+class CheckpointError(RunError):
+    """A checkpoint could not be written; the message names it and what is intact."""
+
+
+class CheckpointLoadError(UserError):
+    """A checkpoint in output.dir cannot be read or does not fit this run (bad input: nothing
+    is changed; the message says how to go on)."""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,7 +52,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict:
-    """Every RNG, in types that `torch.load(weights_only=True)` accepts (no numpy objects)."""
+    """Every RNG, in plain types and tensors (statefile stores them)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -56,15 +71,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
 def save_checkpoint(
@@ -78,9 +85,9 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     ctx=None,
 ) -> Path:
-    """`ctx` (train/dist.py Dist) with several ranks: weights and optimizer state go through
+    """`ctx` (train/dist.py Dist) with several ranks: weights and optimizer tensors go through
     torch.distributed.checkpoint (each rank writes its shards; DDP's replicas once), each rank
-    its own RNG file; rank 0 writes the rest, the marker and renames, between barriers."""
+    its own RNG files; rank 0 writes the rest, the marker and renames, between barriers."""
     from snug.train import dist
 
     sharded = ctx is not None and ctx.active
@@ -94,29 +101,28 @@ def save_checkpoint(
     dist.barrier()
     try:
         if sharded:
-            _save_sharded(tmp, model, optimizer, ctx)
+            optim_skeleton = _save_sharded(tmp, model, optimizer, ctx)
         else:
             save_file(trainable_state(model), tmp / "trainable.safetensors")
+            optim_skeleton = optimizer.state_dict()
         dist.barrier()
         if not main:
             dist.barrier()  # rank 0 commits
             return final
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_state(),
-                "train_state": train_state,
-            },
-            tmp / "state.pt",
-        )
+        state = {
+            "optimizer": optim_skeleton,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+            "train_state": train_state,
+        }
+        save_state(state, tmp / "state")
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync(f)
+                fsync(f)
         (tmp / COMPLETE).write_text(str(step))  # last: its presence means the rest is on disk
-        _fsync(tmp / COMPLETE)
-        _fsync(tmp)
+        fsync(tmp / COMPLETE)
+        fsync(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = complete_checkpoints(root)
@@ -129,7 +135,7 @@ def save_checkpoint(
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync(root)
     shutil.rmtree(old, ignore_errors=True)
     prune(root, keep_last)
     if sharded:
@@ -137,46 +143,88 @@ def save_checkpoint(
     return final
 
 
-def _save_sharded(tmp: Path, model: nn.Module, optimizer, ctx) -> None:
-    import torch.distributed.checkpoint as dcp
+def _split_tensors(value, path: str, flat: dict):
+    """`value` with each tensor replaced by {"$shard": its path}; the tensors go to `flat`."""
+    if isinstance(value, torch.Tensor):
+        flat[path] = value
+        return {"$shard": path}
+    if isinstance(value, dict):
+        return {k: _split_tensors(v, f"{path}/{k}", flat) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_split_tensors(v, f"{path}/{i}", flat) for i, v in enumerate(value)]
+    return value
+
+
+def _join_tensors(value, flat: dict):
+    if isinstance(value, dict):
+        if set(value) == {"$shard"}:
+            return flat[value["$shard"]]
+        return {k: _join_tensors(v, flat) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_tensors(v, flat) for v in value]
+    return value
+
+
+def _sharded_state(model: nn.Module, optimizer) -> tuple[dict, dict, dict]:
+    """(model state, optimizer skeleton, optimizer tensors by path) of this run, as
+    torch.distributed.checkpoint's state_dict helpers give them (FSDP: DTensor slices)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.tensor import DTensor
 
     options = StateDictOptions(ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
-    torch.save({"rng": rng_state()}, tmp / f"rng-rank{ctx.rank}.pt")
+    # Tied weights (embeddings and head) are one storage under two names: safetensors stores it
+    # once, and loading the first name fills both.
+    seen: set[tuple] = set()
+    kept = {}
+    for name, value in model_state.items():
+        local = value.to_local() if isinstance(value, DTensor) else value  # FSDP: its shard
+        where = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if where not in seen:
+            seen.add(where)
+            kept[name] = value
+    model_state = kept
+    flat: dict = {}
+    skeleton = _split_tensors(optim_state, "optim", flat)
+    return model_state, skeleton, flat
 
 
-def _load_sharded(path: Path, model: nn.Module, optimizer, ctx) -> None:
+def _save_sharded(tmp: Path, model: nn.Module, optimizer, ctx) -> dict:
+    """Each rank writes its slices as safetensors; returns the optimizer's non-tensor
+    skeleton (the same on every rank; rank 0 stores it in state.json)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_state_dict,
-        set_state_dict,
-    )
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    options = StateDictOptions(ignore_frozen_params=True)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_state, "optim": optim_state}
-    try:
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
-    except Exception as e:  # another model, method or strategy
-        raise CheckpointError(
-            f"cannot load checkpoint {path} into this run ({e}); use --fresh."
-        ) from None
+    model_state, skeleton, flat = _sharded_state(model, optimizer)
+    writer = HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True)
+    dcp.save({"model": model_state, **flat}, storage_writer=writer)
+    save_state({"rng": rng_state()}, tmp / f"rng-rank{ctx.rank}")
+    return skeleton
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer, skeleton: dict, ctx) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_state, _, flat = _sharded_state(model, optimizer)
+    state = {"model": model_state, **flat}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)))
+    loaded = {k: v for k, v in state.items() if k != "model"}
     # strict=False: the frozen weights are not in the checkpoint (dcp.load above already
     # refused a checkpoint lacking any trainable one)
     set_state_dict(
         model,
         optimizer,
         model_state_dict=state["model"],
-        optim_state_dict=state["optim"],
+        optim_state_dict=_join_tensors(skeleton, loaded),
         options=StateDictOptions(ignore_frozen_params=True, strict=False),
     )
     rank = ctx.rank if ctx is not None else 0
-    own = path / f"rng-rank{rank}.pt"  # more processes than saved: rank 0's generators
-    rng = torch.load(own if own.exists() else path / "rng-rank0.pt", weights_only=True)
-    set_rng_state(rng["rng"])
+    own = path / f"rng-rank{rank}"  # more processes than saved: rank 0's generators
+    set_rng_state(
+        load_state(own if own.with_suffix(".json").exists() else path / "rng-rank0")["rng"]
+    )
 
 
 def _load_full_into_shards(model: nn.Module, optimizer, weights: dict, saved: dict) -> None:
@@ -190,7 +238,7 @@ def _load_full_into_shards(model: nn.Module, optimizer, weights: dict, saved: di
     ours = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     theirs = [i for g in saved["param_groups"] for i in g["params"]]
     if len(ours) != len(theirs):
-        raise CheckpointError("the checkpoint's optimizer holds other parameters; use --fresh.")
+        raise ValueError("the checkpoint's optimizer holds other parameters")
     name = dict(zip(theirs, ours, strict=True))
     optim = {
         "state": {name[i]: v for i, v in saved["state"].items()},
@@ -207,47 +255,35 @@ def _load_full_into_shards(model: nn.Module, optimizer, weights: dict, saved: di
     )
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; half-written ones are not listed."""
-    if not root.exists():
-        return []
-    done = [p for p in root.iterdir() if _STEP.match(p.name) and (p / COMPLETE).exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+def _unreadable(path: Path, why: str) -> CheckpointLoadError:
+    earlier = [p for p in complete_checkpoints(path.parent) if p != path]
+    fallback = f", or delete {path} to resume from {earlier[-1].name}" if earlier else ""
+    return CheckpointLoadError(
+        f"checkpoint {path} cannot be resumed ({why}); nothing was changed: run with --fresh "
+        f"to start over{fallback}."
+    )
 
 
-def recover(root: Path) -> Path | None:
-    """Clean what a kill during a save left behind and return the newest complete checkpoint:
-    a checkpoint moved aside for a same-step replacement comes back if the new one never
-    landed; temporary and unmarked directories are removed."""
-    if not root.exists():
-        return None
-    for old in root.glob(".old-step-*"):
-        final = root / old.name.removeprefix(".old-")
-        if (final / COMPLETE).exists() or not (old / COMPLETE).exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(old, final)
-    for p in root.iterdir():
-        if p.name.startswith(".tmp-step-") or (_STEP.match(p.name) and not (p / COMPLETE).exists()):
-            shutil.rmtree(p, ignore_errors=True)
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
-
-
-def prune(root: Path, keep_last: int) -> None:
-    for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
-    for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+def _read_state(path: Path) -> dict:
+    if (path / "state.pt").exists() and not (path / "state.json").exists():
+        raise _unreadable(
+            path, "it was written by an older snug as a pickle, which snug no longer reads"
+        )
+    try:
+        state = load_state(path / "state")
+        if not isinstance(state, dict) or not isinstance(state.get("train_state"), dict):
+            raise ValueError("state.json holds no train_state")
+        return state
+    except CheckpointLoadError:
+        raise
+    except Exception as e:  # JSON, safetensors, missing files: all mean a damaged checkpoint
+        raise _unreadable(path, first_line(e)) from None
 
 
 def read_train_state(path: Path) -> dict:
-    """The loop's state of a checkpoint (data position, config, counters), without loading it."""
-    try:
-        return torch.load(path / "state.pt", weights_only=True, map_location="cpu")["train_state"]
-    except Exception as e:  # a damaged file: say which
-        raise CheckpointError(f"cannot read checkpoint {path} ({e}); use --fresh.") from None
+    """The loop's state of a checkpoint (data position, config, counters), without loading
+    weights; CheckpointLoadError when it cannot be read."""
+    return _read_state(path)["train_state"]
 
 
 def load_checkpoint(
@@ -259,14 +295,25 @@ def load_checkpoint(
     ctx=None,
 ) -> dict:
     """Restore trainable weights, optimizer, scheduler, grad scaler and every RNG from `path`;
-    returns its train_state."""
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    if (path / "dcp").is_dir():  # any number of processes: the shards are re-split on load
-        _load_sharded(path, model, optimizer, ctx)
+    returns its train_state. Anything wrong with the files is one CheckpointLoadError naming
+    the checkpoint (torch.distributed.checkpoint's own error derives from BaseException)."""
+    state = _read_state(path)
+    try:
+        if (path / SHARDS).is_dir():  # any number of processes: the shards are re-split
+            _load_sharded(path, model, optimizer, state["optimizer"], ctx)
+        else:
+            _load_whole(path, model, optimizer, state, ctx)
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
-        return state["train_state"]
+    except (KeyboardInterrupt, SystemExit, CheckpointLoadError):
+        raise
+    except BaseException as e:  # noqa: BLE001 (torch's CheckpointException is a BaseException)
+        raise _unreadable(path, first_line(e)) from None
+    return state["train_state"]
+
+
+def _load_whole(path: Path, model: nn.Module, optimizer, state: dict, ctx) -> None:
     from snug.train import dist
 
     weights = load_file(path / "trainable.safetensors")
@@ -276,9 +323,10 @@ def load_checkpoint(
         weights[n].shape != params[n].shape for n in expected & set(weights)
     ):
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise CheckpointError(
+        raise CheckpointLoadError(
             f"checkpoint {path} does not match this model's trainable parameters "
-            f"(missing {missing[:3]}, unexpected {extra[:3]}, or shapes differ); use --fresh."
+            f"(missing {missing[:3]}, unexpected {extra[:3]}, or shapes differ); nothing was "
+            "changed: run with --fresh to start over."
         )
     if ctx is not None and ctx.active and ctx.strategy == "fsdp":
         _load_full_into_shards(model, optimizer, weights, state["optimizer"])
@@ -287,8 +335,4 @@ def load_checkpoint(
             for name, value in weights.items():
                 params[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    return state["train_state"]

@@ -7,22 +7,28 @@ snug's own loop needs (which rows each rank trains, how the loss is normalised a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from snug.config import Config, ConfigError
+from snug.config import DIST_METHODS, Config, ConfigError
+from snug.errors import AlreadySaid, exit_code
+from snug.train.resume import EXIT_STOPPED
 
+T = TypeVar("T")
 # What `snug train` passes on to torchrun for several nodes (the usual rendezvous arguments).
 LAUNCH_FLAGS = ("nnodes", "node_rank", "master_addr", "master_port")
-DIST_METHODS = ("lora", "dora", "full", "freeze")  # trained and tested under ddp and fsdp
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,25 @@ def launched() -> bool:
 SHUTDOWN_TIMEOUT_S = 1800
 
 
-def launch(cfg: Config, argv: list[str], flags: dict) -> int:
+def torchrun(argv: list[str]) -> int:
+    """torchrun (`python -m torch.distributed.run`) without its own report of a failed rank:
+    the rank has said why in one line, and the report would add a traceback. Returns the exit
+    status of the first rank that failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    except SignalException as e:  # SIGTERM passed on: the ranks have saved and said so
+        return 128 + e.sigval
+    return 0
+
+
+def launch(cfg: Config, argv: list[str], flags: dict, debug: bool = False) -> int:
     """Start `snug train` again under torchrun with dist.nproc processes on this node (and the
     rendezvous flags for several nodes); returns torchrun's exit status. No shell.
 
@@ -61,7 +85,8 @@ def launch(cfg: Config, argv: list[str], flags: dict) -> int:
     which passes each stop signal on once: the first SIGINT or SIGTERM goes to torchrun, which
     forwards it to every rank (they save after the current step and exit 75); a second Ctrl-C
     goes straight to the ranks, which abort without saving, as in one process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.dist.nproc}"]
+    runner = "torch.distributed.run" if debug else "snug.train.dist"  # debug: torchrun's report too
+    cmd = [sys.executable, "-m", runner, f"--nproc-per-node={cfg.dist.nproc}"]
     for key in LAUNCH_FLAGS:
         if flags.get(key) is not None:
             cmd.append(f"--{key.replace('_', '-')}={flags[key]}")
@@ -88,11 +113,17 @@ def launch(cfg: Config, argv: list[str], flags: dict) -> int:
             _signal(rank.pid, signal.SIGINT)
 
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started = time.time()
     try:
-        return proc.wait()
+        code = proc.wait()
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    summary = Path(cfg.output.dir) / "summary.json"  # rank 0's, written after our start
+    if code != 0 and received and summary.exists() and summary.stat().st_mtime >= started:
+        if json.loads(summary.read_text()).get("status") == "stopped":
+            return EXIT_STOPPED  # the signal we passed on stopped the ranks with a checkpoint
+    return code
 
 
 def _stop_with_parent() -> None:
@@ -116,49 +147,14 @@ def trains_sharded(method: str, quant: str) -> bool:
     return method in DIST_METHODS and quant != "8bit"
 
 
-def check(cfg: Config) -> None:
-    """What ddp/fsdp support today; anything else is refused before any process starts."""
-    d = cfg.dist
-    if d.strategy == "none":
-        if d.nproc > 1:
-            raise ConfigError("dist.nproc > 1 needs dist.strategy: ddp or fsdp.")
-        return
-    if cfg.method.name not in DIST_METHODS:
-        raise ConfigError(
-            f"dist.strategy={d.strategy} trains {', '.join(DIST_METHODS)}; method.name="
-            f"{cfg.method.name} runs on one device (dist.strategy=none)."
-        )
-    if cfg.model.quant == "8bit":
-        raise ConfigError(
-            f"dist.strategy={d.strategy} with model.quant=8bit is not supported: bitsandbytes' "
-            "LLM.int8 weights keep their scales on the parameter object, which DDP/FSDP wrapping "
-            "does not carry; use model.quant=4bit (QLoRA shards) or none."
-        )
-    if cfg.method.name == "freeze" and cfg.method.unfreeze_every is not None:
-        raise ConfigError(
-            "method.unfreeze_every changes the trainable set during training, which DDP and FSDP "
-            "fix at wrapping; leave it unset with dist.strategy."
-        )
-    if cfg.memory.auto_fit:
-        raise ConfigError(
-            "memory.auto_fit plans one device; with dist.strategy set micro_batch, "
-            "grad_checkpointing and optimizer yourself."
-        )
-    if d.cpu_offload and d.strategy != "fsdp":
-        raise ConfigError("dist.cpu_offload needs dist.strategy=fsdp.")
-    on_cpu = cfg.train.device == "cpu" or (
-        cfg.train.device == "auto" and not torch.cuda.is_available()
-    )
-    if d.cpu_offload and on_cpu:
-        raise ConfigError(
-            "dist.cpu_offload moves FSDP's shards from the GPU to the host; training on the CPU "
-            "keeps them there already, so leave it off there."
-        )
-
-
 def setup(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group torchrun described (gloo on CPU, nccl on CUDA); the device of
     this rank."""
+    if cfg.dist.cpu_offload and device.type != "cuda":  # train.device=auto on a machine without
+        raise ConfigError(  # a GPU (config checks refuse train.device=cpu itself)
+            "dist.cpu_offload moves FSDP's shards from the GPU to the host; training on the CPU "
+            "keeps them there already, so leave it off there."
+        )
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
         return Dist(strategy=cfg.dist.strategy), device
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -258,6 +254,29 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def agree(prepare: Callable[[], T], device) -> T:
+    """`prepare()` on every rank, going on only if it worked on all of them, so that rank 0
+    never takes output.dir over for a run another rank cannot start. When some failed, the
+    lowest failing rank raises its own error (and prints it); every other rank stops quietly
+    with that rank's exit status (the same error on every rank is said once)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return prepare()
+    failure: BaseException | None = None
+    try:
+        result = prepare()
+    except BaseException as e:  # noqa: BLE001 (re-raised below, after the others are told)
+        failure = e
+    codes = torch.zeros(dist.get_world_size(), device=device)
+    codes[dist.get_rank()] = 0 if failure is None else exit_code(failure)
+    dist.all_reduce(codes)
+    failed = [i for i, c in enumerate(codes.tolist()) if c]
+    if not failed:
+        return result
+    if dist.get_rank() == failed[0]:
+        raise failure
+    raise AlreadySaid(int(codes[failed[0]].item())) from failure
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -281,3 +300,7 @@ def full_state(model: nn.Module, trainable_only: bool, ctx: Dist) -> dict | None
         names.setdefault(id(p), []).append(name)
     tied = {n for group in names.values() for n in group[1:]}
     return {k: v for k, v in state.items() if k not in tied}
+
+
+if __name__ == "__main__":  # `snug train` starts torchrun through this (see `launch`)
+    sys.exit(torchrun(sys.argv[1:]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from datasets import Dataset
 from peft import PeftModel
@@ -21,7 +23,9 @@ def eval_loss(
     micro_batch: int,
     pad_id: int,
     device: torch.device,
+    progress: Callable[[int], None] | None = None,
 ) -> float:
+    """Mean loss per target token; `progress(n)` hears of every n samples done."""
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(data), micro_batch):
@@ -30,6 +34,8 @@ def eval_loss(
         with opts.forward_context():
             total += opts.loss_fn(model, batch).item()
         tokens += opts.count_fn(batch["labels"]).item()
+        if progress is not None:
+            progress(len(rows))
     model.train()
     return total / max(tokens, 1)
 
@@ -79,6 +85,7 @@ def generate_answers(
     batch_size: int = 32,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Answers for token-id prompts, batched with left padding: greedy, or sampled at
     `temperature` > 0 with nucleus `top_p` (seed torch's generator first to repeat a draw).
@@ -112,6 +119,8 @@ def generate_answers(
         )
         for row, i in enumerate(chunk):
             answers[i] = answer_text(tok, out[row, longest:].tolist(), marker)
+        if progress is not None:
+            progress(len(chunk))
     model.train()
     return answers
 
@@ -124,6 +133,7 @@ def exact_match(
     limit: int,
     max_new_tokens: int,
     device: torch.device,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[float, list[dict]]:
     """Share of held-out final answers reproduced exactly (case and spacing ignored)."""
     rows = [data[i] for i in range(min(limit, len(data)))]
@@ -133,7 +143,9 @@ def exact_match(
     marker = end_of_turn(tok, template)
     prompts = [r["input_ids"][: r["prompt_len"]] for r in rows]
     refs = [answer_text(tok, r["input_ids"][r["prompt_len"] :], marker) for r in rows]
-    answers = generate_answers(model, tok, template, prompts, max_new_tokens, device)
+    answers = generate_answers(
+        model, tok, template, prompts, max_new_tokens, device, progress=progress
+    )
     samples = [
         {"prompt": tok.decode(p), "reference": r, "answer": a}
         for p, r, a in zip(prompts, refs, answers, strict=True)
@@ -144,7 +156,12 @@ def exact_match(
 
 @torch.no_grad()
 def accuracy(
-    model: nn.Module, data: Dataset, micro_batch: int, pad_id: int, device: torch.device
+    model: nn.Module,
+    data: Dataset,
+    micro_batch: int,
+    pad_id: int,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
 ) -> float:
     """train.stage=cls: share of held-out samples whose highest-scoring class is the label."""
     model.eval()
@@ -156,5 +173,7 @@ def accuracy(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
         ).logits
         hits += int((logits.argmax(-1) == batch["labels"]).sum())
+        if progress is not None:
+            progress(len(rows))
     model.train()
     return hits / len(data)

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import set_seed
 
-from snug.config import Config, save_config
+from snug.config import Config
 from snug.data.collate import collate, collate_packed, real_tokens
 from snug.data.dataset import build_datasets
 from snug.data.packing import micro_batches, pack
 from snug.data.templates import resolve_template
+from snug.errors import RunError
+from snug.files import aside, replace_dir, write_text_atomic
 from snug.methods import apply_method, count_params, get_method
+from snug.models.fingerprint import base_record, write_base_record
 from snug.models.load import (
     compute_dtype,
     load_model,
@@ -29,19 +31,15 @@ from snug.models.load import (
     resolve_device,
     resolve_precision,
 )
+from snug.progress import Phase
 from snug.train import dist
 from snug.train.activations import enable_checkpointing
-from snug.train.checkpoint import (
-    complete_checkpoints,
-    load_checkpoint,
-    read_train_state,
-    recover,
-    save_checkpoint,
-)
+from snug.train.checkpoint import load_checkpoint, read_train_state, save_checkpoint
 from snug.train.evaluate import accuracy, eval_loss, exact_match
 from snug.train.memory import TensorMemoryTracker, model_tensors
 from snug.train.metrics import MetricsLog, NoMetrics
 from snug.train.optim import build_optimizer, build_scheduler
+from snug.train.outputs import check_output_dir, commit, newest_checkpoint
 from snug.train.resume import (
     ResumeError,
     Signals,
@@ -50,22 +48,6 @@ from snug.train.resume import (
     data_hash,
 )
 from snug.train.step import StepOptions, train_step
-
-RUN_MARKER = ".snug-run"  # marks a directory as a snug run, so a new run may replace its outputs
-RUN_OUTPUTS = (
-    "checkpoints",
-    "adapter",
-    "model",
-    "tensorboard",
-    "metrics.jsonl",
-    "loss.png",
-    "summary.json",
-    "config.yaml",
-)
-
-
-class OutputDirError(ValueError):
-    """output.dir is not ours to write."""
 
 
 @dataclass
@@ -121,36 +103,6 @@ def prepare_for_training(model: torch.nn.Module, cfg: Config, precision: str) ->
     return model
 
 
-def prepare_output_dir(cfg: Config, fresh: bool = False) -> tuple[Path, Path | None]:
-    """Create output.dir and find what to resume: the newest complete checkpoint of an earlier
-    snug run there (unless `fresh`). A fresh run replaces an earlier run's outputs; a resumed
-    one leaves them until the checkpoint is found to belong to this run (clear_outputs); any
-    other non-empty directory is refused so that no user file is overwritten."""
-    out = Path(cfg.output.dir).resolve()
-    if out.exists() and any(out.iterdir()) and not (out / RUN_MARKER).exists():
-        raise OutputDirError(
-            f"output.dir={out} already holds files that are not a snug run; choose another "
-            "output.dir so nothing of yours is overwritten."
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_MARKER).touch()
-    resume = None if fresh else recover(out / "checkpoints")
-    if resume is None:
-        clear_outputs(out)
-    return out, resume
-
-
-def clear_outputs(out: Path, keep: tuple[str, ...] = ()) -> None:
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if name in keep:
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -171,109 +123,48 @@ def run_training(
     console: Console | None = None,
     fresh: bool = False,
     allow_config_change: bool = False,
+    resume_command: str = "the same command",
 ) -> dict:
     """Train as `cfg` says, write everything into output.dir, return summary.json's content.
     Resumes the newest complete checkpoint in output.dir unless `fresh`; a checkpoint of a
-    different run (guarded keys, data) is refused unless `allow_config_change`."""
+    different run (guarded keys, data) is refused unless `allow_config_change`.
+
+    Nothing in output.dir changes until the run has proven it can start (train/outputs.py):
+    an error before that leaves an earlier run's files as they were and writes no summary."""
     console = console or Console()
     started = time.perf_counter()
     ctx, device = dist.setup(cfg, resolve_device(cfg))
     if not ctx.main:  # one voice: rank 0 prints, logs and writes the summary
         console = Console(quiet=True)
-    if ctx.main:
-        out, resume_path = prepare_output_dir(cfg, fresh)
-    dist.barrier()
-    if not ctx.main:
-        out = Path(cfg.output.dir).resolve()
-        done = [] if fresh else complete_checkpoints(out / "checkpoints")
-        resume_path = done[-1] if done else None
+    check_output_dir(cfg)
+    out = Path(cfg.output.dir)
+    resume_path = None if fresh else newest_checkpoint(out / "checkpoints")
     summary: dict = {"status": "failed", "steps": 0}
     metrics: MetricsLog | None = None
-    given = cfg.to_dict()  # the user's config, before auto_fit or an OOM fallback change it
+    committed = False
     try:
-        if ctx.main and resume_path is None:
-            save_config(cfg, out / "config.yaml")
-        precision = resolve_precision(cfg, device)
-        set_seed(cfg.train.seed)
-
-        tok = load_tokenizer(cfg.model)
-        if not ctx.main:  # rank 0 tokenizes into the datasets cache first, the others read it
-            dist.barrier()
-        train_ds, eval_ds, stats = build_datasets(
-            cfg.data, tok, cfg.train.stage, cfg.train.seed, cfg.model.name_or_path
-        )
-        if ctx.main:
-            dist.barrier()
-        template = (
-            resolve_template(tok, cfg.data.template, cfg.model.name_or_path)
-            if cfg.train.stage == "sft"
-            else None
-        )
-        summary["data"] = stats.as_dict()
-        console.print(
-            f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
-            f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
-        )
-        for problem in stats.problems[:3]:  # data.on_error=skip: what was dropped, and why
-            console.print(f"[yellow]dropped: {problem}[/yellow]")
-        hashed = data_hash(train_ds)
-        resumed = None
-        if resume_path is not None:
-            resumed = _check_resume(resume_path, given, hashed, allow_config_change, console)
-            if ctx.main:  # it is this run's: its old final outputs go, checkpoints stay
-                clear_outputs(out, keep=("checkpoints", "metrics.jsonl", "tensorboard"))
-            if cfg.memory.auto_fit:  # keep what was adopted: the search need not run again
-                cfg = _adopted(cfg, resumed["adopted"])
-        if cfg.memory.auto_fit and resumed is None:
-            cfg = _auto_fit(cfg, train_ds, device, console, summary)
-        if ctx.main:
-            save_config(cfg, out / "config.yaml")  # what actually trains
-        model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
-        model = prepare_for_training(model, cfg, precision)
-        trainable, total = count_params(model)
-        model = dist.wrap(model, cfg, ctx, precision, device)
-        summary.update(
-            trainable_params=trainable, total_params=total, device=str(device), precision=precision
-        )
-        console.print(
-            f"model: {cfg.model.name_or_path} | method {cfg.method.name} | trainable "
-            f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}"
-            + (f" | {ctx.strategy} x {ctx.world} processes" if ctx.active else "")
-        )
-
-        opts = dataclasses.replace(step_options(cfg, device, precision), world=ctx.world)
-        keep_until = resumed["step"] if resumed else None
-        metrics = MetricsLog(out, keep_until) if ctx.main else NoMetrics()
-        evaluate = (
-            (lambda: _evaluate(dist.unwrap(model), tok, template, eval_ds, cfg, opts, device))
-            if eval_ds
-            else None
-        )
-        # before training; a resumed run kept it in its checkpoint (the model has moved on)
-        before = resumed["eval_before"] if resumed else (evaluate() if evaluate else None)
-        run = Run(
-            ctx,
-            model,
-            tok,
-            train_ds,
-            eval_ds,
-            cfg,
-            opts,
+        run = dist.agree(
+            lambda: _prepare(cfg, ctx, device, resume_path, allow_config_change, console, summary),
             device,
-            precision,
-            out,
-            metrics,
-            summary,
-            console,
-            {"config": given, "adopted": cfg.to_dict(), "data_hash": hashed, "eval_before": before},
         )
-        run.train(resume_path)
-        if evaluate:
-            summary["eval"] = _eval_block(before, evaluate())
+        if ctx.main:  # the run can start: output.dir is now this run's
+            commit(run.cfg, resuming=resume_path is not None)
+        dist.barrier()
+        committed = True
+        if resume_path is not None:  # recover() put a checkpoint moved aside back in place
+            run.last_checkpoint = out / "checkpoints" / resume_path.name.removeprefix(".old-")
+        keep_until = run.pos.step if resume_path is not None else None
+        metrics = MetricsLog(out, keep_until) if ctx.main else NoMetrics()
+        run.metrics = metrics
+        run.resume_command = resume_command
+        run.train()
+        cfg = run.cfg
+        if run.evaluate:
+            summary["eval"] = _eval_block(run.identity["eval_before"], run.evaluate("after"))
             console.print(_eval_line(summary["eval"]))
-        _save_final(model, tok, cfg, out, ctx)
+        target = _save_final(run.model, run.tok, cfg, out, ctx)
         summary["status"] = "completed"
-        console.print(f"saved {get_method(cfg.method.name).output} to {out}")
+        console.print(f"saved {target}")
     except TrainingStopped:
         summary["status"] = "stopped"
         raise
@@ -285,9 +176,10 @@ def run_training(
         raise
     finally:
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-        if ctx.main:
-            (out / "summary.json").write_text(
-                json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n"
+        if ctx.main and committed:
+            write_text_atomic(
+                out / "summary.json",
+                json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n",
             )
         if metrics is not None:
             metrics.close()
@@ -295,6 +187,108 @@ def run_training(
                 metrics.plot(out / "loss.png")
         dist.teardown()
     return summary
+
+
+def _prepare(
+    cfg: Config,
+    ctx: dist.Dist,
+    device,
+    resume_path: Path | None,
+    allow_config_change: bool,
+    console: Console,
+    summary: dict,
+) -> Run:
+    """Everything a run does before it may touch output.dir: data, model, method, optimizer,
+    the checkpoint (read back into memory) and the evaluation before training."""
+    given = cfg.to_dict()  # the user's config, before auto_fit or an OOM fallback change it
+    precision = resolve_precision(cfg, device)
+    set_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg.model)
+    if not ctx.main:  # rank 0 tokenizes into the datasets cache first, the others read it
+        dist.barrier()
+    train_ds, eval_ds, stats = build_datasets(
+        cfg.data, tok, cfg.train.stage, cfg.train.seed, cfg.model.name_or_path, console.print
+    )
+    if ctx.main:
+        dist.barrier()
+    template = (
+        resolve_template(tok, cfg.data.template, cfg.model.name_or_path)
+        if cfg.train.stage == "sft"
+        else None
+    )
+    summary["data"] = stats.as_dict()
+    console.print(
+        f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
+        f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
+    )
+    for problem in stats.problems[:3]:  # data.on_error=skip: what was dropped, and why
+        console.print(f"[yellow]dropped: {problem}[/yellow]")
+    hashed = data_hash(train_ds)
+    resumed = None
+    if resume_path is not None:
+        resumed = _check_resume(resume_path, given, hashed, allow_config_change, console)
+        if cfg.memory.auto_fit:  # keep what was adopted: the search need not run again
+            cfg = _adopted(cfg, resumed["adopted"])
+    if cfg.memory.auto_fit and resumed is None:
+        cfg = _auto_fit(cfg, train_ds, device, console, summary)
+    model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
+    # after loading: a hub model is in the cache now
+    base = base_record(cfg.model, cfg.given_paths.get("model.name_or_path"))
+    summary["base"] = base
+    if resumed is not None and resumed["base"]["fingerprint"] != base["fingerprint"]:
+        _refuse_or_warn(
+            resume_path,
+            [
+                f"model: other weights than the checkpoint's ({resumed['base']['fingerprint']} -> "
+                f"{base['fingerprint']})"
+            ],
+            allow_config_change,
+            console,
+        )
+    model = prepare_for_training(model, cfg, precision)
+    trainable, total = count_params(model)
+    model = dist.wrap(model, cfg, ctx, precision, device)
+    summary.update(
+        trainable_params=trainable, total_params=total, device=str(device), precision=precision
+    )
+    console.print(
+        f"model: {cfg.model.name_or_path} | method {cfg.method.name} | trainable "
+        f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}"
+        + (f" | {ctx.strategy} x {ctx.world} processes" if ctx.active else "")
+    )
+    opts = dataclasses.replace(step_options(cfg, device, precision), world=ctx.world)
+    identity = {"config": given, "adopted": cfg.to_dict(), "data_hash": hashed, "base": base}
+    run = Run(
+        ctx,
+        model,
+        tok,
+        train_ds,
+        eval_ds,
+        cfg,
+        opts,
+        device,
+        precision,
+        out_dir(cfg),
+        summary,
+        console,
+        identity,
+    )
+    if eval_ds:
+        run.evaluate = lambda when: _evaluate(
+            dist.unwrap(model), tok, template, eval_ds, cfg, opts, device, console, when
+        )
+    if resume_path is not None:
+        run.restore(resume_path)
+    # before training; a resumed run kept it in its checkpoint (the model has moved on)
+    before = (
+        resumed["eval_before"] if resumed else (run.evaluate("before") if run.evaluate else None)
+    )
+    run.identity["eval_before"] = before
+    return run
+
+
+def out_dir(cfg: Config) -> Path:
+    return Path(cfg.output.dir)
 
 
 def _adopted(cfg: Config, adopted: dict) -> Config:
@@ -318,6 +312,12 @@ def _check_resume(path: Path, given: dict, hashed: str, allow: bool, console: Co
     changes = config_drift(state["config"], given)
     if state["data_hash"] != hashed:
         changes.append("data: the tokenized training set differs from the checkpoint's")
+    _refuse_or_warn(path, changes, allow, console)
+    console.print(f"resuming from {path} (step {state['step']})")
+    return state
+
+
+def _refuse_or_warn(path: Path, changes: list[str], allow: bool, console: Console) -> None:
     if changes and not allow:
         raise ResumeError(
             f"output.dir holds checkpoint {path} of a different run: "
@@ -326,8 +326,6 @@ def _check_resume(path: Path, given: dict, hashed: str, allow: bool, console: Co
         )
     for line in changes:
         console.print(f"[yellow]resuming with a changed config: {line}[/yellow]")
-    console.print(f"resuming from {path} (step {state['step']})")
-    return state
 
 
 def _micro_batches(
@@ -369,11 +367,11 @@ def _lengths(train_ds) -> list[int]:
     return [len(ids) for ids in train_ds["input_ids"]]
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """The loss or gradient norm of a step was NaN/inf (the update was not applied)."""
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(RunError):
     """Out of memory at micro-batch 1: nothing left to halve."""
 
 
@@ -409,7 +407,6 @@ class Run:
         device,
         precision,
         out: Path,
-        metrics: MetricsLog,
         summary: dict,
         console: Console,
         identity: dict,
@@ -417,8 +414,11 @@ class Run:
         self.ctx = ctx
         self.model, self.tok, self.train_ds, self.eval_ds = model, tok, train_ds, eval_ds
         self.cfg, self.opts, self.device = cfg, opts, device
-        self.out, self.metrics, self.summary, self.console = out, metrics, summary, console
+        self.out, self.summary, self.console = out, summary, console
         self.identity = identity  # config, adopted config, data hash, eval before: checkpointed
+        self.metrics: MetricsLog | NoMetrics = NoMetrics()  # set once the run owns output.dir
+        self.evaluate = None  # when there is eval data: when ("before"/"after") -> metrics
+        self.resume_command = "the same command"  # what a stopped run tells the user to run
         t = cfg.train
         self.schedule = Schedule.build(_lengths(train_ds), cfg, ctx.world)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
@@ -460,9 +460,7 @@ class Run:
             self.pos.rows_per_micro_batch = self.cfg.train.micro_batch
 
     # -- the loop -----------------------------------------------------------------------------
-    def train(self, resume: Path | None) -> None:
-        if resume is not None:
-            self.restore(resume)
+    def train(self) -> None:
         tracker = TensorMemoryTracker() if self.device.type == "cpu" else None
         if tracker is None:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -648,8 +646,8 @@ class Run:
         if stop:
             raise TrainingStopped(
                 f"{signals.requested or 'a signal to another rank'}: stopped after step "
-                f"{pos.step}, checkpoint "
-                f"{self.last_checkpoint}; run the same command again to resume."
+                f"{pos.step}, checkpoint {self.last_checkpoint}; to resume, run: "
+                f"{self.resume_command}"
             )
 
 
@@ -670,19 +668,37 @@ def _peak_memory(tracker: TensorMemoryTracker | None, device, rss_before: int) -
     }
 
 
-def _evaluate(model, tok, template, eval_ds, cfg: Config, opts: StepOptions, device) -> dict:
-    result = {
-        "loss": eval_loss(model, eval_ds, opts, cfg.train.micro_batch, tok.pad_token_id, device)
-    }
-    if template is not None and cfg.train.eval_generate > 0:
-        score, samples = exact_match(
-            model, tok, template, eval_ds, cfg.train.eval_generate, cfg.train.max_new_tokens, device
-        )
+def _evaluate(
+    model, tok, template, eval_ds, cfg: Config, opts: StepOptions, device, console, when: str
+) -> dict:
+    """Held-out metrics `when` ("before"/"after") training, with the progress shown."""
+    t = cfg.train
+    label = f"eval {when} training"
+    with Phase(console, f"{label}: loss", len(eval_ds), "samples") as phase:
+        result = {
+            "loss": eval_loss(
+                model, eval_ds, opts, t.micro_batch, tok.pad_token_id, device, phase.advance
+            )
+        }
+    if template is not None and t.eval_generate > 0:
+        total = min(t.eval_generate, len(eval_ds))
+        with Phase(console, f"{label}: answers by generation", total, "samples") as phase:
+            score, samples = exact_match(
+                model,
+                tok,
+                template,
+                eval_ds,
+                t.eval_generate,
+                t.max_new_tokens,
+                device,
+                phase.advance,
+            )
         result.update(exact_match=score, samples=samples[:5])
-    if cfg.train.stage == "cls":
-        result["accuracy"] = accuracy(
-            model, eval_ds, cfg.train.micro_batch, tok.pad_token_id, device
-        )
+    if t.stage == "cls":
+        with Phase(console, f"{label}: accuracy", len(eval_ds), "samples") as phase:
+            result["accuracy"] = accuracy(
+                model, eval_ds, t.micro_batch, tok.pad_token_id, device, phase.advance
+            )
     return result
 
 
@@ -713,19 +729,28 @@ def _eval_line(block: dict) -> str:
     return line
 
 
-def _save_final(model, tok, cfg: Config, out: Path, ctx: dist.Dist | None = None) -> None:
-    """The adapter or model, written once (by rank 0) in the same format whatever the strategy:
-    FSDP's shards are gathered to rank 0's host memory first."""
+def _save_final(model, tok, cfg: Config, out: Path, ctx: dist.Dist | None = None) -> Path:
+    """The adapter or model, written once (by rank 0) in the same format whatever the strategy
+    (FSDP's shards are gathered to rank 0's host memory first): built in a hidden directory
+    beside its place, then renamed there. An adapter records the base it was trained on
+    (snug_base.json: path, revision and fingerprint), which merge/chat/eval/generate check."""
     ctx = ctx or dist.Dist()
     method = get_method(cfg.method.name)
     target = out / method.output  # adapter/ or model/
     model = dist.unwrap(model)
     state = dist.full_state(model, trainable_only=method.output == "adapter", ctx=ctx)
     if ctx.main:
+        tmp = aside(target)
         model.config.use_cache = True  # the saved model is for inference
         if state is None:
-            method.save(model, target)
+            method.save(model, tmp)
         else:
-            model.save_pretrained(str(target), state_dict=state)
-        tok.save_pretrained(str(target))
+            model.save_pretrained(str(tmp), state_dict=state)
+        tok.save_pretrained(str(tmp))
+        if method.output == "adapter":
+            write_base_record(
+                tmp, base_record(cfg.model, cfg.given_paths.get("model.name_or_path"))
+            )
+        replace_dir(tmp, target)
     dist.barrier()
+    return target

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from snug.files import write_text_atomic
+
 
 class MetricsLog:
     """`keep_until`: a resumed run keeps the rows of steps up to its checkpoint's and drops
@@ -15,14 +17,19 @@ class MetricsLog:
         self.path = out_dir / "metrics.jsonl"
         self.rows: list[dict] = []
         if keep_until is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_bytes().decode("utf-8", errors="replace")
+            for line in text.splitlines():
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
+                except json.JSONDecodeError:  # a line cut short by a kill, or damaged
                     continue
-                if row.get("step", 0) <= keep_until:
+                if (
+                    isinstance(row, dict)
+                    and isinstance(row.get("step", 0), int)
+                    and row.get("step", 0) <= keep_until
+                ):
                     self.rows.append(row)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.tb = None
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -61,7 +68,9 @@ class MetricsLog:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)
         plt.close(fig)
 
 

@@ -13,6 +13,8 @@ from array import array
 
 from rich.console import Console
 
+from snug.errors import UserError
+
 # Keys a resumed run must share with the checkpoint's run: they change which samples are seen,
 # in what order, in what batches, or what is trained. Everything else (steps, lr, eval, logging,
 # output) may change on resume.
@@ -30,7 +32,7 @@ GUARDED_KEYS = (
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run again to resume
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """The checkpoint in output.dir belongs to a different run."""
 
 
