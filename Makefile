@@ -1,10 +1,16 @@
 # make quickstart: set up .venv if missing, then fine-tune the embedded demo.
-# make test:       set up .venv if missing, then run the test suite.
+# make test:       set up .venv if missing, then run the test suite (one pytest-xdist worker
+#                  per core, one torch thread each; each test file runs whole in one worker).
+# make test-fast:  the same without the tests marked slow (real processes: kills, signals,
+#                  2-rank runs, the fuzzing and pickle-planting sweeps): the edit loop.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snug-installed
+# pytest-xdist workers: one per CPU the OS gives us
+WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+XDIST := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: quickstart test lint data base
+.PHONY: quickstart test test-fast lint data base
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,7 +24,10 @@ quickstart: $(STAMP)
 	$(VENV)/bin/snug train examples/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check snug tests scripts benchmarks

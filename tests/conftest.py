@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# Under pytest-xdist each worker gets one core's worth of threads (its snug subprocesses too):
+# two workers with two threads each would fight over this machine's two cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = ROOT / "models/tiny"
@@ -84,3 +93,25 @@ def cpu_opts(**changes):
         "offload_activations": False,
     }
     return StepOptions(**{**base, **changes})
+
+
+# The longest files first (measured: `pytest --durations=0`, summed per file). `make test` runs
+# pytest-xdist with --dist loadfile, which gives each file whole to one worker (so module
+# fixtures are made once) in this order as workers free up: longest first keeps the two
+# workers' loads even. Order within a file is kept.
+LONGEST_FIRST = (
+    "test_dist.py",
+    "test_reliability.py",
+    "test_plan.py",
+    "test_train.py",
+    "test_dist_plan.py",
+    "test_dist_signals.py",
+    "test_methods.py",
+    "test_hostile.py",
+    "test_chat.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

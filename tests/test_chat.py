@@ -188,6 +188,7 @@ def terminal():
 
 
 @needs_pty
+@pytest.mark.slow  # a real `snug chat` process in a pseudo-terminal
 def test_chat_in_a_terminal_streams_each_adapters_answer_and_switches_by_name(runs, terminal):
     # it loads while the expected answers are computed here (2 cores)
     chat = terminal(
@@ -238,6 +239,7 @@ def test_chat_in_a_terminal_streams_each_adapters_answer_and_switches_by_name(ru
 
 
 @needs_pty
+@pytest.mark.slow  # a real `snug chat` process in a pseudo-terminal
 def test_ctrl_c_stops_an_answer_and_ctrl_c_or_ctrl_d_at_the_prompt_leave(runs, terminal):
     rambling = terminal(
         "--temperature", "0", "--max-new-tokens", "480", "--adapter", str(runs["rambling"])

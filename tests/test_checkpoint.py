@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from snug.train.checkpoint import COMPLETE, complete_checkpoints, save_checkpoint
+from snug.train.statefile import load_state
 
 
 def tiny_state():
@@ -39,7 +40,7 @@ def test_saving_the_same_step_again_replaces_it_whole(tmp_path):
     saved = load_file(tmp_path / "step-5/trainable.safetensors")
     assert torch.equal(saved["weight"], model.weight.detach())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-5"]
-    state = torch.load(tmp_path / "step-5/state.pt", weights_only=True)
+    state = load_state(tmp_path / "step-5/state")
     assert state["train_state"] == {"step": 5}
     name, keys, pos, _, _ = state["rng"]["numpy"]
     now = np.random.get_state()  # nothing drew from numpy since the save
@@ -51,7 +52,7 @@ def test_saving_the_same_step_again_replaces_it_whole(tmp_path):
 def test_recover_brings_back_a_checkpoint_moved_aside_and_cleans_the_rest(tmp_path):
     import os
 
-    from snug.train.checkpoint import recover
+    from snug.train.outputs import recover
 
     model, opt, sched = tiny_state()
     save_checkpoint(tmp_path, 2, model, opt, sched, {"step": 2}, keep_last=3)

@@ -4,13 +4,14 @@ themselves (`snug train cfg.yaml dist.nproc=2` starts torchrun)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,26 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from snug.cli import main
+
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test here starts real processes (2 gloo ranks)
+
 STEPS = 6  # 24 samples, global micro-batch 4, accumulation 2: 3 steps an epoch, 2 epochs
+# Two ranks add up each gradient in another order than one process, and run matmuls of other
+# shapes, so gradients differ by float32 rounding (u = 2**-24). AdamW moves a weight by at most
+# about lr a step: where a gradient stands well above its rounding the update changes by ~u * lr,
+# but where it is near zero rounding can change a good part of the update. So the weights
+# differ by a small fraction of lr * STEPS: measured on an AVX2-only CPU, 2e-4 to 3e-4 of it for
+# LoRA and full fine-tuning, 2.2e-3 for QLoRA (its 4-bit layers compute through bitsandbytes). Real
+# bugs move weights by a large part of it: rank 1's rows lost, 1.0; a 10% larger lr, 0.4-0.6.
+# A gradient off by a constant factor does not show here (Adam is scale-invariant).
+ADAM_FRACTION = 0.02
+# A step's loss is the mean cross-entropy of its target tokens through 4 fp32 layers (dot
+# products of up to 768 terms: ~sqrt(768) * 4 * u = 7e-6 relative). Measured: 2.3e-7 at most;
+# rank 1's rows lost: 0.54, a 10% larger lr: 0.03-0.05.
+LOSS_RTOL = 1e-5
 
 
 def raw_config(out: Path, strategy: str, method: str = "lora", **train) -> dict:
@@ -44,7 +62,8 @@ def raw_config(out: Path, strategy: str, method: str = "lora", **train) -> dict:
 
 
 def snug_train(cfg: Path) -> subprocess.CompletedProcess:
-    """`snug train CFG` in a process of its own; it must succeed."""
+    """`snug train CFG` in a process of its own, launcher and torchrun included; it must
+    succeed."""
     done = subprocess.run(
         [sys.executable, "-m", "snug.cli", "train", str(cfg)],
         capture_output=True,
@@ -55,10 +74,61 @@ def snug_train(cfg: Path) -> subprocess.CompletedProcess:
     return done
 
 
+def train_here(cfg: Path) -> subprocess.CompletedProcess:
+    """`snug train CFG` of one process, in this one (a process start costs ~10 s of imports
+    here); it must succeed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", str(cfg)])
+    assert code == 0, out.getvalue()[-2000:] + err.getvalue()[-3000:]
+    return subprocess.CompletedProcess(
+        ["snug", "train", str(cfg)], code, out.getvalue(), err.getvalue()
+    )
+
+
+def ranks(cfg: Path, script: str | None = None, **env: str) -> list[subprocess.Popen]:
+    """The 2 ranks of `snug train cfg` started by hand with torchrun's environment (no launcher,
+    no torchrun agent: what they add is tested through `snug_train`); `script` runs instead of
+    the command line (it ends by calling it)."""
+    port = _free_port()
+    code = ["-c", script] if script else ["-m", "snug.cli"]
+    return [
+        subprocess.Popen(
+            [sys.executable, *code, "train", str(cfg)],
+            env={
+                **os.environ,
+                **env,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+            stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+
+
+def train_ranks(cfg: Path) -> str:
+    """Both ranks to the end; rank 0's output."""
+    procs = ranks(cfg)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    return outs[0][0]
+
+
 def train(tmp: Path, name: str, raw: dict) -> Path:
+    """One process in this one, two as ranks of their own."""
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    snug_train(cfg)
+    if raw["dist"]["strategy"] == "none":
+        train_here(cfg)
+    else:
+        train_ranks(cfg)
     return Path(raw["output"]["dir"])
 
 
@@ -77,8 +147,9 @@ def assert_same(run: Path, single: Path, method: str = "lora") -> None:
     ours, theirs = weights(run, method), weights(single, method)
     assert ours.keys() == theirs.keys()
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
-    assert worst < 1e-5, worst
-    assert losses(run) == pytest.approx(losses(single), rel=1e-5)
+    lr = yaml.safe_load((single / "config.yaml").read_text())["train"]["lr"]
+    assert worst < ADAM_FRACTION * lr * STEPS, (worst, lr)
+    assert losses(run) == pytest.approx(losses(single), rel=LOSS_RTOL)
     assert len(losses(run)) == STEPS
 
 
@@ -93,9 +164,12 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(strategy, r
     assert_same(runs[strategy], runs["none"])
     summary = json.loads((runs[strategy] / "summary.json").read_text())
     assert summary["status"] == "completed" and len(summary["peak_memory"]["per_rank_bytes"]) == 2
-    if strategy == "fsdp":  # sharded: trainable state in torch.distributed.checkpoint shards
-        step = runs[strategy] / "checkpoints/step-6"
-        assert (step / "dcp").is_dir() and (step / "rng-rank1.pt").exists()
+    step = runs[strategy] / "checkpoints/step-6"
+    # sharded: torch.distributed.checkpoint's safetensors, one per rank; nothing pickled
+    assert len(list((step / "shards").glob("*.safetensors"))) == 2
+    assert (step / "rng-rank1.json").exists()
+    kinds = {p.suffix or p.name for p in step.rglob("*") if p.is_file()}
+    assert kinds == {".json", ".safetensors", "COMPLETE"}, kinds
 
 
 def test_fsdp_full_fine_tune_matches_one_process(tmp_path):
@@ -140,96 +214,60 @@ sys.exit(main(sys.argv[1:]))
 def kill_both_ranks(cfg: Path, at: int) -> None:
     """Start the 2 ranks of `snug train cfg` by hand (torchrun's environment), each SIGKILLing
     itself at its at-th micro-batch."""
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", KILL_AT, "train", str(cfg)],
-            env={
-                **os.environ,
-                "AT": str(at),
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": "2",
-                "LOCAL_WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    codes = [p.wait(timeout=600) for p in procs]
-    assert codes == [-9, -9], [p.stderr.read()[-2000:] for p in procs]
+    procs = ranks(cfg, KILL_AT, AT=str(at))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [-9, -9], [o[1][-2000:] for o in outs]
 
 
-def test_sharded_checkpoint_resumes_exactly_after_kill_9(tmp_path, runs):
-    """Both ranks die by SIGKILL in step 5 (after the step-4 checkpoint); `snug train` again
-    resumes the sharded checkpoint and ends where the uninterrupted FSDP run ended."""
-    out = tmp_path / "run"
-    cfg = tmp_path / "cfg.yaml"
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> Path:
+    """An FSDP run whose two ranks died by SIGKILL in step 5, after the step-4 checkpoint (the
+    tests below copy it and resume it each their own way)."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    cfg = out.parent / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp")))
     kill_both_ranks(cfg, at=9)  # the first micro-batch of step 5
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
-    resumed = snug_train(cfg)
-    assert "resuming from" in resumed.stdout
-    ours, theirs = weights(out), weights(runs["fsdp"])
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert losses(out) == losses(runs["fsdp"])
+    return out
 
 
-@pytest.mark.parametrize(
-    "strategy,quant,reshard",
-    [
-        ("fsdp", "none", True),
-        ("ddp", "none", True),
-        ("fsdp", "4bit", True),
-        ("fsdp", "none", False),
-    ],
-)
-def test_planner_predicts_the_per_rank_peak(strategy, quant, reshard, tmp_path):
-    """`snug plan` simulates rank 0 with a fake process group; against the tracked peak of each
-    rank of a real 2-process run (text cut at the cutoff: every row full, no padding)."""
-    from snug.config import config_from_dict
-    from snug.plan.hardware import model_config
-    from snug.plan.simulate import simulate
-
-    docs = [json.loads(x)["text"] for x in (ROOT / "data/corpus/corpus.jsonl").open()]
-    text = tmp_path / "text.jsonl"
-    text.write_text(
-        "".join(
-            json.dumps({"text": " ".join(docs[i * 12 : i * 12 + 12])}) + "\n" for i in range(16)
-        )
-    )
-    raw = raw_config(tmp_path / "run", strategy, max_steps=3, stage="pt")
-    raw["data"] = {"train": str(text), "format": "text", "cutoff_len": 64}
-    raw["memory"] = {"grad_checkpointing": True}
-    raw["model"]["quant"] = quant
-    raw["dist"]["reshard_after_forward"] = reshard  # false: gathered layers kept until backward
-    run = train(tmp_path, strategy, raw)
-    measured = json.loads((run / "summary.json").read_text())["peak_memory"]["per_rank_bytes"]
-    cfg = config_from_dict(raw)
-    predicted = simulate(cfg, model_config(cfg.model.name_or_path), 64, "cpu", "fp32", extend=False)
-    assert all(abs(predicted.peak_bytes - m) / m < 0.05 for m in measured), (
-        predicted.peak_bytes,
-        measured,
-    )
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    """A copy of the run to put it back from once a test has resumed it in place (its
+    checkpoints record their config's absolute paths, so it resumes where it was made)."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
 
 
-def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path, runs):
+def test_sharded_checkpoint_resumes_exactly_after_kill_9(tmp_path, runs, killed):
+    """Both ranks die by SIGKILL in step 5 (after the step-4 checkpoint); `snug train` again
+    resumes the sharded checkpoint and ends where the uninterrupted FSDP run ended."""
+    cfg = killed.parent / "cfg.yaml"
+    saved = copy_of(killed, tmp_path)
+    try:
+        assert "resuming from" in train_ranks(cfg)
+        ours, theirs = weights(killed), weights(runs["fsdp"])
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert losses(killed) == losses(runs["fsdp"])
+    finally:  # the killed run as it was, for the next test
+        shutil.rmtree(killed)
+        shutil.copytree(saved, killed)
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process(tmp_path, runs, killed):
     """Two ranks die after the step-4 checkpoint; one process with the same global
     micro-batch resumes the shards (torch.distributed.checkpoint re-splits them) and ends
     where the one-process run ended."""
-    out = tmp_path / "run"
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp")))
-    kill_both_ranks(cfg, at=9)
-    one = raw_config(out, "none")
-    cfg.write_text(yaml.safe_dump(one))
-    resumed = snug_train(cfg)
-    assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
-    assert_same(out, runs["none"])
+    saved = copy_of(killed, tmp_path)
+    cfg = killed.parent / "one.yaml"
+    cfg.write_text(yaml.safe_dump(raw_config(killed, "none")))
+    try:
+        resumed = train_here(cfg)
+        assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
+        assert_same(killed, runs["none"])
+    finally:
+        shutil.rmtree(killed)
+        shutil.copytree(saved, killed)
 
 
 def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(tmp_path, runs):
@@ -249,64 +287,6 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(tmp_path, runs):
     assert died.returncode == -9, died.stderr[-2000:]
     assert (out / "checkpoints/step-4/trainable.safetensors").exists()
     cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp")))
-    resumed = snug_train(cfg)
-    assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
+    resumed = " ".join(train_ranks(cfg).split())
+    assert "resuming from" in resumed and "step 4" in resumed
     assert_same(out, runs["none"])
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_stop_signal_to_the_launcher_saves_every_rank_and_resumes(sig, tmp_path):
-    """SIGTERM to the `snug train` process alone (as a scheduler or `kill` sends it): it passes
-    the signal through torchrun to the ranks, which save after their step; exit 75, and the
-    same command resumes there and finishes. SIGKILL (nothing can be passed on): the kernel
-    tells torchrun, which stops the ranks the same way; none is left running."""
-    out = tmp_path / "run"
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp", epochs=8, lr=1e-4)))
-    cmd = [sys.executable, "-m", "snug.cli", "train", str(cfg)]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
-        time.sleep(0.2)
-    launcher.send_signal(sig)
-    # the pipes close when every process holding them (torchrun, the ranks) has ended
-    stdout, stderr = launcher.communicate(timeout=300)
-    assert launcher.returncode == (75 if sig == signal.SIGTERM else -9), stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "stopped" and summary["steps"] < 24
-    assert stderr.count(f"{sig.name if sig == signal.SIGTERM else 'SIGTERM'}: stopped after") == 1
-    step = summary["steps"]
-    assert (out / f"checkpoints/step-{step}/dcp").is_dir()
-    if sig == signal.SIGKILL:
-        return  # resuming is the same as after SIGTERM
-    resumed = snug_train(cfg)
-    flat = "".join(resumed.stdout.split())  # the console wraps long lines
-    assert f"resumingfrom{out}/checkpoints/step-{step}" in flat
-    assert (
-        len(losses(out)) == 24
-        and json.loads((out / "summary.json").read_text())["status"] == "completed"
-    )
-
-
-def test_fsdp_reduces_gradients_in_the_dtype_asked():
-    """dist.reduce_dtype reaches FSDP's mixed-precision policy: the planner, which wraps its
-    fake rank with the same code, sees half-size reduce-scatter buffers with bfloat16."""
-    from snug.config import config_from_dict
-    from snug.plan.hardware import model_config
-    from snug.plan.simulate import simulate
-
-    temporary = {}
-    for reduce in ("float32", "bfloat16"):
-        cfg = config_from_dict(
-            {
-                "model": {"name_or_path": str(ROOT / "models/tiny")},
-                "method": {"name": "full"},
-                "train": {"micro_batch": 1},
-                "dist": {"strategy": "fsdp", "nproc": 2, "reduce_dtype": reduce},
-            }
-        )
-        plan = simulate(cfg, model_config(cfg.model.name_or_path), 64, "cuda", "bf16-mixed")
-        temporary[reduce] = plan.breakdown["temporary"]
-    assert temporary["bfloat16"] < temporary["float32"], temporary

@@ -225,8 +225,12 @@ def test_a_full_run_as_model_carries_adapters_and_its_name(run, full_run, tmp_pa
     assert main([*argv, "--metrics", "loss", "--output", str(results)]) == 0
     models = json.loads(results.read_text())["models"]
     assert list(models) == ["full", "mine"]  # the run's name, not "base"
-    assert models["full"]["loss"] == pytest.approx(summary["loss_before"], rel=1e-5)
-    assert models["mine"]["loss"] == pytest.approx(summary["loss_after"], rel=1e-6)
+    # eval scores with the loop's own eval_loss, over the same micro-batches (the adapter run's
+    # train.micro_batch) of the same float32 weights, and LoRA's B = 0 adds exact zeros: the
+    # losses are equal to the last bit (measured), so any difference is a real change (other
+    # batches, precision, data or weights), not rounding.
+    assert models["full"]["loss"] == summary["loss_before"]
+    assert models["mine"]["loss"] == summary["loss_after"]
 
     source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi", "adapter": "theirs"}])
     out = tmp_path / "out.jsonl"
@@ -300,8 +304,10 @@ def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path):
     assert main([*argv, "--limit", str(HELD_OUT), "--output", str(results)]) == 0
     report = json.loads(results.read_text())
     mine = report["models"]["run"]
-    assert mine["loss"] == pytest.approx(summary["loss_after"], rel=1e-6)
-    assert mine["perplexity"] == pytest.approx(math.exp(mine["loss"]), rel=1e-12)
+    # bit for bit, as in test_a_full_run_as_model_carries_adapters_and_its_name; and the
+    # perplexity is the same float64 exp of the same float
+    assert mine["loss"] == summary["loss_after"]
+    assert mine["perplexity"] == math.exp(mine["loss"])
     assert mine["exact_match"] == summary["after"]
     assert 0 <= mine["exact_match"] <= mine["contains"] <= 1
     assert report["counts"] == {"records": 8, "samples": 8, "dropped": 0, "generated": 8}
@@ -324,8 +330,8 @@ def test_compare_puts_base_and_each_adapter_side_by_side(run, tmp_path, capsys):
     assert len(loss_row) == 3 and loss_row[1] != loss_row[2]
     models = json.loads(results.read_text())["models"]
     # LoRA starts at B = 0: the loop's loss before training is the base's
-    assert models["base"]["loss"] == pytest.approx(summary["loss_before"], rel=1e-5)
-    assert models["mine"]["loss"] == pytest.approx(summary["loss_after"], rel=1e-6)
+    assert models["base"]["loss"] == summary["loss_before"]  # bit for bit, as above
+    assert models["mine"]["loss"] == summary["loss_after"]
     assert models["mine"]["loss"] < models["base"]["loss"]
     assert "exact_match" not in models["base"]  # --metrics loss: no generation
 

@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from test_step import assert_grads_close, lora_model, samples, sgd_after_step
+from test_step import LOSS_RTOL, assert_grads_close, lora_model, samples, sgd_after_step
 from transformers import AutoModelForCausalLM
 
 from snug.config import MemoryConfig, TrainConfig
@@ -63,7 +63,7 @@ def test_packed_loss_and_gradients_equal_unpacked(attn, chunked, prompt, tiny_ll
     a, g_a = sgd_after_step(model, unpacked, opts)
     b, g_b = sgd_after_step(model, packed, opts)
     assert a.target_tokens == b.target_tokens
-    torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.loss, a.loss, rtol=LOSS_RTOL, atol=0)  # see test_step
     assert_grads_close(g_a, g_b)
 
 

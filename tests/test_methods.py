@@ -107,8 +107,10 @@ def test_saved_adapter_loads_with_peft_and_gives_same_logits(name, tiny_llama, t
     model.eval()
     loaded.eval()
     with torch.no_grad():
+        # the same float32 weights (safetensors keeps them bit for bit) through the same
+        # kernels on the same input: bit-identical logits (measured: equal for every method)
         torch.testing.assert_close(
-            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6
+            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
         )
 
 
@@ -161,8 +163,10 @@ def test_every_method_learns_keeps_frozen_weights_and_round_trips(name, tokenize
     model.eval()
     loaded.eval()
     with torch.no_grad():
+        # the same float32 weights (safetensors keeps them bit for bit) through the same
+        # kernels on the same input: bit-identical logits (measured: equal for every method)
         torch.testing.assert_close(
-            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5
+            loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
         )
 
 
@@ -255,8 +259,13 @@ def test_4bit_gradients_are_the_same_after_an_eval_forward():
     with torch.no_grad():
         model(input_ids=ids)
     after = grads()
+    # The same 4-bit weights, dequantised alike: equal (measured on an AVX2-only CPU, where
+    # bitsandbytes does not repack; it does with AVX512-BF16). 1e-4 of each tensor's largest
+    # gradient leaves room for float32 rounding only (as test_step.GRAD_RTOL); lost gradients,
+    # the bug, are all of it.
     for name in before:
-        torch.testing.assert_close(after[name], before[name], msg=name)
+        scale = before[name].abs().max().item()
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-4 * scale, msg=name)
 
 
 def test_progressive_unfreezing_adds_layers_from_the_top(tokenizer):

@@ -7,7 +7,9 @@ signal) itself at a chosen call, then runs the `snug` command line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import random
@@ -20,10 +22,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from snug.cli import main
 from snug.config import config_from_dict
-from snug.train.checkpoint import CheckpointError, complete_checkpoints, recover
+from snug.train.checkpoint import CheckpointError, CheckpointLoadError
 from snug.train.loop import NonFiniteError, OutOfMemory, run_training
+from snug.train.outputs import complete_checkpoints, recover
 from snug.train.resume import EXIT_STOPPED, ResumeError
+from snug.train.statefile import load_state
 
 from conftest import ROOT
 
@@ -82,13 +87,26 @@ sys.exit(main(sys.argv[1:]))
 
 
 def snug_train(
-    cfg_path: Path, at: int = 0, action: str = "SIGKILL", where: str = "step.chunked_loss"
+    cfg_path: Path,
+    at: int = 0,
+    action: str = "SIGKILL",
+    where: str = "step.chunked_loss",
+    extra: tuple[str, ...] = (),
 ):
-    """`snug train CFG` in a new process; with `at`, the wrapper sends `action` to itself at
-    the at-th call of `where`."""
+    """`snug train CFG [EXTRA]` in a new process; with `at`, the wrapper sends `action` to
+    itself at the at-th call of `where`."""
     env = {**os.environ, "AT": str(at), "ACTION": action, "WHERE": where}
-    cmd = [sys.executable, "-c", WRAPPER, "train", str(cfg_path)]
+    cmd = [sys.executable, "-c", WRAPPER, "train", str(cfg_path), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def snug_train_here(cfg_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`snug train CFG` in this process, as `snug_train` gives it (running again after a kill
+    needs no process of its own, and a process start costs ~10 s of imports here)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", str(cfg_path), *extra])
+    return subprocess.CompletedProcess(["snug"], code, out.getvalue(), err.getvalue())
 
 
 def write_config(path: Path, raw: dict) -> Path:
@@ -109,7 +127,7 @@ def losses(run: Path) -> dict[int, float]:
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run, in a process of its own like the killed ones."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    done = snug_train(write_config(out.parent / "cfg.yaml", raw_config(out)))
+    done = snug_train_here(write_config(out.parent / "cfg.yaml", raw_config(out)))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -122,6 +140,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "at",
     [
@@ -137,7 +156,7 @@ def test_kill_9_then_resume_is_bit_identical(at, tmp_path, reference):
     killed = snug_train(cfg, at=at)
     assert killed.returncode == -9, f"kill at micro-batch call {at}: {killed.stderr[-500:]}"
     assert not (out / "adapter").exists()
-    resumed = snug_train(cfg)
+    resumed = snug_train_here(cfg)
     assert resumed.returncode == 0, resumed.stderr
     newest = complete_checkpoints(out / "checkpoints")
     if (at - 1) // MICRO_PER_STEP >= 2:  # a checkpoint existed before the kill
@@ -146,11 +165,12 @@ def test_kill_9_then_resume_is_bit_identical(at, tmp_path, reference):
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "where,at",
     [
         ("ckpt.save_file", 2),  # the second checkpoint, before its weights are written
-        ("ckpt._fsync", 7),  # the second checkpoint, files written, before its marker
+        ("ckpt.fsync", 7),  # the second checkpoint, files written, before its marker
         ("os.replace", 2),  # the second checkpoint complete in its temporary directory
         ("ckpt.prune", 2),  # the second checkpoint renamed into place, before pruning
     ],
@@ -164,7 +184,7 @@ def test_kill_during_a_save_leaves_a_loadable_checkpoint(where, at, tmp_path, re
     assert newest is not None and newest.name in ("step-2", "step-4")
     assert newest.name == ("step-4" if where == "ckpt.prune" else "step-2")
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
-    resumed = snug_train(cfg)
+    resumed = snug_train_here(cfg)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(out, reference)
 
@@ -191,20 +211,26 @@ def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path, m
     assert load_file(out / "checkpoints/step-2/trainable.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_sigterm_or_one_ctrl_c_saves_and_stops_then_resumes(signal_name, tmp_path, reference):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", raw_config(out))
     at = 3 * MICRO_PER_STEP  # during step 3: no periodic checkpoint falls there
-    stopped = snug_train(cfg, at=at, action=signal_name)
+    # started with --fresh (and an override): the command that resumes is given without it
+    stopped = snug_train(cfg, at=at, action=signal_name, extra=("--fresh", "train.log_every=1"))
     assert stopped.returncode == EXIT_STOPPED, stopped.stderr
+    said = " ".join(stopped.stderr.split())
+    assert f"to resume, run: snug train {cfg} train.log_every=1" in said, said
+    assert "--fresh" not in said
     assert "step-3" in [p.name for p in complete_checkpoints(out / "checkpoints")]
     assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
-    resumed = snug_train(cfg)
+    resumed = snug_train_here(cfg)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once_without_saving(tmp_path):
     out = tmp_path / "run"
     raw = raw_config(out, output={"save_every": None})
@@ -238,7 +264,7 @@ def test_resuming_a_changed_run_is_refused_with_the_differences(section, key, va
     assert (out / "adapter").is_dir() and (out / "summary.json").exists()
     assert yaml.safe_load((out / "config.yaml").read_text())[section][key] != value
     if section == "method":  # other trainable shapes: allowed, but it cannot load them
-        with pytest.raises(CheckpointError, match="shapes differ"):
+        with pytest.raises(CheckpointLoadError, match="shapes differ"):
             run_training(config_from_dict(changed), allow_config_change=True)
     else:
         summary = run_training(config_from_dict(changed), allow_config_change=True)
@@ -336,11 +362,13 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_result(tmp_path, mon
     assert set(trained) == {1}
     ours, theirs = adapter(out), adapter(tmp_path / "plain")
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
-    assert worst < 1e-5, worst
+    # One-row micro-batches add up each gradient in another order (float32 rounding), and AdamW
+    # moves a weight by at most about lr a step, of which rounding can change a good part only
+    # where a gradient is near zero (see test_dist.ADAM_FRACTION). Measured on an AVX2-only CPU:
+    # 8e-4 of lr * steps; a fallback losing one row a step gives 0.76, a 10% larger lr 0.32.
+    assert worst < 0.02 * raw["train"]["lr"] * summary["steps"], worst
     # the change is in the checkpoint, and a resume keeps it
-    state = torch.load(
-        complete_checkpoints(out / "checkpoints")[-1] / "state.pt", weights_only=True
-    )
+    state = load_state(complete_checkpoints(out / "checkpoints")[-1] / "state")
     assert state["train_state"]["rows_per_micro_batch"] == 1
     more = dict(raw, train={**raw["train"], "epochs": 3})
     trained.clear()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -132,7 +131,7 @@ def _pickled_only(model_dir: Path) -> Path:
 
 
 def test_model_directory_with_only_pickled_weights_is_refused(tmp_path, tokenizer, monkeypatch):
-    from snug.cli import _user_errors
+    from snug.errors import UserError
 
     path = _pickled_only(make_tiny_model("llama", tmp_path / "pickled", tokenizer))
     cfg = load_config(None, [f"model.name_or_path={path}"])
@@ -141,9 +140,9 @@ def test_model_directory_with_only_pickled_weights_is_refused(tmp_path, tokenize
     text = str(failure.value)
     assert text.startswith(f"model.name_or_path={path}: the directory holds weights only as")
     assert "snug loads safetensors only" in text and "\n" not in text
-    assert isinstance(failure.value, _user_errors())  # the CLI prints it as one line, exit 2
+    assert isinstance(failure.value, UserError)  # the CLI prints it as one line, exit 2
     # Without snug's own check, transformers is told to load safetensors only: no fallback.
-    monkeypatch.setattr("snug.models.load.require_safetensors", lambda mcfg: None)
+    monkeypatch.setattr("snug.models.load.check_model_dir", lambda path: None)
     with pytest.raises(ModelLoadError, match=r"no file named model.safetensors"):
         load_model(cfg, torch.device("cpu"), "fp32")
 
@@ -163,21 +162,21 @@ def test_merge_refuses_an_adapter_saved_only_as_a_pickle(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_remote_code_is_off_by_default_and_logged_with_its_revision(caplog):
+def test_remote_code_is_off_by_default_and_said_with_its_revision(capsys):
     assert ModelConfig().trust_remote_code is False
-    caplog.set_level(logging.WARNING, logger="snug")
     warn_remote_code(ModelConfig(name_or_path="org/model"), "model")
-    assert caplog.records == []
+    assert capsys.readouterr().err == ""
     mcfg = ModelConfig(name_or_path="org/model", trust_remote_code=True, revision="a1b2c3d")
     warn_remote_code(mcfg, "model")
-    assert caplog.messages == [
-        "trust_remote_code is on: running the model code of org/model (revision a1b2c3d)"
-    ]
+    assert capsys.readouterr().err == (
+        "trust_remote_code is on: running the model code shipped with org/model "
+        "(revision a1b2c3d)\n"
+    )
 
 
-def test_loading_a_tokenizer_with_remote_code_on_logs_it(caplog):
-    caplog.set_level(logging.WARNING, logger="snug")
+def test_loading_a_tokenizer_with_remote_code_on_says_so(capsys):
     load_tokenizer(ModelConfig(name_or_path=str(TINY_BASE)))
-    assert not any("trust_remote_code" in m for m in caplog.messages)
+    assert "trust_remote_code" not in capsys.readouterr().err
     load_tokenizer(ModelConfig(name_or_path=str(TINY_BASE), trust_remote_code=True))
-    assert f"running the tokenizer code of {TINY_BASE} (revision default)" in caplog.text
+    said = capsys.readouterr().err
+    assert f"running the tokenizer code shipped with {TINY_BASE} (revision default)" in said

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from snug.cli import main
 from snug.config import config_from_dict
 from snug.train.checkpoint import COMPLETE
-from snug.train.loop import OutputDirError, run_training
+from snug.train.loop import run_training
+from snug.train.outputs import OutputDirError
 
 from conftest import ROOT, make_tiny_model
 
@@ -165,7 +166,11 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
     assert "model.name_or_path" in err and "missing-model" in err and err.count("\n") == 1
 
 
-def test_failed_run_still_writes_summary_and_rerun_replaces_outputs(tmp_path, tiny_llama):
+def test_a_run_that_cannot_start_writes_nothing_and_a_failed_one_says_why(
+    tmp_path, tiny_llama, monkeypatch
+):
+    """Bad data: no output directory is made (nothing to replace, nothing written). A run that
+    started and then failed records the reason in summary.json; a later good run replaces it."""
     bad = tiny_run(
         tmp_path, tiny_llama, data={"train": str(tmp_path / "missing.jsonl"), "eval": None}
     )
@@ -173,7 +178,18 @@ def test_failed_run_still_writes_summary_and_rerun_replaces_outputs(tmp_path, ti
 
     with pytest.raises(DataError):
         run_training(config_from_dict(bad))
-    assert json.loads((tmp_path / "run/summary.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "run").exists()
+    import snug.train.loop as loop
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the step broke")
+
+    monkeypatch.setattr(loop, "train_step", broken)
+    with pytest.raises(RuntimeError, match="the step broke"):
+        run_training(config_from_dict(tiny_run(tmp_path, tiny_llama)))
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: the step broke"
+    monkeypatch.undo()
     good = tiny_run(
         tmp_path, tiny_llama, train={"max_steps": 2, "eval_generate": 0, "eval_every": 1}
     )
@@ -212,17 +228,25 @@ def test_adafactor_trains(tmp_path, tiny_llama):
     assert run_training(config_from_dict(raw))["status"] == "completed"
 
 
+TINY_EXAMPLES = sorted(
+    p.name
+    for p in (ROOT / "examples").glob("*.yaml")
+    if "name_or_path: ../models/tiny\n" in p.read_text()
+)
+
+
+def test_the_tiny_examples_are_found():
+    assert len(TINY_EXAMPLES) >= 12, TINY_EXAMPLES
+
+
 @pytest.mark.parametrize(
     "example",
-    sorted(
-        p.name
-        for p in (ROOT / "examples").glob("*.yaml")
-        if "name_or_path: models/tiny\n" in p.read_text()
-    ),
+    [pytest.param(e, marks=pytest.mark.slow) if e == "fsdp.yaml" else e for e in TINY_EXAMPLES],
 )
 def test_every_tiny_example_trains(example, tmp_path, monkeypatch):
-    """`snug train examples/<method>.yaml` works: two steps of each, through the CLI."""
-    monkeypatch.chdir(ROOT)
+    """`snug train examples/<method>.yaml` works: two steps of each, through the CLI, run from
+    another directory (the examples' paths are read from their own folder)."""
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     overrides = [
         "train.max_steps=2",
@@ -230,7 +254,7 @@ def test_every_tiny_example_trains(example, tmp_path, monkeypatch):
         "data.max_samples=32",
         f"output.dir={out}",
     ]
-    assert main(["train", f"examples/{example}", *overrides]) == 0
+    assert main(["train", str(ROOT / "examples" / example), *overrides]) == 0
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
 
 
