@@ -1,6 +1,7 @@
 """`snug train` end to end on tiny models: outputs, families, precisions, CLI errors."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -9,8 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from snug.cli import main
 from snug.config import config_from_dict
+from snug.train import loop
 from snug.train.checkpoint import COMPLETE
 from snug.train.loop import run_training
+from snug.train.memory import StepPeaks
 from snug.train.outputs import OutputDirError
 
 from conftest import ROOT, make_tiny_model
@@ -89,6 +92,33 @@ def test_train_writes_every_output(tmp_path):
     PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny"), out / "adapter"
     )
+
+
+def test_the_peak_of_the_steps_that_can_set_it_is_the_peak_of_every_step(tmp_path, monkeypatch):
+    """The CPU tracker runs on the first two steps and on steps with a larger micro-batch
+    (rows x length or rows x length²) than any tracked before; the peak it reports is the
+    peak of tracking every step, on rows of 1 to 20 words (5 to 80 tokens) in random order."""
+    rng = random.Random(0)
+    words = "alpha beta gamma delta echo fox golf hotel india juliet".split()
+    rows = [
+        {"instruction": "repeat", "output": " ".join(rng.choices(words, k=rng.randint(1, 20)))}
+        for _ in range(48)
+    ]
+    data = tmp_path / "varied.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(name: str) -> dict:
+        raw = tiny_run(tmp_path, ROOT / "models/tiny", output={"dir": str(tmp_path / name)})
+        raw["data"] = {"train": str(data), "cutoff_len": 256}
+        raw["train"].update(max_steps=12, micro_batch=2, grad_accum=1, eval_generate=0)
+        return run_training(config_from_dict(raw))["peak_memory"]
+
+    some = run("some")
+    monkeypatch.setattr(loop, "StepPeaks", lambda: StepPeaks(warmup=10**9))  # every step
+    every = run("every")
+    assert every["tracked_steps"] == 12
+    assert 2 < some["tracked_steps"] < 12  # later steps were chosen, not all of them
+    assert some["measured_bytes"] == every["measured_bytes"]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,7 +37,7 @@ from snug.train import dist
 from snug.train.activations import enable_checkpointing
 from snug.train.checkpoint import load_checkpoint, read_train_state, save_checkpoint
 from snug.train.evaluate import accuracy, eval_loss, exact_match
-from snug.train.memory import TensorMemoryTracker, model_tensors
+from snug.train.memory import StepPeaks, model_tensors, optimizer_tensors
 from snug.train.metrics import MetricsLog, NoMetrics
 from snug.train.optim import build_optimizer, build_scheduler
 from snug.train.outputs import check_output_dir, commit, newest_checkpoint
@@ -423,6 +424,7 @@ class Run:
         self.schedule = Schedule.build(_lengths(train_ds), cfg, ctx.world)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
         self.optimizer = build_optimizer(model, cfg.memory, t, cfg.method.lora_plus_ratio)
+        self.peaks: StepPeaks | None = None  # set by train() on CPU
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
         self.method = get_method(cfg.method.name)
@@ -461,8 +463,9 @@ class Run:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
-        tracker = TensorMemoryTracker() if self.device.type == "cpu" else None
-        if tracker is None:
+        # On CPU the peak comes from snug's tensor tracker, on the steps that can set it.
+        self.peaks = StepPeaks() if self.device.type == "cpu" else None
+        if self.peaks is None:
             torch.cuda.reset_peak_memory_stats(self.device)
         rss_before = _peak_rss_bytes()
         loop_started = time.perf_counter()
@@ -476,24 +479,17 @@ class Run:
         progress = Progress(*columns, console=self.console, disable=not self.console.is_terminal)
         with progress as bar, Signals(self.console) as signals:
             task = bar.add_task("train", total=self.total_steps, completed=self.pos.step, info="")
-            if tracker is not None:
-                tracker.__enter__()
-                tracker.track(model_tensors(self.model))
-            try:
-                while self.pos.step < self.total_steps:
-                    windows = self.schedule.windows(self.pos.epoch)
-                    while self.pos.window < len(windows) and self.pos.step < self.total_steps:
-                        info = self._step(windows[self.pos.window])
-                        bar.update(task, advance=1, info=info)
-                        self._after_step(signals)
-                    self.pos.epoch += 1
-                    self.pos.window = 0
-            finally:
-                if tracker is not None:
-                    tracker.__exit__(None, None, None)
+            while self.pos.step < self.total_steps:
+                windows = self.schedule.windows(self.pos.epoch)
+                while self.pos.window < len(windows) and self.pos.step < self.total_steps:
+                    info = self._step(windows[self.pos.window])
+                    bar.update(task, advance=1, info=info)
+                    self._after_step(signals)
+                self.pos.epoch += 1
+                self.pos.window = 0
         s = self.summary
         s["train_seconds"] = round(time.perf_counter() - loop_started, 2)  # the loop, no evals
-        s["peak_memory"] = _peak_memory(tracker, self.device, rss_before)
+        s["peak_memory"] = _peak_memory(self.peaks, self.device, rss_before)
         if self.ctx.active:  # every rank's own peak (rank 0's is measured_bytes)
             own = torch.tensor([s["peak_memory"]["measured_bytes"]], dtype=torch.float64)
             peaks = [torch.zeros_like(own) for _ in range(self.ctx.world)]
@@ -561,9 +557,10 @@ class Run:
                 self.device,
             )
             try:
-                result = train_step(
-                    self.model, self.optimizer, batches, self.opts, self.scaler, self._finite
-                )
+                with self._tracked(batches):
+                    result = train_step(
+                        self.model, self.optimizer, batches, self.opts, self.scaler, self._finite
+                    )
                 if self.ctx.active:  # tokens/s of the whole run
                     n_tokens = int(dist.all_sum(torch.tensor(n_tokens, device=self.device)))
                 return result, n_tokens
@@ -627,6 +624,17 @@ class Run:
             return "There is no checkpoint of this run (set output.save_every to keep some)."
         return f"The last good checkpoint is {self.last_checkpoint}; running again resumes it."
 
+    def _tracked(self, batches: list[dict[str, torch.Tensor]]):
+        if self.peaks is None:
+            return contextlib.nullcontext()
+
+        def persistent() -> list[torch.Tensor]:  # and this step's batches, made before it
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            inputs = [v for b in batches for v in b.values() if isinstance(v, torch.Tensor)]
+            return [*model_tensors(self.model), *optimizer_tensors(self.optimizer), *grads, *inputs]
+
+        return self.peaks.step([tuple(b["input_ids"].shape[:2]) for b in batches], persistent)
+
     def _after_step(self, signals: Signals) -> None:
         t, pos = self.cfg.train, self.pos
         if t.eval_every and self.eval_ds is not None and pos.step % t.eval_every == 0:
@@ -651,10 +659,11 @@ class Run:
             )
 
 
-def _peak_memory(tracker: TensorMemoryTracker | None, device, rss_before: int) -> dict:
-    if tracker is not None:
+def _peak_memory(peaks: StepPeaks | None, device, rss_before: int) -> dict:
+    if peaks is not None:
         return {
-            "measured_bytes": tracker.peak,
+            "measured_bytes": peaks.peak,
+            "tracked_steps": peaks.tracked,
             "predicted_bytes": None,
             "device": "cpu",
             "peak_rss_bytes": _peak_rss_bytes(),

@@ -8,7 +8,8 @@ on adapter models (torch 2.13). The same tracker measures a real CPU run (`snug 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -89,6 +90,63 @@ class TensorMemoryTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._add(t)
         return out
+
+
+class StepPeaks:
+    """The tensor-memory peak of a training loop, measured on the steps that can set it.
+
+    Tracking every op costs 1.3-1.6x step time on a small model, where per-op Python overhead
+    is largest (`python benchmarks/tracker_overhead.py`). Between steps only persistent tensors
+    live (weights, optimizer state: the step ends with `zero_grad(set_to_none=True)`); what a
+    step adds grows with its micro-batches' rows x length (activations, logits) and rows x
+    length² (attention scores without a fused kernel). So the first `warmup` steps are tracked
+    (the optimizer's state appears during step 1, and step 2 is the first to hold it with
+    activations), and after them only a step with a micro-batch larger in one of those two
+    measures than every micro-batch tracked so far: another step can add no more than one
+    already tracked. On entering, the persistent tensors are counted again, since storages
+    made while untracked (the optimizer's state) are not yet known to the tracker."""
+
+    def __init__(self, warmup: int = 2) -> None:
+        self.tracker = TensorMemoryTracker()
+        self.warmup = warmup
+        self.steps = 0
+        self.tracked = 0
+        self._largest = (0, 0)
+
+    @property
+    def peak(self) -> int:
+        return self.tracker.peak
+
+    @contextmanager
+    def step(
+        self, shapes: Iterable[tuple[int, int]], persistent: Callable[[], Iterable[torch.Tensor]]
+    ) -> Iterator[None]:
+        """Around one step whose micro-batches have (rows, length) `shapes`."""
+        shapes = list(shapes)
+        size = (
+            max((r * n for r, n in shapes), default=0),
+            max((r * n * n for r, n in shapes), default=0),
+        )
+        track = self.steps < self.warmup or size[0] > self._largest[0] or size[1] > self._largest[1]
+        self.steps += 1
+        if not track:
+            yield
+            return
+        self._largest = (max(size[0], self._largest[0]), max(size[1], self._largest[1]))
+        self.tracked += 1
+        with self.tracker:
+            self.tracker.track(persistent())
+            yield
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's state tensors (AdamW's moments, an 8-bit optimizer's quantised state)."""
+    return [
+        v
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    ]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
