@@ -200,7 +200,8 @@ def test_a_run_that_cannot_start_writes_nothing_and_a_failed_one_says_why(
     tmp_path, tiny_llama, monkeypatch
 ):
     """Bad data: no output directory is made (nothing to replace, nothing written). A run that
-    started and then failed records the reason in summary.json; a later good run replaces it."""
+    fails in its first step leaves the earlier run's files byte-identical; one that failed
+    after it records the reason in summary.json; a later good run replaces it."""
     bad = tiny_run(
         tmp_path, tiny_llama, data={"train": str(tmp_path / "missing.jsonl"), "eval": None}
     )
@@ -209,16 +210,27 @@ def test_a_run_that_cannot_start_writes_nothing_and_a_failed_one_says_why(
     with pytest.raises(DataError):
         run_training(config_from_dict(bad))
     assert not (tmp_path / "run").exists()
-    import snug.train.loop as loop
+    run_training(config_from_dict(tiny_run(tmp_path, tiny_llama, train={"max_steps": 1})))
+    finished = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    real_step, calls = loop.train_step, []
 
     def broken(*args, **kwargs):
-        raise RuntimeError("the step broke")
+        calls.append(1)
+        if len(calls) == broken.at:
+            raise RuntimeError("the step broke")
+        return real_step(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", broken)
-    with pytest.raises(RuntimeError, match="the step broke"):
-        run_training(config_from_dict(tiny_run(tmp_path, tiny_llama)))
+    for broken.at in (1, 2):
+        calls.clear()
+        with pytest.raises(RuntimeError, match="the step broke"):
+            run_training(config_from_dict(tiny_run(tmp_path, tiny_llama)), fresh=True)
+        if broken.at == 1:  # the first step never finished: the earlier run is untouched
+            now = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+            assert now == finished
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "RuntimeError: the step broke"
+    assert summary["steps"] == 1
     monkeypatch.undo()
     good = tiny_run(
         tmp_path, tiny_llama, train={"max_steps": 2, "eval_generate": 0, "eval_every": 1}

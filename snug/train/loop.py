@@ -8,6 +8,7 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,8 +131,9 @@ def run_training(
     Resumes the newest complete checkpoint in output.dir unless `fresh`; a checkpoint of a
     different run (guarded keys, data) is refused unless `allow_config_change`.
 
-    Nothing in output.dir changes until the run has proven it can start (train/outputs.py):
-    an error before that leaves an earlier run's files as they were and writes no summary."""
+    Nothing in output.dir changes until the run has proven it can start, its first optimizer
+    step included (train/outputs.py): an error before that leaves an earlier run's files as
+    they were and writes no summary."""
     console = console or Console()
     started = time.perf_counter()
     ctx, device = dist.setup(cfg, resolve_device(cfg))
@@ -148,17 +150,25 @@ def run_training(
             lambda: _prepare(cfg, ctx, device, resume_path, allow_config_change, console, summary),
             device,
         )
-        if ctx.main:  # the run can start: output.dir is now this run's
-            commit(run.cfg, resuming=resume_path is not None)
-        dist.barrier()
-        committed = True
-        if resume_path is not None:  # recover() put a checkpoint moved aside back in place
-            run.last_checkpoint = out / "checkpoints" / resume_path.name.removeprefix(".old-")
         keep_until = run.pos.step if resume_path is not None else None
-        metrics = MetricsLog(out, keep_until) if ctx.main else NoMetrics()
-        run.metrics = metrics
+
+        def take_over() -> None:
+            """After the first optimizer step (every rank): output.dir is now this run's."""
+            nonlocal committed, metrics
+            if ctx.main:
+                commit(run.cfg, resuming=resume_path is not None)
+            dist.barrier()
+            committed = True
+            if resume_path is not None:  # recover() put a checkpoint moved aside back in place
+                run.last_checkpoint = out / "checkpoints" / resume_path.name.removeprefix(".old-")
+            metrics = MetricsLog(out, keep_until) if ctx.main else NoMetrics()
+            run.metrics = metrics
+
+        run.take_over = take_over
         run.resume_command = resume_command
         run.train()
+        if not committed:  # nothing was left to train (a finished run, resumed)
+            take_over()
         cfg = run.cfg
         if run.evaluate:
             summary["eval"] = _eval_block(run.identity["eval_before"], run.evaluate("after"))
@@ -420,6 +430,8 @@ class Run:
         self.metrics: MetricsLog | NoMetrics = NoMetrics()  # set once the run owns output.dir
         self.evaluate = None  # when there is eval data: when ("before"/"after") -> metrics
         self.resume_command = "the same command"  # what a stopped run tells the user to run
+        # Called once the first optimizer step is done: until then output.dir is untouched.
+        self.take_over: Callable[[], None] | None = None
         t = cfg.train
         self.schedule = Schedule.build(_lengths(train_ds), cfg, ctx.world)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
@@ -507,6 +519,9 @@ class Run:
         tick = time.perf_counter()
         result, n_tokens = self._step_fitting(window)
         self.scheduler.step()
+        if self.take_over is not None:
+            self.take_over()
+            self.take_over = None
         loss = result.loss.item()
         pos.seconds += time.perf_counter() - tick
         pos.step += 1

@@ -2,7 +2,8 @@
 
 Nothing of an earlier run is removed, and nothing is written, until the new run has proven it
 can start: config checked, model and data found and loaded, the checkpoint (when resuming)
-read back into memory. Only then does `commit` take the directory over; every output after
+read back into memory, the first optimizer step done. Only then does `commit` take the
+directory over; every output after
 that is written aside and renamed into place. So a run that fails before its first optimizer
 step leaves every file byte-identical. Pure file handling, no torch: the command line runs
 `check_output_dir` before the heavy imports.
