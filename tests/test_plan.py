@@ -389,3 +389,23 @@ def test_search_tries_lora_on_each_base_and_prefers_the_full_precision_one():
     assert method_label(choice.cfg) == "lora" and why.startswith("lora ranks highest")
     choice, _ = recommend([c for c in found if method_label(c.cfg) != "lora"])
     assert method_label(choice.cfg) == "qlora-8bit"
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_a_failed_simulation_is_an_error_not_a_verdict(search, monkeypatch, capsys):
+    """Exit 1 says every candidate was planned and none fits; a simulation that breaks is
+    exit 2 with its cause, in the table and in the one-line error, never "nothing fits"."""
+    import snug.plan.search as search_module
+    from snug.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Couldn't swap Embedding.weight")
+
+    monkeypatch.setattr(search_module, "simulate", broken)
+    args = ["plan", "--model", "models/tiny", "--method", "lora", "--device", "cpu"]
+    assert main([*args, "--seq-len", "32", *(["--search"] if search else [])]) == 2
+    out, err = capsys.readouterr()
+    assert "nothing fits" not in out
+    assert "the simulation failed: RuntimeError: Couldn't swap Embedding.weight" in out
+    assert err.startswith("error: the plan of ") and err.count("\n") == 1
+    assert "failed" in err and "Couldn't swap Embedding.weight" in err

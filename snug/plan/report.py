@@ -65,8 +65,8 @@ def print_table(console: Console, cands: list[Candidate], device: Device, title:
     for col in ("candidate", "peak GiB", "reserved GiB", "fits", "trainable", "step s", "tokens/s"):
         table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=True)
     for c in cands:
-        if c.error:
-            table.add_row(c.name, "—", "—", "—", "—", "—", c.error[:60])
+        if c.error:  # a failed simulation is no verdict on fit: its cause follows the table
+            table.add_row(c.name, "—", "—", "error", "—", "—", "—")
             continue
         table.add_row(
             c.name,
@@ -78,6 +78,9 @@ def print_table(console: Console, cands: list[Candidate], device: Device, title:
             "—" if c.tokens_per_second is None else f"{c.tokens_per_second:,.0f}",
         )
     console.print(table)
+    for c in cands:
+        if c.error:
+            console.print(f"{c.name}: the simulation failed: {c.error}")
     if device.memory_bytes:
         console.print(f"device: {device.name}, {_gib(device.memory_bytes)} GiB usable")
 
@@ -109,6 +112,18 @@ def print_explain(console: Console, explained: dict) -> None:
             t["module"],
         )
     console.print(table)
+
+
+def failed_simulations(cands: list[Candidate]) -> str:
+    """Why nothing can be recommended when simulations failed: that is an error, not "does not
+    fit" (exit 2, where exit 1 means every candidate was planned and none fits)."""
+    failed = [c for c in cands if c.error]
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more candidates)" if len(failed) > 1 else ""
+    return (
+        f"the plan of {first.name} failed{more}: {first.error}; nothing was found to fit, but "
+        "what failed may fit."
+    )
 
 
 def cmd_plan(args) -> int:
@@ -167,8 +182,11 @@ def cmd_plan(args) -> int:
         if path.exists():
             raise PlanError(f"--write-config {path} exists; name a new file.")
         save_config(choice.cfg, path)
+    broken = choice is None and any(c.error for c in cands)
     if args.json:
         print(json.dumps(result, indent=2))
+        if broken:
+            raise PlanError(failed_simulations(cands))
         return 0 if choice is not None else 1
     title = f"{cfg.model.name_or_path}, {seq_len} tokens per sample ({seq_source})"
     print_table(console, cands, device, title)
@@ -181,6 +199,8 @@ def cmd_plan(args) -> int:
         console.print(f"recommended: [bold]{choice.name}[/bold] — {why}")
         if args.write_config:
             console.print(f"wrote {args.write_config}")
+    elif broken:
+        raise PlanError(failed_simulations(cands))
     else:
         console.print("nothing fits" + (f": {why}" if why else ""))
     return 0 if choice is not None else 1
