@@ -409,3 +409,20 @@ def test_a_failed_simulation_is_an_error_not_a_verdict(search, monkeypatch, caps
     assert "the simulation failed: RuntimeError: Couldn't swap Embedding.weight" in out
     assert err.startswith("error: the plan of ") and err.count("\n") == 1
     assert "failed" in err and "Couldn't swap Embedding.weight" in err
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning"])
+def test_virtual_token_methods_plan_a_bfloat16_base(method, capsys):
+    """peft's prompt-learning models hold the base's embedding twice; with model.dtype
+    bfloat16 the replay crashed on it ("Couldn't swap Embedding.weight")."""
+    import json
+
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    example = str(ROOT / f"examples/{method}.yaml")
+    args = ["plan", example, "--device", "cpu", "--seq-len", "32", "--json", "model.dtype=bfloat16"]
+    assert main(args) == 0, capsys.readouterr().err
+    (cand,) = json.loads(capsys.readouterr().out)["candidates"]
+    assert cand["error"] is None and cand["fits"] and cand["peak_bytes"] > 0

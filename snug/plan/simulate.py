@@ -403,7 +403,11 @@ def _simulate_once(
         FakeTensorMode(allow_non_fake_inputs=True),
         _unpacked_rows(not cfg.data.packing),
     ):
-        model.to_empty(device="cpu")
+        # Each module once: peft's prompt-learning models hold the base's input embedding twice
+        # (in the base and as `word_embeddings`), and converting a tensor the fake mode already
+        # holds again fails to swap it (model.dtype bfloat16: "Couldn't swap Embedding.weight").
+        for module in model.modules():  # modules() yields a shared module once
+            module.to_empty(device="cpu", recurse=False)
         model.tie_weights()  # to_empty gives each module its own tensor: tie them again
         held_by_wrapper = shard(model, cfg, mesh, precision)  # rank 0 of dist.nproc, if any
         params = [p for p in model.parameters() if p.requires_grad]
