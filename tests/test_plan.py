@@ -426,3 +426,27 @@ def test_virtual_token_methods_plan_a_bfloat16_base(method, capsys):
     assert main(args) == 0, capsys.readouterr().err
     (cand,) = json.loads(capsys.readouterr().out)["candidates"]
     assert cand["error"] is None and cand["fits"] and cand["peak_bytes"] > 0
+
+
+def test_the_plan_of_a_config_keeps_its_precision(tmp_path, capsys):
+    """A full fine-tune in bf16-true on a bf16 base (weights, gradients and both AdamW moments
+    in bf16, as published full-tuning benchmarks run) is planned as such: AdamW keeps
+    2 x 2 bytes per trainable weight (8 bytes under bf16-mixed, whose trainable weights are
+    fp32); each storage rounds up to 512 bytes on CUDA, under 1% on this model."""
+    import json
+
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    args = ["plan", "--model", str(ROOT / "models/tiny"), "--method", "full", "--gpu", "24GiB"]
+    args += ["--seq-len", "64", "--json", "train.precision=bf16-true", "model.dtype=bfloat16"]
+    cfg = tmp_path / "full.yaml"
+    cfg.write_text("method:\n  name: full\n")
+    assert main(["plan", str(cfg), *args[1:]]) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    (cand,) = result["candidates"]
+    assert result["precision"] == "bf16-true"
+    n = cand["trainable_params"]
+    assert cand["breakdown"]["optimizer"] == pytest.approx(4 * n, rel=0.01)
+    assert cand["breakdown"]["trainable"] == pytest.approx(2 * n, rel=0.01)

@@ -163,7 +163,7 @@ def cmd_plan(args) -> int:
         "device": device.as_dict(),
         "seq_len": seq_len,
         "seq_len_from": seq_source,
-        "precision": precision_for(device),
+        "precision": precision_for(device, cfg),
         "candidates": [c.as_dict() for c in cands],
         "best": cands.index(choice) if choice is not None else None,
         "why": why,
@@ -173,7 +173,7 @@ def cmd_plan(args) -> int:
         target = choice or cands[0]
         if target.sim is not None:
             largest, layers = explain_peak(
-                target.cfg, config, seq_len, device.type, precision_for(device)
+                target.cfg, config, seq_len, device.type, precision_for(device, target.cfg)
             )
             explained = {"candidate": target.name, "layers": layers, "largest": largest}
             result["explain"] = explained

@@ -152,7 +152,16 @@ def _rate(device: Device, precision: str) -> float | None:
     return tflops * 1e12 * GPU_EFFICIENCY if tflops else None
 
 
-def precision_for(device: Device) -> str:
+def precision_for(device: Device, cfg: Config | None = None) -> str:
+    """The config's train.precision when it names one (the plan of a config is the plan of
+    that config), else what training picks on that device for `auto`."""
+    if cfg is not None and cfg.train.precision != "auto":
+        chosen = cfg.train.precision
+        if chosen.startswith("bf16") and device.type == "cuda" and not device.supports_bf16:
+            raise PlanError(
+                f"train.precision={chosen}: {device.name} has no bf16; use fp16-mixed or auto."
+            )
+        return chosen
     if device.type == "cpu":
         return "fp32"
     return "bf16-mixed" if device.supports_bf16 else "fp16-mixed"
@@ -165,7 +174,7 @@ def evaluate(
     seq_len: int,
     rate: float | None,
 ) -> Candidate:
-    precision = precision_for(device)
+    precision = precision_for(device, cand.cfg)
     try:
         cand.sim = simulate(cand.cfg, config, seq_len, device.type, precision)
     except PlanError as e:
@@ -202,7 +211,7 @@ def _time(cand: Candidate, device: Device, seq_len: int, rate: float) -> None:
 
 
 def plan_one(cfg: Config, config: PretrainedConfig, device: Device, seq_len: int) -> Candidate:
-    rate = _rate(device, precision_for(device))
+    rate = _rate(device, precision_for(device, cfg))
     return evaluate(Candidate(cfg, candidate_name(cfg)), config, device, seq_len, rate)
 
 
@@ -292,7 +301,7 @@ def search(
 
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
-    rate = _rate(device, precision_for(device))
+    rate = _rate(device, precision_for(device, cfg))
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     strategies = STRATEGIES if num_gpus > 1 else ("none",)
     best: dict[str, Candidate] = {}
@@ -300,6 +309,8 @@ def search(
         base_method = "lora" if method in QUANT_OF else method
         if num_gpus > 1 and not trains_sharded(base_method, QUANT_OF.get(method, "none")):
             continue  # trains on one device only (train/dist.py: check)
+        if cfg.train.precision == "bf16-true" and base_method not in ("full", "freeze"):
+            continue  # adapters do not train in bf16-true (config.py: check_combinations)
         queue = [
             with_overrides(v, dist={"strategy": s, "nproc": num_gpus if s != "none" else 1})
             for s in strategies
