@@ -532,11 +532,6 @@ def check_combinations(cfg: Config, source: str) -> None:
             f"{source}: model.quant={m.quant} needs an adapter method (method.name=lora, dora, "
             f"...), since quantized weights cannot be trained by method.name={cfg.method.name}."
         )
-    if t.precision == "bf16-true" and cfg.method.name not in ("full", "freeze"):
-        raise ConfigError(
-            f"{source}: train.precision=bf16-true is for full and freeze tuning; adapters keep "
-            "fp32 weights, so use bf16-mixed with method.name=" + cfg.method.name + "."
-        )
     if d.val_size > 0 and d.eval is not None:
         raise ConfigError(
             f"{source}: data.val_size holds out part of train as eval data, but data.eval is "
@@ -581,6 +576,12 @@ def check_combinations(cfg: Config, source: str) -> None:
             + "; set data.packing=false."
         )
     _check_dist(cfg, source)
+    if cfg.method.name == "prefix" and cfg.memory.grad_checkpointing:
+        raise ConfigError(
+            f"{source}: method.name=prefix needs memory.grad_checkpointing=false: prefix tuning "
+            "feeds its learned keys and values through the attention cache, which transformers "
+            "turns off under gradient checkpointing."
+        )
 
 
 def _check_dist(cfg: Config, source: str) -> None:

@@ -39,8 +39,9 @@ def test_unknown_section_and_wrong_types():
 def test_impossible_combinations():
     with pytest.raises(ConfigError, match=r"model.quant=4bit needs an adapter method"):
         config_from_dict({"model": {"quant": "4bit"}, "method": {"name": "full"}})
-    with pytest.raises(ConfigError, match=r"bf16-true is for full and freeze"):
-        config_from_dict({"train": {"precision": "bf16-true"}, "method": {"name": "lora"}})
+    with pytest.raises(ConfigError, match=r"method.name=prefix needs memory.grad_checkpointing"):
+        config_from_dict({"method": {"name": "prefix"}})  # checkpointing is on by default
+    config_from_dict({"method": {"name": "prefix"}, "memory": {"grad_checkpointing": False}})
     with pytest.raises(ConfigError, match=r"train.micro_batch is 0, but must be at least 1"):
         config_from_dict({"train": {"micro_batch": 0}})
     with pytest.raises(ConfigError, match=r"method.dropout is 1.5, but must be in \[0, 1\)"):

@@ -15,15 +15,16 @@ pytestmark = pytest.mark.slow  # real 2-process runs
 
 
 @pytest.mark.parametrize(
-    "strategy,quant,reshard",
+    "strategy,quant,reshard,precision",
     [
-        ("fsdp", "none", True),
-        ("ddp", "none", True),
-        ("fsdp", "4bit", True),
-        ("fsdp", "none", False),
+        ("fsdp", "none", True, "fp32"),
+        ("ddp", "none", True, "fp32"),
+        ("fsdp", "4bit", True, "fp32"),
+        ("fsdp", "none", False, "fp32"),
+        ("fsdp", "4bit", True, "bf16-true"),  # the FSDP+QLoRA recipes: bf16 adapter and base
     ],
 )
-def test_planner_predicts_the_per_rank_peak(strategy, quant, reshard, tmp_path):
+def test_planner_predicts_the_per_rank_peak(strategy, quant, reshard, precision, tmp_path):
     """`snug plan` simulates rank 0 with a fake process group; against the tracked peak of each
     rank of a real 2-process run (text cut at the cutoff: every row full, no padding)."""
     from snug.config import config_from_dict
@@ -42,10 +43,12 @@ def test_planner_predicts_the_per_rank_peak(strategy, quant, reshard, tmp_path):
     raw["memory"] = {"grad_checkpointing": True}
     raw["model"]["quant"] = quant
     raw["dist"]["reshard_after_forward"] = reshard  # false: gathered layers kept until backward
+    raw["train"]["precision"] = precision
     run = train(tmp_path, strategy, raw)
     measured = json.loads((run / "summary.json").read_text())["peak_memory"]["per_rank_bytes"]
     cfg = config_from_dict(raw)
-    predicted = simulate(cfg, model_config(cfg.model.name_or_path), 64, "cpu", "fp32", extend=False)
+    config = model_config(cfg.model.name_or_path)
+    predicted = simulate(cfg, config, 64, "cpu", precision, extend=False)
     assert all(abs(predicted.peak_bytes - m) / m < 0.05 for m in measured), (
         predicted.peak_bytes,
         measured,

@@ -450,3 +450,38 @@ def test_the_plan_of_a_config_keeps_its_precision(tmp_path, capsys):
     n = cand["trainable_params"]
     assert cand["breakdown"]["optimizer"] == pytest.approx(4 * n, rel=0.01)
     assert cand["breakdown"]["trainable"] == pytest.approx(2 * n, rel=0.01)
+
+
+PLAN_METHODS = [
+    "full", "freeze", "lora", "dora", "ia3", "prefix", "prompt", "ptuning", "llama_adapter",
+    "adapter",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true", "fp16-mixed"])
+@pytest.mark.parametrize("method", PLAN_METHODS)
+def test_every_method_plans_under_every_precision(method, precision):
+    """The replay runs for each method in each precision (on a bf16 base for bf16-true), and
+    its AdamW state holds two moments per trainable weight in the trainable weights' dtype:
+    fp32 master weights except under bf16-true. CUDA rounds each storage up to 512 bytes,
+    which on these adapters adds under 1%."""
+    over = [f"method.name={method}", "method.num_virtual_tokens=8", "method.trainable_layers=1"]
+    over += ["train.micro_batch=1", "train.grad_accum=1", f"train.precision={precision}"]
+    if method == "prefix":  # transformers drops the prefix cache under checkpointing
+        over.append("memory.grad_checkpointing=false")
+    if precision == "bf16-true":
+        over.append("model.dtype=bfloat16")
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=3000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    sim = simulate(load_config(None, over), config, 32, "cuda", precision, extend=False)
+    per_weight = sim.optimizer_bytes / (2 * sim.trainable_params)
+    expected = 2 if precision == "bf16-true" else 4
+    assert expected <= per_weight <= expected * 1.01
+    assert sim.peak_bytes > sim.weights_bytes + sim.optimizer_bytes

@@ -1,6 +1,7 @@
 """`snug train` end to end on tiny models: outputs, families, precisions, CLI errors."""
 
 import json
+import math
 import random
 
 import pytest
@@ -161,6 +162,25 @@ def test_bf16_true_full_tuning_trains_in_bf16(tmp_path, tiny_llama):
     assert summary["status"] == "completed"
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run/model")
     assert saved.config.dtype == torch.bfloat16 or next(saved.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+def test_bf16_true_adapters_train_and_save_in_bf16(quant, tmp_path, tiny_llama):
+    """LoRA and QLoRA in bf16-true (torchtune's and the FSDP+QLoRA recipes' setup): the run
+    completes with finite losses and the saved adapter is bf16, as it trained."""
+    raw = tiny_run(
+        tmp_path,
+        tiny_llama,
+        model={"name_or_path": str(tiny_llama), "quant": quant},
+        train={"precision": "bf16-true", "max_steps": 2, "eval_generate": 0},
+    )
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed" and summary["precision"] == "bf16-true"
+    assert math.isfinite(summary["train_loss_last"]) and not summary["nonfinite_skipped"]
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights.values())
 
 
 def test_pt_stage_trains_on_text(tmp_path, tiny_llama):

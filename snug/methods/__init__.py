@@ -68,19 +68,20 @@ def peft_task(model: nn.Module) -> str:
 
 
 def apply_method(
-    model: nn.Module, cfg: MethodConfig, keep_fp32_trainable: bool = True
+    model: nn.Module, cfg: MethodConfig, trainable_dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """Apply the method; trainable weights are then kept in fp32 (unless bf16-true training)."""
+    """Apply the method, then keep every trainable weight in `trainable_dtype`: fp32 master
+    weights under fp32 and mixed precision, bf16 under bf16-true (peft creates adapters in
+    fp32 even on a bf16 base, so a cast is needed either way)."""
     classifier = peft_task(model) == "SEQ_CLS"
     model = get_method(cfg.name).apply(model, cfg)
     if classifier and cfg.name in ("full", "freeze", "adapter"):
         model.score.requires_grad_(
             True
         )  # the new head always trains (peft methods do it themselves)
-    if keep_fp32_trainable:
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != trainable_dtype:
+            p.data = p.data.to(trainable_dtype)
     return model
 
 

@@ -143,11 +143,14 @@ def upcast_norms(model: torch.nn.Module) -> None:
             p.data = p.data.float()
 
 
-def _prepare_kbit(model: torch.nn.Module) -> None:
+def _prepare_kbit(model: torch.nn.Module, precision: str) -> None:
     """What QLoRA users expect of a quantized base: norm weights upcast to fp32 (embeddings and
     head stay as loaded, unlike peft's prepare_model_for_kbit_training, which upcasts every
-    non-quantized weight and so doubles a large vocabulary's memory)."""
-    upcast_norms(model)
+    non-quantized weight and so doubles a large vocabulary's memory). Not under bf16-true:
+    with no autocast, an fp32 norm would hand fp32 activations to the bf16 head and adapters;
+    everything stays bf16 there, as in torchtune's QLoRA recipes."""
+    if precision != "bf16-true":
+        upcast_norms(model)
     from bitsandbytes.nn import Linear4bit
 
     for module in model.modules():
@@ -200,7 +203,7 @@ def load_model(
     if quant is None:
         model.to(device)
     else:
-        _prepare_kbit(model)
+        _prepare_kbit(model, precision)
     model.config.use_cache = False  # training never reuses the KV cache
     if cfg.train.stage == "cls" and cfg.method.cls_head == "mlp":
         # Head plus a new fully connected layer; keeps the name `score` so peft trains it too.

@@ -309,8 +309,6 @@ def search(
         base_method = "lora" if method in QUANT_OF else method
         if num_gpus > 1 and not trains_sharded(base_method, QUANT_OF.get(method, "none")):
             continue  # trains on one device only (train/dist.py: check)
-        if cfg.train.precision == "bf16-true" and base_method not in ("full", "freeze"):
-            continue  # adapters do not train in bf16-true (config.py: check_combinations)
         queue = [
             with_overrides(v, dist={"strategy": s, "nproc": num_gpus if s != "none" else 1})
             for s in strategies

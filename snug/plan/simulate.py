@@ -306,7 +306,11 @@ class Int8StandIn(bnb.nn.Linear8bitLt):
 
 
 def _stand_in_quantized(
-    model: nn.Module, quant: str, device_type: str, storage: torch.dtype = torch.uint8
+    model: nn.Module,
+    quant: str,
+    device_type: str,
+    storage: torch.dtype = torch.uint8,
+    precision: str = "bf16-mixed",
 ) -> None:
     """Swap the linears transformers would quantize (all but the output head) for stand-ins,
     and upcast norm weights to fp32 as models/load.py's k-bit preparation does."""
@@ -321,7 +325,8 @@ def _stand_in_quantized(
                 setattr(module, child_name, stand_in)
     if quant == "8bit":
         model.is_loaded_in_8bit = True  # as transformers marks it; peft reads it
-    upcast_norms(model)
+    if precision != "bf16-true":  # as models/load.py: _prepare_kbit
+        upcast_norms(model)
 
 
 def _optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.optim.Optimizer:
@@ -381,7 +386,7 @@ def _simulate_once(
     model.config.use_cache = False
     if cfg.model.quant != "none":
         storage = quant_storage(cfg, compute_dtype(precision))
-        _stand_in_quantized(model, cfg.model.quant, device_type, storage)
+        _stand_in_quantized(model, cfg.model.quant, device_type, storage, precision)
     model = prepare_for_training(model, cfg, precision)
     trainable, total = count_params(model)
     world = cfg.dist.processes

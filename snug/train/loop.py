@@ -98,7 +98,8 @@ def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptio
 def prepare_for_training(model: torch.nn.Module, cfg: Config, precision: str) -> torch.nn.Module:
     """The loaded base -> the model that trains: the method, then checkpointing (and offload).
     `snug plan` prepares its meta-device model with this same function."""
-    model = apply_method(model, cfg.method, keep_fp32_trainable=precision != "bf16-true")
+    trainable = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    model = apply_method(model, cfg.method, trainable_dtype=trainable)
     if cfg.memory.grad_checkpointing:
         enable_checkpointing(model, offload=cfg.memory.offload_activations)
     model.train()
