@@ -257,6 +257,24 @@ def test_gpu_names_match_loosely():
     assert find_gpu("16GiB").memory_bytes == 16 * 2**30
 
 
+@pytest.mark.parametrize(
+    "reported,row",
+    [  # what torch.cuda.get_device_name() returns on each card
+        ("NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB SXM"),  # seen on this project's GPU machine
+        ("NVIDIA H200", "NVIDIA H200 (SXM)"),
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB (SXM4)"),
+        ("NVIDIA A100-SXM4-40GB", "NVIDIA A100 40GB (SXM4)"),
+        ("Tesla T4", "NVIDIA T4"),
+        ("Tesla V100-SXM2-16GB", "NVIDIA V100 16GB (SXM2)"),
+        ("NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3090"),
+    ],
+)
+def test_the_names_torch_reports_find_their_row(reported, row):
+    from snug.plan.hardware import find_gpu
+
+    assert find_gpu(reported).name == row
+
+
 def test_explain_names_the_peak_without_moving_it():
     from snug.plan.simulate import _simulate_once
 

@@ -78,7 +78,9 @@ def gpu_table() -> list[dict]:
 
 
 def _words(text: str) -> list[str]:
-    text = text.lower().replace("geforce", " ").replace("nvidia", " ")
+    text = text.lower().replace("geforce", " ").replace("nvidia", " ").replace("tesla", " ")
+    # torch reports the H100 SXM5 as "NVIDIA H100 80GB HBM3" (the PCIe card says "PCIe")
+    text = text.replace("hbm3", "sxm")
     return re.findall(r"[a-z]+|\d+", text)
 
 

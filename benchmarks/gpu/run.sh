@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# snug on a GPU, in one command and no network: the plan against real steps, snug against
+# transformers Trainer + peft, the GPU-only tests. Writes OUTDIR as it goes, so a time-out
+# still leaves what was measured.
+#
+#   benchmarks/gpu/run.sh OUTDIR                 on a CUDA machine (carried wheels in .whl/)
+#   benchmarks/gpu/run.sh --cpu-dry-run OUTDIR   the same scripts on this CPU, tiny shapes
+#
+# Budgets (seconds, override by environment): REALITY_S=240 BASELINE_S=120 PYTEST_S=100.
+set -uo pipefail
+DRY=""
+if [ "${1:-}" = "--cpu-dry-run" ]; then DRY="--cpu-dry-run"; shift; fi
+OUT=${1:?usage: benchmarks/gpu/run.sh [--cpu-dry-run] OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi  # make's venv
+if [ -z "$DRY" ] && [ -d .whl ]; then
+  # wheels the GPU image lacks (benchmarks/gpu/prepare.sh) and bitsandbytes, unpacked slim
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/snug-site .whl/*.whl >"$OUT/install.txt" 2>&1 || echo "install failed" >>"$OUT/install.txt"
+  export PYTHONPATH="/tmp/snug-site:$PWD/.whl/site:$PWD"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+started=$(date +%s)
+{
+  date -u
+  nvidia-smi 2>&1 || echo "no nvidia-smi"
+  "$PY" - <<'PYEOF'
+import platform, importlib
+print("python", platform.python_version())
+for name in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "safetensors"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "?"), m.__file__)
+    except Exception as e:
+        print(name, "IMPORT FAILED:", type(e).__name__, e)
+import torch
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "cuda", torch.version.cuda)
+PYEOF
+} >"$OUT/env.txt" 2>&1
+echo "env: $(( $(date +%s) - started )) s"
+
+timeout "${REALITY_S:-240}" "$PY" benchmarks/gpu/reality.py "$OUT" $DRY \
+  --budget $(( ${REALITY_S:-240} - 15 )) >"$OUT/reality.log" 2>&1
+echo "reality: rc $? at $(( $(date +%s) - started )) s"
+
+timeout "${BASELINE_S:-120}" "$PY" benchmarks/gpu/baseline.py "$OUT" $DRY >"$OUT/baseline.log" 2>&1
+echo "baseline: rc $? at $(( $(date +%s) - started )) s"
+
+if [ -z "$DRY" ]; then
+  timeout "${PYTEST_S:-100}" "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \
+    >"$OUT/pytest-gpu.txt" 2>&1
+  echo "pytest -m gpu: rc $? at $(( $(date +%s) - started )) s"
+fi
+
+{
+  echo "# snug on $( (grep '^device' "$OUT/env.txt" || echo 'device: CPU dry run') | head -1)"
+  echo
+  echo "Command: \`benchmarks/gpu/run.sh $DRY OUTDIR\`, $(date -u +%F), $(( $(date +%s) - started )) s."
+  echo
+  echo '```'; cat "$OUT/env.txt"; echo '```'
+  echo
+  cat "$OUT/reality.md" 2>/dev/null || { echo "reality.py wrote no report:"; tail -5 "$OUT/reality.log"; }
+  echo
+  cat "$OUT/baseline.md" 2>/dev/null || { echo "baseline.py wrote no report:"; tail -5 "$OUT/baseline.log"; }
+  if [ -f "$OUT/pytest-gpu.txt" ]; then
+    echo; echo "## pytest -m gpu"; echo; echo '```'; tail -15 "$OUT/pytest-gpu.txt"; echo '```'
+  fi
+} >"$OUT/report.md"
+echo "report: $OUT/report.md"
