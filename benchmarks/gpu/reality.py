@@ -229,13 +229,14 @@ def main() -> int:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--cpu-dry-run", action="store_true")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for all configs")
+    parser.add_argument("--skip", type=int, default=0, help="start at this configuration")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
     args.outdir.mkdir(parents=True, exist_ok=True)
-    configs = CPU_CONFIGS if args.cpu_dry_run else GPU_CONFIGS
+    configs = (CPU_CONFIGS if args.cpu_dry_run else GPU_CONFIGS)[args.skip :]
     started = time.perf_counter()
     rows = []
     csv_path = args.outdir / "reality.csv"
