@@ -163,6 +163,32 @@ def test_8bit_stand_in_allocates_what_bitsandbytes_allocates(name, method):
     assert sizes[0] == sizes[1] > 0
 
 
+def test_paged_stand_in_keeps_small_states_and_block_scales_on_the_device():
+    """bitsandbytes pages a state tensor only from 1e5 elements (Optimizer.get_state_buffer);
+    smaller ones (LoRA matrices of a low rank) and every 8-bit block scale (absmax) are ordinary
+    device memory, which the caching allocator counts. Nothing pages on CPU, so this checks the
+    CUDA replay's stand-in against that rule."""
+    from snug.plan.simulate import EightBitStandIn, _optimizer
+
+    cfg = plan_config("full", False, optimizer="paged_adamw8bit")
+    model = AutoModelForCausalLM.from_config(small_config())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer = _optimizer(model, cfg, "cuda")
+    optimizer.step()
+    sizes = {p.numel() for p in model.parameters()}
+    assert min(sizes) < EightBitStandIn.MIN_8BIT_SIZE and max(sizes) >= 1e5  # every case
+    for p in model.parameters():
+        state = optimizer.state[p]
+        for i in (1, 2):
+            if p.numel() >= 1e5:  # paged: outside the allocator, but its block scales are not
+                assert f"state{i}" not in state and f"absmax{i}" in state
+            elif p.numel() >= EightBitStandIn.MIN_8BIT_SIZE:
+                assert state[f"state{i}"].dtype == torch.uint8 and f"absmax{i}" in state
+            else:
+                assert state[f"state{i}"].dtype == torch.float32
+
+
 def test_plan_cli_json_for_a_bundled_model_on_a_named_gpu(capsys):
     import json
 

@@ -105,10 +105,12 @@ class EightBitStandIn(torch.optim.Optimizer):
     stands in with the same state tensors (uint8 moments with a 256-entry fp32 code book and one
     fp32 absmax per block of 256 for weights of at least 4,096 elements, fp32 moments below
     that, as bitsandbytes 0.50 allocates them; `tests/test_plan.py` compares) and updates in
-    place as its fused kernel does. Paged states live in CUDA unified memory, outside what the
-    caching allocator counts, so on CUDA they are not allocated here."""
+    place as its fused kernel does. Paged optimizers put a moment in CUDA unified memory, outside
+    what the caching allocator counts, only from 1e5 elements (`Optimizer.get_state_buffer`); the
+    moments of smaller tensors and every block scale (absmax) stay ordinary device memory, so on
+    CUDA those are allocated here and the paged moments are not."""
 
-    MIN_8BIT_SIZE, BLOCK = 4096, 256
+    MIN_8BIT_SIZE, BLOCK, MIN_PAGED_SIZE = 4096, 256, 100_000
 
     def __init__(self, params, lr: float, moments: int, paged: bool) -> None:
         super().__init__(params, {"lr": lr})
@@ -121,10 +123,12 @@ class EightBitStandIn(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state and not self.paged:
+                paged = self.paged and p.numel() >= self.MIN_PAGED_SIZE
+                if not state:
                     for i in range(1, self.moments + 1):
                         if p.numel() >= self.MIN_8BIT_SIZE:
-                            state[f"state{i}"] = torch.zeros_like(p, dtype=torch.uint8)
+                            if not paged:
+                                state[f"state{i}"] = torch.zeros_like(p, dtype=torch.uint8)
                             state[f"qmap{i}"] = torch.zeros(256, dtype=torch.float32)
                             blocks = -(-p.numel() // self.BLOCK)
                             state[f"absmax{i}"] = torch.zeros(blocks, dtype=torch.float32)
