@@ -529,3 +529,48 @@ def test_every_method_plans_under_every_precision(method, precision):
     expected = 2 if precision == "bf16-true" else 4
     assert expected <= per_weight <= expected * 1.01
     assert sim.peak_bytes > sim.weights_bytes + sim.optimizer_bytes
+
+
+def test_search_keeps_every_key_it_does_not_search_and_says_which(tmp_path, capsys):
+    """`--search` varies method, quantization, micro-batch (with accumulation, keeping the
+    effective batch), checkpointing, offload, optimizer and chunked loss; every other key the
+    config sets is the user's in every candidate, and the output lists them."""
+    import json
+
+    from snug.cli import main
+    from snug.plan.hardware import cpu_device, model_config
+    from snug.plan.search import METHODS, search
+
+    from conftest import ROOT
+
+    cfg_path = tmp_path / "mine.yaml"
+    cfg_path.write_text(
+        f"model:\n  name_or_path: {ROOT / 'models/tiny'}\n  dtype: bfloat16\n"
+        "method:\n  r: 32\n  alpha: 64\n"
+        "train:\n  precision: bf16-true\n  lr: 5.0e-5\n  micro_batch: 2\n  grad_accum: 4\n"
+        "memory:\n  optimizer: adamw8bit\n"
+    )
+    assert (
+        main(["plan", str(cfg_path), "--search", "--device", "cpu", "--seq-len", "32", "--json"])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    held = result["held_fixed"]
+    assert held["train.precision"] == "bf16-true" and held["model.dtype"] == "bfloat16"
+    assert held["method.r"] == 32 and held["method.alpha"] == 64 and held["train.lr"] == 5e-5
+    assert "memory.optimizer" not in held and "train.micro_batch" not in held
+    assert "memory.optimizer" in result["searched"] and "method.name" in result["searched"]
+
+    from snug.config import load_config
+
+    cfg = load_config(cfg_path)
+    for cand in search(cfg, model_config(cfg.model.name_or_path), cpu_device(), 32, METHODS):
+        c = cand.cfg
+        assert (c.train.precision, c.model.dtype, c.train.lr) == ("bf16-true", "bfloat16", 5e-5)
+        if c.method.name in ("lora", "dora"):
+            assert (c.method.r, c.method.alpha) == (32, 64)
+        assert c.train.micro_batch * c.train.grad_accum == 8, cand.name
+    args = ["plan", str(cfg_path), "--search", "--method", "lora", "--device", "cpu"]
+    assert main([*args, "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "held fixed from your config:" in out and "train.precision=bf16-true" in out

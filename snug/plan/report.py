@@ -56,6 +56,10 @@ def sequence_length(args, cfg: Config, has_config: bool) -> tuple[int, str]:
     return cfg.data.cutoff_len, "data.cutoff_len"
 
 
+def _yaml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _gib(n: int | None) -> str:
     return "—" if n is None else f"{n / 2**30:.2f}"
 
@@ -126,6 +130,43 @@ def failed_simulations(cands: list[Candidate]) -> str:
     )
 
 
+# What `--search` varies (search.py: _variants, _fallbacks, _largest_fitting_micro_batch);
+# every other key is the config's in every candidate.
+SEARCHED = (
+    "method.name",
+    "model.quant",
+    "train.micro_batch",
+    "train.grad_accum",
+    "memory.grad_checkpointing",
+    "memory.offload_activations",
+    "memory.optimizer",
+    "memory.chunked_loss",
+)
+
+
+def searched_keys(method_given: bool, num_gpus: int) -> list[str]:
+    keys = [k for k in SEARCHED if not (method_given and k == "method.name")]
+    return keys + (["dist.strategy", "dist.nproc"] if num_gpus > 1 else [])
+
+
+def held_fixed(cfg: Config, searched: list[str], config_path: str | None = None) -> dict:
+    """The keys the config sets (differs from the defaults on, its paths read as the config's
+    are) that the search keeps."""
+    from snug.config import config_from_dict
+
+    base = Path(config_path).resolve().parent if config_path else None
+    default = config_from_dict({}, base=base).to_dict()
+    held = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name in searched or name == "model.name_or_path":
+                continue
+            if value != default[section][key]:
+                held[name] = value
+    return held
+
+
 def cmd_plan(args) -> int:
     console = Console()
     if not console.is_terminal:
@@ -168,6 +209,9 @@ def cmd_plan(args) -> int:
         "best": cands.index(choice) if choice is not None else None,
         "why": why,
     }
+    if searching:
+        result["searched"] = searched_keys(bool(args.method), args.num_gpus)
+        result["held_fixed"] = held_fixed(cfg, result["searched"], args.config)
     explained = None
     if args.explain:
         target = choice or cands[0]
@@ -193,6 +237,10 @@ def cmd_plan(args) -> int:
     shown = choice or cands[0]
     if shown.sim is not None:
         console.print(breakdown_line(shown))
+    if searching:
+        held = ", ".join(f"{k}={_yaml(v)}" for k, v in result["held_fixed"].items())
+        console.print(f"searched: {', '.join(result['searched'])}")
+        console.print(f"held fixed from your config: {held or 'nothing (all defaults)'}")
     if explained:
         print_explain(console, explained)
     if choice is not None:

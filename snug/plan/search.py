@@ -255,23 +255,28 @@ def _largest_fitting_micro_batch(
 ) -> Candidate | None:
     """Peak is linear in the micro-batch (every activation scales with it): simulate 1 and 2,
     take the largest power of two the line says fits, then simulate that one to confirm
-    (halving while it does not)."""
+    (halving while it does not). Only micro-batches that divide the effective batch
+    (micro_batch x grad_accum of the config) are tried, so every candidate trains with the
+    user's effective batch."""
 
     def at(b: int) -> Candidate:
-        trial = with_overrides(
-            variant, train={"micro_batch": b, "grad_accum": max(1, effective // b)}
-        )
+        trial = with_overrides(variant, train={"micro_batch": b, "grad_accum": effective // b})
         return evaluate(Candidate(trial, candidate_name(trial)), config, device, seq_len, rate)
 
+    cap = min(cap, effective)
     one = at(1)
-    if one.error or not one.fits:
+    if one.error or not one.fits or cap < 2 or effective % 2:
         return one
     two = at(2)
     if two.error or not two.fits:
         return one
     slope = two.reserved_bytes - one.reserved_bytes
     b = 2
-    while b * 2 <= cap and one.reserved_bytes + slope * (b * 2 - 1) <= device.memory_bytes:
+    while (
+        b * 2 <= cap
+        and effective % (b * 2) == 0
+        and one.reserved_bytes + slope * (b * 2 - 1) <= device.memory_bytes
+    ):
         b *= 2
     cand = two
     while b > 2:
