@@ -450,3 +450,27 @@ def test_the_plan_of_a_config_keeps_its_precision(tmp_path, capsys):
     n = cand["trainable_params"]
     assert cand["breakdown"]["optimizer"] == pytest.approx(4 * n, rel=0.01)
     assert cand["breakdown"]["trainable"] == pytest.approx(2 * n, rel=0.01)
+
+
+def test_the_plan_of_a_gpu_run_is_the_same_on_a_machine_with_a_gpu(monkeypatch):
+    """The replay's tensors are fake CPU tensors. With a GPU in the planning machine (`snug
+    measure` on a GPU run, `snug plan --gpu` there) the step entered CUDA autocast, which casts
+    CUDA tensors only, so LoRA's fp32 adapters ran their matmuls in fp32 and the plan grew. On a
+    CPU-only torch this is played by CUDA autocast doing nothing to CPU tensors."""
+    import contextlib
+
+    cfg = with_overrides(plan_config("lora", False), model={"dtype": "bfloat16"})
+    config = small_config()
+    without = simulate(cfg, config, 128, "cuda", "bf16-mixed", extend=False)
+    autocast = torch.autocast
+
+    def cuda_autocast_on_cpu_tensors(device_type, *args, **kwargs):
+        if device_type == "cuda":
+            return contextlib.nullcontext()
+        return autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "autocast", cuda_autocast_on_cpu_tensors)
+    with_gpu = simulate(cfg, config, 128, "cuda", "bf16-mixed", extend=False)
+    assert with_gpu.peak_bytes == without.peak_bytes
+    assert with_gpu.breakdown == without.breakdown
