@@ -19,6 +19,8 @@ FAMILIES = {
     "llama": {},
     "qwen2": {"tie_word_embeddings": True},  # the replay must keep tied weights tied
     "mistral": {"sliding_window": None},
+    "phi3": {"pad_token_id": 0},  # fused qkv_proj and gate_up_proj, sliced and chunked
+    "gemma": {"head_dim": 32},
 }
 
 
@@ -35,15 +37,18 @@ def small_config(family: str = "llama", layers: int = 3):
     )
 
 
-def measured_peak(cfg, config, seq_len: int, base=None) -> int:
+def measured_peak(
+    cfg, config, seq_len: int, base=None, dtype=torch.float32, precision: str = "fp32"
+) -> int:
     """Two real optimizer steps of snug's step on CPU, under the same tracker `snug train` uses,
-    on `base` (default: a fresh model of `config`) prepared as `snug train` prepares it."""
+    on `base` (default: a fresh model of `config` in `dtype`) prepared as `snug train` prepares
+    it."""
     torch.manual_seed(0)
     if base is None:
-        base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
         base.config.use_cache = False
-    model = prepare_for_training(base, cfg, "fp32")
-    opts = step_options(cfg, torch.device("cpu"), "fp32")
+    model = prepare_for_training(base, cfg, precision)
+    opts = step_options(cfg, torch.device("cpu"), precision)
     optimizer = build_optimizer(model, cfg.memory, cfg.train)
     b = cfg.train.micro_batch
     tracker = TensorMemoryTracker()
@@ -88,6 +93,8 @@ def plan_config(
         ("llama", "adapter", True, True, 2),
         ("qwen2", "lora", True, True, 2),
         ("mistral", "lora", False, True, 2),
+        ("phi3", "lora", False, True, 2),
+        ("gemma", "lora", True, True, 2),
     ],
 )
 def test_fake_replay_predicts_the_real_peak_exactly(family, method, gc, chunked, accum):
@@ -187,6 +194,26 @@ def test_paged_stand_in_keeps_small_states_and_block_scales_on_the_device():
                 assert state[f"state{i}"].dtype == torch.uint8 and f"absmax{i}" in state
             else:
                 assert state[f"state{i}"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["llama_adapter", "ia3"])
+@pytest.mark.parametrize("gc", [True, False])
+def test_replay_of_peft_methods_on_a_bf16_base_under_bf16_mixed_is_exact(method, gc):
+    """LLaMA-Adapter (its own attention over the prompt, softmax upcast to fp32, a fp32 gate)
+    and IA3 (fp32 vectors scaling k, v and the input of down_proj) on a bf16 base with fp32
+    adapters under bf16 autocast, as GPU runs train them: the replay holds what the real step
+    holds, byte for byte, with and without checkpointing."""
+    cfg = with_overrides(
+        plan_config(method, gc),
+        model={"dtype": "bfloat16"},
+        train={"precision": "bf16-mixed"},
+        method={"trainable_layers": 3, "num_virtual_tokens": 10},
+    )
+    config = small_config()
+    predicted = simulate(cfg, config, 64, "cpu", "bf16-mixed", extend=False)
+    assert predicted.peak_bytes == measured_peak(
+        cfg, config, 64, None, torch.bfloat16, "bf16-mixed"
+    )
 
 
 def test_plan_cli_json_for_a_bundled_model_on_a_named_gpu(capsys):
@@ -574,3 +601,27 @@ def test_search_keeps_every_key_it_does_not_search_and_says_which(tmp_path, caps
     assert main([*args, "--seq-len", "32"]) == 0
     out = capsys.readouterr().out
     assert "held fixed from your config:" in out and "train.precision=bf16-true" in out
+
+
+def test_the_plan_of_a_gpu_run_is_the_same_on_a_machine_with_a_gpu(monkeypatch):
+    """The replay's tensors are fake CPU tensors. With a GPU in the planning machine (`snug
+    measure` on a GPU run, `snug plan --gpu` there) the step entered CUDA autocast, which casts
+    CUDA tensors only, so LoRA's fp32 adapters ran their matmuls in fp32 and the plan grew. On a
+    CPU-only torch this is played by CUDA autocast doing nothing to CPU tensors."""
+    import contextlib
+
+    cfg = with_overrides(plan_config("lora", False), model={"dtype": "bfloat16"})
+    config = small_config()
+    without = simulate(cfg, config, 128, "cuda", "bf16-mixed", extend=False)
+    autocast = torch.autocast
+
+    def cuda_autocast_on_cpu_tensors(device_type, *args, **kwargs):
+        if device_type == "cuda":
+            return contextlib.nullcontext()
+        return autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "autocast", cuda_autocast_on_cpu_tensors)
+    with_gpu = simulate(cfg, config, 128, "cuda", "bf16-mixed", extend=False)
+    assert with_gpu.peak_bytes == without.peak_bytes
+    assert with_gpu.breakdown == without.breakdown

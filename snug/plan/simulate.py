@@ -395,9 +395,13 @@ def _simulate_once(
     trainable, total = count_params(model)
     world = cfg.dist.processes
     opts = dataclasses.replace(step_options(cfg, device, precision), world=world)
-    if device_type == "cuda" and not torch.cuda.is_available():
-        # torch turns CUDA autocast off without a GPU; CPU autocast casts the same matmuls to
-        # the same half type, which is what the fake step needs to allocate like a GPU run.
+    if device_type == "cuda":
+        # The fake tensors live on the CPU device (to_empty below), and CUDA autocast casts only
+        # CUDA tensors: with a GPU in this machine it would cast nothing (a LoRA step's fp32
+        # adapters would then run their matmuls in fp32: 9% more at the peak in
+        # tests/test_plan.py's case), without one torch turns it off. CPU autocast casts the
+        # same matmuls to the same half type, which is what the fake step needs to allocate
+        # like a GPU run, wherever the plan is made.
         opts = dataclasses.replace(opts, device_type="cpu")
     b, t = cfg.train.micro_batch, seq_len
     n_targets = b * (t - 1) if targets is None else min(targets, b * (t - 1))
