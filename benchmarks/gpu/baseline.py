@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reality import ROOT, build_model, build_text  # noqa: E402
+from reality import ROOT, build_model, build_text, step_times  # noqa: E402
 
 
 def token_rows(model_dir: str, text: str, tokens: int, rows: int) -> list[list[int]]:
@@ -124,14 +124,7 @@ def run_snug(spec: dict) -> dict:
         ],
     )
     summary = run_training(cfg)
-    tokens = spec["mb"] * spec["tokens"]
-    rates = [
-        json.loads(line)["tokens_per_second"]
-        for line in (Path(spec["out"]) / "metrics.jsonl").open()
-        if '"tokens_per_second"' in line
-    ]
-    at = [(k + 1) * tokens / r for k, r in enumerate(rates)]
-    steps = [b - a for a, b in zip(at, at[1:], strict=False)]
+    steps = step_times(Path(spec["out"]), spec["mb"] * spec["tokens"])
     return _result(steps[1:], spec, summary["peak_memory"]["measured_bytes"] if cuda else None)
 
 

@@ -175,16 +175,7 @@ def run_one(spec: dict) -> dict:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=None, val_size=0.0))
     summary = run_training(cfg)
     tokens = spec["micro_batch"] * spec["tokens"]  # every row is cut at the cutoff
-    # metrics.jsonl's tokens/s is cumulative (tokens seen / seconds so far): the time at step k
-    # is k * tokens / rate_k; a step's time is the difference, and the median of the steps after
-    # the first leaves out the warm-up (kernel choice, cuBLAS handles)
-    rates = [
-        json.loads(line)["tokens_per_second"]
-        for line in (Path(spec["out"]) / "metrics.jsonl").open()
-        if '"tokens_per_second"' in line
-    ]
-    at = [(k + 1) * tokens / r for k, r in enumerate(rates)]
-    steps = [b - a for a, b in zip(at, at[1:], strict=False)]
+    steps = step_times(Path(spec["out"]), tokens)
     step_s = statistics.median(steps) if steps else summary["train_seconds"]
     peak = summary["peak_memory"]
     measured = {
@@ -200,6 +191,20 @@ def run_one(spec: dict) -> dict:
         "plan_s": plan_s,
         "tokens_per_s": tokens / step_s if step_s else None,
     }
+
+
+def step_times(run: Path, tokens: int) -> list[float]:
+    """Each step's seconds after the first, from a run's metrics.jsonl (logged every step):
+    its tokens/s is cumulative (tokens seen / seconds so far), so the time at step k is
+    k * tokens / rate_k and a step's time the difference; the first step (warm-up: kernel
+    choice, cuBLAS handles) has no difference."""
+    rates = [
+        json.loads(line)["tokens_per_second"]
+        for line in (run / "metrics.jsonl").open()
+        if '"tokens_per_second"' in line
+    ]
+    at = [(k + 1) * tokens / r for k, r in enumerate(rates)]
+    return [b - a for a, b in zip(at, at[1:], strict=False)]
 
 
 def _device_used_by_others() -> int:
