@@ -24,12 +24,12 @@ FAMILIES = {
 }
 
 
-def small_config(family: str = "llama", layers: int = 3):
+def small_config(family: str = "llama", layers: int = 3, hidden: int = 128):
     return AutoConfig.for_model(
         family,
         vocab_size=3000,
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -542,15 +542,7 @@ def test_every_method_plans_under_every_precision(method, precision):
         over.append("memory.grad_checkpointing=false")
     if precision == "bf16-true":
         over.append("model.dtype=bfloat16")
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=3000,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = small_config(layers=2, hidden=256)
     sim = simulate(load_config(None, over), config, 32, "cuda", precision, extend=False)
     per_weight = sim.optimizer_bytes / (2 * sim.trainable_params)
     expected = 2 if precision == "bf16-true" else 4
