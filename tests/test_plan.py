@@ -125,6 +125,35 @@ def test_extending_two_short_depths_equals_the_whole_model(method, gc, quant):
     assert extended.flops_per_step == whole.flops_per_step
 
 
+@pytest.mark.parametrize(
+    "method,gc,quant",
+    [
+        ("lora", True, "none"),
+        ("full", False, "none"),
+        ("freeze", True, "none"),
+        ("lora", True, "8bit"),
+    ],
+)
+def test_deepened_events_reserve_what_the_whole_model_reserves(method, gc, quant):
+    """The allocator replay of a deep model runs over the events of the short replay with its
+    middle layer repeated (plan/trace.py): it must reserve exactly what the replay of the whole
+    model reserves. Wide enough that blocks come from the large pool and split."""
+    cfg = with_overrides(plan_config(method, gc), model={"quant": quant})
+    deep = AutoConfig.for_model(
+        "llama",
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=7,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
+    whole = simulate(cfg, deep, 512, "cuda", "bf16-mixed", extend=False)
+    extended = simulate(cfg, deep, 512, "cuda", "bf16-mixed", extend=True)
+    assert extended.layers_simulated != whole.layers_simulated
+    assert extended.reserved_bytes == whole.reserved_bytes > whole.peak_bytes
+
+
 def test_cuda_plan_rounds_like_the_caching_allocator():
     cfg = plan_config("lora", True)
     cpu = simulate(cfg, small_config(), 64, device_type="cpu", precision="fp32", extend=False)
