@@ -97,15 +97,16 @@ class CachingAllocator:
             insort(pool, (rest, remainder.addr, remainder))
         block.free = False
         self.allocated += block.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
         return block
 
     def _new_segment(self, size: int, small: bool) -> Block:
         nbytes = segment_size(size)
         block = Block(self._top, nbytes, small)
         self._top += nbytes
-        self.reserved += nbytes
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self.reserved += nbytes  # segments are never released: reserved only grows
+        self.peak_reserved = self.reserved
         self.segments += 1
         return block
 
