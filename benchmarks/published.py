@@ -6,7 +6,8 @@ number, its unit and the counter it reports, the card, the tokens per sample at 
 the snug overrides that express the run. The plan's number is taken in the same counter:
 
 - max_memory_allocated: the replay's peak of live tensors (`peak_bytes`);
-- max_memory_reserved: that plus the planner's allocator term (fragmentation);
+- max_memory_reserved: that plus the planner's allocator term (`allocator`: what its replay of
+  the caching allocator reserves beyond the peak);
 - nvidia-smi: that plus the CUDA context, i.e. the plan's `reserved_bytes`.
 
 A source that does not say which counter it used names the one it most likely used
@@ -100,7 +101,7 @@ def plan_row(row: dict, source: dict, extra: tuple[str, ...] = ()) -> dict:
     terms = {k: v["bytes"] for k, v in cand.reserved_terms.items()}
     predicted = {
         "max_memory_allocated": cand.peak_bytes,
-        "max_memory_reserved": cand.peak_bytes + terms["fragmentation"],
+        "max_memory_reserved": cand.peak_bytes + terms["allocator"],
         "nvidia-smi": cand.reserved_bytes,
     }[counter]
     published = row["published"] * UNITS[row["unit"]]
@@ -193,7 +194,8 @@ def main() -> None:
         "of the run's configuration to write it as a snug config. The prediction is `snug plan`'s "
         "replay of that config on fake tensors (no GPU), in the counter the source reports: "
         "`max_memory_allocated` = the replay's peak of live tensors; `max_memory_reserved` = that "
-        "plus the planner's allocator term (5% of the peak); `nvidia-smi` = that plus the CUDA "
+        "plus the planner's allocator term (its replay of the caching allocator over the step's "
+        "allocations and frees, snug/plan/allocator.py); `nvidia-smi` = that plus the CUDA "
         "context (0.5 GiB). Error = (predicted - published) / published. All sizes in GiB "
         "(published GB converted: 1 GB = 0.931 GiB).",
         "",

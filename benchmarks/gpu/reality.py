@@ -9,7 +9,7 @@ Each configuration runs in a fresh process, so one's allocator state never reach
 Measured, per configuration:
 - peak: `torch.cuda.max_memory_allocated` over the run (what `summary.json` reports), against
   the plan's `peak_bytes`;
-- reserved: `torch.cuda.max_memory_reserved`, against the plan's peak plus its fragmentation
+- reserved: `torch.cuda.max_memory_reserved`, against the plan's peak plus its allocator
   term; and the device's whole use as nvidia-smi would show it (context included), read with
   `torch.cuda.mem_get_info`, against the plan's `reserved_bytes`;
 - the CUDA context: device memory in use after CUDA initialisation minus before (read with
@@ -162,7 +162,7 @@ def run_one(spec: dict) -> dict:
             raise RuntimeError(f"the plan failed: {cand.error}")
         predicted = {
             "peak": cand.peak_bytes,
-            "reserved": cand.peak_bytes + cand.reserved_terms["fragmentation"]["bytes"],
+            "reserved": cand.peak_bytes + cand.reserved_terms["allocator"]["bytes"],
             "device": cand.reserved_bytes,
             "step": cand.step_seconds,
         }
@@ -327,7 +327,7 @@ def write_report(path: Path, rows: list[dict], dry: bool, seconds: float) -> Non
         "# snug plan against reality" + (" (CPU dry run)" if dry else ""),
         "",
         f"{len(rows)} configurations, {seconds:.0f} s. Peak: predicted `peak_bytes` vs "
-        "`max_memory_allocated`; reserved: peak + fragmentation term vs `max_memory_reserved`; "
+        "`max_memory_allocated`; reserved: peak + allocator term vs `max_memory_reserved`; "
         "device: the plan's reserved_bytes (context included) vs max reserved + measured context.",
         "",
         "| model | method | quant | gc | tokens | mb | precision | peak pred/meas GiB | err | "

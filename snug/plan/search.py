@@ -12,16 +12,19 @@ from snug.config import Config
 from snug.plan.hardware import GIB, Device
 from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
 
-# Terms between the allocator's peak and what the device must hold. Not yet calibrated on a GPU
-# (none was lent while this was written); each carries its source into the plan's output.
+# Terms between the peak of live tensors and what the device must hold; each carries its
+# source into the plan's output.
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 CUDA_CONTEXT_SOURCE = (
-    "CUDA context and cuBLAS workspace with torch: a typical 0.5 GiB, not yet calibrated on a GPU"
+    "CUDA context with torch: a typical 0.5 GiB; 0.511 GiB measured on an H200 with torch 2.11 "
+    "(benchmarks/results/gpu-2026-11-27-H200.md)"
 )
-FRAGMENTATION = 0.05
-FRAGMENTATION_SOURCE = (
-    "caching-allocator blocks held but unused at the peak: 5% of the peak, typical, not yet "
-    "calibrated on a GPU"
+ALLOCATOR_SOURCE = (
+    "what the CUDA caching allocator reserves beyond the peak of live tensors "
+    "(max_memory_reserved - peak): its rules (512-byte blocks, 2 and 20 MiB segments, best "
+    "fit, splitting, merging, no release) replayed over the storages the replay makes and "
+    "frees, from loading through the first steps (snug/plan/allocator.py); within 1.5% of "
+    "max_memory_reserved on 10 H200 runs (benchmarks/reserved_check.py)"
 )
 # Share of the device's dense rate a fine-tuning step reaches (model FLOPs utilisation);
 # 0.4 is typical of published LoRA/full fine-tune runs. Uncalibrated until a GPU is measured.
@@ -186,9 +189,9 @@ def evaluate(
     if device.type == "cuda":
         cand.reserved_terms = {
             "cuda_context": {"bytes": CUDA_CONTEXT_BYTES, "source": CUDA_CONTEXT_SOURCE},
-            "fragmentation": {
-                "bytes": int(FRAGMENTATION * cand.sim.peak_bytes),
-                "source": FRAGMENTATION_SOURCE,
+            "allocator": {
+                "bytes": cand.sim.reserved_bytes - cand.sim.peak_bytes,
+                "source": ALLOCATOR_SOURCE,
             },
         }
     if device.memory_bytes is not None:

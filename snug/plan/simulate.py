@@ -33,9 +33,12 @@ from snug.config import Config
 from snug.errors import UserError
 from snug.methods import count_params
 from snug.models.load import compute_dtype, quant_storage, resolve_dtype, upcast_norms
+from snug.plan.allocator import run_reserved
 from snug.plan.distributed import fake_group, shard
+from snug.plan.trace import LayerTags, deepen, survivors
 from snug.plan.tracker import CATEGORIES, ModuleNames, PlanTracker
 from snug.train.loop import prepare_for_training, step_options
+from snug.train.loss import causal_lm
 from snug.train.memory import local, model_tensors
 from snug.train.optim import build_optimizer
 from snug.train.step import train_step
@@ -43,6 +46,9 @@ from snug.train.step import train_step
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes.
 CUDA_ROUNDING = 512
 SHORT_DEPTHS = (2, 3)  # depths simulated when extending to a deep model
+# The decoder layer whose storage events stand for every added layer in the allocator replay
+# (plan/trace.py): the second, which has a layer before and after it at either short depth.
+MIDDLE_LAYER = 1
 
 
 class PlanError(UserError):
@@ -61,6 +67,9 @@ class Simulation:
     breakdown: dict[str, int]  # the peak by category (tracker.CATEGORIES); sums to peak_bytes
     # peak and breakdown of each phase of the step (PhaseTracker), which the extension grows
     phases: list[tuple[int, dict[str, int]]] = dataclasses.field(default_factory=list)
+    # On CUDA: what the caching allocator reserves at most over loading and training
+    # (`max_memory_reserved`), replayed from the storages made and freed (plan/allocator.py)
+    reserved_bytes: int | None = None
     largest_at_peak: list[dict] = dataclasses.field(default_factory=list)  # with explain=True
 
 
@@ -76,8 +85,12 @@ class PhaseTracker(PlanTracker):
     def __init__(self, rounding: int, modules: ModuleNames, vocab_size: int) -> None:
         super().__init__(rounding, modules, vocab_size)
         self.phases: list[tuple[int, dict[str, int]]] = []
+        self.layers: LayerTags | None = None  # with `events`: tag each with its layer
         self._backward = False
         self._step_peak: tuple[int, list] = (0, [])  # the largest phase's peak and records
+
+    def _event(self, key: int, nbytes: int) -> None:
+        self.events.append((key, nbytes, self.layers.current()))
 
     def close_phase(self) -> None:
         if self._stale:
@@ -336,7 +349,9 @@ def _stand_in_quantized(
 def _optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.optim.Optimizer:
     name = cfg.memory.optimizer
     if name not in ("adamw8bit", "paged_adamw8bit", "lion8bit"):
-        return build_optimizer(model, cfg.memory, cfg.train, cfg.method.lora_plus_ratio)
+        return build_optimizer(
+            model, cfg.memory, cfg.train, cfg.method.lora_plus_ratio, device_type == "cuda"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     paged = name.startswith("paged") and device_type == "cuda"  # CPU bitsandbytes does not page
     return EightBitStandIn(params, cfg.train.lr, 1 if name == "lion8bit" else 2, paged)
@@ -378,7 +393,10 @@ def _simulate_once(
     precision: str,
     targets: int | None,
     explain: bool = False,
+    reserved_depth: int | None = None,
 ) -> Simulation:
+    """One replay at `config`'s depth. With `reserved_depth` (on CUDA), also what the caching
+    allocator reserves for loading and training that model deepened to so many layers."""
     device = torch.device(device_type)
     dtype = resolve_dtype(cfg, device, precision)
     with torch.device("meta"):
@@ -408,6 +426,9 @@ def _simulate_once(
     modules = ModuleNames(model)
     rounding = CUDA_ROUNDING if device_type == "cuda" else 1
     tracker = PhaseTracker(rounding, modules, model.config.get_text_config().vocab_size)
+    record = device_type == "cuda" and reserved_depth is not None
+    events = tracker.events = [] if record else None
+    updates: list[int] = []  # where in `events` each optimizer step starts
     for m in model.modules():
         if isinstance(m, (FourBitStandIn, Int8StandIn)):
             m.tracker = tracker
@@ -439,14 +460,19 @@ def _simulate_once(
             tracker.inputs = False
             return out
 
-        with modules, tracker:
+        tracker.layers = LayerTags(causal_lm(model).get_decoder()) if record else None
+        with modules, tracker, tracker.layers or contextlib.nullcontext():
             tracker.track(model_tensors(model))
             tracker.track(held_by_wrapper)
             tracker.mark(held_by_wrapper, "gradients")  # DDP's gradient buckets
             weights = tracker.live
+            loaded = len(events or ())
             optimizer = _optimizer(model, cfg, device_type)
             optimizer.register_step_post_hook(
                 lambda opt, args, kwargs: tracker.mark(_state_tensors(opt), "optimizer")
+            )
+            optimizer.register_step_pre_hook(
+                lambda opt, args, kwargs: updates.append(len(events or ()))
             )
             # Step 1 only has to leave the optimizer state behind: its forward and backward
             # run again in step 2 with that state alive, so they never set the peak. Zero
@@ -458,6 +484,12 @@ def _simulate_once(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tracker.close_phase()  # step 1 made state, step 2 is the steady state
+            first_end = len(events or ())
+            if record:  # the state belongs to its parameter's layer
+                for p, state in optimizer.state.items():
+                    for v in state.values():
+                        if torch.is_tensor(v):
+                            tracker.layers.tag(v, tracker.layers.of_tensor.get(id(p)))
             # Step 2, the steady state. The second micro-batch of a step is the first to add
             # into existing gradients, and every later one repeats it, so two stand for any
             # accumulation; the loop collates every micro-batch of a step before it starts, so
@@ -468,6 +500,7 @@ def _simulate_once(
             train_step(model, optimizer, [batch() for _ in range(accum)], opts)
             tracker.counting = False
             del held
+            step_end = len(events or ())
             optimizer_bytes = sum(
                 {
                     id(local(v).untyped_storage()): local(v).untyped_storage().nbytes()
@@ -485,8 +518,34 @@ def _simulate_once(
         layers_simulated=(config.num_hidden_layers,),
         breakdown=tracker.breakdown(),
         phases=tracker.phases,
+        reserved_bytes=None
+        if events is None
+        else _reserved(
+            events,
+            tracker.layers,
+            (loaded, first_end, updates[-1], step_end),
+            reserved_depth - config.num_hidden_layers,
+        ),
         largest_at_peak=tracker.largest() if explain else [],
     )
+
+
+def _reserved(events: list, layers: LayerTags, marks: tuple, extra: int) -> int:
+    """Peak reserved bytes of the caching allocator (plan/allocator.py) over a run of the model
+    with `extra` more layers: loading puts its tensors on the device (the replay's own, in
+    order); the first step is the replayed step with the optimizer state made as its update
+    starts (the state the replay's first step left); later steps repeat the replayed step.
+    `marks`: where in `events` loading ends, the replay's first step ends, the replayed step's
+    update starts and the step ends."""
+    loaded, first_end, update, end = marks
+    state = layers.tagged(survivors(events[loaded:first_end]))
+    step = events[first_end:end]
+    first = [*events[first_end:update], *state, *events[update:end]]
+    return run_reserved(
+        deepen(layers.tagged(events[:loaded]), MIDDLE_LAYER, extra),
+        deepen(first, MIDDLE_LAYER, extra),
+        deepen(step, MIDDLE_LAYER, extra),
+    ).peak_reserved
 
 
 def simulate(
@@ -505,15 +564,25 @@ def simulate(
     precision = precision or ("bf16-mixed" if device_type == "cuda" else "fp32")
     layers = config.num_hidden_layers
     depths = SHORT_DEPTHS
-    if cfg.method.name == "freeze":
-        # The top N layers train: simulate N+1 and N+2 layers, each added layer is frozen.
+    if cfg.method.name in ("freeze", "llama_adapter"):
+        # The top N layers train (freeze) or are adapted (llama_adapter): simulate N+1 and N+2
+        # layers, each added layer is a plain frozen one.
         if cfg.method.trainable_modules:
             extend = False  # patterns may pick any layer: no uniform growth to rely on
         depths = (cfg.method.trainable_layers + 1, cfg.method.trainable_layers + 2)
     if not extend or layers <= depths[-1]:
-        return _simulate_once(cfg, config, seq_len, device_type, precision, targets)
+        return _simulate_once(cfg, config, seq_len, device_type, precision, targets, False, layers)
     a, b = (
-        _simulate_once(cfg, _with_depth(config, d), seq_len, device_type, precision, targets)
+        _simulate_once(
+            cfg,
+            _with_depth(config, d),
+            seq_len,
+            device_type,
+            precision,
+            targets,
+            False,
+            layers if d == depths[-1] else None,
+        )
         for d in depths
     )
     extra = layers - depths[-1]
@@ -537,6 +606,7 @@ def simulate(
         layers_simulated=depths,
         breakdown=breakdown,
         phases=phases,
+        reserved_bytes=b.reserved_bytes,  # replayed for the whole depth (plan/trace.py)
     )
 
 

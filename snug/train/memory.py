@@ -21,7 +21,9 @@ class TensorMemoryTracker(TorchDispatchMode):
     """Live and peak bytes of tensor storages. Storages that exist before the mode is entered
     count once `track(...)` is given them (e.g. the model's weights). With `rounding`, every
     storage counts as its size rounded up to a multiple of it (the CUDA caching allocator's 512
-    bytes), as the planner needs for a GPU.
+    bytes), as the planner needs for a GPU. With `events` a list, every storage created
+    appends (id, bytes) to it and every storage released (id, -1), in order: what the planner
+    replays through its model of the caching allocator (plan/allocator.py).
 
     FSDP frees and re-allocates gathered parameters by resizing their storage in place
     (`UntypedStorage.resize_`), which no op reports: while the tracker is active that method
@@ -34,11 +36,17 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.peak = 0
         self._sizes: dict[int, int] = {}  # counted bytes of each live storage, by id
         self._resize = None
+        self.events: list[tuple[int, int]] | None = None
 
     def _rounded(self, nbytes: int) -> int:
         return -(-nbytes // self.rounding) * self.rounding
 
+    def _event(self, key: int, nbytes: int) -> None:
+        self.events.append((key, nbytes))
+
     def _free(self, key: int) -> None:
+        if self.events is not None and key in self._sizes:
+            self._event(key, -1)
         self.live -= self._sizes.pop(key, 0)
 
     def _add(self, t: torch.Tensor) -> None:
@@ -47,6 +55,8 @@ class TensorMemoryTracker(TorchDispatchMode):
         key = id(storage)
         if key in self._sizes:
             return
+        if self.events is not None:
+            self._event(key, storage.nbytes())
         nbytes = self._rounded(storage.nbytes())
         self._sizes[key] = nbytes
         self.live += nbytes
@@ -59,6 +69,9 @@ class TensorMemoryTracker(TorchDispatchMode):
         key = id(storage)
         if key not in self._sizes:
             return
+        if self.events is not None:  # FSDP frees (to 0 bytes) and re-allocates (from 0)
+            self._event(key, -1)
+            self._event(key, storage.nbytes())
         nbytes = self._rounded(storage.nbytes())
         self.live += nbytes - self._sizes[key]
         self._sizes[key] = nbytes

@@ -9,9 +9,9 @@ from transformers import get_scheduler
 from snug.config import MemoryConfig, TrainConfig
 
 
-def _optimizer_class(mem: MemoryConfig, params: list[torch.Tensor]) -> tuple[type, dict]:
+def _optimizer_class(mem: MemoryConfig, on_cuda: bool) -> tuple[type, dict]:
     if mem.optimizer == "adamw":
-        return torch.optim.AdamW, {"fused": True if all(p.is_cuda for p in params) else None}
+        return torch.optim.AdamW, {"fused": True if on_cuda else None}
     if mem.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -26,14 +26,22 @@ def _optimizer_class(mem: MemoryConfig, params: list[torch.Tensor]) -> tuple[typ
 
 
 def build_optimizer(
-    model: nn.Module, mem: MemoryConfig, train: TrainConfig, lora_plus_ratio: float | None = None
+    model: nn.Module,
+    mem: MemoryConfig,
+    train: TrainConfig,
+    lora_plus_ratio: float | None = None,
+    on_cuda: bool | None = None,
 ) -> torch.optim.Optimizer:
     """Only trainable weights are handed over, so frozen ones never get optimizer state.
-    With LoRA+ (peft's implementation) the B matrices get lr x lora_plus_ratio."""
+    With LoRA+ (peft's implementation) the B matrices get lr x lora_plus_ratio. AdamW is
+    torch's fused one when the weights are on a GPU (`on_cuda`, default: where they are; the
+    planner's fake weights say cpu for a GPU plan)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the method left no trainable weights; check the method section.")
-    cls, extra = _optimizer_class(mem, params)
+    if on_cuda is None:
+        on_cuda = all(p.is_cuda for p in params)
+    cls, extra = _optimizer_class(mem, on_cuda)
     if lora_plus_ratio is not None:
         from peft.optimizers import create_loraplus_optimizer
 
