@@ -6,7 +6,8 @@
 #   benchmarks/gpu/run.sh OUTDIR                 on a CUDA machine (carried wheels in .whl/)
 #   benchmarks/gpu/run.sh --cpu-dry-run OUTDIR   the same scripts on this CPU, tiny shapes
 #
-# Budgets (seconds, override by environment): REALITY_S=240 BASELINE_S=120 PYTEST_S=100.
+# Budgets (seconds, override by environment): REALITY_S=240 BASELINE_S=120 PYTEST_S=100;
+# BASELINE_S=0 or PYTEST_S=0 skips that part.
 set -uo pipefail
 DRY=""
 if [ "${1:-}" = "--cpu-dry-run" ]; then DRY="--cpu-dry-run"; shift; fi
@@ -49,10 +50,12 @@ timeout "${REALITY_S:-240}" "$PY" benchmarks/gpu/reality.py "$OUT" $DRY \
   --budget $(( ${REALITY_S:-240} - 15 )) >"$OUT/reality.log" 2>&1
 echo "reality: rc $? at $(( $(date +%s) - started )) s"
 
-timeout "${BASELINE_S:-120}" "$PY" benchmarks/gpu/baseline.py "$OUT" $DRY >"$OUT/baseline.log" 2>&1
-echo "baseline: rc $? at $(( $(date +%s) - started )) s"
+if [ "${BASELINE_S:-120}" != 0 ]; then  # 0 skips it
+  timeout "${BASELINE_S:-120}" "$PY" benchmarks/gpu/baseline.py "$OUT" $DRY >"$OUT/baseline.log" 2>&1
+  echo "baseline: rc $? at $(( $(date +%s) - started )) s"
+fi
 
-if [ -z "$DRY" ]; then
+if [ -z "$DRY" ] && [ "${PYTEST_S:-100}" != 0 ]; then  # 0 skips it
   timeout "${PYTEST_S:-100}" "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider \
     >"$OUT/pytest-gpu.txt" 2>&1
   echo "pytest -m gpu: rc $? at $(( $(date +%s) - started )) s"
