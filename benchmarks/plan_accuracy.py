@@ -194,12 +194,12 @@ def main() -> None:
     from snug.config import load_config
     from snug.plan.hardware import cpu_device, find_gpu, model_config
     from snug.plan.report import breakdown_line
-    from snug.plan.search import _rate, recommend, search
+    from snug.plan.search import device_model, recommend, search
     from snug.plan.simulate import simulate
 
     started = time.perf_counter()
     rows, tracked_errors, independent_errors = [], [], []
-    rate = _rate(cpu_device(), "fp32")
+    timing = device_model(cpu_device(), "fp32")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         texts = {n: make_text(work, n) for n in sorted({c[3] for c in CONFIGS})}
@@ -236,7 +236,7 @@ def main() -> None:
                 f"{predicted / 2**20:,.1f} | {real['tracked_bytes'] / 2**20:,.1f} | "
                 f"{100 * tracked_error:+.2f}% | {predicted_above / 2**20:,.1f} | "
                 f"{rss_above / 2**20:,.1f} | {100 * independent_error:+.1f}% | "
-                f"{real['plan'].flops_per_step / rate:.2f} | {real['step_seconds']:.2f} | "
+                f"{timing.seconds(real['plan'].flops_per_step, real['plan'].ops_per_step, real['plan'].weights_bytes):.2f} | {real['step_seconds']:.2f} | "
                 f"{real['plan_s']:.1f} |"
             )
             print(line, flush=True)
@@ -274,8 +274,8 @@ def main() -> None:
         "trained minus that of the same run on a near-empty model (1 layer, hidden 48, same "
         "vocabulary, tokens, method and settings), read from the kernel (VmHWM, reset as "
         "training starts; glibc's mmap threshold fixed at 64 KiB, so freed blocks leave RSS); "
-        "predicted above = the same difference of the two plans. Predicted step time = FLOPs / "
-        "this CPU's fp32 matmul rate measured at plan time (no efficiency factor).",
+        "predicted above = the same difference of the two plans. Predicted step time: the plan's "
+        f"(snug/plan/calibration.py), from {timing.source}.",
         "",
         "| family | method | checkpointing | tokens | predicted MiB | tracked MiB | error | "
         "predicted above MiB | RSS above MiB | error | predicted step s | measured step s | "

@@ -87,6 +87,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from snug.plan.report import cmd_calibrate as run
+
+    return run(args)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from snug.deploy.merge import find_source, merge
 
@@ -201,6 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--seq-len", type=int, help="tokens per sample to plan for")
     measure.add_argument("--json", action="store_true", help="print JSON")
     measure.set_defaults(func=cmd_measure)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="measure this machine's device so the plan's step time and reserved memory fit it",
+        description="Runs a short, fixed series of real training steps (catalog models with "
+        "random weights, nothing downloaded) on this machine's GPU or CPU, measures what the "
+        "plan cannot see from fake tensors (the achieved FLOP rate and per-op cost of whole "
+        "steps; on a GPU the CUDA context and what the caching allocator reserves), prints "
+        "it with its spread and keeps it in the calibration file ($SNUG_CALIBRATION, else "
+        "~/.config/snug/calibration.json), one entry per device. snug plan and memory.auto_fit "
+        "then use it for that device and say so.",
+    )
+    calibrate.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        help="what to calibrate (default: cuda when torch sees a GPU, else cpu)",
+    )
+    calibrate.add_argument(
+        "--gpu", metavar="NAME", help="the GPU's name in the bundled table, if torch's differs"
+    )
+    calibrate.add_argument(
+        "--no-save", action="store_true", help="print the measurement, keep the file as it is"
+    )
+    calibrate.add_argument("--json", action="store_true", help="print JSON")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     merge = sub.add_parser(
         "merge",

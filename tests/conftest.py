@@ -10,6 +10,11 @@ from pathlib import Path
 # two workers with two threads each would fight over this machine's two cores.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A user's `snug calibrate` entries must not change what the tests' plans predict: they plan
+# with the typical values unless a test names its own calibration file.
+os.environ["SNUG_CALIBRATION"] = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"snug-tests-no-calibration-{os.getpid()}.json"
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

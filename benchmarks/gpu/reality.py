@@ -67,7 +67,8 @@ FIELDS = [
     "predicted_peak_gib", "measured_peak_gib", "peak_error",
     "predicted_reserved_gib", "measured_reserved_gib", "reserved_error",
     "predicted_device_gib", "measured_device_gib", "device_error", "context_gib",
-    "predicted_step_s", "measured_step_s", "step_ratio", "tokens_per_s", "plan_s", "error",
+    "predicted_step_typical_s", "predicted_step_s", "measured_step_s", "step_typical_ratio",
+    "step_ratio", "calibration", "tokens_per_s", "plan_s", "error",
 ]  # fmt: skip
 GIB = 2**30
 
@@ -119,8 +120,8 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from snug.config import load_config
-    from snug.plan.hardware import find_gpu, model_config
-    from snug.plan.search import plan_one
+    from snug.plan.hardware import cpu_device, find_gpu, model_config
+    from snug.plan.search import device_model, plan_one, precision_for
     from snug.train.loop import run_training
 
     cuda = torch.cuda.is_available() and not spec["dry_run"]
@@ -154,23 +155,22 @@ def run_one(spec: dict) -> dict:
         ]
         + (["model.dtype=bfloat16"] if spec["precision"] == "bf16-true" else []),
     )
-    device = find_gpu(torch.cuda.get_device_name()) if cuda else None
+    device = find_gpu(torch.cuda.get_device_name()) if cuda else cpu_device()
     started = time.perf_counter()
-    if device is not None:
-        cand = plan_one(cfg, model_config(spec["model_dir"]), device, spec["tokens"])
-        if cand.error:
-            raise RuntimeError(f"the plan failed: {cand.error}")
-        predicted = {
-            "peak": cand.peak_bytes,
-            "reserved": cand.peak_bytes + cand.reserved_terms["allocator"]["bytes"],
-            "device": cand.reserved_bytes,
-            "step": cand.step_seconds,
-        }
-    else:
-        from snug.plan.simulate import simulate
-
-        sim = simulate(cfg, model_config(spec["model_dir"]), spec["tokens"], "cpu", "fp32")
-        predicted = {"peak": sim.peak_bytes, "reserved": None, "device": None, "step": None}
+    cand = plan_one(cfg, model_config(spec["model_dir"]), device, spec["tokens"])
+    if cand.error:
+        raise RuntimeError(f"the plan failed: {cand.error}")
+    sim = cand.sim
+    # the same plan with typical values, for the step time before `snug calibrate`
+    typical = device_model(device, precision_for(device, cfg), calibrated=False)
+    predicted = {
+        "peak": cand.peak_bytes,
+        "reserved": cand.peak_bytes + cand.reserved_terms["allocator"]["bytes"] if cuda else None,
+        "device": cand.reserved_bytes if cuda else None,
+        "step": cand.step_seconds,
+        "step_typical": typical.seconds(sim.flops_per_step, sim.ops_per_step, sim.weights_bytes),
+        "calibration": cand.calibration,
+    }
     plan_s = time.perf_counter() - started
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=None, val_size=0.0))
     summary = run_training(cfg)
@@ -219,6 +219,10 @@ def _device_used_by_others() -> int:
         return int(out.split()[0]) * 2**20
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
         return 0
+
+
+def _ratio(pred, meas):
+    return pred / meas if pred and meas else None
 
 
 def _err(pred, meas):
@@ -303,9 +307,12 @@ def main() -> int:
                     measured_device_gib=_gib(m["device"]),
                     device_error=_err(p["device"], m["device"]),
                     context_gib=_gib(result["context"]),
+                    predicted_step_typical_s=p["step_typical"],
                     predicted_step_s=p["step"],
                     measured_step_s=m["step"],
-                    step_ratio=p["step"] / m["step"] if p["step"] and m["step"] else None,
+                    step_typical_ratio=_ratio(p["step_typical"], m["step"]),
+                    step_ratio=_ratio(p["step"], m["step"]),
+                    calibration=p["calibration"],
                     tokens_per_s=result["tokens_per_s"],
                     plan_s=round(result["plan_s"], 1),
                 )
@@ -328,10 +335,14 @@ def write_report(path: Path, rows: list[dict], dry: bool, seconds: float) -> Non
         "",
         f"{len(rows)} configurations, {seconds:.0f} s. Peak: predicted `peak_bytes` vs "
         "`max_memory_allocated`; reserved: peak + allocator term vs `max_memory_reserved`; "
-        "device: the plan's reserved_bytes (context included) vs max reserved + measured context.",
+        "device: the plan's reserved_bytes (context included) vs max reserved + measured context. "
+        "Step: the plan's step seconds with typical values (before `snug calibrate`), with what "
+        f"the plan used ({rows[0].get('calibration') if rows else ''}), and measured (the median "
+        "step after the first).",
         "",
         "| model | method | quant | gc | tokens | mb | precision | peak pred/meas GiB | err | "
-        "reserved pred/meas GiB | err | device pred/meas GiB | err | context GiB | step pred/meas s "
+        "reserved pred/meas GiB | err | device pred/meas GiB | err | context GiB | step typical/"
+        "plan/measured s "
         "| tok/s | error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -344,7 +355,8 @@ def write_report(path: Path, rows: list[dict], dry: bool, seconds: float) -> Non
             f"| {pct(r.get('reserved_error'))} "
             f"| {r.get('predicted_device_gib')}/{r.get('measured_device_gib')} "
             f"| {pct(r.get('device_error'))} | {r.get('context_gib')} "
-            f"| {_num(r.get('predicted_step_s'))}/{_num(r.get('measured_step_s'))} "
+            f"| {_num(r.get('predicted_step_typical_s'))}/{_num(r.get('predicted_step_s'))}/"
+            f"{_num(r.get('measured_step_s'))} "
             f"| {_num(r.get('tokens_per_s'), 0)} | {r.get('error') or ''} |"
         )
     for key in ("peak_error", "reserved_error", "device_error"):
@@ -353,6 +365,13 @@ def write_report(path: Path, rows: list[dict], dry: bool, seconds: float) -> Non
             lines.append(
                 f"\n{key}: median {100 * statistics.median(errs):.1f}%, worst "
                 f"{100 * max(errs):.1f}% over {len(errs)} configurations."
+            )
+    for key in ("step_typical_ratio", "step_ratio"):
+        ratios = [r[key] for r in rows if r.get(key)]
+        if ratios:
+            lines.append(
+                f"\n{key} (predicted / measured step seconds): median "
+                f"{statistics.median(ratios):.2f}, from {min(ratios):.2f} to {max(ratios):.2f}."
             )
     path.write_text("\n".join(lines) + "\n")
 

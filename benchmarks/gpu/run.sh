@@ -6,8 +6,8 @@
 #   benchmarks/gpu/run.sh OUTDIR                 on a CUDA machine (carried wheels in .whl/)
 #   benchmarks/gpu/run.sh --cpu-dry-run OUTDIR   the same scripts on this CPU, tiny shapes
 #
-# Budgets (seconds, override by environment): REALITY_S=240 BASELINE_S=120 PYTEST_S=100;
-# BASELINE_S=0 or PYTEST_S=0 skips that part.
+# Budgets (seconds, override by environment): CALIBRATE_S=150 REALITY_S=240 BASELINE_S=120
+# PYTEST_S=100; 0 skips that part.
 set -uo pipefail
 DRY=""
 if [ "${1:-}" = "--cpu-dry-run" ]; then DRY="--cpu-dry-run"; shift; fi
@@ -46,6 +46,15 @@ PYEOF
 } >"$OUT/env.txt" 2>&1
 echo "env: $(( $(date +%s) - started )) s"
 
+# snug calibrate first, into OUTDIR: reality.py then shows the plan's step time before (typical
+# values) and after it, on configurations the calibration series did not run.
+export SNUG_CALIBRATION="$OUT/calibration.json"
+if [ "${CALIBRATE_S:-150}" != 0 ]; then  # 0 skips it
+  kind=cuda; [ -n "$DRY" ] && kind=cpu
+  timeout "${CALIBRATE_S:-150}" "$PY" -m snug.cli calibrate --device $kind >"$OUT/calibrate.txt" 2>&1
+  echo "calibrate: rc $? at $(( $(date +%s) - started )) s"
+fi
+
 timeout "${REALITY_S:-240}" "$PY" benchmarks/gpu/reality.py "$OUT" $DRY \
   --budget $(( ${REALITY_S:-240} - 15 )) >"$OUT/reality.log" 2>&1
 echo "reality: rc $? at $(( $(date +%s) - started )) s"
@@ -68,6 +77,9 @@ fi
   echo
   echo '```'; cat "$OUT/env.txt"; echo '```'
   echo
+  if [ -f "$OUT/calibrate.txt" ]; then
+    echo "## snug calibrate"; echo; echo '```'; cat "$OUT/calibrate.txt"; echo '```'; echo
+  fi
   cat "$OUT/reality.md" 2>/dev/null || { echo "reality.py wrote no report:"; tail -5 "$OUT/reality.log"; }
   echo
   cat "$OUT/baseline.md" 2>/dev/null || { echo "baseline.py wrote no report:"; tail -5 "$OUT/baseline.log"; }

@@ -136,3 +136,30 @@ def cpu_device(memory: int | None = None) -> Device:
 
     total = memory or psutil.virtual_memory().total
     return Device(name="cpu", type="cpu", memory_bytes=total)
+
+
+def cpu_name() -> str:
+    """This CPU's model, as /proc/cpuinfo or the platform names it."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_key(device: Device) -> str:
+    """The name a device's `snug calibrate` entry is kept under: a GPU by its name in the
+    bundled table (so "NVIDIA H200" from torch and "h200" from --gpu meet), else as given; the
+    CPU by its model and the threads torch uses (both set its speed)."""
+    if device.type == "cpu":
+        import torch
+
+        return f"cpu: {cpu_name()} x{torch.get_num_threads()} threads"
+    try:
+        return find_gpu(device.name).name if parse_memory(device.name) is None else device.name
+    except PlanError:
+        return device.name

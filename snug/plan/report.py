@@ -1,10 +1,11 @@
-"""`snug plan` and `snug measure`: inputs resolved, the plan printed as a table or JSON."""
+"""`snug plan`, `snug measure` and `snug calibrate`: inputs resolved, the plan printed as a table or JSON."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -15,7 +16,7 @@ from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
 from snug.plan.search import (
     METHODS,
     Candidate,
-    _rate,
+    device_model,
     plan_one,
     precision_for,
     recommend,
@@ -87,6 +88,10 @@ def print_table(console: Console, cands: list[Candidate], device: Device, title:
             console.print(f"{c.name}: the simulation failed: {c.error}")
     if device.memory_bytes:
         console.print(f"device: {device.name}, {_gib(device.memory_bytes)} GiB usable")
+    shown = next((c for c in cands if c.sim is not None), None)
+    if shown is not None:
+        what = "step time and reserved terms" if device.type == "cuda" else "step time"
+        console.print(f"{what}: {shown.calibration}")
 
 
 def breakdown_line(c: Candidate) -> str:
@@ -205,6 +210,7 @@ def cmd_plan(args) -> int:
         "seq_len": seq_len,
         "seq_len_from": seq_source,
         "precision": precision_for(device, cfg),
+        "calibration": next((c.calibration for c in cands if c.sim is not None), None),
         "candidates": [c.as_dict() for c in cands],
         "best": cands.index(choice) if choice is not None else None,
         "why": why,
@@ -303,7 +309,7 @@ def measure(cfg: Config, steps: int, seq_len: int, seq_source: str = "given") ->
         )
         plan_seconds = time.perf_counter() - started
         summary = run_training(run_cfg, Console(quiet=True))
-        rate = _rate(cpu_device(), "fp32") if device.type == "cpu" else None
+        timing = device_model(cpu_device(), "fp32") if device.type == "cpu" else None
     measured = summary["peak_memory"]
     result = {
         "steps": summary["steps"],
@@ -321,6 +327,82 @@ def measure(cfg: Config, steps: int, seq_len: int, seq_source: str = "given") ->
         "plan_seconds": round(plan_seconds, 2),
         "tokens_per_second": summary.get("tokens_per_second"),
         "measured_step_seconds": summary["train_seconds"] / max(summary["steps"], 1),
-        "predicted_step_seconds": predicted.flops_per_step / rate if rate else None,
+        "predicted_step_seconds": timing.seconds(
+            predicted.flops_per_step, predicted.ops_per_step, predicted.weights_bytes
+        )
+        if timing
+        else None,
+        "step_time_from": timing.source if timing else None,
     }
     return result
+
+
+def cmd_calibrate(args) -> int:
+    """`snug calibrate`: measure, print with the spread, keep in the calibration file."""
+    import torch
+
+    from snug.plan import calibration
+    from snug.plan.calibrate import calibrate
+
+    kind = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.gpu and kind != "cuda":
+        raise PlanError("snug calibrate --gpu names the GPU calibrated; it needs --device cuda.")
+    path = calibration.calibration_path()
+    if not args.no_save:
+        calibration.load("", path)  # a calibration file we cannot read: say so before the series
+    console = Console(stderr=args.json)
+    started = time.perf_counter()
+    cal = calibrate(kind, args.gpu, progress=lambda line: console.print(line))
+    seconds = time.perf_counter() - started
+    if not args.no_save:
+        calibration.save(cal, path)
+    if args.json:
+        print(json.dumps({**cal.as_dict(), "seconds": round(seconds, 1)}, indent=2))
+        return 0
+    table = Table(title=f"snug calibrate: {cal.device}, {cal.precision}, {seconds:.0f} s")
+    cols = ("model", "method", "gc", "mb x tokens", "GFLOP", "ops", "measured s", "fitted s")
+    if kind == "cuda":
+        cols += ("peak err", "reserved planned/measured GiB")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("model", "method") else "right")
+    for r in cal.steps:
+        cells = [
+            r["model"],
+            r["method"],
+            "on" if r["checkpointing"] else "off",
+            f"{r['micro_batch']} x {r['tokens']}",
+            f"{r['flops'] / 1e9:,.1f}",
+            f"{r['ops']:,}",
+            f"{r['seconds']:.3f}",
+            f"{r['fitted_seconds']:.3f}",
+        ]
+        if kind == "cuda":
+            cells += [
+                f"{100 * (r['planned_peak'] / r['measured_peak'] - 1):+.1f}%",
+                f"{_gib(r['planned_reserved'])}/{_gib(r['measured_reserved'])}",
+            ]
+        table.add_row(*cells)
+    console.print(table)
+    lo, hi = cal.step_error
+    console.print(
+        f"step time: {cal.rate_flops / 1e12:.3g} TFLOP/s achieved by whole steps "
+        f"(one large matmul: {cal.matmul_flops / 1e12:.3g} TFLOP/s) and "
+        f"{cal.op_seconds * 1e6:.1f} us per op; fitted within {100 * lo:+.1f}% to "
+        f"{100 * hi:+.1f}% of the measured steps"
+    )
+    if kind == "cuda":
+        ctx = (
+            "unread (no nvidia-smi)"
+            if cal.context_bytes is None
+            else (f"{_gib(cal.context_bytes)} GiB")
+        )
+        rlo, rhi = cal.reserved_error
+        console.print(
+            f"CUDA context {ctx}; copy bandwidth {cal.bandwidth_gbs:,.0f} GB/s; "
+            f"max_memory_reserved = {cal.reserved_ratio:.3f} x the replayed reserve "
+            f"({100 * rlo:+.1f}% to {100 * rhi:+.1f}% over the series)"
+        )
+    console.print(
+        "not saved (--no-save)" if args.no_save else f"saved to {path} under {cal.device!r}"
+    )
+    return 0

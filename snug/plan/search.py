@@ -9,11 +9,14 @@ import torch
 from transformers import PretrainedConfig
 
 from snug.config import Config
-from snug.plan.hardware import GIB, Device
+from snug.plan import calibration
+from snug.plan.calibration import StepModel
+from snug.plan.hardware import GIB, Device, device_key
 from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
 
 # Terms between the peak of live tensors and what the device must hold; each carries its
-# source into the plan's output.
+# source into the plan's output. `snug calibrate` replaces the context and scales the
+# allocator term by what it measured (plan/calibration.py).
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 CUDA_CONTEXT_SOURCE = (
     "CUDA context with torch: a typical 0.5 GiB; 0.511 GiB measured on an H200 with torch 2.11 "
@@ -23,12 +26,10 @@ ALLOCATOR_SOURCE = (
     "what the CUDA caching allocator reserves beyond the peak of live tensors "
     "(max_memory_reserved - peak): its rules (512-byte blocks, 2 and 20 MiB segments, best "
     "fit, splitting, merging, no release) replayed over the storages the replay makes and "
-    "frees, from loading through the first steps (snug/plan/allocator.py); within 1.5% of "
-    "max_memory_reserved on 10 H200 runs (benchmarks/reserved_check.py)"
+    "frees, from loading through the first steps (snug/plan/allocator.py); within 2% of "
+    "max_memory_reserved on 13 H200 runs (benchmarks/results/gpu-2026-11-27-H200-run2.md)"
 )
-# Share of the device's dense rate a fine-tuning step reaches (model FLOPs utilisation);
-# 0.4 is typical of published LoRA/full fine-tune runs. Uncalibrated until a GPU is measured.
-GPU_EFFICIENCY = 0.4
+TYPICAL = "typical values, not calibrated"
 # "qlora" is LoRA on a 4-bit NF4 base (model.quant=4bit), "qlora-8bit" LoRA on an LLM.int8
 # base (model.quant=8bit).
 QUANT_OF = {"qlora": "4bit", "qlora-8bit": "8bit"}
@@ -80,6 +81,7 @@ class Candidate:
     step_seconds: float | None = None
     tokens_per_second: float | None = None
     fits: bool | None = None
+    calibration: str = TYPICAL  # where the step time and reserved terms come from
 
     @property
     def peak_bytes(self) -> int | None:
@@ -117,9 +119,12 @@ class Candidate:
             "trainable_params": s.trainable_params if s else None,
             "total_params": s.total_params if s else None,
             "breakdown": s.breakdown if s else None,
+            "weights_bytes": s.weights_bytes if s else None,
             "flops_per_step": s.flops_per_step if s else None,
+            "ops_per_step": s.ops_per_step if s else None,
             "step_seconds": self.step_seconds,
             "tokens_per_second": self.tokens_per_second,
+            "calibration": self.calibration,
             "error": self.error,
         }
 
@@ -144,15 +149,42 @@ def _cpu_rate() -> float:
     return n * 2 * 1024**3 / (time.perf_counter() - started)
 
 
-def _rate(device: Device, precision: str) -> float | None:
+def device_model(device: Device, precision: str, calibrated: bool = True) -> StepModel:
+    """The step-time and reserved-memory inputs for `device`: its `snug calibrate` entry when
+    there is one (and `calibrated`), else typical values (plan/calibration.py says which)."""
+    cal = calibration.load(device_key(device)) if calibrated else None
+    family = precision.split("-")[0]
+    if cal is not None:
+        rate = cal.rate_flops
+        if device.type == "cuda" and family != cal.precision.split("-")[0]:
+            # calibrated in another dtype: scale by the table's ratio of the two rates
+            ours, theirs = _table_tflops(device, family), _table_tflops(device, cal.precision)
+            rate = rate * ours / theirs if ours and theirs else None
+        return StepModel(
+            rate_flops=rate,
+            op_seconds=cal.op_seconds,
+            bandwidth_gbs=cal.bandwidth_gbs if device.type == "cuda" else None,
+            source=cal.label(),
+            context_bytes=cal.context_bytes,
+            reserved_ratio=cal.reserved_ratio,
+        )
     if device.type == "cpu":
-        return _cpu_rate()
-    tflops = {
+        return StepModel(_cpu_rate(), calibration.CPU_OP_SECONDS, None, TYPICAL)
+    tflops = _table_tflops(device, family)
+    return StepModel(
+        rate_flops=tflops * 1e12 * calibration.GPU_EFFICIENCY if tflops else None,
+        op_seconds=calibration.GPU_OP_SECONDS,
+        bandwidth_gbs=device.bandwidth_gbs,
+        source=TYPICAL,
+    )
+
+
+def _table_tflops(device: Device, precision: str) -> float | None:
+    return {
         "bf16": device.bf16_tflops,
         "fp16": device.fp16_tflops,
         "fp32": device.fp32_tflops,
     }[precision.split("-")[0]]
-    return tflops * 1e12 * GPU_EFFICIENCY if tflops else None
 
 
 def precision_for(device: Device, cfg: Config | None = None) -> str:
@@ -175,7 +207,7 @@ def evaluate(
     config: PretrainedConfig,
     device: Device,
     seq_len: int,
-    rate: float | None,
+    model: StepModel,
 ) -> Candidate:
     precision = precision_for(device, cand.cfg)
     try:
@@ -186,36 +218,34 @@ def evaluate(
     except Exception as e:  # a method/model pair the step cannot run: say so, keep searching
         cand.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return cand
+    cand.calibration = model.source
     if device.type == "cuda":
-        cand.reserved_terms = {
-            "cuda_context": {"bytes": CUDA_CONTEXT_BYTES, "source": CUDA_CONTEXT_SOURCE},
-            "allocator": {
-                "bytes": cand.sim.reserved_bytes - cand.sim.peak_bytes,
-                "source": ALLOCATOR_SOURCE,
-            },
-        }
+        allocator = cand.sim.reserved_bytes - cand.sim.peak_bytes
+        context = {"bytes": CUDA_CONTEXT_BYTES, "source": CUDA_CONTEXT_SOURCE}
+        allocator_term = {"bytes": allocator, "source": ALLOCATOR_SOURCE}
+        if model.context_bytes is not None:
+            context = {"bytes": model.context_bytes, "source": f"CUDA context, {model.source}"}
+        if model.reserved_ratio is not None:  # the replayed reserve, scaled as measured
+            scaled = round(cand.sim.reserved_bytes * model.reserved_ratio)
+            allocator_term = {
+                "bytes": max(scaled - cand.sim.peak_bytes, 0),
+                "source": f"{ALLOCATOR_SOURCE}; times {model.reserved_ratio:.3f}, {model.source}",
+            }
+        cand.reserved_terms = {"cuda_context": context, "allocator": allocator_term}
     if device.memory_bytes is not None:
         cand.fits = cand.reserved_bytes <= device.memory_bytes
-    if rate:
-        _time(cand, device, seq_len, rate)
+    seconds = model.seconds(cand.sim.flops_per_step, cand.sim.ops_per_step, cand.sim.weights_bytes)
+    if seconds:
+        cand.step_seconds = seconds  # per rank; communication is not modelled
+        train = cand.cfg.train
+        tokens = train.micro_batch * train.grad_accum * seq_len * cand.cfg.dist.processes
+        cand.tokens_per_second = tokens / seconds
     return cand
 
 
-def _time(cand: Candidate, device: Device, seq_len: int, rate: float) -> None:
-    compute = cand.sim.flops_per_step / rate
-    memory = 0.0
-    if device.bandwidth_gbs:  # weights are read in forward, backward and recomputation
-        memory = 3 * cand.sim.weights_bytes / (device.bandwidth_gbs * 1e9)
-    cand.step_seconds = max(compute, memory)  # per rank; communication is not modelled
-    tokens = (
-        cand.cfg.train.micro_batch * cand.cfg.train.grad_accum * seq_len * cand.cfg.dist.processes
-    )
-    cand.tokens_per_second = tokens / cand.step_seconds
-
-
 def plan_one(cfg: Config, config: PretrainedConfig, device: Device, seq_len: int) -> Candidate:
-    rate = _rate(device, precision_for(device, cfg))
-    return evaluate(Candidate(cfg, candidate_name(cfg)), config, device, seq_len, rate)
+    model = device_model(device, precision_for(device, cfg))
+    return evaluate(Candidate(cfg, candidate_name(cfg)), config, device, seq_len, model)
 
 
 def _variants(cfg: Config, method: str, device: Device) -> list[Config]:
@@ -254,7 +284,7 @@ def _fallbacks(variant: Config, method: str, device: Device) -> list[Config]:
 
 
 def _largest_fitting_micro_batch(
-    variant: Config, config, device: Device, seq_len: int, rate, effective: int, cap: int
+    variant: Config, config, device: Device, seq_len: int, model, effective: int, cap: int
 ) -> Candidate | None:
     """Peak is linear in the micro-batch (every activation scales with it): simulate 1 and 2,
     take the largest power of two the line says fits, then simulate that one to confirm
@@ -264,7 +294,7 @@ def _largest_fitting_micro_batch(
 
     def at(b: int) -> Candidate:
         trial = with_overrides(variant, train={"micro_batch": b, "grad_accum": effective // b})
-        return evaluate(Candidate(trial, candidate_name(trial)), config, device, seq_len, rate)
+        return evaluate(Candidate(trial, candidate_name(trial)), config, device, seq_len, model)
 
     cap = min(cap, effective)
     one = at(1)
@@ -309,7 +339,7 @@ def search(
 
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
-    rate = _rate(device, precision_for(device, cfg))
+    model = device_model(device, precision_for(device, cfg))
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     strategies = STRATEGIES if num_gpus > 1 else ("none",)
     best: dict[str, Candidate] = {}
@@ -325,7 +355,7 @@ def search(
         while queue:
             variant = queue.pop(0)
             cand = _largest_fitting_micro_batch(
-                variant, config, device, seq_len, rate, effective, max_micro_batch
+                variant, config, device, seq_len, model, effective, max_micro_batch
             )
             if cand.fits:
                 if _faster(cand, best.get(method)):
@@ -409,6 +439,7 @@ def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]
         "optimizer": m.optimizer,
         "predicted_peak_bytes": choice.peak_bytes,
         "predicted_reserved_bytes": choice.reserved_bytes,
+        "calibration": choice.calibration,
         "why": f"the fastest setting of {cfg.method.name} that fits {device.name} "
         f"({choice.reserved_bytes / GIB:.2f} of {device.memory_bytes / GIB:.2f} GiB) with the "
         f"effective batch of {effective} kept",

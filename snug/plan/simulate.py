@@ -60,6 +60,7 @@ class Simulation:
     peak_bytes: int  # tracked peak of live tensor storage during two optimizer steps
     weights_bytes: int  # the model's tensors before the first step (weights and buffers)
     flops_per_step: int  # forward + backward (+ recomputation) of one optimizer step
+    ops_per_step: int  # ops dispatched in one optimizer step (each a kernel launch or more)
     optimizer_bytes: int  # optimizer state after the steps
     trainable_params: int
     total_params: int
@@ -361,7 +362,7 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
 
 
-def _with_depth(config: PretrainedConfig, layers: int) -> PretrainedConfig:
+def with_depth(config: PretrainedConfig, layers: int) -> PretrainedConfig:
     config = copy.deepcopy(config)
     config.num_hidden_layers = layers
     for key in ("layer_types", "mlp_only_layers"):  # per-layer lists follow the depth
@@ -512,6 +513,7 @@ def _simulate_once(
         weights_bytes=weights,
         # FLOPs of the micro-batches run, per micro-batch times the accumulation
         flops_per_step=tracker.flops * cfg.train.grad_accum // accum,
+        ops_per_step=tracker.ops * cfg.train.grad_accum // accum,
         optimizer_bytes=optimizer_bytes,
         trainable_params=trainable,
         total_params=total,
@@ -575,7 +577,7 @@ def simulate(
     a, b = (
         _simulate_once(
             cfg,
-            _with_depth(config, d),
+            with_depth(config, d),
             seq_len,
             device_type,
             precision,
@@ -600,6 +602,7 @@ def simulate(
         peak_bytes=peak,
         weights_bytes=grow(a.weights_bytes, b.weights_bytes),
         flops_per_step=grow(a.flops_per_step, b.flops_per_step),
+        ops_per_step=grow(a.ops_per_step, b.ops_per_step),
         optimizer_bytes=grow(a.optimizer_bytes, b.optimizer_bytes),
         trainable_params=grow(a.trainable_params, b.trainable_params),
         total_params=grow(a.total_params, b.total_params),
@@ -619,7 +622,7 @@ def explain(
     if cfg.method.name == "freeze":
         layers = min(config.num_hidden_layers, cfg.method.trainable_layers + 1)
     sim = _simulate_once(
-        cfg, _with_depth(config, layers), seq_len, device_type, precision, None, True
+        cfg, with_depth(config, layers), seq_len, device_type, precision, None, True
     )
     return sim.largest_at_peak, layers
 

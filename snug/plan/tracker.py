@@ -68,7 +68,8 @@ class PlanTracker(TensorMemoryTracker):
     only known once they are stored: `mark(tensors, category)` says so then (from a gradient
     hook, after an optimizer step). The copy at the peak shares each storage's record, so a mark
     made after the peak on a storage alive at the peak still counts. `inputs=True` marks the
-    batch being built. While `counting`, FLOPs of every op add to `flops`."""
+    batch being built. While `counting`, FLOPs of every op add to `flops` and every op to `ops`
+    (each a dispatch, most a kernel launch on a GPU: the step's fixed cost per op)."""
 
     def __init__(self, rounding: int, modules: ModuleNames, vocab_size: int) -> None:
         super().__init__(rounding)
@@ -76,6 +77,7 @@ class PlanTracker(TensorMemoryTracker):
         self.inputs = False
         self.counting = False
         self.flops = 0
+        self.ops = 0
         self._op: str | None = None  # None: outside dispatch (the model's own tensors)
         self._meta: dict[int, list] = {}  # [bytes, shape, dtype, op, module, category]
         self._at_peak: list[list] = []
@@ -139,6 +141,8 @@ class PlanTracker(TensorMemoryTracker):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._op = func.overloadpacket.__name__
         out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.counting:
+            self.ops += 1
         if self.counting and func.overloadpacket in flop_registry:
             self.flops += flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out)
         return out

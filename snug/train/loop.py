@@ -370,7 +370,8 @@ def _auto_fit(cfg: Config, train_ds, device, console: Console, summary: dict) ->
     console.print(
         f"auto_fit: micro_batch {report['micro_batch']} x grad_accum {report['grad_accum']}, "
         f"grad_checkpointing {report['grad_checkpointing']}, offload "
-        f"{report['offload_activations']}, optimizer {report['optimizer']}: {report['why']}"
+        f"{report['offload_activations']}, optimizer {report['optimizer']}: {report['why']} "
+        f"(step time and reserved memory: {report['calibration']})"
     )
     return cfg
 

@@ -1,0 +1,287 @@
+"""`snug calibrate`: a short, fixed series of real training steps on this machine's device,
+measured against snug's plan of the same steps, and what the plan should learn from them.
+
+Each configuration of the series is a catalog model with random weights (built on the device,
+nothing downloaded; on the CPU shrunk to a few narrow layers), LoRA or a full fine-tune, a
+batch of random token ids. It is planned exactly as `snug plan` would (the fake-tensor replay,
+which also counts the step's FLOPs and ops), then the same step (snug's own: the method, the
+loss, the optimizer, `train_step`) runs for real: a warm-up step, then timed steps.
+
+Measured:
+- step time: `seconds = flops / rate + ops x op_seconds` fitted to the timed steps (relative
+  least squares over the series), so `rate` is the FLOP rate whole steps achieve and
+  `op_seconds` what each dispatched op costs beyond its arithmetic; printed with each
+  configuration's fitted-vs-measured error;
+- on CUDA, the context (`torch.cuda.mem_get_info` before and after initialisation, less what
+  other processes held, read with nvidia-smi), `max_memory_reserved` against the plan's
+  replayed reserve (their ratio, its median and spread), and `max_memory_allocated` against the
+  plan's peak (reported, not learned: the replay is exact or it is a bug);
+- the device's best case: one large matmul's FLOP rate and a large copy's bandwidth.
+
+The result goes to the calibration file (plan/calibration.py), one entry per device, which
+`snug plan` and `memory.auto_fit` then use and name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import statistics
+import subprocess
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from snug.config import load_config
+from snug.data.collate import _targets
+from snug.models.load import resolve_dtype
+from snug.plan.calibration import Calibration, fit_step_time
+from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
+from snug.plan.simulate import PlanError, simulate, with_depth
+from snug.train.loop import prepare_for_training, step_options
+from snug.train.optim import build_optimizer
+from snug.train.step import train_step
+
+# (catalog model, method, gradient checkpointing, tokens, micro-batch): steps from launch-bound
+# (a small model, short rows) to compute-bound, so the fit can tell the two costs apart.
+GPU_SERIES = (
+    ("Qwen/Qwen2.5-0.5B", "lora", False, 256, 1),
+    ("Qwen/Qwen2.5-0.5B", "full", False, 1024, 2),
+    ("meta-llama/Llama-3.2-1B", "lora", True, 2048, 2),
+    ("meta-llama/Llama-3.2-1B", "lora", True, 4096, 4),
+    ("Qwen/Qwen2.5-3B", "lora", True, 4096, 2),
+)
+CPU_SERIES = (
+    ("Qwen/Qwen2.5-0.5B", "lora", False, 32, 1),
+    ("Qwen/Qwen2.5-0.5B", "lora", True, 256, 2),
+    ("Qwen/Qwen2.5-0.5B", "full", False, 128, 2),
+    ("meta-llama/Llama-3.2-1B", "lora", False, 384, 2),
+    ("meta-llama/Llama-3.2-1B", "lora", True, 64, 1),
+)
+# The CPU series' models: the catalog architecture at a width and depth this CPU runs in seconds.
+CPU_SHRINK = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": 8192,
+}
+TIMED_STEPS = 4
+
+
+def device_for(kind: str, gpu: str | None) -> Device:
+    """The device calibrated: this machine's GPU (named as the table names it, or `gpu`) or CPU."""
+    if kind == "cpu":
+        return cpu_device()
+    if not torch.cuda.is_available():
+        raise PlanError("snug calibrate --device cuda: torch sees no CUDA device here.")
+    name = gpu or torch.cuda.get_device_name(0)
+    try:
+        return find_gpu(name)
+    except PlanError:
+        if gpu:
+            raise
+        # a card the table lacks: its own name, its memory, no table rates
+        total = torch.cuda.get_device_properties(0).total_memory
+        return Device(name=name, type="cuda", memory_bytes=total)
+
+
+def _used_by_others() -> int | None:
+    """Device memory in use before this process touched CUDA (nvidia-smi), None if unreadable."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
+        return int(out.split()[0]) * 2**20
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def cuda_context() -> int | None:
+    """Device memory that initialising CUDA takes (call before anything touches CUDA)."""
+    before = _used_by_others()
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")  # the context as the first tensor makes it
+    free, total = torch.cuda.mem_get_info()
+    if before is None:
+        return None
+    return total - free - before - torch.cuda.memory_reserved()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: torch.device) -> float:
+    """FLOP/s of one large square matmul (bf16 on a GPU, fp32 on a CPU)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a
+    _sync(device)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        _sync(device)
+        best = min(best, (time.perf_counter() - started) / 5)
+    return 2 * n**3 / best
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read plus bytes written)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * 5 * src.numel() / (time.perf_counter() - started) / 1e9
+
+
+def _config(model: str, method: str, gc: bool, tokens: int, mb: int, precision: str):
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={model}",
+            f"method.name={method}",
+            f"memory.grad_checkpointing={str(gc).lower()}",
+            f"train.precision={precision}",
+            "train.stage=pt",
+            f"data.cutoff_len={tokens}",
+            f"train.micro_batch={mb}",
+            "train.grad_accum=1",
+        ],
+    )
+    return cfg
+
+
+def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
+    """Plan one configuration of the series, then run it for real and time it; None when the
+    plan says it would not fit the device (a small card runs the part of the series it holds)."""
+    name, method, gc_on, tokens, mb = spec
+    config = model_config(name)
+    if device.type == "cpu":
+        config = with_depth(config, CPU_SHRINK["num_hidden_layers"])
+        for key, value in CPU_SHRINK.items():
+            setattr(config, key, value)
+    cfg = _config(name, method, gc_on, tokens, mb, precision)
+    sim = simulate(cfg, config, tokens, device.type, precision)
+    if device.type == "cuda" and device.memory_bytes:
+        free, _ = torch.cuda.mem_get_info()
+        if sim.reserved_bytes > 0.9 * min(device.memory_bytes, free):
+            return None
+    where = torch.device(device.type)
+    if where.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    with where:
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_dtype(cfg, where, precision), attn_implementation="sdpa"
+        )
+    model.config.use_cache = False
+    model = prepare_for_training(model, cfg, precision)
+    opts = step_options(cfg, where, precision)
+    optimizer = build_optimizer(
+        model, cfg.memory, cfg.train, cfg.method.lora_plus_ratio, where.type == "cuda"
+    )
+
+    def batch() -> dict:
+        ids = torch.randint(0, config.vocab_size, (mb, tokens))
+        out = {"input_ids": ids, "labels": ids.clone(), "target_positions": _targets(ids)}
+        return {k: v.to(where) for k, v in out.items()}
+
+    train_step(model, optimizer, [batch()], opts)  # warm-up: kernel choice, workspaces
+    times = []
+    for _ in range(TIMED_STEPS):
+        b = [batch()]
+        _sync(where)
+        started = time.perf_counter()
+        train_step(model, optimizer, b, opts)
+        _sync(where)
+        times.append(time.perf_counter() - started)
+    row = {
+        "model": name,
+        "method": method,
+        "checkpointing": gc_on,
+        "tokens": tokens,
+        "micro_batch": mb,
+        "flops": sim.flops_per_step,
+        "ops": sim.ops_per_step,
+        "seconds": statistics.median(times),
+        "seconds_spread": [min(times), max(times)],
+    }
+    if where.type == "cuda":
+        row.update(
+            planned_peak=sim.peak_bytes,
+            measured_peak=torch.cuda.max_memory_allocated(),
+            planned_reserved=sim.reserved_bytes,
+            measured_reserved=torch.cuda.max_memory_reserved(),
+        )
+    del model, optimizer, b
+    return row
+
+
+def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
+    """Run the series on `kind` ("cuda" or "cpu") and return what it measured (unsaved)."""
+    context = cuda_context() if kind == "cuda" else None  # before anything else touches CUDA
+    device = device_for(kind, gpu)
+    where = torch.device(kind)
+    precision = (
+        "fp32" if kind == "cpu" else ("bf16-mixed" if device.supports_bf16 else "fp16-mixed")
+    )
+    series = GPU_SERIES if kind == "cuda" else CPU_SERIES
+    rows = []
+    for i, spec in enumerate(series):
+        if progress:
+            progress(f"[{i + 1}/{len(series)}] {spec[0]} {spec[1]}, {spec[4]} x {spec[3]} tokens")
+        row = measure_one(spec, device, precision)
+        if row is None and progress:
+            progress("  skipped: the plan says it would not fit this device")
+        rows += [row] if row else []
+    if len(rows) < 3:
+        raise PlanError(
+            f"snug calibrate: only {len(rows)} of the series' configurations fit {device.name}; "
+            "three are needed to fit the step time."
+        )
+    a, b = fit_step_time([(r["flops"], r["ops"], r["seconds"]) for r in rows])
+    for r in rows:
+        r["fitted_seconds"] = a * r["flops"] + b * r["ops"]
+    errors = [r["fitted_seconds"] / r["seconds"] - 1 for r in rows]
+    reserved_ratio = reserved_error = None
+    if kind == "cuda":
+        ratios = [r["measured_reserved"] / r["planned_reserved"] for r in rows]
+        reserved_ratio = statistics.median(ratios)
+        reserved_error = (min(ratios) - 1, max(ratios) - 1)
+    import snug
+
+    return Calibration(
+        device=device_key(device),  # the key plan/search.py:device_model looks up
+        date=datetime.date.today().isoformat(),
+        precision=precision,
+        rate_flops=1 / a if a > 0 else 0.0,
+        op_seconds=b,
+        step_error=(min(errors), max(errors)),
+        matmul_flops=matmul_rate(where),
+        bandwidth_gbs=copy_bandwidth(where) if kind == "cuda" else None,
+        context_bytes=context,
+        reserved_ratio=reserved_ratio,
+        reserved_error=reserved_error,
+        steps=tuple(rows),
+        versions={
+            "torch": torch.__version__,
+            "snug": getattr(snug, "__version__", "?"),
+            "cuda": torch.version.cuda if kind == "cuda" else None,
+        },
+    )

@@ -1,0 +1,183 @@
+"""What `snug calibrate` measured on a device, kept per user, and the step-time model that reads it.
+
+The file is JSON at `$SNUG_CALIBRATION`, else `$XDG_CONFIG_HOME/snug/calibration.json`, else
+`~/.config/snug/calibration.json`: `{"version": 1, "devices": {KEY: ENTRY}}`, one entry per
+device (a GPU by its name in snug's table, the CPU by its model and thread count), each entry
+`Calibration.as_dict()`. `snug calibrate` adds or replaces its device's entry and keeps the
+others; the file is written whole to a temporary file and renamed, so an interrupted write never
+leaves half a file. A file that is not valid is an error that names it, never overwritten.
+
+Step time (per optimizer step, per rank): `max(flops / rate, 3 x weights / bandwidth) + ops x
+op_seconds`: the compute at an achieved FLOP rate or reading the weights three times (forward,
+backward, recomputation), whichever is longer, plus a fixed cost for every op the step
+dispatches (a kernel launch and the Python and dispatcher work around it, which dominate small
+steps). Calibration fits `rate` and `op_seconds` to real steps; without it the rate is the
+card's table rate times a typical efficiency and op_seconds a typical value (below, with where
+they come from). Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from snug.errors import UserError
+
+FILE_VERSION = 1
+
+# Typical values, used for a device with no calibration entry. GPU: 0.4 of the table's dense
+# rate (a model-FLOPs utilisation typical of published fine-tuning runs) and the per-op cost that
+# best fits, at that rate, the 13 configurations of the H200 run of 2026-11-27: 5.1 us
+# (`python benchmarks/step_time_fit.py` prints it: leave-one-out median error 18%, where FLOPs
+# over 0.4 of the rate alone were 76% short; small models on a fast card are launch-bound).
+# CPU: the matmul rate is measured when the plan is made; the per-op cost is fitted by
+# `snug calibrate --device cpu` on this project's 2-core AMD EPYC (AVX2).
+GPU_EFFICIENCY = 0.4
+GPU_OP_SECONDS = 5.1e-6
+CPU_OP_SECONDS = 25e-6
+
+
+class CalibrationError(UserError):
+    """The calibration file cannot be read or written (names the file)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    device: str  # the key: GPU table name, or "cpu: <model> x<threads> threads"
+    date: str  # ISO date of the measurement
+    precision: str  # of the measured steps: bf16-mixed on a GPU, fp32 on a CPU
+    rate_flops: float  # achieved FLOP/s of whole training steps (fitted)
+    op_seconds: float  # fixed seconds per dispatched op (fitted)
+    step_error: tuple[float, float]  # min, max of (fitted - measured) / measured over the series
+    matmul_flops: float | None = None  # one large matmul, the device's best case
+    bandwidth_gbs: float | None = None  # a large device copy (read + write)
+    context_bytes: int | None = None  # CUDA context: device memory used by initialisation
+    reserved_ratio: float | None = None  # measured max_memory_reserved / planned, median
+    reserved_error: tuple[float, float] | None = None  # min, max of planned/measured - 1
+    steps: tuple[dict, ...] = ()  # each configuration of the series, as measured
+    versions: dict = dataclasses.field(default_factory=dict)  # torch, snug, the device's
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(raw: dict) -> Calibration:
+        names = {f.name for f in dataclasses.fields(Calibration)}
+        keys = {k: v for k, v in raw.items() if k in names}
+        for key in ("step_error", "reserved_error"):
+            if keys.get(key) is not None:
+                keys[key] = tuple(keys[key])
+        keys["steps"] = tuple(keys.get("steps") or ())
+        return Calibration(**keys)
+
+    def label(self) -> str:
+        return f"calibrated on {self.date} ({self.device})"
+
+
+def calibration_path() -> Path:
+    if os.environ.get("SNUG_CALIBRATION"):
+        return Path(os.environ["SNUG_CALIBRATION"]).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "snug" / "calibration.json"
+
+
+def _read(path: Path) -> dict:
+    """The file's {key: entry} (empty when there is no file)."""
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CalibrationError(
+            f"{path}: not a snug calibration file ({e}); move it away or point "
+            "SNUG_CALIBRATION elsewhere, then run snug calibrate again."
+        ) from None
+    raw = raw if isinstance(raw, dict) else {}
+    devices = raw.get("devices")
+    if raw.get("version") != FILE_VERSION or not isinstance(devices, dict):
+        raise CalibrationError(
+            f"{path}: not a snug calibration file (version {FILE_VERSION} with a 'devices' "
+            "object expected); move it away or point SNUG_CALIBRATION elsewhere."
+        )
+    return devices
+
+
+def load(key: str, path: Path | None = None) -> Calibration | None:
+    """The entry for device `key`, or None when the device was never calibrated."""
+    path = path or calibration_path()
+    entry = _read(path).get(key)
+    if entry is None:
+        return None
+    try:
+        return Calibration.from_dict(entry)
+    except (TypeError, ValueError) as e:
+        raise CalibrationError(
+            f"{path}: the entry for {key!r} is not valid ({e}); run snug calibrate again."
+        ) from None
+
+
+def save(cal: Calibration, path: Path | None = None) -> Path:
+    """Add or replace `cal`'s entry, keeping every other device's."""
+    path = path or calibration_path()
+    devices = _read(path)  # a file we cannot read is reported, never overwritten
+    devices[cal.device] = cal.as_dict()
+    text = json.dumps({"version": FILE_VERSION, "devices": devices}, indent=2) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".calibration-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot write the calibration ({e}).") from None
+    return path
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """Inputs of the step-time formula (module docstring) and where they came from."""
+
+    rate_flops: float | None  # None: no rate known (no step time)
+    op_seconds: float
+    bandwidth_gbs: float | None
+    source: str  # "calibrated on <date> (<device>)" or "typical values, not calibrated"
+    context_bytes: int | None = None  # CUDA context, measured
+    reserved_ratio: float | None = None  # measured / replayed max_memory_reserved
+
+    def seconds(self, flops: int, ops: int, weights_bytes: int) -> float | None:
+        if not self.rate_flops:
+            return None
+        compute = flops / self.rate_flops
+        memory = 3 * weights_bytes / (self.bandwidth_gbs * 1e9) if self.bandwidth_gbs else 0.0
+        return max(compute, memory) + ops * self.op_seconds
+
+
+def fit_step_time(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(seconds per FLOP, seconds per op) that best fit measured (flops, ops, seconds) rows, in
+    relative error (each row weighs the same, short or long), both at least zero. Two unknowns,
+    so solved directly (a library solver would add a dependency for a 2x2 system)."""
+    if not rows:
+        raise ValueError("no measured steps to fit")
+    # minimise sum((a f + b o - t)^2 / t^2): normal equations in (a, b)
+    sff = sum(f * f / t / t for f, o, t in rows)
+    soo = sum(o * o / t / t for f, o, t in rows)
+    sfo = sum(f * o / t / t for f, o, t in rows)
+    sf = sum(f / t for f, o, t in rows)
+    so = sum(o / t for f, o, t in rows)
+    det = sff * soo - sfo * sfo
+    if det > 0:
+        a, b = (sf * soo - so * sfo) / det, (so * sff - sf * sfo) / det
+        if a > 0 and b >= 0:
+            return a, b
+    # one term alone explains the rows better: keep the one with the smaller error
+    only_flops = (sf / sff, 0.0) if sff else None
+    only_ops = (0.0, so / soo) if soo else None
+
+    def error(ab):
+        return sum(((ab[0] * f + ab[1] * o) / t - 1) ** 2 for f, o, t in rows)
+
+    return min((x for x in (only_flops, only_ops) if x), key=error)

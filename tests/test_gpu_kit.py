@@ -1,0 +1,49 @@
+"""The GPU kit (benchmarks/gpu/run.sh) end to end on this CPU, so it cannot rot where no GPU is
+at hand (issue 16): `--cpu-dry-run` runs snug calibrate, the plan against real steps and the
+Trainer baseline with tiny shapes, and writes the same report and CSV a GPU run writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_the_gpu_kit_runs_end_to_end_on_this_cpu(tmp_path):
+    out = tmp_path / "kit"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu/run.sh", "--cpu-dry-run", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for step in ("calibrate: rc 0", "reality: rc 0", "baseline: rc 0"):
+        assert step in proc.stdout, proc.stdout
+    # snug calibrate kept a CPU entry in OUTDIR, and the plans below used it
+    cal = json.loads((out / "calibration.json").read_text())
+    (key,) = cal["devices"]
+    assert key.startswith("cpu: ")
+    rows = list(csv.DictReader((out / "reality.csv").open()))
+    assert len(rows) >= 4
+    for row in rows:
+        assert not row["error"], row["error"]
+        # the fp32 CPU replay equals the real step's tracked peak (tests/test_plan.py), so a
+        # kit that compares the wrong things shows here
+        assert abs(float(row["peak_error"])) < 0.02, row
+        assert row["calibration"] == f"calibrated on {cal['devices'][key]['date']} ({key})"
+        assert float(row["predicted_step_s"]) > 0 and float(row["measured_step_s"]) > 0
+    report = (out / "report.md").read_text()
+    assert "## snug calibrate" in report and "saved to" in report
+    assert "snug / Trainer tokens/s" in report
