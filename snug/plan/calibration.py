@@ -34,11 +34,11 @@ FILE_VERSION = 1
 # best fits, at that rate, the 13 configurations of the H200 run of 2026-11-27: 5.1 us
 # (`python benchmarks/step_time_fit.py` prints it: leave-one-out median error 18%, where FLOPs
 # over 0.4 of the rate alone were 76% short; small models on a fast card are launch-bound).
-# CPU: the matmul rate is measured when the plan is made; the per-op cost is fitted by
-# `snug calibrate --device cpu` on this project's 2-core AMD EPYC (AVX2).
+# CPU: the matmul rate is measured when the plan is made; the per-op cost is what `snug
+# calibrate --device cpu` fitted on this project's 2-core AMD EPYC (AVX2), 9.4 us, rounded.
 GPU_EFFICIENCY = 0.4
 GPU_OP_SECONDS = 5.1e-6
-CPU_OP_SECONDS = 25e-6
+CPU_OP_SECONDS = 10e-6
 
 
 class CalibrationError(UserError):
