@@ -73,22 +73,27 @@ def test_a_file_that_is_not_a_calibration_is_named_and_never_overwritten(tmp_pat
 
 
 def _plan_json(tmp_path, *args, cal_file=None) -> dict:
-    env = {"SNUG_CALIBRATION": str(cal_file or tmp_path / "none.json")}
-    out = subprocess.run(
-        [sys.executable, "-m", "snug.cli", "plan", "--json", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    """`snug plan --json ARGS` in this process, with `cal_file` as the calibration file."""
+    import contextlib
+    import io
+
+    from snug.cli import main
+
+    out = io.StringIO()
+    old = os.environ.get("SNUG_CALIBRATION")
+    os.environ["SNUG_CALIBRATION"] = str(cal_file or tmp_path / "none.json")
+    try:
+        with contextlib.redirect_stdout(out):
+            assert main(["plan", "--json", *args]) == 0
+    finally:
+        os.environ["SNUG_CALIBRATION"] = old
+    return json.loads(out.getvalue())
 
 
-def test_the_plan_uses_a_matching_calibration_and_says_so(tmp_path):
+def test_the_plan_uses_a_matching_calibration_and_says_so(tmp_path, tiny_llama):
     from snug.plan.hardware import Device, device_key, find_gpu
 
-    gpu = ["--model", "Qwen/Qwen2.5-0.5B", "--method", "lora", "--seq-len", "256"]
+    gpu = ["--model", str(tiny_llama), "--method", "lora", "--seq-len", "64"]
     typical = _plan_json(tmp_path, *gpu, "--gpu", "H200")
     assert typical["calibration"] == "typical values, not calibrated"
     cand = typical["candidates"][0]

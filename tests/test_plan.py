@@ -130,6 +130,7 @@ def test_extending_two_short_depths_equals_the_whole_model(method, gc, quant):
     assert extended.total_params == whole.total_params
     assert extended.trainable_params == whole.trainable_params
     assert extended.flops_per_step == whole.flops_per_step
+    assert extended.ops_per_step == whole.ops_per_step
 
 
 @pytest.mark.parametrize(
@@ -488,6 +489,39 @@ def test_replay_counts_the_flops_torch_counts_on_a_real_step(method, gc, accum):
     assert predicted == counter.get_total_flops()
 
 
+@pytest.mark.parametrize("method,gc", [("lora", True), ("full", False)])
+def test_replay_counts_the_ops_a_real_step_dispatches(method, gc):
+    """The step-time model charges each dispatched op (plan/calibration.py): the replay must
+    count what a real step dispatches, counted here by a plain dispatch mode of torch's. Not
+    exactly: on fake tensors gradient clipping takes torch's per-tensor path (its foreach path
+    wants plain tensors), two ops per parameter where the real step runs two in all, and the
+    replay skips transformers' check for packed rows (a handful of ops)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg, config = plan_config(method, gc, accum=2), small_config()
+    predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False).ops_per_step
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    base.config.use_cache = False
+    model = prepare_for_training(base, cfg, "fp32")
+    optimizer = build_optimizer(model, cfg.memory, cfg.train)
+    opts = step_options(cfg, torch.device("cpu"), "fp32")
+    rows = torch.randint(0, config.vocab_size, (2, 64)).tolist()
+    micro = [collate([{"input_ids": r, "labels": r} for r in rows], pad_id=0)] * 2
+    train_step(model, optimizer, micro, opts)  # the first step makes the optimizer state
+    with Count():
+        train_step(model, optimizer, micro, opts)
+    params = sum(1 for p in model.parameters() if p.requires_grad)
+    assert Count.ops - 20 <= predicted <= Count.ops + 2 * params, (predicted, Count.ops)
+
+
 def test_search_tries_lora_on_each_base_and_prefers_the_full_precision_one():
     from snug.plan.hardware import cpu_device
     from snug.plan.search import method_label, recommend, search
@@ -604,7 +638,8 @@ def test_search_keeps_every_key_it_does_not_search_and_says_which(tmp_path, caps
 
     from snug.cli import main
     from snug.plan.hardware import cpu_device, model_config
-    from snug.plan.search import METHODS, search
+    from snug.plan.report import searched_keys
+    from snug.plan.search import search
 
     from conftest import ROOT
 
@@ -615,27 +650,27 @@ def test_search_keeps_every_key_it_does_not_search_and_says_which(tmp_path, caps
         "train:\n  precision: bf16-true\n  lr: 5.0e-5\n  micro_batch: 2\n  grad_accum: 4\n"
         "memory:\n  optimizer: adamw8bit\n"
     )
-    assert (
-        main(["plan", str(cfg_path), "--search", "--device", "cpu", "--seq-len", "32", "--json"])
-        == 0
-    )
+    args = ["plan", str(cfg_path), "--search", "--method", "lora", "--device", "cpu"]
+    assert main([*args, "--seq-len", "32", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     held = result["held_fixed"]
     assert held["train.precision"] == "bf16-true" and held["model.dtype"] == "bfloat16"
     assert held["method.r"] == 32 and held["method.alpha"] == 64 and held["train.lr"] == 5e-5
     assert "memory.optimizer" not in held and "train.micro_batch" not in held
-    assert "memory.optimizer" in result["searched"] and "method.name" in result["searched"]
+    assert "memory.optimizer" in result["searched"]
+    assert "method.name" in searched_keys(False, 1)  # without --method the method is searched
 
     from snug.config import load_config
 
     cfg = load_config(cfg_path)
-    for cand in search(cfg, model_config(cfg.model.name_or_path), cpu_device(), 32, METHODS):
+    # an adapter (whose rank is the user's), the same on a quantized base, a full fine-tune
+    methods = ("lora", "qlora", "full")
+    for cand in search(cfg, model_config(cfg.model.name_or_path), cpu_device(), 32, methods):
         c = cand.cfg
         assert (c.train.precision, c.model.dtype, c.train.lr) == ("bf16-true", "bfloat16", 5e-5)
         if c.method.name in ("lora", "dora"):
             assert (c.method.r, c.method.alpha) == (32, 64)
         assert c.train.micro_batch * c.train.grad_accum == 8, cand.name
-    args = ["plan", str(cfg_path), "--search", "--method", "lora", "--device", "cpu"]
     assert main([*args, "--seq-len", "32"]) == 0
     out = capsys.readouterr().out
     assert "held fixed from your config:" in out and "train.precision=bf16-true" in out

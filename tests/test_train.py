@@ -396,6 +396,7 @@ def test_auto_fit_keeps_the_effective_batch_and_stays_under_the_budget(tmp_path)
     assert summary["status"] == "completed"
     assert fit["micro_batch"] * fit["grad_accum"] == 16
     assert (fit["micro_batch"], fit["grad_checkpointing"]) != (16, False)  # something changed
+    assert fit["calibration"] == "typical values, not calibrated"  # conftest: no calibration
     assert summary["peak_memory"]["measured_bytes"] <= summary["peak_memory"]["predicted_bytes"]
     assert summary["peak_memory"]["predicted_bytes"] <= budget
     saved = (tmp_path / "run/config.yaml").read_text()

@@ -120,17 +120,13 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from snug.config import load_config
+    from snug.plan.calibrate import cuda_context
     from snug.plan.hardware import cpu_device, find_gpu, model_config
     from snug.plan.search import device_model, plan_one, precision_for
     from snug.train.loop import run_training
 
     cuda = torch.cuda.is_available() and not spec["dry_run"]
-    context = None
-    if cuda:
-        before = _device_used_by_others()
-        torch.cuda.init()
-        free, total = torch.cuda.mem_get_info()
-        context = total - free - before
+    context = cuda_context() if cuda else None  # before anything else touches CUDA
     cfg = load_config(
         None,
         [
@@ -181,7 +177,7 @@ def run_one(spec: dict) -> dict:
     measured = {
         "peak": peak["measured_bytes"],
         "reserved": peak.get("reserved_bytes"),
-        "device": (peak["reserved_bytes"] + context) if cuda else None,
+        "device": (peak["reserved_bytes"] + context) if cuda and context is not None else None,
         "step": step_s,
     }
     return {
@@ -205,20 +201,6 @@ def step_times(run: Path, tokens: int) -> list[float]:
     ]
     at = [(k + 1) * tokens / r for k, r in enumerate(rates)]
     return [b - a for a, b in zip(at, at[1:], strict=False)]
-
-
-def _device_used_by_others() -> int:
-    """Device memory in use before this process touches CUDA (nvidia-smi; 0 if unreadable)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout
-        return int(out.split()[0]) * 2**20
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return 0
 
 
 def _ratio(pred, meas):

@@ -31,14 +31,15 @@ FILE_VERSION = 1
 
 # Typical values, used for a device with no calibration entry. GPU: 0.4 of the table's dense
 # rate (a model-FLOPs utilisation typical of published fine-tuning runs) and the per-op cost that
-# best fits, at that rate, the 13 configurations of the H200 run of 2026-11-27: 5.1 us
-# (`python benchmarks/step_time_fit.py` prints it: leave-one-out median error 18%, where FLOPs
-# over 0.4 of the rate alone were 76% short; small models on a fast card are launch-bound).
+# best fits, at that rate, the 13 configurations of the H200 run of 2026-11-27: 15.8 us
+# (`python benchmarks/step_time_fit.py` prints it: leave-one-out median error 21%, where FLOPs
+# over 0.4 of the rate alone were 76% short; small models on a fast card are launch-bound; a
+# free fit of both terms asks for 1.15x the card's peak rate, so the rate stays fixed).
 # CPU: the matmul rate is measured when the plan is made; the per-op cost is what `snug
-# calibrate --device cpu` fitted on this project's 2-core AMD EPYC (AVX2), 9.4 us, rounded.
+# calibrate --device cpu` fitted on this project's 2-core AMD EPYC (AVX2): 20.7 and 21.1 us.
 GPU_EFFICIENCY = 0.4
-GPU_OP_SECONDS = 5.1e-6
-CPU_OP_SECONDS = 10e-6
+GPU_OP_SECONDS = 15.8e-6
+CPU_OP_SECONDS = 21e-6
 
 
 class CalibrationError(UserError):

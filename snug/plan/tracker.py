@@ -58,6 +58,11 @@ class ModuleNames:
         return self.stack[-1] if self.stack else "(backward)"
 
 
+# Ops a fake tensor dispatches where a real one answers from its own fields (`tensor.device`):
+# no kernel, no cost, not counted.
+METADATA_OPS = {torch.ops.prim.device}
+
+
 class PlanTracker(TensorMemoryTracker):
     """Remembers, for each live storage, its size, shape, dtype, the op and module that made it
     and what it is (CATEGORIES), and keeps that list as it stood at the peak. The list is copied
@@ -141,7 +146,7 @@ class PlanTracker(TensorMemoryTracker):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._op = func.overloadpacket.__name__
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        if self.counting:
+        if self.counting and func.overloadpacket not in METADATA_OPS:
             self.ops += 1
         if self.counting and func.overloadpacket in flop_registry:
             self.flops += flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out)
