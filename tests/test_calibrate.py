@@ -143,6 +143,21 @@ def test_the_cpu_plan_reads_its_own_entry(tmp_path, tiny_llama):
     assert c["step_seconds"] == pytest.approx(c["flops_per_step"] / 1e9 + c["ops_per_step"] * 1e-3)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_calibrating_a_gpu_that_is_not_there_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    from snug.cli import main
+
+    cal_file = tmp_path / "calibration.json"
+    monkeypatch.setenv("SNUG_CALIBRATION", str(cal_file))
+    assert main(["calibrate", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: snug calibrate --device cuda: torch sees no CUDA device here."
+    )
+    assert main(["calibrate", "--device", "cpu", "--gpu", "H200"]) == 2
+    assert "--gpu names the GPU calibrated" in capsys.readouterr().err
+    assert not cal_file.exists()
+
+
 @pytest.mark.slow
 def test_calibrate_on_this_cpu_measures_and_keeps_an_entry(tmp_path):
     """The whole command, on this machine's CPU: the fitted step times near the measured ones,

@@ -235,6 +235,8 @@ def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
 
 def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     """Run the series on `kind` ("cuda" or "cpu") and return what it measured (unsaved)."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise PlanError("snug calibrate --device cuda: torch sees no CUDA device here.")
     context = cuda_context() if kind == "cuda" else None  # before anything else touches CUDA
     device = device_for(kind, gpu)
     where = torch.device(kind)
