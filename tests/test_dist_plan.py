@@ -19,9 +19,10 @@ pytestmark = pytest.mark.slow  # real 2-process runs
     [
         ("fsdp", "none", True, "fp32"),
         ("ddp", "none", True, "fp32"),
-        ("fsdp", "4bit", True, "fp32"),
         ("fsdp", "none", False, "fp32"),
-        ("fsdp", "4bit", True, "bf16-true"),  # the FSDP+QLoRA recipes: bf16 adapter and base
+        # the FSDP+QLoRA recipes: bf16 adapter and base (a 4-bit fp32 FSDP run was a case of its
+        # own until the suite ran past 15 minutes; the 4-bit stand-in is checked on one device)
+        ("fsdp", "4bit", True, "bf16-true"),
     ],
 )
 def test_planner_predicts_the_per_rank_peak(strategy, quant, reshard, precision, tmp_path):
