@@ -269,8 +269,26 @@ def _variants(cfg: Config, method: str, device: Device) -> list[Config]:
     ]
 
 
-def _fallbacks(variant: Config, method: str, device: Device) -> list[Config]:
-    """What to try when a variant does not fit even at micro-batch 1."""
+def _variant_key(variant: Config) -> tuple:
+    m, d = variant.memory, variant.dist
+    return (m.grad_checkpointing, m.offload_activations, m.optimizer, d.strategy, d.nproc)
+
+
+def _held_bytes(cand: Candidate, optimizer: bool = True) -> int:
+    """A lower bound on the device memory of every variant of this candidate that changes only
+    activation settings (checkpointing, offload) and, with `optimizer=False`, the optimizer: the
+    weights, gradients (and optimizer state) its peak holds, plus the CUDA context."""
+    if cand.sim is None:
+        return 0
+    parts = cand.sim.breakdown
+    keys = ("weights", "trainable", "gradients") + (("optimizer",) if optimizer else ())
+    context = cand.reserved_terms.get("cuda_context", {}).get("bytes", 0)
+    return sum(parts.get(k, 0) for k in keys) + context
+
+
+def _fallbacks(variant: Config, method: str, device: Device, static: int = 0) -> list[Config]:
+    """What to try when a variant does not fit even at micro-batch 1 (`static`: the bytes of
+    its peak that activation offload leaves in place)."""
     out = []
     if method in ("full", "freeze") and variant.memory.optimizer == "adamw":
         out += [with_overrides(variant, memory={"optimizer": o}) for o in OPTIMIZERS[1:]]
@@ -278,6 +296,7 @@ def _fallbacks(variant: Config, method: str, device: Device) -> list[Config]:
         device.type == "cuda"
         and variant.memory.grad_checkpointing
         and not variant.memory.offload_activations
+        and static <= device.memory_bytes
     ):
         out.append(with_overrides(variant, memory={"offload_activations": True}))
     return out
@@ -352,6 +371,9 @@ def search(
             for s in strategies
             for v in _variants(cfg, method, device)
         ]
+        # a fallback reached from two variants (8-bit AdamW with offload, from "offload" and
+        # from "8-bit AdamW") is planned once
+        queued = {_variant_key(v) for v in queue}
         while queue:
             variant = queue.pop(0)
             cand = _largest_fitting_micro_batch(
@@ -362,8 +384,13 @@ def search(
                     best[method] = cand
             else:
                 best.setdefault(method, cand)
+                if _held_bytes(cand, optimizer=False) > device.memory_bytes:
+                    break  # its weights and gradients alone: no other setting of it fits
                 if not cand.error and not any(c.fits for c in [best[method]]):
-                    queue += _fallbacks(variant, method, device)
+                    for v in _fallbacks(variant, method, device, _held_bytes(cand)):
+                        if _variant_key(v) not in queued:
+                            queued.add(_variant_key(v))
+                            queue.append(v)
     return sorted(best.values(), key=_rank)
 
 
