@@ -149,7 +149,7 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def _config(model: str, method: str, gc: bool, tokens: int, mb: int, precision: str):
-    cfg = load_config(
+    return load_config(
         None,
         [
             f"model.name_or_path={model}",
@@ -162,7 +162,6 @@ def _config(model: str, method: str, gc: bool, tokens: int, mb: int, precision: 
             "train.grad_accum=1",
         ],
     )
-    return cfg
 
 
 def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
