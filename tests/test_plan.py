@@ -542,6 +542,29 @@ def test_search_tries_lora_on_each_base_and_prefers_the_full_precision_one():
     assert method_label(choice.cfg) == "qlora-8bit"
 
 
+def test_a_search_in_worker_processes_finds_what_one_process_finds(monkeypatch):
+    """`search` runs each method's search in a forked worker (one per core): the candidates,
+    their plans and their order are the same as in one process."""
+    import snug.plan.search as search_module
+    from snug.plan.hardware import cpu_device
+    from snug.plan.search import search
+
+    # the CPU's matmul rate is measured at each search: the same one for both
+    monkeypatch.setattr(search_module, "_cpu_rate", lambda: 5e10)
+    cfg, config = plan_config("lora", True), small_config(layers=2)
+    methods = ("full", "lora", "qlora", "prompt")
+    device = cpu_device(10 * 2**20)  # full does not fit; the others do, some with checkpointing
+
+    def run(workers):
+        found = search(cfg, config, device, 64, methods, 4, workers=workers)
+        return [(c.name, c.fits, c.peak_bytes, c.step_seconds, c.error) for c in found]
+
+    one = run(1)
+    assert {name.split()[0] for name, *_ in one} == set(methods)
+    assert not all(fits for _, fits, *_ in one) and any(fits for _, fits, *_ in one)
+    assert run(2) == one
+
+
 @pytest.mark.parametrize("search", [False, True])
 def test_a_failed_simulation_is_an_error_not_a_verdict(search, monkeypatch, capsys):
     """Exit 1 says every candidate was planned and none fits; a simulation that breaks is
