@@ -36,7 +36,7 @@ from snug.models.load import compute_dtype, quant_storage, resolve_dtype, upcast
 from snug.plan.allocator import run_reserved
 from snug.plan.distributed import fake_group, shard
 from snug.plan.trace import LayerTags, deepen, survivors
-from snug.plan.tracker import CATEGORIES, ModuleNames, PlanTracker
+from snug.plan.tracker import CATEGORIES, DEVICE_QUERY, ModuleNames, PlanTracker
 from snug.train.loop import prepare_for_training, step_options
 from snug.train.loss import causal_lm
 from snug.train.memory import local, model_tensors
@@ -102,6 +102,12 @@ class PhaseTracker(PlanTracker):
         self.peak, self._at_peak = self.live, list(self._meta.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is DEVICE_QUERY:
+            # Most calls of a replay (two in three): the autograd engine and F.linear ask a fake
+            # tensor its device. Nothing is allocated, counted or timed: straight to the fake
+            # mode, past the tracking (a phase that changes here closes at the next op, with
+            # the same live bytes).
+            return func(*args, **(kwargs or {}))
         backward = torch._C._current_graph_task_id() != -1
         if backward != self._backward:
             self._backward = backward

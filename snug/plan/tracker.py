@@ -61,6 +61,7 @@ class ModuleNames:
 # Ops a fake tensor dispatches where a real one answers from its own fields (`tensor.device`):
 # no kernel, no cost, not counted.
 METADATA_OPS = {torch.ops.prim.device}
+DEVICE_QUERY = torch.ops.prim.device.default
 
 
 class PlanTracker(TensorMemoryTracker):
