@@ -10,6 +10,9 @@ from pathlib import Path
 # two workers with two threads each would fight over this machine's two cores.
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # and a search plans its methods in this process: the workers already use every core, and
+    # worker processes of its own would each warm the fake-tensor cache again
+    os.environ.setdefault("SNUG_PLAN_WORKERS", "1")
 # A user's `snug calibrate` entries must not change what the tests' plans predict: they plan
 # with the typical values unless a test names its own calibration file.
 os.environ["SNUG_CALIBRATION"] = os.path.join(

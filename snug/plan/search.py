@@ -358,14 +358,16 @@ def search(
     micro_batch x grad_accum x num_gpus of the config, kept).
 
     Each method's search is independent of the others', so with several methods they run in
-    `workers` processes (default: one per CPU core), forked from this one: the replay is Python
-    bound to one core, and a 7B search on 2 cores takes half the time. The result is the same
-    as one process's (tests/test_plan.py)."""
+    `workers` processes (default: $SNUG_PLAN_WORKERS, else one per CPU core), forked from this
+    one: the replay is Python bound to one core, and a 7B search on 2 cores takes half the time.
+    The result is the same as one process's (tests/test_plan.py)."""
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
     model = device_model(device, precision_for(device, cfg))
     job = (cfg, config, device, seq_len, model, max_micro_batch, num_gpus)
-    workers = min(workers or os.cpu_count() or 1, len(methods))
+    workers = min(
+        workers or int(os.environ.get("SNUG_PLAN_WORKERS") or os.cpu_count() or 1), len(methods)
+    )
     if workers > 1 and multiprocessing.current_process().daemon is False:
         # slowest replays first (DoRA's weight norm, the quantized stand-ins), so the workers
         # finish together; each takes the next method as it frees up
