@@ -68,7 +68,8 @@ FIELDS = [
     "predicted_reserved_gib", "measured_reserved_gib", "reserved_error",
     "predicted_device_gib", "measured_device_gib", "device_error", "context_gib",
     "predicted_step_typical_s", "predicted_step_s", "measured_step_s", "step_typical_ratio",
-    "step_ratio", "calibration", "tokens_per_s", "plan_s", "error",
+    "step_ratio", "calibration", "tokens_per_s", "plan_s", "import_s", "train_s", "wall_s",
+    "error",
 ]  # fmt: skip
 GIB = 2**30
 
@@ -115,6 +116,7 @@ def build_text(work: Path) -> Path:
 
 def run_one(spec: dict) -> dict:
     """One configuration, in this (fresh) process: plan it, then train STEPS steps."""
+    started_imports = time.perf_counter()
     import dataclasses
 
     import torch
@@ -125,6 +127,7 @@ def run_one(spec: dict) -> dict:
     from snug.plan.search import device_model, plan_one, precision_for
     from snug.train.loop import run_training
 
+    import_s = time.perf_counter() - started_imports
     cuda = torch.cuda.is_available() and not spec["dry_run"]
     context = cuda_context() if cuda else None  # before anything else touches CUDA
     cfg = load_config(
@@ -169,7 +172,9 @@ def run_one(spec: dict) -> dict:
     }
     plan_s = time.perf_counter() - started
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=None, val_size=0.0))
+    started_training = time.perf_counter()
     summary = run_training(cfg)
+    train_s = time.perf_counter() - started_training
     tokens = spec["micro_batch"] * spec["tokens"]  # every row is cut at the cutoff
     steps = step_times(Path(spec["out"]), tokens)
     step_s = statistics.median(steps) if steps else summary["train_seconds"]
@@ -185,6 +190,8 @@ def run_one(spec: dict) -> dict:
         "measured": measured,
         "context": context,
         "plan_s": plan_s,
+        "import_s": import_s,
+        "train_s": train_s,  # run_training whole: load, tokenize, STEPS steps, save
         "tokens_per_s": tokens / step_s if step_s else None,
     }
 
@@ -259,6 +266,7 @@ def main() -> int:
                     "out": str(work / f"run{i}"),
                     "dry_run": args.cpu_dry_run,
                 }
+                child_started = time.perf_counter()
                 proc = subprocess.run(
                     [sys.executable, __file__, str(args.outdir), "--one", json.dumps(spec)],
                     capture_output=True,
@@ -297,6 +305,9 @@ def main() -> int:
                     calibration=p["calibration"],
                     tokens_per_s=result["tokens_per_s"],
                     plan_s=round(result["plan_s"], 1),
+                    import_s=round(result["import_s"], 1),
+                    train_s=round(result["train_s"], 1),
+                    wall_s=round(time.perf_counter() - child_started, 1),  # the process whole
                 )
             except Exception as e:  # noqa: BLE001 (a failure is a result: recorded, then on)
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
