@@ -470,12 +470,9 @@ def test_breakdown_adds_up_to_the_peak_and_names_its_parts(method, gc):
         assert parts["activations"] > 0 and parts["logits"] > 0
 
 
-@pytest.mark.parametrize("method,gc,accum", [("lora", True, 2), ("full", False, 3)])
-def test_replay_counts_the_flops_torch_counts_on_a_real_step(method, gc, accum):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg, config = plan_config(method, gc, accum=accum), small_config()
-    predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False).flops_per_step
+def _real_step_inputs(cfg, config, accum: int):
+    """A real model, optimizer, `accum` micro-batches of 2 x 64 tokens and step options for
+    `cfg` on this CPU in fp32: what the replay's counts are checked against."""
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     base.config.use_cache = False
@@ -483,9 +480,19 @@ def test_replay_counts_the_flops_torch_counts_on_a_real_step(method, gc, accum):
     optimizer = build_optimizer(model, cfg.memory, cfg.train)
     rows = torch.randint(0, config.vocab_size, (2, 64)).tolist()
     micro = [collate([{"input_ids": r, "labels": r} for r in rows], pad_id=0)] * accum
+    return model, optimizer, micro, step_options(cfg, torch.device("cpu"), "fp32")
+
+
+@pytest.mark.parametrize("method,gc,accum", [("lora", True, 2), ("full", False, 3)])
+def test_replay_counts_the_flops_torch_counts_on_a_real_step(method, gc, accum):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, config = plan_config(method, gc, accum=accum), small_config()
+    predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False).flops_per_step
+    model, optimizer, micro, opts = _real_step_inputs(cfg, config, accum)
     counter = FlopCounterMode(display=False)
     with counter:
-        train_step(model, optimizer, micro, step_options(cfg, torch.device("cpu"), "fp32"))
+        train_step(model, optimizer, micro, opts)
     assert predicted == counter.get_total_flops()
 
 
@@ -507,14 +514,7 @@ def test_replay_counts_the_ops_a_real_step_dispatches(method, gc):
 
     cfg, config = plan_config(method, gc, accum=2), small_config()
     predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False).ops_per_step
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    base.config.use_cache = False
-    model = prepare_for_training(base, cfg, "fp32")
-    optimizer = build_optimizer(model, cfg.memory, cfg.train)
-    opts = step_options(cfg, torch.device("cpu"), "fp32")
-    rows = torch.randint(0, config.vocab_size, (2, 64)).tolist()
-    micro = [collate([{"input_ids": r, "labels": r} for r in rows], pad_id=0)] * 2
+    model, optimizer, micro, opts = _real_step_inputs(cfg, config, 2)
     train_step(model, optimizer, micro, opts)  # the first step makes the optimizer state
     with Count():
         train_step(model, optimizer, micro, opts)
