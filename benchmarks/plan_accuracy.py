@@ -264,7 +264,7 @@ def main() -> None:
             independent_errors.append(independent_error)
             sim = real["plan"]
             step = {
-                kind: model.seconds(sim.flops_per_step, sim.ops_per_step, sim.weights_bytes)
+                kind: model.of(sim)
                 for kind, model in (("typical", typical), ("plan", timing))
             }
             for kind, seconds in step.items():

@@ -31,6 +31,52 @@ def test_the_fit_recovers_the_rate_and_the_cost_per_op():
     assert fa == pytest.approx(a, rel=1e-9) and fb == pytest.approx(b, rel=1e-9)
 
 
+def test_the_fit_leaves_out_what_the_memory_traffic_already_explains():
+    a, b = 1 / 3e10, 20e-6
+    rows = [(1e9, 3000, 0.2), (4e10, 3000, 0.05), (2e10, 9000, 0.5), (1e8, 500, 0.01)]
+    rows = [(f, o, a * f + b * o + k, k) for f, o, k in rows]
+    fa, fb = fit_step_time(rows)
+    assert fa == pytest.approx(a, rel=1e-9) and fb == pytest.approx(b, rel=1e-9)
+
+
+def test_a_fitted_rate_beyond_one_large_matmul_is_held_at_it():
+    from snug.plan.calibrate import fit_rates
+
+    # steps whose traffic at 1 GB/s takes nearly all their time: a free fit would ask for a
+    # FLOP rate far beyond the 1e10 FLOP/s of the device's best matmul
+    rows = [
+        {"flops": f, "ops": o, "traffic": t, "seconds": t / 1e9 + f / 1e13 + o * 1e-5}
+        for f, o, t in ((1e9, 100, 5e8), (4e9, 300, 1e9), (2e9, 900, 2e9))
+    ]
+    a, b = fit_rates(rows, matmul=1e10, bandwidth_gbs=1.0)
+    assert a == pytest.approx(1 / 1e10)
+    assert b >= 0
+    # one a free fit can reach stays as fitted
+    rows = [{**r, "seconds": r["traffic"] / 1e9 + r["flops"] / 1e9 + r["ops"] * 1e-5} for r in rows]
+    a, b = fit_rates(rows, matmul=1e10, bandwidth_gbs=1.0)
+    assert a == pytest.approx(1 / 1e9) and b == pytest.approx(1e-5)
+
+
+def test_the_replay_counts_the_bytes_that_ops_without_flops_move():
+    import torch
+
+    from snug.plan.tracker import ModuleNames, PlanTracker
+
+    model = torch.nn.Linear(4, 4)
+    x = torch.randn(256, 512)  # 512 KiB
+    with ModuleNames(model) as names, PlanTracker(1, names, 32000) as tracker:
+        tracker.counting = True
+        y = x.relu()  # reads x, writes y: 1 MiB
+        v = y.view(512, 256).t()  # views move nothing
+        z = v + v  # reads both, writes one: 1.5 MiB
+        before = tracker.traffic
+        w = x @ x.t()  # a matmul: FLOPs, not counted as traffic
+    assert before == (2 + 3) * x.numel() * 4
+    assert tracker.traffic == before
+    assert tracker.flops == 2 * 256 * 512 * 256
+    assert z.shape == (256, 512) and w.shape == (256, 256)
+
+
 def test_the_fit_keeps_both_costs_at_least_zero():
     # steps that get cheaper with more ops would need a negative cost per op: one term is kept
     rows = [(1e9, 1000, 0.5), (2e9, 100, 1.0), (4e9, 10, 2.0)]
@@ -139,6 +185,16 @@ def test_the_cpu_plan_reads_its_own_entry(tmp_path, tiny_llama):
     c = plan["candidates"][0]
     assert plan["calibration"].startswith("calibrated on 2026-11-27 (cpu: ")
     assert c["step_seconds"] == pytest.approx(c["flops_per_step"] / 1e9 + c["ops_per_step"] * 1e-3)
+    # an entry fitted with the traffic term charges the replay's traffic at its bandwidth
+    calibration.save(
+        _entry(device_key(cpu_device()), rate_flops=1e9, op_seconds=1e-3, traffic_gbs=2.0),
+        cal_file,
+    )
+    c = _plan_json(tmp_path, *args, cal_file=cal_file)["candidates"][0]
+    assert c["traffic_per_step"] > 0
+    assert c["step_seconds"] == pytest.approx(
+        c["flops_per_step"] / 1e9 + c["ops_per_step"] * 1e-3 + c["traffic_per_step"] / 2e9
+    )
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

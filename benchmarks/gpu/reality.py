@@ -167,7 +167,7 @@ def run_one(spec: dict) -> dict:
         "reserved": cand.peak_bytes + cand.reserved_terms["allocator"]["bytes"] if cuda else None,
         "device": cand.reserved_bytes if cuda else None,
         "step": cand.step_seconds,
-        "step_typical": typical.seconds(sim.flops_per_step, sim.ops_per_step, sim.weights_bytes),
+        "step_typical": typical.of(sim),
         "calibration": cand.calibration,
     }
     plan_s = time.perf_counter() - started

@@ -8,15 +8,16 @@ which also counts the step's FLOPs and ops), then the same step (snug's own: the
 loss, the optimizer, `train_step`) runs for real: a warm-up step, then timed steps.
 
 Measured:
-- step time: `seconds = flops / rate + ops x op_seconds` fitted to the timed steps (relative
-  least squares over the series), so `rate` is the FLOP rate whole steps achieve and
-  `op_seconds` what each dispatched op costs beyond its arithmetic; printed with each
-  configuration's fitted-vs-measured error;
+- step time: `seconds = flops / rate + traffic / bandwidth + ops x op_seconds`, the bandwidth
+  measured (a large copy), `rate` and `op_seconds` fitted to the timed steps (relative least
+  squares over the series; the rate at most one large matmul's), so `rate` is the FLOP rate
+  whole steps achieve and `op_seconds` what each dispatched op costs beyond its arithmetic and
+  its memory traffic; printed with each configuration's fitted-vs-measured error;
 - on CUDA, the context (`torch.cuda.mem_get_info` before and after initialisation, less what
   other processes held, read with nvidia-smi), `max_memory_reserved` against the plan's
   replayed reserve (their ratio, its median and spread), and `max_memory_allocated` against the
   plan's peak (reported, not learned: the replay is exact or it is a bug);
-- the device's best case: one large matmul's FLOP rate and a large copy's bandwidth.
+- the device's best case: one large matmul's FLOP rate (a cap on the fitted rate).
 
 The result goes to the calibration file (plan/calibration.py), one entry per device, which
 `snug plan` and `memory.auto_fit` then use and name.
@@ -136,8 +137,9 @@ def matmul_rate(device: torch.device) -> float:
 
 
 def copy_bandwidth(device: torch.device) -> float:
-    """GB/s of a 1 GiB device-to-device copy (bytes read plus bytes written)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    """GB/s of a device-to-device copy (bytes read plus bytes written) of 1 GiB on a GPU, of
+    256 MiB on a CPU (well beyond its caches)."""
+    src = torch.empty(2**30 if device.type == "cuda" else 2**28, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     _sync(device)
@@ -218,6 +220,7 @@ def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
         "micro_batch": mb,
         "flops": sim.flops_per_step,
         "ops": sim.ops_per_step,
+        "traffic": sim.traffic_per_step,
         "seconds": statistics.median(times),
         "seconds_spread": [min(times), max(times)],
     }
@@ -230,6 +233,24 @@ def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
         )
     del model, optimizer, b
     return row
+
+
+def fit_rates(rows: list[dict], matmul: float, bandwidth_gbs: float) -> tuple[float, float]:
+    """(seconds per FLOP, seconds per op) fitted to the measured rows, each step's memory
+    traffic charged at the measured copy bandwidth. A whole step cannot run its FLOPs faster
+    than one large matmul: a fit that asks for more (the traffic then explains the steps
+    alone, as on an H100 whose small elementwise ops stay in cache) keeps the matmul rate
+    and fits the per-op cost alone."""
+    known = [r["traffic"] / (bandwidth_gbs * 1e9) for r in rows]
+    a, b = fit_step_time(
+        [(r["flops"], r["ops"], r["seconds"], k) for r, k in zip(rows, known, strict=True)]
+    )
+    if a < 1 / matmul:
+        a = 1 / matmul
+        _, b = fit_step_time(
+            [(0, r["ops"], r["seconds"], k + a * r["flops"]) for r, k in zip(rows, known, strict=True)]
+        )
+    return a, b
 
 
 def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
@@ -256,9 +277,11 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
             f"snug calibrate: only {len(rows)} of the series' configurations fit {device.name}; "
             "three are needed to fit the step time."
         )
-    a, b = fit_step_time([(r["flops"], r["ops"], r["seconds"]) for r in rows])
+    matmul = matmul_rate(where)
+    bandwidth = copy_bandwidth(where)
+    a, b = fit_rates(rows, matmul, bandwidth)
     for r in rows:
-        r["fitted_seconds"] = a * r["flops"] + b * r["ops"]
+        r["fitted_seconds"] = a * r["flops"] + b * r["ops"] + r["traffic"] / (bandwidth * 1e9)
     errors = [r["fitted_seconds"] / r["seconds"] - 1 for r in rows]
     reserved_ratio = reserved_error = None
     if kind == "cuda":
@@ -274,8 +297,9 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
         rate_flops=1 / a if a > 0 else 0.0,
         op_seconds=b,
         step_error=(min(errors), max(errors)),
-        matmul_flops=matmul_rate(where),
-        bandwidth_gbs=copy_bandwidth(where) if kind == "cuda" else None,
+        matmul_flops=matmul,
+        bandwidth_gbs=bandwidth,
+        traffic_gbs=bandwidth,
         context_bytes=context,
         reserved_ratio=reserved_ratio,
         reserved_error=reserved_error,

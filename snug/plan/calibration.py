@@ -7,13 +7,18 @@ device (a GPU by its name in snug's table, the CPU by its model and thread count
 others; the file is written whole to a temporary file and renamed, so an interrupted write never
 leaves half a file. A file that is not valid is an error that names it, never overwritten.
 
-Step time (per optimizer step, per rank): `max(flops / rate, 3 x weights / bandwidth) + ops x
-op_seconds`: the compute at an achieved FLOP rate or reading the weights three times (forward,
-backward, recomputation), whichever is longer, plus a fixed cost for every op the step
-dispatches (a kernel launch and the Python and dispatcher work around it, which dominate small
-steps). Calibration fits `rate` and `op_seconds` to real steps; without it the rate is the
-card's table rate times a typical efficiency and op_seconds a typical value (below, with where
-they come from). Pure Python, no torch.
+Step time (per optimizer step, per rank): `max(flops / rate, 3 x weights / bandwidth) +
+traffic / traffic_bandwidth + ops x op_seconds`: the compute at an achieved FLOP rate or reading
+the weights three times (forward, backward, recomputation), whichever is longer; the bytes that
+ops without FLOPs read and write (norms, activations, softmax, dequantisation, DoRA's weight
+norm, the optimizer's update: the replay counts them) at the device's measured copy bandwidth;
+and a fixed cost for every op the step dispatches (a kernel launch and the Python and
+dispatcher work around it, which dominate small steps). Calibration measures the bandwidth and
+fits `rate` and `op_seconds` to real steps (the rate at most the device's one-large-matmul
+rate: a whole step cannot beat its best case); without it the rate is the card's table rate
+times a typical efficiency, op_seconds a typical value (below, with where they come from) and
+the traffic term is left out (the typical values were fitted without it), as it is for a
+calibration entry written before the term existed. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class Calibration:
     step_error: tuple[float, float]  # min, max of (fitted - measured) / measured over the series
     matmul_flops: float | None = None  # one large matmul, the device's best case
     bandwidth_gbs: float | None = None  # a large device copy (read + write)
+    # the bandwidth the fit charged the step's memory traffic at (None: an entry fitted without
+    # the traffic term, before it existed)
+    traffic_gbs: float | None = None
     context_bytes: int | None = None  # CUDA context: device memory used by initialisation
     reserved_ratio: float | None = None  # measured max_memory_reserved / planned, median
     reserved_error: tuple[float, float] | None = None  # min, max of planned/measured - 1
@@ -148,37 +156,48 @@ class StepModel:
     source: str  # "calibrated on <date> (<device>)" or "typical values, not calibrated"
     context_bytes: int | None = None  # CUDA context, measured
     reserved_ratio: float | None = None  # measured / replayed max_memory_reserved
+    traffic_gbs: float | None = None  # None: no traffic term (typical values)
 
-    def seconds(self, flops: int, ops: int, weights_bytes: int) -> float | None:
+    def seconds(self, flops: int, ops: int, weights_bytes: int, traffic: int = 0) -> float | None:
         if not self.rate_flops:
             return None
         compute = flops / self.rate_flops
         memory = 3 * weights_bytes / (self.bandwidth_gbs * 1e9) if self.bandwidth_gbs else 0.0
-        return max(compute, memory) + ops * self.op_seconds
+        moved = traffic / (self.traffic_gbs * 1e9) if self.traffic_gbs else 0.0
+        return max(compute, memory) + moved + ops * self.op_seconds
+
+    def of(self, sim) -> float | None:
+        """The step seconds of a replay (plan/simulate.py's Simulation)."""
+        return self.seconds(
+            sim.flops_per_step, sim.ops_per_step, sim.weights_bytes, sim.traffic_per_step
+        )
 
 
-def fit_step_time(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """(seconds per FLOP, seconds per op) that best fit measured (flops, ops, seconds) rows, in
-    relative error (each row weighs the same, short or long), both at least zero. Two unknowns,
-    so solved directly (a library solver would add a dependency for a 2x2 system)."""
+def fit_step_time(rows: list[tuple[float, ...]]) -> tuple[float, float]:
+    """(seconds per FLOP, seconds per op) that best fit measured (flops, ops, seconds[, known])
+    rows, where `known` is the part of each step's seconds already accounted for (its memory
+    traffic at the measured bandwidth), in relative error (each row weighs the same, short or
+    long), both at least zero. Two unknowns, so solved directly (a library solver would add a
+    dependency for a 2x2 system)."""
     if not rows:
         raise ValueError("no measured steps to fit")
-    # minimise sum((a f + b o - t)^2 / t^2): normal equations in (a, b)
-    sff = sum(f * f / t / t for f, o, t in rows)
-    soo = sum(o * o / t / t for f, o, t in rows)
-    sfo = sum(f * o / t / t for f, o, t in rows)
-    sf = sum(f / t for f, o, t in rows)
-    so = sum(o / t for f, o, t in rows)
+    rows = [(r[0], r[1], r[2], r[3] if len(r) > 3 else 0.0) for r in rows]
+    # minimise sum((a f + b o + k - t)^2 / t^2): normal equations in (a, b)
+    sff = sum(f * f / t / t for f, o, t, k in rows)
+    soo = sum(o * o / t / t for f, o, t, k in rows)
+    sfo = sum(f * o / t / t for f, o, t, k in rows)
+    sf = sum(f * (t - k) / t / t for f, o, t, k in rows)
+    so = sum(o * (t - k) / t / t for f, o, t, k in rows)
     det = sff * soo - sfo * sfo
     if det > 0:
         a, b = (sf * soo - so * sfo) / det, (so * sff - sf * sfo) / det
         if a > 0 and b >= 0:
             return a, b
     # one term alone explains the rows better: keep the one with the smaller error
-    only_flops = (sf / sff, 0.0) if sff else None
-    only_ops = (0.0, so / soo) if soo else None
+    only_flops = (max(sf, 0.0) / sff, 0.0) if sff else None
+    only_ops = (0.0, max(so, 0.0) / soo) if soo else None
 
     def error(ab):
-        return sum(((ab[0] * f + ab[1] * o) / t - 1) ** 2 for f, o, t in rows)
+        return sum(((ab[0] * f + ab[1] * o + k) / t - 1) ** 2 for f, o, t, k in rows)
 
     return min((x for x in (only_flops, only_ops) if x), key=error)

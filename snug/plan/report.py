@@ -327,11 +327,7 @@ def measure(cfg: Config, steps: int, seq_len: int, seq_source: str = "given") ->
         "plan_seconds": round(plan_seconds, 2),
         "tokens_per_second": summary.get("tokens_per_second"),
         "measured_step_seconds": summary["train_seconds"] / max(summary["steps"], 1),
-        "predicted_step_seconds": timing.seconds(
-            predicted.flops_per_step, predicted.ops_per_step, predicted.weights_bytes
-        )
-        if timing
-        else None,
+        "predicted_step_seconds": timing.of(predicted) if timing else None,
         "step_time_from": timing.source if timing else None,
     }
     return result
@@ -360,7 +356,8 @@ def cmd_calibrate(args) -> int:
         print(json.dumps({**cal.as_dict(), "seconds": round(seconds, 1)}, indent=2))
         return 0
     table = Table(title=f"snug calibrate: {cal.device}, {cal.precision}, {seconds:.0f} s")
-    cols = ("model", "method", "gc", "mb x tokens", "GFLOP", "ops", "measured s", "fitted s")
+    cols = ("model", "method", "gc", "mb x tokens", "GFLOP", "ops", "traffic GB", "measured s")
+    cols += ("fitted s",)
     if kind == "cuda":
         cols += ("peak err", "reserved planned/measured GiB")
     for col in cols:
@@ -373,6 +370,7 @@ def cmd_calibrate(args) -> int:
             f"{r['micro_batch']} x {r['tokens']}",
             f"{r['flops'] / 1e9:,.1f}",
             f"{r['ops']:,}",
+            f"{r['traffic'] / 1e9:,.1f}",
             f"{r['seconds']:.3f}",
             f"{r['fitted_seconds']:.3f}",
         ]
@@ -387,7 +385,8 @@ def cmd_calibrate(args) -> int:
     console.print(
         f"step time: {cal.rate_flops / 1e12:.3g} TFLOP/s achieved by whole steps "
         f"(one large matmul: {cal.matmul_flops / 1e12:.3g} TFLOP/s) and "
-        f"{cal.op_seconds * 1e6:.1f} us per op; fitted within {100 * lo:+.1f}% to "
+        f"{cal.op_seconds * 1e6:.1f} us per op, memory traffic at the copy bandwidth "
+        f"{cal.bandwidth_gbs:,.1f} GB/s; fitted within {100 * lo:+.1f}% to "
         f"{100 * hi:+.1f}% of the measured steps"
     )
     if kind == "cuda":
@@ -398,7 +397,7 @@ def cmd_calibrate(args) -> int:
         )
         rlo, rhi = cal.reserved_error
         console.print(
-            f"CUDA context {ctx}; copy bandwidth {cal.bandwidth_gbs:,.0f} GB/s; "
+            f"CUDA context {ctx}; "
             f"max_memory_reserved = {cal.reserved_ratio:.3f} x the replayed reserve "
             f"({100 * rlo:+.1f}% to {100 * rhi:+.1f}% over the series)"
         )

@@ -124,6 +124,7 @@ class Candidate:
             "weights_bytes": s.weights_bytes if s else None,
             "flops_per_step": s.flops_per_step if s else None,
             "ops_per_step": s.ops_per_step if s else None,
+            "traffic_per_step": s.traffic_per_step if s else None,
             "step_seconds": self.step_seconds,
             "tokens_per_second": self.tokens_per_second,
             "calibration": self.calibration,
@@ -169,6 +170,7 @@ def device_model(device: Device, precision: str, calibrated: bool = True) -> Ste
             source=cal.label(),
             context_bytes=cal.context_bytes,
             reserved_ratio=cal.reserved_ratio,
+            traffic_gbs=cal.traffic_gbs,
         )
     if device.type == "cpu":
         return StepModel(_cpu_rate(), calibration.CPU_OP_SECONDS, None, TYPICAL)
@@ -236,7 +238,7 @@ def evaluate(
         cand.reserved_terms = {"cuda_context": context, "allocator": allocator_term}
     if device.memory_bytes is not None:
         cand.fits = cand.reserved_bytes <= device.memory_bytes
-    seconds = model.seconds(cand.sim.flops_per_step, cand.sim.ops_per_step, cand.sim.weights_bytes)
+    seconds = model.of(cand.sim)
     if seconds:
         cand.step_seconds = seconds  # per rank; communication is not modelled
         train = cand.cfg.train

@@ -72,6 +72,9 @@ class Simulation:
     # (`max_memory_reserved`), replayed from the storages made and freed (plan/allocator.py)
     reserved_bytes: int | None = None
     largest_at_peak: list[dict] = dataclasses.field(default_factory=list)  # with explain=True
+    # bytes read and written in one optimizer step by ops without FLOPs (elementwise, norms,
+    # softmax, copies, the optimizer's update): the step's memory-bound work
+    traffic_per_step: int = 0
 
 
 class PhaseTracker(PlanTracker):
@@ -520,6 +523,7 @@ def _simulate_once(
         # FLOPs of the micro-batches run, per micro-batch times the accumulation
         flops_per_step=tracker.flops * cfg.train.grad_accum // accum,
         ops_per_step=tracker.ops * cfg.train.grad_accum // accum,
+        traffic_per_step=tracker.traffic * cfg.train.grad_accum // accum,
         optimizer_bytes=optimizer_bytes,
         trainable_params=trainable,
         total_params=total,
@@ -609,6 +613,7 @@ def simulate(
         weights_bytes=grow(a.weights_bytes, b.weights_bytes),
         flops_per_step=grow(a.flops_per_step, b.flops_per_step),
         ops_per_step=grow(a.ops_per_step, b.ops_per_step),
+        traffic_per_step=grow(a.traffic_per_step, b.traffic_per_step),
         optimizer_bytes=grow(a.optimizer_bytes, b.optimizer_bytes),
         trainable_params=grow(a.trainable_params, b.trainable_params),
         total_params=grow(a.total_params, b.total_params),

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 from torch.utils.flop_counter import flop_registry
+from torch.utils._pytree import tree_leaves
 
 from snug.train.memory import TensorMemoryTracker, local
 
@@ -64,6 +65,22 @@ METADATA_OPS = {torch.ops.prim.device}
 DEVICE_QUERY = torch.ops.prim.device.default
 
 
+# Ops that read and write no tensor data: views, and memory handed out uninitialised.
+NO_DATA = {"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+           "lift_fresh", "_local_scalar_dense", "set_", "resize_", "_reshape_alias"}
+
+
+def moves_data(func) -> bool:
+    return not func.is_view and func.overloadpacket.__name__ not in NO_DATA
+
+
+def _tensor_bytes(args, kwargs, out) -> int:
+    """Bytes of the tensors an op reads and writes (its arguments and results; a view's
+    elements, not its whole storage)."""
+    leaves = tree_leaves((args, kwargs, out))
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
 class PlanTracker(TensorMemoryTracker):
     """Remembers, for each live storage, its size, shape, dtype, the op and module that made it
     and what it is (CATEGORIES), and keeps that list as it stood at the peak. The list is copied
@@ -84,6 +101,7 @@ class PlanTracker(TensorMemoryTracker):
         self.counting = False
         self.flops = 0
         self.ops = 0
+        self.traffic = 0  # bytes read and written by ops without FLOPs (memory-bound work)
         self._op: str | None = None  # None: outside dispatch (the model's own tensors)
         self._meta: dict[int, list] = {}  # [bytes, shape, dtype, op, module, category]
         self._at_peak: list[list] = []
@@ -151,6 +169,8 @@ class PlanTracker(TensorMemoryTracker):
             self.ops += 1
         if self.counting and func.overloadpacket in flop_registry:
             self.flops += flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out)
+        elif self.counting and func.overloadpacket not in METADATA_OPS and moves_data(func):
+            self.traffic += _tensor_bytes(args, kwargs, out)
         return out
 
     def __exit__(self, *exc):
