@@ -314,7 +314,8 @@ def main() -> None:
         "vocabulary, tokens, method and settings), read from the kernel (VmHWM, reset as "
         "training starts; glibc's mmap threshold fixed at 64 KiB, so freed blocks leave RSS); "
         "predicted above = the same difference of the two plans. Step time: the plan's "
-        "(snug/plan/calibration.py: FLOPs over the achieved rate plus ops times the per-op "
+        "(snug/plan/calibration.py: FLOPs over the achieved rate, plus the memory traffic of "
+        "ops without FLOPs over the copy bandwidth when calibrated, plus ops times the per-op "
         "cost) with typical values and with what the plan used, "
         f"{timing.source}"
         + (
