@@ -14,7 +14,6 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -23,31 +22,24 @@ import yaml
 
 from snug import paths
 from snug.errors import UserError
+from snug.fields import AT_LEAST_1, NON_NEGATIVE, POSITIVE
+from snug.fields import setting as _f
 from snug.files import write_text_atomic
+from snug.registry import METHODS, Method, MethodConfig, load_plugins
 from snug.yamlfile import read_mapping
 
-# Methods trained and tested under dist.strategy ddp and fsdp.
-DIST_METHODS = ("lora", "dora", "full", "freeze")
-# Methods that add virtual tokens or prefixes: one set per row, so they cannot pack samples.
-VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning", "llama_adapter")
+
+def registered_methods() -> dict[str, Method]:
+    """snug.registry.METHODS with snug's own methods registered: the package that registers
+    them is imported when a config is checked, not with this module (it needs torch)."""
+    import snug.methods  # noqa: F401  (each of its modules registers itself)
+
+    load_plugins()
+    return METHODS
 
 
 class ConfigError(UserError):
     """A config problem, worded as one sentence that names the file, line and key."""
-
-
-Check = tuple[Callable[[Any], bool], str]
-AT_LEAST_1: Check = (lambda v: v >= 1, "at least 1")
-POSITIVE: Check = (lambda v: v > 0, "positive")
-NON_NEGATIVE: Check = (lambda v: v >= 0, "zero or more")
-
-
-def _f(default: Any, doc: str, check: Check | None = None) -> Any:
-    """A field with its documentation and an optional range check (lists are copied)."""
-    meta = {"doc": doc, "check": check}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -70,61 +62,6 @@ class ModelConfig:
         False, "Run model code shipped with a hub model. Off unless you trust its author."
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) to load.")
-
-
-METHOD_NAMES = (
-    "full", "freeze", "lora", "dora", "ia3", "prefix", "prompt", "ptuning", "llama_adapter",
-    "adapter",
-)  # fmt: skip
-
-
-@dataclass
-class MethodConfig:
-    """The fine-tuning method and its settings."""
-
-    name: Literal[METHOD_NAMES] = _f("lora", "Fine-tuning method: " + ", ".join(METHOD_NAMES) + ".")  # type: ignore[valid-type]
-    r: int = _f(8, "LoRA/DoRA rank.", AT_LEAST_1)
-    alpha: float = _f(
-        16, "LoRA/DoRA scaling numerator: the update is scaled by alpha / r.", POSITIVE
-    )
-    dropout: float = _f(0.0, "Dropout on the LoRA/DoRA input.", (lambda v: 0 <= v < 1, "in [0, 1)"))
-    targets: str | list[str] = _f(
-        "all-linear", "Modules that get adapters: all-linear, or a list of module names."
-    )
-    rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead.")
-    lora_plus_ratio: float | None = _f(
-        None, "LoRA+: the B matrices learn this many times faster than A (e.g. 16).", POSITIVE
-    )
-    trainable_layers: int = _f(
-        2,
-        "freeze: the last N decoder layers train (0 with train.stage=cls: the head only); "
-        "llama_adapter: adapted top layers.",
-        NON_NEGATIVE,
-    )
-    cls_head: Literal["linear", "mlp"] = _f(
-        "linear",
-        "train.stage=cls: the new classification head: linear, or mlp (a new fully connected "
-        "layer and GELU before it).",
-    )
-    trainable_modules: list[str] | None = _f(
-        None, "freeze: train the modules whose names match these glob patterns instead."
-    )
-    unfreeze_every: int | None = _f(
-        None,
-        "freeze: progressive unfreezing: start with the top layer and add the next one down every "
-        "N steps, up to trainable_layers.",
-        AT_LEAST_1,
-    )
-    extra_modules: list[str] = _f(
-        [],
-        "freeze: also train modules whose names contain these (e.g. embed_tokens, lm_head, norm).",
-    )
-    num_virtual_tokens: int = _f(
-        20, "prefix, prompt, ptuning, llama_adapter: virtual tokens.", AT_LEAST_1
-    )
-    bottleneck: int = _f(
-        64, "adapter: bottleneck width; ptuning: width of the prompt encoder.", AT_LEAST_1
-    )
 
 
 @dataclass
@@ -318,7 +255,18 @@ class Config:
     )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        """Each section's keys and values, flat (a method's own keys beside the shared ones)."""
+        out = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            keys = {
+                f.name: dataclasses.asdict(section)[f.name]
+                for f in dataclasses.fields(section)
+                if not f.metadata.get("internal")
+            }
+            own = getattr(section, "own", None)
+            out[name] = {**keys, **(dataclasses.asdict(own) if own is not None else {})}
+        return out
 
 
 SECTIONS: dict[str, type] = {
@@ -393,6 +341,16 @@ def _nearest(word: str, choices: list[str]) -> str:
     return f"; valid keys: {', '.join(choices)}."
 
 
+def _one_of(value: Any, choices: tuple, where: str) -> Any:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(
+            f"{where} is {value!r}, but must be one of {', '.join(map(str, choices))}{suggestion}"
+        )
+    return value
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Return `value` checked against `annotation`, converting YAML-ish strings and ints."""
     origin = get_origin(annotation)
@@ -410,14 +368,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[-1] if errors else f"{where} must not be null.")
     if origin is Literal:
-        choices = get_args(annotation)
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-            raise ConfigError(
-                f"{where} is {value!r}, but must be one of {', '.join(map(str, choices))}{suggestion}"
-            )
-        return value
+        return _one_of(value, get_args(annotation), where)
     if origin is list:
         (item,) = get_args(annotation)
         if not isinstance(value, list):
@@ -476,9 +427,34 @@ class Origins:
         return key not in self.overrides
 
 
+def _user_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _build_method(values: dict[str, Any], origins: Origins) -> MethodConfig:
+    """The method section: the keys every method shares, and the chosen method's own
+    (Method.settings), each checked against its declaration."""
+    base = _build_section(MethodConfig, {"name": values.get("name", "lora")}, "method", origins)
+    settings = registered_methods()[base.name].settings
+    own_names = list(_user_fields(settings)) if settings else []
+    shared = {k: v for k, v in values.items() if k not in own_names}
+    own = {k: v for k, v in values.items() if k in own_names}
+    unknown = [k for k in shared if k not in _user_fields(MethodConfig)]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"{origins.of(f'method.{key}')}: unknown key 'method.{key}'"
+            + _nearest(key, [*_user_fields(MethodConfig), *own_names])
+        )
+    cfg = _build_section(MethodConfig, shared, "method", origins)
+    if settings is not None:
+        cfg.own = _build_section(settings, own, "method", origins)
+    return cfg
+
+
 def _build_section(cls: type, values: dict[str, Any], section: str, origins: Origins) -> Any:
     hints = typing.get_type_hints(cls, include_extras=False)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _user_fields(cls)
     names = list(fields)
     kwargs = {}
     for key, value in values.items():
@@ -486,6 +462,9 @@ def _build_section(cls: type, values: dict[str, Any], section: str, origins: Ori
         if key not in names:
             raise ConfigError(f"{where}: unknown key '{section}.{key}'" + _nearest(key, names))
         value = _coerce(value, hints[key], f"{where}: {section}.{key}")
+        choices = fields[key].metadata["choices"]
+        if choices is not None:
+            _one_of(value, choices(), f"{where}: {section}.{key}")
         check = fields[key].metadata["check"]
         if value is not None and check is not None and not check[0](value):
             raise ConfigError(f"{where}: {section}.{key} is {value!r}, but must be {check[1]}.")
@@ -527,7 +506,7 @@ def _resolve_paths(cfg: Config, origins: Origins, base: Path | None) -> None:
 def check_combinations(cfg: Config, source: str) -> None:
     """Rules that involve more than one key. The one place where sections meet."""
     m, t, d = cfg.model, cfg.train, cfg.data
-    if m.quant != "none" and cfg.method.name in ("full", "freeze"):
+    if m.quant != "none" and registered_methods()[cfg.method.name].output == "model":
         raise ConfigError(
             f"{source}: model.quant={m.quant} needs an adapter method (method.name=lora, dora, "
             f"...), since quantized weights cannot be trained by method.name={cfg.method.name}."
@@ -564,7 +543,8 @@ def check_combinations(cfg: Config, source: str) -> None:
             f"{source}: method.unfreeze_every works with method.name=freeze by layers "
             "(trainable_layers), not with trainable_modules or other methods."
         )
-    if d.packing and (cfg.train.stage == "cls" or cfg.method.name in VIRTUAL_TOKEN_METHODS):
+    virtual = registered_methods()[cfg.method.name].virtual_tokens
+    if d.packing and (cfg.train.stage == "cls" or virtual):
         what = "train.stage=cls" if cfg.train.stage == "cls" else f"method.name={cfg.method.name}"
         raise ConfigError(
             f"{source}: data.packing=true does not work with {what}: "
@@ -576,11 +556,10 @@ def check_combinations(cfg: Config, source: str) -> None:
             + "; set data.packing=false."
         )
     _check_dist(cfg, source)
-    if cfg.method.name == "prefix" and cfg.memory.grad_checkpointing:
+    why = registered_methods()[cfg.method.name].no_checkpointing_because
+    if why and cfg.memory.grad_checkpointing:
         raise ConfigError(
-            f"{source}: method.name=prefix needs memory.grad_checkpointing=false: prefix tuning "
-            "feeds its learned keys and values through the attention cache, which transformers "
-            "turns off under gradient checkpointing."
+            f"{source}: method.name={cfg.method.name} needs memory.grad_checkpointing=false: {why}."
         )
 
 
@@ -591,9 +570,10 @@ def _check_dist(cfg: Config, source: str) -> None:
         if d.nproc > 1:
             raise ConfigError(f"{source}: dist.nproc > 1 needs dist.strategy: ddp or fsdp.")
         return
-    if cfg.method.name not in DIST_METHODS:
+    if not registered_methods()[cfg.method.name].shardable:
+        shardable = ", ".join(m.name for m in registered_methods().values() if m.shardable)
         raise ConfigError(
-            f"{source}: dist.strategy={d.strategy} trains {', '.join(DIST_METHODS)}; method.name="
+            f"{source}: dist.strategy={d.strategy} trains {shardable}; method.name="
             f"{cfg.method.name} runs on one device (dist.strategy=none)."
         )
     if cfg.model.quant == "8bit":
@@ -633,6 +613,7 @@ def config_from_dict(
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections.")
     sections = _section_types()
+    registered_methods()  # snug's own methods registered: method.name's choices
     built = {}
     for name, values in raw.items():
         if name not in sections:
@@ -644,7 +625,10 @@ def config_from_dict(
             values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"{origins.of(name)}: section '{name}' must be a mapping of keys.")
-        built[name] = _build_section(sections[name], values, name, origins)
+        if name == "method":
+            built[name] = _build_method(values, origins)
+        else:
+            built[name] = _build_section(sections[name], values, name, origins)
     cfg = Config(**built)
     check_combinations(cfg, source)
     _resolve_paths(cfg, origins, base)
@@ -726,22 +710,28 @@ def _type_name(annotation: Any) -> str:
 
 def reference_markdown() -> str:
     """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
+    registered_methods()  # method.name's choices
     lines = []
     for name, cls in _section_types().items():
-        lines += [
-            f"#### `{name}` — {cls.__doc__.strip()}",
-            "",
-            "| key | type | default | meaning |",
-            "|---|---|---|---|",
-        ]
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(
-                f"| `{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {f.metadata['doc']} |"
-            )
-        lines.append("")
+        lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", *_key_table(cls)]
+        if name == "method":  # each method's keys of its own
+            for method in registered_methods().values():
+                if method.settings is not None:
+                    title = f"#### `method` keys of `{method.name}` — "
+                    lines += [title + method.settings.__doc__.strip(), ""]
+                    lines += _key_table(method.settings)
     return "\n".join(lines)
+
+
+def _key_table(cls: type) -> list[str]:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    hints = typing.get_type_hints(cls)
+    for f in _user_fields(cls).values():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata["choices"]
+        kind = " \\| ".join(choices()) if choices else _type_name(hints[f.name])
+        lines.append(f"| `{f.name}` | {kind} | `{default!r}` | {f.metadata['doc']} |")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":  # python -m snug.config: print the reference for the README

@@ -8,11 +8,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from snug.config import load_config
 from snug.data.collate import collate
-from snug.methods import apply_method
+from snug.methods import REGISTRY, apply_method
 from snug.plan.simulate import simulate, with_overrides
-from snug.train.loop import prepare_for_training, step_options
 from snug.train.memory import TensorMemoryTracker, model_tensors
 from snug.train.optim import build_optimizer
+from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
 
 FAMILIES = {
@@ -522,6 +522,27 @@ def test_replay_counts_the_ops_a_real_step_dispatches(method, gc):
     assert Count.ops - 20 <= predicted <= Count.ops + 2 * params, (predicted, Count.ops)
 
 
+def test_every_registered_method_can_be_recommended():
+    """The planner ranks what the method registry holds (ptuning and llama_adapter were
+    registered but missing from the planner's own quality list: `snug plan --search --method
+    ptuning` failed with "tuple.index(x): x not in tuple")."""
+    from snug.methods import REGISTRY
+    from snug.plan.hardware import cpu_device, model_config
+    from snug.plan.search import plan_one, quality_rank, recommend, searched_methods
+
+    from conftest import ROOT
+
+    cfg = load_config(
+        None,
+        ["method.name=ptuning", "method.num_virtual_tokens=4", "train.micro_batch=1"],
+    )
+    cand = plan_one(cfg, model_config(str(ROOT / "models/tiny")), cpu_device(), 32)
+    choice, why = recommend([cand])
+    assert choice is cand and "ptuning ranks highest" in why
+    ranks = [quality_rank(m) for m in (*REGISTRY, *searched_methods())]
+    assert len(set(ranks)) == len(ranks)  # one order, no ties between methods
+
+
 def test_search_tries_lora_on_each_base_and_prefers_the_full_precision_one():
     from snug.plan.hardware import cpu_device
     from snug.plan.search import method_label, recommend, search
@@ -626,10 +647,7 @@ def test_the_plan_of_a_config_keeps_its_precision(tmp_path, capsys):
     assert cand["breakdown"]["trainable"] == pytest.approx(2 * n, rel=0.01)
 
 
-PLAN_METHODS = [
-    "full", "freeze", "lora", "dora", "ia3", "prefix", "prompt", "ptuning", "llama_adapter",
-    "adapter",
-]  # fmt: skip
+PLAN_METHODS = list(REGISTRY)  # every registered method
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true", "fp16-mixed"])

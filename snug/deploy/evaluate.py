@@ -70,7 +70,7 @@ def score(
     """The metrics of one model: `name` is an adapter or BASE."""
     from snug.models.load import resolve_precision
     from snug.train.evaluate import eval_loss, exact_match, normalize
-    from snug.train.loop import step_options
+    from snug.train.prepare import step_options
 
     session.use(name)
     result: dict = {}

@@ -19,7 +19,7 @@ from torch import nn
 from snug import paths
 from snug.config import Config, load_config
 from snug.errors import UserError, first_line, read_utf8
-from snug.methods import get_method
+from snug.methods import REGISTRY, get_method
 from snug.models.load import DTYPES, load_model, load_tokenizer
 from snug.preflight import check_model_dir
 
@@ -33,16 +33,9 @@ VERIFY_PROMPTS = (
 # Largest allowed |merged - reference| logit, relative to the largest reference logit (>= 1):
 # fp32 is exact to rounding; half precisions round the merged weights themselves.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
 # peft_type (adapter_config.json) -> snug method, for adapter directories outside a run.
-PEFT_TYPES = {
-    "IA3": "ia3",
-    "PREFIX_TUNING": "prefix",
-    "PROMPT_TUNING": "prompt",
-    "P_TUNING": "ptuning",
-    "ADAPTION_PROMPT": "llama_adapter",
-}
-
-
 class MergeError(UserError):
     """The adapter cannot be merged as asked (user input; shown as one line)."""
 
@@ -74,14 +67,19 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 
 
 def _method_of_peft_dir(adapter_dir: Path, config: dict) -> str:
+    """The registered method that saves this peft_type; of two (lora, dora), the one whose
+    flag (use_dora) the config sets."""
     peft_type = config.get("peft_type", "")
-    if peft_type == "LORA":
-        return "dora" if config.get("use_dora") else "lora"
-    if peft_type not in PEFT_TYPES:
+    found = [
+        m
+        for m in REGISTRY.values()
+        if m.peft_type == peft_type and (not m.peft_flag or config.get(m.peft_flag))
+    ]
+    if not found:
         raise MergeError(
             f"{adapter_dir / 'adapter_config.json'}: peft_type {peft_type!r} is not one snug knows."
         )
-    return PEFT_TYPES[peft_type]
+    return max(found, key=lambda m: bool(m.peft_flag)).name
 
 
 def _base_of_peft_dir(adapter_dir: Path, config: dict) -> str | None:

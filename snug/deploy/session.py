@@ -165,7 +165,7 @@ def _sources(
 
 def _peft_kind(method: str) -> str | None:
     """peft's tuner the method saves as (adapters of one tuner can share a PeftModel)."""
-    return {"lora": "lora", "dora": "lora", "ia3": "ia3"}.get(method)
+    return get_method(method).tuner
 
 
 @dataclass

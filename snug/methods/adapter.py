@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from snug.config import MethodConfig
-from snug.methods import Method, register
+from snug.registry import Method, MethodConfig, register
 
 CONFIG_FILE, WEIGHTS_FILE = "snug_adapter.json", "snug_adapter.safetensors"
 
@@ -41,12 +40,16 @@ def _after_mlp(layer: nn.Module, args, output):
 
 
 def apply_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    return _add_adapters(model, cfg.bottleneck)
+
+
+def _add_adapters(model: nn.Module, width: int) -> nn.Module:
     model.requires_grad_(False)
     hidden = model.config.hidden_size
     device = model.get_input_embeddings().weight.device
     for layer in model.get_decoder().layers:
-        layer.attn_adapter = Bottleneck(hidden, cfg.bottleneck).to(device)
-        layer.mlp_adapter = Bottleneck(hidden, cfg.bottleneck).to(device)
+        layer.attn_adapter = Bottleneck(hidden, width).to(device)
+        layer.mlp_adapter = Bottleneck(hidden, width).to(device)
         # The hooks are registered on the sublayers and call the adapters kept on `layer`.
         layer.self_attn.register_forward_hook(
             lambda m, a, o, layer=layer: _after_attention(layer, a, o)
@@ -54,7 +57,7 @@ def apply_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
         layer.mlp.register_forward_hook(lambda m, a, o, layer=layer: _after_mlp(layer, a, o))
     model.snug_adapter_config = {
         "method": "adapter",
-        "bottleneck": cfg.bottleneck,
+        "bottleneck": width,
         "base_model": model.config.name_or_path,
     }
     return model
@@ -72,7 +75,7 @@ def save_adapter(model: nn.Module, path: Path) -> None:
 
 def load_adapter(base: nn.Module, path: Path) -> nn.Module:
     config = json.loads((Path(path) / CONFIG_FILE).read_text())
-    model = apply_adapter(base, MethodConfig(name="adapter", bottleneck=config["bottleneck"]))
+    model = _add_adapters(base, config["bottleneck"])
     weights = load_file(Path(path) / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if "_adapter." in k or k.startswith("score.")]
@@ -94,5 +97,6 @@ register(
         load=load_adapter,
         unmergeable_because="bottleneck adapters add a non-linear block (down, activation, up) "
         "after attention and MLP, which no base weight can absorb",
+        quality=8,
     )
 )

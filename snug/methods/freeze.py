@@ -1,12 +1,13 @@
 """Freeze tuning: only the top decoder layers (or named modules) train. Written here: peft has
 no such method, and it is a few lines over module names."""
 
+from __future__ import annotations
+
 from fnmatch import fnmatch
 
 from torch import nn
 
-from snug.config import MethodConfig
-from snug.methods import Method, register
+from snug.registry import Method, MethodConfig, register
 
 
 def apply_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -56,5 +57,7 @@ register(
         before_step=unfreeze_progressively,
         unmergeable_because="freeze tuning already writes a whole model (model/), with nothing "
         "to fold in",
+        shardable=True,
+        quality=6,
     )
 )

@@ -1,9 +1,10 @@
 """Full fine-tuning: every weight trains."""
 
+from __future__ import annotations
+
 from torch import nn
 
-from snug.config import MethodConfig
-from snug.methods import Method, register
+from snug.registry import Method, MethodConfig, register
 
 
 def apply_full(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -19,5 +20,7 @@ register(
         mergeable=False,
         unmergeable_because="a full fine-tune already writes a whole model (model/), with "
         "nothing to fold in",
+        shardable=True,
+        quality=5,
     )
 )

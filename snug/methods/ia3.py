@@ -1,10 +1,11 @@
 """IA3 through peft: learned vectors that rescale keys, values and the MLP's inner activations."""
 
+from __future__ import annotations
+
 from peft import IA3Config, get_peft_model
 from torch import nn
 
-from snug.config import MethodConfig
-from snug.methods import Method, peft_task, register
+from snug.registry import Method, MethodConfig, peft_task, register
 
 FEEDFORWARD = ("down_proj", "fc2", "w2", "c_proj")  # modules whose *input* IA3 rescales
 
@@ -19,4 +20,8 @@ def apply_ia3(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return get_peft_model(model, config)
 
 
-register(Method("ia3", apply_ia3, output="adapter", mergeable=True))
+register(
+    Method(
+        "ia3", apply_ia3, output="adapter", mergeable=True, peft_type="IA3", tuner="ia3", quality=7
+    )
+)

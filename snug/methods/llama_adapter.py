@@ -1,11 +1,12 @@
 """LLaMA-Adapter (adaption prompts) through peft: gated learned prompts in the top layers'
 attention. peft supports it for llama- and mistral-style attention."""
 
+from __future__ import annotations
+
 from peft import AdaptionPromptConfig, get_peft_model
 from torch import nn
 
-from snug.config import MethodConfig
-from snug.methods import Method, register
+from snug.registry import Method, MethodConfig, register
 
 
 def apply_llama_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -26,5 +27,9 @@ register(
         mergeable=False,
         unmergeable_because="adaption prompts add a gated attention over learned prompts in the "
         "top layers, which no base weight can absorb",
+        peft_type="ADAPTION_PROMPT",
+        virtual_tokens=True,
+        quality=12,
+        searched=False,
     )
 )

@@ -1,11 +1,12 @@
 """Virtual-token methods through peft: prefix tuning (learned key/value prefixes in every layer),
 prompt tuning (learned input embeddings), P-tuning (prompt embeddings from a small encoder)."""
 
+from __future__ import annotations
+
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 
-from snug.config import MethodConfig
-from snug.methods import Method, peft_task, register
+from snug.registry import Method, MethodConfig, peft_task, register
 
 
 def apply_prefix(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -40,11 +41,32 @@ register(
         mergeable=False,
         unmergeable_because="prefix tuning adds learned keys and values to every attention "
         "layer: extra inputs, not changes to any base weight",
+        peft_type="PREFIX_TUNING",
+        no_checkpointing_because="prefix tuning feeds its learned keys and values through the "
+        "attention cache, which transformers turns off under gradient checkpointing",
+        virtual_tokens=True,
+        quality=9,
+    )
+)
+VIRTUAL_KEYS = dict(output="adapter", mergeable=False, virtual_tokens=True)
+register(
+    Method(
+        "prompt",
+        apply_prompt,
+        **VIRTUAL_KEYS,
+        unmergeable_because=VIRTUAL,
+        peft_type="PROMPT_TUNING",
+        quality=10,
     )
 )
 register(
-    Method("prompt", apply_prompt, output="adapter", mergeable=False, unmergeable_because=VIRTUAL)
-)
-register(
-    Method("ptuning", apply_ptuning, output="adapter", mergeable=False, unmergeable_because=VIRTUAL)
+    Method(
+        "ptuning",
+        apply_ptuning,
+        **VIRTUAL_KEYS,
+        unmergeable_because=VIRTUAL,
+        peft_type="P_TUNING",
+        quality=11,
+        searched=False,
+    )
 )

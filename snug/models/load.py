@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from snug.config import Config, ModelConfig
+from snug.config import Config, ModelConfig, registered_methods
 from snug.errors import first_line
 from snug.preflight import ModelLoadError, check_model_dir
 
@@ -57,7 +57,8 @@ def resolve_dtype(cfg: Config, device: torch.device, precision: str) -> torch.dt
         return DTYPES[cfg.model.dtype]
     if precision == "bf16-true":
         return torch.bfloat16
-    if device.type != "cuda" or cfg.method.name in ("full", "freeze") or precision == "fp32":
+    whole = registered_methods()[cfg.method.name].output == "model"  # every weight trains
+    if device.type != "cuda" or whole or precision == "fp32":
         return torch.float32
     # Adapters on a GPU: frozen weights in the half type the precision computes in.
     return torch.float16 if precision.startswith("fp16") else torch.bfloat16

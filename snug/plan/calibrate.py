@@ -40,8 +40,8 @@ from snug.models.load import resolve_dtype
 from snug.plan.calibration import Calibration, fit_step_time
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
 from snug.plan.simulate import PlanError, simulate, with_depth
-from snug.train.loop import prepare_for_training, step_options
 from snug.train.optim import build_optimizer
+from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
 
 # (catalog model, method, gradient checkpointing, tokens, micro-batch): steps from launch-bound
@@ -248,7 +248,10 @@ def fit_rates(rows: list[dict], matmul: float, bandwidth_gbs: float) -> tuple[fl
     if a < 1 / matmul:
         a = 1 / matmul
         _, b = fit_step_time(
-            [(0, r["ops"], r["seconds"], k + a * r["flops"]) for r, k in zip(rows, known, strict=True)]
+            [
+                (0, r["ops"], r["seconds"], k + a * r["flops"])
+                for r, k in zip(rows, known, strict=True)
+            ]
         )
     return a, b
 

@@ -14,7 +14,6 @@ from rich.table import Table
 from snug.config import Config, load_config, save_config
 from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
 from snug.plan.search import (
-    METHODS,
     Candidate,
     device_model,
     plan_one,
@@ -167,7 +166,8 @@ def held_fixed(cfg: Config, searched: list[str], config_path: str | None = None)
             name = f"{section}.{key}"
             if name in searched or name == "model.name_or_path":
                 continue
-            if value != default[section][key]:
+            # a method's own keys have no snug default: each counts as the config's
+            if key not in default[section] or value != default[section][key]:
                 held[name] = value
     return held
 
@@ -195,7 +195,7 @@ def cmd_plan(args) -> int:
     searching = args.search or (args.config is None and args.method is None)
     if searching:
         # --method with --search: that method's settings only; without: every method
-        methods = (args.method,) if args.method else METHODS
+        methods = (args.method,) if args.method else None
         cands = search(cfg, config, device, seq_len, methods, args.max_micro_batch, args.num_gpus)
         choice, why = recommend(cands)
     else:

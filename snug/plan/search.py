@@ -11,6 +11,7 @@ import torch
 from transformers import PretrainedConfig
 
 from snug.config import Config
+from snug.methods import REGISTRY, get_method
 from snug.plan import calibration
 from snug.plan.calibration import StepModel
 from snug.plan.hardware import GIB, Device, device_key
@@ -32,44 +33,48 @@ ALLOCATOR_SOURCE = (
     "max_memory_reserved on 13 H200 runs (benchmarks/results/gpu-2026-11-27-H200-run2.md)"
 )
 TYPICAL = "typical values, not calibrated"
-# "qlora" is LoRA on a 4-bit NF4 base (model.quant=4bit), "qlora-8bit" LoRA on an LLM.int8
-# base (model.quant=8bit).
-QUANT_OF = {"qlora": "4bit", "qlora-8bit": "8bit"}
-METHODS = (
-    "full",
-    "freeze",
-    "lora",
-    "qlora",
-    "qlora-8bit",
-    "dora",
-    "ia3",
-    "prefix",
-    "prompt",
-    "adapter",
-)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
-# Quality order from benchmarks/results/methods-2026-11-25.md (held-out exact match). QLoRA
-# 8-bit measured 91.0% there against LoRA's 89.5%, within that benchmark's noise: it comes
-# after LoRA, as a full-precision base is faster when it fits.
-QUALITY = (
-    "lora",
-    "qlora-8bit",
-    "dora",
-    "qlora",
-    "full",
-    "freeze",
-    "ia3",
-    "adapter",
-    "prefix",
-    "prompt",
-)
+
+
+def quant_of() -> dict[str, str]:
+    """Search labels of methods on a quantized base -> model.quant: "qlora" is LoRA on a 4-bit
+    NF4 base, "qlora-8bit" LoRA on an LLM.int8 base (each method declares its own)."""
+    return {label: quant for m in REGISTRY.values() for label, quant, _ in m.quantized}
+
+
+def base_of(label: str) -> str:
+    """The registered method a search label trains (lora for qlora)."""
+    return next((m.name for m in REGISTRY.values() for q in m.quantized if q[0] == label), label)
+
+
+def searched_methods() -> tuple[str, ...]:
+    """What a search without --method tries: each method that says so, then its quantized
+    variants."""
+    return tuple(
+        label
+        for m in REGISTRY.values()
+        if m.searched
+        for label in (m.name, *(q[0] for q in m.quantized))
+    )
+
+
+def quality_rank(label: str) -> int:
+    """The recommendation's order among fitting candidates (each method declares its rank)."""
+    for m in REGISTRY.values():
+        if m.name == label:
+            return m.quality
+        for q_label, _, rank in m.quantized:
+            if q_label == label:
+                return rank
+    raise PlanError(f"method {label!r} is not registered; choose one of {', '.join(REGISTRY)}.")
 
 
 def method_label(cfg: Config) -> str:
     """The method as the search names it: qlora for LoRA on a 4-bit base, qlora-8bit for LoRA
     on an 8-bit one."""
-    if cfg.method.name == "lora" and cfg.model.quant != "none":
-        return {"4bit": "qlora", "8bit": "qlora-8bit"}[cfg.model.quant]
+    for label, quant, _ in get_method(cfg.method.name).quantized:
+        if quant == cfg.model.quant:
+            return label
     return cfg.method.name
 
 
@@ -256,12 +261,14 @@ def _variants(cfg: Config, method: str, device: Device) -> list[Config]:
     """Memory settings to try for a method, cheapest in time first: checkpointing off, then on;
     the optimizer stays AdamW (for full and freeze the 8-bit ones and Adafactor come in when
     AdamW does not fit); activation offload comes in on a GPU when nothing else fits."""
-    gcs = [(False, False)] if method == "prefix" else [(False, False), (True, False)]
+    gcs = [(False, False)]
+    if not get_method(base_of(method)).no_checkpointing_because:
+        gcs.append((True, False))
     return [
         with_overrides(
             cfg,
-            model={"quant": QUANT_OF.get(method, "none")},
-            method={"name": "lora" if method in QUANT_OF else method},
+            model={"quant": quant_of().get(method, "none")},
+            method={"name": base_of(method)},
             memory={
                 "grad_checkpointing": gc,
                 "offload_activations": offload,
@@ -294,7 +301,7 @@ def _fallbacks(variant: Config, method: str, device: Device, static: int = 0) ->
     """What to try when a variant does not fit even at micro-batch 1 (`static`: the bytes of
     its peak that activation offload leaves in place)."""
     out = []
-    if method in ("full", "freeze") and variant.memory.optimizer == "adamw":
+    if get_method(variant.method.name).output == "model" and variant.memory.optimizer == "adamw":
         out += [with_overrides(variant, memory={"optimizer": o}) for o in OPTIMIZERS[1:]]
     if (
         device.type == "cuda"
@@ -348,7 +355,7 @@ def search(
     config: PretrainedConfig,
     device: Device,
     seq_len: int,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] | None = None,
     max_micro_batch: int = 64,
     num_gpus: int = 1,
     workers: int | None = None,
@@ -366,6 +373,7 @@ def search(
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
     model = device_model(device, precision_for(device, cfg))
+    methods = methods or searched_methods()
     job = (cfg, config, device, seq_len, model, max_micro_batch, num_gpus)
     workers = min(
         workers or int(os.environ.get("SNUG_PLAN_WORKERS") or os.cpu_count() or 1), len(methods)
@@ -398,8 +406,7 @@ def _search_method(args: tuple) -> Candidate | None:
     method, cfg, config, device, seq_len, model, max_micro_batch, num_gpus = args
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     strategies = STRATEGIES if num_gpus > 1 else ("none",)
-    base_method = "lora" if method in QUANT_OF else method
-    if num_gpus > 1 and not trains_sharded(base_method, QUANT_OF.get(method, "none")):
+    if num_gpus > 1 and not trains_sharded(base_of(method), quant_of().get(method, "none")):
         return None  # trains on one device only (train/dist.py: check)
     best: Candidate | None = None
     queue = [
@@ -446,7 +453,7 @@ def recommend(cands: list[Candidate]) -> tuple[Candidate | None, str]:
     fitting = [c for c in cands if c.fits]
     if not fitting:
         return None, "nothing fits this device at this sequence length"
-    choice = min(fitting, key=lambda c: (QUALITY.index(method_label(c.cfg)), _rank(c)))
+    choice = min(fitting, key=lambda c: (quality_rank(method_label(c.cfg)), _rank(c)))
     reasons = [
         f"{method_label(choice.cfg)} ranks highest in quality among the methods that fit "
         "(held-out exact match, benchmarks/results/methods-2026-11-25.md)",

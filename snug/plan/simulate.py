@@ -37,11 +37,11 @@ from snug.plan.allocator import run_reserved
 from snug.plan.distributed import fake_group, shard
 from snug.plan.trace import LayerTags, deepen, survivors
 from snug.plan.tracker import CATEGORIES, DEVICE_QUERY, ModuleNames, PlanTracker
-from snug.train.loop import prepare_for_training, step_options
-from snug.train.loss import causal_lm
 from snug.train.memory import local, model_tensors
 from snug.train.optim import build_optimizer
+from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
+from snug.train.wrapped import causal_lm
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes.
 CUDA_ROUNDING = 512

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
 
 from snug.train.memory import TensorMemoryTracker, local
 
@@ -66,8 +66,19 @@ DEVICE_QUERY = torch.ops.prim.device.default
 
 
 # Ops that read and write no tensor data: views, and memory handed out uninitialised.
-NO_DATA = {"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-           "lift_fresh", "_local_scalar_dense", "set_", "resize_", "_reshape_alias"}
+NO_DATA = {
+    "_unsafe_view",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "lift_fresh",
+    "_local_scalar_dense",
+    "set_",
+    "resize_",
+    "_reshape_alias",
+}
 
 
 def moves_data(func) -> bool:

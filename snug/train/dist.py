@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from snug.config import DIST_METHODS, Config, ConfigError
+from snug.config import Config, ConfigError, registered_methods
 from snug.errors import AlreadySaid, exit_code
 from snug.train.resume import EXIT_STOPPED
+from snug.train.wrapped import causal_lm, unwrap  # noqa: F401  (callers: dist.unwrap)
 
 T = TypeVar("T")
 # What `snug train` passes on to torchrun for several nodes (the usual rendezvous arguments).
@@ -144,7 +145,7 @@ def _signal(pid: int, signum: int) -> None:
 
 def trains_sharded(method: str, quant: str) -> bool:
     """Whether `check` lets this method on this base train under ddp and fsdp."""
-    return method in DIST_METHODS and quant != "8bit"
+    return registered_methods()[method].shardable and quant != "8bit"
 
 
 def setup(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
@@ -214,17 +215,8 @@ def shard_fsdp(model: nn.Module, cfg: Config, precision: str, mesh=None) -> nn.M
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    from snug.train.loss import causal_lm
-
     layers = causal_lm(model).get_decoder().layers
     return list(layers)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model under a DDP wrapper (FSDP2 wraps in place: the model is itself)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def share(rows: list, ctx: Dist) -> list:

@@ -24,10 +24,9 @@ from snug.data.packing import micro_batches, pack
 from snug.data.templates import resolve_template
 from snug.errors import RunError
 from snug.files import aside, replace_dir, write_text_atomic
-from snug.methods import apply_method, count_params, get_method
+from snug.methods import count_params, get_method
 from snug.models.fingerprint import base_record, write_base_record
 from snug.models.load import (
-    compute_dtype,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -35,13 +34,13 @@ from snug.models.load import (
 )
 from snug.progress import Phase
 from snug.train import dist
-from snug.train.activations import enable_checkpointing
 from snug.train.checkpoint import load_checkpoint, read_train_state, save_checkpoint
 from snug.train.evaluate import accuracy, eval_loss, exact_match
 from snug.train.memory import StepPeaks, model_tensors, optimizer_tensors
 from snug.train.metrics import MetricsLog, NoMetrics
 from snug.train.optim import build_optimizer, build_scheduler
 from snug.train.outputs import check_output_dir, commit, newest_checkpoint
+from snug.train.prepare import prepare_for_training, step_options
 from snug.train.resume import (
     ResumeError,
     Signals,
@@ -81,29 +80,6 @@ class Schedule:
         micro = micro_batches(len(self.rows), self.micro_batch, g, self.row_tokens)
         micro = [[self.rows[r] for r in mb] for mb in micro]
         return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
-
-
-def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptions:
-    mixed = precision.endswith("-mixed")
-    return StepOptions(
-        device_type=device.type,
-        autocast_dtype=compute_dtype(precision) if mixed else None,
-        max_grad_norm=cfg.train.max_grad_norm,
-        chunked_loss=cfg.memory.chunked_loss,
-        offload_activations=cfg.memory.offload_activations,
-        classify=cfg.train.stage == "cls",
-    )
-
-
-def prepare_for_training(model: torch.nn.Module, cfg: Config, precision: str) -> torch.nn.Module:
-    """The loaded base -> the model that trains: the method, then checkpointing (and offload).
-    `snug plan` prepares its meta-device model with this same function."""
-    trainable = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    model = apply_method(model, cfg.method, trainable_dtype=trainable)
-    if cfg.memory.grad_checkpointing:
-        enable_checkpointing(model, offload=cfg.memory.offload_activations)
-    model.train()
-    return model
 
 
 def _peak_rss_bytes() -> int:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from snug.data.tokenize import IGNORE
+from snug.train.wrapped import causal_lm
 
 CHUNK_POSITIONS = 1024  # rows of logits per chunk: 1024 x 152k vocab x 4 B = 0.6 GB in fp32
 
@@ -34,14 +34,6 @@ def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tor
         input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
     ).logits  # (B, n)
     return F.cross_entropy(logits.float(), batch["labels"], ignore_index=IGNORE, reduction="sum")
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal LM inside a DDP wrapper and/or a peft model."""
-    from snug.train.dist import unwrap
-
-    model = unwrap(model)
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,204 @@
+"""What snug knows about each fine-tuning method, in one place: the `Method` record a method
+module registers (`register(Method(...))`, one line), and the method config section.
+
+`METHODS` is the one source of method facts: config validation (the method.name choices,
+packing, dist), the planner (which methods a search tries and their quality order), merge
+(peft's name for it, mergeable or why not), `snug chat` (which adapters can share one peft
+model) and the tests read it; no list of method names is kept elsewhere. snug's own methods
+register when `snug.methods` is imported (snug.config imports it to check a config); a method
+of your own registers when your module is imported (docs/extending.md).
+
+Light on purpose: no torch, nothing of snug's but the field helpers and errors, so that
+snug.config and the method modules can import it without a cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from snug.errors import UserError
+from snug.fields import AT_LEAST_1, NON_NEGATIVE, POSITIVE
+from snug.fields import setting as _f
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def save_pretrained(model: nn.Module, path: Path) -> None:
+    """peft adapters (adapter_config.json + adapter_model.safetensors) or a whole HF model."""
+    model.save_pretrained(str(path))
+
+
+def load_peft(base: nn.Module, path: Path) -> nn.Module:
+    """base + a saved peft adapter: the one place a peft adapter is loaded (safetensors only)."""
+    from peft import PeftModel
+
+    if not (Path(path) / "adapter_model.safetensors").is_file():
+        # peft would fall back to adapter_model.bin, a pickle: snug loads safetensors only
+        raise ValueError(f"{path}: no adapter_model.safetensors (snug loads safetensors only).")
+    return PeftModel.from_pretrained(base, str(path))
+
+
+def peft_task(model: nn.Module) -> str:
+    """peft's task type for the model: classifiers get their head trained and saved too."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    apply: Callable[[nn.Module, Any], nn.Module]  # (base model, MethodConfig) -> model to train
+    output: Literal["adapter", "model"]  # written to output.dir/adapter/ or output.dir/model/
+    mergeable: bool
+    save: Callable[[nn.Module, Path], None] = save_pretrained
+    load: Callable[[nn.Module, Path], nn.Module] = load_peft  # base + saved adapter -> model
+    # Called by the loop before optimizer step `step` (0-based), for methods whose trainable
+    # set changes during training (freeze with progressive unfreezing).
+    before_step: Callable[[nn.Module, Any, int], None] | None = None
+    # Why `snug merge` cannot fold this method into the base (shown to the user); "" if it can.
+    unmergeable_because: str = ""
+    # The peft_type its adapter_config.json names (None: not saved by peft), and the key of
+    # that file that tells it from another method of the same peft_type (dora: use_dora).
+    peft_type: str | None = None
+    peft_flag: str | None = None
+    # peft's tuner: adapters of the same tuner can share one PeftModel in `snug chat`.
+    tuner: str | None = None
+    # Adds virtual tokens or prefixes (one set per row): it cannot pack samples.
+    virtual_tokens: bool = False
+    # Trained and tested under dist.strategy ddp and fsdp.
+    shardable: bool = False
+    # Why it cannot train under gradient checkpointing ("" if it can).
+    no_checkpointing_because: str = ""
+    # The planner: its rank when the search recommends among fitting candidates (lower is
+    # better; from benchmarks/results/methods-2026-11-25.md), whether a search without
+    # --method tries it, and the quantized bases it is also tried on: (search label,
+    # model.quant, rank).
+    quality: int = 100
+    searched: bool = True
+    quantized: tuple[tuple[str, str, int], ...] = ()
+    # Keys of its own in the `method:` section: a dataclass whose fields are declared with
+    # snug.fields.setting (default, doc, check); validated and documented with the others,
+    # read in `apply` as `cfg.own` (None: no keys of its own).
+    settings: type | None = None
+
+    def own(self, cfg: MethodConfig) -> Any:
+        """This method's own settings in `cfg` (their defaults when the config has none)."""
+        return cfg.own if cfg.own is not None else self.settings()
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> None:
+    METHODS[method.name] = method
+
+
+_loaded: set[str] = set()
+
+
+class PluginError(UserError):
+    """A plug-in named by $SNUG_PLUGINS or an entry point cannot be imported (names it)."""
+
+
+def load_plugins() -> None:
+    """Import the plug-ins, once each: the modules $SNUG_PLUGINS names (comma-separated module
+    names, or paths of .py files), then those installed packages declare under the entry-point
+    group `snug.plugins`. Importing one runs its `register(...)` lines (docs/extending.md)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    from importlib.metadata import entry_points
+
+    wanted = [p.strip() for p in os.environ.get("SNUG_PLUGINS", "").split(",") if p.strip()]
+    wanted += [f"entry point {ep.name}={ep.value}" for ep in entry_points(group="snug.plugins")]
+    for plugin in wanted:
+        if plugin in _loaded:
+            continue
+        _loaded.add(plugin)
+        try:
+            if plugin.startswith("entry point "):
+                name = plugin.split("=", 1)[1]
+                importlib.import_module(name.split(":")[0])
+            elif plugin.endswith(".py"):
+                path = Path(plugin).expanduser().resolve()
+                spec = importlib.util.spec_from_file_location(f"snug_plugin_{path.stem}", path)
+                if spec is None or not path.is_file():
+                    raise FileNotFoundError(f"no file {path}")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(plugin)
+        except Exception as e:  # anything a plug-in raises on import: say which one
+            _loaded.discard(plugin)
+            raise PluginError(
+                f"snug plug-in {plugin!r} (from $SNUG_PLUGINS or an installed entry point) "
+                f"failed to import: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            ) from None
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(
+            f"method.name={name} is not available yet; choose one of {', '.join(sorted(METHODS))}."
+        )
+    return METHODS[name]
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its settings."""
+
+    name: str = _f(
+        "lora",
+        "Fine-tuning method (each one a module of snug/methods/).",
+        choices=lambda: tuple(METHODS),
+    )
+    r: int = _f(8, "LoRA/DoRA rank.", AT_LEAST_1)
+    alpha: float = _f(
+        16, "LoRA/DoRA scaling numerator: the update is scaled by alpha / r.", POSITIVE
+    )
+    dropout: float = _f(0.0, "Dropout on the LoRA/DoRA input.", (lambda v: 0 <= v < 1, "in [0, 1)"))
+    targets: str | list[str] = _f(
+        "all-linear", "Modules that get adapters: all-linear, or a list of module names."
+    )
+    rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead.")
+    lora_plus_ratio: float | None = _f(
+        None, "LoRA+: the B matrices learn this many times faster than A (e.g. 16).", POSITIVE
+    )
+    trainable_layers: int = _f(
+        2,
+        "freeze: the last N decoder layers train (0 with train.stage=cls: the head only); "
+        "llama_adapter: adapted top layers.",
+        NON_NEGATIVE,
+    )
+    cls_head: Literal["linear", "mlp"] = _f(
+        "linear",
+        "train.stage=cls: the new classification head: linear, or mlp (a new fully connected "
+        "layer and GELU before it).",
+    )
+    trainable_modules: list[str] | None = _f(
+        None, "freeze: train the modules whose names match these glob patterns instead."
+    )
+    unfreeze_every: int | None = _f(
+        None,
+        "freeze: progressive unfreezing: start with the top layer and add the next one down every "
+        "N steps, up to trainable_layers.",
+        AT_LEAST_1,
+    )
+    extra_modules: list[str] = _f(
+        [],
+        "freeze: also train modules whose names contain these (e.g. embed_tokens, lm_head, norm).",
+    )
+    num_virtual_tokens: int = _f(
+        20, "prefix, prompt, ptuning, llama_adapter: virtual tokens.", AT_LEAST_1
+    )
+    bottleneck: int = _f(
+        64, "adapter: bottleneck width; ptuning: width of the prompt encoder.", AT_LEAST_1
+    )
+    # The chosen method's own keys (Method.settings), set when a config is built.
+    own: Any = field(default=None, repr=False, metadata={"internal": True})
