@@ -263,10 +263,7 @@ def main() -> None:
             tracked_errors.append(tracked_error)
             independent_errors.append(independent_error)
             sim = real["plan"]
-            step = {
-                kind: model.of(sim)
-                for kind, model in (("typical", typical), ("plan", timing))
-            }
+            step = {kind: model.of(sim) for kind, model in (("typical", typical), ("plan", timing))}
             for kind, seconds in step.items():
                 step_errors[kind].append((seconds - real["step_seconds"]) / real["step_seconds"])
             line = (

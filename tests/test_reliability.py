@@ -225,8 +225,13 @@ def test_sigterm_or_one_ctrl_c_saves_and_stops_then_resumes(signal_name, tmp_pat
     assert "--fresh" not in said
     assert "step-3" in [p.name for p in complete_checkpoints(out / "checkpoints")]
     assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == 3
+    assert status["last_checkpoint"] == str(out / "checkpoints/step-3")
     resumed = snug_train_here(cfg)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == status["total_steps"]
     assert_same_run(out, reference)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -90,6 +91,14 @@ def test_train_writes_every_output(tmp_path):
     assert (out / "checkpoints/step-4" / COMPLETE).exists()
     assert (out / "adapter/adapter_model.safetensors").exists()
     assert (out / "adapter/tokenizer_config.json").exists()
+    # status.json: where the run stands, for a watcher (snug/train/status.py)
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == status["total_steps"] == 4
+    assert status["pid"] == os.getpid() and status["error"] is None
+    assert status["eta_seconds"] == 0 and status["loss"] == summary["train_loss_last"]
+    assert status["peak_memory_bytes"] == peak["measured_bytes"]
+    assert status["last_checkpoint"] == str(out / "checkpoints/step-4")
+    assert status["tokens_per_second"] == summary["tokens_per_second"]
     PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny"), out / "adapter"
     )
@@ -251,6 +260,9 @@ def test_a_run_that_cannot_start_writes_nothing_and_a_failed_one_says_why(
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "RuntimeError: the step broke"
     assert summary["steps"] == 1
+    status = json.loads((tmp_path / "run/status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == "RuntimeError: the step broke"
+    assert status["step"] == 1 and status["eta_seconds"] is None
     monkeypatch.undo()
     good = tiny_run(
         tmp_path, tiny_llama, train={"max_steps": 2, "eval_generate": 0, "eval_every": 1}

@@ -48,6 +48,7 @@ from snug.train.resume import (
     config_drift,
     data_hash,
 )
+from snug.train.status import RunStatus
 from snug.train.step import StepOptions, train_step
 
 
@@ -121,6 +122,7 @@ def run_training(
     resume_path = None if fresh else newest_checkpoint(out / "checkpoints")
     summary: dict = {"status": "failed", "steps": 0}
     metrics: MetricsLog | None = None
+    status: RunStatus | None = None  # output.dir/status.json, once the run owns output.dir
     committed = False
     try:
         run = dist.agree(
@@ -131,7 +133,7 @@ def run_training(
 
         def take_over() -> None:
             """After the first optimizer step (every rank): output.dir is now this run's."""
-            nonlocal committed, metrics
+            nonlocal committed, metrics, status
             if ctx.main:
                 commit(run.cfg, resuming=resume_path is not None)
             dist.barrier()
@@ -140,6 +142,10 @@ def run_training(
                 run.last_checkpoint = out / "checkpoints" / resume_path.name.removeprefix(".old-")
             metrics = MetricsLog(out, keep_until) if ctx.main else NoMetrics()
             run.metrics = metrics
+            if ctx.main:
+                predicted = summary.get("auto_fit", {}).get("predicted_peak_bytes")
+                run.status = status = RunStatus(out, run.total_steps, predicted)
+                run.status.update(force=True, last_checkpoint=_text(run.last_checkpoint))
 
         run.take_over = take_over
         run.resume_command = resume_command
@@ -164,6 +170,14 @@ def run_training(
         raise
     finally:
         summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+        if status is not None:
+            peak = (summary.get("peak_memory") or {}).get("measured_bytes")
+            status.end(
+                summary["status"],
+                summary.get("error", "").splitlines()[0] if summary.get("error") else None,
+                peak_memory_bytes=peak if peak is not None else status.fields["peak_memory_bytes"],
+                last_checkpoint=_text(run.last_checkpoint),
+            )
         if ctx.main and committed:
             write_text_atomic(
                 out / "summary.json",
@@ -175,6 +189,10 @@ def run_training(
                 metrics.plot(out / "loss.png")
         dist.teardown()
     return summary
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _prepare(
@@ -406,6 +424,7 @@ class Run:
         self.out, self.summary, self.console = out, summary, console
         self.identity = identity  # config, adopted config, data hash, eval before: checkpointed
         self.metrics: MetricsLog | NoMetrics = NoMetrics()  # set once the run owns output.dir
+        self.status: RunStatus | None = None  # likewise, on the main rank
         self.evaluate = None  # when there is eval data: when ("before"/"after") -> metrics
         self.resume_command = "the same command"  # what a stopped run tells the user to run
         # Called once the first optimizer step is done: until then output.dir is untouched.
@@ -435,6 +454,8 @@ class Run:
             self.scaler,
             self.ctx,
         )
+        if self.status is not None:
+            self.status.update(force=True, last_checkpoint=str(self.last_checkpoint))
         return self.last_checkpoint
 
     def restore(self, path: Path) -> None:
@@ -519,6 +540,15 @@ class Run:
         )
         if pos.oom_changes:
             self.summary["oom_changes"] = pos.oom_changes
+        if self.status is not None:
+            self.status.update(
+                step=pos.step,
+                epoch=round(pos.step / self.schedule.steps_per_epoch, 3),
+                loss=loss if math.isfinite(loss) else None,
+                tokens_per_second=round(speed, 1),
+                peak_memory_bytes=self._peak_so_far(),
+                force=pos.step == self.total_steps,
+            )
         info = f"loss {loss:.4f} lr {self.scheduler.get_last_lr()[0]:.2e} {speed:,.0f} tok/s"
         if pos.step % t.log_every == 0 or pos.step == self.total_steps:
             grad_norm = None if result.grad_norm is None else result.grad_norm.item()
@@ -535,6 +565,11 @@ class Run:
             if not self.console.is_terminal:
                 self.console.print(f"step {pos.step}/{self.total_steps} {info}")
         return info
+
+    def _peak_so_far(self) -> int | None:
+        if self.peaks is not None:
+            return self.peaks.peak or None
+        return torch.cuda.max_memory_allocated(self.device)
 
     def _step_fitting(self, window):
         """THE step on `window`; on running out of memory, the same rows again in micro-batches
