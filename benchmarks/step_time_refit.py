@@ -23,9 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
+    from reserved_check import overrides
+
     from snug.config import load_config
     from snug.plan.calibrate import _config, fit_rates
     from snug.plan.calibration import fit_step_time
@@ -59,17 +62,7 @@ def main() -> None:
     for row in csv.DictReader(Path(f"{prefix}.csv").open()):
         if not row["measured_step_s"]:
             continue
-        keys = [
-            f"model.name_or_path={row['model']}",
-            f"model.quant={row['quant']}",
-            f"method.name={row['method']}",
-            f"memory.grad_checkpointing={row['checkpointing'].lower()}",
-            f"train.precision={row['precision']}",
-            "train.stage=pt",
-            f"data.cutoff_len={row['tokens']}",
-            f"train.micro_batch={row['micro_batch']}",
-            "train.grad_accum=1",
-        ] + (["model.dtype=bfloat16"] if row["precision"] == "bf16-true" else [])
+        keys = overrides(row)  # the config reality.py trained
         sim = simulate(
             load_config(None, keys),
             model_config(row["model"]),

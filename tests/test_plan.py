@@ -539,7 +539,7 @@ def test_every_registered_method_can_be_recommended():
     cand = plan_one(cfg, model_config(str(ROOT / "models/tiny")), cpu_device(), 32)
     choice, why = recommend([cand])
     assert choice is cand and "ptuning ranks highest" in why
-    ranks = [quality_rank(m) for m in (*REGISTRY, *searched_methods())]
+    ranks = [quality_rank(m) for m in {*REGISTRY, *searched_methods()}]
     assert len(set(ranks)) == len(ranks)  # one order, no ties between methods
 
 

@@ -8,9 +8,7 @@ and adds any new ones. `apply_method` is the single entry point for `snug train`
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 # The registry (snug/registry.py), re-exported for callers.
 from snug.registry import METHODS as REGISTRY
@@ -23,6 +21,10 @@ from snug.registry import (
     register,
     save_pretrained,
 )
+
+if TYPE_CHECKING:  # torch is imported when a method is applied, not when a config is checked
+    import torch
+    from torch import nn
 
 __all__ = [
     "REGISTRY",
@@ -40,11 +42,14 @@ __all__ = [
 
 
 def apply_method(
-    model: nn.Module, cfg: MethodConfig, trainable_dtype: torch.dtype = torch.float32
+    model: nn.Module, cfg: MethodConfig, trainable_dtype: torch.dtype | None = None
 ) -> nn.Module:
     """Apply the method, then keep every trainable weight in `trainable_dtype`: fp32 master
     weights under fp32 and mixed precision, bf16 under bf16-true (peft creates adapters in
-    fp32 even on a bf16 base, so a cast is needed either way)."""
+    fp32 even on a bf16 base, so a cast is needed either way). Default: fp32."""
+    import torch
+
+    trainable_dtype = trainable_dtype or torch.float32
     classifier = peft_task(model) == "SEQ_CLS"
     model = get_method(cfg.name).apply(model, cfg)
     if classifier and get_method(cfg.name).peft_type is None:

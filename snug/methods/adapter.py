@@ -6,28 +6,38 @@ the base model. Written here because peft has no such method; saved in snug's ow
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from typing import TYPE_CHECKING
 
 from snug.registry import Method, MethodConfig, register
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 CONFIG_FILE, WEIGHTS_FILE = "snug_adapter.json", "snug_adapter.safetensors"
 
 
-class Bottleneck(nn.Module):
-    def __init__(self, hidden: int, width: int) -> None:
-        super().__init__()
-        self.down = nn.Linear(hidden, width)
-        self.act = nn.GELU()
-        self.up = nn.Linear(width, hidden)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+@cache
+def _bottleneck() -> type:
+    """The adapter block's class, made on first use (torch is imported then, not when snug
+    checks a config)."""
+    from torch import nn
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        return h + self.up(self.act(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
+    class Bottleneck(nn.Module):
+        def __init__(self, hidden: int, width: int) -> None:
+            super().__init__()
+            self.down = nn.Linear(hidden, width)
+            self.act = nn.GELU()
+            self.up = nn.Linear(width, hidden)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+            return h + self.up(self.act(self.down(h.to(self.down.weight.dtype)))).to(h.dtype)
+
+    return Bottleneck
 
 
 def _after_attention(layer: nn.Module, args, output):
@@ -48,8 +58,8 @@ def _add_adapters(model: nn.Module, width: int) -> nn.Module:
     hidden = model.config.hidden_size
     device = model.get_input_embeddings().weight.device
     for layer in model.get_decoder().layers:
-        layer.attn_adapter = Bottleneck(hidden, width).to(device)
-        layer.mlp_adapter = Bottleneck(hidden, width).to(device)
+        layer.attn_adapter = _bottleneck()(hidden, width).to(device)
+        layer.mlp_adapter = _bottleneck()(hidden, width).to(device)
         # The hooks are registered on the sublayers and call the adapters kept on `layer`.
         layer.self_attn.register_forward_hook(
             lambda m, a, o, layer=layer: _after_attention(layer, a, o)
@@ -64,6 +74,8 @@ def _add_adapters(model: nn.Module, width: int) -> nn.Module:
 
 
 def save_adapter(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     # Every trainable weight: the adapters, and a classifier's new head.
     weights = {
@@ -74,6 +86,8 @@ def save_adapter(model: nn.Module, path: Path) -> None:
 
 
 def load_adapter(base: nn.Module, path: Path) -> nn.Module:
+    from safetensors.torch import load_file
+
     config = json.loads((Path(path) / CONFIG_FILE).read_text())
     model = _add_adapters(base, config["bottleneck"])
     weights = load_file(Path(path) / WEIGHTS_FILE)

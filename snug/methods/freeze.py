@@ -4,10 +4,12 @@ no such method, and it is a few lines over module names."""
 from __future__ import annotations
 
 from fnmatch import fnmatch
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from snug.registry import Method, MethodConfig, register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def apply_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from snug.registry import Method, MethodConfig, register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def apply_full(model: nn.Module, cfg: MethodConfig) -> nn.Module:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from peft import IA3Config, get_peft_model
-from torch import nn
+from typing import TYPE_CHECKING
 
 from snug.registry import Method, MethodConfig, peft_task, register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FEEDFORWARD = ("down_proj", "fc2", "w2", "c_proj")  # modules whose *input* IA3 rescales
 
 
 def apply_ia3(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    from peft import IA3Config, get_peft_model  # imported when used: a config check needs no torch
+
     # all-linear: peft's per-architecture defaults (k_proj, v_proj, down_proj for llama).
     targets = None if cfg.targets == "all-linear" else cfg.targets
     feedforward = None if targets is None else [t for t in targets if t in FEEDFORWARD]

@@ -3,13 +3,20 @@ attention. peft supports it for llama- and mistral-style attention."""
 
 from __future__ import annotations
 
-from peft import AdaptionPromptConfig, get_peft_model
-from torch import nn
+from typing import TYPE_CHECKING
 
 from snug.registry import Method, MethodConfig, register
 
+if TYPE_CHECKING:
+    from torch import nn
+
 
 def apply_llama_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    from peft import (  # imported when used: a config check needs no torch
+        AdaptionPromptConfig,
+        get_peft_model,
+    )
+
     layers = len(model.get_decoder().layers)
     config = AdaptionPromptConfig(
         adapter_len=cfg.num_virtual_tokens,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from peft import LoraConfig, get_peft_model
-from torch import nn
+from typing import TYPE_CHECKING
 
 from snug.registry import Method, MethodConfig, peft_task, register
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from torch import nn
+
 
 def _lora_config(model: nn.Module, cfg: MethodConfig, use_dora: bool) -> LoraConfig:
+    from peft import LoraConfig  # imported when used: a config check needs no torch
+
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -21,10 +26,14 @@ def _lora_config(model: nn.Module, cfg: MethodConfig, use_dora: bool) -> LoraCon
 
 
 def apply_lora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    from peft import get_peft_model  # imported when used: a config check needs no torch
+
     return get_peft_model(model, _lora_config(model, cfg, use_dora=False))
 
 
 def apply_dora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    from peft import get_peft_model  # imported when used: a config check needs no torch
+
     return get_peft_model(model, _lora_config(model, cfg, use_dora=True))
 
 

@@ -3,13 +3,20 @@ prompt tuning (learned input embeddings), P-tuning (prompt embeddings from a sma
 
 from __future__ import annotations
 
-from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
-from torch import nn
+from typing import TYPE_CHECKING
 
 from snug.registry import Method, MethodConfig, peft_task, register
 
+if TYPE_CHECKING:
+    from torch import nn
+
 
 def apply_prefix(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    from peft import (  # imported when used: a config check needs no torch
+        PrefixTuningConfig,
+        get_peft_model,
+    )
+
     config = PrefixTuningConfig(
         num_virtual_tokens=cfg.num_virtual_tokens, task_type=peft_task(model)
     )
@@ -17,6 +24,11 @@ def apply_prefix(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
 
 def apply_prompt(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    from peft import (  # imported when used: a config check needs no torch
+        PromptTuningConfig,
+        get_peft_model,
+    )
+
     config = PromptTuningConfig(
         num_virtual_tokens=cfg.num_virtual_tokens, task_type=peft_task(model)
     )
@@ -24,6 +36,11 @@ def apply_prompt(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
 
 def apply_ptuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    from peft import (  # imported when used: a config check needs no torch
+        PromptEncoderConfig,
+        get_peft_model,
+    )
+
     config = PromptEncoderConfig(
         num_virtual_tokens=cfg.num_virtual_tokens,
         task_type=peft_task(model),
