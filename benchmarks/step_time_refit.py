@@ -84,6 +84,10 @@ def main() -> None:
     bandwidth = cal["bandwidth_gbs"] * 1e9
     a2, b2 = fit_step_time([(s["flops"], s["ops"], s["seconds"]) for s in series])
     a3, b3 = fit_rates(series, cal["matmul_flops"], cal["bandwidth_gbs"])
+    free, _ = fit_step_time(
+        [(s["flops"], s["ops"], s["seconds"], s["traffic"] / bandwidth) for s in series]
+    )
+    print(f"a free fit with traffic asks for {1 / free / 1e12:,.0f} TFLOP/s" if free > 0 else "")
     models = {
         "flops + ops": lambda c: a2 * c["flops"] + b2 * c["ops"],
         "flops + ops + traffic": lambda c: (
