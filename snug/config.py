@@ -21,11 +21,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from snug import paths
-from snug.errors import UserError
+from snug.errors import ConfigError
 from snug.fields import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from snug.fields import setting as _f
 from snug.files import write_text_atomic
-from snug.registry import METHODS, Method, MethodConfig, load_plugins
+from snug.registry import METHODS, STAGES, Method, MethodConfig, load_plugins
 from snug.yamlfile import read_mapping
 
 
@@ -38,8 +38,12 @@ def registered_methods() -> dict[str, Method]:
     return METHODS
 
 
-class ConfigError(UserError):
-    """A config problem, worded as one sentence that names the file, line and key."""
+def registered_stages() -> dict:
+    """snug.registry.STAGES with snug's own stages (snug/stages/) and the plug-ins' registered."""
+    import snug.stages  # noqa: F401  (each of its modules registers itself)
+
+    load_plugins()
+    return STAGES
 
 
 @dataclass
@@ -117,10 +121,12 @@ class DataConfig:
 class TrainConfig:
     """The training loop."""
 
-    stage: Literal["sft", "pt", "cls"] = _f(
+    stage: str = _f(
         "sft",
-        "sft: supervised fine-tuning on chat data; pt: language modelling on text; cls: sequence "
-        "classification (labels from data.label_column).",
+        "What is learnt (each one a module of snug/stages/): sft: supervised fine-tuning on chat "
+        "data; pt: language modelling on text; cls: sequence classification (labels from "
+        "data.label_column).",
+        choices=lambda: tuple(STAGES),
     )
     epochs: float = _f(3, "Passes over the training data.", POSITIVE)
     max_steps: int | None = _f(
@@ -165,6 +171,8 @@ class TrainConfig:
     )
     max_new_tokens: int = _f(64, "Longest generated answer when scoring by generation.", AT_LEAST_1)
     log_every: int = _f(10, "Log metrics every N optimizer steps.", AT_LEAST_1)
+    # The chosen stage's own keys (Stage.settings), set when a config is built.
+    own: Any = field(default=None, repr=False, metadata={"internal": True})
 
 
 @dataclass
@@ -431,24 +439,37 @@ def _user_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
 
-def _build_method(values: dict[str, Any], origins: Origins) -> MethodConfig:
-    """The method section: the keys every method shares, and the chosen method's own
-    (Method.settings), each checked against its declaration."""
-    base = _build_section(MethodConfig, {"name": values.get("name", "lora")}, "method", origins)
-    settings = registered_methods()[base.name].settings
-    own_names = list(_user_fields(settings)) if settings else []
+# Keys that moved to another section: the error for the old place names the new one.
+MOVED = {"method.cls_head": "train.cls_head"}  # (and how resume reads old checkpoints)
+
+
+def _build_chosen(
+    cls: type, values: dict[str, Any], section: str, choice: str, settings: Any, origins: Origins
+) -> Any:
+    """A section whose key `choice` picks a registered method or stage: the keys every choice
+    shares, and the chosen one's own (`settings(name)`: its dataclass or None), each checked
+    against its declaration."""
+    default = _user_fields(cls)[choice].default
+    base = _build_section(cls, {choice: values.get(choice, default)}, section, origins)
+    own_cls = settings(getattr(base, choice))
+    own_names = list(_user_fields(own_cls)) if own_cls else []
     shared = {k: v for k, v in values.items() if k not in own_names}
     own = {k: v for k, v in values.items() if k in own_names}
-    unknown = [k for k in shared if k not in _user_fields(MethodConfig)]
-    if unknown:
-        key = unknown[0]
+    for key in shared:
+        if key in _user_fields(cls):
+            continue
+        where = origins.of(f"{section}.{key}")
+        if f"{section}.{key}" in MOVED:
+            raise ConfigError(
+                f"{where}: '{section}.{key}' has moved: set {MOVED[f'{section}.{key}']} instead."
+            )
         raise ConfigError(
-            f"{origins.of(f'method.{key}')}: unknown key 'method.{key}'"
-            + _nearest(key, [*_user_fields(MethodConfig), *own_names])
+            f"{where}: unknown key '{section}.{key}'"
+            + _nearest(key, [*_user_fields(cls), *own_names])
         )
-    cfg = _build_section(MethodConfig, shared, "method", origins)
-    if settings is not None:
-        cfg.own = _build_section(settings, own, "method", origins)
+    cfg = _build_section(cls, shared, section, origins)
+    if own_cls is not None:
+        cfg.own = _build_section(own_cls, own, section, origins)
     return cfg
 
 
@@ -516,21 +537,12 @@ def check_combinations(cfg: Config, source: str) -> None:
             f"{source}: data.val_size holds out part of train as eval data, but data.eval is "
             "given too; set one of them."
         )
-    if t.stage == "pt" and d.format not in ("auto", "text"):
-        raise ConfigError(f"{source}: train.stage=pt reads plain text; set data.format=text.")
-    if cfg.method.trainable_layers == 0 and not (cfg.method.name == "freeze" and t.stage == "cls"):
+    stage = registered_stages()[t.stage]
+    stage.check(cfg, source)
+    if cfg.method.trainable_layers == 0 and not (cfg.method.name == "freeze" and stage.classifier):
         raise ConfigError(
             f"{source}: method.trainable_layers=0 (head only) is for method.name=freeze "
             "with train.stage=cls."
-        )
-    if t.stage == "cls" and cfg.method.name in ("llama_adapter",):
-        raise ConfigError(
-            f"{source}: method.name=llama_adapter cannot classify (peft supports it "
-            "for causal LMs only)."
-        )
-    if t.stage == "sft" and d.format == "text":
-        raise ConfigError(
-            f"{source}: data.format=text is for train.stage=pt; sft needs conversations."
         )
     if cfg.method.lora_plus_ratio is not None and cfg.method.name not in ("lora", "dora"):
         raise ConfigError(
@@ -544,14 +556,17 @@ def check_combinations(cfg: Config, source: str) -> None:
             "(trainable_layers), not with trainable_modules or other methods."
         )
     virtual = registered_methods()[cfg.method.name].virtual_tokens
-    if d.packing and (cfg.train.stage == "cls" or virtual):
-        what = "train.stage=cls" if cfg.train.stage == "cls" else f"method.name={cfg.method.name}"
+    if d.packing and (stage.no_packing_because or virtual):
+        what = (
+            f"train.stage={t.stage}"
+            if stage.no_packing_because
+            else f"method.name={cfg.method.name}"
+        )
         raise ConfigError(
             f"{source}: data.packing=true does not work with {what}: "
             + (
-                "a classifier reads one pooled position per row"
-                if cfg.train.stage == "cls"
-                else "its virtual tokens would be shared by every sample of a packed row"
+                stage.no_packing_because
+                or "its virtual tokens would be shared by every sample of a packed row"
             )
             + "; set data.packing=false."
         )
@@ -614,6 +629,7 @@ def config_from_dict(
         raise ConfigError(f"{source}: the top level must be a mapping of sections.")
     sections = _section_types()
     registered_methods()  # snug's own methods registered: method.name's choices
+    registered_stages()  # likewise train.stage's
     built = {}
     for name, values in raw.items():
         if name not in sections:
@@ -626,7 +642,13 @@ def config_from_dict(
         if not isinstance(values, dict):
             raise ConfigError(f"{origins.of(name)}: section '{name}' must be a mapping of keys.")
         if name == "method":
-            built[name] = _build_method(values, origins)
+            built[name] = _build_chosen(
+                MethodConfig, values, name, "name", lambda n: METHODS[n].settings, origins
+            )
+        elif name == "train":
+            built[name] = _build_chosen(
+                TrainConfig, values, name, "stage", lambda n: STAGES[n].settings, origins
+            )
         else:
             built[name] = _build_section(sections[name], values, name, origins)
     cfg = Config(**built)
@@ -712,14 +734,14 @@ def reference_markdown() -> str:
     """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
     registered_methods()  # method.name's choices
     lines = []
+    chosen = {"method": registered_methods(), "train": registered_stages()}
     for name, cls in _section_types().items():
         lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", *_key_table(cls)]
-        if name == "method":  # each method's keys of its own
-            for method in registered_methods().values():
-                if method.settings is not None:
-                    title = f"#### `method` keys of `{method.name}` — "
-                    lines += [title + method.settings.__doc__.strip(), ""]
-                    lines += _key_table(method.settings)
+        for choice in chosen.get(name, {}).values():  # each method's and stage's own keys
+            if choice.settings is not None:
+                title = f"#### `{name}` keys of `{choice.name}` — "
+                lines += [title + choice.settings.__doc__.strip(), ""]
+                lines += _key_table(choice.settings)
     return "\n".join(lines)
 
 

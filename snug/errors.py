@@ -15,6 +15,11 @@ class UserError(ValueError):
     """Bad input, worded as one sentence that names the file, key or line and what to do."""
 
 
+class ConfigError(UserError):
+    """A config problem, worded as one sentence that names the file, line and key (raised by
+    snug.config, and by the stages' and methods' own checks)."""
+
+
 class RunError(RuntimeError):
     """A run that started stopped for a reason it states in one sentence (exit 1): a step that
     went NaN, memory that ran out at one row, a checkpoint that could not be written."""

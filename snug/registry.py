@@ -1,5 +1,6 @@
-"""What snug knows about each fine-tuning method, in one place: the `Method` record a method
-module registers (`register(Method(...))`, one line), and the method config section.
+"""What snug knows about each fine-tuning method and training stage, in one place: the `Method`
+record a method module registers (`register(Method(...))`, one line), the method config
+section, and the stages (`register_stage(...)`: snug/stages/).
 
 `METHODS` is the one source of method facts: config validation (the method.name choices,
 packing, dist), the planner (which methods a search tries and their quality order), merge
@@ -141,6 +142,30 @@ def load_plugins() -> None:
             ) from None
 
 
+STAGES: dict[str, Any] = {}  # name -> snug.stages.base.Stage
+
+
+def register_stage(stage: Any) -> None:
+    """Make a stage (an instance of a snug.stages.base.Stage subclass) known by its name."""
+    if not stage.name:
+        raise ValueError(f"{type(stage).__name__}: a stage needs a name.")
+    STAGES[stage.name] = stage
+
+
+def get_stage(name: str) -> Any:
+    """The registered stage of that name. snug's own (snug/stages/) are imported here on first
+    use, by name, like a plug-in: they import this module to register, so this light module
+    names them only as a string (snug.config imports them the plain way)."""
+    if name not in STAGES:
+        import importlib
+
+        importlib.import_module("snug.stages")
+        load_plugins()
+    if name not in STAGES:
+        raise ValueError(f"train.stage={name} is not available; choose one of {', '.join(STAGES)}.")
+    return STAGES[name]
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(
@@ -175,11 +200,6 @@ class MethodConfig:
         "freeze: the last N decoder layers train (0 with train.stage=cls: the head only); "
         "llama_adapter: adapted top layers.",
         NON_NEGATIVE,
-    )
-    cls_head: Literal["linear", "mlp"] = _f(
-        "linear",
-        "train.stage=cls: the new classification head: linear, or mlp (a new fully connected "
-        "layer and GELU before it).",
     )
     trainable_modules: list[str] | None = _f(
         None, "freeze: train the modules whose names match these glob patterns instead."

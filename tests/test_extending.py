@@ -1,7 +1,7 @@
-"""Proof of extension (issue 17): a method registered from a module outside snug/, through the
-public registration API and $SNUG_PLUGINS, with no snug file changed, works in config validation
-(with keys of its own), the generated config reference, `snug train`, `snug plan --search` and
-`snug merge` (refused, as it declares)."""
+"""Proof of extension (issue 17): a method and a stage registered from modules outside snug/,
+through the public registration API and $SNUG_PLUGINS, with no snug file changed, work in config
+validation (with keys of their own), the generated config reference, `snug train`, `snug plan
+--search` and `snug merge` (the method refused, the stage accepted, as each declares)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from snug.cli import main
 from snug.config import ConfigError, load_config, reference_markdown
 
 PLUGIN = Path(__file__).resolve().parent / "plugins" / "head_only.py"
+STAGE_PLUGIN = Path(__file__).resolve().parent / "plugins" / "completion.py"
 
 
 @pytest.fixture
@@ -94,3 +95,85 @@ def test_a_plugin_method_trains_plans_and_refuses_to_merge(head_only, tmp_path, 
     err = capsys.readouterr().err
     assert "method head_only cannot be merged: head_only already writes a whole model" in err
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.fixture
+def completion(monkeypatch):
+    """The stage plug-in, loaded as a user would, then forgotten."""
+    monkeypatch.setenv("SNUG_PLUGINS", str(STAGE_PLUGIN))
+    yield
+    registry.STAGES.pop("completion", None)
+    registry._loaded.discard(str(STAGE_PLUGIN))
+
+
+def test_a_plugin_stage_is_checked_with_its_own_keys(completion):
+    cfg = load_config(None, ["train.stage=completion", "train.separator=' => '"])
+    assert cfg.train.stage == "completion" and cfg.train.own.separator == " => "
+    assert cfg.to_dict()["train"]["separator"] == " => "  # saved flat, as written
+    with pytest.raises(ConfigError, match=r"train.min_completion_tokens is 0, but must be at"):
+        load_config(None, ["train.stage=completion", "train.min_completion_tokens=0"])
+    # its keys belong to it: another stage refuses them, naming the key
+    with pytest.raises(ConfigError, match=r"unknown key 'train.separator'"):
+        load_config(None, ["train.stage=sft", "train.separator=x"])
+    with pytest.raises(ConfigError, match=r"train.stage is 'completon', .*did you mean"):
+        load_config(None, ["train.stage=completon"])
+    reference = reference_markdown()
+    assert "| sft \\| pt \\| cls \\| completion |" in reference
+    assert "#### `train` keys of `completion`" in reference and "| `separator` | str |" in reference
+    assert "#### `train` keys of `cls`" in reference  # snug's own stages declare theirs alike
+
+
+def test_a_plugin_stage_trains_plans_and_merges(completion, tmp_path, capsys):
+    from conftest import ROOT
+
+    pairs = [
+        {"prompt": f"count from {i}", "completion": " ".join(str(i + k) for k in range(1, 4))}
+        for i in range(40)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = tmp_path / "run"
+    cfg = tmp_path / "completion.yaml"
+    raw = {
+        "model": {"name_or_path": str(ROOT / "models/tiny")},
+        "method": {"name": "lora", "r": 4},
+        "data": {"train": str(data), "val_size": 8, "cutoff_len": 48},
+        "train": {
+            "stage": "completion",
+            "separator": " -> ",
+            "max_steps": 4,
+            "micro_batch": 4,
+            "grad_accum": 1,
+            "log_every": 1,
+            "lr": 1e-3,
+        },
+        "output": {"dir": str(out), "plot_loss": False},
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(cfg)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["eval"]["metric"] == "loss"
+    assert summary["data"]["kept"] == 40
+    # the stage's own metric reaches metrics.jsonl (and TensorBoard) by its name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["token_accuracy"] for r in rows if "token_accuracy" in r]
+    assert len(shares) == 4 and all(0 <= v <= 1 for v in shares)
+    capsys.readouterr()
+
+    args = ["plan", str(cfg), "--search", "--method", "lora", "--device", "cpu"]
+    assert main([*args, "--seq-len", "32", "--max-micro-batch", "1", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["candidates"][plan["best"]]["fits"]
+    # the replay ran the stage's own loss: a plain head over every position, where sft's
+    # chunked loss runs the head again in backward (more FLOPs at this length)
+    flops = {}
+    for stage in ("completion", "sft"):
+        raw["train"] = {"stage": stage, "micro_batch": 4, "grad_accum": 1}
+        cfg.write_text(yaml.safe_dump(raw))
+        assert main(["plan", str(cfg), "--device", "cpu", "--seq-len", "32", "--json"]) == 0
+        flops[stage] = json.loads(capsys.readouterr().out)["candidates"][0]["flops_per_step"]
+    assert flops["completion"] < flops["sft"]
+
+    # a stage that makes a causal LM declares nothing against merging: merge takes it
+    assert main(["merge", "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()

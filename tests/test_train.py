@@ -357,7 +357,7 @@ def test_qlora_trains_on_cpu(quant, tmp_path):
     "strategy",
     [
         {"name": "freeze", "trainable_layers": 0},  # head only
-        {"name": "freeze", "trainable_layers": 0, "cls_head": "mlp"},  # head + a new FC layer
+        {"name": "freeze", "trainable_layers": 0, "train.cls_head": "mlp"},  # head + a new FC layer
         {"name": "freeze", "trainable_layers": 2},  # last N layers + head
         {"name": "lora", "r": 4},
         {"name": "adapter", "bottleneck": 16},
@@ -366,9 +366,10 @@ def test_qlora_trains_on_cpu(quant, tmp_path):
     ids=["head", "head-mlp", "last-2", "lora", "adapter", "prompt"],
 )
 def test_classification_strategies_learn(strategy, tmp_path):
+    own = {k.removeprefix("train."): v for k, v in strategy.items() if k.startswith("train.")}
     raw = {
         "model": {"name_or_path": str(ROOT / "models/tiny")},
-        "method": strategy,
+        "method": {k: v for k, v in strategy.items() if not k.startswith("train.")},
         "data": {
             "train": str(ROOT / "data/classify/train.jsonl"),
             "eval": str(ROOT / "data/classify/heldout.jsonl"),
@@ -382,12 +383,17 @@ def test_classification_strategies_learn(strategy, tmp_path):
             "grad_accum": 1,
             "lr": 3e-3,
             "log_every": 5,
+            **own,
         },
         "memory": {"grad_checkpointing": False},
         "output": {"dir": str(tmp_path / "run")},
     }
     summary = run_training(config_from_dict(raw))
     assert summary["status"] == "completed" and summary["eval"]["metric"] == "accuracy"
+    # the stage's own step metric reaches metrics.jsonl without the loop knowing its name
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["accuracy"] for r in rows if "accuracy" in r]
+    assert len(accuracy) == 5 and all(0 <= a <= 1 for a in accuracy)
     assert summary["eval"]["loss_after"] < summary["eval"]["loss_before"]
     assert summary["eval"]["after"] > 0.4  # three balanced classes: chance is 1/3
 

@@ -15,12 +15,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets import Dataset, Json, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
-from snug.config import DataConfig
 from snug.data.formats import FORMATS, DataError, detect_format
 from snug.data.locate import Locator, check_utf8, read_json
 from snug.data.templates import TemplateError, resolve_template
@@ -38,6 +38,11 @@ from snug.data.tokenize import (
     tokenize_records,
 )
 from snug.errors import first_line
+from snug.registry import get_stage
+
+# snug.config.DataConfig: not imported, since the stages (snug/stages/) that call this module
+# sit below snug.config, which registers them.
+DataConfig = Any
 
 BUILDERS = {
     ".json": "json",
@@ -227,14 +232,18 @@ def tokenize_source(
     spec: str,
     cfg: DataConfig,
     tok: PreTrainedTokenizerBase,
-    stage: str,
+    stage: Any,
     model_name: str,
     labels: list[str] | None = None,
     report: Callable[[str], None] | None = None,
+    train: Any = None,
 ) -> tuple[Dataset, Counter, list[str]]:
     """One source -> its usable samples, the count of each status, and the first problems of
-    the dropped ones (unreadable lines count as invalid). Under data.on_error=strict the first
-    problem stops the run here instead. `report` hears what is being done, with counts."""
+    the dropped ones (unreadable lines count as invalid), tokenized as the stage (a
+    snug.stages.base.Stage, or its name) says. Under data.on_error=strict the first problem
+    stops the run here instead. `report` hears what is being done, with counts. `train`: the
+    train section, whose stage keys the stage may read (None: their defaults)."""
+    stage = get_stage(stage) if isinstance(stage, str) else stage
     started = time.monotonic()
     src = load_raw(spec, cfg.split, cfg.on_error)
     raw = src.records
@@ -245,10 +254,9 @@ def tokenize_source(
         raise DataError(f"{spec}: holds no records{lost}.")
     if report is not None:
         report(f"tokenizing {spec}: {len(raw):,} records")
-    if stage == "cls":
-        ds, counts, problems = _tokenize_classes(raw, src.where, spec, cfg, tok, labels)
-    else:
-        ds, counts, problems = _tokenize_records(raw, src.where, spec, cfg, tok, stage, model_name)
+    ds, counts, problems = stage.tokenize(
+        Source(raw, src.where, spec, cfg, tok, model_name, labels, stage.own(train))
+    )
     counts[INVALID] += len(src.unreadable)
     if report is not None:
         dropped = counts[FULLY_MASKED] + counts[EMPTY] + counts[INVALID]
@@ -259,29 +267,46 @@ def tokenize_source(
     return ds, counts, src.unreadable + problems
 
 
-def _tokenize_records(
-    raw: Dataset,
-    where: Locator,
-    spec: str,
-    cfg: DataConfig,
-    tok: PreTrainedTokenizerBase,
-    stage: str,
-    model_name: str,
-) -> tuple[Dataset, Counter, list[str]]:
-    fmt = cfg.format if cfg.format != "auto" else detect_format(first_record(raw), where(0))
-    if stage == "pt" and fmt != "text":
+@dataclass
+class Source:
+    """One data source as a stage's `tokenize` sees it: the raw records and where each is
+    (file and line, for problems), and what the config says of it."""
+
+    raw: Dataset
+    where: Locator
+    spec: str  # as data.train / data.eval names it
+    data: DataConfig
+    tok: PreTrainedTokenizerBase
+    model_name: str
+    labels: list[str] | None  # the stage's classes, when it has any (Stage.labels)
+    own: Any = None  # the stage's own settings (train: keys), when it has any
+
+    def map(self, fn: Callable, key: tuple) -> tuple[Dataset, Counter, list[str]]:
+        """Tokenize the records with the batched function `fn(records, indices)`, which gives
+        each sample `input_ids`, `labels`, `prompt_len`, `status` and `problem`
+        (snug/data/tokenize.py: COLUMNS), through datasets' cache keyed by `key` (everything
+        that changes the tokens); keep the usable samples as data.on_error says."""
+        return map_cached(self.raw, fn, key, self.spec, self.data.on_error)
+
+
+def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, list[str]]:
+    """Records of a known format (data.format, or detected) that `stage` reads (its
+    `formats`): chat records through the chat template, plain text as it is."""
+    cfg, tok, spec = source.data, source.tok, source.spec
+    fmt = (
+        cfg.format
+        if cfg.format != "auto"
+        else detect_format(first_record(source.raw), source.where(0))
+    )
+    if fmt not in stage.formats:
         raise DataError(
-            f"{spec}: train.stage=pt needs plain text records ({{'text': ...}}), found {fmt}."
-        )
-    if stage == "sft" and fmt == "text":
-        raise DataError(
-            f"{spec}: train.stage=sft needs conversations; for plain text use train.stage=pt."
+            f"{spec}: train.stage={stage.name} needs {stage.needs} (found {fmt} records)."
         )
     assert fmt in FORMATS
     template = None
     if fmt != "text":  # not a problem of one record: stops the run whatever data.on_error says
         try:
-            template = resolve_template(tok, cfg.template, model_name)
+            template = resolve_template(tok, cfg.template, source.model_name)
         except TemplateError as e:
             raise TemplateError(f"{spec}: {fmt} records need a chat template, but {e}") from None
     fn = functools.partial(
@@ -291,13 +316,19 @@ def _tokenize_records(
         fmt=fmt,
         cutoff_len=cfg.cutoff_len,
         train_on_prompt=cfg.train_on_prompt,
-        where=where,
+        where=source.where,
     )
-    key = (fmt, _tokenizer_fingerprint(tok, template), cfg.cutoff_len, cfg.train_on_prompt, stage)
-    return _map_cached(raw, fn, key, spec, cfg.on_error)
+    key = (
+        fmt,
+        _tokenizer_fingerprint(tok, template),
+        cfg.cutoff_len,
+        cfg.train_on_prompt,
+        stage.name,
+    )
+    return source.map(fn, key)
 
 
-def _map_cached(
+def map_cached(
     raw: Dataset, fn, key: tuple, spec: str, on_error: str
 ) -> tuple[Dataset, Counter, list[str]]:
     """Tokenize `raw` with `fn` through datasets' map cache (keyed by the raw data, by `key`,
@@ -328,15 +359,11 @@ def _map_cached(
     return ds.remove_columns(["status", "problem"]), counts, problems
 
 
-def _tokenize_classes(
-    raw: Dataset,
-    where: Locator,
-    spec: str,
-    cfg: DataConfig,
-    tok: PreTrainedTokenizerBase,
-    labels: list[str],
-) -> tuple[Dataset, Counter, list[str]]:
-    columns = column_names(raw)
+def tokenize_classes_of(source: Source) -> tuple[Dataset, Counter, list[str]]:
+    """Records of a text and a class label (data.text_column, data.label_column): the cls
+    stage's samples, one class id as the label of each."""
+    cfg, spec, tok, labels = source.data, source.spec, source.tok, source.labels
+    columns = column_names(source.raw)
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in columns]
     if missing:
         raise DataError(
@@ -350,7 +377,7 @@ def _tokenize_classes(
         label_column=cfg.label_column,
         label_ids={name: i for i, name in enumerate(labels)},
         cutoff_len=cfg.cutoff_len,
-        where=where,
+        where=source.where,
     )
     key = (
         "cls",
@@ -360,7 +387,7 @@ def _tokenize_classes(
         cfg.label_column,
         cfg.cutoff_len,
     )
-    return _map_cached(raw, fn, key, spec, cfg.on_error)
+    return source.map(fn, key)
 
 
 def class_labels(cfg: DataConfig) -> list[str]:
@@ -384,20 +411,23 @@ def class_labels(cfg: DataConfig) -> list[str]:
 def build_datasets(
     cfg: DataConfig,
     tok: PreTrainedTokenizerBase,
-    stage: str,
+    stage: Any,
     seed: int,
     model_name: str,
     report: Callable[[str], None] | None = None,
+    train: Any = None,
 ) -> tuple[Dataset, Dataset | None, DataStats]:
     """(train, eval or None, stats). Several train sources are mixed (concatenated; the
     sampler shuffles); val_size holds out part of train when there is no eval data. `report`
-    hears each source's progress (snug train prints it)."""
+    hears each source's progress (snug train prints it). `stage`: a snug.stages.base.Stage or
+    its name (train.stage); `train`: the train section (the stage's own keys)."""
     datasets.disable_progress_bars()
-    stats = DataStats(labels=class_labels(cfg) if stage == "cls" else None)
+    stage = get_stage(stage) if isinstance(stage, str) else stage
+    stats = DataStats(labels=stage.labels(cfg))
     parts = []
     for spec in _as_list(cfg.train):
         ds, counts, problems = tokenize_source(
-            spec, cfg, tok, stage, model_name, stats.labels, report
+            spec, cfg, tok, stage, model_name, stats.labels, report, train
         )
         stats.add(counts, problems)
         parts.append(ds)
@@ -410,7 +440,7 @@ def build_datasets(
     evals = []
     for spec in _as_list(cfg.eval):
         ds, counts, problems = tokenize_source(
-            spec, cfg, tok, stage, model_name, stats.labels, report
+            spec, cfg, tok, stage, model_name, stats.labels, report, train
         )
         stats.add(counts, problems, train=False)
         if len(ds) == 0:

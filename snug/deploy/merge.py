@@ -22,6 +22,7 @@ from snug.errors import UserError, first_line, read_utf8
 from snug.methods import REGISTRY, get_method
 from snug.models.load import DTYPES, load_model, load_tokenizer
 from snug.preflight import check_model_dir
+from snug.registry import get_stage
 
 # The few prompts whose logits `--verify` compares.
 VERIFY_PROMPTS = (
@@ -196,10 +197,12 @@ def check_mergeable(src: Source) -> None:
         raise MergeError(
             f"method {src.method} cannot be merged: {method.unmergeable_because}; {hint}."
         )
-    if src.cfg.train.stage == "cls":
+    why = get_stage(src.cfg.train.stage).not_a_chat_model_because
+    if why:
         raise MergeError(
-            "merging a classification run (train.stage=cls) is not supported; load its adapter "
-            f"on the base with peft: PeftModel.from_pretrained(base, '{src.adapter_dir}')."
+            f"merging a train.stage={src.cfg.train.stage} run is not supported ({why}); load "
+            f"its adapter on the base with peft: PeftModel.from_pretrained(base, "
+            f"'{src.adapter_dir}')."
         )
     if not (src.adapter_dir / "adapter_config.json").is_file():
         raise MergeError(f"{src.adapter_dir}: no adapter_config.json; the run did not finish?")

@@ -22,6 +22,7 @@ from snug.data.templates import resolve_template
 from snug.deploy.merge import MergeError, Source, attach, check_base, find_source
 from snug.methods import get_method, load_peft
 from snug.models.load import load_model, load_tokenizer
+from snug.registry import get_stage
 
 BASE = "base"  # the name that selects the base model without any adapter
 
@@ -130,8 +131,11 @@ def _sources(
                 f"--adapter {name}: {src.adapter_dir} holds a whole model (method {src.method}); "
                 "pass it as --model instead."
             )
-        if src.cfg.train.stage == "cls":
-            raise SessionError(f"--adapter {name}: a classifier (train.stage=cls) does not chat.")
+        why = get_stage(src.cfg.train.stage).not_a_chat_model_because
+        if why:
+            raise SessionError(
+                f"--adapter {name}: train.stage={src.cfg.train.stage} does not chat ({why})."
+            )
         weights = src.adapter_dir / "adapter_model.safetensors"
         if get_method(src.method).load is load_peft and not weights.is_file():
             # every adapter, not only the first: peft falls back to adapter_model.bin, a pickle

@@ -8,17 +8,12 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from snug.config import Config, ModelConfig, registered_methods
 from snug.errors import first_line
 from snug.preflight import ModelLoadError, check_model_dir
+from snug.registry import get_stage
 
 log = logging.getLogger("snug")
 
@@ -170,23 +165,17 @@ def load_model(
     labels: list[str] | None = None,
     pad_token_id: int | None = None,
 ) -> torch.nn.Module:
-    """The base model on `device`, frozen weights in the resolved storage dtype: a causal LM, or
-    with train.stage=cls a sequence classifier with a new head over `labels`."""
+    """The base model on `device`, frozen weights in the resolved storage dtype, as the stage
+    loads it: a causal LM, or (train.stage=cls) a sequence classifier with a new head over
+    `labels`."""
     mcfg = cfg.model
     dtype = resolve_dtype(cfg, device, precision)
     check_model_dir(mcfg.name_or_path)
     warn_remote_code(mcfg, "model")
     compute = compute_dtype(precision)
     quant = _quant_config(mcfg, compute, quant_storage(cfg, compute))
-    auto_class, head = AutoModelForCausalLM, {}
-    if cfg.train.stage == "cls":
-        auto_class = AutoModelForSequenceClassification
-        head = {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {name: i for i, name in enumerate(labels)},
-            "pad_token_id": pad_token_id,
-        }
+    stage = get_stage(cfg.train.stage)
+    auto_class, head = stage.model_class(labels, pad_token_id)
     try:
         model = auto_class.from_pretrained(
             mcfg.name_or_path,
@@ -206,10 +195,5 @@ def load_model(
     else:
         _prepare_kbit(model, precision)
     model.config.use_cache = False  # training never reuses the KV cache
-    if cfg.train.stage == "cls" and cfg.method.cls_head == "mlp":
-        # Head plus a new fully connected layer; keeps the name `score` so peft trains it too.
-        h, n = model.config.hidden_size, len(labels)
-        model.score = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, n, bias=False)).to(
-            device
-        )
+    stage.after_load(model, cfg, labels, device)
     return model

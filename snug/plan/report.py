@@ -48,7 +48,12 @@ def sequence_length(args, cfg: Config, has_config: bool) -> tuple[int, str]:
 
             tok = load_tokenizer(cfg.model)
             train, _, _ = build_datasets(
-                cfg.data, tok, cfg.train.stage, cfg.train.seed, cfg.model.name_or_path
+                cfg.data,
+                tok,
+                cfg.train.stage,
+                cfg.train.seed,
+                cfg.model.name_or_path,
+                train=cfg.train,
             )
             return max(len(x) for x in train["input_ids"]), "longest tokenized sample of data.train"
         except Exception:  # no tokenizer or data here: plan for the cutoff

@@ -37,6 +37,7 @@ from snug.plan.allocator import run_reserved
 from snug.plan.distributed import fake_group, shard
 from snug.plan.trace import LayerTags, deepen, survivors
 from snug.plan.tracker import CATEGORIES, DEVICE_QUERY, ModuleNames, PlanTracker
+from snug.registry import get_stage
 from snug.train.memory import local, model_tensors
 from snug.train.optim import build_optimizer
 from snug.train.prepare import prepare_for_training, step_options
@@ -409,12 +410,21 @@ def _simulate_once(
     allocator reserves for loading and training that model deepened to so many layers."""
     device = torch.device(device_type)
     dtype = resolve_dtype(cfg, device, precision)
+    stage = get_stage(cfg.train.stage)
+    auto, labels = AutoModelForCausalLM, None
+    if stage.classifier:  # the class count is the data's: two stand in (the head is tiny)
+        labels = ["0", "1"]
+        auto, head = stage.model_class(labels, config.pad_token_id or 0)
+        config = copy.deepcopy(config)
+        for key, value in head.items():
+            setattr(config, key, value)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
+        model = auto.from_config(
             config,
             dtype=dtype,
             attn_implementation="sdpa" if cfg.model.attn == "auto" else cfg.model.attn,
         )
+        stage.after_load(model, cfg, labels, "meta")
     model.config.use_cache = False
     if cfg.model.quant != "none":
         storage = quant_storage(cfg, compute_dtype(precision))
@@ -460,13 +470,9 @@ def _simulate_once(
 
         def batch() -> dict:
             # What the collate step gives a row of seq_len real tokens (no padding, so no mask)
+            # (the stage's own fake batch: a causal LM's unless the stage says otherwise)
             tracker.inputs = True
-            ids = torch.zeros((b, t), dtype=torch.long)
-            out = {
-                "input_ids": ids,
-                "labels": ids.clone(),
-                "target_positions": torch.zeros(n_targets, dtype=torch.long),
-            }
+            out = opts.stage.fake_batch(b, t, n_targets)
             tracker.inputs = False
             return out
 

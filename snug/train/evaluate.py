@@ -12,28 +12,28 @@ from transformers import PreTrainedTokenizerBase
 
 from snug.data.collate import collate
 from snug.data.tokenize import chat_segments
-from snug.train.step import StepOptions
 
 
 @torch.no_grad()
 def eval_loss(
     model: nn.Module,
     data: Dataset,
-    opts: StepOptions,
+    opts,
     micro_batch: int,
     pad_id: int,
     device: torch.device,
     progress: Callable[[int], None] | None = None,
 ) -> float:
-    """Mean loss per target token; `progress(n)` hears of every n samples done."""
+    """Mean loss per count (target token, or sample) under `opts` (snug.train.options.
+    StepOptions: the stage's collate, loss and count); `progress(n)` hears of every n samples."""
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(data), micro_batch):
         rows = [data[i] for i in range(start, min(start + micro_batch, len(data)))]
-        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        batch = {k: v.to(device) for k, v in opts.stage.collate(rows, pad_id).items()}
         with opts.forward_context():
-            total += opts.loss_fn(model, batch).item()
-        tokens += opts.count_fn(batch["labels"]).item()
+            total += opts.loss_fn(model, batch, None)[0].item()
+        tokens += opts.count(batch).item()
         if progress is not None:
             progress(len(rows))
     model.train()

@@ -18,10 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import set_seed
 
 from snug.config import Config
-from snug.data.collate import collate, collate_packed, real_tokens
+from snug.data.collate import real_tokens
 from snug.data.dataset import build_datasets
 from snug.data.packing import micro_batches, pack
-from snug.data.templates import resolve_template
 from snug.errors import RunError
 from snug.files import aside, replace_dir, write_text_atomic
 from snug.methods import count_params, get_method
@@ -35,7 +34,7 @@ from snug.models.load import (
 from snug.progress import Phase
 from snug.train import dist
 from snug.train.checkpoint import load_checkpoint, read_train_state, save_checkpoint
-from snug.train.evaluate import accuracy, eval_loss, exact_match
+from snug.train.evaluate import eval_loss
 from snug.train.memory import StepPeaks, model_tensors, optimizer_tensors
 from snug.train.metrics import MetricsLog, NoMetrics
 from snug.train.optim import build_optimizer, build_scheduler
@@ -213,15 +212,16 @@ def _prepare(
     if not ctx.main:  # rank 0 tokenizes into the datasets cache first, the others read it
         dist.barrier()
     train_ds, eval_ds, stats = build_datasets(
-        cfg.data, tok, cfg.train.stage, cfg.train.seed, cfg.model.name_or_path, console.print
+        cfg.data,
+        tok,
+        cfg.train.stage,
+        cfg.train.seed,
+        cfg.model.name_or_path,
+        console.print,
+        train=cfg.train,
     )
     if ctx.main:
         dist.barrier()
-    template = (
-        resolve_template(tok, cfg.data.template, cfg.model.name_or_path)
-        if cfg.train.stage == "sft"
-        else None
-    )
     summary["data"] = stats.as_dict()
     console.print(
         f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
@@ -281,7 +281,7 @@ def _prepare(
     )
     if eval_ds:
         run.evaluate = lambda when: _evaluate(
-            dist.unwrap(model), tok, template, eval_ds, cfg, opts, device, console, when
+            dist.unwrap(model), tok, eval_ds, cfg, opts, device, console, when
         )
     if resume_path is not None:
         run.restore(resume_path)
@@ -335,13 +335,17 @@ def _refuse_or_warn(path: Path, changes: list[str], allow: bool, console: Consol
 
 
 def _micro_batches(
-    train_ds, window: list[list[list[int]]], pad_id: int, packed: bool, device
+    train_ds, window: list[list[list[int]]], pad_id: int, packed: bool, device, stage
 ) -> tuple[list[dict], int]:
-    """The step's micro-batches on `device`, and how many of their tokens are not padding."""
+    """The step's micro-batches on `device`, collated as the stage does, and how many of their
+    tokens are not padding."""
     batches, tokens = [], 0
     for mb in window:
         rows = [[train_ds[i] for i in row] for row in mb]
-        batch = collate_packed(rows, pad_id) if packed else collate([r[0] for r in rows], pad_id)
+        if packed:
+            batch = stage.collate_packed(rows, pad_id)
+        else:
+            batch = stage.collate([r[0] for r in rows], pad_id)
         batches.append({k: v.to(device) for k, v in batch.items()})
         tokens += real_tokens(rows)
     return batches, tokens
@@ -549,7 +553,10 @@ class Run:
                 peak_memory_bytes=self._peak_so_far(),
                 force=pos.step == self.total_steps,
             )
+        # The stage's own metrics (cls: accuracy), by whatever names it gives them.
+        extra = {name: value.item() for name, value in result.metrics.items()}
         info = f"loss {loss:.4f} lr {self.scheduler.get_last_lr()[0]:.2e} {speed:,.0f} tok/s"
+        info += "".join(f" {name} {value:.4g}" for name, value in extra.items())
         if pos.step % t.log_every == 0 or pos.step == self.total_steps:
             grad_norm = None if result.grad_norm is None else result.grad_norm.item()
             self.metrics.write(
@@ -560,6 +567,7 @@ class Run:
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
                     "tokens_per_second": speed,
+                    **extra,
                 }
             )
             if not self.console.is_terminal:
@@ -583,6 +591,7 @@ class Run:
                 self.tok.pad_token_id,
                 self.cfg.data.packing,
                 self.device,
+                self.opts.stage,
             )
             try:
                 with self._tracked(batches):
@@ -705,44 +714,39 @@ def _peak_memory(peaks: StepPeaks | None, device, rss_before: int) -> dict:
     }
 
 
+@dataclass
+class EvalJob:
+    """What a stage's held-out evaluation reads besides the model and data."""
+
+    tok: object
+    cfg: Config
+    opts: StepOptions
+    device: torch.device
+    micro_batch: int
+    pad_id: int
+
+
 def _evaluate(
-    model, tok, template, eval_ds, cfg: Config, opts: StepOptions, device, console, when: str
+    model, tok, eval_ds, cfg: Config, opts: StepOptions, device, console, when: str
 ) -> dict:
-    """Held-out metrics `when` ("before"/"after") training, with the progress shown."""
-    t = cfg.train
+    """Held-out metrics `when` ("before"/"after") training, as the stage scores them, with the
+    progress shown."""
+    job = EvalJob(tok, cfg, opts, device, cfg.train.micro_batch, tok.pad_token_id)
     label = f"eval {when} training"
-    with Phase(console, f"{label}: loss", len(eval_ds), "samples") as phase:
-        result = {
-            "loss": eval_loss(
-                model, eval_ds, opts, t.micro_batch, tok.pad_token_id, device, phase.advance
-            )
-        }
-    if template is not None and t.eval_generate > 0:
-        total = min(t.eval_generate, len(eval_ds))
-        with Phase(console, f"{label}: answers by generation", total, "samples") as phase:
-            score, samples = exact_match(
-                model,
-                tok,
-                template,
-                eval_ds,
-                t.eval_generate,
-                t.max_new_tokens,
-                device,
-                phase.advance,
-            )
-        result.update(exact_match=score, samples=samples[:5])
-    if t.stage == "cls":
-        with Phase(console, f"{label}: accuracy", len(eval_ds), "samples") as phase:
-            result["accuracy"] = accuracy(
-                model, eval_ds, t.micro_batch, tok.pad_token_id, device, phase.advance
-            )
-    return result
+
+    def phase(title: str, total: int, unit: str) -> Phase:
+        return Phase(console, f"{label}: {title}", total, unit)
+
+    return opts.stage.evaluate(model, eval_ds, job, phase)
 
 
 def _eval_block(before: dict, after: dict) -> dict:
-    """summary.json's eval: accuracy for classification, exact match by generation where
-    scored, else the loss."""
-    metric = next((m for m in ("accuracy", "exact_match") if m in before), "loss")
+    """summary.json's eval: the metric the stage names (cls: accuracy, sft: exact match by
+    generation where scored), else the loss."""
+    # (a checkpoint of an earlier snug holds no "metric": the one its keys show)
+    metric = before.get("metric") or next(
+        (m for m in ("accuracy", "exact_match") if m in before), "loss"
+    )
     block = {
         "metric": metric,
         "before": before[metric],
@@ -750,7 +754,7 @@ def _eval_block(before: dict, after: dict) -> dict:
         "loss_before": before["loss"],
         "loss_after": after["loss"],
     }
-    if metric == "exact_match":
+    if "samples" in after:
         block["examples_after"] = after["samples"]
     return block
 

@@ -1,4 +1,5 @@
-"""Causal-LM cross-entropy, summed over target tokens (the step normalises it).
+"""Causal-LM cross-entropy, summed over target tokens (the step normalises it): the loss of the
+sft and pt stages (snug/stages/), and of any stage that builds on next-token prediction.
 
 The chunked form runs the LM head and the loss over chunks of positions under activation
 checkpointing, so only one chunk's fp32 logits (chunk x vocab) exist at a time, in forward and
@@ -27,13 +28,6 @@ def count_targets(labels: torch.Tensor) -> torch.Tensor:
 def count_samples(labels: torch.Tensor) -> torch.Tensor:
     """Classification: every sample carries one target."""
     return (labels != IGNORE).sum()
-
-
-def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
-    ).logits  # (B, n)
-    return F.cross_entropy(logits.float(), batch["labels"], ignore_index=IGNORE, reduction="sum")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,8 +8,9 @@ import torch
 from snug.config import Config
 from snug.methods import apply_method
 from snug.models.load import compute_dtype
+from snug.registry import get_stage
 from snug.train.activations import enable_checkpointing
-from snug.train.step import StepOptions
+from snug.train.options import StepOptions
 
 
 def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptions:
@@ -20,7 +21,7 @@ def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptio
         max_grad_norm=cfg.train.max_grad_norm,
         chunked_loss=cfg.memory.chunked_loss,
         offload_activations=cfg.memory.offload_activations,
-        classify=cfg.train.stage == "cls",
+        stage=get_stage(cfg.train.stage),
     )
 
 

@@ -6,6 +6,7 @@ resumed, and how SIGTERM / Ctrl-C turn into "save and stop", are decisions about
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import signal
 import threading
@@ -13,11 +14,13 @@ from array import array
 
 from rich.console import Console
 
+from snug.config import MOVED
 from snug.errors import UserError
+from snug.registry import get_stage
 
 # Keys a resumed run must share with the checkpoint's run: they change which samples are seen,
-# in what order, in what batches, or what is trained. Everything else (steps, lr, eval, logging,
-# output) may change on resume.
+# in what order, in what batches, or what is trained (and the stage's own train keys).
+# Everything else (steps, lr, eval, logging, output) may change on resume.
 GUARDED_SECTIONS = ("data", "method")
 GUARDED_KEYS = (
     "model.name_or_path",
@@ -53,6 +56,9 @@ def data_hash(train_ds) -> str:
 
 def _flat(cfg: dict) -> dict[str, object]:
     flat = {f"{s}.{k}": v for s, keys in cfg.items() for k, v in keys.items()}
+    for old, new in MOVED.items():  # a checkpoint written before a key moved
+        if old in flat:
+            flat.setdefault(new, flat.pop(old))
     # What fixes the sample order is the global micro-batch, not how it is split: 2 processes
     # of micro_batch 2 may resume 1 process of micro_batch 4, and back.
     ranks = flat.get("dist.nproc", 1) if flat.get("dist.strategy", "none") != "none" else 1
@@ -64,10 +70,14 @@ def config_drift(saved: dict, now: dict) -> list[str]:
     """The guarded keys whose values differ between the checkpoint's config and this one,
     as 'key: old -> new' lines."""
     old, new = _flat(saved), _flat(now)
+    stage = get_stage(str(new.get("train.stage", "sft")))
+    own = (
+        {f"train.{f.name}" for f in dataclasses.fields(stage.settings)} if stage.settings else set()
+    )
     keys = sorted(
         k
         for k in old.keys() | new.keys()
-        if k in GUARDED_KEYS or k.split(".")[0] in GUARDED_SECTIONS
+        if k in GUARDED_KEYS or k in own or k.split(".")[0] in GUARDED_SECTIONS
     )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 

@@ -9,64 +9,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from snug.train.dist import all_sum
-from snug.train.loss import (
-    chunked_loss,
-    classification_loss,
-    count_samples,
-    count_targets,
-    plain_loss,
-)
+from snug.train.options import LossFn, StepOptions
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class StepOptions:
-    """How the step computes: resolved from the config once, before training."""
-
-    device_type: str  # "cpu" | "cuda"
-    autocast_dtype: torch.dtype | None  # bf16/fp16 for *-mixed; None for fp32 and bf16-true
-    max_grad_norm: float  # 0: no clipping
-    chunked_loss: bool
-    offload_activations: bool
-    classify: bool = False  # train.stage=cls: one label per sample instead of next tokens
-    world: int = 1  # processes whose gradients DDP/FSDP average: the loss is scaled back by it
-
-    @property
-    def loss_fn(self) -> LossFn:
-        if self.classify:
-            return classification_loss
-        return chunked_loss if self.chunked_loss else plain_loss
-
-    @property
-    def count_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Targets in a label batch: the loss of the accumulated batch is divided by their sum."""
-        return count_samples if self.classify else count_targets
-
-    def forward_context(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        if self.autocast_dtype is not None:
-            stack.enter_context(torch.autocast(self.device_type, dtype=self.autocast_dtype))
-        if self.offload_activations:
-            # Tensors saved for backward go to host memory and come back when backward needs them.
-            stack.enter_context(
-                torch.autograd.graph.save_on_cpu(pin_memory=self.device_type == "cuda")
-            )
-        return stack
+__all__ = ["LossFn", "StepOptions", "StepResult", "train_step"]
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean cross-entropy per target token of the whole accumulated batch
+    loss: torch.Tensor  # mean loss per count (target token) of the whole accumulated batch
     grad_norm: torch.Tensor | None  # before clipping
-    target_tokens: torch.Tensor  # tokens that carried loss
+    target_tokens: torch.Tensor  # what the loss was divided by: target tokens, or samples
     skipped: bool = False  # `check` refused the update: no optimizer step was taken
+    # The stage's own metrics (cls: accuracy), each a mean per count over the whole
+    # accumulated batch, as tensors: the loop logs whatever is here by name.
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def train_step(
@@ -76,20 +38,27 @@ def train_step(
     opts: StepOptions,
     scaler: torch.amp.GradScaler | None = None,
     check: Callable[[StepResult], bool] | None = None,
+    reference: nn.Module | None = None,
 ) -> StepResult:
     """`check` (the loop's; the planner passes none) sees the loss and gradient norm before
     the update and may refuse it (a NaN): the gradients are then dropped, nothing is updated.
-    With `check` and no clipping, the gradient norm is still computed for it to see."""
+    With `check` and no clipping, the gradient norm is still computed for it to see.
+    `reference`: the frozen model the stage's loss compares with, if it uses one."""
     # Normalise by the target tokens of the whole accumulated batch (of every rank), not per
     # micro-batch: then 4 micro-batches of 1 give the same gradient as 1 batch of 4, whatever
     # their lengths, and 2 ranks the gradient of one process with their rows together.
-    counted = sum(opts.count_fn(b["labels"]) for b in micro_batches)
+    counted = sum(opts.count(b) for b in micro_batches)
     n_targets = all_sum(torch.as_tensor(counted)).clamp(min=1)
     total = torch.zeros((), device=n_targets.device)
+    metrics: dict[str, torch.Tensor] = {}
+    loss_fn = opts.loss_fn
     for i, batch in enumerate(micro_batches):
         with _gradient_sync(model, last=i == len(micro_batches) - 1):
             with opts.forward_context():
-                loss = opts.loss_fn(model, batch) / n_targets
+                summed, _, parts = loss_fn(model, batch, reference)
+                loss = summed / n_targets
+            for name, value in parts.items():
+                metrics[name] = metrics.get(name, 0) + value.detach().float() / n_targets
             scaled = loss * opts.world if opts.world > 1 else loss  # DDP/FSDP average over ranks
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach()
@@ -98,6 +67,7 @@ def train_step(
         # as long as the graph does.
         del loss, scaled
     total = all_sum(total)
+    metrics = {name: all_sum(value) for name, value in metrics.items()}
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if scaler is not None:
@@ -109,7 +79,7 @@ def train_step(
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
         grad_norm = grad_norm.full_tensor()
-    result = StepResult(loss=total, grad_norm=grad_norm, target_tokens=n_targets)
+    result = StepResult(loss=total, grad_norm=grad_norm, target_tokens=n_targets, metrics=metrics)
     if check is not None and not check(result):
         optimizer.zero_grad(set_to_none=True)
         result.skipped = True

@@ -1,0 +1,159 @@
+"""What a training stage is: the `Stage` class a stage module subclasses and registers
+(`register_stage(MyStage())`, one line; snug/registry.py keeps them).
+
+A stage owns everything that depends on what is being learnt: its own `train:` keys, the record
+formats it reads, tokenization and label masking, collate, the model class it loads, its loss
+`(model, batch, reference) -> (summed loss, count, metrics)`, its held-out evaluation and the
+fake batch `snug plan` replays. The defaults here are those of a causal language model trained
+on next tokens (sft and pt use them as they are); a stage overrides what differs.
+
+Light at import: torch, transformers and datasets are imported inside the functions, so that
+checking a config imports none of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from torch import nn
+
+    from snug.data.dataset import Source
+
+# snug.config's Config and DataConfig: not imported, since snug.config imports the stages to
+# register them (a type-only import would close that loop).
+Config = DataConfig = Any
+
+# (summed loss, its count, metrics summed over the same count): the step divides all three
+# sums by the count of the whole accumulated batch, so each metric is a mean per count.
+LossOut = tuple["torch.Tensor", "torch.Tensor", dict[str, "torch.Tensor"]]
+
+
+class Stage:
+    """A training stage. Subclass it, set the class attributes, override what differs from a
+    causal LM learning next tokens, and register one instance."""
+
+    name: str = ""
+    help: str = ""  # one line for the train.stage reference
+    # Keys of its own in the `train:` section: a dataclass declared with snug.fields.setting,
+    # validated and documented with the others, read as `stage.own(cfg.train)`.
+    settings: type | None = None
+    # The record formats (data.format) it reads; () when it reads named columns instead.
+    formats: tuple[str, ...] = ()
+    # What the records must be, for the error when a source holds another format
+    # ("<spec>: train.stage=<name> needs <needs> (found <format> records).").
+    needs: str = ""
+    # Loads a sequence classifier (a new head over Stage.labels) instead of a causal LM.
+    classifier: bool = False
+    # Why samples cannot be packed into shared rows ("" if they can).
+    no_packing_because: str = ""
+    # Why `snug merge` / `snug chat` cannot take its result ("" if they can).
+    not_a_chat_model_because: str = ""
+
+    def own(self, train_cfg: Any) -> Any:
+        """This stage's own settings in the train section (their defaults when unset)."""
+        if self.settings is None:
+            return None
+        own = getattr(train_cfg, "own", None)
+        return own if own is not None else self.settings()
+
+    # -- config -------------------------------------------------------------------------------
+    def check(self, cfg: Config, source: str) -> None:
+        """Rules between this stage and other sections; raise ConfigError naming the keys."""
+        fmt = cfg.data.format
+        if self.formats and fmt != "auto" and fmt not in self.formats:
+            from snug.errors import ConfigError
+
+            raise ConfigError(
+                f"{source}: data.format={fmt} is not read by train.stage={self.name}; "
+                f"it needs {self.needs}."
+            )
+
+    # -- data ---------------------------------------------------------------------------------
+    def labels(self, data: DataConfig) -> list[str] | None:
+        """The classes a classifier learns, read from the training data (None: no classes)."""
+        return None
+
+    def tokenize(self, source: Source) -> tuple[Dataset, Counter, list[str]]:
+        """A source -> its samples, the count of each status, the problems of the dropped."""
+        from snug.data.dataset import tokenize_formatted
+
+        return tokenize_formatted(source, self)
+
+    def collate(self, samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        from snug.data.collate import collate
+
+        return collate(samples, pad_id)
+
+    def collate_packed(self, rows: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
+        from snug.data.collate import collate_packed
+
+        return collate_packed(rows, pad_id)
+
+    # -- model --------------------------------------------------------------------------------
+    def model_class(self, labels: list[str] | None, pad_id: int | None) -> tuple[type, dict]:
+        """The transformers auto class to load the base with, and its extra arguments."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM, {}
+
+    def after_load(self, model: nn.Module, cfg: Config, labels: list[str] | None, device) -> None:
+        """Anything to add to the loaded base (a classifier's head) before the method."""
+
+    # -- the step -----------------------------------------------------------------------------
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the loss of a micro-batch is summed over (target tokens): the step divides the
+        accumulated batch's loss by the sum of these."""
+        from snug.train.loss import count_targets
+
+        return count_targets(batch["labels"])
+
+    def loss(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        reference: nn.Module | None,
+        chunked: bool = True,
+    ) -> LossOut:
+        """Summed loss, its count, and metrics summed over that count. `reference`: the frozen
+        model a stage that compares with one gets (None for the others). Runs on the planner's
+        fake tensors too: no `.item()`, no data-dependent shapes."""
+        from snug.train.loss import chunked_loss, plain_loss
+
+        total = (chunked_loss if chunked else plain_loss)(model, batch)
+        return total, self.count(batch), {}
+
+    def loss_fn(self, chunked: bool) -> Callable:
+        """`(model, batch, reference) -> LossOut`, what the step calls."""
+        return functools.partial(self.loss, chunked=chunked)
+
+    def fake_batch(self, rows: int, seq_len: int, targets: int) -> dict[str, torch.Tensor]:
+        """The micro-batch `snug plan` replays: `rows` rows of `seq_len` real tokens (no padding,
+        so no mask) of which `targets` carry loss, as collate gives it."""
+        import torch
+
+        ids = torch.zeros((rows, seq_len), dtype=torch.long)
+        return {
+            "input_ids": ids,
+            "labels": ids.clone(),
+            "target_positions": torch.zeros(targets, dtype=torch.long),
+        }
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, data: Dataset, job: Any, phase: Callable) -> dict:
+        """Held-out metrics: the mean loss per count, and what else the stage scores. `job`
+        (snug/train/loop.py: EvalJob) gives the tokenizer, config, step options and device;
+        `phase(title, total, unit)` is a context with `.advance(n)` for the progress shown.
+        The key `metric` names the one summary.json reports before -> after (default loss)."""
+        from snug.train.evaluate import eval_loss
+
+        with phase("loss", len(data), "samples") as p:
+            loss = eval_loss(
+                model, data, job.opts, job.micro_batch, job.pad_id, job.device, p.advance
+            )
+        return {"loss": loss}

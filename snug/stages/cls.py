@@ -1,0 +1,110 @@
+"""cls: sequence classification. Records name a text and a class label (data.text_column,
+data.label_column); the base loads as a sequence classifier with a new head over the classes of
+data.train. Loss: cross-entropy per sample; the step also reports the share of its samples
+classified right (metric `accuracy`). Held out: the loss and the accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from snug.fields import setting
+from snug.registry import register_stage
+from snug.stages.base import Stage
+
+
+@dataclass
+class ClsSettings:
+    """Settings of train.stage=cls."""
+
+    cls_head: Literal["linear", "mlp"] = setting(
+        "linear",
+        "The new classification head: linear, or mlp (a new fully connected layer and GELU "
+        "before it).",
+    )
+
+
+class Classify(Stage):
+    name = "cls"
+    help = "sequence classification (labels from data.label_column)"
+    settings = ClsSettings
+    classifier = True
+    no_packing_because = "a classifier reads one pooled position per row"
+    not_a_chat_model_because = "a classifier does not generate text"
+
+    def check(self, cfg, source):
+        from snug.errors import ConfigError
+
+        if cfg.method.name == "llama_adapter":
+            raise ConfigError(
+                f"{source}: method.name=llama_adapter cannot classify (peft supports it "
+                "for causal LMs only)."
+            )
+
+    def labels(self, data):
+        from snug.data.dataset import class_labels
+
+        return class_labels(data)
+
+    def tokenize(self, source):
+        from snug.data.dataset import tokenize_classes_of
+
+        return tokenize_classes_of(source)
+
+    def model_class(self, labels, pad_id):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification, {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+            "pad_token_id": pad_id,
+        }
+
+    def after_load(self, model, cfg, labels, device):
+        if self.own(cfg.train).cls_head == "mlp":
+            from torch import nn
+
+            # Head plus a new fully connected layer; keeps the name `score` so peft trains it too.
+            h, n = model.config.hidden_size, len(labels)
+            model.score = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, n, bias=False)).to(
+                device
+            )
+
+    def count(self, batch):
+        from snug.train.loss import count_samples
+
+        return count_samples(batch["labels"])
+
+    def loss(self, model, batch, reference, chunked=True):
+        import torch.nn.functional as F
+
+        from snug.data.tokenize import IGNORE
+
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        ).logits  # (B, n)
+        labels = batch["labels"]
+        total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+        hits = (logits.detach().argmax(-1) == labels).sum().float()
+        return total, self.count(batch), {"accuracy": hits}
+
+    def fake_batch(self, rows, seq_len, targets):
+        import torch
+
+        ids = torch.zeros((rows, seq_len), dtype=torch.long)
+        return {"input_ids": ids, "labels": torch.zeros(rows, dtype=torch.long)}
+
+    def evaluate(self, model, data, job, phase):
+        from snug.train.evaluate import accuracy
+
+        result = super().evaluate(model, data, job, phase)
+        with phase("accuracy", len(data), "samples") as p:
+            result["accuracy"] = accuracy(
+                model, data, job.micro_batch, job.pad_id, job.device, p.advance
+            )
+        result["metric"] = "accuracy"
+        return result
+
+
+register_stage(Classify())
