@@ -7,16 +7,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from forked import Forked, run_forked
 from safetensors.torch import load_file
 
 from snug.cli import main
@@ -62,14 +61,9 @@ def raw_config(out: Path, strategy: str, method: str = "lora", **train) -> dict:
 
 
 def snug_train(cfg: Path) -> subprocess.CompletedProcess:
-    """`snug train CFG` in a process of its own, launcher and torchrun included; it must
-    succeed."""
-    done = subprocess.run(
-        [sys.executable, "-m", "snug.cli", "train", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """`snug train CFG` in a process of its own (tests/forked.py), launcher and torchrun
+    included; it must succeed."""
+    done = run_forked(["train", cfg], timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
 
@@ -86,28 +80,23 @@ def train_here(cfg: Path) -> subprocess.CompletedProcess:
     )
 
 
-def ranks(cfg: Path, script: str | None = None, **env: str) -> list[subprocess.Popen]:
+def ranks(cfg: Path, script: str | None = None, **env: str) -> list[Forked]:
     """The 2 ranks of `snug train cfg` started by hand with torchrun's environment (no launcher,
-    no torchrun agent: what they add is tested through `snug_train`); `script` runs instead of
-    the command line (it ends by calling it)."""
+    no torchrun agent: what they add is tested through `snug_train`), each a process of its
+    own (tests/forked.py); `script` runs instead of the command line (it ends by
+    calling it)."""
     port = _free_port()
-    code = ["-c", script] if script else ["-m", "snug.cli"]
     return [
-        subprocess.Popen(
-            [sys.executable, *code, "train", str(cfg)],
-            env={
-                **os.environ,
-                **env,
-                "RANK": str(r),
-                "LOCAL_RANK": str(r),
-                "WORLD_SIZE": "2",
-                "LOCAL_WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            },
-            stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        Forked(
+            ["train", cfg],
+            script,
+            **env,
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
         )
         for r in range(2)
     ]
@@ -198,14 +187,14 @@ def _free_port() -> int:
 
 KILL_AT = """
 import os, signal, sys
-import snug.train.step as step
-real, calls = step.chunked_loss, [0]
+import snug.train.loss as lossmod  # the stage's loss reads chunked_loss from here at each call
+real, calls = lossmod.chunked_loss, [0]
 def loss(model, batch):
     calls[0] += 1
     if calls[0] == int(os.environ["AT"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(model, batch)
-step.chunked_loss = loss
+lossmod.chunked_loss = loss
 from snug.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -277,13 +266,7 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(tmp_path, runs):
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw_config(out, "none")))
-    died = subprocess.run(
-        [sys.executable, "-c", KILL_AT, "train", str(cfg)],
-        env={**os.environ, "AT": "9"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    died = run_forked(["train", cfg], KILL_AT, timeout=600, AT="9")
     assert died.returncode == -9, died.stderr[-2000:]
     assert (out / "checkpoints/step-4/trainable.safetensors").exists()
     cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp")))

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import yaml
+from forked import Forked
 
 from test_dist import losses, raw_config, snug_train
 
@@ -27,15 +26,13 @@ def test_a_stop_signal_to_the_launcher_saves_every_rank_and_resumes(sig, tmp_pat
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(raw_config(out, "fsdp", epochs=3, lr=1e-4)))  # 9 steps
-    cmd = [sys.executable, "-m", "snug.cli", "train", str(cfg)]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = Forked(["train", cfg])  # `snug train` in a process of its own
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr_so_far()
         time.sleep(0.2)
     launcher.send_signal(sig)
-    # the pipes close when every process holding them (torchrun, the ranks) has ended
     stdout, stderr = launcher.communicate(timeout=300)
     assert launcher.returncode == (75 if sig == signal.SIGTERM else -9), stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -1,8 +1,9 @@
 """Never lose a run: exact resume after kill -9, checkpoints that survive a kill or a full disk,
 signals, config drift, NaN/inf steps and out-of-memory fallback (docs/reliability.md).
 
-Killed runs are real processes: a small wrapper patches one function of snug to SIGKILL (or
-signal) itself at a chosen call, then runs the `snug` command line.
+Killed runs are real processes (forked from a server that has imported snug: tests/forked.py): a small
+wrapper patches one function of snug to SIGKILL (or signal) itself at a chosen call, then runs
+the `snug` command line.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from forked import run_forked
 from safetensors.torch import load_file
 
 from snug.cli import main
@@ -60,7 +61,7 @@ def raw_config(out: Path, **sections) -> dict:
 
 WRAPPER = """
 import os, signal, sys, types
-import snug.train.step as step
+import snug.train.loss as loss  # the stage's loss reads chunked_loss from here at each call
 import snug.train.checkpoint as ckpt
 
 at, where = int(os.environ["AT"]), os.environ["WHERE"]
@@ -80,7 +81,7 @@ def wrap(module, name):
 # checkpoint.py's own view of os, so that other libraries' os.replace calls do not count
 ckpt.os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
 module, name = where.split(".")
-wrap({"step": step, "ckpt": ckpt, "os": ckpt.os}[module], name)
+wrap({"loss": loss, "ckpt": ckpt, "os": ckpt.os}[module], name)
 from snug.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -90,14 +91,12 @@ def snug_train(
     cfg_path: Path,
     at: int = 0,
     action: str = "SIGKILL",
-    where: str = "step.chunked_loss",
+    where: str = "loss.chunked_loss",
     extra: tuple[str, ...] = (),
 ):
-    """`snug train CFG [EXTRA]` in a new process; with `at`, the wrapper sends `action` to
-    itself at the at-th call of `where`."""
-    env = {**os.environ, "AT": str(at), "ACTION": action, "WHERE": where}
-    cmd = [sys.executable, "-c", WRAPPER, "train", str(cfg_path), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    """`snug train CFG [EXTRA]` in a process of its own (tests/forked.py); with `at`, the
+    wrapper sends `action` to itself at the at-th call of `where`."""
+    return run_forked(["train", cfg_path, *extra], WRAPPER, AT=str(at), ACTION=action, WHERE=where)
 
 
 def snug_train_here(cfg_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -299,7 +298,7 @@ class NanGradient(torch.autograd.Function):
 
 
 def poison_step(monkeypatch, step: int, kind: str) -> None:
-    import snug.train.step as step_module
+    import snug.train.loss as step_module  # the stage's loss reads chunked_loss here
 
     real, calls = step_module.chunked_loss, []
 
@@ -336,7 +335,7 @@ def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
 def inject_oom(monkeypatch, above_rows: int) -> list[int]:
     """Every micro-batch of more than `above_rows` rows runs out of memory; returns the row
     counts that trained."""
-    import snug.train.step as step_module
+    import snug.train.loss as step_module  # the stage's loss reads chunked_loss here
 
     real, trained = step_module.chunked_loss, []
 

@@ -1,0 +1,146 @@
+"""`snug` commands in processes of their own that skip the ~10 s of imports a fresh
+`python -m snug.cli` spends on this machine's CPU: each is forked from a server process that
+imported snug, torch and transformers once (multiprocessing's forkserver), so it starts clean,
+as a new process would, only faster. It is a real process: killed for real by a signal, with
+its own stdout and stderr, which it and every process it starts (torchrun, ranks) share.
+
+Written here because subprocess needs an executable and multiprocessing gives no pipes that
+children of the child inherit; the server itself is the standard library's."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PRELOAD = ["snug.cli", "snug.train.loop", "snug.plan.simulate", "snug.deploy.session"]
+_context = None
+
+
+def _server():
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _child(argv: list[str], script: str | None, env: dict[str, str], fifos: list[str]) -> None:
+    """In the forked process: the caller's environment and output pipes, then `snug ARGV` (or
+    `script`, which ends by calling it); exits with its status."""
+    code = 1
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        for fd, path in zip((1, 2), fifos, strict=True):
+            w = os.open(path, os.O_WRONLY)
+            os.dup2(w, fd)
+            os.close(w)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        if "PYTEST_XDIST_WORKER" in env:  # one core's worth of threads, as conftest.py sets
+            import torch
+
+            torch.set_num_threads(1)
+        sys.argv = ["snug", *argv]
+        if script is not None:
+            exec(script, {"__name__": "__main__"})
+            code = 0
+        else:
+            from snug.cli import main
+
+            code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 (reported as a crashed process would be)
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class Forked:
+    """`snug ARGV` (or `script` with sys.argv = ["snug", *ARGV]) in a process of its own, with
+    `env` added to this process's environment; used like `subprocess.Popen` with pipes: `poll()`,
+    `send_signal()`, `communicate(timeout)` -> (stdout, stderr) once the process and every
+    process it started have closed them, then `returncode` (minus the signal number when a
+    signal ended it)."""
+
+    def __init__(self, argv: list[str], script: str | None = None, **env: str) -> None:
+        self._dir = tempfile.mkdtemp(prefix="snug-forked-")
+        self._fifos = fifos = [str(Path(self._dir) / name) for name in ("stdout", "stderr")]
+        for path in fifos:
+            os.mkfifo(path)
+        self._texts: list[list[bytes]] = [[], []]
+        self._readers = [
+            threading.Thread(target=self._drain, args=(path, chunks), daemon=True)
+            for path, chunks in zip(fifos, self._texts, strict=True)
+        ]
+        for reader in self._readers:
+            reader.start()
+        self._process = _server().Process(
+            target=_child, args=([str(a) for a in argv], script, {**os.environ, **env}, fifos)
+        )
+        self._process.start()
+        self.pid = self._process.pid
+        self.returncode: int | None = None
+
+    @staticmethod
+    def _drain(path: str, chunks: list[bytes]) -> None:
+        with open(path, "rb", buffering=0) as f:  # blocks until the child opens it
+            while chunk := f.read(65536):
+                chunks.append(chunk)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self._process.is_alive():
+            self.returncode = self._process.exitcode
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def stderr_so_far(self) -> str:
+        return b"".join(self._texts[1]).decode(errors="replace")
+
+    def communicate(self, timeout: float = 300) -> tuple[str, str]:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                self._process.join()
+                raise subprocess.TimeoutExpired(["forked"], timeout)
+            time.sleep(0.05)
+        # EOF once whatever the process started has ended too. A reader still waiting in open()
+        # (the child died before opening its end) is let through by a writer that opens and
+        # closes at once; no reader yet or any more: ENXIO.
+        for path, reader in zip(self._fifos, self._readers, strict=True):
+            while reader.is_alive():
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(["forked (its children)"], timeout)
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+                reader.join(0.05)
+        for name in ("stdout", "stderr"):
+            os.unlink(Path(self._dir) / name)
+        os.rmdir(self._dir)
+        return tuple(b"".join(t).decode(errors="replace") for t in self._texts)
+
+
+def run_forked(
+    argv: list[str], script: str | None = None, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """`Forked(argv, script, **env)` to its end, as `subprocess.run` reports it."""
+    child = Forked(argv, script, **env)
+    out, err = child.communicate(timeout)
+    return subprocess.CompletedProcess(["snug", *argv], child.returncode, out, err)
