@@ -1,8 +1,8 @@
 # make quickstart: set up .venv if missing, then fine-tune the embedded demo.
 # make test:       set up .venv if missing, then run the test suite (one pytest-xdist worker
 #                  per core, one torch thread each; each test file runs whole in one worker).
-# make test-fast:  the same without the tests marked slow (real processes: kills, signals,
-#                  2-rank runs, the fuzzing and pickle-planting sweeps): the edit loop.
+# make test-fast:  the same without the tests marked slow (tests/slow.txt: every test a full run
+#                  timed at 2 s or more, made by scripts/slow_tests.py): the edit loop.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snug-installed

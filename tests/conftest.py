@@ -120,6 +120,18 @@ LONGEST_FIRST = (
 )
 
 
+# The tests a full run timed at 2 s or more (scripts/slow_tests.py writes the list): marked
+# slow, so that `make test-fast` leaves them out.
+SLOW = {
+    line.strip()
+    for line in (Path(__file__).parent / "slow.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+}
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    for item in items:
+        if item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
