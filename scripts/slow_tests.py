@@ -3,7 +3,7 @@ together) in a pytest run's `--durations=0` output, one node id a line. conftest
 `slow`, so that `make test-fast` (-m "not slow") leaves them out; `make test` runs them all.
 
 Run: .venv/bin/python -m pytest -n 2 --dist loadfile -o addopts="" -q --durations=0 > LOG
-     .venv/bin/python scripts/slow_tests.py LOG [THRESHOLD]   (default 2 seconds)
+     .venv/bin/python scripts/slow_tests.py LOG [THRESHOLD]   (default 1 second)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main(log: str, threshold: float = 2.0) -> None:
+def main(log: str, threshold: float = 1.0) -> None:
     seconds: dict[str, float] = defaultdict(float)
     for line in Path(log).read_text().splitlines():
         m = re.match(r"^([0-9.]+)s (setup|call|teardown)\s+(\S+)$", line)
