@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from snug.cli import main
 from snug.config import config_from_dict
-from snug.train import loop
+from snug.train import run as loop_run
 from snug.train.checkpoint import COMPLETE
 from snug.train.loop import run_training
 from snug.train.memory import StepPeaks
@@ -124,7 +124,7 @@ def test_the_peak_of_the_steps_that_can_set_it_is_the_peak_of_every_step(tmp_pat
         return run_training(config_from_dict(raw))["peak_memory"]
 
     some = run("some")
-    monkeypatch.setattr(loop, "StepPeaks", lambda: StepPeaks(warmup=10**9))  # every step
+    monkeypatch.setattr(loop_run, "StepPeaks", lambda: StepPeaks(warmup=10**9))  # every step
     every = run("every")
     assert every["tracked_steps"] == 12
     assert 2 < some["tracked_steps"] < 12  # later steps were chosen, not all of them
@@ -241,7 +241,7 @@ def test_a_run_that_cannot_start_writes_nothing_and_a_failed_one_says_why(
     assert not (tmp_path / "run").exists()
     run_training(config_from_dict(tiny_run(tmp_path, tiny_llama, train={"max_steps": 1})))
     finished = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    real_step, calls = loop.train_step, []
+    real_step, calls = loop_run.train_step, []
 
     def broken(*args, **kwargs):
         calls.append(1)
@@ -249,7 +249,7 @@ def test_a_run_that_cannot_start_writes_nothing_and_a_failed_one_says_why(
             raise RuntimeError("the step broke")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", broken)
+    monkeypatch.setattr(loop_run, "train_step", broken)
     for broken.at in (1, 2):
         calls.clear()
         with pytest.raises(RuntimeError, match="the step broke"):

@@ -147,7 +147,7 @@ class Stage:
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, data: Dataset, job: Any, phase: Callable) -> dict:
         """Held-out metrics: the mean loss per count, and what else the stage scores. `job`
-        (snug/train/loop.py: EvalJob) gives the tokenizer, config, step options and device;
+        (snug/train/build.py: EvalJob) gives the tokenizer, config, step options and device;
         `phase(title, total, unit)` is a context with `.advance(n)` for the progress shown.
         The key `metric` names the one summary.json reports before -> after (default loss)."""
         from snug.train.evaluate import eval_loss

@@ -1,0 +1,204 @@
+"""Everything a run does before it may touch output.dir (train/outputs.py): data, model,
+method, optimizer, the checkpoint of a resumed run (read back into memory) and the evaluation
+before training. The result is a `Run` ready to train."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from transformers import set_seed
+
+from snug.config import Config
+from snug.data.dataset import build_datasets
+from snug.methods import count_params
+from snug.models.fingerprint import base_record
+from snug.models.load import load_model, load_tokenizer, resolve_precision
+from snug.progress import Phase
+from snug.train import dist
+from snug.train.checkpoint import read_train_state
+from snug.train.prepare import prepare_for_training, step_options
+from snug.train.resume import ResumeError, config_drift, data_hash
+from snug.train.run import Run
+from snug.train.schedule import sample_lengths
+from snug.train.step import StepOptions
+
+
+def build_run(
+    cfg: Config,
+    ctx: dist.Dist,
+    device,
+    resume_path: Path | None,
+    allow_config_change: bool,
+    console: Console,
+    summary: dict,
+) -> Run:
+    """The run `cfg` describes, ready to train; nothing written (see the module's docstring)."""
+    given = cfg.to_dict()  # the user's config, before auto_fit or an OOM fallback change it
+    precision = resolve_precision(cfg, device)
+    set_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg.model)
+    if not ctx.main:  # rank 0 tokenizes into the datasets cache first, the others read it
+        dist.barrier()
+    train_ds, eval_ds, stats = build_datasets(
+        cfg.data,
+        tok,
+        cfg.train.stage,
+        cfg.train.seed,
+        cfg.model.name_or_path,
+        console.print,
+        train=cfg.train,
+    )
+    if ctx.main:
+        dist.barrier()
+    summary["data"] = stats.as_dict()
+    console.print(
+        f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
+        f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
+    )
+    for problem in stats.problems[:3]:  # data.on_error=skip: what was dropped, and why
+        console.print(f"[yellow]dropped: {problem}[/yellow]")
+    hashed = data_hash(train_ds)
+    resumed = None
+    if resume_path is not None:
+        resumed = _check_resume(resume_path, given, hashed, allow_config_change, console)
+        if cfg.memory.auto_fit:  # keep what was adopted: the search need not run again
+            cfg = _adopted(cfg, resumed["adopted"])
+    if cfg.memory.auto_fit and resumed is None:
+        cfg = _auto_fit(cfg, train_ds, device, console, summary)
+    model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
+    # after loading: a hub model is in the cache now
+    base = base_record(cfg.model, cfg.given_paths.get("model.name_or_path"))
+    summary["base"] = base
+    if resumed is not None and resumed["base"]["fingerprint"] != base["fingerprint"]:
+        _refuse_or_warn(
+            resume_path,
+            [
+                f"model: other weights than the checkpoint's ({resumed['base']['fingerprint']} -> "
+                f"{base['fingerprint']})"
+            ],
+            allow_config_change,
+            console,
+        )
+    model = prepare_for_training(model, cfg, precision)
+    trainable, total = count_params(model)
+    model = dist.wrap(model, cfg, ctx, precision, device)
+    summary.update(
+        trainable_params=trainable, total_params=total, device=str(device), precision=precision
+    )
+    console.print(
+        f"model: {cfg.model.name_or_path} | method {cfg.method.name} | trainable "
+        f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}"
+        + (f" | {ctx.strategy} x {ctx.world} processes" if ctx.active else "")
+    )
+    opts = dataclasses.replace(step_options(cfg, device, precision), world=ctx.world)
+    identity = {"config": given, "adopted": cfg.to_dict(), "data_hash": hashed, "base": base}
+    run = Run(
+        ctx,
+        model,
+        tok,
+        train_ds,
+        eval_ds,
+        cfg,
+        opts,
+        device,
+        precision,
+        Path(cfg.output.dir),
+        summary,
+        console,
+        identity,
+    )
+    if eval_ds:
+        run.evaluate = lambda when: _evaluate(
+            dist.unwrap(model), tok, eval_ds, cfg, opts, device, console, when
+        )
+    if resume_path is not None:
+        run.restore(resume_path)
+    # before training; a resumed run kept it in its checkpoint (the model has moved on)
+    before = (
+        resumed["eval_before"] if resumed else (run.evaluate("before") if run.evaluate else None)
+    )
+    run.identity["eval_before"] = before
+    return run
+
+
+def _adopted(cfg: Config, adopted: dict) -> Config:
+    """The current config with the memory settings auto_fit chose for the checkpoint's run
+    (everything else as the user has it now)."""
+    m, t = adopted["memory"], adopted["train"]
+    memory = {k: m[k] for k in ("grad_checkpointing", "offload_activations", "optimizer")}
+    return dataclasses.replace(
+        cfg,
+        memory=dataclasses.replace(cfg.memory, **memory),
+        train=dataclasses.replace(
+            cfg.train, micro_batch=t["micro_batch"], grad_accum=t["grad_accum"]
+        ),
+    )
+
+
+def _check_resume(path: Path, given: dict, hashed: str, allow: bool, console: Console) -> dict:
+    """The checkpoint's train state, if it belongs to this run; else a ResumeError listing
+    what differs (or, with `allow`, a warning)."""
+    state = read_train_state(path)
+    changes = config_drift(state["config"], given)
+    if state["data_hash"] != hashed:
+        changes.append("data: the tokenized training set differs from the checkpoint's")
+    _refuse_or_warn(path, changes, allow, console)
+    console.print(f"resuming from {path} (step {state['step']})")
+    return state
+
+
+def _refuse_or_warn(path: Path, changes: list[str], allow: bool, console: Console) -> None:
+    if changes and not allow:
+        raise ResumeError(
+            f"output.dir holds checkpoint {path} of a different run: "
+            + "; ".join(changes)
+            + ". Run with --fresh to start over, or --allow-config-change to resume anyway."
+        )
+    for line in changes:
+        console.print(f"[yellow]resuming with a changed config: {line}[/yellow]")
+
+
+def _auto_fit(cfg: Config, train_ds, device, console: Console, summary: dict) -> Config:
+    """Adopt the planner's fastest fitting memory settings (snug/plan/search.py:auto_fit)."""
+    from snug.plan.search import auto_fit
+
+    seq_len = cfg.data.cutoff_len if cfg.data.packing else max(sample_lengths(train_ds))
+    cfg, report = auto_fit(cfg, device.type, seq_len)
+    summary["auto_fit"] = report
+    console.print(
+        f"auto_fit: micro_batch {report['micro_batch']} x grad_accum {report['grad_accum']}, "
+        f"grad_checkpointing {report['grad_checkpointing']}, offload "
+        f"{report['offload_activations']}, optimizer {report['optimizer']}: {report['why']} "
+        f"(step time and reserved memory: {report['calibration']})"
+    )
+    return cfg
+
+
+@dataclass
+class EvalJob:
+    """What a stage's held-out evaluation reads besides the model and data."""
+
+    tok: object
+    cfg: Config
+    opts: StepOptions
+    device: torch.device
+    micro_batch: int
+    pad_id: int
+
+
+def _evaluate(
+    model, tok, eval_ds, cfg: Config, opts: StepOptions, device, console, when: str
+) -> dict:
+    """Held-out metrics `when` ("before"/"after") training, as the stage scores them, with the
+    progress shown."""
+    job = EvalJob(tok, cfg, opts, device, cfg.train.micro_batch, tok.pad_token_id)
+    label = f"eval {when} training"
+
+    def phase(title: str, total: int, unit: str) -> Phase:
+        return Phase(console, f"{label}: {title}", total, unit)
+
+    return opts.stage.evaluate(model, eval_ds, job, phase)

@@ -1,0 +1,72 @@
+"""How samples become rows, micro-batches and optimizer steps, and how one step's rows become
+the tensors it trains on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from snug.config import Config
+from snug.data.collate import real_tokens
+from snug.data.packing import micro_batches, pack
+
+
+@dataclass
+class Schedule:
+    """How samples become rows, micro-batches and optimizer steps."""
+
+    rows: list[list[int]]  # sample indices of each batch row: one sample, or several if packed
+    micro_batch: int
+    grad_accum: int
+    seed: int
+    row_tokens: list[int] | None = None  # given: length-grouped micro-batches
+
+    @classmethod
+    def build(cls, lengths: list[int], cfg: Config, world: int = 1) -> Schedule:
+        """With `world` ranks, each micro-batch is global (micro_batch x world rows) and each
+        rank trains its share (train/dist.py: share)."""
+        d, t = cfg.data, cfg.train
+        rows = pack(lengths, d.cutoff_len) if d.packing else [[i] for i in range(len(lengths))]
+        tokens = [sum(lengths[i] for i in r) for r in rows] if d.group_by_length else None
+        return cls(rows, t.micro_batch * world, t.grad_accum, t.seed, tokens)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(math.ceil(len(self.rows) / self.micro_batch) / self.grad_accum)
+
+    def windows(self, epoch: int) -> list[list[list[list[int]]]]:
+        """Rows for each optimizer step of `epoch`: [step][micro-batch][row][sample]."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        micro = micro_batches(len(self.rows), self.micro_batch, g, self.row_tokens)
+        micro = [[self.rows[r] for r in mb] for mb in micro]
+        return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
+
+
+def sample_lengths(train_ds) -> list[int]:
+    return [len(ids) for ids in train_ds["input_ids"]]
+
+
+def split_window(window: list[list[list[int]]], rows: int) -> list[list[list[int]]]:
+    """The same rows, in the same order, in micro-batches of at most `rows` rows: what an
+    out-of-memory fallback trains instead of `window` (the gradient is the same, since the
+    step divides by the targets of the whole window)."""
+    return [mb[i : i + rows] for mb in window for i in range(0, len(mb), rows)]
+
+
+def window_batches(
+    train_ds, window: list[list[list[int]]], pad_id: int, packed: bool, device, stage
+) -> tuple[list[dict], int]:
+    """The step's micro-batches on `device`, collated as the stage does, and how many of their
+    tokens are not padding."""
+    batches, tokens = [], 0
+    for mb in window:
+        rows = [[train_ds[i] for i in row] for row in mb]
+        if packed:
+            batch = stage.collate_packed(rows, pad_id)
+        else:
+            batch = stage.collate([r[0] for r in rows], pad_id)
+        batches.append({k: v.to(device) for k, v in batch.items()})
+        tokens += real_tokens(rows)
+    return batches, tokens

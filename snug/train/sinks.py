@@ -1,0 +1,135 @@
+"""The sinks every run has (the protocol: train/events.py): the console, metrics.jsonl with
+TensorBoard, and status.json. The last two write into output.dir, so run_training attaches
+them only when the run takes output.dir over."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from snug.train.events import Checkpoint, End, Eval, Start, Step
+from snug.train.metrics import MetricsLog
+from snug.train.status import RunStatus
+
+
+def _logged(step: int, total_steps: int, log_every: int) -> bool:
+    """train.log_every: a row every `log_every` steps, and at the last step."""
+    return step % log_every == 0 or step == total_steps
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+class ConsoleSink:
+    """A live progress bar on a terminal; otherwise (a log, a pipe) a `step N/M ...` line on
+    the steps train.log_every logs."""
+
+    def __init__(self, console: Console, log_every: int) -> None:
+        self.console, self.log_every = console, log_every
+        self.bar: Progress | None = None
+
+    def on_start(self, event: Start) -> None:
+        if not self.console.is_terminal or event.steps_done >= event.total_steps:
+            return
+        columns = [
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
+        self.bar = Progress(*columns, console=self.console)
+        self.bar.add_task("train", total=event.total_steps, completed=event.steps_done, info="")
+        self.bar.start()
+
+    def on_step(self, event: Step) -> None:
+        info = (
+            f"loss {event.loss:.4f} lr {event.lr:.2e} {event.tokens_per_second:,.0f} tok/s"
+            + "".join(f" {name} {value:.4g}" for name, value in event.metrics.items())
+        )
+        if self.bar is not None:
+            self.bar.update(self.bar.task_ids[0], advance=1, info=info)
+            if event.step == event.total_steps:  # the evaluation after training has bars too
+                self._close()
+        elif _logged(event.step, event.total_steps, self.log_every):
+            self.console.print(f"step {event.step}/{event.total_steps} {info}")
+
+    def on_end(self, event: End) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+class MetricsSink:
+    """metrics.jsonl and TensorBoard (train/metrics.py): a row on the steps train.log_every
+    logs and one per held-out loss; at the end, loss.png when `plot` names it."""
+
+    def __init__(self, log: MetricsLog, log_every: int, plot: Path | None) -> None:
+        self.log, self.log_every, self.plot = log, log_every, plot
+
+    def on_step(self, event: Step) -> None:
+        if not _logged(event.step, event.total_steps, self.log_every):
+            return
+        self.log.write(
+            {
+                "step": event.step,
+                "epoch": event.epoch,
+                "loss": event.loss,
+                "lr": event.lr,
+                "grad_norm": event.grad_norm,
+                "tokens_per_second": event.tokens_per_second,
+                **event.metrics,
+            }
+        )
+
+    def on_eval(self, event: Eval) -> None:
+        self.log.write({"step": event.step, "eval_loss": event.eval_loss})
+
+    def on_end(self, event: End) -> None:
+        self.log.close()
+        if self.plot is not None and self.log.rows:
+            self.log.plot(self.plot)
+
+
+class StatusSink:
+    """output.dir/status.json (train/status.py): written at the start, after steps at most
+    once a second (the last step always), at each checkpoint and at the end."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.status: RunStatus | None = None  # made at the start, which gives total_steps
+
+    def on_start(self, event: Start) -> None:
+        self.status = RunStatus(self.out, event.total_steps, event.predicted_peak_bytes)
+        self.status.update(force=True, last_checkpoint=_text(event.last_checkpoint))
+
+    def on_step(self, event: Step) -> None:
+        self.status.update(
+            step=event.step,
+            epoch=event.epoch,
+            loss=event.loss if math.isfinite(event.loss) else None,
+            tokens_per_second=round(event.tokens_per_second, 1),
+            peak_memory_bytes=event.peak_memory_bytes,
+            force=event.step == event.total_steps,
+        )
+
+    def on_checkpoint(self, event: Checkpoint) -> None:
+        self.status.update(force=True, last_checkpoint=str(event.path))
+
+    def on_end(self, event: End) -> None:
+        # a run that stopped before its loop ended keeps the peak measured so far
+        kept = (
+            {}
+            if event.peak_memory_bytes is None
+            else {"peak_memory_bytes": event.peak_memory_bytes}
+        )
+        self.status.end(
+            event.state, event.error, last_checkpoint=_text(event.last_checkpoint), **kept
+        )
