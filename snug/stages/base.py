@@ -29,9 +29,12 @@ if TYPE_CHECKING:
 # register them (a type-only import would close that loop).
 Config = DataConfig = Any
 
-# (summed loss, its count, metrics summed over the same count): the step divides all three
-# sums by the count of the whole accumulated batch, so each metric is a mean per count.
-LossOut = tuple["torch.Tensor", "torch.Tensor", dict[str, "torch.Tensor"]]
+# (summed loss, its count, metrics summed over the same count): the step divides the loss and
+# the metrics by the count of the whole accumulated batch, so each metric is a mean per count.
+# The count may be None, meaning `count(batch)`, which the step computes once before the
+# micro-batches run: computing it again inside the loss would add a tensor to every replay of
+# `snug plan` (12 bytes at the peak of the quickstart plan).
+LossOut = tuple["torch.Tensor", "torch.Tensor | None", dict[str, "torch.Tensor"]]
 
 
 class Stage:
@@ -126,7 +129,7 @@ class Stage:
         from snug.train.loss import chunked_loss, plain_loss
 
         total = (chunked_loss if chunked else plain_loss)(model, batch)
-        return total, self.count(batch), {}
+        return total, None, {}
 
     def loss_fn(self, chunked: bool) -> Callable:
         """`(model, batch, reference) -> LossOut`, what the step calls."""

@@ -57,6 +57,7 @@ def train_step(
             with opts.forward_context():
                 summed, _, parts = loss_fn(model, batch, reference)
                 loss = summed / n_targets
+                del summed  # held through backward, it would raise the replay's peak too
             for name, value in parts.items():
                 metrics[name] = metrics.get(name, 0) + value.detach().float() / n_targets
             scaled = loss * opts.world if opts.world > 1 else loss  # DDP/FSDP average over ranks
