@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from snug.config import Config, ConfigError, config_from_dict, load_config, reference_markdown
+from snug.config import Config, ConfigError, config_from_dict, load_config
 from snug.methods import get_method
+from snug.reference import reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,5 +111,5 @@ def test_every_example_loads_and_validates(path):
 def test_readme_config_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     assert reference_markdown() in readme, (
-        "README config reference is stale: run python -m snug.config"
+        "README config reference is stale: run python -m snug.reference"
     )

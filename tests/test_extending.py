@@ -13,7 +13,8 @@ import yaml
 
 from snug import registry
 from snug.cli import main
-from snug.config import ConfigError, load_config, reference_markdown
+from snug.config import ConfigError, load_config
+from snug.reference import reference_markdown
 
 PLUGIN = Path(__file__).resolve().parent / "plugins" / "head_only.py"
 STAGE_PLUGIN = Path(__file__).resolve().parent / "plugins" / "completion.py"

@@ -1,0 +1,54 @@
+"""The config reference (README's "Configuration reference", docs): every section's keys, their
+types, defaults and docs, and each registered method's and stage's own keys, made from the
+config classes' field declarations. `python -m snug.reference` prints it; a test keeps the
+README's copy current."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+from snug.config import _section_types, _user_fields, registered_methods, registered_stages
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(map(str, get_args(annotation)))  # escaped: a table cell
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(annotation))
+    if origin is list:
+        return f"list of {_type_name(get_args(annotation)[0])}"
+    return "null" if annotation is type(None) else annotation.__name__
+
+
+def reference_markdown() -> str:
+    """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
+    registered_methods()  # method.name's choices
+    lines = []
+    chosen = {"method": registered_methods(), "train": registered_stages()}
+    for name, cls in _section_types().items():
+        lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", *_key_table(cls)]
+        for choice in chosen.get(name, {}).values():  # each method's and stage's own keys
+            if choice.settings is not None:
+                title = f"#### `{name}` keys of `{choice.name}` — "
+                lines += [title + choice.settings.__doc__.strip(), ""]
+                lines += _key_table(choice.settings)
+    return "\n".join(lines)
+
+
+def _key_table(cls: type) -> list[str]:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    hints = typing.get_type_hints(cls)
+    for f in _user_fields(cls).values():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata["choices"]
+        kind = " \\| ".join(choices()) if choices else _type_name(hints[f.name])
+        lines.append(f"| `{f.name}` | {kind} | `{default!r}` | {f.metadata['doc']} |")
+    return [*lines, ""]
+
+
+if __name__ == "__main__":  # python -m snug.reference: print the reference for the README
+    print(reference_markdown())
