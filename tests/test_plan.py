@@ -191,7 +191,7 @@ def test_cuda_plan_rounds_like_the_caching_allocator():
 @pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw8bit", "lion8bit"])
 def test_8bit_stand_in_allocates_what_bitsandbytes_allocates(name, method):
     """On CPU, bitsandbytes' real optimizer state against the planner's stand-in."""
-    from snug.plan.simulate import _optimizer
+    from snug.plan.standins import _optimizer
 
     def state_bytes(optimizer) -> int:
         return sum(
@@ -222,7 +222,7 @@ def test_paged_stand_in_keeps_small_states_and_block_scales_on_the_device():
     smaller ones (LoRA matrices of a low rank) and every 8-bit block scale (absmax) are ordinary
     device memory, which the caching allocator counts. Nothing pages on CPU, so this checks the
     CUDA replay's stand-in against that rule."""
-    from snug.plan.simulate import EightBitStandIn, _optimizer
+    from snug.plan.standins import EightBitStandIn, _optimizer
 
     cfg = plan_config("full", False, optimizer="paged_adamw8bit")
     model = AutoModelForCausalLM.from_config(small_config())
