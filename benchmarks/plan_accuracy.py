@@ -225,8 +225,9 @@ def main() -> None:
     from snug.config import load_config
     from snug.plan.hardware import cpu_device, find_gpu, model_config
     from snug.plan.report import breakdown_line
-    from snug.plan.search import device_model, recommend, search
+    from snug.plan.search import recommend, search
     from snug.plan.simulate import simulate
+    from snug.plan.timing import device_model
 
     rows, tracked_errors, independent_errors, step_errors = [], [], [], {"typical": [], "plan": []}
     timing = device_model(cpu_device(), "fp32")

@@ -566,12 +566,12 @@ def test_search_tries_lora_on_each_base_and_prefers_the_full_precision_one():
 def test_a_search_in_worker_processes_finds_what_one_process_finds(monkeypatch):
     """`search` runs each method's search in a forked worker (one per core): the candidates,
     their plans and their order are the same as in one process."""
-    import snug.plan.search as search_module
+    import snug.plan.timing as timing
     from snug.plan.hardware import cpu_device
     from snug.plan.search import search
 
     # the CPU's matmul rate is measured at each search: the same one for both
-    monkeypatch.setattr(search_module, "_cpu_rate", lambda: 5e10)
+    monkeypatch.setattr(timing, "_cpu_rate", lambda: 5e10)
     cfg, config = plan_config("lora", True), small_config(layers=2)
     methods = ("full", "prompt")
     device = cpu_device(10 * 2**20)  # full does not fit; prompt does, with checkpointing

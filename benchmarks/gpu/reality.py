@@ -124,7 +124,8 @@ def run_one(spec: dict) -> dict:
     from snug.config import load_config
     from snug.plan.calibrate import cuda_context
     from snug.plan.hardware import cpu_device, find_gpu, model_config
-    from snug.plan.search import device_model, plan_one, precision_for
+    from snug.plan.search import plan_one
+    from snug.plan.timing import device_model, precision_for
     from snug.train.loop import run_training
 
     import_s = time.perf_counter() - started_imports

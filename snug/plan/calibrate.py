@@ -294,7 +294,7 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     import snug
 
     return Calibration(
-        device=device_key(device),  # the key plan/search.py:device_model looks up
+        device=device_key(device),  # the key plan/timing.py:device_model looks up
         date=datetime.date.today().isoformat(),
         precision=precision,
         rate_flops=1 / a if a > 0 else 0.0,

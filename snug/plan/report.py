@@ -13,16 +13,10 @@ from rich.table import Table
 
 from snug.config import Config, load_config, save_config
 from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
-from snug.plan.search import (
-    Candidate,
-    device_model,
-    plan_one,
-    precision_for,
-    recommend,
-    search,
-)
+from snug.plan.search import Candidate, plan_one, recommend, search
 from snug.plan.simulate import PlanError, simulate, with_overrides
 from snug.plan.simulate import explain as explain_peak
+from snug.plan.timing import device_model, precision_for
 
 
 def resolve_device(args, cfg: Config) -> Device:

@@ -1,0 +1,98 @@
+"""What a plan's step time and reserved memory are computed from for a device: its
+`snug calibrate` entry, else typical values (this CPU's measured matmul rate, the GPU table's
+peak rates); and the precision a plan assumes on it."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from snug.config import Config
+from snug.plan import calibration
+from snug.plan.calibration import StepModel
+from snug.plan.hardware import GIB, Device, device_key
+from snug.plan.simulate import PlanError
+
+# Terms between the peak of live tensors and what the device must hold; each carries its
+# source into the plan's output. `snug calibrate` replaces the context and scales the
+# allocator term by what it measured (plan/calibration.py).
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)
+CUDA_CONTEXT_SOURCE = (
+    "CUDA context with torch: a typical 0.5 GiB; 0.511 GiB measured on an H200 with torch 2.11 "
+    "(benchmarks/results/gpu-2026-11-27-H200.md)"
+)
+ALLOCATOR_SOURCE = (
+    "what the CUDA caching allocator reserves beyond the peak of live tensors "
+    "(max_memory_reserved - peak): its rules (512-byte blocks, 2 and 20 MiB segments, best "
+    "fit, splitting, merging, no release) replayed over the storages the replay makes and "
+    "frees, from loading through the first steps (snug/plan/allocator.py); within 2% of "
+    "max_memory_reserved on 13 H200 runs (benchmarks/results/gpu-2026-11-27-H200-run2.md)"
+)
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
+
+TYPICAL = "typical values, not calibrated"
+
+
+def _cpu_rate() -> float:
+    """This CPU's fp32 matmul rate (FLOP/s), measured now: a few 1024 x 1024 products."""
+    a = torch.randn(1024, 1024)
+    a @ a
+    started, n = time.perf_counter(), 8
+    for _ in range(n):
+        a @ a
+    return n * 2 * 1024**3 / (time.perf_counter() - started)
+
+
+def device_model(device: Device, precision: str, calibrated: bool = True) -> StepModel:
+    """The step-time and reserved-memory inputs for `device`: its `snug calibrate` entry when
+    there is one (and `calibrated`), else typical values (plan/calibration.py says which)."""
+    cal = calibration.load(device_key(device)) if calibrated else None
+    family = precision.split("-")[0]
+    if cal is not None:
+        rate = cal.rate_flops
+        if device.type == "cuda" and family != cal.precision.split("-")[0]:
+            # calibrated in another dtype: scale by the table's ratio of the two rates
+            ours, theirs = _table_tflops(device, family), _table_tflops(device, cal.precision)
+            rate = rate * ours / theirs if ours and theirs else None
+        return StepModel(
+            rate_flops=rate,
+            op_seconds=cal.op_seconds,
+            bandwidth_gbs=cal.bandwidth_gbs if device.type == "cuda" else None,
+            source=cal.label(),
+            context_bytes=cal.context_bytes,
+            reserved_ratio=cal.reserved_ratio,
+            traffic_gbs=cal.traffic_gbs,
+        )
+    if device.type == "cpu":
+        return StepModel(_cpu_rate(), calibration.CPU_OP_SECONDS, None, TYPICAL)
+    tflops = _table_tflops(device, family)
+    return StepModel(
+        rate_flops=tflops * 1e12 * calibration.GPU_EFFICIENCY if tflops else None,
+        op_seconds=calibration.GPU_OP_SECONDS,
+        bandwidth_gbs=device.bandwidth_gbs,
+        source=TYPICAL,
+    )
+
+
+def _table_tflops(device: Device, precision: str) -> float | None:
+    return {
+        "bf16": device.bf16_tflops,
+        "fp16": device.fp16_tflops,
+        "fp32": device.fp32_tflops,
+    }[precision.split("-")[0]]
+
+
+def precision_for(device: Device, cfg: Config | None = None) -> str:
+    """The config's train.precision when it names one (the plan of a config is the plan of
+    that config), else what training picks on that device for `auto`."""
+    if cfg is not None and cfg.train.precision != "auto":
+        chosen = cfg.train.precision
+        if chosen.startswith("bf16") and device.type == "cuda" and not device.supports_bf16:
+            raise PlanError(
+                f"train.precision={chosen}: {device.name} has no bf16; use fp16-mixed or auto."
+            )
+        return chosen
+    if device.type == "cpu":
+        return "fp32"
+    return "bf16-mixed" if device.supports_bf16 else "fp16-mixed"
