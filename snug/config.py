@@ -444,24 +444,47 @@ MOVED = {"method.cls_head": "train.cls_head"}  # (and how resume reads old check
 
 
 def _build_chosen(
-    cls: type, values: dict[str, Any], section: str, choice: str, settings: Any, origins: Origins
+    cls: type,
+    values: dict[str, Any],
+    section: str,
+    choice: str,
+    registry: dict[str, Any],
+    origins: Origins,
+    drop_foreign: bool = False,
 ) -> Any:
-    """A section whose key `choice` picks a registered method or stage: the keys every choice
-    shares, and the chosen one's own (`settings(name)`: its dataclass or None), each checked
-    against its declaration."""
+    """A section whose key `choice` picks a registered method or stage (`registry`: name ->
+    its record, whose `.settings` is its dataclass of own keys or None): the keys every choice
+    shares, and the chosen one's own, each checked against its declaration. A key another
+    choice declares is refused naming that choice, or dropped with `drop_foreign` (a run's
+    config written by an earlier snug, whose sections held every method's keys)."""
     default = _user_fields(cls)[choice].default
     base = _build_section(cls, {choice: values.get(choice, default)}, section, origins)
-    own_cls = settings(getattr(base, choice))
+    chosen = getattr(base, choice)
+    own_cls = registry[chosen].settings
     own_names = list(_user_fields(own_cls)) if own_cls else []
+    foreign: dict[str, list[str]] = {}
+    for name, record in registry.items():
+        for key in _user_fields(record.settings) if record.settings else ():
+            if key not in own_names and name != chosen:
+                foreign.setdefault(key, []).append(name)
     shared = {k: v for k, v in values.items() if k not in own_names}
     own = {k: v for k, v in values.items() if k in own_names}
-    for key in shared:
+    for key in list(shared):
         if key in _user_fields(cls):
             continue
         where = origins.of(f"{section}.{key}")
         if f"{section}.{key}" in MOVED:
             raise ConfigError(
                 f"{where}: '{section}.{key}' has moved: set {MOVED[f'{section}.{key}']} instead."
+            )
+        if key in foreign and drop_foreign:
+            del shared[key]
+            continue
+        if key in foreign:
+            raise ConfigError(
+                f"{where}: {section}.{key} is a key of {section}.{choice}="
+                f"{', '.join(foreign[key])}, not of {section}.{choice}={chosen}"
+                + (f" (whose keys are {', '.join(own_names)})." if own_names else ".")
             )
         raise ConfigError(
             f"{where}: unknown key '{section}.{key}'"
@@ -539,23 +562,10 @@ def check_combinations(cfg: Config, source: str) -> None:
         )
     stage = registered_stages()[t.stage]
     stage.check(cfg, source)
-    if cfg.method.trainable_layers == 0 and not (cfg.method.name == "freeze" and stage.classifier):
-        raise ConfigError(
-            f"{source}: method.trainable_layers=0 (head only) is for method.name=freeze "
-            "with train.stage=cls."
-        )
-    if cfg.method.lora_plus_ratio is not None and cfg.method.name not in ("lora", "dora"):
-        raise ConfigError(
-            f"{source}: method.lora_plus_ratio is for lora and dora, not {cfg.method.name}."
-        )
-    if cfg.method.unfreeze_every is not None and (
-        cfg.method.name != "freeze" or cfg.method.trainable_modules
-    ):
-        raise ConfigError(
-            f"{source}: method.unfreeze_every works with method.name=freeze by layers "
-            "(trainable_layers), not with trainable_modules or other methods."
-        )
-    virtual = registered_methods()[cfg.method.name].virtual_tokens
+    method = registered_methods()[cfg.method.name]
+    if method.check is not None:
+        method.check(cfg, source)
+    virtual = method.virtual_tokens
     if d.packing and (stage.no_packing_because or virtual):
         what = (
             f"train.stage={t.stage}"
@@ -597,11 +607,6 @@ def _check_dist(cfg: Config, source: str) -> None:
             "bitsandbytes' LLM.int8 weights keep their scales on the parameter object, which "
             "DDP/FSDP wrapping does not carry; use model.quant=4bit (QLoRA shards) or none."
         )
-    if cfg.method.name == "freeze" and cfg.method.unfreeze_every is not None:
-        raise ConfigError(
-            f"{source}: method.unfreeze_every changes the trainable set during training, which "
-            "DDP and FSDP fix at wrapping; leave it unset with dist.strategy."
-        )
     if cfg.memory.auto_fit:
         raise ConfigError(
             f"{source}: memory.auto_fit plans one device; with dist.strategy set micro_batch, "
@@ -621,13 +626,22 @@ def config_from_dict(
     source: str = "config",
     origins: Origins | None = None,
     base: Path | None = None,
+    drop_foreign: bool = False,
 ) -> Config:
     """A checked config from sections of plain values. `base`: the folder relative paths of the
-    file's keys are read from (None: the current directory)."""
+    file's keys are read from (None: the current directory). `drop_foreign`: a run's saved
+    config.yaml, where an earlier snug wrote every method's keys (see _build_chosen)."""
     origins = origins or Origins(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections.")
     sections = _section_types()
+    if drop_foreign:  # an earlier snug's run config: keys since moved go to their new place
+        for old, new in MOVED.items():
+            (s, k), (s2, k2) = old.split("."), new.split(".")
+            if isinstance(raw.get(s), dict) and k in raw[s]:
+                value = raw[s].pop(k)
+                if isinstance(raw.setdefault(s2, {}), dict):
+                    raw[s2].setdefault(k2, value)
     registered_methods()  # snug's own methods registered: method.name's choices
     registered_stages()  # likewise train.stage's
     built = {}
@@ -643,11 +657,11 @@ def config_from_dict(
             raise ConfigError(f"{origins.of(name)}: section '{name}' must be a mapping of keys.")
         if name == "method":
             built[name] = _build_chosen(
-                MethodConfig, values, name, "name", lambda n: METHODS[n].settings, origins
+                MethodConfig, values, name, "name", METHODS, origins, drop_foreign
             )
         elif name == "train":
             built[name] = _build_chosen(
-                TrainConfig, values, name, "stage", lambda n: STAGES[n].settings, origins
+                TrainConfig, values, name, "stage", STAGES, origins, drop_foreign
             )
         else:
             built[name] = _build_section(sections[name], values, name, origins)
@@ -670,9 +684,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"{where}: the value is not valid YAML; quote it.") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), run_config: bool = False
+) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate everything.
-    Relative paths in the file are read from the file's folder."""
+    Relative paths in the file are read from the file's folder. `run_config`: the config.yaml
+    a training run saved (an earlier snug's holds other methods' keys, which had no effect)."""
     raw: dict[str, Any] = {}
     source = "config"
     lines: dict[str, int] = {}
@@ -701,7 +718,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if raw[section] is None:
             raw[section] = {}
         raw[section][key] = value
-    return config_from_dict(raw, source, origins, base)
+    return config_from_dict(raw, source, origins, base, drop_foreign=run_config)
 
 
 def save_config(cfg: Config, path: Path) -> None:

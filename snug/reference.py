@@ -31,11 +31,14 @@ def reference_markdown() -> str:
     chosen = {"method": registered_methods(), "train": registered_stages()}
     for name, cls in _section_types().items():
         lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", *_key_table(cls)]
-        for choice in chosen.get(name, {}).values():  # each method's and stage's own keys
+        owners: dict[type, list[str]] = {}  # each method's and stage's own keys, once
+        for choice in chosen.get(name, {}).values():
             if choice.settings is not None:
-                title = f"#### `{name}` keys of `{choice.name}` — "
-                lines += [title + choice.settings.__doc__.strip(), ""]
-                lines += _key_table(choice.settings)
+                owners.setdefault(choice.settings, []).append(f"`{choice.name}`")
+        for settings, names in owners.items():
+            title = f"#### `{name}` keys of {', '.join(names)} — "
+            lines += [title + settings.__doc__.strip(), ""]
+            lines += _key_table(settings)
     return "\n".join(lines)
 
 

@@ -15,13 +15,13 @@ snug.config and the method modules can import it without a cycle.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from snug.errors import UserError
-from snug.fields import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from snug.fields import setting as _f
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ class Method:
     shardable: bool = False
     # Why it cannot train under gradient checkpointing ("" if it can).
     no_checkpointing_because: str = ""
+    # Why it cannot train a classifier stage such as train.stage=cls ("" if it can).
+    no_classifier_because: str = ""
     # The planner: its rank when the search recommends among fitting candidates (lower is
     # better; from benchmarks/results/methods-2026-11-25.md), whether a search without
     # --method tries it, and the quantized bases it is also tried on: (search label,
@@ -84,6 +86,9 @@ class Method:
     # snug.fields.setting (default, doc, check); validated and documented with the others,
     # read in `apply` as `cfg.own` (None: no keys of its own).
     settings: type | None = None
+    # Checks across sections for this method (e.g. freeze's head-only needs a classifier
+    # stage): (config, its source for the error) -> raises snug.errors.ConfigError.
+    check: Callable[[Any, str], None] | None = None
 
     def own(self, cfg: MethodConfig) -> Any:
         """This method's own settings in `cfg` (their defaults when the config has none)."""
@@ -174,51 +179,56 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-@dataclass
+@dataclass(init=False)
 class MethodConfig:
-    """The fine-tuning method and its settings."""
+    """The fine-tuning method; each method's own keys follow."""
+
+    # Each method declares its own keys (`Method.settings`), which sit flat beside `name` in
+    # the `method:` section and are read as attributes of this section (`cfg.method.r`) or as
+    # `cfg.method.own`; a key of another method is refused, naming the methods it belongs to.
+    # In code: `MethodConfig(name="lora", r=4)` (the method's other keys take their defaults).
 
     name: str = _f(
         "lora",
         "Fine-tuning method (each one a module of snug/methods/).",
         choices=lambda: tuple(METHODS),
     )
-    r: int = _f(8, "LoRA/DoRA rank.", AT_LEAST_1)
-    alpha: float = _f(
-        16, "LoRA/DoRA scaling numerator: the update is scaled by alpha / r.", POSITIVE
-    )
-    dropout: float = _f(0.0, "Dropout on the LoRA/DoRA input.", (lambda v: 0 <= v < 1, "in [0, 1)"))
-    targets: str | list[str] = _f(
-        "all-linear", "Modules that get adapters: all-linear, or a list of module names."
-    )
-    rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r) instead.")
-    lora_plus_ratio: float | None = _f(
-        None, "LoRA+: the B matrices learn this many times faster than A (e.g. 16).", POSITIVE
-    )
-    trainable_layers: int = _f(
-        2,
-        "freeze: the last N decoder layers train (0 with train.stage=cls: the head only); "
-        "llama_adapter: adapted top layers.",
-        NON_NEGATIVE,
-    )
-    trainable_modules: list[str] | None = _f(
-        None, "freeze: train the modules whose names match these glob patterns instead."
-    )
-    unfreeze_every: int | None = _f(
-        None,
-        "freeze: progressive unfreezing: start with the top layer and add the next one down every "
-        "N steps, up to trainable_layers.",
-        AT_LEAST_1,
-    )
-    extra_modules: list[str] = _f(
-        [],
-        "freeze: also train modules whose names contain these (e.g. embed_tokens, lm_head, norm).",
-    )
-    num_virtual_tokens: int = _f(
-        20, "prefix, prompt, ptuning, llama_adapter: virtual tokens.", AT_LEAST_1
-    )
-    bottleneck: int = _f(
-        64, "adapter: bottleneck width; ptuning: width of the prompt encoder.", AT_LEAST_1
-    )
     # The chosen method's own keys (Method.settings), set when a config is built.
     own: Any = field(default=None, repr=False, metadata={"internal": True})
+
+    def __init__(self, name: str = "lora", own: Any = None, **keys: Any) -> None:
+        self.name, self.own = name, own
+        settings = _method_or_none(name)
+        if own is None and settings is not None:
+            self.own = settings(**keys)  # TypeError names a key the method does not declare
+        elif keys:
+            raise TypeError(f"method {name!r} declares no keys {sorted(keys)} (or give own=)")
+
+    def __getattr__(self, key: str) -> Any:
+        # only reached for names that are not fields: the chosen method's own keys
+        own = self.__dict__.get("own")
+        if key.startswith("__") or own is None or not hasattr(own, key):
+            raise AttributeError(
+                f"method.{key}: not a key of method.name={self.__dict__.get('name')!r}"
+            )
+        return getattr(own, key)
+
+
+def _method_or_none(name: str) -> type | None:
+    if name not in METHODS:  # snug's own register as snug.methods is imported
+        import importlib
+
+        importlib.import_module("snug.methods")
+    return METHODS[name].settings if name in METHODS else None
+
+
+def with_method(section: MethodConfig, name: str) -> MethodConfig:
+    """The method section switched to method `name` (a search trying another method): the own
+    keys the two methods share keep their values (a LoRA rank for DoRA), the rest are the new
+    method's defaults."""
+    settings = get_method(name).settings
+    if settings is None:
+        return MethodConfig(name=name)
+    old = dataclasses.asdict(section.own) if section.own is not None else {}
+    names = {f.name for f in dataclasses.fields(settings)}
+    return MethodConfig(name=name, own=settings(**{k: v for k, v in old.items() if k in names}))

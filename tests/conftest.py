@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -101,6 +102,16 @@ def cpu_opts(**changes):
         "offload_activations": False,
     }
     return StepOptions(**{**base, **changes})
+
+
+def method_keys(name: str, /, **keys):
+    """The keys among `keys` that method `name` declares (snug/methods/: each method has its
+    own), for tests that give one set of settings to every method."""
+    from snug.registry import get_method
+
+    settings = get_method(name).settings
+    declared = {f.name for f in dataclasses.fields(settings)} if settings else set()
+    return {k: v for k, v in keys.items() if k in declared}
 
 
 # The longest files first (measured: `pytest --durations=0`, summed per file). `make test` runs

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from snug.config import Config, ConfigError, config_from_dict, load_config
 from snug.methods import get_method
@@ -113,3 +114,72 @@ def test_readme_config_reference_is_current():
     assert reference_markdown() in readme, (
         "README config reference is stale: run python -m snug.reference"
     )
+
+
+def test_each_method_takes_only_its_own_keys():
+    """Each method declares its keys in its own module: another method's key is refused naming
+    the methods it belongs to; the same name may mean different things to two methods."""
+    with pytest.raises(ConfigError, match=r"method.r is a key of method.name=lora, dora, not of "):
+        config_from_dict({"method": {"name": "full", "r": 16}})
+    with pytest.raises(ConfigError, match=r"lora_plus_ratio is a key of method.name=lora, dora"):
+        config_from_dict({"method": {"name": "ia3", "lora_plus_ratio": 16}})
+    with pytest.raises(ConfigError, match=r"method.rr'; did you mean 'r'"):
+        config_from_dict({"method": {"name": "lora", "rr": 16}})
+    # bottleneck: the adapter's width and P-tuning's encoder width, each documented by its owner
+    adapter = config_from_dict({"method": {"name": "adapter", "bottleneck": 16}})
+    ptuning = config_from_dict({"method": {"name": "ptuning", "bottleneck": 32}})
+    assert (adapter.method.bottleneck, ptuning.method.bottleneck) == (16, 32)
+    assert adapter.to_dict()["method"] == {"name": "adapter", "bottleneck": 16}
+    reference = reference_markdown()
+    assert "`method` keys of `ptuning`" in reference and "Width of the prompt encoder" in reference
+    # cross-key rules live with the method that has the keys (snug/methods/freeze.py)
+    with pytest.raises(ConfigError, match=r"trainable_layers=0 \(head only\) needs a classifier"):
+        config_from_dict({"method": {"name": "freeze", "trainable_layers": 0}})
+    with pytest.raises(ConfigError, match=r"unfreeze_every unfreezes by layers"):
+        config_from_dict(
+            {"method": {"name": "freeze", "unfreeze_every": 2, "trainable_modules": ["x"]}}
+        )
+    with pytest.raises(ConfigError, match=r"llama_adapter cannot classify: peft supports"):
+        config_from_dict({"method": {"name": "llama_adapter"}, "train": {"stage": "cls"}})
+    with pytest.raises(ConfigError, match=r"method.trainable_layers is 0, but must be at least"):
+        config_from_dict({"method": {"name": "llama_adapter", "trainable_layers": 0}})
+
+
+def test_switching_methods_keeps_shared_keys_and_old_run_configs_still_load(tmp_path):
+    """A search moving a config to another method keeps the keys both declare; a run's
+    config.yaml written before methods had keys of their own (every method's keys, and
+    method.cls_head) still loads for merge and chat, and resumes without a false change."""
+    from snug.plan.simulate import with_overrides
+    from snug.train.resume import config_drift
+
+    cfg = config_from_dict({"method": {"name": "lora", "r": 32, "alpha": 64}})
+    dora = with_overrides(cfg, method={"name": "dora"})
+    assert (dora.method.name, dora.method.r, dora.method.alpha) == ("dora", 32, 64)
+    full = with_overrides(cfg, method={"name": "full"})
+    assert full.to_dict()["method"] == {"name": "full"}
+    old_method = {
+        "name": "full",
+        "r": 8,
+        "alpha": 16,
+        "dropout": 0.0,
+        "targets": "all-linear",
+        "rslora": False,
+        "lora_plus_ratio": None,
+        "trainable_layers": 2,
+        "trainable_modules": None,
+        "unfreeze_every": None,
+        "extra_modules": [],
+        "num_virtual_tokens": 20,
+        "bottleneck": 64,
+        "cls_head": "linear",
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"method": old_method}))
+    with pytest.raises(ConfigError, match=r"method.alpha is a key of method.name=lora, dora"):
+        load_config(tmp_path / "config.yaml")  # a user's config: refused
+    old = load_config(tmp_path / "config.yaml", run_config=True)  # a run's own: read
+    assert old.to_dict()["method"] == {"name": "full"}
+    now = config_from_dict({"method": {"name": "full"}}).to_dict()
+    assert config_drift({**now, "method": old_method}, now) == []
+    changed = config_from_dict({"method": {"name": "lora", "r": 16}}).to_dict()
+    saved = {**changed, "method": {**old_method, "name": "lora"}}
+    assert config_drift(saved, changed) == ["method.r: 8 -> 16"]

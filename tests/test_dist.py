@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from snug.cli import main
 
-from conftest import ROOT
+from conftest import ROOT, method_keys
 
 pytestmark = pytest.mark.slow  # every test here starts real processes (2 gloo ranks)
 
@@ -44,7 +44,7 @@ def raw_config(out: Path, strategy: str, method: str = "lora", **train) -> dict:
     nproc = 1 if strategy == "none" else 2
     return {
         "model": {"name_or_path": str(ROOT / "models/tiny")},
-        "method": {"name": method, "r": 4, "dropout": 0.0},
+        "method": {"name": method, **method_keys(method, r=4, dropout=0.0)},
         "data": {"train": str(ROOT / "data/instruct/train.jsonl"), "max_samples": 24},
         "train": {
             "epochs": 2,

@@ -28,7 +28,7 @@ import yaml
 
 from snug.cli import main
 
-from conftest import ROOT, make_tiny_model, write_jsonl
+from conftest import ROOT, make_tiny_model, method_keys, write_jsonl
 
 WORDS = "red blue green cat dog sun moon tree".split()
 CONFIG = {
@@ -64,6 +64,9 @@ class World:
         for key, value in changes.items():
             section, name = key.split("__")
             raw[section][name] = value
+        # a case that switches the method keeps the keys the new method has (r for lora)
+        name = raw["method"]["name"]
+        raw["method"] = {"name": name, **method_keys(name, **raw["method"])}
         return raw
 
     def write_config(self, name: str = "cfg.yaml", text: str | None = None, **changes) -> Path:

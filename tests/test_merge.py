@@ -17,6 +17,8 @@ from snug.methods import apply_method
 from snug.models.load import load_model
 from snug.train.loop import _save_final
 
+from conftest import method_keys
+
 CPU = torch.device("cpu")
 
 
@@ -28,8 +30,7 @@ def make_run(tmp_path, base, method: str, quant: str = "none"):
         [
             f"model.name_or_path={base}",
             f"method.name={method}",
-            "method.r=4",
-            "method.num_virtual_tokens=4",
+            *(f"method.{k}={v}" for k, v in method_keys(method, r=4, num_virtual_tokens=4).items()),
             f"model.quant={quant}",
             # prefix tuning's cache does not survive checkpointing (config.py refuses both)
             f"memory.grad_checkpointing={str(method != 'prefix').lower()}",

@@ -11,7 +11,7 @@ from snug.methods import apply_method, count_params, get_method
 from snug.train.loop import _save_final
 from snug.train.step import train_step
 
-from conftest import cpu_opts
+from conftest import cpu_opts, method_keys
 
 OPTS = cpu_opts(
     max_grad_norm=1.0,
@@ -140,7 +140,8 @@ def test_every_method_learns_keeps_frozen_weights_and_round_trips(name, tokenize
     from conftest import TINY_BASE
 
     cfg = Config()
-    cfg.method = MethodConfig(name=name, r=4, num_virtual_tokens=8, trainable_layers=1)
+    keys = method_keys(name, r=4, num_virtual_tokens=8, trainable_layers=1)
+    cfg.method = MethodConfig(name=name, **keys)
     model = apply_method(AutoModelForCausalLM.from_pretrained(TINY_BASE), cfg.method)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -191,7 +192,9 @@ def test_trainable_params_match_each_methods_formula():
     }
     for name, count in expected.items():
         model = AutoModelForCausalLM.from_pretrained(TINY_BASE)
-        method = MethodConfig(name=name, num_virtual_tokens=n, trainable_layers=1)
+        method = MethodConfig(
+            name=name, **method_keys(name, num_virtual_tokens=n, trainable_layers=1)
+        )
         assert count_params(apply_method(model, method))[0] == count, name
 
 
@@ -311,7 +314,7 @@ def test_every_adapter_trains_in_bf16_true(name, tokenizer):
     from conftest import TINY_BASE
 
     base = AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=torch.bfloat16)
-    cfg = MethodConfig(name=name, r=4, num_virtual_tokens=8)
+    cfg = MethodConfig(name=name, **method_keys(name, r=4, num_virtual_tokens=8))
     model = apply_method(base, cfg, trainable_dtype=torch.bfloat16)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}

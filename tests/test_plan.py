@@ -15,6 +15,8 @@ from snug.train.optim import build_optimizer
 from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
 
+from conftest import method_keys
+
 FAMILIES = {
     "llama": {},
     "qwen2": {"tie_word_embeddings": True},  # the replay must keep tied weights tied
@@ -254,7 +256,7 @@ def test_replay_of_peft_methods_on_a_bf16_base_under_bf16_mixed_is_exact(method,
         plan_config(method, gc),
         model={"dtype": "bfloat16"},
         train={"precision": "bf16-mixed"},
-        method={"trainable_layers": 3, "num_virtual_tokens": 10},
+        method=method_keys(method, trainable_layers=3, num_virtual_tokens=10),
     )
     config = small_config()
     predicted = simulate(cfg, config, 64, "cpu", "bf16-mixed", extend=False)
@@ -657,7 +659,8 @@ def test_every_method_plans_under_every_precision(method, precision):
     its AdamW state holds two moments per trainable weight in the trainable weights' dtype:
     fp32 master weights except under bf16-true. CUDA rounds each storage up to 512 bytes,
     which on these adapters adds under 1%."""
-    over = [f"method.name={method}", "method.num_virtual_tokens=8", "method.trainable_layers=1"]
+    own = method_keys(method, num_virtual_tokens=8, trainable_layers=1)
+    over = [f"method.name={method}", *(f"method.{k}={v}" for k, v in own.items())]
     over += ["train.micro_batch=1", "train.grad_accum=1", f"train.precision={precision}"]
     if method == "prefix":  # transformers drops the prefix cache under checkpointing
         over.append("memory.grad_checkpointing=false")

@@ -31,7 +31,7 @@ from snug.train.outputs import complete_checkpoints, recover
 from snug.train.resume import EXIT_STOPPED, ResumeError
 from snug.train.statefile import load_state
 
-from conftest import ROOT
+from conftest import ROOT, method_keys
 
 # 24 samples, micro-batch 2 x accumulation 2: 6 steps an epoch, 2 epochs, shuffled per epoch;
 # LoRA dropout, so a resume that did not restore the RNG would differ.
@@ -56,6 +56,9 @@ def raw_config(out: Path, **sections) -> dict:
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
+    # a run that switches the method keeps the keys the new method has (r for lora)
+    name = raw["method"]["name"]
+    raw["method"] = {"name": name, **method_keys(name, **raw["method"])}
     return raw
 
 

@@ -18,7 +18,7 @@ from snug.train.loop import run_training
 from snug.train.memory import StepPeaks
 from snug.train.outputs import OutputDirError
 
-from conftest import ROOT, make_tiny_model
+from conftest import ROOT, make_tiny_model, method_keys
 
 INSTRUCT = ROOT / "data/instruct"
 
@@ -46,6 +46,9 @@ def tiny_run(tmp_path, model_path, **sections) -> dict:
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
+    # a run that switches the method keeps the keys the new method has (r for lora)
+    name = raw["method"]["name"]
+    raw["method"] = {"name": name, **method_keys(name, **raw["method"])}
     return raw
 
 

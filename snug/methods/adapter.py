@@ -6,10 +6,13 @@ the base model. Written here because peft has no such method; saved in snug's ow
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from snug.fields import AT_LEAST_1
+from snug.fields import setting as _f
 from snug.registry import Method, MethodConfig, register
 
 if TYPE_CHECKING:
@@ -17,6 +20,13 @@ if TYPE_CHECKING:
     from torch import nn
 
 CONFIG_FILE, WEIGHTS_FILE = "snug_adapter.json", "snug_adapter.safetensors"
+
+
+@dataclass
+class AdapterSettings:
+    """Bottleneck blocks after attention and MLP in every layer (snug's own)."""
+
+    bottleneck: int = _f(64, "Bottleneck width of each adapter block.", AT_LEAST_1)
 
 
 @cache
@@ -112,5 +122,6 @@ register(
         unmergeable_because="bottleneck adapters add a non-linear block (down, activation, up) "
         "after attention and MLP, which no base weight can absorb",
         quality=8,
+        settings=AdapterSettings,
     )
 )

@@ -3,13 +3,60 @@ no such method, and it is a few lines over module names."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fnmatch import fnmatch
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from snug.registry import Method, MethodConfig, register
+from snug.errors import ConfigError
+from snug.fields import AT_LEAST_1, NON_NEGATIVE
+from snug.fields import setting as _f
+from snug.registry import Method, MethodConfig, get_stage, register
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+@dataclass
+class FreezeSettings:
+    """Only the top decoder layers (or the modules named by pattern) train."""
+
+    trainable_layers: int = _f(
+        2,
+        "The last N decoder layers train (0 with a classifier stage such as train.stage=cls: "
+        "the head only).",
+        NON_NEGATIVE,
+    )
+    trainable_modules: list[str] | None = _f(
+        None, "Train the modules whose names match these glob patterns instead."
+    )
+    unfreeze_every: int | None = _f(
+        None,
+        "Progressive unfreezing: start with the top layer and add the next one down every N "
+        "steps, up to trainable_layers.",
+        AT_LEAST_1,
+    )
+    extra_modules: list[str] = _f(
+        [], "Also train modules whose names contain these (e.g. embed_tokens, lm_head, norm)."
+    )
+
+
+def check_freeze(cfg: Any, source: str) -> None:
+    m = cfg.method
+    if m.trainable_layers == 0 and not get_stage(cfg.train.stage).classifier:
+        raise ConfigError(
+            f"{source}: method.trainable_layers=0 (head only) needs a classifier stage "
+            "(train.stage=cls)."
+        )
+    if m.unfreeze_every is not None and m.trainable_modules:
+        raise ConfigError(
+            f"{source}: method.unfreeze_every unfreezes by layers (trainable_layers), not "
+            "with trainable_modules."
+        )
+    if m.unfreeze_every is not None and cfg.dist.strategy != "none":
+        raise ConfigError(
+            f"{source}: method.unfreeze_every changes the trainable set during training, which "
+            "DDP and FSDP fix at wrapping; leave it unset with dist.strategy."
+        )
 
 
 def apply_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -61,5 +108,7 @@ register(
         "to fold in",
         shardable=True,
         quality=6,
+        settings=FreezeSettings,
+        check=check_freeze,
     )
 )

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from snug.fields import setting as _f
 from snug.registry import Method, MethodConfig, peft_task, register
 
 if TYPE_CHECKING:
     from torch import nn
 
 FEEDFORWARD = ("down_proj", "fc2", "w2", "c_proj")  # modules whose *input* IA3 rescales
+
+
+@dataclass
+class IA3Settings:
+    """Learned vectors that rescale keys, values and the MLP's inner activations (peft)."""
+
+    targets: str | list[str] = _f(
+        "all-linear",
+        "Modules that get IA3 vectors: all-linear (peft's choice per architecture: keys, values "
+        "and the MLP's down projection), or a list of module names.",
+    )
 
 
 def apply_ia3(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -26,6 +39,13 @@ def apply_ia3(model: nn.Module, cfg: MethodConfig) -> nn.Module:
 
 register(
     Method(
-        "ia3", apply_ia3, output="adapter", mergeable=True, peft_type="IA3", tuner="ia3", quality=7
+        "ia3",
+        apply_ia3,
+        output="adapter",
+        mergeable=True,
+        peft_type="IA3",
+        tuner="ia3",
+        quality=7,
+        settings=IA3Settings,
     )
 )

@@ -3,12 +3,23 @@ attention. peft supports it for llama- and mistral-style attention."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from snug.fields import AT_LEAST_1
+from snug.fields import setting as _f
 from snug.registry import Method, MethodConfig, register
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+@dataclass
+class LlamaAdapterSettings:
+    """Gated learned prompts in the top layers' attention (peft)."""
+
+    num_virtual_tokens: int = _f(20, "Length of each layer's adaption prompt.", AT_LEAST_1)
+    trainable_layers: int = _f(2, "Top decoder layers that get an adaption prompt.", AT_LEAST_1)
 
 
 def apply_llama_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -36,7 +47,9 @@ register(
         "top layers, which no base weight can absorb",
         peft_type="ADAPTION_PROMPT",
         virtual_tokens=True,
+        no_classifier_because="peft supports adaption prompts for causal LMs only",
         quality=12,
         searched=False,
+        settings=LlamaAdapterSettings,
     )
 )

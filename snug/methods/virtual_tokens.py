@@ -3,12 +3,29 @@ prompt tuning (learned input embeddings), P-tuning (prompt embeddings from a sma
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from snug.fields import AT_LEAST_1
+from snug.fields import setting as _f
 from snug.registry import Method, MethodConfig, peft_task, register
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+@dataclass
+class VirtualTokenSettings:
+    """Learned key/value prefixes in every layer (prefix) or input embeddings (prompt), peft."""
+
+    num_virtual_tokens: int = _f(20, "Virtual tokens (prefix positions) learned.", AT_LEAST_1)
+
+
+@dataclass
+class PTuningSettings(VirtualTokenSettings):
+    """Prompt embeddings made by a small trained encoder (peft)."""
+
+    bottleneck: int = _f(64, "Width of the prompt encoder (an MLP).", AT_LEAST_1)
 
 
 def apply_prefix(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -63,6 +80,7 @@ register(
         "attention cache, which transformers turns off under gradient checkpointing",
         virtual_tokens=True,
         quality=9,
+        settings=VirtualTokenSettings,
     )
 )
 VIRTUAL_KEYS = dict(output="adapter", mergeable=False, virtual_tokens=True)
@@ -74,6 +92,7 @@ register(
         unmergeable_because=VIRTUAL,
         peft_type="PROMPT_TUNING",
         quality=10,
+        settings=VirtualTokenSettings,
     )
 )
 register(
@@ -85,5 +104,6 @@ register(
         peft_type="P_TUNING",
         quality=11,
         searched=False,
+        settings=PTuningSettings,
     )
 )

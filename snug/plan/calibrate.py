@@ -40,7 +40,7 @@ from snug.models.load import resolve_dtype
 from snug.plan.calibration import Calibration, fit_step_time
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
 from snug.plan.simulate import PlanError, simulate, with_depth
-from snug.train.optim import build_optimizer
+from snug.train.optim import build_optimizer, lora_plus_ratio
 from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
 
@@ -195,7 +195,7 @@ def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
     model = prepare_for_training(model, cfg, precision)
     opts = step_options(cfg, where, precision)
     optimizer = build_optimizer(
-        model, cfg.memory, cfg.train, cfg.method.lora_plus_ratio, where.type == "cuda"
+        model, cfg.memory, cfg.train, lora_plus_ratio(cfg.method), where.type == "cuda"
     )
 
     def batch() -> dict:

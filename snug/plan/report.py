@@ -155,17 +155,22 @@ def searched_keys(method_given: bool, num_gpus: int) -> list[str]:
 def held_fixed(cfg: Config, searched: list[str], config_path: str | None = None) -> dict:
     """The keys the config sets (differs from the defaults on, its paths read as the config's
     are) that the search keeps."""
+    import dataclasses
+
     from snug.config import config_from_dict
+    from snug.registry import MethodConfig
 
     base = Path(config_path).resolve().parent if config_path else None
     default = config_from_dict({}, base=base).to_dict()
+    own = MethodConfig(name=cfg.method.name).own  # the method's own keys: their defaults
+    default["method"].update(dataclasses.asdict(own) if own is not None else {})
     held = {}
     for section, values in cfg.to_dict().items():
         for key, value in values.items():
             name = f"{section}.{key}"
             if name in searched or name == "model.name_or_path":
                 continue
-            # a method's own keys have no snug default: each counts as the config's
+            # a stage's own keys (or a plug-in's) without a default here count as the config's
             if key not in default[section] or value != default[section][key]:
                 held[name] = value
     return held

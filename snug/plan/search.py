@@ -67,6 +67,9 @@ def quality_rank(label: str) -> int:
     raise PlanError(f"method {label!r} is not registered; choose one of {', '.join(REGISTRY)}.")
 
 
+BASE_BITS = {"8bit": 8, "4bit": 4}  # bits per base weight of each model.quant
+
+
 def method_label(cfg: Config) -> str:
     """The method as the search names it: qlora for LoRA on a 4-bit base, qlora-8bit for LoRA
     on an 8-bit one."""
@@ -139,7 +142,8 @@ def candidate_name(cfg: Config) -> str:
     m = cfg.memory
     gc = ("gc+offload" if m.offload_activations else "gc") if m.grad_checkpointing else "no-gc"
     label = method_label(cfg)
-    method = label + (f" r{cfg.method.r}" if cfg.method.name in ("lora", "dora") else "")
+    rank = getattr(cfg.method.own, "r", None)  # a LoRA-style rank, where the method has one
+    method = label + (f" r{rank}" if rank is not None else "")
     d = cfg.dist
     ranks = f" {d.strategy}x{d.nproc}" if d.processes > 1 else ""
     return f"{method} {gc} {m.optimizer} mb{cfg.train.micro_batch}{ranks}"
@@ -465,10 +469,18 @@ def _smallest_change(cfg: Config, config, device: Device, seq_len: int, tried) -
         found = search(cfg, config, device, shorter, (method_label(cfg),), 1)
         if any(c.fits for c in found):
             return f"{head}. It fits with data.cutoff_len={shorter}."
+    # the best-ranked method that also trains on a quantized base, then its quantized variants
+    # from the larger base (8-bit) to the smaller (4-bit)
+    best = min(
+        (m for m in REGISTRY.values() if m.searched and m.quantized), key=lambda m: m.quality
+    )
+    variants = sorted(best.quantized, key=lambda q: -BASE_BITS.get(q[1], 0))
     for other, change in (
-        ("lora", "method.name=lora"),
-        ("qlora-8bit", "method.name=lora with model.quant=8bit"),
-        ("qlora", "method.name=lora with model.quant=4bit"),
+        (best.name, f"method.name={best.name}"),
+        *(
+            (label, f"method.name={best.name} with model.quant={quant}")
+            for label, quant, _ in variants
+        ),
     ):
         if other == method_label(cfg):
             continue

@@ -42,7 +42,7 @@ from snug.plan.standins import (
 )
 from snug.plan.trace import LayerTags, deepen, survivors
 from snug.plan.tracker import CATEGORIES, DEVICE_QUERY, ModuleNames, PlanTracker
-from snug.registry import get_stage
+from snug.registry import get_stage, with_method
 from snug.train.memory import local, model_tensors
 from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
@@ -338,12 +338,13 @@ def simulate(
     precision = precision or ("bf16-mixed" if device_type == "cuda" else "fp32")
     layers = config.num_hidden_layers
     depths = SHORT_DEPTHS
-    if cfg.method.name in ("freeze", "llama_adapter"):
-        # The top N layers train (freeze) or are adapted (llama_adapter): simulate N+1 and N+2
-        # layers, each added layer is a plain frozen one.
-        if cfg.method.trainable_modules:
+    top = getattr(cfg.method.own, "trainable_layers", None)
+    if top is not None:
+        # A method with `trainable_layers` (freeze, llama_adapter) trains or adapts the top N
+        # layers: simulate N+1 and N+2 layers, each added layer is a plain frozen one.
+        if getattr(cfg.method.own, "trainable_modules", None):
             extend = False  # patterns may pick any layer: no uniform growth to rely on
-        depths = (cfg.method.trainable_layers + 1, cfg.method.trainable_layers + 2)
+        depths = (top + 1, top + 2)
     if not extend or layers <= depths[-1]:
         return _simulate_once(cfg, config, seq_len, device_type, precision, targets, False, layers)
     a, b = (
@@ -391,9 +392,8 @@ def explain(
 ) -> tuple[list[dict], int]:
     """The largest live tensors at the peak, with the op and module that made them; deep
     models are explained at 3 decoder layers (each layer repeats the same tensors)."""
-    layers = min(config.num_hidden_layers, 3)
-    if cfg.method.name == "freeze":
-        layers = min(config.num_hidden_layers, cfg.method.trainable_layers + 1)
+    top = getattr(cfg.method.own, "trainable_layers", None)  # the top N layers train
+    layers = min(config.num_hidden_layers, 3 if top is None else top + 1)
     sim = _simulate_once(
         cfg, with_depth(config, layers), seq_len, device_type, precision, None, True
     )
@@ -401,10 +401,16 @@ def explain(
 
 
 def with_overrides(cfg: Config, **sections) -> Config:
-    """A copy of cfg with some keys of some sections replaced, e.g. memory={"optimizer": ...}."""
-    return dataclasses.replace(
-        cfg,
-        **{
-            name: dataclasses.replace(getattr(cfg, name), **keys) for name, keys in sections.items()
-        },
-    )
+    """A copy of cfg with some keys of some sections replaced, e.g. memory={"optimizer": ...}.
+    A new method.name brings that method's own keys (snug.registry.with_method)."""
+    out = {}
+    for name, keys in sections.items():
+        section = getattr(cfg, name)
+        if name == "method" and keys.get("name", section.name) != section.name:
+            keys = dict(keys)
+            section = with_method(section, keys.pop("name"))
+        if name == "method" and section.own is not None:
+            own = {k: keys.pop(k) for k in list(keys) if hasattr(section.own, k)}
+            section = dataclasses.replace(section, own=dataclasses.replace(section.own, **own))
+        out[name] = dataclasses.replace(section, **keys)
+    return dataclasses.replace(cfg, **out)

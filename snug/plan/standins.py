@@ -12,7 +12,7 @@ from torch import nn
 from snug.config import Config
 from snug.models.load import upcast_norms
 from snug.plan.tracker import PlanTracker
-from snug.train.optim import build_optimizer
+from snug.train.optim import build_optimizer, lora_plus_ratio
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes.
 CUDA_ROUNDING = 512
@@ -259,7 +259,7 @@ def _optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.o
     name = cfg.memory.optimizer
     if name not in ("adamw8bit", "paged_adamw8bit", "lion8bit"):
         return build_optimizer(
-            model, cfg.memory, cfg.train, cfg.method.lora_plus_ratio, device_type == "cuda"
+            model, cfg.memory, cfg.train, lora_plus_ratio(cfg.method), device_type == "cuda"
         )
     params = [p for p in model.parameters() if p.requires_grad]
     paged = name.startswith("paged") and device_type == "cuda"  # CPU bitsandbytes does not page

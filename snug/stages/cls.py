@@ -34,12 +34,11 @@ class Classify(Stage):
 
     def check(self, cfg, source):
         from snug.errors import ConfigError
+        from snug.registry import get_method
 
-        if cfg.method.name == "llama_adapter":
-            raise ConfigError(
-                f"{source}: method.name=llama_adapter cannot classify (peft supports it "
-                "for causal LMs only)."
-            )
+        why = get_method(cfg.method.name).no_classifier_because
+        if why:
+            raise ConfigError(f"{source}: method.name={cfg.method.name} cannot classify: {why}.")
 
     def labels(self, data):
         from snug.data.dataset import class_labels

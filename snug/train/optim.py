@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from snug.config import MemoryConfig, TrainConfig
+from snug.config import MemoryConfig, MethodConfig, TrainConfig
 
 
 def _optimizer_class(mem: MemoryConfig, on_cuda: bool) -> tuple[type, dict]:
@@ -23,6 +23,12 @@ def _optimizer_class(mem: MemoryConfig, on_cuda: bool) -> tuple[type, dict]:
         "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
         "lion8bit": bnb.optim.Lion8bit,
     }[mem.optimizer], {}
+
+
+def lora_plus_ratio(method: MethodConfig) -> float | None:
+    """The method's LoRA+ ratio: the key lora and dora declare (snug/methods/lora.py); any
+    method declaring `lora_plus_ratio` gets the LoRA+ optimizer."""
+    return getattr(method.own, "lora_plus_ratio", None)
 
 
 def build_optimizer(

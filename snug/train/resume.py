@@ -74,6 +74,10 @@ def config_drift(saved: dict, now: dict) -> list[str]:
     own = (
         {f"train.{f.name}" for f in dataclasses.fields(stage.settings)} if stage.settings else set()
     )
+    if old.get("method.name") == new.get("method.name"):
+        # the method's own keys: a checkpoint of an earlier snug holds every method's keys
+        own |= {k for k in new if k.startswith("method.")}
+        old = {k: v for k, v in old.items() if not k.startswith("method.") or k in own}
     keys = sorted(
         k
         for k in old.keys() | new.keys()
