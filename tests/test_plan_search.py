@@ -43,8 +43,8 @@ def test_plan_search_writes_a_config_that_trains(tmp_path, capsys):
             "--search",
             "--seq-len",
             "64",
-            "--max-micro-batch",
-            "4",
+            "--max-micro-batch",  # that the written config trains is the point, not its size
+            "1",
             "--write-config",
             str(out),
         ]
@@ -147,7 +147,8 @@ def test_search_tries_lora_on_each_base_and_prefers_the_full_precision_one():
     from snug.plan.search import method_label, recommend, search
 
     cfg, config = plan_config("lora", True), small_config()
-    found = search(cfg, config, cpu_device(2**30), 64, ("qlora", "qlora-8bit", "lora"), 2)
+    # micro-batch 1 only: the bases and the ranking are the point, not how far the batch grows
+    found = search(cfg, config, cpu_device(2**30), 64, ("qlora", "qlora-8bit", "lora"), 1)
     bases = {c.name.split()[0]: (c.cfg.method.name, c.cfg.model.quant) for c in found}
     assert bases == {
         "lora": ("lora", "none"),
@@ -246,16 +247,49 @@ def test_the_plan_of_a_config_keeps_its_precision(tmp_path, capsys):
     assert cand["breakdown"]["trainable"] == pytest.approx(2 * n, rel=0.01)
 
 
-def test_search_keeps_every_key_it_does_not_search_and_says_which(tmp_path, capsys):
+def replay_stand_in(cfg, config, seq_len, device_type="cuda", precision=None, **kwargs):
+    """What `simulate` returns, without the replay (~2 s each): for tests of the search's
+    bookkeeping, whose assertions are about configurations, not bytes. Activations grow with
+    the micro-batch, as a replay's do."""
+    from snug.plan.simulate import Simulation
+
+    b, accum = cfg.train.micro_batch, cfg.train.grad_accum
+    parts = {"weights": 2**24, "trainable": 2**20, "gradients": 2**20, "optimizer": 2**21}
+    parts["activations"] = b * seq_len * 2**12
+    return Simulation(
+        peak_bytes=sum(parts.values()),
+        weights_bytes=parts["weights"] + parts["trainable"],
+        flops_per_step=6 * 2**22 * b * accum * seq_len,
+        ops_per_step=1000 * accum,
+        optimizer_bytes=parts["optimizer"],
+        trainable_params=2**18,
+        total_params=2**22 + 2**18,
+        layers_simulated=(config.num_hidden_layers,),
+        breakdown=parts,
+        reserved_bytes=sum(parts.values()) if device_type == "cuda" else None,
+    )
+
+
+def test_search_keeps_every_key_it_does_not_search_and_says_which(tmp_path, capsys, monkeypatch):
     """`--search` varies method, quantization, micro-batch (with accumulation, keeping the
     effective batch), checkpointing, offload, optimizer and chunked loss; every other key the
-    config sets is the user's in every candidate, and the output lists them."""
+    config sets is the user's in every candidate, and the output lists them. The candidates'
+    configurations are the point, not their bytes: the replay is stood in for."""
     import json
 
+    import snug.plan.search as search_module
     from snug.cli import main
     from snug.plan.hardware import cpu_device, model_config
     from snug.plan.report import searched_keys
     from snug.plan.search import search
+
+    planned = []
+
+    def simulate(cfg, *args, **kwargs):
+        planned.append(cfg)
+        return replay_stand_in(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(search_module, "simulate", simulate)
 
     from conftest import ROOT
 
@@ -283,12 +317,21 @@ def test_search_keeps_every_key_it_does_not_search_and_says_which(tmp_path, caps
     # an adapter on a quantized base (whose rank is the user's), a full fine-tune (the CLI
     # above searched LoRA itself)
     methods = ("qlora", "full")
-    for cand in search(cfg, model_config(cfg.model.name_or_path), cpu_device(), 32, methods, 2):
+    config = model_config(cfg.model.name_or_path)
+    for cand in search(cfg, config, cpu_device(), 32, methods, 2, workers=1):  # sees `planned`
         c = cand.cfg
         assert (c.train.precision, c.model.dtype, c.train.lr) == ("bf16-true", "bfloat16", 5e-5)
         if c.method.name in ("lora", "dora"):
             assert (c.method.r, c.method.alpha) == (32, 64)
         assert c.train.micro_batch * c.train.grad_accum == 8, cand.name
+    # and so does every configuration the search planned on its way
+    assert {(c.method.name, c.model.quant) for c in planned} == {
+        ("lora", "none"),  # the command line's search
+        ("lora", "4bit"),
+        ("full", "none"),
+    }
+    assert all(c.train.micro_batch * c.train.grad_accum == 8 for c in planned)
+    assert all((c.train.precision, c.train.lr) == ("bf16-true", 5e-5) for c in planned)
     assert main([*args, "--seq-len", "32", "--max-micro-batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "held fixed from your config:" in out and "train.precision=bf16-true" in out
