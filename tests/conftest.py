@@ -119,12 +119,14 @@ def method_keys(name: str, /, **keys):
 # fixtures are made once) in this order as workers free up: longest first keeps the two
 # workers' loads even. Order within a file is kept.
 LONGEST_FIRST = (
-    "test_dist.py",
-    "test_reliability.py",
     "test_plan.py",
     "test_train.py",
-    "test_dist_plan.py",
+    "test_reliability.py",
+    "test_gpu_kit.py",
+    "test_dist.py",
     "test_dist_signals.py",
+    "test_plan_search.py",
+    "test_dist_plan.py",
     "test_methods.py",
     "test_hostile.py",
     "test_chat.py",

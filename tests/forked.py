@@ -31,13 +31,16 @@ def _server():
     return _context
 
 
-def _child(argv: list[str], script: str | None, env: dict[str, str], fifos: list[str]) -> None:
-    """In the forked process: the caller's environment and output pipes, then `snug ARGV` (or
-    `script`, which ends by calling it); exits with its status."""
+def _child(
+    argv: list[str], script: str | None, env: dict[str, str], cwd: str, fifos: list[str]
+) -> None:
+    """In the forked process: the caller's environment, directory and output pipes, then `snug
+    ARGV` (or `script`, which ends by calling it); exits with its status."""
     code = 1
     try:
         os.environ.clear()
         os.environ.update(env)
+        os.chdir(cwd)
         for fd, path in zip((1, 2), fifos, strict=True):
             w = os.open(path, os.O_WRONLY)
             os.dup2(w, fd)
@@ -70,7 +73,8 @@ def _child(argv: list[str], script: str | None, env: dict[str, str], fifos: list
 
 class Forked:
     """`snug ARGV` (or `script` with sys.argv = ["snug", *ARGV]) in a process of its own, with
-    `env` added to this process's environment; used like `subprocess.Popen` with pipes: `poll()`,
+    `env` added to this process's environment, started in this process's current directory (as
+    a subprocess would be); used like `subprocess.Popen` with pipes: `poll()`,
     `send_signal()`, `communicate(timeout)` -> (stdout, stderr) once the process and every
     process it started have closed them, then `returncode` (minus the signal number when a
     signal ended it)."""
@@ -88,7 +92,8 @@ class Forked:
         for reader in self._readers:
             reader.start()
         self._process = _server().Process(
-            target=_child, args=([str(a) for a in argv], script, {**os.environ, **env}, fifos)
+            target=_child,
+            args=([str(a) for a in argv], script, {**os.environ, **env}, os.getcwd(), fifos),
         )
         self._process.start()
         self.pid = self._process.pid

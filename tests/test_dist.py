@@ -80,15 +80,17 @@ def train_here(cfg: Path) -> subprocess.CompletedProcess:
     )
 
 
-def ranks(cfg: Path, script: str | None = None, **env: str) -> list[Forked]:
-    """The 2 ranks of `snug train cfg` started by hand with torchrun's environment (no launcher,
-    no torchrun agent: what they add is tested through `snug_train`), each a process of its
-    own (tests/forked.py); `script` runs instead of the command line (it ends by
-    calling it)."""
+def ranks(
+    cfg: Path, script: str | None = None, overrides: tuple[str, ...] = (), **env: str
+) -> list[Forked]:
+    """The 2 ranks of `snug train cfg [overrides]` started by hand with torchrun's environment
+    (no launcher, no torchrun agent: what they add is tested in tests/test_dist_signals.py),
+    each a process of its own (tests/forked.py); `script` runs instead of the command line (it
+    ends by calling it)."""
     port = _free_port()
     return [
         Forked(
-            ["train", cfg],
+            ["train", cfg, *overrides],
             script,
             **env,
             RANK=str(r),
@@ -102,9 +104,9 @@ def ranks(cfg: Path, script: str | None = None, **env: str) -> list[Forked]:
     ]
 
 
-def train_ranks(cfg: Path) -> str:
+def train_ranks(cfg: Path, *overrides: str) -> str:
     """Both ranks to the end; rank 0's output."""
-    procs = ranks(cfg)
+    procs = ranks(cfg, overrides=overrides)
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
     return outs[0][0]

@@ -36,7 +36,7 @@ def test_the_gpu_kit_runs_end_to_end_on_this_cpu(tmp_path):
     (key,) = cal["devices"]
     assert key.startswith("cpu: ") and len(cal["devices"][key]["steps"]) >= 4  # the whole series
     rows = list(csv.DictReader((out / "reality.csv").open()))
-    assert len(rows) >= 4
+    assert len(rows) >= 2  # every configuration of reality.py's CPU_CONFIGS
     for row in rows:
         assert not row["error"], row["error"]
         # the fp32 CPU replay equals the real step's tracked peak (tests/test_plan.py), so a

@@ -135,6 +135,12 @@ ALL_METHODS = [
 ]
 
 
+# Steps each method takes to learn the toy: its loss must drop by 0.25. Measured drops (steps:
+# drop): most methods 0.9 to 5.5 at 10; prompt 0.30 at 10, 0.42 at 15; llama_adapter, whose
+# gate starts at zero, 0.28 at 30 and 0.38 at 40.
+LEARN_STEPS = {"prompt": 15, "llama_adapter": 40}
+
+
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_every_method_learns_keeps_frozen_weights_and_round_trips(name, tokenizer, tmp_path):
     from conftest import TINY_BASE
@@ -147,7 +153,7 @@ def test_every_method_learns_keeps_frozen_weights_and_round_trips(name, tokenize
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and (name == "full" or frozen)
     model.train()
-    losses = train_toy(model, tokenizer, steps=40, lr=1e-2)
+    losses = train_toy(model, tokenizer, steps=LEARN_STEPS.get(name, 10), lr=1e-2)
     assert losses[-1] < losses[0] - 0.25, losses
     for n, p in model.named_parameters():
         if n in frozen:

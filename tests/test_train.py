@@ -322,7 +322,10 @@ def test_the_tiny_examples_are_found():
 )
 def test_every_tiny_example_trains(example, tmp_path, monkeypatch):
     """`snug train examples/<method>.yaml` works: two steps of each, through the CLI, run from
-    another directory (the examples' paths are read from their own folder)."""
+    another directory (the examples' paths are read from their own folder). fsdp.yaml's 2 ranks
+    start as torchrun starts them, forked from a process that imported snug (tests/test_dist.py;
+    torchrun's own start and the ranks' imports cost ~35 s here): `snug train` starting
+    torchrun is tests/test_dist_signals.py's."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     overrides = [
@@ -331,8 +334,16 @@ def test_every_tiny_example_trains(example, tmp_path, monkeypatch):
         "data.max_samples=32",
         f"output.dir={out}",
     ]
-    assert main(["train", str(ROOT / "examples" / example), *overrides]) == 0
-    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    if example == "fsdp.yaml":
+        from test_dist import train_ranks
+
+        train_ranks(ROOT / "examples" / example, *overrides)
+    else:
+        assert main(["train", str(ROOT / "examples" / example), *overrides]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    if example == "fsdp.yaml":
+        assert len(summary["peak_memory"]["per_rank_bytes"]) == 2  # it ran on 2 ranks
 
 
 @pytest.mark.parametrize("quant", ["4bit", "8bit"])

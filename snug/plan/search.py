@@ -307,7 +307,7 @@ def search(
     Each method's search is independent of the others', so with several methods they run in
     `workers` processes (default: $SNUG_PLAN_WORKERS, else one per CPU core), forked from this
     one: the replay is Python bound to one core, and a 7B search on 2 cores takes half the time.
-    The result is the same as one process's (tests/test_plan.py)."""
+    The result is the same as one process's (tests/test_plan_search.py)."""
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
     model = device_model(device, precision_for(device, cfg))
