@@ -294,6 +294,12 @@ def merge(
             raise MergeError(
                 f"verification failed: merged logits differ from base plus adapter by {diff:.3g} "
                 f"(tolerance {tolerance:.3g} in {dtype_name}); nothing was written."
+                + (
+                    f" In {dtype_name} the merge rounds every weight once more; --dtype float32 "
+                    "merges without that rounding."
+                    if work_dtype != torch.float32
+                    else ""
+                )
             )
 
     # Write next to `out`, then rename: a half-written directory is never left under its name.
