@@ -39,7 +39,7 @@ def test_planner_predicts_the_per_rank_peak(strategy, quant, reshard, precision,
             json.dumps({"text": " ".join(docs[i * 12 : i * 12 + 12])}) + "\n" for i in range(16)
         )
     )
-    raw = raw_config(tmp_path / "run", strategy, max_steps=3, stage="pt")
+    raw = raw_config(tmp_path / "run", strategy, max_steps=2, stage="pt")  # the plan's 2 steps
     raw["data"] = {"train": str(text), "format": "text", "cutoff_len": 64}
     raw["memory"] = {"grad_checkpointing": True}
     raw["model"]["quant"] = quant
