@@ -11,25 +11,8 @@ import torch
 from snug.config import Config
 from snug.plan import calibration
 from snug.plan.calibration import StepModel
-from snug.plan.hardware import GIB, Device, device_key
+from snug.plan.hardware import Device, device_key
 from snug.plan.simulate import PlanError
-
-# Terms between the peak of live tensors and what the device must hold; each carries its
-# source into the plan's output. `snug calibrate` replaces the context and scales the
-# allocator term by what it measured (plan/calibration.py).
-CUDA_CONTEXT_BYTES = int(0.5 * GIB)
-CUDA_CONTEXT_SOURCE = (
-    "CUDA context with torch: a typical 0.5 GiB; 0.511 GiB measured on an H200 with torch 2.11 "
-    "(benchmarks/results/gpu-2026-11-27-H200.md)"
-)
-ALLOCATOR_SOURCE = (
-    "what the CUDA caching allocator reserves beyond the peak of live tensors "
-    "(max_memory_reserved - peak): its rules (512-byte blocks, 2 and 20 MiB segments, best "
-    "fit, splitting, merging, no release) replayed over the storages the replay makes and "
-    "frees, from loading through the first steps (snug/plan/allocator.py); within 2% of "
-    "max_memory_reserved on 13 H200 runs (benchmarks/results/gpu-2026-11-27-H200-run2.md)"
-)
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
 
 TYPICAL = "typical values, not calibrated"
 
