@@ -2,7 +2,7 @@
 
 Each section is a small dataclass; the `doc` of every field is what `--help` and the README's
 config reference show. Values are checked against the field's type when the config is read,
-and rules that span sections live in `check_combinations`, so that every config error is raised
+and rules that span sections live in `snug.checks.check_combinations`, so that every config error is raised
 before any model is loaded.
 """
 
@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from snug import paths
+from snug.checks import check_combinations
 from snug.errors import ConfigError
 from snug.fields import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from snug.fields import setting as _f
@@ -545,80 +546,6 @@ def _resolve_paths(cfg: Config, origins: Origins, base: Path | None) -> None:
                 else f" (from {Path.cwd()})"
             )
             cfg.given_paths[key] = f"{json.dumps(value)}{where}"
-
-
-def check_combinations(cfg: Config, source: str) -> None:
-    """Rules that involve more than one key. The one place where sections meet."""
-    m, t, d = cfg.model, cfg.train, cfg.data
-    if m.quant != "none" and registered_methods()[cfg.method.name].output == "model":
-        raise ConfigError(
-            f"{source}: model.quant={m.quant} needs an adapter method (method.name=lora, dora, "
-            f"...), since quantized weights cannot be trained by method.name={cfg.method.name}."
-        )
-    if d.val_size > 0 and d.eval is not None:
-        raise ConfigError(
-            f"{source}: data.val_size holds out part of train as eval data, but data.eval is "
-            "given too; set one of them."
-        )
-    stage = registered_stages()[t.stage]
-    stage.check(cfg, source)
-    method = registered_methods()[cfg.method.name]
-    if method.check is not None:
-        method.check(cfg, source)
-    virtual = method.virtual_tokens
-    if d.packing and (stage.no_packing_because or virtual):
-        what = (
-            f"train.stage={t.stage}"
-            if stage.no_packing_because
-            else f"method.name={cfg.method.name}"
-        )
-        raise ConfigError(
-            f"{source}: data.packing=true does not work with {what}: "
-            + (
-                stage.no_packing_because
-                or "its virtual tokens would be shared by every sample of a packed row"
-            )
-            + "; set data.packing=false."
-        )
-    _check_dist(cfg, source)
-    why = registered_methods()[cfg.method.name].no_checkpointing_because
-    if why and cfg.memory.grad_checkpointing:
-        raise ConfigError(
-            f"{source}: method.name={cfg.method.name} needs memory.grad_checkpointing=false: {why}."
-        )
-
-
-def _check_dist(cfg: Config, source: str) -> None:
-    """What ddp/fsdp support today; anything else is refused before any process starts."""
-    d = cfg.dist
-    if d.strategy == "none":
-        if d.nproc > 1:
-            raise ConfigError(f"{source}: dist.nproc > 1 needs dist.strategy: ddp or fsdp.")
-        return
-    if not registered_methods()[cfg.method.name].shardable:
-        shardable = ", ".join(m.name for m in registered_methods().values() if m.shardable)
-        raise ConfigError(
-            f"{source}: dist.strategy={d.strategy} trains {shardable}; method.name="
-            f"{cfg.method.name} runs on one device (dist.strategy=none)."
-        )
-    if cfg.model.quant == "8bit":
-        raise ConfigError(
-            f"{source}: dist.strategy={d.strategy} with model.quant=8bit is not supported: "
-            "bitsandbytes' LLM.int8 weights keep their scales on the parameter object, which "
-            "DDP/FSDP wrapping does not carry; use model.quant=4bit (QLoRA shards) or none."
-        )
-    if cfg.memory.auto_fit:
-        raise ConfigError(
-            f"{source}: memory.auto_fit plans one device; with dist.strategy set micro_batch, "
-            "grad_checkpointing and optimizer yourself."
-        )
-    if d.cpu_offload and d.strategy != "fsdp":
-        raise ConfigError(f"{source}: dist.cpu_offload needs dist.strategy=fsdp.")
-    if d.cpu_offload and cfg.train.device == "cpu":
-        raise ConfigError(
-            f"{source}: dist.cpu_offload moves FSDP's shards from the GPU to the host; training "
-            "on the CPU keeps them there already, so leave it off there."
-        )
 
 
 def config_from_dict(

@@ -1,0 +1,87 @@
+"""Rules that span config sections: the one place where sections meet (a method's rules across
+sections live with the method, `Method.check`; a stage's with the stage, `Stage.check`). Run by
+snug.config when a config is read, after the method and stage registries are filled, so that
+every config error comes before any model is loaded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from snug.errors import ConfigError
+from snug.registry import METHODS, STAGES
+
+Config = Any  # snug.config.Config (that module imports this one)
+
+
+def check_combinations(cfg: Config, source: str) -> None:
+    """Rules that involve more than one key. The one place where sections meet."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if m.quant != "none" and METHODS[cfg.method.name].output == "model":
+        raise ConfigError(
+            f"{source}: model.quant={m.quant} needs an adapter method (method.name=lora, dora, "
+            f"...), since quantized weights cannot be trained by method.name={cfg.method.name}."
+        )
+    if d.val_size > 0 and d.eval is not None:
+        raise ConfigError(
+            f"{source}: data.val_size holds out part of train as eval data, but data.eval is "
+            "given too; set one of them."
+        )
+    stage = STAGES[t.stage]
+    stage.check(cfg, source)
+    method = METHODS[cfg.method.name]
+    if method.check is not None:
+        method.check(cfg, source)
+    virtual = method.virtual_tokens
+    if d.packing and (stage.no_packing_because or virtual):
+        what = (
+            f"train.stage={t.stage}"
+            if stage.no_packing_because
+            else f"method.name={cfg.method.name}"
+        )
+        raise ConfigError(
+            f"{source}: data.packing=true does not work with {what}: "
+            + (
+                stage.no_packing_because
+                or "its virtual tokens would be shared by every sample of a packed row"
+            )
+            + "; set data.packing=false."
+        )
+    _check_dist(cfg, source)
+    why = METHODS[cfg.method.name].no_checkpointing_because
+    if why and cfg.memory.grad_checkpointing:
+        raise ConfigError(
+            f"{source}: method.name={cfg.method.name} needs memory.grad_checkpointing=false: {why}."
+        )
+
+
+def _check_dist(cfg: Config, source: str) -> None:
+    """What ddp/fsdp support today; anything else is refused before any process starts."""
+    d = cfg.dist
+    if d.strategy == "none":
+        if d.nproc > 1:
+            raise ConfigError(f"{source}: dist.nproc > 1 needs dist.strategy: ddp or fsdp.")
+        return
+    if not METHODS[cfg.method.name].shardable:
+        shardable = ", ".join(m.name for m in METHODS.values() if m.shardable)
+        raise ConfigError(
+            f"{source}: dist.strategy={d.strategy} trains {shardable}; method.name="
+            f"{cfg.method.name} runs on one device (dist.strategy=none)."
+        )
+    if cfg.model.quant == "8bit":
+        raise ConfigError(
+            f"{source}: dist.strategy={d.strategy} with model.quant=8bit is not supported: "
+            "bitsandbytes' LLM.int8 weights keep their scales on the parameter object, which "
+            "DDP/FSDP wrapping does not carry; use model.quant=4bit (QLoRA shards) or none."
+        )
+    if cfg.memory.auto_fit:
+        raise ConfigError(
+            f"{source}: memory.auto_fit plans one device; with dist.strategy set micro_batch, "
+            "grad_checkpointing and optimizer yourself."
+        )
+    if d.cpu_offload and d.strategy != "fsdp":
+        raise ConfigError(f"{source}: dist.cpu_offload needs dist.strategy=fsdp.")
+    if d.cpu_offload and cfg.train.device == "cpu":
+        raise ConfigError(
+            f"{source}: dist.cpu_offload moves FSDP's shards from the GPU to the host; training "
+            "on the CPU keeps them there already, so leave it off there."
+        )
