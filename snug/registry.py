@@ -226,6 +226,7 @@ def with_method(section: MethodConfig, name: str) -> MethodConfig:
     """The method section switched to method `name` (a search trying another method): the own
     keys the two methods share keep their values (a LoRA rank for DoRA), the rest are the new
     method's defaults."""
+    _method_or_none(name)  # snug's own registered first
     settings = get_method(name).settings
     if settings is None:
         return MethodConfig(name=name)

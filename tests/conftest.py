@@ -110,9 +110,9 @@ def cpu_opts(**changes):
 def method_keys(name: str, /, **keys):
     """The keys among `keys` that method `name` declares (snug/methods/: each method has its
     own), for tests that give one set of settings to every method."""
-    from snug.registry import get_method
+    from snug.config import registered_methods
 
-    settings = get_method(name).settings
+    settings = registered_methods()[name].settings
     declared = {f.name for f in dataclasses.fields(settings)} if settings else set()
     return {k: v for k, v in keys.items() if k in declared}
 
