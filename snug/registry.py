@@ -226,10 +226,8 @@ def with_method(section: MethodConfig, name: str) -> MethodConfig:
     """The method section switched to method `name` (a search trying another method): the own
     keys the two methods share keep their values (a LoRA rank for DoRA), the rest are the new
     method's defaults."""
-    _method_or_none(name)  # snug's own registered first
-    settings = get_method(name).settings
-    if settings is None:
-        return MethodConfig(name=name)
+    settings = _method_or_none(name)
+    get_method(name)  # an unknown name: the error that lists the methods
+    names = {f.name for f in dataclasses.fields(settings)} if settings else set()
     old = dataclasses.asdict(section.own) if section.own is not None else {}
-    names = {f.name for f in dataclasses.fields(settings)}
-    return MethodConfig(name=name, own=settings(**{k: v for k, v in old.items() if k in names}))
+    return MethodConfig(name=name, **{k: v for k, v in old.items() if k in names})
