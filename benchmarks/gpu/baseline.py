@@ -3,7 +3,8 @@
 The same random-weight model (a catalog config at its real size), the same token rows (text
 cut at the cutoff, no padding), LoRA rank 16 / alpha 32 on every linear layer, bf16 autocast
 over a bf16 base with fp32 adapters, sdpa attention, gradient checkpointing, AdamW, the same
-micro-batch and length, one micro-batch a step. Each side runs in its own process; measured:
+micro-batch and length, one micro-batch a step. Each side runs in its own process (child.py);
+measured:
 the median step time after two warm-up steps (tokens/s) and `torch.cuda.max_memory_allocated`.
 
 Run: python benchmarks/gpu/baseline.py OUTDIR [--model NAME] [--tokens N] [--micro-batch N]
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child import preload, run_forked, run_fresh  # noqa: E402
 from reality import ROOT, build_model, build_text, step_times  # noqa: E402
 
 
@@ -156,6 +157,8 @@ def main() -> int:
     if args.cpu_dry_run:
         args.tokens, args.micro_batch, args.steps = 128, 2, 3  # timed: snug 2, Trainer 1
     args.outdir.mkdir(parents=True, exist_ok=True)
+    if args.cpu_dry_run:
+        preload()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -171,16 +174,15 @@ def main() -> int:
                 "out": str(work / side),
                 "dry_run": args.cpu_dry_run,
             }
-            proc = subprocess.run(
-                [sys.executable, __file__, str(args.outdir), "--one", side, json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                cwd=ROOT,
-            )
-            found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            results[side] = found[0] if found else {"error": proc.stderr.strip()[-600:]}
+            try:
+                if args.cpu_dry_run:  # a fork of this process (child.py says why)
+                    run = run_snug if side == "snug" else run_trainer
+                    results[side] = run_forked(lambda run=run, spec=spec: run(spec), 300)
+                else:
+                    argv = [__file__, str(args.outdir), "--one", side, json.dumps(spec)]
+                    results[side] = run_fresh(argv, 300, cwd=str(ROOT))
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                results[side] = {"error": str(e)}
             print(side, json.dumps(results[side]), flush=True)
     t, s = results.get("trainer", {}), results.get("snug", {})
     lines = [

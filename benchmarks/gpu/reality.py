@@ -4,7 +4,8 @@ predicted peak, reserved memory and step time next to a few real steps of `snug 
 Models are random-weight copies of bundled catalog configs at their real size (built on the
 device, written once, no download), the tokenizer is the bundled tiny one (its ids fit every
 vocabulary) and the data is text long enough that every row is cut at the cutoff (no padding).
-Each configuration runs in a fresh process, so one's allocator state never reaches the next.
+Each configuration runs in a process of its own, so one's allocator state never reaches the next
+(child.py: a fresh interpreter on a GPU, a fork in the CPU dry run).
 
 Measured, per configuration:
 - peak: `torch.cuda.max_memory_allocated` over the run (what `summary.json` reports), against
@@ -27,15 +28,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child import preload, run_forked, run_fresh  # noqa: E402
+
 CATALOG = ROOT / "snug/models/catalog/models"
 
 # (catalog model, method, quant, checkpointing, tokens, micro-batch, precision)
@@ -238,6 +240,8 @@ def main() -> int:
     args.outdir.mkdir(parents=True, exist_ok=True)
     configs = (CPU_CONFIGS if args.cpu_dry_run else GPU_CONFIGS)[args.skip :]
     started = time.perf_counter()
+    if args.cpu_dry_run:
+        preload()
     rows = []
     csv_path = args.outdir / "reality.csv"
     with tempfile.TemporaryDirectory() as tmp, csv_path.open("w", newline="") as fh:
@@ -269,24 +273,11 @@ def main() -> int:
                     "dry_run": args.cpu_dry_run,
                 }
                 child_started = time.perf_counter()
-                proc = subprocess.run(
-                    [sys.executable, __file__, str(args.outdir), "--one", json.dumps(spec)],
-                    capture_output=True,
-                    text=True,
-                    timeout=max(left, 20),
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-                result = next(
-                    (
-                        json.loads(x[7:])
-                        for x in proc.stdout.splitlines()
-                        if x.startswith("RESULT ")
-                    ),
-                    None,
-                )
-                if result is None:
-                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                    raise RuntimeError(" | ".join(tail)[-400:])
+                if args.cpu_dry_run:  # a fork of this process (child.py says why)
+                    result = run_forked(lambda spec=spec: run_one(spec), max(left, 20))
+                else:
+                    argv = [__file__, str(args.outdir), "--one", json.dumps(spec)]
+                    result = run_fresh(argv, max(left, 20))
                 p, m = result["predicted"], result["measured"]
                 row.update(
                     predicted_peak_gib=_gib(p["peak"]),

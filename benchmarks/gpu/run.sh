@@ -31,18 +31,26 @@ started=$(date +%s)
 {
   date -u
   nvidia-smi 2>&1 || echo "no nvidia-smi"
-  "$PY" - <<'PYEOF'
-import platform, importlib
+  # On a GPU each package is imported (a wheel that fails to load shows here); the dry run
+  # reads the installed versions only, and leaves the imports to the steps that need them.
+  KIT_DRY="$DRY" "$PY" - <<'PYEOF'
+import importlib, importlib.metadata, importlib.util, os, platform
 print("python", platform.python_version())
+dry = bool(os.environ["KIT_DRY"])
 for name in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "safetensors"):
     try:
-        m = importlib.import_module(name)
-        print(name, getattr(m, "__version__", "?"), m.__file__)
+        if dry:
+            spec = importlib.util.find_spec(name)
+            print(name, importlib.metadata.version(name), spec.origin, "(not imported: dry run)")
+        else:
+            m = importlib.import_module(name)
+            print(name, getattr(m, "__version__", "?"), m.__file__)
     except Exception as e:
         print(name, "IMPORT FAILED:", type(e).__name__, e)
-import torch
-if torch.cuda.is_available():
-    print("device", torch.cuda.get_device_name(), "cuda", torch.version.cuda)
+if not dry:
+    import torch
+    if torch.cuda.is_available():
+        print("device", torch.cuda.get_device_name(), "cuda", torch.version.cuda)
 PYEOF
 } >"$OUT/env.txt" 2>&1
 echo "env: $(( $(date +%s) - started )) s"
