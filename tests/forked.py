@@ -31,17 +31,43 @@ def _server():
     return _context
 
 
+def _on_terminal(path: str) -> None:
+    """In the child: a session of its own whose controlling terminal is the pseudo-terminal at
+    `path`, as stdin, stdout and stderr, so Ctrl-C typed on it sends SIGINT; and SIGINT raises
+    KeyboardInterrupt, as in a Python started from a login shell (a test runner started in the
+    background by a non-interactive shell ignores SIGINT, and children inherit that)."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fd = os.open(path, os.O_RDWR)
+    fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+    sys.stdin = open(0, buffering=1, closefd=False)  # noqa: SIM115
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _child(
-    argv: list[str], script: str | None, env: dict[str, str], cwd: str, fifos: list[str]
+    argv: list[str],
+    script: str | None,
+    env: dict[str, str],
+    cwd: str,
+    fifos: list[str],
+    terminal: str | None,
 ) -> None:
-    """In the forked process: the caller's environment, directory and output pipes, then `snug
-    ARGV` (or `script`, which ends by calling it); exits with its status."""
+    """In the forked process: the caller's environment, directory and output pipes (or the
+    pseudo-terminal `terminal`), then `snug ARGV` (or `script`, which ends by calling it);
+    exits with its status."""
     code = 1
     try:
         os.environ.clear()
         os.environ.update(env)
         os.chdir(cwd)
-        for fd, path in zip((1, 2), fifos, strict=True):
+        if terminal is not None:
+            _on_terminal(terminal)
+        for fd, path in zip((1, 2), fifos, strict=False):  # no fifos on a terminal
             w = os.open(path, os.O_WRONLY)
             os.dup2(w, fd)
             os.close(w)
@@ -77,23 +103,34 @@ class Forked:
     a subprocess would be); used like `subprocess.Popen` with pipes: `poll()`,
     `send_signal()`, `communicate(timeout)` -> (stdout, stderr) once the process and every
     process it started have closed them, then `returncode` (minus the signal number when a
-    signal ended it)."""
+    signal ended it). With `terminal` (the path of a pseudo-terminal's child end) it runs on
+    that terminal instead of pipes, as in a terminal window: `communicate` then waits only."""
 
-    def __init__(self, argv: list[str], script: str | None = None, **env: str) -> None:
+    def __init__(
+        self, argv: list[str], script: str | None = None, terminal: str | None = None, **env: str
+    ) -> None:
         self._dir = tempfile.mkdtemp(prefix="snug-forked-")
-        self._fifos = fifos = [str(Path(self._dir) / name) for name in ("stdout", "stderr")]
+        names = () if terminal else ("stdout", "stderr")
+        self._fifos = fifos = [str(Path(self._dir) / name) for name in names]
         for path in fifos:
             os.mkfifo(path)
         self._texts: list[list[bytes]] = [[], []]
         self._readers = [
             threading.Thread(target=self._drain, args=(path, chunks), daemon=True)
-            for path, chunks in zip(fifos, self._texts, strict=True)
+            for path, chunks in zip(fifos, self._texts[: len(fifos)], strict=True)
         ]
         for reader in self._readers:
             reader.start()
         self._process = _server().Process(
             target=_child,
-            args=([str(a) for a in argv], script, {**os.environ, **env}, os.getcwd(), fifos),
+            args=(
+                [str(a) for a in argv],
+                script,
+                {**os.environ, **env},
+                os.getcwd(),
+                fifos,
+                terminal,
+            ),
         )
         self._process.start()
         self.pid = self._process.pid
@@ -136,8 +173,8 @@ class Forked:
                 except OSError:
                     pass
                 reader.join(0.05)
-        for name in ("stdout", "stderr"):
-            os.unlink(Path(self._dir) / name)
+        for path in self._fifos:
+            os.unlink(path)
         os.rmdir(self._dir)
         return tuple(b"".join(t).decode(errors="replace") for t in self._texts)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import io
 import os
@@ -11,13 +12,12 @@ import select
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from forked import Forked
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,49 +88,34 @@ def greedy_answer(model, tok, question: str) -> str:
     return answer_text(tok, out[0, ids.shape[1] :].tolist(), end_of_turn(tok, tok.chat_template))
 
 
-def _as_a_terminal_session() -> None:
-    """In the child: the pty becomes the controlling terminal, so Ctrl-C typed on it sends
-    SIGINT; and SIGINT gets its default action back, as in a login shell (a test runner
-    started in the background by a non-interactive shell ignores SIGINT, and children inherit
-    that: Python would then never raise KeyboardInterrupt)."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class Terminal:
     """`snug chat` on a pseudo-terminal of its own: what a person types, what their screen
-    shows. Every wait has a deadline, so a hang fails the test instead of blocking it."""
+    shows. The process is forked with snug imported (tests/forked.py), in a session whose
+    controlling terminal is that one. Every wait has a deadline, so a hang fails the test
+    instead of blocking it."""
 
     def __init__(self, *args: str) -> None:
         self.fd, child = os.openpty()
         # 200 columns: readline scrolls a line sideways when it is wider than the screen
         fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "snug.cli", "chat", *args],
-            stdin=child,
-            stdout=child,
-            stderr=child,
-            cwd=ROOT,
-            env={**os.environ, "TERM": "dumb"},
-            start_new_session=True,
-            preexec_fn=_as_a_terminal_session,
-        )
-        os.close(child)
+        with contextlib.chdir(ROOT):
+            self.proc = Forked(["chat", *args], terminal=os.ttyname(child), TERM="dumb")
+        # kept open until the end: the forked process opens the terminal by its name, later
+        self.child = child
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.screen, self.seen = "", 0
 
     def _read(self, deadline: float) -> bool:
-        """Add what the program wrote to the screen; False once it closed the terminal."""
-        ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+        """Add what the program wrote to the screen (waiting a moment, at most until
+        `deadline`); False once it has exited and nothing more is to be read."""
+        wait = min(0.1, max(0.0, deadline - time.monotonic()))
+        ready, _, _ = select.select([self.fd], [], [], wait)
         if not ready:
-            return True
-        try:
-            data = os.read(self.fd, 4096)
-        except OSError:  # EIO: every process holding the terminal has exited
-            data = b""
+            return self.proc.poll() is None
+        data = os.read(self.fd, 4096)
         text = self.decoder.decode(data).replace("\r\n", "\n").replace("\r", "")
         self.screen += re.sub(r"\x1b(\[[0-9;?]*[A-Za-z]|[=>])", "", text)
-        return bool(data)
+        return True
 
     def expect(self, text: str, timeout: float = 60) -> str:
         """Wait until `text` shows; what showed since the last call, up to and including it."""
@@ -165,13 +150,15 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while self._read(deadline) and time.monotonic() < deadline:
             pass
-        return self.proc.wait(max(0.1, deadline - time.monotonic()))
+        self.proc.communicate(max(0.1, deadline - time.monotonic()))
+        return self.proc.returncode
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.communicate()
         os.close(self.fd)
+        os.close(self.child)
 
 
 @pytest.fixture
