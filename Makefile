@@ -2,7 +2,7 @@
 # make test:       set up .venv if missing, then run the test suite (one pytest-xdist worker
 #                  per core, one torch thread each; each test file runs whole in one worker).
 # make test-fast:  the same without the tests marked slow (tests/slow.txt: every test a full run
-#                  timed at 1 s or more, made by scripts/slow_tests.py): the edit loop.
+#                  timed at 0.5 s or more on the AVX-512 kind, made by scripts/slow_tests.py): the edit loop.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.snug-installed

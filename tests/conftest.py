@@ -136,7 +136,7 @@ LONGEST_FIRST = (
 )
 
 
-# The tests a full run timed at 1 s or more (scripts/slow_tests.py writes the list): marked
+# The tests a full run timed at 0.5 s or more (scripts/slow_tests.py writes the list): marked
 # slow, so that `make test-fast` leaves them out.
 SLOW = {
     line.strip()
