@@ -126,7 +126,8 @@ class TrainConfig:
         "sft",
         "What is learnt (each one a module of snug/stages/): sft: supervised fine-tuning on chat "
         "data; pt: language modelling on text; cls: sequence classification (labels from "
-        "data.label_column).",
+        "data.label_column); dpo, orpo, simpo: preference pairs; kto: completions labelled "
+        "desirable or not (their keys: the pref section).",
         choices=lambda: tuple(STAGES),
     )
     epochs: float = _f(3, "Passes over the training data.", POSITIVE)
@@ -247,6 +248,21 @@ class OutputConfig:
 
 
 @dataclass
+class PrefConfig:
+    """Preference training: the keys of the stage train.stage picks (dpo, orpo, simpo, kto)."""
+
+    # The stage's own keys (Stage.pref_settings), set when a config is built.
+    own: Any = field(default=None, repr=False, metadata={"internal": True})
+
+    def __getattr__(self, key: str) -> Any:
+        # only reached for names that are not fields: the chosen stage's own keys
+        own = self.__dict__.get("own")
+        if key.startswith("__") or own is None or not hasattr(own, key):
+            raise AttributeError(f"pref.{key}: not a key of the chosen train.stage")
+        return getattr(own, key)
+
+
+@dataclass
 class Config:
     """A whole snug run."""
 
@@ -257,6 +273,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
     # Not a section: for each path made absolute, what the user wrote and where
     # ('section.key' -> text); save_config writes it beside the absolute path.
     given_paths: dict[str, str] = field(
@@ -497,6 +514,40 @@ def _build_chosen(
     return cfg
 
 
+def _build_pref(
+    values: dict[str, Any], train: Any, origins: Origins, drop_foreign: bool
+) -> PrefConfig:
+    """The pref section: the keys the chosen stage declares (Stage.pref_settings)."""
+    chosen = train.stage if train is not None else TrainConfig().stage
+    owners: dict[str, list[str]] = {}
+    for name, stage in STAGES.items():
+        for key in _user_fields(stage.pref_settings) if stage.pref_settings else ():
+            owners.setdefault(key, []).append(name)
+    own_cls = getattr(STAGES[chosen], "pref_settings", None)
+    own_names = list(_user_fields(own_cls)) if own_cls else []
+    values = dict(values)
+    for key in list(values):
+        if key in own_names:
+            continue
+        if key in owners and drop_foreign:
+            del values[key]
+            continue
+        where = origins.of(f"pref.{key}")
+        if key in owners:
+            raise ConfigError(
+                f"{where}: pref.{key} is a key of train.stage={', '.join(owners[key])}, not of "
+                f"train.stage={chosen}"
+                + (f" (whose keys are {', '.join(own_names)})." if own_names else ".")
+            )
+        raise ConfigError(
+            f"{where}: unknown key 'pref.{key}'" + _nearest(key, own_names or list(owners))
+        )
+    section = PrefConfig()
+    if own_cls is not None:
+        section.own = _build_section(own_cls, values, "pref", origins)
+    return section
+
+
 def _build_section(cls: type, values: dict[str, Any], section: str, origins: Origins) -> Any:
     hints = typing.get_type_hints(cls, include_extras=False)
     fields = _user_fields(cls)
@@ -572,7 +623,8 @@ def config_from_dict(
     registered_methods()  # snug's own methods registered: method.name's choices
     registered_stages()  # likewise train.stage's
     built = {}
-    for name, values in raw.items():
+    # the train section first: the stage it picks says what the pref section holds
+    for name, values in sorted(raw.items(), key=lambda item: item[0] != "train"):
         if name not in sections:
             raise ConfigError(
                 f"{origins.of(str(name))}: unknown section '{name}'"
@@ -590,8 +642,12 @@ def config_from_dict(
             built[name] = _build_chosen(
                 TrainConfig, values, name, "stage", STAGES, origins, drop_foreign
             )
+        elif name == "pref":
+            built[name] = _build_pref(values, built.get("train"), origins, drop_foreign)
         else:
             built[name] = _build_section(sections[name], values, name, origins)
+    if "pref" not in built:
+        built["pref"] = _build_pref({}, built.get("train"), origins, drop_foreign)
     cfg = Config(**built)
     check_combinations(cfg, source)
     _resolve_paths(cfg, origins, base)

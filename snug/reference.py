@@ -28,15 +28,24 @@ def reference_markdown() -> str:
     """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
     registered_methods()  # method.name's choices
     lines = []
-    chosen = {"method": registered_methods(), "train": registered_stages()}
+    # sections whose keys the choice of a method or stage declares: (the records, the
+    # attribute holding each one's dataclass of keys)
+    chosen = {
+        "method": (registered_methods(), "settings"),
+        "train": (registered_stages(), "settings"),
+        "pref": (registered_stages(), "pref_settings"),
+    }
     for name, cls in _section_types().items():
-        lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", *_key_table(cls)]
+        shared = _key_table(cls) if _user_fields(cls) else []
+        lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", *shared]
         owners: dict[type, list[str]] = {}  # each method's and stage's own keys, once
-        for choice in chosen.get(name, {}).values():
-            if choice.settings is not None:
-                owners.setdefault(choice.settings, []).append(f"`{choice.name}`")
+        records, attribute = chosen.get(name, ({}, "settings"))
+        for choice in records.values():
+            settings = getattr(choice, attribute, None)
+            if settings is not None:
+                owners.setdefault(settings, []).append(f"`{choice.name}`")
         for settings, names in owners.items():
-            title = f"#### `{name}` keys of {', '.join(names)} — "
+            title = f"#### `{name}` keys of {'train.stage=' if name == 'pref' else ''}{', '.join(names)} — "
             lines += [title + settings.__doc__.strip(), ""]
             lines += _key_table(settings)
     return "\n".join(lines)

@@ -119,7 +119,7 @@ def test_a_plugin_stage_is_checked_with_its_own_keys(completion):
     with pytest.raises(ConfigError, match=r"train.stage is 'completon', .*did you mean"):
         load_config(None, ["train.stage=completon"])
     reference = reference_markdown()
-    assert "| sft \\| pt \\| cls \\| completion |" in reference
+    assert "| sft \\| pt \\| cls \\| dpo \\| orpo \\| simpo \\| kto \\| completion |" in reference
     assert "#### `train` keys of `completion`" in reference and "| `separator` | str |" in reference
     assert "#### `train` keys of `cls`" in reference  # snug's own stages declare theirs alike
 

@@ -3,5 +3,5 @@ order: the order of the train.stage choices). A stage of your own subclasses
 `snug.stages.base.Stage` and registers itself likewise (docs/extending.md)."""
 
 # isort: off
-from snug.stages import sft, pt, cls  # noqa: F401
+from snug.stages import sft, pt, cls, dpo, orpo, simpo, kto  # noqa: F401
 # isort: on

@@ -46,6 +46,8 @@ class Stage:
     # Keys of its own in the `train:` section: a dataclass declared with snug.fields.setting,
     # validated and documented with the others, read as `stage.own(cfg.train)`.
     settings: type | None = None
+    # Keys of its own in the `pref:` section (the preference stages'), likewise; None: none.
+    pref_settings: type | None = None
     # The record formats (data.format) it reads; () when it reads named columns instead.
     formats: tuple[str, ...] = ()
     # What the records must be, for the error when a source holds another format
@@ -57,6 +59,11 @@ class Stage:
     no_packing_because: str = ""
     # Why `snug merge` / `snug chat` cannot take its result ("" if they can).
     not_a_chat_model_because: str = ""
+
+    def configured(self, cfg: Config) -> Stage:
+        """The stage as the step runs it for `cfg` (a stage whose loss reads settings returns a
+        copy holding them); itself by default."""
+        return self
 
     def own(self, train_cfg: Any) -> Any:
         """This stage's own settings in the train section (their defaults when unset)."""
@@ -107,6 +114,11 @@ class Stage:
 
     def after_load(self, model: nn.Module, cfg: Config, labels: list[str] | None, device) -> None:
         """Anything to add to the loaded base (a classifier's head) before the method."""
+
+    def reference(self, model: nn.Module, cfg: Config) -> Any:
+        """The frozen model its loss compares with (passed as `reference`), made from the
+        prepared model before any step; None for a stage that compares with none."""
+        return None
 
     # -- the step -----------------------------------------------------------------------------
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from snug.methods import count_params
 from snug.models.fingerprint import base_record
 from snug.models.load import load_model, load_tokenizer, resolve_precision
 from snug.progress import Phase
+from snug.registry import get_stage
 from snug.train import dist
 from snug.train.checkpoint import read_train_state
 from snug.train.prepare import prepare_for_training, step_options
@@ -84,6 +85,9 @@ def build_run(
             console,
         )
     model = prepare_for_training(model, cfg, precision)
+    # the frozen model a preference stage compares with, made before any step (a copy of the
+    # weights as loaded, or the adapter switched off)
+    reference = get_stage(cfg.train.stage).reference(model, cfg)
     trainable, total = count_params(model)
     model = dist.wrap(model, cfg, ctx, precision, device)
     summary.update(
@@ -111,9 +115,10 @@ def build_run(
         console,
         identity,
     )
+    run.reference = reference
     if eval_ds:
         run.evaluate = lambda when: _evaluate(
-            dist.unwrap(model), tok, eval_ds, cfg, opts, device, console, when
+            dist.unwrap(model), tok, eval_ds, cfg, opts, device, console, when, reference
         )
     if resume_path is not None:
         run.restore(resume_path)
@@ -188,14 +193,15 @@ class EvalJob:
     device: torch.device
     micro_batch: int
     pad_id: int
+    reference: object = None  # the stage's reference model, if it compares with one
 
 
 def _evaluate(
-    model, tok, eval_ds, cfg: Config, opts: StepOptions, device, console, when: str
+    model, tok, eval_ds, cfg: Config, opts: StepOptions, device, console, when: str, reference=None
 ) -> dict:
     """Held-out metrics `when` ("before"/"after") training, as the stage scores them, with the
     progress shown."""
-    job = EvalJob(tok, cfg, opts, device, cfg.train.micro_batch, tok.pad_token_id)
+    job = EvalJob(tok, cfg, opts, device, cfg.train.micro_batch, tok.pad_token_id, reference)
     label = f"eval {when} training"
 
     def phase(title: str, total: int, unit: str) -> Phase:

@@ -21,7 +21,7 @@ def step_options(cfg: Config, device: torch.device, precision: str) -> StepOptio
         max_grad_norm=cfg.train.max_grad_norm,
         chunked_loss=cfg.memory.chunked_loss,
         offload_activations=cfg.memory.offload_activations,
-        stage=get_stage(cfg.train.stage),
+        stage=get_stage(cfg.train.stage).configured(cfg),
     )
 
 

@@ -98,6 +98,7 @@ class Run:
         self.method = get_method(cfg.method.name)
         self.pos = Position(rows_per_micro_batch=t.micro_batch)
         self.last_checkpoint: Path | None = None
+        self.reference = None  # the stage's frozen reference model, if it compares with one
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self) -> Path:
@@ -225,7 +226,13 @@ class Run:
             try:
                 with self._tracked(batches):
                     result = train_step(
-                        self.model, self.optimizer, batches, self.opts, self.scaler, self._finite
+                        self.model,
+                        self.optimizer,
+                        batches,
+                        self.opts,
+                        self.scaler,
+                        self._finite,
+                        self.reference,
                     )
                 if self.ctx.active:  # tokens/s of the whole run
                     n_tokens = int(dist.all_sum(torch.tensor(n_tokens, device=self.device)))

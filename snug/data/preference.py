@@ -1,0 +1,270 @@
+"""Preference records -> tokenized pairs (dpo, orpo, simpo) or labelled completions (kto).
+
+Paired layouts, told apart by their keys (a record with `chosen` and `rejected`):
+- TRL: `prompt` (a string, or a message list ending on a user turn) with `chosen` and
+  `rejected` given as strings, single message objects or message lists; or no `prompt` and
+  `chosen`/`rejected` as whole conversations sharing their turns up to the answer (TRL's
+  "implicit prompt");
+- LLaMA-Factory's sharegpt ranking layout: `conversations` ending on a user turn (and an
+  optional `system`), `chosen` and `rejected` single messages `{"from": "gpt", "value": ...}`;
+  the same with OpenAI-style `messages`;
+- alpaca: `instruction`, optional `input`, `system` and `history`, with `chosen`/`rejected`.
+
+Unpaired layouts (a record with a boolean `label`): TRL's `prompt` + `completion`, a message
+list ending on the assistant turn that is judged (LLaMA-Factory's kto layout, `messages` or
+`conversations`), or alpaca's `instruction`/`input`/`output`.
+
+The prompt is rendered by the chat template with the generation prompt and masked as in sft;
+each answer is what the template adds after it. Truncation to data.cutoff_len cuts the prompt
+first (from its start, keeping a leading special token), down to what leaves room for the
+longer answer or to half the cutoff, then both answers at the same length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from snug.data.formats import SHAREGPT_ROLES, DataError, to_canonical
+from snug.data.tokenize import (
+    EMPTY,
+    FULLY_MASKED,
+    IGNORE,
+    INVALID,
+    KEPT,
+    TRUNCATED,
+    chat_segments,
+    records_of,
+)
+
+PAIR_KEYS = ("chosen", "rejected")
+PAIR_COLUMNS = ("input_ids", "labels", "rejected_ids", "rejected_labels", "prompt_len")
+UNPAIRED_COLUMNS = ("input_ids", "labels", "prompt_len", "desirable")
+
+
+def is_pair(record: dict[str, Any]) -> bool:
+    return all(record.get(k) is not None for k in PAIR_KEYS)
+
+
+def is_unpaired(record: dict[str, Any]) -> bool:
+    return isinstance(record.get("label"), bool) and not is_pair(record)
+
+
+def _message(value: Any, where: str, key: str, role: str) -> dict[str, str]:
+    """A string, `{"role", "content"}` or `{"from", "value"}` -> one message of `role`."""
+    if isinstance(value, str):
+        content = value
+    elif isinstance(value, dict) and ("content" in value or "value" in value):
+        content = value.get("content", value.get("value"))
+        said = value.get("role", value.get("from"))
+        if said is not None and SHAREGPT_ROLES.get(str(said).lower(), said) != role:
+            raise DataError(f"{where}: field '{key}' is a '{said}' message; it must be {role}.")
+    else:
+        raise DataError(
+            f"{where}: field '{key}' must be a string or a message, not {type(value).__name__}."
+        )
+    if not isinstance(content, str) or not content.strip():
+        raise DataError(f"{where}: field '{key}' has no text.")
+    return {"role": role, "content": content}
+
+
+def _turns(value: Any, where: str, key: str) -> list[dict[str, str]]:
+    """A message list (OpenAI or sharegpt style) -> messages with roles system/user/assistant."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of messages.")
+    out = []
+    for i, t in enumerate(value):
+        if not isinstance(t, dict):
+            raise DataError(f"{where}: field '{key}' item {i + 1} must be a message object.")
+        said = t.get("role", t.get("from"))
+        role = SHAREGPT_ROLES.get(str(said).lower())
+        if role is None:
+            raise DataError(f"{where}: field '{key}' item {i + 1} has unknown role {said!r}.")
+        out.append(_message(t, where, key, role))
+    return out
+
+
+def _prompt(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The messages before the judged answer, ending on a user turn."""
+    if "conversations" in record or "messages" in record:
+        key = "conversations" if "conversations" in record else "messages"
+        turns = _turns(record[key], where, key)
+        if record.get("system"):
+            turns = [_message(record["system"], where, "system", "system"), *turns]
+    elif "instruction" in record:
+        alpaca = {**record, "output": "-"}  # the answer is chosen/rejected: a placeholder here
+        turns = to_canonical(alpaca, "alpaca", where)["messages"][:-1]
+    elif "prompt" in record:
+        value = record["prompt"]
+        turns = (
+            [_message(value, where, "prompt", "user")]
+            if isinstance(value, str)
+            else _turns(value, where, "prompt")
+        )
+    else:
+        raise DataError(
+            f"{where}: no prompt: expected 'prompt', 'conversations', 'messages' or "
+            "'instruction' beside the answers."
+        )
+    if turns[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end with a user turn.")
+    return turns
+
+
+def _answer(value: Any, where: str, key: str) -> str:
+    """An answer given as a string, a message, or a list whose last message is the answer."""
+    if isinstance(value, list):
+        turns = _turns(value, where, key)
+        if turns[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field '{key}' must end with an assistant message.")
+        return turns[-1]["content"]
+    return _message(value, where, key, "assistant")["content"]
+
+
+def canonical_pair(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """A paired record -> {"prompt": messages, "chosen": text, "rejected": text}."""
+    if not is_pair(record):
+        raise DataError(f"{where}: a preference pair needs 'chosen' and 'rejected'.")
+    implicit = not any(k in record for k in ("prompt", "conversations", "messages", "instruction"))
+    if implicit:  # TRL's implicit prompt: two whole conversations sharing all but the answer
+        chosen, rejected = (_turns(record[k], where, k) for k in PAIR_KEYS)
+        if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+            raise DataError(
+                f"{where}: without 'prompt', 'chosen' and 'rejected' must be conversations that "
+                "differ only in their last (assistant) message."
+            )
+        prompt = chosen[:-1]
+        if prompt[-1]["role"] != "user" or chosen[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the answers must follow a user turn.")
+        return {
+            "prompt": prompt,
+            "chosen": chosen[-1]["content"],
+            "rejected": rejected[-1]["content"],
+        }
+    prompt = _prompt(record, where)
+    return {
+        "prompt": prompt,
+        "chosen": _answer(record["chosen"], where, "chosen"),
+        "rejected": _answer(record["rejected"], where, "rejected"),
+    }
+
+
+def canonical_unpaired(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """An unpaired record -> {"prompt": messages, "completion": text, "desirable": bool}."""
+    if not isinstance(record.get("label"), bool):
+        raise DataError(f"{where}: field 'label' must be true or false.")
+    if "completion" in record:
+        completion = _answer(record["completion"], where, "completion")
+        prompt = _prompt(record, where)
+    elif "output" in record and "instruction" in record:
+        completion = _answer(record["output"], where, "output")
+        prompt = _prompt(record, where)
+    else:
+        key = next((k for k in ("messages", "conversations") if k in record), None)
+        if key is None:
+            raise DataError(
+                f"{where}: a labelled record needs 'prompt' and 'completion', a message list "
+                "('messages' or 'conversations') ending on the judged answer, or alpaca fields."
+            )
+        turns = _turns(record[key], where, key)
+        if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+            raise DataError(f"{where}: field '{key}' must end with a user and an assistant turn.")
+        prompt, completion = turns[:-1], turns[-1]["content"]
+        if record.get("system"):
+            prompt = [_message(record["system"], where, "system", "system"), *prompt]
+    return {"prompt": prompt, "completion": completion, "desirable": record["label"]}
+
+
+def _split(
+    tok: PreTrainedTokenizerBase, template: str, prompt: list[dict], answer: str, where: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered prompt (with the generation prompt) and of the answer after
+    it, as the template renders them."""
+    segments = chat_segments(
+        tok, template, [*prompt, {"role": "assistant", "content": answer}], where
+    )
+    before = "".join(p + a for p, a in segments[:-1]) + segments[-1][0]
+    return (
+        tok(before, add_special_tokens=False)["input_ids"],
+        tok(segments[-1][1], add_special_tokens=False)["input_ids"],
+    )
+
+
+def _fit(
+    tok: PreTrainedTokenizerBase, src: list[int], answers: list[list[int]], cutoff: int
+) -> tuple[list[int], list[list[int]], bool]:
+    """Cut the prompt first, then every answer to the same length (module docstring)."""
+    longest = max(len(a) for a in answers)
+    if len(src) + longest <= cutoff:
+        return src, answers, False
+    keep = min(len(src), max(cutoff - longest, cutoff // 2))
+    if keep < len(src):
+        head = 1 if keep > 1 and src[0] in tok.all_special_ids else 0
+        src = src[:head] + src[len(src) - keep + head :]
+    room = cutoff - len(src)
+    return src, [a[:room] for a in answers], True
+
+
+def _status(answers: list[list[int]], cut: bool) -> str:
+    if any(not a for a in answers):
+        return FULLY_MASKED
+    return TRUNCATED if cut else KEPT
+
+
+def tokenize_pairs(
+    records: dict[str, list[Any]],
+    indices: list[int],
+    *,
+    tok: PreTrainedTokenizerBase,
+    template: str,
+    cutoff_len: int,
+    paired: bool,
+    where: Callable[[int], str],
+) -> dict[str, list]:
+    """Batched `datasets.map` function: raw records -> the columns of PAIR_COLUMNS (or
+    UNPAIRED_COLUMNS), `status` and `problem`, one row per record."""
+    columns = PAIR_COLUMNS if paired else UNPAIRED_COLUMNS
+    out: dict[str, list] = {c: [] for c in (*columns, "status", "problem")}
+    for record, index in zip(records_of(records), indices, strict=True):
+        at = where(index)
+        row: dict[str, Any] = {"input_ids": [], "labels": [], "prompt_len": 0}
+        if paired:
+            row.update(rejected_ids=[], rejected_labels=[])
+        else:
+            row["desirable"] = 0
+        try:
+            if paired:
+                canon = canonical_pair(record, at)
+                texts = [canon["chosen"], canon["rejected"]]
+            else:
+                canon = canonical_unpaired(record, at)
+                texts = [canon["completion"]]
+                row["desirable"] = int(canon["desirable"])
+            parts = [_split(tok, template, canon["prompt"], t, at) for t in texts]
+            src = parts[0][0]
+            if any(p[0] != src for p in parts[1:]):
+                raise DataError(f"{at}: the template renders the prompt differently per answer.")
+            src, answers, cut = _fit(tok, src, [p[1] for p in parts], cutoff_len)
+            status = _status(answers, cut)
+            problem = (
+                f"{at}: an answer leaves no token to train on after truncation to "
+                f"data.cutoff_len={cutoff_len}."
+                if status == FULLY_MASKED
+                else ""
+            )
+            masked = [IGNORE] * len(src)
+            row["input_ids"], row["labels"] = src + answers[0], masked + answers[0]
+            if paired:
+                row["rejected_ids"], row["rejected_labels"] = src + answers[1], masked + answers[1]
+            row["prompt_len"] = len(src)
+            if not answers[0] and not src:
+                status = EMPTY
+        except DataError as e:
+            status, problem = INVALID, str(e)
+        for c in columns:
+            out[c].append(row[c])
+        out["status"].append(status)
+        out["problem"].append(problem)
+    return out

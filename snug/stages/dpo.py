@@ -1,0 +1,62 @@
+"""dpo: direct preference optimisation on pairs (Rafailov et al. 2023), with the IPO and hinge
+losses, label smoothing (conservative DPO) and an SFT term on the chosen answer (pref.ftx, as
+LLaMA-Factory's pref_ftx / RPO). The reference is the model before training: the base with the
+adapter switched off for peft methods, a frozen copy for full and freeze (pref.reference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from snug.fields import NON_NEGATIVE, POSITIVE, setting
+from snug.registry import register_stage
+from snug.stages.preference import PreferenceStage
+
+REFERENCE_HELP = (
+    "The frozen model the policy is compared with. auto: the base with the adapter switched "
+    "off for peft adapter methods (no second copy), else copy; adapter_off; copy: a frozen copy "
+    "of the model as loaded, in the compute dtype."
+)
+HALF = (lambda v: 0 <= v < 0.5, "at least 0 and below 0.5")
+
+
+@dataclass
+class DPOSettings:
+    """Settings of train.stage=dpo."""
+
+    loss: Literal["sigmoid", "ipo", "hinge"] = setting(
+        "sigmoid",
+        "sigmoid: DPO; ipo: IPO on log-ratios averaged per token; hinge: SLiC's hinge.",
+    )
+    beta: float = setting(0.1, "Strength of the pull towards the reference.", POSITIVE)
+    label_smoothing: float = setting(
+        0.0, "Share of pairs assumed mislabelled (conservative DPO; sigmoid only).", HALF
+    )
+    ftx: float = setting(
+        0.0, "Weight of an SFT loss on the chosen answer added to the loss (RPO).", NON_NEGATIVE
+    )
+    reference: Literal["auto", "adapter_off", "copy"] = setting("auto", REFERENCE_HELP)
+
+
+class DPO(PreferenceStage):
+    name = "dpo"
+    help = "direct preference optimisation on pairs (pref.loss: sigmoid, ipo, hinge)"
+    pref_settings = DPOSettings
+
+    def configured(self, cfg):
+        bound = super().configured(cfg)
+        bound.kind = bound._settings.loss
+        return bound
+
+    def check(self, cfg, source):
+        super().check(cfg, source)
+        s = self.own_pref(cfg)
+        if s.label_smoothing and s.loss != "sigmoid":
+            from snug.errors import ConfigError
+
+            raise ConfigError(
+                f"{source}: pref.label_smoothing applies to pref.loss=sigmoid, not {s.loss}."
+            )
+
+
+register_stage(DPO())

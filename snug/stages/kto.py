@@ -1,0 +1,102 @@
+"""kto: KTO (Ethayarajh et al. 2024) on unpaired data: completions each labelled desirable or
+not (a boolean `label`). A desirable answer is pushed above the reference point, an undesirable
+one below it; the reference point is the KL between policy and reference, estimated (as in the
+paper and TRL) from mismatched pairs in the micro-batch: each prompt with the next row's
+completion. So a micro-batch needs at least 2 rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from snug.fields import POSITIVE, setting
+from snug.registry import register_stage
+from snug.stages.dpo import REFERENCE_HELP
+from snug.stages.preference import (
+    PreferenceStage,
+    kto_losses,
+    sequence_logps,
+)
+
+
+@dataclass
+class KTOSettings:
+    """Settings of train.stage=kto."""
+
+    beta: float = setting(0.1, "Strength of the pull towards the reference.", POSITIVE)
+    desirable_weight: float = setting(1.0, "Weight of the desirable answers' loss.", POSITIVE)
+    undesirable_weight: float = setting(1.0, "Weight of the undesirable answers' loss.", POSITIVE)
+    reference: Literal["auto", "adapter_off", "copy"] = setting("auto", REFERENCE_HELP)
+
+
+class KTO(PreferenceStage):
+    name = "kto"
+    help = "KTO on unpaired completions labelled desirable or not"
+    pref_settings = KTOSettings
+    paired = False
+    needs = "labelled completions (a prompt, a completion and a boolean 'label')"
+
+    def check(self, cfg, source):
+        super().check(cfg, source)
+        if cfg.train.micro_batch < 2:
+            from snug.errors import ConfigError
+
+            raise ConfigError(
+                f"{source}: train.stage=kto needs train.micro_batch of at least 2: its KL "
+                "estimate pairs each prompt with another row's completion."
+            )
+
+    def collate(self, samples, pad_id):
+        """The rows as labelled, then each prompt with the next row's completion (the KL
+        rows); `desirable` (B,) says which answers are wanted."""
+        import torch
+
+        from snug.data.collate import collate
+
+        rows = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples]
+        for i, s in enumerate(samples):
+            other = samples[(i + 1) % len(samples)]
+            p, q = s["prompt_len"], other["prompt_len"]
+            answer = other["input_ids"][q:]
+            rows.append({"input_ids": s["input_ids"][:p] + answer, "labels": [-100] * p + answer})
+        batch = collate(rows, pad_id)
+        batch["desirable"] = torch.tensor([s["desirable"] for s in samples])
+        return batch
+
+    def loss(self, model, batch, reference, chunked=True):
+        import torch
+
+        s = self._settings
+        logps = sequence_logps(model, batch, chunked)
+        ref = reference.logps(model, batch, chunked)
+        half = logps.shape[0] // 2
+        kl = (logps[half:] - ref[half:]).mean().detach()
+        losses, rewards = kto_losses(
+            logps[:half],
+            ref[:half],
+            kl,
+            batch["desirable"],
+            s.beta,
+            s.desirable_weight,
+            s.undesirable_weight,
+        )
+        good = batch["desirable"].bool()
+        # right when the implicit reward falls on the label's side of the reference point
+        right = torch.where(good, rewards > s.beta * kl, rewards < s.beta * kl)
+        metrics = {
+            "kl": kl * half,
+            "rewards": rewards.sum(),
+            "pref_accuracy": right.float().sum(),
+            "logps": logps[:half].detach().sum(),
+        }
+        return losses.sum(), torch.tensor(half), metrics
+
+    def fake_batch(self, rows, seq_len, targets):
+        import torch
+
+        batch = super().fake_batch(rows, seq_len, targets)
+        batch["desirable"] = torch.ones(rows, dtype=torch.long)
+        return batch
+
+
+register_stage(KTO())

@@ -1,0 +1,28 @@
+"""orpo: ORPO (Hong et al. 2024): pairs without a reference model; the SFT loss on the chosen
+answer plus pref.beta times the log-odds-ratio loss that favours it over the rejected one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snug.fields import POSITIVE, setting
+from snug.registry import register_stage
+from snug.stages.preference import PreferenceStage
+
+
+@dataclass
+class ORPOSettings:
+    """Settings of train.stage=orpo."""
+
+    beta: float = setting(0.1, "Weight of the odds-ratio loss beside the SFT loss.", POSITIVE)
+
+
+class ORPO(PreferenceStage):
+    name = "orpo"
+    help = "ORPO: SFT on the chosen answer plus an odds-ratio preference loss, no reference"
+    pref_settings = ORPOSettings
+    kind = "orpo"
+    uses_reference = False
+
+
+register_stage(ORPO())

@@ -1,0 +1,400 @@
+"""What the preference stages (dpo, orpo, simpo, kto) share: pair data, one concatenated
+forward, per-sequence log-probs computed in chunks of positions, the reference, the metrics.
+
+- Data (snug/data/preference.py): a pair is the prompt with the chosen answer (`input_ids`,
+  `labels`, the prompt masked) and with the rejected one (`rejected_ids`, `rejected_labels`).
+  Collate puts the chosen rows of a micro-batch first and the rejected rows after them, so the
+  policy runs one forward over both.
+- Log-probs: the summed log-probability of each row's answer tokens. The LM head and
+  log-softmax run over chunks of target positions under activation checkpointing, so the
+  `[tokens, vocab]` logits never exist whole, in forward or backward (the chunked loss of
+  snug/train/loss.py applied to log-probs).
+- The reference (dpo, kto): for a method that leaves the base untouched and is saved by peft,
+  the same model with its adapter disabled (no second copy); otherwise (`pref.reference:
+  copy`) a frozen copy of the model as loaded, made before training.
+- A stage's loss is summed over its pairs (or completions, kto); the step divides by their
+  count. Metrics (summed the same way, so each is a mean per pair): rewards of the chosen and
+  rejected answers, their margin, the preference accuracy (share of pairs whose implicit reward
+  prefers the chosen answer), and the log-probs of both answers.
+
+Written here: the losses are a few lines of formulas from the papers (cited at each), and the
+chunked log-probs are snug's memory technique; peft gives the adapter switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import TYPE_CHECKING, Any
+
+from snug.stages.base import Stage
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+CHUNK_POSITIONS = 1024  # target positions per chunk of logits (snug/train/loss.py's)
+
+
+# -- log-probs -------------------------------------------------------------------------------
+def _row_of_targets(batch: dict) -> torch.Tensor:
+    """The row of each flat target position of `labels[:, 1:]`."""
+    return batch["target_positions"] // (batch["input_ids"].shape[1] - 1)
+
+
+def sequence_logps(model: nn.Module, batch: dict, chunked: bool = True) -> torch.Tensor:
+    """(rows,) summed log-probability of each row's target tokens (labels != -100)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from snug.train.loss import _final_hidden, model_inputs
+    from snug.train.wrapped import causal_lm
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    rows = ids.shape[0]
+    rows_of = _row_of_targets(batch)
+    y = labels[:, 1:].reshape(-1).index_select(0, batch["target_positions"])
+    if not chunked:
+        logits = model(**model_inputs(batch)).logits[:, -ids.shape[1] :, :]
+        flat = (
+            logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, batch["target_positions"])
+        )
+        picked = F.log_softmax(flat.float(), -1).gather(1, y[:, None]).squeeze(1)
+        return torch.zeros(rows, device=ids.device).index_add(0, rows_of, picked)
+    lm = causal_lm(model)
+    hidden = _final_hidden(model, batch)
+    head = lm.get_output_embeddings()
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_positions"])
+
+    def chunk(hc: torch.Tensor, yc: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
+        logits = head(hc).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        picked = F.log_softmax(logits, -1).gather(1, yc[:, None]).squeeze(1)
+        return torch.zeros(rows, device=hc.device).index_add(0, rc, picked)
+
+    total = torch.zeros(rows, device=ids.device)
+    for start in range(0, h.shape[0], CHUNK_POSITIONS):
+        sl = slice(start, start + CHUNK_POSITIONS)
+        total = total + checkpoint(chunk, h[sl], y[sl], rows_of[sl], use_reentrant=False)
+    return total
+
+
+def target_counts(batch: dict) -> torch.Tensor:
+    """(rows,) answer tokens of each row."""
+    from snug.data.tokenize import IGNORE
+
+    return (batch["labels"][:, 1:] != IGNORE).sum(1).clamp(min=1)
+
+
+# -- the reference ---------------------------------------------------------------------------
+class Reference:
+    """The frozen model the policy is compared with: `logps(model, batch)` gives its summed
+    log-probs of the batch's rows (no gradient)."""
+
+    def __init__(self, kind: str, frozen: nn.Module | None = None) -> None:
+        self.kind = kind  # "adapter_off" | "copy"
+        self.frozen = frozen
+
+    def logps(self, model: nn.Module, batch: dict, chunked: bool) -> torch.Tensor:
+        import torch
+
+        with torch.no_grad():
+            if self.frozen is not None:
+                return sequence_logps(self.frozen, batch, chunked)
+            with adapter_off(model):
+                return sequence_logps(model, batch, chunked)
+
+
+def adapter_off(model: nn.Module):
+    """The model as its base: peft's switch that bypasses every adapter layer."""
+    from snug.train.wrapped import unwrap
+
+    inner = unwrap(model)
+    if not hasattr(inner, "disable_adapter"):
+        return contextlib.nullcontext()  # the caller checked the method: not reached
+    return inner.disable_adapter()
+
+
+def make_reference(model: nn.Module, cfg: Any) -> Reference:
+    """The reference pref.reference asks for (auto: adapter_off when the method can, else a
+    copy), made from the model before its first step."""
+    from snug.errors import ConfigError
+    from snug.registry import get_method
+
+    method = get_method(cfg.method.name)
+    can_switch = method.output == "adapter" and method.peft_type is not None
+    kind = cfg.pref.reference
+    if kind == "auto":
+        kind = "adapter_off" if can_switch else "copy"
+    if kind == "adapter_off" and not can_switch:
+        raise ConfigError(
+            f"pref.reference=adapter_off needs a peft adapter method; method.name="
+            f"{cfg.method.name} changes the base itself: use pref.reference=copy."
+        )
+    if kind == "adapter_off":
+        return Reference("adapter_off")
+    from snug.train.wrapped import unwrap
+
+    frozen = copy.deepcopy(unwrap(model))
+    frozen.requires_grad_(False)
+    frozen.eval()
+    return Reference("copy", frozen)
+
+
+# -- formulas --------------------------------------------------------------------------------
+def pair_losses(
+    kind: str,
+    policy: tuple[torch.Tensor, torch.Tensor],
+    reference: tuple[torch.Tensor, torch.Tensor] | None,
+    lengths: tuple[torch.Tensor, torch.Tensor],
+    beta: float,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair loss, chosen reward, rejected reward) from summed log-probs of the chosen and
+    rejected answers (`policy`, `reference`) and their token counts (`lengths`).
+
+    - sigmoid: DPO, Rafailov et al. 2023, eq. 7, with label smoothing as conservative DPO
+      (Mitchell 2023): -(1-e) log s(b d) - e log s(-b d), d = the difference of log-ratios;
+    - hinge: SLiC-style, Zhao et al. 2023: max(0, 1 - b d);
+    - ipo: Azar et al. 2023, eq. 17, on log-ratios averaged per answer token (as TRL does, with
+      the IPO authors): (d_avg - 1/(2b))^2;
+    - simpo: Meng et al. 2024, eq. 6: no reference, length-normalised log-probs and a margin
+      g: -log s(b (avg_c - avg_r) - g), label smoothing as above;
+    - orpo: Hong et al. 2024, eq. 6-7: the chosen answer's NLL per token minus b log s(log odds
+      ratio), odds from the per-token average probability.
+    Rewards: b x (log-ratio) for dpo losses, b x (average log-prob) for simpo and orpo."""
+    import torch
+    import torch.nn.functional as F
+
+    (pc, pr), (nc, nr) = policy, lengths
+    if kind in ("simpo", "orpo"):
+        ac, ar = pc / nc, pr / nr
+        if kind == "simpo":
+            d = beta * (ac - ar) - gamma
+            losses = -F.logsigmoid(d) * (1 - label_smoothing) - F.logsigmoid(-d) * label_smoothing
+        else:
+            log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
+            losses = -ac - beta * F.logsigmoid(log_odds)
+        return losses, beta * ac.detach(), beta * ar.detach()
+    rc, rr = reference
+    chosen, rejected = pc - rc, pr - rr
+    if kind == "sigmoid":
+        d = beta * (chosen - rejected)
+        losses = -F.logsigmoid(d) * (1 - label_smoothing) - F.logsigmoid(-d) * label_smoothing
+    elif kind == "hinge":
+        losses = torch.relu(1 - beta * (chosen - rejected))
+    elif kind == "ipo":
+        losses = (chosen / nc - rejected / nr - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown preference loss {kind!r}")
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def kto_losses(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    kl: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-completion loss, reward) of KTO, Ethayarajh et al. 2024, eq. 7-8: with r the
+    log-ratio and z the reference point (the batch's KL estimate, clamped at 0, no gradient),
+    a desirable answer costs w_d (1 - s(b (r - z))), an undesirable one w_u (1 - s(b (z - r)))."""
+    import torch
+
+    r = policy - reference
+    z = kl.detach().clamp(min=0)
+    good = desirable.bool()
+    losses = torch.where(
+        good,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z - r))),
+    )
+    return losses, beta * r.detach()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurately on both sides of -log 2 (Maechler 2012)."""
+    import torch
+
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+# -- the stages ------------------------------------------------------------------------------
+class PreferenceStage(Stage):
+    """A stage trained on pairs (chosen, rejected) of answers to one prompt; subclasses name
+    their loss (`kind`) and settings."""
+
+    pref_settings: type | None = None  # the stage's keys of the `pref:` section
+    formats = ()
+    needs = "preference pairs (a prompt with 'chosen' and 'rejected' answers)"
+    no_packing_because = "a pair's two answers are compared row by row"
+    paired = True
+    uses_reference = True
+    kind = "sigmoid"  # pair_losses' formula
+    _settings: Any = None  # set by configured()
+
+    def own_pref(self, cfg: Any) -> Any:
+        own = getattr(getattr(cfg, "pref", None), "own", None)
+        return own if own is not None else self.pref_settings()
+
+    def check(self, cfg, source):
+        from snug.errors import ConfigError
+
+        if cfg.data.packing:
+            raise ConfigError(
+                f"{source}: data.packing cannot be used with train.stage={self.name}: "
+                f"{self.no_packing_because}."
+            )
+        if cfg.data.format not in ("auto",):
+            raise ConfigError(
+                f"{source}: train.stage={self.name} reads preference records; leave data.format "
+                "at auto (the layout is told by the keys)."
+            )
+
+    # -- data
+    def tokenize(self, source):
+        import functools
+
+        from snug.data.dataset import _tokenizer_fingerprint
+        from snug.data.formats import DataError
+        from snug.data.preference import is_pair, is_unpaired, tokenize_pairs
+        from snug.data.templates import TemplateError, resolve_template
+        from snug.data.tokenize import first_record
+
+        first = first_record(source.raw)
+        if self.paired and not is_pair(first):
+            hint = (
+                "it holds labelled completions: use train.stage=kto"
+                if is_unpaired(first)
+                else "it holds no 'chosen'/'rejected' answers (SFT data? use train.stage=sft)"
+            )
+            raise DataError(f"{source.spec}: train.stage={self.name} needs {self.needs}; {hint}.")
+        if not self.paired and not is_unpaired(first):
+            hint = (
+                "it holds pairs: use train.stage=dpo, orpo or simpo"
+                if is_pair(first)
+                else "it has no boolean 'label' (SFT data? use train.stage=sft)"
+            )
+            raise DataError(f"{source.spec}: train.stage={self.name} needs {self.needs}; {hint}.")
+        try:
+            template = resolve_template(source.tok, source.data.template, source.model_name)
+        except TemplateError as e:
+            raise TemplateError(
+                f"{source.spec}: preference records need a chat template, but {e}"
+            ) from None
+        fn = functools.partial(
+            tokenize_pairs,
+            tok=source.tok,
+            template=template,
+            cutoff_len=source.data.cutoff_len,
+            paired=self.paired,
+            where=source.where,
+        )
+        key = (
+            "pairs" if self.paired else "unpaired",
+            _tokenizer_fingerprint(source.tok, template),
+            source.data.cutoff_len,
+        )
+        return source.map(fn, key)
+
+    def collate(self, samples, pad_id):
+        """Chosen rows first, then rejected rows: one forward for both."""
+        from snug.data.collate import collate
+
+        rows = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples] + [
+            {"input_ids": s["rejected_ids"], "labels": s["rejected_labels"]} for s in samples
+        ]
+        return collate(rows, pad_id)
+
+    def reference(self, model, cfg):
+        return make_reference(model, cfg) if self.uses_reference else None
+
+    # -- the step
+    def count(self, batch):
+        import torch
+
+        return torch.tensor(batch["input_ids"].shape[0] // 2)
+
+    def loss(self, model, batch, reference, chunked=True):
+        import torch
+
+        s = self._settings
+        logps = sequence_logps(model, batch, chunked)
+        n = target_counts(batch)
+        half = logps.shape[0] // 2
+        policy = (logps[:half], logps[half:])
+        lengths = (n[:half], n[half:])
+        ref = None
+        if self.uses_reference:
+            r = reference.logps(model, batch, chunked)
+            ref = (r[:half], r[half:])
+        losses, chosen, rejected = pair_losses(
+            self.kind,
+            policy,
+            ref,
+            lengths,
+            s.beta,
+            getattr(s, "label_smoothing", 0.0),
+            getattr(s, "gamma", 0.0),
+        )
+        ftx = getattr(s, "ftx", 0.0)
+        if ftx:  # RPO / LLaMA-Factory's pref_ftx: the chosen answer's NLL per token, weighted
+            losses = losses + ftx * (-policy[0] / lengths[0])
+        metrics = {
+            "rewards_chosen": chosen.sum(),
+            "rewards_rejected": rejected.sum(),
+            "reward_margin": (chosen - rejected).sum(),
+            "pref_accuracy": (chosen > rejected).float().sum(),
+            "logps_chosen": policy[0].detach().sum(),
+            "logps_rejected": policy[1].detach().sum(),
+        }
+        return losses.sum(), torch.tensor(half), metrics
+
+    def configured(self, cfg: Any) -> PreferenceStage:
+        """This stage with cfg's pref settings, which its loss reads."""
+        bound = copy.copy(self)
+        bound._settings = self.own_pref(cfg)
+        return bound
+
+    def fake_batch(self, rows, seq_len, targets):
+        import torch
+
+        ids = torch.zeros((2 * rows, seq_len), dtype=torch.long)
+        return {
+            "input_ids": ids,
+            "labels": ids.clone(),
+            "target_positions": torch.arange(2 * targets, dtype=torch.long),
+        }
+
+    # -- evaluation
+    def evaluate(self, model, data, job, phase):
+        """Held out: the mean loss per pair and the preference accuracy."""
+        import torch
+
+        bound = self.configured(job.cfg)
+        totals: dict[str, float] = {}
+        count = 0
+        model.eval()
+        with phase("preference", len(data), "pairs") as p, torch.no_grad():
+            for start in range(0, len(data), job.micro_batch):
+                rows = [data[i] for i in range(start, min(start + job.micro_batch, len(data)))]
+                batch = {k: v.to(job.device) for k, v in bound.collate(rows, job.pad_id).items()}
+                with job.opts.forward_context():
+                    summed, n, metrics = bound.loss(model, batch, job.reference, True)
+                totals["loss"] = totals.get("loss", 0.0) + float(summed)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                count += int(n)
+                p.advance(len(rows))
+        model.train()
+        out = {k: v / max(count, 1) for k, v in totals.items()}
+        out["metric"] = "pref_accuracy" if "pref_accuracy" in out else "loss"
+        return out
