@@ -128,6 +128,11 @@ def canonical_pair(record: dict[str, Any], where: str) -> dict[str, Any]:
     if not is_pair(record):
         raise DataError(f"{where}: a preference pair needs 'chosen' and 'rejected'.")
     implicit = not any(k in record for k in ("prompt", "conversations", "messages", "instruction"))
+    if implicit and not all(isinstance(record[k], list) for k in PAIR_KEYS):
+        raise DataError(
+            f"{where}: no prompt: expected 'prompt', 'conversations', 'messages' or "
+            "'instruction' beside the answers, or 'chosen' and 'rejected' as whole conversations."
+        )
     if implicit:  # TRL's implicit prompt: two whole conversations sharing all but the answer
         chosen, rejected = (_turns(record[k], where, k) for k in PAIR_KEYS)
         if chosen[:-1] != rejected[:-1] or len(chosen) < 2:

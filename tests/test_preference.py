@@ -1,0 +1,388 @@
+"""Preference training (dpo, orpo, simpo, kto): the losses against TRL's on the same log-probs,
+the chunked log-probs against the model's whole logits, the adapter-off reference against the
+base model, what trains, the data layouts read alike, and the layouts refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from snug.config import config_from_dict
+from snug.data.formats import DataError
+from snug.train.loop import run_training
+
+from conftest import ROOT, write_jsonl
+
+TINY = ROOT / "models/tiny"
+WORDS = "red blue green cat dog sun moon tree".split()
+
+
+def pairs(n: int = 24) -> list[dict]:
+    """A learnable preference: answer with the first word, not with the last."""
+    rows = []
+    for i in range(n):
+        a, b, c = WORDS[i % 8], WORDS[(i + 3) % 8], WORDS[(i + 5) % 8]
+        rows.append({"prompt": f"First word of: {a} {b} {c}", "chosen": a, "rejected": c})
+    return rows
+
+
+def labelled(n: int = 24) -> list[dict]:
+    return [
+        {"prompt": p["prompt"], "completion": p["chosen"] if i % 2 else p["rejected"],
+         "label": bool(i % 2)}
+        for i, p in enumerate(pairs(n))
+    ]  # fmt: skip
+
+
+def run_config(tmp_path: Path, stage: str, data: Path, **sections) -> dict:
+    raw = {
+        "model": {"name_or_path": str(TINY)},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(data), "cutoff_len": 64},
+        "train": {
+            "stage": stage,
+            "micro_batch": 4,
+            "grad_accum": 1,
+            "max_steps": 2,
+            "lr": 5e-3,
+            "log_every": 1,
+            "eval_generate": 0,
+        },
+        "output": {"dir": str(tmp_path / "run"), "plot_loss": False},
+    }
+    for name, keys in sections.items():
+        raw.setdefault(name, {}).update(keys)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "stage,rows,found",
+    [
+        ("sft", pairs, "preference pairs"),
+        ("sft", labelled, "labelled completions"),
+        ("pt", pairs, "preference pairs"),
+        ("dpo", labelled, "use train.stage=kto"),
+        ("kto", pairs, "use train.stage=dpo"),
+    ],
+)
+def test_preference_data_is_never_trained_as_the_wrong_thing(stage, rows, found, tmp_path):
+    """Pairs or labelled completions given to sft (a kto file with label: false rows trained
+    as SFT on its rejected answers, status completed, before) and one kind given to the
+    other's stage: one error naming the file, nothing trained."""
+    data = write_jsonl(tmp_path / "data.jsonl", rows())
+    raw = run_config(tmp_path, stage, data)
+    if stage == "pt":
+        raw["data"]["format"] = "auto"
+    with pytest.raises(DataError) as e:
+        run_training(config_from_dict(raw))
+    assert str(data) in str(e.value) and found in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run/summary.json").exists()
+
+
+def test_sft_data_given_to_dpo_is_refused(tmp_path):
+    data = ROOT / "data/instruct/train.jsonl"
+    with pytest.raises(DataError, match="no 'chosen'/'rejected' answers"):
+        run_training(config_from_dict(run_config(tmp_path, "dpo", data)))
+
+
+# -- the losses against TRL's, on the same log-probs -----------------------------------------
+def _logps(seed: int, n: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    logps = [-(torch.rand(n, generator=g, dtype=torch.float64) * 40 + 1) for _ in range(4)]
+    lengths = [torch.randint(1, 30, (n,), generator=g).double() for _ in range(2)]
+    return logps, lengths
+
+
+def _trl_cpo(loss_type: str, beta: float, smoothing: float = 0.0, gamma: float = 0.0):
+    """TRL's CPOTrainer.cpo_loss as a function of (chosen, rejected) log-probs."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    this = SimpleNamespace(
+        alpha=0.0,
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=smoothing,
+        simpo_gamma=gamma,
+        accelerator=SimpleNamespace(device="cpu"),
+    )
+    return lambda c, r: CPOTrainer.cpo_loss(this, c, r)
+
+
+@pytest.mark.parametrize(
+    "kind,beta,smoothing", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.3, 0.2), ("hinge", 0.1, 0.0),
+                            ("ipo", 0.5, 0.0)],
+)  # fmt: skip
+def test_dpo_losses_equal_trls(kind, beta, smoothing):
+    """DPO is CPO's loss of the log-ratios (policy minus reference); IPO of the log-ratios
+    averaged per token (TRL's DPOTrainer normalises IPO so, with the IPO authors)."""
+    from snug.stages.preference import pair_losses
+
+    (pc, pr, rc, rr), (nc, nr) = _logps(1)
+    ours, chosen, rejected = pair_losses(
+        kind, (pc, pr), (rc, rr), (nc, nr), beta, label_smoothing=smoothing
+    )
+    trl = _trl_cpo(kind, beta, smoothing)
+    if kind == "ipo":
+        theirs, *_ = trl((pc - rc) / nc, (pr - rr) / nr)
+    else:
+        theirs, *_ = trl(pc - rc, pr - rr)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chosen, beta * (pc - rc), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rejected, beta * (pr - rr), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_simpo_loss_equals_trls(smoothing):
+    """SimPO in TRL's CPOTrainer: log-probs averaged per token, margin gamma."""
+    from snug.stages.preference import pair_losses
+
+    (pc, pr, _, _), (nc, nr) = _logps(2)
+    ours, chosen, _ = pair_losses("simpo", (pc, pr), None, (nc, nr), 2.0, smoothing, gamma=1.0)
+    theirs, their_chosen, _ = _trl_cpo("simpo", 2.0, smoothing, gamma=1.0)(pc / nc, pr / nr)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chosen, their_chosen, rtol=0, atol=1e-6)
+
+
+def test_orpo_loss_equals_trls():
+    """ORPO's odds-ratio term is TRL's ORPOTrainer.odds_ratio_loss (which the trainer
+    subtracts from the chosen answer's NLL); snug adds that NLL per pair."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    from snug.stages.preference import pair_losses
+
+    (pc, pr, _, _), (nc, nr) = _logps(3)
+    # log-probs per token near 0 too, where log(1 - p) needs care
+    pc, pr = pc / 40, pr / 40
+    ours, *_ = pair_losses("orpo", (pc, pr), None, (nc, nr), 0.25)
+    this = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device="cpu"))
+    ratio, *_ = ORPOTrainer.odds_ratio_loss(this, pc / nc, pr / nr)
+    torch.testing.assert_close(ours, -(pc / nc) - ratio, rtol=0, atol=1e-6)
+
+
+def test_kto_loss_equals_the_papers():
+    """KTO, eq. 7-8 of Ethayarajh et al. 2024 as TRL's KTOTrainer computes it
+    (trl/trainer/kto_trainer.py, loss_type kto: the KL of the mismatched rows, clamped at 0
+    and detached; a weight per side), written out here on the same log-probs."""
+    from snug.stages.preference import kto_losses
+
+    (policy, ref, kl_policy, kl_ref), _ = _logps(4)
+    desirable = torch.arange(16) % 3 == 0
+    kl = (kl_policy - kl_ref).mean().clamp(min=0)
+    ours, rewards = kto_losses(policy, ref, kl, desirable.long(), 0.2, 1.5, 0.7)
+    r = policy - ref
+    want = torch.where(
+        desirable,
+        1.5 * (1 - torch.sigmoid(0.2 * (r - kl))),
+        0.7 * (1 - torch.sigmoid(0.2 * (kl - r))),
+    )
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rewards, 0.2 * r, rtol=0, atol=1e-6)
+
+
+# -- log-probs and the reference ---------------------------------------------------------------
+def _batch(tok, stage: str = "dpo", n: int = 4) -> dict:
+    from snug.config import load_config
+    from snug.data.preference import tokenize_pairs
+    from snug.data.templates import resolve_template
+    from snug.registry import get_stage
+
+    template = resolve_template(tok, "auto", str(TINY))
+    rows = pairs(n) if stage != "kto" else labelled(n)
+    cols = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r}}
+    out = tokenize_pairs(
+        cols, list(range(n)), tok=tok, template=template, cutoff_len=64,
+        paired=stage != "kto", where=lambda i: f"row {i}",
+    )  # fmt: skip
+    samples = [{k: out[k][i] for k in out} for i in range(n)]
+    stage_obj = get_stage(stage).configured(load_config(None, [f"train.stage={stage}"]))
+    return stage_obj.collate(samples, tok.pad_token_id)
+
+
+def _by_whole_logits(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    picked = logp.gather(2, labels.clamp(min=0)[..., None]).squeeze(2)
+    return (picked * mask).sum(1)
+
+
+@pytest.mark.parametrize("chunk", [1024, 5])
+def test_chunked_log_probs_equal_the_whole_logits(chunk, tokenizer, monkeypatch):
+    """Summed log-probs of each row's answer from chunks of positions (one chunk, and chunks
+    of 5 that split rows) against log-softmax of the model's whole logits; fp32 sums of tens
+    of terms: 1e-5 relative."""
+    from transformers import AutoModelForCausalLM
+
+    import snug.stages.preference as pref
+
+    monkeypatch.setattr(pref, "CHUNK_POSITIONS", chunk)
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    batch = _batch(tokenizer)
+    assert batch["input_ids"].shape[0] == 8  # 4 chosen rows, then 4 rejected
+    ours = pref.sequence_logps(model, batch)
+    want = _by_whole_logits(model, batch)
+    torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        pref.sequence_logps(model, batch, chunked=False), ours, rtol=1e-5, atol=1e-4
+    )
+
+
+def test_the_adapter_off_reference_is_the_base_model(tokenizer):
+    """LoRA with non-zero weights changes the log-probs; switched off, the same model gives
+    the base model's exactly as a fresh copy of the base computes them."""
+    from transformers import AutoModelForCausalLM
+
+    from snug.config import load_config
+    from snug.methods import apply_method
+    from snug.stages.preference import make_reference, sequence_logps
+
+    cfg = load_config(None, ["train.stage=dpo", "method.r=4"])
+    torch.manual_seed(0)
+    model = apply_method(AutoModelForCausalLM.from_pretrained(TINY), cfg.method)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    batch = _batch(tokenizer)
+    reference = make_reference(model, cfg)
+    assert reference.kind == "adapter_off" and reference.frozen is None  # no second copy
+    base = sequence_logps(AutoModelForCausalLM.from_pretrained(TINY), batch)
+    assert not torch.allclose(sequence_logps(model, batch), base)
+    torch.testing.assert_close(reference.logps(model, batch, True), base, rtol=1e-6, atol=1e-5)
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "orpo", "simpo", "kto"])
+def test_each_stage_lowers_its_loss_and_trains_only_what_it_should(stage, tmp_path):
+    """On a learnable toy (answer with the first word, not the last), each stage's held-out
+    loss falls (summary.json's eval before -> after, the same rows both times); LoRA trains the
+    adapter only; the stage's metrics reach metrics.jsonl."""
+    from safetensors.torch import load_file
+
+    rows = labelled(48) if stage == "kto" else pairs(48)
+    data = write_jsonl(tmp_path / "data.jsonl", rows[:32])
+    raw = run_config(tmp_path, stage, data)
+    raw["data"]["eval"] = str(write_jsonl(tmp_path / "eval.jsonl", rows[32:]))
+    raw["train"].update(max_steps=16, lr=2e-3)
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed"
+    ev = summary["eval"]
+    assert ev["loss_after"] < 0.8 * ev["loss_before"], ev
+    assert ev["metric"] == "pref_accuracy"
+    if stage != "orpo":  # orpo's 16 steps go mostly to its SFT term
+        assert ev["after"] >= 0.75 > ev["before"], ev
+    logged = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert "pref_accuracy" in logged[-1] and ("kl" in logged[-1]) == (stage == "kto")
+    adapter = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+
+
+def test_full_dpo_compares_with_a_frozen_copy_that_never_moves(tmp_path):
+    """Full fine-tuning has no adapter to switch off: the reference is a frozen copy of the
+    weights as loaded (pref.reference auto), a full dpo run trains with it, and asking for the
+    adapter switch instead is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from snug.config import load_config
+    from snug.stages.preference import make_reference
+
+    cfg = load_config(None, ["train.stage=dpo", "method.name=full"])
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    reference = make_reference(model, cfg)
+    assert reference.kind == "copy"
+    assert all(not p.requires_grad for p in reference.frozen.parameters())
+    data = write_jsonl(tmp_path / "data.jsonl", pairs(8))
+    raw = run_config(tmp_path, "dpo", data)
+    raw["method"] = {"name": "full"}
+    raw["train"].update(max_steps=2, lr=1e-4)
+    assert run_training(config_from_dict(raw))["status"] == "completed"
+    with pytest.raises(Exception, match="adapter_off needs a peft adapter method"):
+        make_reference(model, load_config(None, ["train.stage=dpo", "method.name=full",
+                                                 "pref.reference=adapter_off"]))  # fmt: skip
+
+
+LAYOUTS = {
+    "trl": {"prompt": "Name a colour.", "chosen": "red", "rejected": "cat"},
+    "trl conversational": {
+        "prompt": [{"role": "user", "content": "Name a colour."}],
+        "chosen": [{"role": "assistant", "content": "red"}],
+        "rejected": [{"role": "assistant", "content": "cat"}],
+    },
+    "trl implicit prompt": {
+        "chosen": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"}],
+        "rejected": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "cat"}],
+    },
+    "llama-factory sharegpt ranking": {
+        "conversations": [{"from": "human", "value": "Name a colour."}],
+        "chosen": {"from": "gpt", "value": "red"},
+        "rejected": {"from": "gpt", "value": "cat"},
+    },
+    "llama-factory alpaca ranking": {"instruction": "Name a colour.", "chosen": "red", "rejected": "cat"},
+}  # fmt: skip
+UNPAIRED = {
+    "trl": {"prompt": "Name a colour.", "completion": "cat", "label": False},
+    "llama-factory kto": {
+        "messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "cat"}],
+        "label": False,
+    },
+    "alpaca": {"instruction": "Name a colour.", "output": "cat", "label": False},
+}  # fmt: skip
+
+
+def _tokenized(tok, record: dict, paired: bool) -> dict:
+    from snug.data.preference import tokenize_pairs
+    from snug.data.templates import resolve_template
+
+    out = tokenize_pairs(
+        {k: [v] for k, v in record.items()},
+        [0],
+        tok=tok,
+        template=resolve_template(tok, "auto", str(TINY)),
+        cutoff_len=64,
+        paired=paired,
+        where=lambda i: "data.jsonl line 1",
+    )
+    return {k: v[0] for k, v in out.items()}
+
+
+def test_every_layout_of_the_same_pair_gives_the_same_tokens(tokenizer):
+    """TRL's and LLaMA-Factory's layouts of one pair (and of one labelled completion) give
+    the same tokens; the prompt is masked, the answers are what the template adds."""
+    seen = {name: _tokenized(tokenizer, r, True) for name, r in LAYOUTS.items()}
+    first = seen["trl"]
+    assert first["status"] == "kept" and first["prompt_len"] > 0
+    assert all(v == first for v in seen.values()), {k: v["input_ids"] for k, v in seen.items()}
+    p = first["prompt_len"]
+    assert first["labels"][:p] == [-100] * p and first["labels"][p:] == first["input_ids"][p:]
+    assert tokenizer.decode(first["input_ids"][p:]).startswith("red")
+    assert tokenizer.decode(first["rejected_ids"][p:]).startswith("cat")
+    unpaired = {name: _tokenized(tokenizer, r, False) for name, r in UNPAIRED.items()}
+    assert all(v == unpaired["trl"] for v in unpaired.values())
+    assert (
+        unpaired["trl"]["input_ids"] == first["rejected_ids"] and unpaired["trl"]["desirable"] == 0
+    )
+
+
+@pytest.mark.parametrize(
+    "record,says",
+    [
+        ({"prompt": "Hi", "chosen": "a", "rejected": 3}, "field 'rejected' must be a string"),
+        ({"prompt": "Hi", "chosen": " ", "rejected": "b"}, "field 'chosen' has no text"),
+        ({"chosen": "a", "rejected": "b"}, "no prompt"),
+        ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+          "rejected": [{"role": "user", "content": "Yo"}, {"role": "assistant", "content": "b"}]},
+         "differ only in their last"),
+        ({"conversations": [{"from": "gpt", "value": "x"}], "chosen": "a", "rejected": "b"},
+         "must end with a user turn"),
+    ],
+)  # fmt: skip
+def test_a_broken_pair_names_its_line_and_field(record, says, tokenizer):
+    out = _tokenized(tokenizer, record, True)
+    assert out["status"] == "invalid"
+    assert out["problem"].startswith("data.jsonl line 1: ") and says in out["problem"], out
