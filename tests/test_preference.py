@@ -386,3 +386,71 @@ def test_a_broken_pair_names_its_line_and_field(record, says, tokenizer):
     out = _tokenized(tokenizer, record, True)
     assert out["status"] == "invalid"
     assert out["problem"].startswith("data.jsonl line 1: ") and says in out["problem"], out
+
+
+# -- the planner replays the preference step ---------------------------------------------------
+def _real_peak(cfg, config, seq_len: int) -> int:
+    """Two real optimizer steps of the stage's step, on a fresh model prepared as `snug train`
+    prepares it, with the reference build_run makes, under the tracker `snug train` uses on
+    CPU (tests/test_plan.py's measured_peak, for pairs)."""
+    from transformers import AutoModelForCausalLM
+
+    from snug.registry import get_stage
+    from snug.train.memory import TensorMemoryTracker, model_tensors
+    from snug.train.optim import build_optimizer
+    from snug.train.prepare import prepare_for_training, step_options
+    from snug.train.step import train_step
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    base.config.use_cache = False
+    model = prepare_for_training(base, cfg, "fp32")
+    opts = step_options(cfg, torch.device("cpu"), "fp32")
+    reference = get_stage(cfg.train.stage).reference(model, cfg)
+    optimizer = build_optimizer(model, cfg.memory, cfg.train)
+    b = cfg.train.micro_batch
+    tracker = TensorMemoryTracker()
+    with tracker:
+        tracker.track(model_tensors(model))
+        if reference.frozen is not None:
+            tracker.track(model_tensors(reference.frozen))
+        for _ in range(2):
+            micro = []
+            for _ in range(cfg.train.grad_accum):
+                rows = torch.randint(0, config.vocab_size, (2 * b, seq_len)).tolist()
+                samples = [
+                    {"input_ids": c, "labels": c, "rejected_ids": r, "rejected_labels": r,
+                     "prompt_len": 0, "desirable": i % 2}
+                    for i, (c, r) in enumerate(zip(rows[:b], rows[b:], strict=True))
+                ]  # fmt: skip
+                micro.append(opts.stage.collate(samples, 0))
+            train_step(model, optimizer, micro, opts, reference=reference)
+            del micro
+    return tracker.peak
+
+
+@pytest.mark.parametrize(
+    "stage,method,gc", [("dpo", "lora", True), ("dpo", "full", False), ("kto", "lora", False)]
+)
+def test_the_plan_replays_the_preference_step_exactly(stage, method, gc):
+    """`snug plan`'s fake replay of the preference step, its reference forward included (the
+    adapter switched off, or a frozen copy for full), against two real steps: the same peak
+    bytes."""
+    from transformers import AutoConfig
+
+    from snug.config import load_config
+    from snug.plan.simulate import simulate
+
+    cfg = load_config(
+        None,
+        [f"train.stage={stage}", f"method.name={method}", f"memory.grad_checkpointing={gc}",
+         "train.micro_batch=2", "train.grad_accum=2"],
+    )  # fmt: skip
+    config = AutoConfig.for_model(
+        "llama", vocab_size=3000, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    predicted = simulate(cfg, config, 64, device_type="cpu", extend=False)
+    assert predicted.peak_bytes == _real_peak(cfg, config, 64)
+    if method == "full":  # the copy is counted with the weights: twice the model, and more
+        assert predicted.weights_bytes >= 2 * predicted.total_params * 4

@@ -39,6 +39,7 @@ def sequence_length(args, cfg: Config, has_config: bool) -> tuple[int, str]:
         try:
             from snug.data.dataset import build_datasets
             from snug.models.load import load_tokenizer
+            from snug.train.schedule import sample_lengths
 
             tok = load_tokenizer(cfg.model)
             train, _, _ = build_datasets(
@@ -49,7 +50,7 @@ def sequence_length(args, cfg: Config, has_config: bool) -> tuple[int, str]:
                 cfg.model.name_or_path,
                 train=cfg.train,
             )
-            return max(len(x) for x in train["input_ids"]), "longest tokenized sample of data.train"
+            return max(sample_lengths(train)), "longest tokenized sample of data.train"
         except Exception:  # no tokenizer or data here: plan for the cutoff
             pass
     return cfg.data.cutoff_len, "data.cutoff_len"

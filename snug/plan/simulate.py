@@ -232,11 +232,15 @@ def _simulate_once(
             tracker.inputs = False
             return out
 
+        # the stage's frozen reference, made as build_run makes it, before the module hooks
+        reference = opts.stage.reference(model, cfg)
         tracker.layers = LayerTags(causal_lm(model).get_decoder()) if record else None
         with modules, tracker, tracker.layers or contextlib.nullcontext():
             tracker.track(model_tensors(model))
             tracker.track(held_by_wrapper)
             tracker.mark(held_by_wrapper, "gradients")  # DDP's gradient buckets
+            if getattr(reference, "frozen", None) is not None:  # a copy holds weights
+                tracker.track(model_tensors(reference.frozen))
             weights = tracker.live
             loaded = len(events or ())
             optimizer = _optimizer(model, cfg, device_type)
@@ -269,7 +273,9 @@ def _simulate_once(
             accum = min(cfg.train.grad_accum, 2)
             held = [batch() for _ in range(cfg.train.grad_accum - accum)]
             tracker.counting = True
-            train_step(model, optimizer, [batch() for _ in range(accum)], opts)
+            train_step(
+                model, optimizer, [batch() for _ in range(accum)], opts, None, None, reference
+            )
             tracker.counting = False
             del held
             step_end = len(events or ())

@@ -304,7 +304,15 @@ class Run:
         def persistent() -> list[torch.Tensor]:  # and this step's batches, made before it
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             inputs = [v for b in batches for v in b.values() if isinstance(v, torch.Tensor)]
-            return [*model_tensors(self.model), *optimizer_tensors(self.optimizer), *grads, *inputs]
+            frozen = getattr(self.reference, "frozen", None)  # a preference stage's copy
+            copy = model_tensors(frozen) if frozen is not None else []
+            return [
+                *model_tensors(self.model),
+                *copy,
+                *optimizer_tensors(self.optimizer),
+                *grads,
+                *inputs,
+            ]
 
         return self.peaks.step([tuple(b["input_ids"].shape[:2]) for b in batches], persistent)
 

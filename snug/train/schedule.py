@@ -45,7 +45,11 @@ class Schedule:
 
 
 def sample_lengths(train_ds) -> list[int]:
-    return [len(ids) for ids in train_ds["input_ids"]]
+    """Each sample's tokens: of its longer answer, for a preference pair."""
+    lengths = [len(ids) for ids in train_ds["input_ids"]]
+    if "rejected_ids" in train_ds.column_names:
+        lengths = [max(a, len(b)) for a, b in zip(lengths, train_ds["rejected_ids"], strict=True)]
+    return lengths
 
 
 def split_window(window: list[list[list[int]]], rows: int) -> list[list[list[int]]]:
