@@ -454,3 +454,21 @@ def test_the_plan_replays_the_preference_step_exactly(stage, method, gc):
     assert predicted.peak_bytes == _real_peak(cfg, config, 64)
     if method == "full":  # the copy is counted with the weights: twice the model, and more
         assert predicted.weights_bytes >= 2 * predicted.total_params * 4
+
+
+def test_a_resume_with_other_pref_keys_or_other_rejected_answers_is_refused(tmp_path, tokenizer):
+    """The pref keys change what is trained: a checkpoint's run and this one must share them
+    (as data and method keys); a pair's rejected answer counts in the data's hash."""
+    from datasets import Dataset
+
+    from snug.config import load_config
+    from snug.train.resume import config_drift, data_hash
+
+    old = load_config(None, ["train.stage=dpo"]).to_dict()
+    new = load_config(None, ["train.stage=dpo", "pref.beta=0.3"]).to_dict()
+    assert config_drift(old, new) == ["pref.beta: 0.1 -> 0.3"]
+    sft = load_config(None, []).to_dict()
+    assert config_drift(sft, sft) == []
+    row = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "rejected_ids": [1, 2, 4]}
+    other = {**row, "rejected_ids": [1, 2, 5]}
+    assert data_hash(Dataset.from_list([row])) != data_hash(Dataset.from_list([other]))

@@ -19,9 +19,10 @@ from snug.errors import UserError
 from snug.registry import get_stage
 
 # Keys a resumed run must share with the checkpoint's run: they change which samples are seen,
-# in what order, in what batches, or what is trained (and the stage's own train keys).
-# Everything else (steps, lr, eval, logging, output) may change on resume.
-GUARDED_SECTIONS = ("data", "method")
+# in what order, in what batches, or what is trained (and the stage's own train keys; a
+# preference stage's pref keys). Everything else (steps, lr, eval, logging, output) may change
+# on resume.
+GUARDED_SECTIONS = ("data", "method", "pref")
 GUARDED_KEYS = (
     "model.name_or_path",
     "model.revision",
@@ -44,12 +45,17 @@ class TrainingStopped(Exception):
 
 
 def data_hash(train_ds) -> str:
-    """sha256 of the tokenized training set (input_ids and labels, in order)."""
+    """sha256 of the tokenized training set (input_ids and labels, in order; and a preference
+    pair's rejected answer, or a labelled completion's label)."""
     h = hashlib.sha256()
+    more = [c for c in ("rejected_ids", "desirable") if c in train_ds.column_names]
     for batch in train_ds.iter(batch_size=1024):
-        for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        for i, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"], strict=True)):
             h.update(array("q", ids).tobytes())
             h.update(array("q", labels if isinstance(labels, list) else [labels]).tobytes())
+            for column in more:
+                value = batch[column][i]
+                h.update(array("q", value if isinstance(value, list) else [value]).tobytes())
             h.update(b"|")
     return h.hexdigest()
 
