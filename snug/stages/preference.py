@@ -253,6 +253,11 @@ class PreferenceStage(Stage):
                 f"{source}: data.packing cannot be used with train.stage={self.name}: "
                 f"{self.no_packing_because}."
             )
+        if cfg.dist.strategy != "none":
+            raise ConfigError(
+                f"{source}: train.stage={self.name} does not run under dist.strategy="
+                f"{cfg.dist.strategy} yet; train it in one process (dist.strategy=none)."
+            )
         if cfg.data.format not in ("auto",):
             raise ConfigError(
                 f"{source}: train.stage={self.name} reads preference records; leave data.format "
@@ -397,4 +402,18 @@ class PreferenceStage(Stage):
         model.train()
         out = {k: v / max(count, 1) for k, v in totals.items()}
         out["metric"] = "pref_accuracy" if "pref_accuracy" in out else "loss"
+        t = job.cfg.train
+        if self.paired and t.eval_generate > 0:
+            # what the model answers now, against the chosen answer (sft's exact match: a row's
+            # input_ids are the prompt and the chosen answer)
+            from snug.data.templates import resolve_template
+            from snug.train.evaluate import exact_match
+
+            template = resolve_template(job.tok, job.cfg.data.template, job.cfg.model.name_or_path)
+            with phase("answers by generation", min(t.eval_generate, len(data)), "pairs") as p:
+                score, samples = exact_match(
+                    model, job.tok, template, data, t.eval_generate, t.max_new_tokens,
+                    job.device, p.advance,
+                )  # fmt: skip
+            out.update(chosen_match=score, samples=samples[:5])
         return out

@@ -157,6 +157,14 @@ def _eval_block(before: dict, after: dict) -> dict:
         "loss_before": before["loss"],
         "loss_after": after["loss"],
     }
+    # the stage's other held-out numbers (preference stages: rewards, chosen_match), if any
+    also = {
+        k: {"before": before[k], "after": v}
+        for k, v in after.items()
+        if k not in (metric, "loss", "metric") and isinstance(v, float) and k in before
+    }
+    if also:
+        block["also"] = also
     if "samples" in after:
         block["examples_after"] = after["samples"]
     return block
