@@ -472,3 +472,35 @@ def test_a_resume_with_other_pref_keys_or_other_rejected_answers_is_refused(tmp_
     row = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "rejected_ids": [1, 2, 4]}
     other = {**row, "rejected_ids": [1, 2, 5]}
     assert data_hash(Dataset.from_list([row])) != data_hash(Dataset.from_list([other]))
+
+
+@pytest.mark.slow
+def test_a_dpo_result_merges_chats_and_evaluates(tmp_path, capsys):
+    """The result of a preference stage is an ordinary adapter: `snug merge` folds it,
+    `snug eval` scores it on pairs against their chosen answers (labelled completions are
+    refused: no one right answer), a chat session opens it and `snug generate` answers."""
+    from snug.cli import main
+    from snug.deploy.session import open_session
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
+    raw = run_config(tmp_path, "dpo", data)
+    assert run_training(config_from_dict(raw))["status"] == "completed"
+    run = tmp_path / "run"
+    assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged/config.json").exists()
+    out = tmp_path / "eval.json"
+    args = ["eval", "--adapter", str(run), "--data", str(data), "--limit", "4"]
+    assert main([*args, "--output", str(out)]) == 0
+    scored = json.loads(out.read_text())
+    assert scored["counts"]["samples"] == 4 and "loss" in json.dumps(scored["models"])
+    kto = write_jsonl(tmp_path / "kto.jsonl", labelled(4))
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run), "--data", str(kto)]) == 2
+    assert "labelled completions" in capsys.readouterr().err
+    session = open_session(adapters=[str(run)], device="cpu")
+    assert session.cfg.train.stage == "dpo"  # the run's config, pref section included
+    answers = tmp_path / "answers.jsonl"
+    gen = ["generate", "--adapter", str(run), "--input", str(ROOT / "data/prompts.jsonl")]
+    assert main([*gen, "--output", str(answers), "--max-new-tokens", "4"]) == 0
+    rows = [json.loads(x) for x in answers.read_text().splitlines()]
+    assert rows and all("answer" in r or "response" in r or "output" in r for r in rows), rows[0]

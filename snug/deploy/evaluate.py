@@ -48,18 +48,28 @@ def load_eval_data(session: Session, spec: str, limit: int | None) -> EvalData:
 
     from snug.data.dataset import load_raw, tokenize_source
     from snug.data.formats import detect_format
-    from snug.data.tokenize import EMPTY, FULLY_MASKED, INVALID
+    from snug.data.preference import is_pair, is_unpaired
+    from snug.data.tokenize import EMPTY, FULLY_MASKED, INVALID, first_record
+    from snug.deploy.session import SessionError
 
     datasets.disable_progress_bars()  # as training reads data: quietly
     cfg = dataclasses.replace(session.cfg.data, max_samples=limit)  # the run's format too
     raw = load_raw(spec, cfg.split, cfg.on_error).records
     fmt = cfg.format
-    if fmt == "auto" and raw:
-        fmt = detect_format(raw[0], f"{spec} record 1")
+    first = first_record(raw) if raw else {}
+    if is_unpaired(first):
+        raise SessionError(
+            f"{spec}: holds labelled completions (kto data), which have no one right answer to "
+            "score; give preference pairs (scored against the chosen answer) or SFT records."
+        )
+    pairs = is_pair(first)  # scored as SFT data whose answer is the chosen one
+    if fmt == "auto" and raw and not pairs:
+        fmt = detect_format(first, f"{spec} record 1")
     text = fmt == "text"
-    ds, counts, _ = tokenize_source(
-        spec, cfg, session.tok, "pt" if text else "sft", session.cfg.model.name_or_path
-    )
+    stage = "dpo" if pairs else "pt" if text else "sft"
+    if pairs:
+        cfg = dataclasses.replace(cfg, format="auto", packing=False)
+    ds, counts, _ = tokenize_source(spec, cfg, session.tok, stage, session.cfg.model.name_or_path)
     records = min(len(raw), limit or len(raw))
     return EvalData(ds, records, counts[EMPTY] + counts[FULLY_MASKED] + counts[INVALID], not text)
 
@@ -69,6 +79,7 @@ def score(
 ) -> dict:
     """The metrics of one model: `name` is an adapter or BASE."""
     from snug.models.load import resolve_precision
+    from snug.registry import get_stage
     from snug.train.evaluate import eval_loss, exact_match, normalize
     from snug.train.prepare import step_options
 
@@ -77,7 +88,11 @@ def score(
     with session.scope():
         if "loss" in metrics:
             precision = resolve_precision(session.cfg, session.device)
-            opts = step_options(session.cfg, session.device, precision)
+            # the loss per answer token, whatever the run's stage (a preference run is scored
+            # on its chosen answers)
+            opts = dataclasses.replace(
+                step_options(session.cfg, session.device, precision), stage=get_stage("sft")
+            )
             pad = session.tok.pad_token_id
             loss = eval_loss(session.model, data.dataset, opts, micro_batch, pad, session.device)
             result.update(loss=loss, perplexity=math.exp(loss))
