@@ -512,7 +512,6 @@ def test_a_dpo_run_killed_by_sigkill_resumes_bit_identical(tmp_path):
     then `snug train` again: the final adapter is bit-identical to an uninterrupted run's and
     every step's loss is the same (LoRA dropout on: the RNG is restored too)."""
     import yaml
-
     from test_reliability import adapter, losses, snug_train, snug_train_here
 
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(24))
