@@ -423,6 +423,9 @@ def _real_peak(cfg, config, seq_len: int) -> int:
                      "prompt_len": 0, "desirable": i % 2}
                     for i, (c, r) in enumerate(zip(rows[:b], rows[b:], strict=True))
                 ]  # fmt: skip
+                if reference.kind == "precompute":  # what precompute_reference adds
+                    for s in samples:
+                        s.update(ref_chosen=-1.0, ref_rejected=-2.0)
                 micro.append(opts.stage.collate(samples, 0))
             train_step(model, optimizer, micro, opts, reference=reference)
             del micro
@@ -430,12 +433,18 @@ def _real_peak(cfg, config, seq_len: int) -> int:
 
 
 @pytest.mark.parametrize(
-    "stage,method,gc", [("dpo", "lora", True), ("dpo", "full", False), ("kto", "lora", False)]
+    "stage,method,gc,reference",
+    [
+        ("dpo", "lora", True, "auto"),
+        ("dpo", "full", False, "auto"),
+        ("dpo", "full", False, "precompute"),
+        ("kto", "lora", False, "auto"),
+    ],
 )
-def test_the_plan_replays_the_preference_step_exactly(stage, method, gc):
+def test_the_plan_replays_the_preference_step_exactly(stage, method, gc, reference):
     """`snug plan`'s fake replay of the preference step, its reference forward included (the
-    adapter switched off, or a frozen copy for full), against two real steps: the same peak
-    bytes."""
+    adapter switched off, or a frozen copy for full; none with precompute), against two real
+    steps: the same peak bytes."""
     from transformers import AutoConfig
 
     from snug.config import load_config
@@ -444,7 +453,7 @@ def test_the_plan_replays_the_preference_step_exactly(stage, method, gc):
     cfg = load_config(
         None,
         [f"train.stage={stage}", f"method.name={method}", f"memory.grad_checkpointing={gc}",
-         "train.micro_batch=2", "train.grad_accum=2"],
+         "train.micro_batch=2", "train.grad_accum=2", f"pref.reference={reference}"],
     )  # fmt: skip
     config = AutoConfig.for_model(
         "llama", vocab_size=3000, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -452,8 +461,15 @@ def test_the_plan_replays_the_preference_step_exactly(stage, method, gc):
     )  # fmt: skip
     predicted = simulate(cfg, config, 64, device_type="cpu", extend=False)
     assert predicted.peak_bytes == _real_peak(cfg, config, 64)
-    if method == "full":  # the copy is counted with the weights: twice the model, and more
+    if method == "full" and reference == "auto":  # the copy counts with the weights
         assert predicted.weights_bytes >= 2 * predicted.total_params * 4
+    if reference == "precompute":  # no reference model: the plan of a copy holds one more
+        copy = simulate(
+            load_config(None, ["train.stage=dpo", "method.name=full", "train.micro_batch=2",
+                               "train.grad_accum=2", "memory.grad_checkpointing=false"]),
+            config, 64, device_type="cpu", extend=False,
+        )  # fmt: skip
+        assert copy.peak_bytes - predicted.peak_bytes >= predicted.total_params * 4
 
 
 def test_a_resume_with_other_pref_keys_or_other_rejected_answers_is_refused(tmp_path, tokenizer):
@@ -535,3 +551,23 @@ def test_a_dpo_run_killed_by_sigkill_resumes_bit_identical(tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert losses(tmp_path / "killed/run") == losses(tmp_path / "whole/run")
     assert len(losses(tmp_path / "whole/run")) == 12
+
+
+def test_precomputed_reference_log_probs_train_as_the_copy_does(tmp_path):
+    """pref.reference=precompute: the reference's log-probs of every pair are computed once
+    before training and carried by the data (no reference model while training); full DPO then
+    logs the same losses as with a frozen copy (fp32 sums in other batch shapes: 1e-5), and a
+    second run reads them from the cache."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
+    logged = {}
+    for kind in ("copy", "precompute", "precompute"):
+        raw = run_config(tmp_path / f"{kind}{len(logged)}", "dpo", data)
+        raw["method"] = {"name": "full"}
+        raw["train"].update(max_steps=3, lr=1e-4, micro_batch=2)
+        raw["pref"] = {"reference": kind}
+        summary = run_training(config_from_dict(raw))
+        assert summary["status"] == "completed"
+        rows = (tmp_path / f"{kind}{len(logged)}/run/metrics.jsonl").read_text().splitlines()
+        logged[f"{kind}{len(logged)}"] = [json.loads(x)["loss"] for x in rows if '"loss"' in x]
+    copy, first, second = logged.values()
+    assert first == pytest.approx(copy, rel=1e-5) and second == first

@@ -115,6 +115,21 @@ class Stage:
     def after_load(self, model: nn.Module, cfg: Config, labels: list[str] | None, device) -> None:
         """Anything to add to the loaded base (a classifier's head) before the method."""
 
+    def with_reference(
+        self,
+        ds: Dataset | None,
+        model: nn.Module,
+        reference: Any,
+        opts: Any,
+        device,
+        batch_rows: int,
+        identity: str,
+    ) -> Dataset | None:
+        """The data with what the reference gives computed into it once before training
+        (pref.reference=precompute; `identity` names the base and how it computes, for the
+        cache), else as it is."""
+        return ds
+
     def reference(self, model: nn.Module, cfg: Config) -> Any:
         """The frozen model its loss compares with (passed as `reference`), made from the
         prepared model before any step; None for a stage that compares with none."""

@@ -35,7 +35,12 @@ class DPOSettings:
     ftx: float = setting(
         0.0, "Weight of an SFT loss on the chosen answer added to the loss (RPO).", NON_NEGATIVE
     )
-    reference: Literal["auto", "adapter_off", "copy"] = setting("auto", REFERENCE_HELP)
+    reference: Literal["auto", "adapter_off", "copy", "precompute"] = setting(
+        "auto",
+        REFERENCE_HELP
+        + " precompute: its log-probs of every pair computed once before training (cached beside "
+        "the tokenized data; no reference model in memory while training).",
+    )
 
 
 class DPO(PreferenceStage):

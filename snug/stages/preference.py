@@ -96,12 +96,14 @@ class Reference:
     log-probs of the batch's rows (no gradient)."""
 
     def __init__(self, kind: str, frozen: nn.Module | None = None) -> None:
-        self.kind = kind  # "adapter_off" | "copy"
+        self.kind = kind  # "adapter_off" | "copy" | "precompute"
         self.frozen = frozen
 
     def logps(self, model: nn.Module, batch: dict, chunked: bool) -> torch.Tensor:
         import torch
 
+        if self.kind == "precompute":  # written into the data before training
+            return batch["ref_logps"]
         with torch.no_grad():
             if self.frozen is not None:
                 return sequence_logps(self.frozen, batch, chunked)
@@ -121,7 +123,8 @@ def adapter_off(model: nn.Module):
 
 def make_reference(model: nn.Module, cfg: Any) -> Reference:
     """The reference pref.reference asks for (auto: adapter_off when the method can, else a
-    copy), made from the model before its first step."""
+    copy; precompute: log-probs the data carries, see `precompute_reference`), made from the
+    model before its first step."""
     from snug.errors import ConfigError
     from snug.registry import get_method
 
@@ -135,14 +138,52 @@ def make_reference(model: nn.Module, cfg: Any) -> Reference:
             f"pref.reference=adapter_off needs a peft adapter method; method.name="
             f"{cfg.method.name} changes the base itself: use pref.reference=copy."
         )
-    if kind == "adapter_off":
-        return Reference("adapter_off")
+    if kind in ("adapter_off", "precompute"):
+        return Reference(kind)
     from snug.train.wrapped import unwrap
 
     frozen = copy.deepcopy(unwrap(model))
     frozen.requires_grad_(False)
     frozen.eval()
     return Reference("copy", frozen)
+
+
+def precompute_reference(
+    ds, model: nn.Module, stage: Any, opts: Any, device, batch_rows: int, identity: str
+):
+    """`ds` with each pair's reference log-probs (`ref_chosen`, `ref_rejected`) computed once by
+    `model` as it is now (before any step: the base as loaded), through datasets' map cache
+    beside the tokenized data: a resume, or a second run on the same data and base, reads them
+    back instead of computing them again (`identity` names the base and how it computes). The
+    model is in eval mode, without gradients."""
+    import hashlib
+
+    import torch
+
+    key = repr((ds._fingerprint, identity, str(opts.autocast_dtype), "ref-logps-1"))
+    was_training = model.training
+    model.eval()
+
+    def add(rows: dict) -> dict:
+        samples = [
+            dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)
+        ]
+        batch = {k: v.to(device) for k, v in stage.collate(samples, 0).items()}
+        with torch.no_grad(), opts.forward_context():
+            logps = sequence_logps(model, batch, opts.chunked_loss).double().cpu()
+        half = len(samples)
+        return {"ref_chosen": logps[:half].tolist(), "ref_rejected": logps[half:].tolist()}
+
+    try:
+        return ds.map(
+            add,
+            batched=True,
+            batch_size=batch_rows,
+            new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+            desc="reference log-probs",
+        )
+    finally:
+        model.train(was_training)
 
 
 # -- formulas --------------------------------------------------------------------------------
@@ -312,15 +353,26 @@ class PreferenceStage(Stage):
 
     def collate(self, samples, pad_id):
         """Chosen rows first, then rejected rows: one forward for both."""
+        import torch
+
         from snug.data.collate import collate
 
         rows = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples] + [
             {"input_ids": s["rejected_ids"], "labels": s["rejected_labels"]} for s in samples
         ]
-        return collate(rows, pad_id)
+        batch = collate(rows, pad_id)
+        if "ref_chosen" in samples[0]:  # pref.reference=precompute
+            logps = [s["ref_chosen"] for s in samples] + [s["ref_rejected"] for s in samples]
+            batch["ref_logps"] = torch.tensor(logps, dtype=torch.float32)
+        return batch
 
     def reference(self, model, cfg):
         return make_reference(model, cfg) if self.uses_reference else None
+
+    def with_reference(self, ds, model, reference, opts, device, batch_rows, identity):
+        if ds is None or getattr(reference, "kind", None) != "precompute":
+            return ds
+        return precompute_reference(ds, model, self, opts, device, batch_rows, identity)
 
     # -- the step
     def count(self, batch):
@@ -373,11 +425,14 @@ class PreferenceStage(Stage):
         import torch
 
         ids = torch.zeros((2 * rows, seq_len), dtype=torch.long)
-        return {
+        batch = {
             "input_ids": ids,
             "labels": ids.clone(),
             "target_positions": torch.arange(2 * targets, dtype=torch.long),
         }
+        if getattr(self._settings, "reference", None) == "precompute":
+            batch["ref_logps"] = torch.zeros(2 * rows)
+        return batch
 
     # -- evaluation
     def evaluate(self, model, data, job, phase):

@@ -99,6 +99,12 @@ def build_run(
         + (f" | {ctx.strategy} x {ctx.world} processes" if ctx.active else "")
     )
     opts = dataclasses.replace(step_options(cfg, device, precision), world=ctx.world)
+    # pref.reference=precompute: the reference's log-probs written into the data once, by the
+    # model as loaded (before a resume restores the checkpoint's weights)
+    identity = repr((base["fingerprint"], cfg.method.name, cfg.model.quant, precision))
+    for_reference = (dist.unwrap(model), reference, opts, device, cfg.train.micro_batch, identity)
+    train_ds = opts.stage.with_reference(train_ds, *for_reference)
+    eval_ds = opts.stage.with_reference(eval_ds, *for_reference)
     identity = {"config": given, "adopted": cfg.to_dict(), "data_hash": hashed, "base": base}
     run = Run(
         ctx,
