@@ -499,11 +499,8 @@ def _build_chosen(
             del shared[key]
             continue
         if key in foreign:
-            raise ConfigError(
-                f"{where}: {section}.{key} is a key of {section}.{choice}="
-                f"{', '.join(foreign[key])}, not of {section}.{choice}={chosen}"
-                + (f" (whose keys are {', '.join(own_names)})." if own_names else ".")
-            )
+            chooser = f"{section}.{choice}"
+            raise _not_its_key(where, f"{section}.{key}", foreign[key], chooser, chosen, own_names)
         raise ConfigError(
             f"{where}: unknown key '{section}.{key}'"
             + _nearest(key, [*_user_fields(cls), *own_names])
@@ -512,6 +509,16 @@ def _build_chosen(
     if own_cls is not None:
         cfg.own = _build_section(own_cls, own, section, origins)
     return cfg
+
+
+def _not_its_key(
+    where: str, path: str, owners: list[str], chooser: str, chosen: str, own_names: list[str]
+) -> ConfigError:
+    """`path` belongs to other choices of `chooser` (method.name, train.stage): say whose."""
+    return ConfigError(
+        f"{where}: {path} is a key of {chooser}={', '.join(owners)}, not of {chooser}={chosen}"
+        + (f" (whose keys are {', '.join(own_names)})." if own_names else ".")
+    )
 
 
 def _build_pref(
@@ -534,11 +541,7 @@ def _build_pref(
             continue
         where = origins.of(f"pref.{key}")
         if key in owners:
-            raise ConfigError(
-                f"{where}: pref.{key} is a key of train.stage={', '.join(owners[key])}, not of "
-                f"train.stage={chosen}"
-                + (f" (whose keys are {', '.join(own_names)})." if own_names else ".")
-            )
+            raise _not_its_key(where, f"pref.{key}", owners[key], "train.stage", chosen, own_names)
         raise ConfigError(
             f"{where}: unknown key 'pref.{key}'" + _nearest(key, own_names or list(owners))
         )
