@@ -571,3 +571,28 @@ def test_precomputed_reference_log_probs_train_as_the_copy_does(tmp_path):
         logged[f"{kind}{len(logged)}"] = [json.loads(x)["loss"] for x in rows if '"loss"' in x]
     copy, first, second = logged.values()
     assert first == pytest.approx(copy, rel=1e-5) and second == first
+
+
+@pytest.mark.slow
+def test_dpo_trains_on_a_4bit_base_and_auto_fit_plans_it(tmp_path):
+    """QLoRA: the adapter switch works on a 4-bit base (the reference is that base, no copy).
+    auto_fit plans the preference step (its reference forward included) against a budget below
+    what micro-batch 8 without checkpointing needs and keeps the effective batch. The real
+    run's measured peak is within 2% of the plan but above it (measured 26,723,564 bytes
+    against 26,303,724 planned, 1.6%): an open defect of issue 18, not yet explained (a
+    candidate: the real batches carry an attention mask, the replay's none). This asserts what
+    holds and the size of the miss, so that a larger one fails."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
+    raw = run_config(tmp_path / "q", "dpo", data, model={"quant": "4bit"})
+    assert run_training(config_from_dict(raw))["status"] == "completed"
+    raw = run_config(tmp_path / "fit", "dpo", data)
+    raw["train"].update(micro_batch=8, max_steps=2)
+    raw["memory"] = {"auto_fit": True, "gpu": "30MiB", "grad_checkpointing": False}
+    summary = run_training(config_from_dict(raw))
+    fit = summary["auto_fit"]
+    assert summary["status"] == "completed"
+    assert fit["micro_batch"] * fit["grad_accum"] == 8
+    assert (fit["micro_batch"], fit["grad_checkpointing"]) != (8, False), fit
+    peak = summary["peak_memory"]
+    assert peak["predicted_bytes"] <= 30 * 2**20
+    assert abs(peak["measured_bytes"] - peak["predicted_bytes"]) <= 0.02 * peak["predicted_bytes"]
