@@ -89,7 +89,7 @@ class KTO(PreferenceStage):
             "pref_accuracy": right.float().sum(),
             "logps": logps[:half].detach().sum(),
         }
-        return losses.sum(), torch.tensor(half), metrics
+        return losses.sum(), torch.tensor(half, device=logps.device), metrics
 
     def fake_batch(self, rows, seq_len, targets):
         import torch

@@ -378,7 +378,8 @@ class PreferenceStage(Stage):
     def count(self, batch):
         import torch
 
-        return torch.tensor(batch["input_ids"].shape[0] // 2)
+        ids = batch["input_ids"]  # on the batch's device, as the token counts are
+        return torch.tensor(ids.shape[0] // 2, device=ids.device)
 
     def loss(self, model, batch, reference, chunked=True):
         import torch
@@ -413,7 +414,7 @@ class PreferenceStage(Stage):
             "logps_chosen": policy[0].detach().sum(),
             "logps_rejected": policy[1].detach().sum(),
         }
-        return losses.sum(), torch.tensor(half), metrics
+        return losses.sum(), torch.tensor(half, device=logps.device), metrics
 
     def configured(self, cfg: Any) -> PreferenceStage:
         """This stage with cfg's pref settings, which its loss reads."""
