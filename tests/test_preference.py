@@ -120,7 +120,7 @@ def _trl_cpo(loss_type: str, beta: float, smoothing: float = 0.0, gamma: float =
 def test_dpo_losses_equal_trls(kind, beta, smoothing):
     """DPO is CPO's loss of the log-ratios (policy minus reference); IPO of the log-ratios
     averaged per token (TRL's DPOTrainer normalises IPO so, with the IPO authors)."""
-    from snug.stages.preference import pair_losses
+    from snug.stages.pref_losses import pair_losses
 
     (pc, pr, rc, rr), (nc, nr) = _logps(1)
     ours, chosen, rejected = pair_losses(
@@ -139,7 +139,7 @@ def test_dpo_losses_equal_trls(kind, beta, smoothing):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_simpo_loss_equals_trls(smoothing):
     """SimPO in TRL's CPOTrainer: log-probs averaged per token, margin gamma."""
-    from snug.stages.preference import pair_losses
+    from snug.stages.pref_losses import pair_losses
 
     (pc, pr, _, _), (nc, nr) = _logps(2)
     ours, chosen, _ = pair_losses("simpo", (pc, pr), None, (nc, nr), 2.0, smoothing, gamma=1.0)
@@ -153,7 +153,7 @@ def test_orpo_loss_equals_trls():
     subtracts from the chosen answer's NLL); snug adds that NLL per pair."""
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
-    from snug.stages.preference import pair_losses
+    from snug.stages.pref_losses import pair_losses
 
     (pc, pr, _, _), (nc, nr) = _logps(3)
     # log-probs per token near 0 too, where log(1 - p) needs care
@@ -168,7 +168,7 @@ def test_kto_loss_equals_the_papers():
     """KTO, eq. 7-8 of Ethayarajh et al. 2024 as TRL's KTOTrainer computes it
     (trl/trainer/kto_trainer.py, loss_type kto: the KL of the mismatched rows, clamped at 0
     and detached; a weight per side), written out here on the same log-probs."""
-    from snug.stages.preference import kto_losses
+    from snug.stages.pref_losses import kto_losses
 
     (policy, ref, kl_policy, kl_ref), _ = _logps(4)
     desirable = torch.arange(16) % 3 == 0

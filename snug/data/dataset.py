@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from snug.data.formats import FORMATS, DataError, detect_format
 from snug.data.locate import Locator, check_utf8, read_json
+from snug.data.preference import refuse_preference_records
 from snug.data.templates import TemplateError, resolve_template
 from snug.data.tokenize import (
     EMPTY,
@@ -293,7 +294,7 @@ def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, li
     """Records of a known format (data.format, or detected) that `stage` reads (its
     `formats`): chat records through the chat template, plain text as it is."""
     cfg, tok, spec = source.data, source.tok, source.spec
-    refuse_preference_records(first_record(source.raw), spec, stage.name)
+    refuse_preference_records(first_record(source.raw), spec, stage.name)  # data/preference.py
     fmt = (
         cfg.format
         if cfg.format != "auto"
@@ -327,23 +328,6 @@ def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, li
         stage.name,
     )
     return source.map(fn, key)
-
-
-def refuse_preference_records(record: dict, spec: str, stage: str) -> None:
-    """Preference data is never trained as something else: pairs and labelled completions
-    given to a stage that reads neither are an error naming the file."""
-    from snug.data.preference import is_pair, is_unpaired
-
-    if is_pair(record):
-        raise DataError(
-            f"{spec}: holds preference pairs ('chosen' and 'rejected'); train.stage={stage} "
-            "would not compare them: use train.stage=dpo, orpo or simpo."
-        )
-    if is_unpaired(record):
-        raise DataError(
-            f"{spec}: holds labelled completions (a boolean 'label'); train.stage={stage} would "
-            "train on the undesirable ones too: use train.stage=kto."
-        )
 
 
 def map_cached(

@@ -273,3 +273,18 @@ def tokenize_pairs(
         out["status"].append(status)
         out["problem"].append(problem)
     return out
+
+
+def refuse_preference_records(record: dict, spec: str, stage: str) -> None:
+    """Preference data is never trained as something else: pairs and labelled completions
+    given to a stage that reads neither are an error naming the file."""
+    if is_pair(record):
+        raise DataError(
+            f"{spec}: holds preference pairs ('chosen' and 'rejected'); train.stage={stage} "
+            "would not compare them: use train.stage=dpo, orpo or simpo."
+        )
+    if is_unpaired(record):
+        raise DataError(
+            f"{spec}: holds labelled completions (a boolean 'label'); train.stage={stage} would "
+            "train on the undesirable ones too: use train.stage=kto."
+        )

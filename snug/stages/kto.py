@@ -12,11 +12,8 @@ from typing import Literal
 from snug.fields import POSITIVE, setting
 from snug.registry import register_stage
 from snug.stages.dpo import REFERENCE_HELP
-from snug.stages.preference import (
-    PreferenceStage,
-    kto_losses,
-    sequence_logps,
-)
+from snug.stages.pref_losses import kto_losses
+from snug.stages.preference import PreferenceStage, sequence_logps
 
 
 @dataclass
