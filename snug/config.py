@@ -229,11 +229,7 @@ def _build_chosen(
     chosen = getattr(base, choice)
     own_cls = registry[chosen].settings
     own_names = list(_user_fields(own_cls)) if own_cls else []
-    foreign: dict[str, list[str]] = {}
-    for name, record in registry.items():
-        for key in _user_fields(record.settings) if record.settings else ():
-            if key not in own_names and name != chosen:
-                foreign.setdefault(key, []).append(name)
+    foreign = {k: names for k, names in _owners(registry, "settings").items() if k not in own_names}
     shared = {k: v for k, v in values.items() if k not in own_names}
     own = {k: v for k, v in values.items() if k in own_names}
     for key in list(shared):
@@ -260,6 +256,17 @@ def _build_chosen(
     return cfg
 
 
+def _owners(registry: dict[str, Any], attr: str) -> dict[str, list[str]]:
+    """Each key a registered method or stage declares (in its `attr` dataclass) -> the names of
+    those that declare it."""
+    owners: dict[str, list[str]] = {}
+    for name, record in registry.items():
+        declared = getattr(record, attr, None)
+        for key in _user_fields(declared) if declared else ():
+            owners.setdefault(key, []).append(name)
+    return owners
+
+
 def _not_its_key(
     where: str, path: str, owners: list[str], chooser: str, chosen: str, own_names: list[str]
 ) -> ConfigError:
@@ -275,10 +282,7 @@ def _build_pref(
 ) -> PrefConfig:
     """The pref section: the keys the chosen stage declares (Stage.pref_settings)."""
     chosen = train.stage if train is not None else TrainConfig().stage
-    owners: dict[str, list[str]] = {}
-    for name, stage in STAGES.items():
-        for key in _user_fields(stage.pref_settings) if stage.pref_settings else ():
-            owners.setdefault(key, []).append(name)
+    owners = _owners(STAGES, "pref_settings")
     own_cls = getattr(STAGES[chosen], "pref_settings", None)
     own_names = list(_user_fields(own_cls)) if own_cls else []
     values = dict(values)
