@@ -579,12 +579,10 @@ def test_dpo_trains_on_a_4bit_base_and_auto_fit_plans_it(tmp_path):
     auto_fit plans the preference step (its reference forward included) against a budget below
     what micro-batch 8 without checkpointing needs and keeps the effective batch. The real
     run's measured peak is within 2% of the plan but above it (measured 26,723,564 bytes
-    against 26,303,724 planned, 1.6%). Not the preference stages' own: SFT on the same prompts
-    shows it too (rows of 22-23 tokens, micro-batch 16: 333,552 bytes over the plan). The
-    replay's rows are whole, so it carries no attention mask; the real ones are padded, and a
-    masked attention keeps more for backward than the causal path (16 SFT rows of one length,
-    unpadded, measure 1.2 MB under the plan). An open defect of the planner; this asserts the
-    size of the miss, so that a larger one fails."""
+    against 26,303,724 planned, 1.6%). Not the preference stages' own: the replay's rows are
+    whole, so it carries no attention mask, while real padded rows do, and masked attention
+    keeps more for backward (benchmarks/plan_padding.py shows it for plain SFT steps). An open
+    defect of the planner; this asserts the size of the miss, so that a larger one fails."""
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
     raw = run_config(tmp_path / "q", "dpo", data, model={"quant": "4bit"})
     assert run_training(config_from_dict(raw))["status"] == "completed"
