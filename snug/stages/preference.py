@@ -24,7 +24,6 @@ switch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import TYPE_CHECKING, Any
 
@@ -116,10 +115,7 @@ def adapter_off(model: nn.Module):
     """The model as its base: peft's switch that bypasses every adapter layer."""
     from snug.train.wrapped import unwrap
 
-    inner = unwrap(model)
-    if not hasattr(inner, "disable_adapter"):
-        return contextlib.nullcontext()  # the caller checked the method: not reached
-    return inner.disable_adapter()
+    return unwrap(model).disable_adapter()  # make_reference checked the method is peft's
 
 
 def make_reference(model: nn.Module, cfg: Any) -> Reference:
@@ -356,28 +352,14 @@ class PreferenceStage(Stage):
 
     # -- evaluation
     def evaluate(self, model, data, job, phase):
-        """Held out: the mean loss per pair and the preference accuracy."""
-        import torch
+        """Held out: the mean loss per pair, the preference accuracy and the other metrics."""
+        from snug.train.evaluate import eval_metrics
 
-        bound = self.configured(job.cfg)
-        totals: dict[str, float] = {}
-        count = 0
-        model.eval()
-        with phase("preference", len(data), "pairs") as p, torch.no_grad():
-            for start in range(0, len(data), job.micro_batch):
-                rows = [data[i] for i in range(start, min(start + job.micro_batch, len(data)))]
-                batch = {k: v.to(job.device) for k, v in bound.collate(rows, job.pad_id).items()}
-                with job.opts.forward_context():
-                    summed, n, metrics = bound.loss(
-                        model, batch, job.reference, job.opts.chunked_loss
-                    )
-                totals["loss"] = totals.get("loss", 0.0) + float(summed)
-                for k, v in metrics.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-                count += int(n)
-                p.advance(len(rows))
-        model.train()
-        out = {k: v / max(count, 1) for k, v in totals.items()}
+        with phase("preference", len(data), "pairs") as p:
+            out = eval_metrics(
+                model, data, job.opts, job.micro_batch, job.pad_id, job.device, p.advance,
+                job.reference,
+            )  # fmt: skip
         out["metric"] = "pref_accuracy" if "pref_accuracy" in out else "loss"
         t = job.cfg.train
         if self.paired and t.eval_generate > 0:

@@ -15,6 +15,38 @@ from snug.data.tokenize import chat_segments
 
 
 @torch.no_grad()
+def eval_metrics(
+    model: nn.Module,
+    data: Dataset,
+    opts,
+    micro_batch: int,
+    pad_id: int,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+    reference=None,
+) -> dict[str, float]:
+    """Mean loss per count (target token, sample, or pair) under `opts` (snug.train.options.
+    StepOptions: the stage's collate, loss and count), and the stage's metrics, each a mean per
+    the same count; `reference` is what the stage's loss compares with, if anything;
+    `progress(n)` hears of every n samples."""
+    model.eval()
+    total, counted, sums = 0.0, 0, {}
+    for start in range(0, len(data), micro_batch):
+        rows = [data[i] for i in range(start, min(start + micro_batch, len(data)))]
+        batch = {k: v.to(device) for k, v in opts.stage.collate(rows, pad_id).items()}
+        with opts.forward_context():
+            summed, _, metrics = opts.loss_fn(model, batch, reference)
+        total += summed.item()
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+        counted += opts.count(batch).item()
+        if progress is not None:
+            progress(len(rows))
+    model.train()
+    n = max(counted, 1)
+    return {"loss": total / n, **{name: value / n for name, value in sums.items()}}
+
+
 def eval_loss(
     model: nn.Module,
     data: Dataset,
@@ -24,20 +56,8 @@ def eval_loss(
     device: torch.device,
     progress: Callable[[int], None] | None = None,
 ) -> float:
-    """Mean loss per count (target token, or sample) under `opts` (snug.train.options.
-    StepOptions: the stage's collate, loss and count); `progress(n)` hears of every n samples."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(data), micro_batch):
-        rows = [data[i] for i in range(start, min(start + micro_batch, len(data)))]
-        batch = {k: v.to(device) for k, v in opts.stage.collate(rows, pad_id).items()}
-        with opts.forward_context():
-            total += opts.loss_fn(model, batch, None)[0].item()
-        tokens += opts.count(batch).item()
-        if progress is not None:
-            progress(len(rows))
-    model.train()
-    return total / max(tokens, 1)
+    """Mean loss per count under `opts` (eval_metrics' loss)."""
+    return eval_metrics(model, data, opts, micro_batch, pad_id, device, progress)["loss"]
 
 
 def normalize(text: str) -> str:
