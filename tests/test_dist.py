@@ -275,3 +275,44 @@ def test_a_one_process_checkpoint_resumes_on_two_fsdp_ranks(tmp_path, runs):
     resumed = " ".join(train_ranks(cfg).split())
     assert "resuming from" in resumed and "step 4" in resumed
     assert_same(out, runs["none"])
+
+
+# Preference stages under FSDP and DDP: the step divides the summed pair losses by the pairs of
+# every rank, and kto averages its KL estimate over every rank's mismatched rows, so two ranks
+# with the same global micro-batch train as one process (each case against one process with
+# pref.reference auto: adapter_off for lora, a copy for full, which precompute equals to float
+# rounding: tests/test_preference.py).
+PREFERENCE = {
+    "dpo-lora-ddp": ("dpo", "lora", "ddp", "auto"),
+    "dpo-full-fsdp-copy": ("dpo", "full", "fsdp", "copy"),  # the copy sharded as the model
+    "dpo-full-fsdp-precompute": ("dpo", "full", "fsdp", "precompute"),
+    "kto-lora-fsdp": ("kto", "lora", "fsdp", "auto"),
+}
+
+
+def preference_config(out: Path, stage: str, method: str, strategy: str, reference: str) -> dict:
+    raw = raw_config(out, strategy, method, stage=stage, lr=1e-3 if method == "lora" else 1e-4)
+    data = "kto_train.jsonl" if stage == "kto" else "train.jsonl"
+    raw["data"] = {"train": str(ROOT / "data/preference" / data), "max_samples": 24}
+    raw["pref"] = {"beta": 0.5, "reference": reference}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def preference_single(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    tmp = tmp_path_factory.mktemp("pref-one")
+    made = {}
+    for stage, method, _, _ in PREFERENCE.values():
+        if (stage, method) not in made:
+            raw = preference_config(tmp / f"{stage}-{method}", stage, method, "none", "auto")
+            made[stage, method] = train(tmp, f"{stage}-{method}", raw)
+    return made
+
+
+@pytest.mark.parametrize("case", PREFERENCE)
+def test_preference_stages_train_on_two_ranks_like_one_process(case, preference_single, tmp_path):
+    stage, method, strategy, reference = PREFERENCE[case]
+    run = train(tmp_path, case, preference_config(tmp_path / case, *PREFERENCE[case]))
+    assert_same(run, preference_single[stage, method], method)
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("pref_accuracy" in r for r in logged if "loss" in r)

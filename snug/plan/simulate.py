@@ -43,6 +43,7 @@ from snug.plan.standins import (
 from snug.plan.trace import LayerTags, deepen, survivors
 from snug.plan.tracker import CATEGORIES, DEVICE_QUERY, ModuleNames, PlanTracker
 from snug.registry import get_stage, with_method
+from snug.train.dist import Dist, wrap_reference
 from snug.train.memory import local, model_tensors
 from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
@@ -219,7 +220,11 @@ def _simulate_once(
         for module in model.modules():  # modules() yields a shared module once
             module.to_empty(device="cpu", recurse=False)
         model.tie_weights()  # to_empty gives each module its own tensor: tie them again
+        # the stage's frozen reference, made as build_run makes it: before wrapping and the
+        # module hooks, then sharded as the model is
+        reference = opts.stage.reference(model, cfg)
         held_by_wrapper = shard(model, cfg, mesh, precision)  # rank 0 of dist.nproc, if any
+        wrap_reference(reference, cfg, Dist(world, strategy=cfg.dist.strategy), precision, mesh)
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: tracker.mark([p.grad], "gradients"))
@@ -232,8 +237,6 @@ def _simulate_once(
             tracker.inputs = False
             return out
 
-        # the stage's frozen reference, made as build_run makes it, before the module hooks
-        reference = opts.stage.reference(model, cfg)
         tracker.layers = LayerTags(causal_lm(model).get_decoder()) if record else None
         with modules, tracker, tracker.layers or contextlib.nullcontext():
             tracker.track(model_tensors(model))

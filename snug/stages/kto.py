@@ -1,8 +1,11 @@
 """kto: KTO (Ethayarajh et al. 2024) on unpaired data: completions each labelled desirable or
 not (a boolean `label`). A desirable answer is pushed above the reference point, an undesirable
 one below it; the reference point is the KL between policy and reference, estimated (as in the
-paper and TRL) from mismatched pairs in the micro-batch: each prompt with the next row's
-completion. So a micro-batch needs at least 2 rows."""
+paper and TRL) from mismatched pairs in the micro-batch: each prompt with its neighbour's
+completion (rows 0 and 1 swap, 2 and 3, ...; an odd last row takes the one before it; TRL rotates
+the batch by one instead). So a micro-batch needs at least 2 rows. Under FSDP or DDP the KL
+estimate is averaged over every rank's mismatched rows, and since neighbours pair within each
+rank's share, ranks with even shares train as one process with their rows together does."""
 
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ class KTO(PreferenceStage):
             )
 
     def collate(self, samples, pad_id):
-        """The rows as labelled, then each prompt with the next row's completion (the KL
+        """The rows as labelled, then each prompt with its neighbour's completion (the KL
         rows); `desirable` (B,) says which answers are wanted."""
         import torch
 
@@ -52,7 +55,7 @@ class KTO(PreferenceStage):
 
         rows = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples]
         for i, s in enumerate(samples):
-            other = samples[(i + 1) % len(samples)]
+            other = samples[_neighbour(i, len(samples))]
             p, q = s["prompt_len"], other["prompt_len"]
             answer = other["input_ids"][q:]
             rows.append({"input_ids": s["input_ids"][:p] + answer, "labels": [-100] * p + answer})
@@ -63,11 +66,18 @@ class KTO(PreferenceStage):
     def loss(self, model, batch, reference, chunked=True):
         import torch
 
+        from snug.train.collectives import all_sum
+
         s = self._settings
         logps = sequence_logps(model, batch, chunked)
         ref = reference.logps(model, batch, chunked)
         half = logps.shape[0] // 2
-        kl = (logps[half:] - ref[half:]).mean().detach()
+        # the mean over the mismatched rows of every rank (no gradient: the paper's z_0)
+        mismatched = torch.stack(
+            [(logps[half:] - ref[half:]).detach().sum(), logps.new_tensor(half)]
+        )
+        summed, rows = all_sum(mismatched)
+        kl = summed / rows
         losses, rewards = kto_losses(
             logps[:half],
             ref[:half],
@@ -94,6 +104,12 @@ class KTO(PreferenceStage):
         batch = super().fake_batch(rows, seq_len, targets)
         batch["desirable"] = torch.ones(rows, dtype=torch.long)
         return batch
+
+
+def _neighbour(i: int, n: int) -> int:
+    """The row whose completion row i's prompt is paired with for the KL estimate."""
+    j = i ^ 1
+    return j if j < n else i - 1
 
 
 register_stage(KTO())

@@ -106,7 +106,10 @@ class Reference:
             return batch["ref_logps"]
         with torch.no_grad():
             if self.frozen is not None:
-                return sequence_logps(self.frozen, batch, chunked)
+                logps = sequence_logps(self.frozen, batch, chunked)
+                if hasattr(self.frozen, "reshard"):  # FSDP keeps a root's weights gathered
+                    self.frozen.reshard()  # after forward, for a backward that never comes
+                return logps
             with adapter_off(model):
                 return sequence_logps(model, batch, chunked)
 
@@ -208,11 +211,6 @@ class PreferenceStage(Stage):
             raise ConfigError(
                 f"{source}: data.packing cannot be used with train.stage={self.name}: "
                 f"{self.no_packing_because}."
-            )
-        if cfg.dist.strategy != "none":
-            raise ConfigError(
-                f"{source}: train.stage={self.name} does not run under dist.strategy="
-                f"{cfg.dist.strategy} yet; train it in one process (dist.strategy=none)."
             )
         if cfg.data.format not in ("auto",):
             raise ConfigError(

@@ -89,7 +89,13 @@ def build_run(
     # weights as loaded, or the adapter switched off)
     reference = get_stage(cfg.train.stage).reference(model, cfg)
     trainable, total = count_params(model)
+    opts = dataclasses.replace(step_options(cfg, device, precision), world=ctx.world)
+    computes = repr((base["fingerprint"], cfg.method.name, cfg.model.quant, precision))
+    train_ds, eval_ds = _with_reference(
+        (train_ds, eval_ds), model, reference, opts, ctx, device, cfg.train.micro_batch, computes
+    )
     model = dist.wrap(model, cfg, ctx, precision, device)
+    dist.wrap_reference(reference, cfg, ctx, precision)
     summary.update(
         trainable_params=trainable, total_params=total, device=str(device), precision=precision
     )
@@ -98,13 +104,6 @@ def build_run(
         f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%) | {device} {precision}"
         + (f" | {ctx.strategy} x {ctx.world} processes" if ctx.active else "")
     )
-    opts = dataclasses.replace(step_options(cfg, device, precision), world=ctx.world)
-    # pref.reference=precompute: the reference's log-probs written into the data once, by the
-    # model as loaded (before a resume restores the checkpoint's weights)
-    identity = repr((base["fingerprint"], cfg.method.name, cfg.model.quant, precision))
-    for_reference = (dist.unwrap(model), reference, opts, device, cfg.train.micro_batch, identity)
-    train_ds = opts.stage.with_reference(train_ds, *for_reference)
-    eval_ds = opts.stage.with_reference(eval_ds, *for_reference)
     identity = {"config": given, "adopted": cfg.to_dict(), "data_hash": hashed, "base": base}
     run = Run(
         ctx,
@@ -134,6 +133,24 @@ def build_run(
     )
     run.identity["eval_before"] = before
     return run
+
+
+def _with_reference(datasets, model, reference, opts, ctx, device, rows: int, computes: str):
+    """pref.reference=precompute: the reference's log-probs written into the data once, by the
+    model as loaded (before a resume restores the checkpoint's weights, and before FSDP shards
+    it); rank 0 computes them into the datasets cache first, the other ranks read them back.
+    `computes` names the base and how it computes (the cache's key)."""
+    if getattr(reference, "kind", None) != "precompute":
+        return datasets
+    if not ctx.main:
+        dist.barrier()
+    out = [
+        opts.stage.with_reference(ds, model, reference, opts, device, rows, computes)
+        for ds in datasets
+    ]
+    if ctx.main:
+        dist.barrier()
+    return out
 
 
 def _adopted(cfg: Config, adopted: dict) -> Config:

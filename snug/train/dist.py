@@ -24,6 +24,7 @@ from torch import nn
 
 from snug.config import Config, ConfigError, registered_methods
 from snug.errors import AlreadySaid, exit_code
+from snug.train.collectives import all_sum  # noqa: F401  (callers: dist.all_sum)
 from snug.train.resume import EXIT_STOPPED
 from snug.train.wrapped import causal_lm, unwrap  # noqa: F401  (callers: dist.unwrap)
 
@@ -194,6 +195,14 @@ def wrap(model: nn.Module, cfg: Config, ctx: Dist, precision: str, device) -> nn
     return shard_fsdp(model, cfg, precision)
 
 
+def wrap_reference(reference, cfg: Config, ctx: Dist, precision: str, mesh=None) -> None:
+    """FSDP: shard a preference stage's frozen copy as the model is (`shard_fsdp`), so each rank
+    holds its share of the reference too; DDP and one process keep it whole. In place."""
+    frozen = getattr(reference, "frozen", None)
+    if frozen is not None and ctx.active and ctx.strategy == "fsdp":
+        shard_fsdp(frozen, cfg, precision, mesh)
+
+
 def shard_fsdp(model: nn.Module, cfg: Config, precision: str, mesh=None) -> nn.Module:
     """`fully_shard` each decoder layer, then the root, in place (the planner passes the mesh
     of its fake process group)."""
@@ -228,13 +237,6 @@ def share(rows: list, ctx: Dist) -> list:
     n, k = divmod(len(rows), ctx.world)
     start = ctx.rank * n + min(ctx.rank, k)
     return rows[start : start + n + (1 if ctx.rank < k else 0)]
-
-
-def all_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place, returned), or the value itself in one process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-    return value
 
 
 def any_rank(flag: bool, device) -> bool:

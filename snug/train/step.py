@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from snug.train.dist import all_sum
+from snug.train.collectives import all_sum
 from snug.train.options import LossFn, StepOptions
 
 __all__ = ["LossFn", "StepOptions", "StepResult", "train_step"]
