@@ -1,11 +1,12 @@
-"""The planner's replay against real steps of padded and unpadded batches (an open defect).
+"""The planner's replay against real steps of padded and unpadded batches.
 
-`snug plan` replays micro-batches of whole rows, which carry no attention mask. A real batch
-whose rows differ in length is padded and carries one, and masked attention keeps more for
-backward than the causal path. This prints, for LoRA on a 3-layer llama (tests/test_plan.py's
-small model), micro-batch 2 x accumulation 2, 64 tokens, fp32 on CPU: the replay's peak, two real
-steps' tracked peak with whole rows and with one row a token shorter, and the replay with an
-all-ones attention mask.
+A real batch whose rows differ in length is padded and carries an attention mask, and masked
+attention keeps more for backward than the causal path without one. `snug plan` replays the
+mask unless data.packing (simulate's `padded`). This prints, for LoRA on a 3-layer llama
+(tests/test_plan.py's small model), micro-batch 2 x accumulation 2, 64 tokens, fp32 on CPU: two
+real steps' tracked peak with whole rows and with one row a token shorter (padded), each beside
+the replay of the same batches (whole rows: padded=False; padded: the default, with the one
+target fewer the shorter row has).
 
 Run: python benchmarks/plan_padding.py
 """
@@ -18,7 +19,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from snug.config import load_config
 from snug.data.collate import collate
 from snug.plan.simulate import simulate
-from snug.stages.base import Stage
 from snug.train.memory import TensorMemoryTracker, model_tensors
 from snug.train.optim import build_optimizer
 from snug.train.prepare import prepare_for_training, step_options
@@ -61,28 +61,24 @@ def main() -> None:
         "llama", vocab_size=3000, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2,
     )  # fmt: skip
-    replay = simulate(cfg, config, TOKENS, "cpu", "fp32", extend=False).peak_bytes
-    whole = Stage.fake_batch
-
-    def with_mask(self, rows, seq_len, targets):
-        batch = whole(self, rows, seq_len, targets)
-        batch["attention_mask"] = torch.ones((rows, seq_len), dtype=torch.long)
-        return batch
-
-    Stage.fake_batch = with_mask
-    try:
-        masked = simulate(cfg, config, TOKENS, "cpu", "fp32", extend=False).peak_bytes
-    finally:
-        Stage.fake_batch = whole
+    b = cfg.train.micro_batch
+    whole = simulate(cfg, config, TOKENS, "cpu", "fp32", extend=False, padded=False).peak_bytes
+    # the shorter row predicts one token fewer
+    padded = simulate(cfg, config, TOKENS, "cpu", "fp32", b * (TOKENS - 1) - 1, False).peak_bytes
+    unmasked = simulate(
+        cfg, config, TOKENS, "cpu", "fp32", b * (TOKENS - 1) - 1, False, padded=False
+    ).peak_bytes
     rows = [
-        ("replay (whole rows, no mask)", replay),
-        ("real, whole rows", real_peak(cfg, config, False)),
-        ("real, one row a token shorter (padded, masked)", real_peak(cfg, config, True)),
-        ("replay with an all-ones attention mask", masked),
+        ("whole rows", real_peak(cfg, config, False), whole),
+        ("one row a token shorter (padded, masked)", real_peak(cfg, config, True), padded),
+        ("the same, replayed without the mask (before the fix)", None, unmasked),
     ]
-    print("| | peak bytes | against the replay |\n|---|---|---|")
-    for name, peak in rows:
-        print(f"| {name} | {peak:,} | {peak - replay:+,} |")
+    print("| batches | real peak bytes | replay peak bytes | replay - real |\n|---|---|---|---|")
+    real = None
+    for name, measured, replay in rows:
+        real = measured if measured is not None else real
+        shown = f"{measured:,}" if measured is not None else "(above)"
+        print(f"| {name} | {shown} | {replay:,} | {replay - real:+,} |")
 
 
 if __name__ == "__main__":

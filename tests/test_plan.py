@@ -40,11 +40,18 @@ def small_config(family: str = "llama", layers: int = 3, hidden: int = 128):
 
 
 def measured_peak(
-    cfg, config, seq_len: int, base=None, dtype=torch.float32, precision: str = "fp32"
+    cfg,
+    config,
+    seq_len: int,
+    base=None,
+    dtype=torch.float32,
+    precision: str = "fp32",
+    padded: bool = False,
 ) -> int:
     """Two real optimizer steps of snug's step on CPU, under the same tracker `snug train` uses,
     on `base` (default: a fresh model of `config` in `dtype`) prepared as `snug train` prepares
-    it."""
+    it. Rows of seq_len tokens; `padded`: each micro-batch's last row a token shorter, so that
+    the batch is padded and carries an attention mask (one target fewer)."""
     torch.manual_seed(0)
     if base is None:
         base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
@@ -60,6 +67,8 @@ def measured_peak(
             micro = []
             for _ in range(cfg.train.grad_accum):
                 rows = torch.randint(0, config.vocab_size, (b, seq_len)).tolist()
+                if padded:
+                    rows[-1] = rows[-1][:-1]
                 micro.append(collate([{"input_ids": r, "labels": r} for r in rows], pad_id=0))
             train_step(model, optimizer, micro, opts)
             del micro
@@ -100,10 +109,13 @@ def plan_config(
     ],
 )
 def test_fake_replay_predicts_the_real_peak_exactly(family, method, gc, chunked, accum):
+    """Padded micro-batches (rows of real data differ in length; the replay's default) with
+    their attention mask: one row a token shorter, so one target fewer."""
     cfg = plan_config(method, gc, chunked, accum=accum)
     config = small_config(family)
-    predicted = simulate(cfg, config, 128, device_type="cpu", extend=False)
-    assert predicted.peak_bytes == measured_peak(cfg, config, 128)
+    targets = cfg.train.micro_batch * 127 - 1
+    predicted = simulate(cfg, config, 128, "cpu", "fp32", targets, extend=False)
+    assert predicted.peak_bytes == measured_peak(cfg, config, 128, padded=True)
     assert predicted.flops_per_step > 0
 
 
@@ -259,7 +271,7 @@ def test_replay_of_peft_methods_on_a_bf16_base_under_bf16_mixed_is_exact(method,
         method=method_keys(method, trainable_layers=3, num_virtual_tokens=10),
     )
     config = small_config()
-    predicted = simulate(cfg, config, 64, "cpu", "bf16-mixed", extend=False)
+    predicted = simulate(cfg, config, 64, "cpu", "bf16-mixed", extend=False, padded=False)
     assert predicted.peak_bytes == measured_peak(
         cfg, config, 64, None, torch.bfloat16, "bf16-mixed"
     )
@@ -307,7 +319,7 @@ def test_4bit_stand_in_predicts_a_real_qlora_step_exactly(gc, tmp_path):
 
     cfg, config = quantized_lora(tmp_path, "4bit", gc)
     measured = measured_peak(cfg, config, 128, load_model(cfg, torch.device("cpu"), "fp32"))
-    predicted = simulate(cfg, config, 128, "cpu", "fp32", extend=False)
+    predicted = simulate(cfg, config, 128, "cpu", "fp32", extend=False, padded=False)
     assert predicted.peak_bytes == measured
     # the packed 4-bit weights: half a byte per weight of every linear but the head
     assert (
@@ -327,9 +339,11 @@ def test_8bit_stand_in_predicts_a_real_8bit_lora_step_exactly(gc, tmp_path):
 
     cfg, config = quantized_lora(tmp_path, "8bit", gc, layers=6)
     measured = measured_peak(cfg, config, 64, load_model(cfg, torch.device("cpu"), "fp32"))
-    predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False)
+    predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False, padded=False)
     assert predicted.peak_bytes == measured
-    assert simulate(cfg, config, 64, "cpu", "fp32").peak_bytes == measured  # from 2 and 3 layers
+    assert (
+        simulate(cfg, config, 64, "cpu", "fp32", padded=False).peak_bytes == measured
+    )  # from 2 and 3 layers
     if not gc:
         return  # below: the other bases and the CUDA stand-in, once (checkpointing changes neither)
 
@@ -405,7 +419,7 @@ def test_replay_counts_the_ops_a_real_step_dispatches(method, gc):
             return func(*args, **(kwargs or {}))
 
     cfg, config = plan_config(method, gc, accum=2), small_config()
-    predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False).ops_per_step
+    predicted = simulate(cfg, config, 64, "cpu", "fp32", extend=False, padded=False).ops_per_step
     model, optimizer, micro, opts = _real_step_inputs(cfg, config, 2)
     train_step(model, optimizer, micro, opts)  # the first step makes the optimizer state
     with Count():

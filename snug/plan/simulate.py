@@ -162,9 +162,11 @@ def _simulate_once(
     targets: int | None,
     explain: bool = False,
     reserved_depth: int | None = None,
+    padded: bool = False,
 ) -> Simulation:
     """One replay at `config`'s depth. With `reserved_depth` (on CUDA), also what the caching
-    allocator reserves for loading and training that model deepened to so many layers."""
+    allocator reserves for loading and training that model deepened to so many layers.
+    `padded`: micro-batches of several rows carry an attention mask (see `simulate`)."""
     device = torch.device(device_type)
     dtype = resolve_dtype(cfg, device, precision)
     stage = get_stage(cfg.train.stage)
@@ -230,10 +232,13 @@ def _simulate_once(
             p.register_post_accumulate_grad_hook(lambda p: tracker.mark([p.grad], "gradients"))
 
         def batch() -> dict:
-            # What the collate step gives a row of seq_len real tokens (no padding, so no mask)
-            # (the stage's own fake batch: a causal LM's unless the stage says otherwise)
+            # What the collate step gives rows of seq_len tokens (the stage's own fake batch: a
+            # causal LM's unless the stage says otherwise), with the mask of a padded batch
             tracker.inputs = True
             out = opts.stage.fake_batch(b, t, n_targets)
+            ids = out["input_ids"]
+            if padded and ids.shape[0] > 1 and "attention_mask" not in out:
+                out["attention_mask"] = torch.ones_like(ids)
             tracker.inputs = False
             return out
 
@@ -339,12 +344,21 @@ def simulate(
     precision: str | None = None,
     targets: int | None = None,
     extend: bool = True,
+    padded: bool | None = None,
 ) -> Simulation:
     """Peak bytes and FLOPs of `snug train` with `cfg` on a model of `config`, micro-batches of
     `cfg.train.micro_batch` x `seq_len` tokens, `targets` loss-carrying positions per
     micro-batch (default: all). `extend`: simulate two short depths and extend linearly.
+
+    `padded`: whether a micro-batch of several rows is padded to its longest row, and so
+    carries an attention mask, with which attention keeps more for backward than its causal
+    path without one (benchmarks/plan_padding.py). Default: unless data.packing, since rows of
+    real data differ in length and the step that sets a run's peak (its longest row among
+    shorter ones) is padded; False replays whole rows, as data of one length gives them (the
+    tests' real steps). A preference stage's micro-batch is always several rows.
     """
     precision = precision or ("bf16-mixed" if device_type == "cuda" else "fp32")
+    padded = not cfg.data.packing if padded is None else padded
     layers = config.num_hidden_layers
     depths = SHORT_DEPTHS
     top = getattr(cfg.method.own, "trainable_layers", None)
@@ -355,7 +369,9 @@ def simulate(
             extend = False  # patterns may pick any layer: no uniform growth to rely on
         depths = (top + 1, top + 2)
     if not extend or layers <= depths[-1]:
-        return _simulate_once(cfg, config, seq_len, device_type, precision, targets, False, layers)
+        return _simulate_once(
+            cfg, config, seq_len, device_type, precision, targets, False, layers, padded=padded
+        )
     a, b = (
         _simulate_once(
             cfg,
@@ -366,6 +382,7 @@ def simulate(
             targets,
             False,
             layers if d == depths[-1] else None,
+            padded=padded,
         )
         for d in depths
     )
@@ -404,8 +421,9 @@ def explain(
     top = getattr(cfg.method.own, "trainable_layers", None)  # the top N layers train
     layers = min(config.num_hidden_layers, 3 if top is None else top + 1)
     sim = _simulate_once(
-        cfg, with_depth(config, layers), seq_len, device_type, precision, None, True
-    )
+        cfg, with_depth(config, layers), seq_len, device_type, precision, None, True,
+        padded=not cfg.data.packing,
+    )  # fmt: skip
     return sim.largest_at_peak, layers
 
 
