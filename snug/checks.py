@@ -27,6 +27,11 @@ def check_combinations(cfg: Config, source: str) -> None:
             "given too; set one of them."
         )
     stage = STAGES[t.stage]
+    if t.micro_batch < stage.min_rows:
+        raise ConfigError(
+            f"{source}: train.stage={t.stage} needs train.micro_batch of at least "
+            f"{stage.min_rows} (samples a micro-batch)."
+        )
     stage.check(cfg, source)
     method = METHODS[cfg.method.name]
     if method.check is not None:

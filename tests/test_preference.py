@@ -599,3 +599,99 @@ def test_dpo_trains_on_a_4bit_base_and_auto_fit_plans_it(tmp_path):
     peak = summary["peak_memory"]
     assert peak["predicted_bytes"] <= 30 * 2**20
     assert 0.99 * peak["predicted_bytes"] <= peak["measured_bytes"] <= peak["predicted_bytes"]
+
+
+# -- the out-of-memory fallback and the NaN guard ----------------------------------------------
+def _inject_oom(monkeypatch, above_rows: int) -> list[torch.Tensor]:
+    """Every policy forward over more than `above_rows` rows runs out of memory; returns the
+    batches that trained (their input_ids and labels)."""
+    import snug.stages.kto as kto_module
+    import snug.stages.preference as pref_module
+
+    real, trained = pref_module.sequence_logps, []
+
+    def logps(model, batch, chunked=True):
+        if torch.is_grad_enabled():  # the policy's forward (the reference runs without)
+            if batch["input_ids"].shape[0] > above_rows:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            trained.append((batch["input_ids"], batch["labels"]))
+        return real(model, batch, chunked)
+
+    monkeypatch.setattr(pref_module, "sequence_logps", logps)
+    monkeypatch.setattr(kto_module, "sequence_logps", logps)
+    return trained
+
+
+def test_out_of_memory_halves_the_pairs_and_keeps_each_pair_together(tmp_path, monkeypatch):
+    """dpo at 4 pairs a micro-batch runs out of memory above one pair: it trains each pair's
+    chosen and rejected rows together in micro-batches of one pair, and ends where the run
+    without the fallback ends (the step divides by the pairs of the whole window)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
+    plain = run_training(config_from_dict(run_config(tmp_path / "plain", "dpo", data)))
+    trained = _inject_oom(monkeypatch, above_rows=2)
+    raw = run_config(tmp_path / "fell", "dpo", data)
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed" and summary["steps"] == plain["steps"]
+    assert summary["oom_changes"] == [
+        {"step": 1, "micro_batch": 2, "grad_accum": 2},
+        {"step": 1, "micro_batch": 1, "grad_accum": 4},
+    ]
+    assert len(trained) == 4 * summary["steps"]
+    for ids, labels in trained:  # row 0 chosen, row 1 rejected: one prompt
+        prompt = int((labels[0] != -100).nonzero()[0])
+        assert ids.shape[0] == 2 and torch.equal(ids[0, :prompt], ids[1, :prompt])
+    from safetensors.torch import load_file
+
+    ours = load_file(tmp_path / "fell/run/adapter/adapter_model.safetensors")
+    theirs = load_file(tmp_path / "plain/run/adapter/adapter_model.safetensors")
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    # as tests/test_reliability.py's fallback test: other sums round otherwise, a small part of
+    # what AdamW moves a weight (about lr a step)
+    assert worst < 0.02 * raw["train"]["lr"] * summary["steps"], worst
+
+
+def test_kto_halves_no_further_than_two_rows(tmp_path, monkeypatch):
+    """kto's KL estimate needs two completions a micro-batch: the fallback stops there and
+    says so."""
+    from snug.train.run import OutOfMemory
+
+    data = write_jsonl(tmp_path / "kto.jsonl", labelled(16))
+    _inject_oom(monkeypatch, above_rows=2)  # 1 completion + its KL row: never reached
+    with pytest.raises(OutOfMemory) as e:
+        run_training(config_from_dict(run_config(tmp_path, "kto", data)))
+    said = str(e.value)
+    assert "micro-batches of 2 rows, the fewest train.stage=kto takes" in said, said
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_a_nonfinite_preference_loss_stops_or_is_skipped(skip, tmp_path, monkeypatch):
+    """The NaN guard holds for pairs: a NaN loss at step 2 stops the run before the update
+    (naming the step), or with train.skip_nonfinite is skipped and counted."""
+    import snug.stages.preference as pref_module
+    from snug.train.run import NonFiniteError
+
+    real, calls = pref_module.pair_losses, []
+
+    def poisoned(*args):
+        calls.append(1)
+        losses, chosen, rejected = real(*args)
+        return (losses * float("nan") if len(calls) == 2 else losses), chosen, rejected
+
+    monkeypatch.setattr(pref_module, "pair_losses", poisoned)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
+    raw = run_config(tmp_path, "dpo", data, train={"max_steps": 3, "skip_nonfinite": skip})
+    if not skip:
+        with pytest.raises(NonFiniteError, match="^step 2: the loss is nan"):
+            run_training(config_from_dict(raw))
+        return
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed" and summary["nonfinite_skipped"] == [2]
+
+
+def test_kto_refuses_a_micro_batch_of_one(tmp_path):
+    from snug.config import ConfigError
+
+    data = write_jsonl(tmp_path / "kto.jsonl", labelled(4))
+    raw = run_config(tmp_path, "kto", data, train={"micro_batch": 1})
+    with pytest.raises(ConfigError, match="train.stage=kto needs train.micro_batch of at least 2"):
+        config_from_dict(raw)

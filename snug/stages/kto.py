@@ -35,16 +35,7 @@ class KTO(PreferenceStage):
     pref_settings = KTOSettings
     paired = False
     needs = "labelled completions (a prompt, a completion and a boolean 'label')"
-
-    def check(self, cfg, source):
-        super().check(cfg, source)
-        if cfg.train.micro_batch < 2:
-            from snug.errors import ConfigError
-
-            raise ConfigError(
-                f"{source}: train.stage=kto needs train.micro_batch of at least 2: its KL "
-                "estimate pairs each prompt with another row's completion."
-            )
+    min_rows = 2  # the KL estimate pairs each prompt with another row's completion
 
     def collate(self, samples, pad_id):
         """The rows as labelled, then each prompt with its neighbour's completion (the KL

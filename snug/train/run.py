@@ -211,7 +211,8 @@ class Run:
 
     def _step_fitting(self, window):
         """THE step on `window`; on running out of memory, the same rows again in micro-batches
-        of half as many rows (twice the accumulation), down to one row."""
+        of half as many rows (twice the accumulation), down to one row (the stage's min_rows).
+        A row is a sample: a preference pair keeps its chosen and rejected answers together."""
         mine = [dist.share(mb, self.ctx) for mb in window]  # this rank's rows
         while True:
             rows = self.pos.rows_per_micro_batch
@@ -249,15 +250,21 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if rows == 1:
+            least = self.opts.stage.min_rows
+            if rows <= least:
+                fewest = (
+                    "one row"
+                    if rows == 1
+                    else f"{rows} rows, the fewest train.stage={self.opts.stage.name} takes"
+                )
                 raise OutOfMemory(
-                    f"out of memory at step {self.pos.step + 1} with micro-batches of one row: "
+                    f"out of memory at step {self.pos.step + 1} with micro-batches of {fewest}: "
                     "nothing left to halve. "
                     + self._last_good()
                     + " Try memory.grad_checkpointing, memory.offload_activations, a shorter "
                     "data.cutoff_len, or `snug plan` with this config to see what fits."
                 )
-            self.pos.rows_per_micro_batch = (rows + 1) // 2
+            self.pos.rows_per_micro_batch = max((rows + 1) // 2, least)
             change = {
                 "step": self.pos.step + 1,
                 "micro_batch": self.pos.rows_per_micro_batch,
