@@ -1,4 +1,5 @@
 # make quickstart: set up .venv if missing, then fine-tune the embedded demo.
+# make preference-demo [STAGE=dpo|orpo|simpo|kto]: DPO (or STAGE) from the quickstart's result.
 # make test:       set up .venv if missing, then run the test suite (one pytest-xdist worker
 #                  per core, one torch thread each; each test file runs whole in one worker).
 # make test-fast:  the same without the tests marked slow (tests/slow.txt: every test a full run
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.snug-installed
 WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 XDIST := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: quickstart test test-fast lint data base
+.PHONY: quickstart preference-demo test test-fast lint data base
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +26,16 @@ $(STAMP): pyproject.toml
 
 quickstart: $(STAMP)
 	$(VENV)/bin/snug train examples/quickstart.yaml
+
+# Preference training from the quickstart's result (README: Preference training): the
+# quickstart if it has not run, its adapter merged into merged/quickstart, then STAGE's example.
+STAGE ?= dpo
+preference-demo: $(STAMP)
+	grep -qs '"status": "completed"' runs/quickstart/summary.json || \
+		$(VENV)/bin/snug train examples/quickstart.yaml
+	test -f merged/quickstart/config.json || \
+		$(VENV)/bin/snug merge --adapter runs/quickstart --out merged/quickstart
+	$(VENV)/bin/snug train examples/$(STAGE).yaml
 
 test: $(STAMP)
 	$(PY) -m pytest $(XDIST)
