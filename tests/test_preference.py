@@ -577,8 +577,9 @@ def test_precomputed_reference_log_probs_train_as_the_copy_does(tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_trains_on_a_4bit_base_and_auto_fit_plans_it(tmp_path):
-    """QLoRA: the adapter switch works on a 4-bit base (the reference is that base, no copy).
+def test_dpo_trains_on_4bit_and_8bit_bases_and_auto_fit_plans_it(tmp_path):
+    """QLoRA: the adapter switch works on a 4-bit and an 8-bit base (the reference is that
+    base, no copy).
     auto_fit plans the preference step (its reference forward included) against a budget below
     what micro-batch 8 without checkpointing needs and keeps the effective batch. The real
     run's measured peak is at most the plan (the plan replays its longest pair in a padded
@@ -586,8 +587,10 @@ def test_dpo_trains_on_a_4bit_base_and_auto_fit_plans_it(tmp_path):
     26,723,564 bytes against 26,725,820 planned; 26,303,724 before the replay carried the
     mask of a padded batch)."""
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
-    raw = run_config(tmp_path / "q", "dpo", data, model={"quant": "4bit"})
-    assert run_training(config_from_dict(raw))["status"] == "completed"
+    for quant in ("4bit", "8bit"):
+        raw = run_config(tmp_path / quant, "dpo", data, model={"quant": quant})
+        summary = run_training(config_from_dict(raw))
+        assert summary["status"] == "completed" and summary["train_loss_last"] > 0
     raw = run_config(tmp_path / "fit", "dpo", data)
     raw["train"].update(micro_batch=8, max_steps=2)
     raw["memory"] = {"auto_fit": True, "gpu": "30MiB", "grad_checkpointing": False}
