@@ -49,7 +49,10 @@ def plan_row(row: dict, gpu: str) -> dict:
 
     started = time.perf_counter()
     cfg = load_config(None, overrides(row))
-    cand = plan_one(cfg, model_config(row["model"]), find_gpu(gpu), int(row["tokens"]))
+    # the kit's rows are cut at the cutoff: whole rows, no padding mask
+    cand = plan_one(
+        cfg, model_config(row["model"]), find_gpu(gpu), int(row["tokens"]), padded=False
+    )
     if cand.error:
         raise RuntimeError(f"{row['model']} {row['method']}: the plan failed: {cand.error}")
     return {

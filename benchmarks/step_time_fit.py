@@ -38,6 +38,7 @@ def replan(row: dict, gpu: str) -> tuple[int, int]:
         model_config(row["model"]),
         find_gpu(gpu),
         int(row["tokens"]),
+        padded=False,  # the kit's rows are cut at the cutoff
     )
     if cand.error:
         raise RuntimeError(f"{row['model']} {row['method']}: the plan failed: {cand.error}")

@@ -49,7 +49,9 @@ def main() -> None:
             r["micro_batch"],
             cal["precision"],
         )
-        sim = simulate(cfg, model_config(r["model"]), r["tokens"], "cuda", cal["precision"])
+        sim = simulate(  # calibrate's whole rows
+            cfg, model_config(r["model"]), r["tokens"], "cuda", cal["precision"], padded=False
+        )
         series.append(
             {
                 "flops": sim.flops_per_step,
@@ -69,6 +71,7 @@ def main() -> None:
             int(row["tokens"]),
             "cuda",
             row["precision"],
+            padded=False,  # reality.py's rows are cut at the cutoff
         )
         name = f"{row['model']} {row['method']} {row['quant']} gc={row['checkpointing']} {row['micro_batch']}x{row['tokens']} {row['precision']}"
         configs.append(

@@ -160,7 +160,8 @@ def run_one(spec: dict) -> dict:
     )
     device = find_gpu(torch.cuda.get_device_name()) if cuda else cpu_device()
     started = time.perf_counter()
-    cand = plan_one(cfg, model_config(spec["model_dir"]), device, spec["tokens"])
+    # every row is cut at the cutoff: whole rows, no padding mask
+    cand = plan_one(cfg, model_config(spec["model_dir"]), device, spec["tokens"], padded=False)
     if cand.error:
         raise RuntimeError(f"the plan failed: {cand.error}")
     sim = cand.sim

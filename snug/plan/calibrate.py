@@ -176,7 +176,7 @@ def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
         for key, value in CPU_SHRINK.items():
             setattr(config, key, value)
     cfg = _config(name, method, gc_on, tokens, mb, precision)
-    sim = simulate(cfg, config, tokens, device.type, precision)
+    sim = simulate(cfg, config, tokens, device.type, precision, padded=False)  # whole rows
     if device.type == "cuda" and device.memory_bytes:
         free, _ = torch.cuda.mem_get_info()
         if sim.reserved_bytes > 0.9 * min(device.memory_bytes, free):

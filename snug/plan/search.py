@@ -155,10 +155,13 @@ def evaluate(
     device: Device,
     seq_len: int,
     model: StepModel,
+    padded: bool | None = None,
 ) -> Candidate:
+    """`padded`: whether micro-batches carry a padding mask (simulate's; default unless
+    data.packing)."""
     precision = precision_for(device, cand.cfg)
     try:
-        cand.sim = simulate(cand.cfg, config, seq_len, device.type, precision)
+        cand.sim = simulate(cand.cfg, config, seq_len, device.type, precision, padded=padded)
     except PlanError as e:
         cand.error = str(e)
         return cand
@@ -190,9 +193,11 @@ def evaluate(
     return cand
 
 
-def plan_one(cfg: Config, config: PretrainedConfig, device: Device, seq_len: int) -> Candidate:
+def plan_one(
+    cfg: Config, config: PretrainedConfig, device: Device, seq_len: int, padded: bool | None = None
+) -> Candidate:
     model = device_model(device, precision_for(device, cfg))
-    return evaluate(Candidate(cfg, candidate_name(cfg)), config, device, seq_len, model)
+    return evaluate(Candidate(cfg, candidate_name(cfg)), config, device, seq_len, model, padded)
 
 
 def _variants(cfg: Config, method: str, device: Device) -> list[Config]:
