@@ -61,19 +61,19 @@ def bitsandbytes_keeps_4bit_input():
     (`ctx.tensors = (A, B)` in MatMul4Bit.forward; PR #1270, commit 9e753741, made it
     `(None, B)`). The replay's stand-in follows bitsandbytes 0.50; this what-if keeps the input
     on the autograd node as the old version did."""
-    from snug.plan import simulate
+    from snug.plan import standins
 
-    forward = simulate._FourBitMatmul.forward
+    forward = standins._FourBitMatmul.forward
 
     def keeping(ctx, x, weight, layer):
         ctx.kept_input = x
         return forward(ctx, x, weight, layer)
 
-    simulate._FourBitMatmul.forward = staticmethod(keeping)
+    standins._FourBitMatmul.forward = staticmethod(keeping)
     try:
         yield
     finally:
-        simulate._FourBitMatmul.forward = staticmethod(forward)
+        standins._FourBitMatmul.forward = staticmethod(forward)
 
 
 def plan_row(row: dict, source: dict, extra: tuple[str, ...] = ()) -> dict:

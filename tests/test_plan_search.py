@@ -335,3 +335,22 @@ def test_search_keeps_every_key_it_does_not_search_and_says_which(tmp_path, caps
     assert main([*args, "--seq-len", "32", "--max-micro-batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "held fixed from your config:" in out and "train.precision=bf16-true" in out
+
+
+def test_the_old_bitsandbytes_what_if_keeps_each_4bit_input():
+    """benchmarks/published.py's what-if for rows measured with bitsandbytes < 0.43.2 (whose
+    4-bit matmul kept its input for backward) plans more than today's stand-in."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    from snug.plan.simulate import simulate
+
+    spec = importlib.util.spec_from_file_location("published", ROOT / "benchmarks/published.py")
+    published = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(published)
+    cfg = load_config(None, ["method.name=lora", "model.quant=4bit", "train.micro_batch=2"])
+    today = simulate(cfg, small_config(), 64, "cpu", "fp32", extend=False).peak_bytes
+    with published.bitsandbytes_keeps_4bit_input():
+        old = simulate(cfg, small_config(), 64, "cpu", "fp32", extend=False).peak_bytes
+    assert old > today

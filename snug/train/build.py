@@ -139,18 +139,22 @@ def _with_reference(datasets, model, reference, opts, ctx, device, rows: int, co
     """pref.reference=precompute: the reference's log-probs written into the data once, by the
     model as loaded (before a resume restores the checkpoint's weights, and before FSDP shards
     it); rank 0 computes them into the datasets cache first, the other ranks read them back.
-    `computes` names the base and how it computes (the cache's key)."""
+    Each turn is agreed (dist.agree), so that a failure on one rank stops every rank with its
+    error instead of leaving the others waiting. `computes` names the base and how it computes
+    (the cache's key)."""
     if getattr(reference, "kind", None) != "precompute":
         return datasets
-    if not ctx.main:
-        dist.barrier()
-    out = [
-        opts.stage.with_reference(ds, model, reference, opts, device, rows, computes)
-        for ds in datasets
-    ]
-    if ctx.main:
-        dist.barrier()
-    return out
+
+    def compute() -> list:
+        return [
+            opts.stage.with_reference(ds, model, reference, opts, device, rows, computes)
+            for ds in datasets
+        ]
+
+    if not ctx.active:
+        return compute()
+    first = dist.agree(lambda: compute() if ctx.main else None, device)
+    return dist.agree(lambda: first if ctx.main else compute(), device)
 
 
 def _adopted(cfg: Config, adopted: dict) -> Config:
