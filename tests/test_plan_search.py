@@ -342,9 +342,9 @@ def test_the_old_bitsandbytes_what_if_keeps_each_4bit_input():
     4-bit matmul kept its input for backward) plans more than today's stand-in."""
     import importlib.util
 
-    from conftest import ROOT
-
     from snug.plan.simulate import simulate
+
+    from conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("published", ROOT / "benchmarks/published.py")
     published = importlib.util.module_from_spec(spec)
