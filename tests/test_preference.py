@@ -698,3 +698,53 @@ def test_kto_refuses_a_micro_batch_of_one(tmp_path):
     raw = run_config(tmp_path, "kto", data, train={"micro_batch": 1})
     with pytest.raises(ConfigError, match="train.stage=kto needs train.micro_batch of at least 2"):
         config_from_dict(raw)
+
+
+# -- kto's two completions a micro-batch, everywhere ----------------------------------------------
+def test_no_micro_batch_leaves_a_rank_without_rows_or_kto_with_one(tmp_path):
+    """25 completions, 2 ranks, 2 a rank: the short last global micro-batch is filled with the
+    epoch's first rows again (as torch's DistributedSampler pads), so each rank's share holds
+    2; the out-of-memory split joins a short last piece to the one before."""
+    from snug.train.dist import Dist, share
+    from snug.train.schedule import Schedule, split_window
+
+    data = write_jsonl(tmp_path / "kto.jsonl", labelled(4))
+    cfg = config_from_dict(run_config(tmp_path, "kto", data, train={"micro_batch": 2}))
+    schedule = Schedule.build([10] * 25, cfg, world=2)
+    seen = set()
+    for window in schedule.windows(0):
+        for mb in window:
+            assert all(len(share(mb, Dist(2, r, r, "fsdp"))) == 2 for r in (0, 1)), mb
+            seen |= {i for row in mb for i in row}
+    assert seen == set(range(25))
+    assert len(schedule.windows(0)) * 1 == schedule.steps_per_epoch
+    rows = [[0], [1], [2]]
+    assert split_window([rows], 2, least=2) == [rows]
+    assert split_window([rows], 2) == [rows[:2], rows[2:]]
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_eval_every_scores_with_the_reference(stage, tmp_path):
+    """train.eval_every evaluates with the stage's reference (it crashed on None before); kto's
+    odd last evaluation micro-batch joins the one before (5 completions, 2 a micro-batch)."""
+    rows = labelled(5) if stage == "kto" else pairs(5)
+    data = write_jsonl(tmp_path / "train.jsonl", rows * 4)
+    held = write_jsonl(tmp_path / "eval.jsonl", rows)
+    raw = run_config(tmp_path, stage, data, train={"micro_batch": 2, "eval_every": 1})
+    raw["data"]["eval"] = str(held)
+    assert run_training(config_from_dict(raw))["status"] == "completed"
+    logged = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in logged if "eval_loss" in r]) == 2
+
+
+def test_the_search_plans_kto_at_two_completions_or_more():
+    from test_plan import small_config
+
+    from snug.config import load_config
+    from snug.plan.hardware import cpu_device
+    from snug.plan.search import search
+
+    cfg = load_config(None, ["train.stage=kto", "train.micro_batch=2", "train.grad_accum=4"])
+    (found,) = search(cfg, small_config(), cpu_device(2**30), 64, ("lora",), 8)
+    assert found.fits and found.cfg.train.micro_batch >= 2, found.name
+    assert found.cfg.train.micro_batch * found.cfg.train.grad_accum == 8

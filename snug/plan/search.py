@@ -259,38 +259,42 @@ def _fallbacks(variant: Config, method: str, device: Device, static: int = 0) ->
 def _largest_fitting_micro_batch(
     variant: Config, config, device: Device, seq_len: int, model, effective: int, cap: int
 ) -> Candidate | None:
-    """Peak is linear in the micro-batch (every activation scales with it): simulate 1 and 2,
-    take the largest power of two the line says fits, then simulate that one to confirm
+    """Peak is linear in the micro-batch (every activation scales with it): simulate the
+    smallest micro-batch the stage takes (1; kto 2: Stage.min_rows) and twice that, take the
+    largest power-of-two multiple the line says fits, then simulate that one to confirm
     (halving while it does not). Only micro-batches that divide the effective batch
     (micro_batch x grad_accum of the config) are tried, so every candidate trains with the
     user's effective batch."""
+    from snug.registry import get_stage
 
     def at(b: int) -> Candidate:
         trial = with_overrides(variant, train={"micro_batch": b, "grad_accum": effective // b})
         return evaluate(Candidate(trial, candidate_name(trial)), config, device, seq_len, model)
 
+    least = get_stage(variant.train.stage).min_rows
+    base = least if effective % least == 0 else effective  # the config's own, if none divides
     cap = min(cap, effective)
-    one = at(1)
-    if one.error or not one.fits or cap < 2 or effective % 2:
+    one = at(base)
+    if one.error or not one.fits or cap < 2 * base or effective % (2 * base):
         return one
-    two = at(2)
+    two = at(2 * base)
     if two.error or not two.fits:
         return one
-    slope = two.reserved_bytes - one.reserved_bytes
-    b = 2
+    slope = (two.reserved_bytes - one.reserved_bytes) / base  # per row
+    b = 2 * base
     while (
         b * 2 <= cap
         and effective % (b * 2) == 0
-        and one.reserved_bytes + slope * (b * 2 - 1) <= device.memory_bytes
+        and one.reserved_bytes + slope * (b * 2 - base) <= device.memory_bytes
     ):
         b *= 2
     cand = two
-    while b > 2:
+    while b > 2 * base:
         cand = at(b)
         if cand.fits:
             break
         b //= 2
-    return two if b == 2 else cand
+    return two if b == 2 * base else cand
 
 
 def search(

@@ -44,6 +44,8 @@ class KTO(PreferenceStage):
 
         from snug.data.collate import collate
 
+        if len(samples) < self.min_rows:  # the schedule and evaluation never make one
+            raise ValueError(f"kto collates at least {self.min_rows} completions, not 1")
         rows = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples]
         for i, s in enumerate(samples):
             other = samples[_neighbour(i, len(samples))]

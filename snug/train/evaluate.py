@@ -31,8 +31,11 @@ def eval_metrics(
     `progress(n)` hears of every n samples."""
     model.eval()
     total, counted, sums = 0.0, 0, {}
-    for start in range(0, len(data), micro_batch):
-        rows = [data[i] for i in range(start, min(start + micro_batch, len(data)))]
+    starts = list(range(0, len(data), micro_batch))
+    if len(starts) > 1 and len(data) - starts[-1] < opts.stage.min_rows:
+        starts.pop()  # a short last micro-batch (kto: one completion) joins the one before
+    for start, end in zip(starts, [*starts[1:], len(data)], strict=True):
+        rows = [data[i] for i in range(start, end)]
         batch = {k: v.to(device) for k, v in opts.stage.collate(rows, pad_id).items()}
         with opts.forward_context():
             summed, _, metrics = opts.loss_fn(model, batch, reference)
@@ -55,9 +58,10 @@ def eval_loss(
     pad_id: int,
     device: torch.device,
     progress: Callable[[int], None] | None = None,
+    reference=None,
 ) -> float:
-    """Mean loss per count under `opts` (eval_metrics' loss)."""
-    return eval_metrics(model, data, opts, micro_batch, pad_id, device, progress)["loss"]
+    """Mean loss per count under `opts` (eval_metrics' loss); `reference` as there."""
+    return eval_metrics(model, data, opts, micro_batch, pad_id, device, progress, reference)["loss"]
 
 
 def normalize(text: str) -> str:

@@ -218,7 +218,7 @@ class Run:
             rows = self.pos.rows_per_micro_batch
             batches, n_tokens = window_batches(
                 self.train_ds,
-                split_window(mine, rows),
+                split_window(mine, rows, self.opts.stage.min_rows),
                 self.tok.pad_token_id,
                 self.cfg.data.packing,
                 self.device,
@@ -268,7 +268,9 @@ class Run:
             change = {
                 "step": self.pos.step + 1,
                 "micro_batch": self.pos.rows_per_micro_batch,
-                "grad_accum": len(split_window(window, self.pos.rows_per_micro_batch)),
+                "grad_accum": len(
+                    split_window(window, self.pos.rows_per_micro_batch, self.opts.stage.min_rows)
+                ),
             }
             self.pos.oom_changes.append(change)
             self.console.print(
@@ -333,6 +335,7 @@ class Run:
                 t.micro_batch,
                 self.tok.pad_token_id,
                 self.device,
+                reference=self.reference,
             )
             self.reporter.eval(Eval(pos.step, value))
         every = self.cfg.output.save_every

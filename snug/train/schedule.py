@@ -22,15 +22,20 @@ class Schedule:
     grad_accum: int
     seed: int
     row_tokens: list[int] | None = None  # given: length-grouped micro-batches
+    # The fewest rows a micro-batch may hold: each rank's share at least the stage's min_rows
+    least: int = 1
 
     @classmethod
     def build(cls, lengths: list[int], cfg: Config, world: int = 1) -> Schedule:
         """With `world` ranks, each micro-batch is global (micro_batch x world rows) and each
         rank trains its share (train/dist.py: share)."""
+        from snug.registry import get_stage
+
         d, t = cfg.data, cfg.train
         rows = pack(lengths, d.cutoff_len) if d.packing else [[i] for i in range(len(lengths))]
         tokens = [sum(lengths[i] for i in r) for r in rows] if d.group_by_length else None
-        return cls(rows, t.micro_batch * world, t.grad_accum, t.seed, tokens)
+        least = get_stage(t.stage).min_rows * world
+        return cls(rows, t.micro_batch * world, t.grad_accum, t.seed, tokens, least)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -41,6 +46,12 @@ class Schedule:
         g = torch.Generator().manual_seed(self.seed + epoch)
         micro = micro_batches(len(self.rows), self.micro_batch, g, self.row_tokens)
         micro = [[self.rows[r] for r in mb] for mb in micro]
+        order = [row for mb in micro for row in mb]
+        for mb in micro:
+            # A short last micro-batch would leave a rank without rows (its collectives out of
+            # step with the others') or kto with one completion: fill it with the epoch's first
+            # rows again, as torch's DistributedSampler pads its shares.
+            mb += [order[i % len(order)] for i in range(max(self.least - len(mb), 0))]
         return [micro[i : i + self.grad_accum] for i in range(0, len(micro), self.grad_accum)]
 
 
@@ -52,11 +63,19 @@ def sample_lengths(train_ds) -> list[int]:
     return lengths
 
 
-def split_window(window: list[list[list[int]]], rows: int) -> list[list[list[int]]]:
+def split_window(window: list[list[list[int]]], rows: int, least: int = 1) -> list[list[list[int]]]:
     """The same rows, in the same order, in micro-batches of at most `rows` rows: what an
     out-of-memory fallback trains instead of `window` (the gradient is the same, since the
-    step divides by the targets of the whole window)."""
-    return [mb[i : i + rows] for mb in window for i in range(0, len(mb), rows)]
+    step divides by the targets of the whole window). A last piece of a micro-batch shorter
+    than `least` (the stage's min_rows) joins the piece before it."""
+    out = []
+    for mb in window:
+        pieces = [mb[i : i + rows] for i in range(0, len(mb), rows)]
+        if len(pieces) > 1 and len(pieces[-1]) < least:
+            last = pieces.pop()
+            pieces[-1] = pieces[-1] + last
+        out += pieces
+    return out
 
 
 def window_batches(
