@@ -30,7 +30,7 @@ def check_combinations(cfg: Config, source: str) -> None:
     if t.micro_batch < stage.min_rows:
         raise ConfigError(
             f"{source}: train.stage={t.stage} needs train.micro_batch of at least "
-            f"{stage.min_rows} (samples a micro-batch)."
+            f"{stage.min_rows}: {stage.min_rows_because}."
         )
     stage.check(cfg, source)
     method = METHODS[cfg.method.name]

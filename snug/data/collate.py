@@ -38,7 +38,7 @@ def collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch
     batch = {"input_ids": ids, "labels": labels, "target_positions": _targets(labels)}
     if not bool(mask.all()):
         # Without padding the mask says nothing; leaving it out lets attention use its causal
-        # fast path and keeps what the model sees the same as in the planner's replay.
+        # fast path (the planner replays a mask for padded batches only: simulate's padded).
         batch["attention_mask"] = mask
     return batch
 

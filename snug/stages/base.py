@@ -59,9 +59,11 @@ class Stage:
     no_packing_because: str = ""
     # Why `snug merge` / `snug chat` cannot take its result ("" if they can).
     not_a_chat_model_because: str = ""
-    # The fewest samples a micro-batch may hold: train.micro_batch below it is refused, and the
-    # out-of-memory fallback halves the micro-batch no further (kto: 2, for its KL estimate).
+    # The fewest samples a micro-batch may hold: train.micro_batch below it is refused (saying
+    # min_rows_because), the out-of-memory fallback halves no further, and a short last
+    # micro-batch of an epoch or of evaluation is filled or joined (kto: 2, for its KL estimate).
     min_rows: int = 1
+    min_rows_because: str = ""
 
     def configured(self, cfg: Config) -> Stage:
         """The stage as the step runs it for `cfg` (a stage whose loss reads settings returns a

@@ -4,8 +4,8 @@ one below it; the reference point is the KL between policy and reference, estima
 paper and TRL) from mismatched pairs in the micro-batch: each prompt with its neighbour's
 completion (rows 0 and 1 swap, 2 and 3, ...; an odd last row takes the one before it; TRL rotates
 the batch by one instead). So a micro-batch needs at least 2 rows. Under FSDP or DDP the KL
-estimate is averaged over every rank's mismatched rows, and since neighbours pair within each
-rank's share, ranks with even shares train as one process with their rows together does."""
+estimate is averaged over every rank's mismatched rows; neighbours pair within each rank's
+share, so when every share is even, the ranks train as one process holding all their rows."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ class KTO(PreferenceStage):
     pref_settings = KTOSettings
     paired = False
     needs = "labelled completions (a prompt, a completion and a boolean 'label')"
-    min_rows = 2  # the KL estimate pairs each prompt with another row's completion
+    min_rows = 2
+    min_rows_because = "its KL estimate pairs each prompt with another row's completion"
 
     def collate(self, samples, pad_id):
         """The rows as labelled, then each prompt with its neighbour's completion (the KL

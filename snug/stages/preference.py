@@ -106,8 +106,10 @@ class Reference:
             return batch["ref_logps"]
         with torch.no_grad():
             if self.frozen is not None:
+                from torch.distributed.fsdp import FSDPModule
+
                 logps = sequence_logps(self.frozen, batch, chunked)
-                if hasattr(self.frozen, "reshard"):  # FSDP keeps a root's weights gathered
+                if isinstance(self.frozen, FSDPModule):  # FSDP keeps a root's weights gathered
                     self.frozen.reshard()  # after forward, for a backward that never comes
                 return logps
             with adapter_off(model):

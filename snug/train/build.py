@@ -135,15 +135,22 @@ def build_run(
     return run
 
 
-def _with_reference(datasets, model, reference, opts, ctx, device, rows: int, computes: str):
+def _with_reference(
+    datasets: tuple,
+    model: torch.nn.Module,
+    reference: object,
+    opts: StepOptions,
+    ctx: dist.Dist,
+    device: torch.device,
+    rows: int,
+    computes: str,
+) -> tuple | list:
     """pref.reference=precompute: the reference's log-probs written into the data once, by the
     model as loaded (before a resume restores the checkpoint's weights, and before FSDP shards
     it); rank 0 computes them into the datasets cache first, the other ranks read them back.
     Each turn is agreed (dist.agree), so that a failure on one rank stops every rank with its
     error instead of leaving the others waiting. `computes` names the base and how it computes
-    (the cache's key)."""
-    if getattr(reference, "kind", None) != "precompute":
-        return datasets
+    (the cache's key). Other references leave the data as it is (Stage.with_reference)."""
 
     def compute() -> list:
         return [

@@ -7,6 +7,7 @@ snug's own loop needs (which rows each rank trains, how the loss is normalised a
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -164,7 +165,10 @@ def setup(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 tokenizes (and precomputes reference log-probs) while the others wait in a
+        # collective: NCCL's default 10 minutes would end a run on a large dataset.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     return Dist(dist.get_world_size(), dist.get_rank(), local_rank, cfg.dist.strategy), device
 
 
@@ -195,17 +199,24 @@ def wrap(model: nn.Module, cfg: Config, ctx: Dist, precision: str, device) -> nn
     return shard_fsdp(model, cfg, precision)
 
 
-def wrap_reference(reference, cfg: Config, ctx: Dist, precision: str, mesh=None) -> None:
+def wrap_reference(reference: object, cfg: Config, ctx: Dist, precision: str, mesh=None) -> None:
     """FSDP: shard a preference stage's frozen copy as the model is (`shard_fsdp`), so each rank
     holds its share of the reference too; DDP and one process keep it whole. In place."""
-    frozen = getattr(reference, "frozen", None)
-    if frozen is not None and ctx.active and ctx.strategy == "fsdp":
-        shard_fsdp(frozen, cfg, precision, mesh)
+    from snug.stages.preference import Reference
+
+    if not (isinstance(reference, Reference) and reference.frozen is not None):
+        return
+    if ctx.active and ctx.strategy == "fsdp":
+        shard_fsdp(reference.frozen, cfg, precision, mesh, frozen=True)
 
 
-def shard_fsdp(model: nn.Module, cfg: Config, precision: str, mesh=None) -> nn.Module:
+def shard_fsdp(
+    model: nn.Module, cfg: Config, precision: str, mesh=None, frozen: bool = False
+) -> nn.Module:
     """`fully_shard` each decoder layer, then the root, in place (the planner passes the mesh
-    of its fake process group)."""
+    of its fake process group). `frozen`: a model that never runs backward (a preference
+    stage's reference), whose layers reshard after each forward whatever
+    dist.reshard_after_forward says, since no backward would free them."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs = {"mesh": mesh}
@@ -216,7 +227,8 @@ def shard_fsdp(model: nn.Module, cfg: Config, precision: str, mesh=None) -> nn.M
     if cfg.dist.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer, reshard_after_forward=cfg.dist.reshard_after_forward, **kwargs)
+        reshard = frozen or cfg.dist.reshard_after_forward
+        fully_shard(layer, reshard_after_forward=reshard, **kwargs)
     # The root (embeddings, final norm, head) stays gathered from forward to backward, FSDP2's
     # default for a root: snug's chunked loss runs the head after the model's forward returns.
     fully_shard(model, **kwargs)
