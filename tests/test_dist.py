@@ -316,3 +316,16 @@ def test_preference_stages_train_on_two_ranks_like_one_process(case, preference_
     assert_same(run, preference_single[stage, method], method)
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("pref_accuracy" in r for r in logged if "loss" in r)
+
+
+def test_an_uneven_last_micro_batch_keeps_the_ranks_in_step(tmp_path):
+    """25 completions, 2 ranks of 2, accumulation 2: the last global micro-batch (1 row) is
+    filled with the epoch's first rows, so neither rank trains a share without rows (DDP's
+    gradient all-reduce and kto's KL sum would meet other collectives and hang) nor kto a
+    single completion."""
+    raw = preference_config(tmp_path / "run", "kto", "lora", "ddp", "auto")
+    raw["data"]["max_samples"] = 25
+    raw["train"]["epochs"] = 1
+    run = train(tmp_path, "uneven", raw)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 4  # ceil(ceil(25 / 4) / 2)
