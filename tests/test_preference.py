@@ -738,13 +738,18 @@ def test_eval_every_scores_with_the_reference(stage, tmp_path):
 
 
 def test_the_search_plans_kto_at_two_completions_or_more():
+    """The search's micro-batches start at the stage's min_rows: kto's smallest is 2."""
     from test_plan import small_config
 
     from snug.config import load_config
     from snug.plan.hardware import cpu_device
-    from snug.plan.search import search
+    from snug.plan.search import _largest_fitting_micro_batch
+    from snug.plan.timing import device_model
 
-    cfg = load_config(None, ["train.stage=kto", "train.micro_batch=2", "train.grad_accum=4"])
-    (found,) = search(cfg, small_config(), cpu_device(2**30), 64, ("lora",), 8)
-    assert found.fits and found.cfg.train.micro_batch >= 2, found.name
-    assert found.cfg.train.micro_batch * found.cfg.train.grad_accum == 8
+    cfg = load_config(None, ["train.stage=kto", "train.micro_batch=2", "train.grad_accum=2"])
+    device = cpu_device(2**30)
+    found = _largest_fitting_micro_batch(
+        cfg, small_config(layers=2), device, 32, device_model(device, "fp32"), 4, 2
+    )
+    assert found.fits and found.cfg.train.micro_batch == 2, found.name
+    assert found.cfg.train.grad_accum == 2
