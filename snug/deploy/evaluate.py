@@ -2,7 +2,7 @@
 
 Each number is the one training reports on its held-out data, computed by the same code: the
 data is tokenized as the first adapter's run tokenized its eval data (template, cutoff, answer
-mask), the loss is `eval_loss` (mean cross-entropy per answer token) with the run's step
+mask), the loss is `eval_metrics`' (mean cross-entropy per answer token) with the run's step
 options and micro-batch, and exact match is `exact_match` (greedy, case and spacing ignored).
 So `snug eval --adapter RUN --data DATA.EVAL` gives the run's summary.json `eval.loss_after`.
 "contains" counts answers that hold the reference (normalized the same way).
@@ -80,7 +80,7 @@ def score(
     """The metrics of one model: `name` is an adapter or BASE."""
     from snug.models.load import resolve_precision
     from snug.registry import get_stage
-    from snug.train.evaluate import eval_loss, exact_match, normalize
+    from snug.train.evaluate import eval_metrics, exact_match, normalize
     from snug.train.prepare import step_options
 
     session.use(name)
@@ -94,7 +94,9 @@ def score(
                 step_options(session.cfg, session.device, precision), stage=get_stage("sft")
             )
             pad = session.tok.pad_token_id
-            loss = eval_loss(session.model, data.dataset, opts, micro_batch, pad, session.device)
+            loss = eval_metrics(
+                session.model, data.dataset, opts, micro_batch, pad, session.device
+            )["loss"]
             result.update(loss=loss, perplexity=math.exp(loss))
         if "exact" in metrics or "contains" in metrics:
             hits, samples = exact_match(

@@ -185,10 +185,10 @@ class Stage:
         (snug/train/build.py: EvalJob) gives the tokenizer, config, step options and device;
         `phase(title, total, unit)` is a context with `.advance(n)` for the progress shown.
         The key `metric` names the one summary.json reports before -> after (default loss)."""
-        from snug.train.evaluate import eval_loss
+        from snug.train.evaluate import eval_metrics
 
         with phase("loss", len(data), "samples") as p:
-            loss = eval_loss(
+            loss = eval_metrics(
                 model, data, job.opts, job.micro_batch, job.pad_id, job.device, p.advance
-            )
+            )["loss"]
         return {"loss": loss}

@@ -202,8 +202,8 @@ def _refuse_or_warn(path: Path, changes: list[str], allow: bool, console: Consol
 
 
 def _auto_fit(cfg: Config, train_ds, device, console: Console, summary: dict) -> Config:
-    """Adopt the planner's fastest fitting memory settings (snug/plan/search.py:auto_fit)."""
-    from snug.plan.search import auto_fit
+    """Adopt the planner's fastest fitting memory settings (snug/plan/autofit.py)."""
+    from snug.plan.autofit import auto_fit
 
     seq_len = cfg.data.cutoff_len if cfg.data.packing else max(sample_lengths(train_ds))
     cfg, report = auto_fit(cfg, device.type, seq_len)

@@ -50,20 +50,6 @@ def eval_metrics(
     return {"loss": total / n, **{name: value / n for name, value in sums.items()}}
 
 
-def eval_loss(
-    model: nn.Module,
-    data: Dataset,
-    opts,
-    micro_batch: int,
-    pad_id: int,
-    device: torch.device,
-    progress: Callable[[int], None] | None = None,
-    reference=None,
-) -> float:
-    """Mean loss per count under `opts` (eval_metrics' loss); `reference` as there."""
-    return eval_metrics(model, data, opts, micro_batch, pad_id, device, progress, reference)["loss"]
-
-
 def normalize(text: str) -> str:
     return " ".join(text.strip().lower().split())
 

@@ -21,7 +21,7 @@ from snug.errors import RunError
 from snug.methods import get_method
 from snug.train import dist
 from snug.train.checkpoint import load_checkpoint, read_train_state, save_checkpoint
-from snug.train.evaluate import eval_loss
+from snug.train.evaluate import eval_metrics
 from snug.train.events import Checkpoint, Eval, Reporter, Step
 from snug.train.memory import StepPeaks, model_tensors, optimizer_tensors
 from snug.train.optim import build_optimizer, build_scheduler, lora_plus_ratio
@@ -328,7 +328,7 @@ class Run:
     def _after_step(self, signals: Signals) -> None:
         t, pos = self.cfg.train, self.pos
         if t.eval_every and self.eval_ds is not None and pos.step % t.eval_every == 0:
-            value = eval_loss(
+            value = eval_metrics(
                 self.model,
                 self.eval_ds,
                 self.opts,
@@ -336,7 +336,7 @@ class Run:
                 self.tok.pad_token_id,
                 self.device,
                 reference=self.reference,
-            )
+            )["loss"]
             self.reporter.eval(Eval(pos.step, value))
         every = self.cfg.output.save_every
         stop = dist.any_rank(signals.requested is not None, self.device)  # all ranks agree
