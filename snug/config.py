@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
 import yaml
 
@@ -36,6 +34,7 @@ from snug.sections import (  # noqa: F401  (re-exported: snug.config names every
     PrefConfig,
     TrainConfig,
 )
+from snug.values import coerce, one_of
 from snug.yamlfile import read_mapping
 
 
@@ -114,72 +113,6 @@ def _nearest(word: str, choices: list[str]) -> str:
     if shared or ratio >= 0.6:
         return f"; did you mean '{best}'?"
     return f"; valid keys: {', '.join(choices)}."
-
-
-def _one_of(value: Any, choices: tuple, where: str) -> Any:
-    if value not in choices:
-        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
-        raise ConfigError(
-            f"{where} is {value!r}, but must be one of {', '.join(map(str, choices))}{suggestion}"
-        )
-    return value
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Return `value` checked against `annotation`, converting YAML-ish strings and ints."""
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        options = get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1] if errors else f"{where} must not be null.")
-    if origin is Literal:
-        return _one_of(value, get_args(annotation), where)
-    if origin is list:
-        (item,) = get_args(annotation)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, not {value!r}.")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, not {value!r}.")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where} must be a whole number, not {value!r}.")
-    if annotation is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"{where} must be a number, not {value!r}.")
-        if not math.isfinite(number):  # .inf, .nan, 'inf': a run that diverges at step 2
-            raise ConfigError(f"{where} is {value!r}, but must be a finite number.")
-        return number
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. a revision that is all digits
-        raise ConfigError(f"{where} must be a string, not {value!r}.")
-    raise TypeError(f"unsupported config annotation {annotation!r}")  # a bug in this file
 
 
 class Origins:
@@ -313,10 +246,10 @@ def _build_section(cls: type, values: dict[str, Any], section: str, origins: Ori
         where = origins.of(f"{section}.{key}")
         if key not in names:
             raise ConfigError(f"{where}: unknown key '{section}.{key}'" + _nearest(key, names))
-        value = _coerce(value, hints[key], f"{where}: {section}.{key}")
+        value = coerce(value, hints[key], f"{where}: {section}.{key}")
         choices = fields[key].metadata["choices"]
         if choices is not None:
-            _one_of(value, choices(), f"{where}: {section}.{key}")
+            one_of(value, choices(), f"{where}: {section}.{key}")
         check = fields[key].metadata["check"]
         if value is not None and check is not None and not check[0](value):
             raise ConfigError(f"{where}: {section}.{key} is {value!r}, but must be {check[1]}.")

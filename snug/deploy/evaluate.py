@@ -46,9 +46,10 @@ def load_eval_data(session: Session, spec: str, limit: int | None) -> EvalData:
     data settings; plain text records ({"text"}) are scored as language modelling."""
     import datasets
 
-    from snug.data.dataset import load_raw, tokenize_source
+    from snug.data.dataset import tokenize_source
     from snug.data.formats import detect_format
     from snug.data.preference import is_pair, is_unpaired
+    from snug.data.sources import load_raw
     from snug.data.tokenize import EMPTY, FULLY_MASKED, INVALID, first_record
     from snug.deploy.session import SessionError
 
