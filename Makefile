@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml
 	# (2026-11-28, this 2-core machine: 4 s for torch from its local wheel, 5 s for the rest;
 	# pip 29 s and 50 s). It reads pip's find-links if set: the CPU wheel of torch lies on disk
 	# here; elsewhere the registry gives the build that fits the machine. pip when uv cannot be
-	# had or fails.
+	# had or fails. --compile-bytecode: uv leaves the .py files uncompiled (pip compiles them),
+	# and where PYTHONDONTWRITEBYTECODE is set (as on this machine) every process would compile
+	# torch and transformers again: 23 s to import snug's planner and a model class without the
+	# bytecode, 8 s with it (2026-11-28, this machine), for about 22 s more at install.
 	$(PY) -m pip install -q uv || true
-	if $(VENV)/bin/uv pip install -q --python $(PY) $${PIP_FIND_LINKS:+--find-links $$PIP_FIND_LINKS} \
+	if $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) $${PIP_FIND_LINKS:+--find-links $$PIP_FIND_LINKS} \
 		torch==2.13.0 -e ".[dev]"; then :; else \
 		$(PY) -m pip install -q --upgrade pip && \
 		{ $(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.6"; } && \
