@@ -348,7 +348,8 @@ def simulate(
 ) -> Simulation:
     """Peak bytes and FLOPs of `snug train` with `cfg` on a model of `config`, micro-batches of
     `cfg.train.micro_batch` x `seq_len` tokens, `targets` loss-carrying positions per
-    micro-batch (default: all). `extend`: simulate two short depths and extend linearly.
+    micro-batch (default: all). `extend`: simulate two short depths and extend linearly, for
+    a model deeper than the two together.
 
     `padded`: whether a micro-batch of several rows is padded to its longest row, and so
     carries an attention mask, with which attention keeps more for backward than its causal
@@ -368,7 +369,10 @@ def simulate(
         if getattr(cfg.method.own, "trainable_modules", None):
             extend = False  # patterns may pick any layer: no uniform growth to rely on
         depths = (top + 1, top + 2)
-    if not extend or layers <= depths[-1]:
+    # Two short replays cost about as much as one of their summed depth (each op of a layer is
+    # a dispatch through the fake mode, and the embedding, head, loss and update run in both),
+    # so a model no deeper than that is replayed whole: as fast, and exact.
+    if not extend or layers <= sum(depths):
         return _simulate_once(
             cfg, config, seq_len, device_type, precision, targets, False, layers, padded=padded
         )

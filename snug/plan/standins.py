@@ -14,13 +14,6 @@ from snug.models.load import upcast_norms
 from snug.plan.tracker import PlanTracker
 from snug.train.optim import build_optimizer, lora_plus_ratio
 
-# The CUDA caching allocator hands out blocks in multiples of 512 bytes.
-CUDA_ROUNDING = 512
-SHORT_DEPTHS = (2, 3)  # depths simulated when extending to a deep model
-# The decoder layer whose storage events stand for every added layer in the allocator replay
-# (plan/trace.py): the second, which has a layer before and after it at either short depth.
-MIDDLE_LAYER = 1
-
 
 class EightBitStandIn(torch.optim.Optimizer):
     """bitsandbytes' 8-bit optimizers read device scalars and cannot run on fake tensors; this
