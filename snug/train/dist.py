@@ -62,24 +62,6 @@ def launched() -> bool:
 SHUTDOWN_TIMEOUT_S = 1800
 
 
-def torchrun(argv: list[str]) -> int:
-    """torchrun (`python -m torch.distributed.run`) without its own report of a failed rank:
-    the rank has said why in one line, and the report would add a traceback. Returns the exit
-    status of the first rank that failed."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    try:
-        run(parse_args(argv))
-    except ChildFailedError as e:
-        _, failure = e.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
-    except SignalException as e:  # SIGTERM passed on: the ranks have saved and said so
-        return 128 + e.sigval
-    return 0
-
-
 def launch(cfg: Config, argv: list[str], flags: dict, debug: bool = False) -> int:
     """Start `snug train` again under torchrun with dist.nproc processes on this node (and the
     rendezvous flags for several nodes); returns torchrun's exit status. No shell.
@@ -88,7 +70,8 @@ def launch(cfg: Config, argv: list[str], flags: dict, debug: bool = False) -> in
     which passes each stop signal on once: the first SIGINT or SIGTERM goes to torchrun, which
     forwards it to every rank (they save after the current step and exit 75); a second Ctrl-C
     goes straight to the ranks, which abort without saving, as in one process."""
-    runner = "torch.distributed.run" if debug else "snug.train.dist"  # debug: torchrun's report too
+    # debug: torchrun's own report too
+    runner = "torch.distributed.run" if debug else "snug.train.torchrun"
     cmd = [sys.executable, "-m", runner, f"--nproc-per-node={cfg.dist.nproc}"]
     for key in LAUNCH_FLAGS:
         if flags.get(key) is not None:
@@ -306,7 +289,3 @@ def full_state(model: nn.Module, trainable_only: bool, ctx: Dist) -> dict | None
         names.setdefault(id(p), []).append(name)
     tied = {n for group in names.values() for n in group[1:]}
     return {k: v for k, v in state.items() if k not in tied}
-
-
-if __name__ == "__main__":  # `snug train` starts torchrun through this (see `launch`)
-    sys.exit(torchrun(sys.argv[1:]))
