@@ -146,7 +146,7 @@ def test_search_tries_lora_on_each_base_and_prefers_the_full_precision_one():
     from snug.plan.hardware import cpu_device
     from snug.plan.search import method_label, recommend, search
 
-    cfg, config = plan_config("lora", True), small_config()
+    cfg, config = plan_config("lora", True), small_config(layers=2)
     # micro-batch 1 only: the bases and the ranking are the point, not how far the batch grows
     found = search(cfg, config, cpu_device(2**30), 64, ("qlora", "qlora-8bit", "lora"), 1)
     bases = {c.name.split()[0]: (c.cfg.method.name, c.cfg.model.quant) for c in found}

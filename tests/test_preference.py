@@ -527,13 +527,14 @@ def test_a_dpo_result_merges_chats_and_evaluates(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_dpo_run_killed_by_sigkill_resumes_bit_identical(tmp_path):
-    """kill -9 of a dpo run while it writes its step-6 checkpoint (the step-4 one complete),
-    then `snug train` again: the final adapter is bit-identical to an uninterrupted run's and
-    every step's loss is the same (LoRA dropout on: the RNG is restored too)."""
+    """kill -9 of a dpo run while it writes its step-4 checkpoint (the step-2 one complete),
+    then `snug train` again, which resumes at step 2 and crosses into the second epoch (3 steps
+    each): the final adapter is bit-identical to an uninterrupted run's and every step's loss is
+    the same (LoRA dropout on: the RNG is restored too)."""
     import yaml
     from test_reliability import adapter, losses, snug_train, snug_train_here
 
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(24))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(12))
 
     def cfg(name: str) -> Path:
         raw = run_config(tmp_path / name, "dpo", data)
@@ -546,14 +547,14 @@ def test_a_dpo_run_killed_by_sigkill_resumes_bit_identical(tmp_path):
 
     whole = snug_train_here(cfg("whole"))
     assert whole.returncode == 0, whole.stderr
-    killed = snug_train(cfg("killed"), at=3, where="ckpt.save_file")
+    killed = snug_train(cfg("killed"), at=2, where="ckpt.save_file")
     assert killed.returncode == -9, killed.stderr[-800:]
     resumed = snug_train_here(tmp_path / "killed.yaml")
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
     ours, theirs = adapter(tmp_path / "killed/run"), adapter(tmp_path / "whole/run")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert losses(tmp_path / "killed/run") == losses(tmp_path / "whole/run")
-    assert len(losses(tmp_path / "whole/run")) == 12
+    assert len(losses(tmp_path / "whole/run")) == 6
 
 
 def test_precomputed_reference_log_probs_train_as_the_copy_does(tmp_path):

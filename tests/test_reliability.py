@@ -276,7 +276,8 @@ def test_resuming_a_changed_run_is_refused_with_the_differences(section, key, va
     else:
         summary = run_training(config_from_dict(changed), allow_config_change=True)
         assert summary["status"] == "completed" and summary["steps"] == 3
-    assert run_training(config_from_dict(changed), fresh=True)["steps"] == 3
+    if key == "r":  # --fresh starts over whatever changed: once, where resuming cannot load
+        assert run_training(config_from_dict(changed), fresh=True)["steps"] == 3
 
 
 def test_resuming_with_more_steps_is_allowed(tmp_path):

@@ -331,7 +331,7 @@ def test_every_tiny_example_trains(example, tmp_path, monkeypatch):
     out = tmp_path / "run"
     overrides = [
         "train.max_steps=2",
-        "train.eval_generate=4",
+        "train.eval_generate=1",
         "data.max_samples=32",
         f"output.dir={out}",
     ]
