@@ -1,5 +1,7 @@
 """How fast `snug train` reports a config or path error, against importing torch and
-transformers (what every error cost before snug checked them first).
+transformers (what every error cost before snug checked them first); and what a process that
+imported snug's training path spends ending: Python's own exit against snug's `exit_now`
+(snug/shutdown.py), which the `snug` command ends with.
 
 Run: python benchmarks/startup.py  (each command 3 times in a fresh process; median seconds)
 """
@@ -50,6 +52,29 @@ def main() -> None:
     ):
         t = seconds(cmd)
         print(f"snug train, {name}: {t:.2f} s ({t / baseline:.2f} x the imports)")
+    imports = "import snug.cli, snug.train.loop"
+    plain = exit_seconds(f"{imports}\nprint(time.time(), flush=True)")
+    fast = exit_seconds(
+        f"{imports}\nfrom snug.shutdown import exit_now\nprint(time.time(), flush=True)\n"
+        "exit_now(0)"
+    )
+    print(
+        f"after {imports}: ending through Python's exit {plain:.2f} s, through exit_now "
+        f"{fast:.2f} s"
+    )
+
+
+def exit_seconds(code: str, runs: int = 3) -> float:
+    """Median seconds from the moment `code` (which prints time.time() last) printed to the
+    end of its process."""
+    times = []
+    for _ in range(runs):
+        done = subprocess.run(
+            [sys.executable, "-c", f"import time\n{code}"], capture_output=True, text=True
+        )
+        ended = time.time()
+        times.append(ended - float(done.stdout.split()[-1]))
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

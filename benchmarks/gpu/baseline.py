@@ -211,4 +211,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from snug.shutdown import exit_now  # without the interpreter's teardown (1.5 s here)
+
+    exit_now(main())

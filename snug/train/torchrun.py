@@ -27,4 +27,6 @@ def torchrun(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(torchrun(sys.argv[1:]))
+    from snug.shutdown import exit_now
+
+    exit_now(torchrun(sys.argv[1:]))
