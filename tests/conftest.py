@@ -21,10 +21,12 @@ os.environ["SNUG_CALIBRATION"] = os.path.join(
 )
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+# torch and transformers are imported where used: pytest-xdist's controlling process loads this
+# file too, and runs no test (3 s of imports at the suite's start, and their teardown at its end)
 if "PYTEST_XDIST_WORKER" in os.environ:
+    import torch
+
     torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +43,8 @@ FAMILY_KWARGS = {
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(TINY_BASE)
 
 
@@ -49,6 +53,9 @@ def make_tiny_model(
 ) -> Path:
     """A randomly initialised 2-layer model of `family`, saved with the bundled tokenizer.
     Weights 10x transformers' default spread (0.2) so that small tests learn in few steps."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.for_model(
         family,
         vocab_size=len(tokenizer),
