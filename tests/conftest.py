@@ -129,20 +129,21 @@ def method_keys(name: str, /, **keys):
 # fixtures are made once) in this order as workers free up: longest first keeps the two
 # workers' loads even. Order within a file is kept.
 LONGEST_FIRST = (  # summed seconds a file took in a clean run (AVX-512 kind, 2026-11-28)
-    "test_plan.py",  # 142
-    "test_dist.py",  # 118
-    "test_train.py",  # 116
-    "test_reliability.py",  # 74
-    "test_preference.py",  # 56
-    "test_dist_signals.py",  # 55
-    "test_plan_search.py",  # 49
-    "test_gpu_kit.py",  # 45
-    "test_dist_plan.py",  # 35
-    "test_hostile.py",  # 26
-    "test_methods.py",  # 23
-    "test_data_fuzz.py",  # 16
-    "test_extending.py",  # 13
-    "test_calibrate.py",  # 12
+    "test_plan.py",  # 131
+    "test_dist.py",  # 104
+    "test_train.py",  # 82
+    "test_reliability.py",  # 61
+    "test_preference.py",  # 61
+    "test_gpu_kit.py",  # 38
+    "test_dist_signals.py",  # 34
+    "test_plan_search.py",  # 31
+    "test_dist_plan.py",  # 29
+    "test_hostile.py",  # 21
+    "test_methods.py",  # 17
+    "test_data_fuzz.py",  # 13
+    "test_calibrate.py",  # 9
+    "test_extending.py",  # 9
+    "test_generate.py",  # 6
     "test_chat.py",
 )
 
