@@ -431,3 +431,32 @@ def test_progressive_unfreezing_resumes(tmp_path):
     resumed = run_training(config_from_dict(first))
     assert resumed["status"] == "completed" and losses(out) == losses(tmp_path / "whole")
     assert resumed["train_loss_last"] == reference["train_loss_last"]
+
+
+def test_ending_without_the_interpreters_teardown_loses_nothing(tmp_path):
+    """`snug` ends through snug/shutdown.py's exit_now (os._exit after the work): what a normal
+    exit does before its teardown still happens. A thread that is not a daemon finishes its
+    write, atexit handlers run (after it, as in Python's exit), unflushed output reaches the
+    pipe, and the status is the command's."""
+    import sys
+
+    done = tmp_path / "thread-wrote"
+    code = (
+        "import atexit, sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from snug.shutdown import exit_now\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        f"    Path({str(done)!r}).write_text('yes')\n"
+        "threading.Thread(target=late).start()\n"
+        f"atexit.register(lambda: print('atexit saw', Path({str(done)!r}).exists()))\n"
+        "sys.stdout.write('unflushed ')\n"
+        "sys.stderr.write('to stderr')\n"
+        "exit_now(3)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "unflushed atexit saw True\n" and proc.stderr == "to stderr"
+    assert done.read_text() == "yes"
