@@ -27,9 +27,15 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# Every measured run is a fresh interpreter. Where PYTHONDONTWRITEBYTECODE is set (as on this
+# project's CPU machines) each one compiled the carried packages again (installed --no-compile):
+# let the first import write their bytecode where it can, and the later ones reuse it.
+bytecode="PYTHONDONTWRITEBYTECODE was '${PYTHONDONTWRITEBYTECODE:-}', unset for the kit"
+unset PYTHONDONTWRITEBYTECODE
 started=$(date +%s)
 {
   date -u
+  echo "$bytecode"
   nvidia-smi 2>&1 || echo "no nvidia-smi"
   # On a GPU each package is imported (a wheel that fails to load shows here); the dry run
   # reads the installed versions only, and leaves the imports to the steps that need them.
@@ -51,6 +57,9 @@ if not dry:
     import torch
     if torch.cuda.is_available():
         print("device", torch.cuda.get_device_name(), "cuda", torch.version.cuda)
+    import pathlib
+    cache = pathlib.Path(torch.__file__).parent / "__pycache__"
+    print("torch's bytecode:", len(list(cache.glob("*.pyc"))) if cache.is_dir() else 0, "files in", cache)
 PYEOF
 } >"$OUT/env.txt" 2>&1
 echo "env: $(( $(date +%s) - started )) s"
