@@ -1,13 +1,19 @@
-"""The step-time formula with and without the memory-traffic term, refitted to a GPU run's own
-calibration series and checked against that run's measured configurations (no GPU needed: the
-plans are replayed here, the seconds are the run's).
+"""The step-time formula in its three forms, refitted to a GPU run's own calibration series and
+checked against that run's measured configurations (no GPU needed: the plans are replayed here,
+the seconds are the run's).
 
 Reads a kit run's `-calibration.json` (the series: each step's measured seconds) and `.csv`
 (the plan-against-reality configurations: each one's measured step), replans every step to
-count its FLOPs, ops and memory traffic, then fits (a) `flops / rate + ops x cost` and (b) the
-same plus `traffic / copy bandwidth` (the bandwidth the run measured; the rate held at most the
-run's one-large-matmul rate) exactly as `snug calibrate` does, and prints |predicted/measured -
-1| over the configurations for both.
+count its FLOPs, ops, memory traffic and 4-bit matmuls, then fits (a) `flops / rate + ops x
+cost`, (b) the same plus `traffic / copy bandwidth` (the bandwidth the run measured; the rate
+held at most the run's one-large-matmul rate), as `snug calibrate` did before the overlapped
+fit, and (c) `max(flops / rate + traffic / bandwidth, ops x cost) + 4-bit matmuls x their
+cost`, as it does since on a GPU (plan/calibration.py), and prints |predicted/measured - 1|
+over the configurations.
+
+A series from before (c) has no QLoRA step, so (c)'s 4-bit cost is taken from the first
+4-bit configuration of the run's CSV, as the series' QLoRA step would give it, and that
+configuration is left out of (c)'s summary (marked `fit` in its column).
 
 Run: python benchmarks/step_time_refit.py [RESULTS_PREFIX]
      (default benchmarks/results/gpu-2026-11-28-H100)
@@ -30,7 +36,7 @@ def main() -> None:
     from reserved_check import overrides
 
     from snug.config import load_config
-    from snug.plan.calibrate import _config, fit_rates
+    from snug.plan.calibrate import _config, fit_model, fit_rates
     from snug.plan.calibration import fit_step_time
     from snug.plan.hardware import model_config
     from snug.plan.simulate import simulate
@@ -57,6 +63,7 @@ def main() -> None:
                 "flops": sim.flops_per_step,
                 "ops": sim.ops_per_step,
                 "traffic": sim.traffic_per_step,
+                "quant_calls": sim.quant_calls_per_step,
                 "seconds": r["seconds"],
             }
         )
@@ -80,6 +87,8 @@ def main() -> None:
                 "flops": sim.flops_per_step,
                 "ops": sim.ops_per_step,
                 "traffic": sim.traffic_per_step,
+                "quant_calls": sim.quant_calls_per_step,
+                "seconds": float(row["measured_step_s"]),
                 "measured": float(row["measured_step_s"]),
             }
         )
@@ -91,10 +100,19 @@ def main() -> None:
         [(s["flops"], s["ops"], s["seconds"], s["traffic"] / bandwidth) for s in series]
     )
     print(f"a free fit with traffic asks for {1 / free / 1e12:,.0f} TFLOP/s" if free > 0 else "")
+    held = next((c for c in configs if c["quant_calls"]), None)
+    if any(s["quant_calls"] for s in series) or held is None:
+        held = None  # the series has its own QLoRA step (or no configuration is 4-bit)
+    overlapped = fit_model(
+        series + ([held] if held else []), cal["matmul_flops"], cal["bandwidth_gbs"], True
+    )
     models = {
         "flops + ops": lambda c: a2 * c["flops"] + b2 * c["ops"],
         "flops + ops + traffic": lambda c: (
             a3 * c["flops"] + b3 * c["ops"] + c["traffic"] / bandwidth
+        ),
+        "max(device, host) + 4-bit": lambda c: overlapped.seconds(
+            c["flops"], c["ops"], 0, c["traffic"], c["quant_calls"]
         ),
     }
     print(
@@ -103,14 +121,23 @@ def main() -> None:
     print(
         f"two terms: {1 / a2 / 1e12:,.0f} TFLOP/s, {b2 * 1e6:.1f} us/op; with traffic: {1 / a3 / 1e12:,.0f} TFLOP/s, {b3 * 1e6:.1f} us/op"
     )
+    print(
+        f"max(device, host) + 4-bit: {overlapped.rate_flops / 1e12:,.0f} TFLOP/s, "
+        f"{overlapped.op_seconds * 1e6:.1f} us/op, {overlapped.quant_call_seconds * 1e6:.0f} us "
+        "per 4-bit matmul" + (f" (from {held['name']})" if held else "")
+    )
     print(f"| configuration | measured s | {' | '.join(models)} |")
     print("|---|---|" + "---|" * len(models))
     errors = {k: [] for k in models}
     for c in configs:
         cells = []
         for k, f in models.items():
-            errors[k].append(f(c) / c["measured"] - 1)
-            cells.append(f"{100 * errors[k][-1]:+.1f}%")
+            e = f(c) / c["measured"] - 1
+            if k.startswith("max") and c is held:
+                cells.append(f"{100 * e:+.1f}% (fit)")
+                continue
+            errors[k].append(e)
+            cells.append(f"{100 * e:+.1f}%")
         print(f"| {c['name']} | {c['measured']:.3f} | {' | '.join(cells)} |")
     for k, e in errors.items():
         size = [abs(x) for x in e]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -92,6 +93,58 @@ def test_the_step_time_is_the_longer_of_compute_and_reading_weights_plus_the_ops
     assert StepModel(None, 1e-5, None, "x").seconds(1e9, 10, 0) is None
 
 
+def test_on_a_gpu_the_hosts_dispatch_overlaps_the_devices_work_and_4bit_matmuls_add():
+    gpu = StepModel(1e12, 1e-5, None, "x", traffic_gbs=1.0, overlap=True, quant_call_seconds=1e-3)
+    # device: 2 s of FLOPs + 1 s of traffic; host: 1,000 ops at 10 us: the device's 3 s
+    assert gpu.seconds(2e12, 1000, 0, 10**9) == pytest.approx(3.0)
+    # a launch-bound step: 10**6 ops are 10 s of host work, longer than the device's 3 s
+    assert gpu.seconds(2e12, 10**6, 0, 10**9) == pytest.approx(10.0)
+    assert gpu.seconds(2e12, 1000, 0, 10**9, quant_calls=500) == pytest.approx(3.5)
+    cpu = StepModel(1e12, 1e-5, None, "x", traffic_gbs=1.0)  # the host does the work: a sum
+    assert cpu.seconds(2e12, 1000, 0, 10**9) == pytest.approx(3.01)
+
+
+def test_the_overlapped_fit_recovers_the_rate_and_the_cost_per_op():
+    from snug.plan.calibration import fit_overlapped
+
+    a, b = 1 / 4e14, 15e-6  # a card at half its best matmul rate of 8e14
+    shapes = ((6e11, 11000, 0.003), (7e12, 7000, 0.025), (3e13, 11600, 0.07), (1.2e14, 12000, 0.28))
+    rows = [(f, o, max(a * f + k, b * o), k) for f, o, k in (*shapes, (1.5e14, 26000, 0.33))]
+    fa, fb = fit_overlapped(rows, least=1 / 8e14)
+    assert fa == pytest.approx(a, rel=0.01) and fb == pytest.approx(b, rel=0.01)
+    for f, o, t, k in rows:
+        assert max(fa * f + k, fb * o) == pytest.approx(t, rel=0.01)
+    # rows a rate beyond the best matmul would fit are held at it
+    fast = [(f, o, max(f / 2e15 + k, b * o), k) for f, o, t, k in rows]
+    assert fit_overlapped(fast, least=1 / 8e14)[0] == pytest.approx(1 / 8e14)
+
+
+def test_calibration_learns_what_each_4bit_matmul_costs_from_the_qlora_step():
+    from snug.plan.calibrate import fit_model
+
+    a, b, q = 1 / 4e14, 15e-6, 300e-6
+    rows = [
+        {"flops": f, "ops": o, "traffic": t, "quant_calls": n}
+        for f, o, t, n in (
+            (6e11, 11000, 9e9, 0),
+            (7e12, 7000, 7e10, 0),
+            (3e13, 11600, 2e11, 0),
+            (1.2e14, 12000, 8e11, 0),
+            (3e13, 11000, 2.6e11, 336),
+        )
+    ]
+    for r in rows:
+        device = a * r["flops"] + r["traffic"] / 3e12
+        r["seconds"] = max(device, b * r["ops"]) + q * r["quant_calls"]
+    model = fit_model(rows, matmul=8e14, bandwidth_gbs=3000.0, overlap=True)
+    assert model.overlap and model.rate_flops == pytest.approx(4e14, rel=0.01)
+    assert model.quant_call_seconds == pytest.approx(q, rel=0.02)
+    # on a CPU the same rows are fitted as a sum and the 4-bit cost is what the sum leaves
+    assert not fit_model(rows, matmul=8e14, bandwidth_gbs=3000.0, overlap=False).overlap
+    # a series with no 4-bit step (a CPU's) learns no 4-bit cost
+    assert fit_model(rows[:4], 8e14, 3000.0, overlap=True).quant_call_seconds == 0.0
+
+
 def test_saving_keeps_every_other_device_and_reads_back(tmp_path):
     path = tmp_path / "sub" / "calibration.json"
     calibration.save(_entry("H200", precision="bf16-mixed", context_bytes=536870912), path)
@@ -134,7 +187,7 @@ def _plan_json(tmp_path, *args, cal_file=None) -> dict:
     return json.loads(out.getvalue())
 
 
-def test_the_plan_uses_a_matching_calibration_and_says_so(tmp_path, tiny_llama):
+def test_the_plan_uses_a_matching_calibration_and_says_so(tmp_path, tiny_llama, monkeypatch):
     from snug.plan.hardware import Device, device_key, find_gpu
 
     gpu = ["--model", str(tiny_llama), "--method", "lora", "--seq-len", "64"]
@@ -163,8 +216,22 @@ def test_the_plan_uses_a_matching_calibration_and_says_so(tmp_path, tiny_llama):
     assert c["peak_bytes"] == cand["peak_bytes"]  # the replay itself is not calibrated
     bandwidth = find_gpu("H200").bandwidth_gbs * 1e9
     compute = max(c["flops_per_step"] / 1e14, 3 * c["weights_bytes"] / bandwidth)
+    # an entry from before the overlapped fit: the host's and the device's parts add up
     assert c["step_seconds"] == pytest.approx(compute + c["ops_per_step"] * 30e-6)
     assert c["step_seconds"] != pytest.approx(cand["step_seconds"])
+    # one the GPU series fitted: the longer of the two, and its 4-bit cost reaches the model
+    overlapped = _entry(
+        key, precision="bf16-mixed", rate_flops=1e14, op_seconds=30e-6, overlap=True
+    )
+    calibration.save(dataclasses.replace(overlapped, quant_call_seconds=2e-4), cal_file)
+    o = _plan_json(tmp_path, *gpu, "--gpu", "H200", cal_file=cal_file)["candidates"][0]
+    assert o["quant_calls_per_step"] == 0  # no 4-bit weights in this plan
+    assert o["step_seconds"] == pytest.approx(max(compute, c["ops_per_step"] * 30e-6))
+    from snug.plan.timing import device_model
+
+    monkeypatch.setenv("SNUG_CALIBRATION", str(cal_file))
+    model = device_model(find_gpu("H200"), "bf16-mixed")
+    assert model.overlap and model.quant_call_seconds == 2e-4
     assert c["reserved_terms"]["cuda_context"]["bytes"] == 600 * 2**20
     replayed = cand["peak_bytes"] + cand["reserved_terms"]["allocator"]["bytes"]
     assert c["peak_bytes"] + c["reserved_terms"]["allocator"]["bytes"] == pytest.approx(
@@ -214,21 +281,25 @@ def test_calibrating_a_gpu_that_is_not_there_is_one_clear_error(tmp_path, capsys
 
 def test_calibrate_on_this_cpu_measures_and_keeps_an_entry(tmp_path, capsys, monkeypatch):
     """The whole command, in this process, on this machine's CPU, with three of the series'
-    configurations (the whole series runs in tests/test_gpu_kit.py's dry run of the GPU kit):
-    real steps timed, the fitted step times near the measured ones, the entry kept, progress on
+    configurations (the whole series runs in tests/test_gpu_kit.py's dry run of the GPU kit) and
+    a QLoRA one as the GPU series has (its bitsandbytes model built and loaded as on a GPU): real
+    steps timed, the fitted step times near the measured ones, the entry kept, progress on
     stderr under --json."""
     from snug.cli import main
     from snug.plan import calibrate as calibrate_module
 
     series = calibrate_module.CPU_SERIES
-    monkeypatch.setattr(calibrate_module, "CPU_SERIES", (series[0], series[2], series[4]))
+    qlora = ("Qwen/Qwen2.5-0.5B", "lora", True, 32, 1, "4bit")
+    monkeypatch.setattr(calibrate_module, "CPU_SERIES", (series[0], series[2], series[4], qlora))
     cal_file = tmp_path / "calibration.json"
     monkeypatch.setenv("SNUG_CALIBRATION", str(cal_file))
     assert main(["calibrate", "--device", "cpu", "--json"]) == 0
     out, err = capsys.readouterr()
     cal = json.loads(out)
     assert cal["device"].startswith("cpu: ") and cal["rate_flops"] > 0
-    assert len(cal["steps"]) == 3 and all(s["seconds"] > 0 for s in cal["steps"])
+    assert len(cal["steps"]) == 4 and all(s["seconds"] > 0 for s in cal["steps"])
+    assert [s["quant_calls"] > 0 for s in cal["steps"]] == [False, False, False, True]
+    assert not cal["overlap"] and cal["quant_call_seconds"] >= 0
     # each fitted time is the formula with the fitted and measured values (FLOPs over the
     # rate, traffic over the copy bandwidth, ops times the cost), and it explains every measured
     # step within a factor of 2: the steps are timed while the other test worker runs, and one
@@ -236,10 +307,11 @@ def test_calibrate_on_this_cpu_measures_and_keeps_an_entry(tmp_path, capsys, mon
     for s in cal["steps"]:
         formula = s["flops"] / cal["rate_flops"] + s["ops"] * cal["op_seconds"]
         formula += s["traffic"] / (cal["traffic_gbs"] * 1e9)
+        formula += s["quant_calls"] * cal["quant_call_seconds"]
         assert s["fitted_seconds"] == pytest.approx(formula, rel=1e-9)
     assert cal["traffic_gbs"] == cal["bandwidth_gbs"] > 0
     lo, hi = cal["step_error"]
     assert -1 / 2 < lo <= hi < 1, cal["step_error"]
     saved = json.loads(cal_file.read_text())
     assert list(saved["devices"]) == [cal["device"]]
-    assert "1 x 32" in err  # the progress lines went to stderr under --json
+    assert "1 x 32" in err and "lora, 4bit" in err  # progress went to stderr under --json

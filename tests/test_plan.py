@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from snug.config import load_config
@@ -39,6 +43,16 @@ def small_config(family: str = "llama", layers: int = 3, hidden: int = 128):
     )
 
 
+class _Counting(TorchDispatchMode):
+    def __init__(self, counter: collections.Counter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counter[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def measured_peak(
     cfg,
     config,
@@ -47,11 +61,13 @@ def measured_peak(
     dtype=torch.float32,
     precision: str = "fp32",
     padded: bool = False,
+    ops: collections.Counter | None = None,
 ) -> int:
     """Two real optimizer steps of snug's step on CPU, under the same tracker `snug train` uses,
     on `base` (default: a fresh model of `config` in `dtype`) prepared as `snug train` prepares
     it. Rows of seq_len tokens; `padded`: each micro-batch's last row a token shorter, so that
-    the batch is padded and carries an attention mask (one target fewer)."""
+    the batch is padded and carries an attention mask (one target fewer). `ops`: counts every
+    op dispatched in the two steps by name."""
     torch.manual_seed(0)
     if base is None:
         base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
@@ -61,7 +77,7 @@ def measured_peak(
     optimizer = build_optimizer(model, cfg.memory, cfg.train)
     b = cfg.train.micro_batch
     tracker = TensorMemoryTracker()
-    with tracker:
+    with tracker, _Counting(ops) if ops is not None else contextlib.nullcontext():
         tracker.track(model_tensors(model))
         for _ in range(2):
             micro = []
@@ -322,9 +338,16 @@ def test_4bit_stand_in_predicts_a_real_qlora_step_exactly(gc, tmp_path):
     from snug.models.load import load_model
 
     cfg, config = quantized_lora(tmp_path, "4bit", gc)
-    measured = measured_peak(cfg, config, 128, load_model(cfg, torch.device("cpu"), "fp32"))
+    ops = collections.Counter()
+    base = load_model(cfg, torch.device("cpu"), "fp32")
+    measured = measured_peak(cfg, config, 128, base, ops=ops)
     predicted = simulate(cfg, config, 128, "cpu", "fp32", extend=False, padded=False)
     assert predicted.peak_bytes == measured
+    # bitsandbytes' 4-bit matmuls (forward: gemm_4bit; backward: dequantize_4bit, only where
+    # the input needs a gradient) are what the step time charges each with its extra cost
+    calls = ops["bitsandbytes.gemm_4bit"] + ops["bitsandbytes.dequantize_4bit"]
+    assert calls > 0
+    assert predicted.quant_calls_per_step == calls // 2  # two optimizer steps measured
     # the packed 4-bit weights: half a byte per weight of every linear but the head
     assert (
         predicted.weights_bytes

@@ -168,10 +168,23 @@ def load_model(
     """The base model on `device`, frozen weights in the resolved storage dtype, as the stage
     loads it: a causal LM, or (train.stage=cls) a sequence classifier with a new head over
     `labels`."""
+    check_model_dir(cfg.model.name_or_path)
+    warn_remote_code(cfg.model, "model")
+    return load_weights(cfg, device, precision, labels, pad_token_id)
+
+
+def load_weights(
+    cfg: Config,
+    device: torch.device,
+    precision: str,
+    labels: list[str] | None = None,
+    pad_token_id: int | None = None,
+) -> torch.nn.Module:
+    """`load_model` without its checks of the directory (a tokenizer beside the weights, the
+    remote-code warning): for weights snug itself has just saved, as `snug calibrate` saves its
+    random-weight bases."""
     mcfg = cfg.model
     dtype = resolve_dtype(cfg, device, precision)
-    check_model_dir(mcfg.name_or_path)
-    warn_remote_code(mcfg, "model")
     compute = compute_dtype(precision)
     quant = _quant_config(mcfg, compute, quant_storage(cfg, compute))
     stage = get_stage(cfg.train.stage)

@@ -8,11 +8,15 @@ which also counts the step's FLOPs and ops), then the same step (snug's own: the
 loss, the optimizer, `train_step`) runs for real: a warm-up step, then timed steps.
 
 Measured:
-- step time: `seconds = flops / rate + traffic / bandwidth + ops x op_seconds`, the bandwidth
-  measured (a large copy), `rate` and `op_seconds` fitted to the timed steps (relative least
-  squares over the series; the rate at most one large matmul's), so `rate` is the FLOP rate
-  whole steps achieve and `op_seconds` what each dispatched op costs beyond its arithmetic and
-  its memory traffic; printed with each configuration's fitted-vs-measured error;
+- step time: on a CPU `seconds = flops / rate + traffic / bandwidth + ops x op_seconds`, on a
+  GPU `max(flops / rate + traffic / bandwidth, ops x op_seconds) + quant_calls x
+  quant_call_seconds` (the host queues kernels while the device works; plan/calibration.py),
+  the bandwidth measured (a large copy), `rate` and `op_seconds` fitted to the timed steps
+  without 4-bit weights (relative least squares over the series; the rate at most one large
+  matmul's), so `rate` is the FLOP rate whole steps achieve and `op_seconds` what each
+  dispatched op costs beyond its arithmetic and its memory traffic; `quant_call_seconds` what
+  is left of the QLoRA step's seconds per 4-bit matmul; printed with each configuration's
+  fitted-vs-measured error;
 - on CUDA, the context (`torch.cuda.mem_get_info` before and after initialisation, less what
   other processes held, read with nvidia-smi), `max_memory_reserved` against the plan's
   replayed reserve (their ratio, its median and spread), and `max_memory_allocated` against the
@@ -25,10 +29,13 @@ The result goes to the calibration file (plan/calibration.py), one entry per dev
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
+import importlib.util
 import statistics
 import subprocess
+import tempfile
 import time
 
 import torch
@@ -37,28 +44,30 @@ from transformers import AutoModelForCausalLM
 from snug.config import load_config
 from snug.data.collate import _targets
 from snug.models.load import resolve_dtype
-from snug.plan.calibration import Calibration, fit_step_time
+from snug.plan.calibration import Calibration, StepModel, fit_overlapped, fit_step_time
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
 from snug.plan.simulate import PlanError, simulate, with_depth
 from snug.train.optim import build_optimizer, lora_plus_ratio
 from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
 
-# (catalog model, method, gradient checkpointing, tokens, micro-batch): steps from launch-bound
-# (a small model, short rows) to compute-bound, so the fit can tell the two costs apart.
+# (catalog model, method, gradient checkpointing, tokens, micro-batch, quantization): steps from
+# launch-bound (a small model, short rows) to compute-bound, so the fit can tell the two costs
+# apart, and on a GPU one QLoRA step, whose bitsandbytes matmuls cost more than their ops.
 GPU_SERIES = (
-    ("Qwen/Qwen2.5-0.5B", "lora", False, 256, 1),
-    ("Qwen/Qwen2.5-0.5B", "full", False, 1024, 2),
-    ("meta-llama/Llama-3.2-1B", "lora", True, 2048, 2),
-    ("meta-llama/Llama-3.2-1B", "lora", True, 4096, 4),
-    ("Qwen/Qwen2.5-3B", "lora", True, 4096, 2),
+    ("Qwen/Qwen2.5-0.5B", "lora", False, 256, 1, "none"),
+    ("Qwen/Qwen2.5-0.5B", "full", False, 1024, 2, "none"),
+    ("meta-llama/Llama-3.2-1B", "lora", True, 2048, 2, "none"),
+    ("meta-llama/Llama-3.2-1B", "lora", True, 4096, 4, "none"),
+    ("Qwen/Qwen2.5-3B", "lora", True, 4096, 2, "none"),
+    ("meta-llama/Llama-3.2-1B", "lora", True, 2048, 2, "4bit"),
 )
 CPU_SERIES = (
-    ("Qwen/Qwen2.5-0.5B", "lora", False, 32, 1),
-    ("Qwen/Qwen2.5-0.5B", "lora", True, 256, 2),
-    ("Qwen/Qwen2.5-0.5B", "full", False, 128, 2),
-    ("meta-llama/Llama-3.2-1B", "lora", False, 384, 2),
-    ("meta-llama/Llama-3.2-1B", "lora", True, 64, 1),
+    ("Qwen/Qwen2.5-0.5B", "lora", False, 32, 1, "none"),
+    ("Qwen/Qwen2.5-0.5B", "lora", True, 256, 2, "none"),
+    ("Qwen/Qwen2.5-0.5B", "full", False, 128, 2, "none"),
+    ("meta-llama/Llama-3.2-1B", "lora", False, 384, 2, "none"),
+    ("meta-llama/Llama-3.2-1B", "lora", True, 64, 1, "none"),
 )
 # The CPU series' models: the catalog architecture at a width and depth this CPU runs in seconds.
 CPU_SHRINK = {
@@ -150,11 +159,14 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * 5 * src.numel() / (time.perf_counter() - started) / 1e9
 
 
-def _config(model: str, method: str, gc: bool, tokens: int, mb: int, precision: str):
+def _config(
+    model: str, method: str, gc: bool, tokens: int, mb: int, precision: str, quant: str = "none"
+):
     return load_config(
         None,
         [
             f"model.name_or_path={model}",
+            f"model.quant={quant}",
             f"method.name={method}",
             f"memory.grad_checkpointing={str(gc).lower()}",
             f"train.precision={precision}",
@@ -166,16 +178,39 @@ def _config(model: str, method: str, gc: bool, tokens: int, mb: int, precision: 
     )
 
 
+def _build(config, cfg, where: torch.device, precision: str):
+    """A random-weight model of `config` on the device; a quantized base as `snug train` loads
+    one: written to a temporary folder in the compute dtype and loaded back through snug's
+    loader, bitsandbytes quantizing it (the peak and reserve counted from that load on)."""
+    with where:
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_dtype(cfg, where, precision), attn_implementation="sdpa"
+        )
+    if cfg.model.quant == "none":
+        return model
+    from snug.models.load import load_weights
+
+    with tempfile.TemporaryDirectory(prefix="snug-calibrate-") as tmp:
+        model.save_pretrained(tmp)
+        del model
+        if where.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model_cfg = dataclasses.replace(cfg.model, name_or_path=tmp)
+        return load_weights(dataclasses.replace(cfg, model=model_cfg), where, precision)
+
+
 def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
     """Plan one configuration of the series, then run it for real and time it; None when the
     plan says it would not fit the device (a small card runs the part of the series it holds)."""
-    name, method, gc_on, tokens, mb = spec
+    name, method, gc_on, tokens, mb, quant = spec
     config = model_config(name)
     if device.type == "cpu":
         config = with_depth(config, CPU_SHRINK["num_hidden_layers"])
         for key, value in CPU_SHRINK.items():
             setattr(config, key, value)
-    cfg = _config(name, method, gc_on, tokens, mb, precision)
+    cfg = _config(name, method, gc_on, tokens, mb, precision, quant)
     sim = simulate(cfg, config, tokens, device.type, precision, padded=False)  # whole rows
     if device.type == "cuda" and device.memory_bytes:
         free, _ = torch.cuda.mem_get_info()
@@ -187,10 +222,7 @@ def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    with where:
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=resolve_dtype(cfg, where, precision), attn_implementation="sdpa"
-        )
+    model = _build(config, cfg, where, precision)
     model.config.use_cache = False
     model = prepare_for_training(model, cfg, precision)
     opts = step_options(cfg, where, precision)
@@ -221,6 +253,8 @@ def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
         "flops": sim.flops_per_step,
         "ops": sim.ops_per_step,
         "traffic": sim.traffic_per_step,
+        "quant": quant,
+        "quant_calls": sim.quant_calls_per_step,
         "seconds": statistics.median(times),
         "seconds_spread": [min(times), max(times)],
     }
@@ -256,6 +290,43 @@ def fit_rates(rows: list[dict], matmul: float, bandwidth_gbs: float) -> tuple[fl
     return a, b
 
 
+def quant_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("quant_calls")]
+
+
+def fit_model(rows: list[dict], matmul: float, bandwidth_gbs: float, overlap: bool) -> StepModel:
+    """The step-time model fitted to measured rows (dicts with flops, ops, traffic, seconds and
+    quant_calls): the rate and the per-op cost from the rows without 4-bit matmuls, on a GPU
+    with the host's dispatch overlapping the device's work (`max`, plan/calibration.py), on a
+    CPU added to it (`fit_rates`); then what each 4-bit matmul costs beyond that, the median
+    over the 4-bit rows of what is left of their measured seconds per matmul (zero when none)."""
+    plain = [r for r in rows if not r.get("quant_calls")]
+    if overlap:
+        moved = [r["traffic"] / (bandwidth_gbs * 1e9) for r in plain]
+        a, b = fit_overlapped(
+            [(r["flops"], r["ops"], r["seconds"], k) for r, k in zip(plain, moved, strict=True)],
+            1 / matmul,
+        )
+    else:
+        a, b = fit_rates(plain, matmul, bandwidth_gbs)
+    model = StepModel(
+        rate_flops=1 / a if a > 0 else 0.0,
+        op_seconds=b,
+        bandwidth_gbs=None,  # the fit has no weight-reading term; the plan's model adds it
+        source="fitted",
+        traffic_gbs=bandwidth_gbs,
+        overlap=overlap,
+    )
+    left = [
+        max(0.0, r["seconds"] - model.seconds(r["flops"], r["ops"], 0, r["traffic"]))
+        / r["quant_calls"]
+        for r in quant_rows(rows)
+    ]
+    if left:
+        model = dataclasses.replace(model, quant_call_seconds=statistics.median(left))
+    return model
+
+
 def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     """Run the series on `kind` ("cuda" or "cpu") and return what it measured (unsaved)."""
     if kind == "cuda" and not torch.cuda.is_available():
@@ -269,22 +340,31 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     series = GPU_SERIES if kind == "cuda" else CPU_SERIES
     rows = []
     for i, spec in enumerate(series):
+        quant = "" if spec[5] == "none" else f", {spec[5]}"
         if progress:
-            progress(f"[{i + 1}/{len(series)}] {spec[0]} {spec[1]}, {spec[4]} x {spec[3]} tokens")
-        row = measure_one(spec, device, precision)
-        if row is None and progress:
-            progress("  skipped: the plan says it would not fit this device")
+            progress(
+                f"[{i + 1}/{len(series)}] {spec[0]} {spec[1]}{quant}, {spec[4]} x {spec[3]} tokens"
+            )
+        if quant and importlib.util.find_spec("bitsandbytes") is None:
+            row = None
+            if progress:
+                progress("  skipped: a 4-bit step needs bitsandbytes (pip install bitsandbytes)")
+        else:
+            row = measure_one(spec, device, precision)
+            if row is None and progress:
+                progress("  skipped: the plan says it would not fit this device")
         rows += [row] if row else []
-    if len(rows) < 3:
+    plain = [r for r in rows if not r["quant_calls"]]
+    if len(plain) < 3:
         raise PlanError(
-            f"snug calibrate: only {len(rows)} of the series' configurations fit {device.name}; "
+            f"snug calibrate: only {len(plain)} of the series' configurations fit {device.name}; "
             "three are needed to fit the step time."
         )
     matmul = matmul_rate(where)
     bandwidth = copy_bandwidth(where)
-    a, b = fit_rates(rows, matmul, bandwidth)
+    model = fit_model(rows, matmul, bandwidth, overlap=kind == "cuda")
     for r in rows:
-        r["fitted_seconds"] = a * r["flops"] + b * r["ops"] + r["traffic"] / (bandwidth * 1e9)
+        r["fitted_seconds"] = model.seconds(r["flops"], r["ops"], 0, r["traffic"], r["quant_calls"])
     errors = [r["fitted_seconds"] / r["seconds"] - 1 for r in rows]
     reserved_ratio = reserved_error = None
     if kind == "cuda":
@@ -297,13 +377,15 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
         device=device_key(device),  # the key plan/timing.py:device_model looks up
         date=datetime.date.today().isoformat(),
         precision=precision,
-        rate_flops=1 / a if a > 0 else 0.0,
-        op_seconds=b,
+        rate_flops=model.rate_flops,
+        op_seconds=model.op_seconds,
         step_error=(min(errors), max(errors)),
         matmul_flops=matmul,
         bandwidth_gbs=bandwidth,
         traffic_gbs=bandwidth,
         context_bytes=context,
+        overlap=model.overlap,
+        quant_call_seconds=model.quant_call_seconds if quant_rows(rows) else None,
         reserved_ratio=reserved_ratio,
         reserved_error=reserved_error,
         steps=tuple(rows),

@@ -7,18 +7,23 @@ device (a GPU by its name in snug's table, the CPU by its model and thread count
 others; the file is written whole to a temporary file and renamed, so an interrupted write never
 leaves half a file. A file that is not valid is an error that names it, never overwritten.
 
-Step time (per optimizer step, per rank): `max(flops / rate, 3 x weights / bandwidth) +
-traffic / traffic_bandwidth + ops x op_seconds`: the compute at an achieved FLOP rate or reading
-the weights three times (forward, backward, recomputation), whichever is longer; the bytes that
-ops without FLOPs read and write (norms, activations, softmax, dequantisation, DoRA's weight
-norm, the optimizer's update: the replay counts them) at the device's measured copy bandwidth;
-and a fixed cost for every op the step dispatches (a kernel launch and the Python and
-dispatcher work around it, which dominate small steps). Calibration measures the bandwidth and
-fits `rate` and `op_seconds` to real steps (the rate at most the device's one-large-matmul
-rate: a whole step cannot beat its best case); without it the rate is the card's table rate
-times a typical efficiency, op_seconds a typical value (below, with where they come from) and
-the traffic term is left out (the typical values were fitted without it), as it is for a
-calibration entry written before the term existed. Pure Python, no torch.
+Step time (per optimizer step, per rank), from two parts. The device's: `max(flops / rate, 3 x
+weights / bandwidth) + traffic / traffic_bandwidth`, the compute at an achieved FLOP rate or
+reading the weights three times (forward, backward, recomputation), whichever is longer, plus
+the bytes that ops without FLOPs read and write (norms, activations, softmax, dequantisation,
+DoRA's weight norm, the optimizer's update: the replay counts them) at the device's measured
+copy bandwidth. The host's: `ops x op_seconds`, a fixed cost for every op the step dispatches (a
+kernel launch and the Python and dispatcher work around it, which dominate small steps). On a
+CPU the two add up (the host does the work). On a GPU the host queues kernels while the device
+runs earlier ones, so a calibrated GPU takes the longer of the two (`overlap`); then each
+matmul with a 4-bit weight adds `quant_call_seconds` (bitsandbytes dequantises it in several
+ops with Python around them, where the replay's stand-in is one op). Calibration measures the
+bandwidth and fits `rate` and `op_seconds` to real steps (the rate at most the device's
+one-large-matmul rate: a whole step cannot beat its best case) and the 4-bit cost to its QLoRA
+step; without it the rate is the card's table rate times a typical efficiency, op_seconds a
+typical value (below, with where they come from), the two parts add up, and the traffic and
+4-bit terms are left out (the typical values were fitted without them), as they are for a
+calibration entry written before those terms existed. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -65,6 +70,12 @@ class Calibration:
     # the traffic term, before it existed)
     traffic_gbs: float | None = None
     context_bytes: int | None = None  # CUDA context: device memory used by initialisation
+    # True: the host's dispatch and the device's work overlap (CUDA; module docstring). False:
+    # they add up, as on a CPU and in an entry written before the overlapped fit existed
+    overlap: bool = False
+    # seconds each matmul with a 4-bit weight costs beyond its FLOPs and ops (None: the series
+    # had no 4-bit step, as on a CPU)
+    quant_call_seconds: float | None = None
     reserved_ratio: float | None = None  # measured max_memory_reserved / planned, median
     reserved_error: tuple[float, float] | None = None  # min, max of planned/measured - 1
     steps: tuple[dict, ...] = ()  # each configuration of the series, as measured
@@ -157,19 +168,29 @@ class StepModel:
     context_bytes: int | None = None  # CUDA context, measured
     reserved_ratio: float | None = None  # measured / replayed max_memory_reserved
     traffic_gbs: float | None = None  # None: no traffic term (typical values)
+    overlap: bool = False  # the host's dispatch runs while the device works (CUDA, calibrated)
+    quant_call_seconds: float = 0.0  # per matmul with a 4-bit weight
 
-    def seconds(self, flops: int, ops: int, weights_bytes: int, traffic: int = 0) -> float | None:
+    def seconds(
+        self, flops: int, ops: int, weights_bytes: int, traffic: int = 0, quant_calls: int = 0
+    ) -> float | None:
         if not self.rate_flops:
             return None
         compute = flops / self.rate_flops
         memory = 3 * weights_bytes / (self.bandwidth_gbs * 1e9) if self.bandwidth_gbs else 0.0
         moved = traffic / (self.traffic_gbs * 1e9) if self.traffic_gbs else 0.0
-        return max(compute, memory) + moved + ops * self.op_seconds
+        device, host = max(compute, memory) + moved, ops * self.op_seconds
+        both = max(device, host) if self.overlap else device + host
+        return both + quant_calls * self.quant_call_seconds
 
     def of(self, sim) -> float | None:
         """The step seconds of a replay (plan/simulate.py's Simulation)."""
         return self.seconds(
-            sim.flops_per_step, sim.ops_per_step, sim.weights_bytes, sim.traffic_per_step
+            sim.flops_per_step,
+            sim.ops_per_step,
+            sim.weights_bytes,
+            sim.traffic_per_step,
+            sim.quant_calls_per_step,
         )
 
 
@@ -201,3 +222,31 @@ def fit_step_time(rows: list[tuple[float, ...]]) -> tuple[float, float]:
         return sum(((ab[0] * f + ab[1] * o + k) / t - 1) ** 2 for f, o, t, k in rows)
 
     return min((x for x in (only_flops, only_ops) if x), key=error)
+
+
+def fit_overlapped(
+    rows: list[tuple[float, float, float, float]], least: float
+) -> tuple[float, float]:
+    """(seconds per FLOP, seconds per op) that best fit measured (flops, ops, seconds, known)
+    rows to `max(a x flops + known, b x ops)` (the device's work and the host's dispatch
+    overlapping), in relative error, with `a` at least `least` (the device's best case) and at
+    most 64 times it, `b` at least zero. The maximum has no closed-form least squares, so it is
+    a scan of both, then a finer scan around the best (five or so rows: a fraction of a
+    second; a library optimiser would add a dependency and still need a start this good)."""
+    if not rows:
+        raise ValueError("no measured steps to fit")
+
+    def error(a: float, b: float) -> float:
+        return sum((max(a * f + k, b * o) / t - 1) ** 2 for f, o, t, k in rows)
+
+    top = max((t / o for f, o, t, k in rows if o), default=0.0)
+    a_grid = [least * 2 ** (i / 8) for i in range(49)]
+    b_grid = [top * i / 400 for i in range(401)]
+    best = min((error(a, b), a, b) for a in a_grid for b in b_grid)
+    _, a0, b0 = best
+    finer = min(
+        (error(a, b), a, b)
+        for a in (max(least, a0 * 2 ** (i / 128)) for i in range(-16, 17))
+        for b in (max(0.0, b0 + top * i / 16000) for i in range(-40, 41))
+    )
+    return finer[1], finer[2]

@@ -370,7 +370,7 @@ def cmd_calibrate(args) -> int:
     for r in cal.steps:
         cells = [
             r["model"],
-            r["method"],
+            r["method"] + ("" if r.get("quant", "none") == "none" else f" {r['quant']}"),
             "on" if r["checkpointing"] else "off",
             f"{r['micro_batch']} x {r['tokens']}",
             f"{r['flops'] / 1e9:,.1f}",
@@ -387,11 +387,17 @@ def cmd_calibrate(args) -> int:
         table.add_row(*cells)
     console.print(table)
     lo, hi = cal.step_error
+    how = "the longer of the device's work and" if cal.overlap else "plus"
+    quant = (
+        f"; each 4-bit matmul {cal.quant_call_seconds * 1e6:.0f} us more"
+        if cal.quant_call_seconds is not None
+        else ""
+    )
     console.print(
         f"step time: {cal.rate_flops / 1e12:.3g} TFLOP/s achieved by whole steps "
-        f"(one large matmul: {cal.matmul_flops / 1e12:.3g} TFLOP/s) and "
-        f"{cal.op_seconds * 1e6:.1f} us per op, memory traffic at the copy bandwidth "
-        f"{cal.bandwidth_gbs:,.1f} GB/s; fitted within {100 * lo:+.1f}% to "
+        f"(one large matmul: {cal.matmul_flops / 1e12:.3g} TFLOP/s), memory traffic at the "
+        f"copy bandwidth {cal.bandwidth_gbs:,.1f} GB/s, {how} "
+        f"{cal.op_seconds * 1e6:.1f} us per op{quant}; fitted within {100 * lo:+.1f}% to "
         f"{100 * hi:+.1f}% of the measured steps"
     )
     if kind == "cuda":

@@ -131,6 +131,7 @@ class Candidate:
             "flops_per_step": s.flops_per_step if s else None,
             "ops_per_step": s.ops_per_step if s else None,
             "traffic_per_step": s.traffic_per_step if s else None,
+            "quant_calls_per_step": s.quant_calls_per_step if s else None,
             "step_seconds": self.step_seconds,
             "tokens_per_second": self.tokens_per_second,
             "calibration": self.calibration,

@@ -81,6 +81,8 @@ class Simulation:
     # bytes read and written in one optimizer step by ops without FLOPs (elementwise, norms,
     # softmax, copies, the optimizer's update): the step's memory-bound work
     traffic_per_step: int = 0
+    # matmuls with a 4-bit weight in one optimizer step (tracker.py: quant_calls)
+    quant_calls_per_step: int = 0
 
 
 class PhaseTracker(PlanTracker):
@@ -300,6 +302,7 @@ def _simulate_once(
         flops_per_step=tracker.flops * cfg.train.grad_accum // accum,
         ops_per_step=tracker.ops * cfg.train.grad_accum // accum,
         traffic_per_step=tracker.traffic * cfg.train.grad_accum // accum,
+        quant_calls_per_step=tracker.quant_calls * cfg.train.grad_accum // accum,
         optimizer_bytes=optimizer_bytes,
         trainable_params=trainable,
         total_params=total,
@@ -407,6 +410,7 @@ def simulate(
         flops_per_step=grow(a.flops_per_step, b.flops_per_step),
         ops_per_step=grow(a.ops_per_step, b.ops_per_step),
         traffic_per_step=grow(a.traffic_per_step, b.traffic_per_step),
+        quant_calls_per_step=grow(a.quant_calls_per_step, b.quant_calls_per_step),
         optimizer_bytes=grow(a.optimizer_bytes, b.optimizer_bytes),
         trainable_params=grow(a.trainable_params, b.trainable_params),
         total_params=grow(a.total_params, b.total_params),

@@ -67,6 +67,7 @@ class _FourBitMatmul(torch.autograd.Function):
         if layer.tracker is not None and layer.tracker.counting:
             rows = x.numel() // layer.in_features
             layer.tracker.flops += 2 * rows * layer.in_features * layer.out_features
+            layer.tracker.quant_calls += 1
         return x.new_empty((*x.shape[:-1], layer.out_features))
 
     @staticmethod
@@ -74,6 +75,8 @@ class _FourBitMatmul(torch.autograd.Function):
         layer = ctx.layer
         if not ctx.needs_input_grad[0]:
             return None, None, None
+        if layer.tracker is not None and layer.tracker.counting:
+            layer.tracker.quant_calls += 1
         shape = (layer.out_features, layer.in_features)
         weight = torch.empty(shape, dtype=layer.quant_dtype).to(grad.dtype)
         return torch.matmul(grad, weight), None, None

@@ -46,6 +46,8 @@ def device_model(device: Device, precision: str, calibrated: bool = True) -> Ste
             context_bytes=cal.context_bytes,
             reserved_ratio=cal.reserved_ratio,
             traffic_gbs=cal.traffic_gbs,
+            overlap=cal.overlap,
+            quant_call_seconds=cal.quant_call_seconds or 0.0,
         )
     if device.type == "cpu":
         return StepModel(_cpu_rate(), calibration.CPU_OP_SECONDS, None, TYPICAL)

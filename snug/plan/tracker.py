@@ -113,6 +113,9 @@ class PlanTracker(TensorMemoryTracker):
         self.flops = 0
         self.ops = 0
         self.traffic = 0  # bytes read and written by ops without FLOPs (memory-bound work)
+        # matmuls with a 4-bit weight (forward, recomputation, backward): the stand-in is one
+        # op where bitsandbytes runs several, each with Python work around it (plan/standins.py)
+        self.quant_calls = 0
         self._op: str | None = None  # None: outside dispatch (the model's own tensors)
         self._meta: dict[int, list] = {}  # [bytes, shape, dtype, op, module, category]
         self._at_peak: list[list] = []
