@@ -436,27 +436,35 @@ def test_progressive_unfreezing_resumes(tmp_path):
 def test_ending_without_the_interpreters_teardown_loses_nothing(tmp_path):
     """`snug` ends through snug/shutdown.py's exit_now (os._exit after the work): what a normal
     exit does before its teardown still happens. A thread that is not a daemon finishes its
-    write, atexit handlers run (after it, as in Python's exit), unflushed output reaches the
-    pipe, and the status is the command's."""
+    write, a thread pool left running finishes its job and lets its idle worker go, atexit
+    handlers run (after them, as in Python's exit), output still in Python's buffers and in the
+    C library's (as NCCL writes) reaches the pipe, and the status is the command's. Run without
+    PYTHONUNBUFFERED, which would flush each write on its own."""
     import sys
 
-    done = tmp_path / "thread-wrote"
+    done, pooled = tmp_path / "thread-wrote", tmp_path / "pool-wrote"
     code = (
-        "import atexit, sys, threading, time\n"
+        "import atexit, ctypes, sys, threading, time\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
         "from pathlib import Path\n"
         "from snug.shutdown import exit_now\n"
-        "def late():\n"
+        "def late(path):\n"
         "    time.sleep(0.3)\n"
-        f"    Path({str(done)!r}).write_text('yes')\n"
-        "threading.Thread(target=late).start()\n"
+        "    Path(path).write_text('yes')\n"
+        f"threading.Thread(target=late, args=({str(done)!r},)).start()\n"
+        f"ThreadPoolExecutor(1).submit(late, {str(pooled)!r})  # never shut down\n"
         f"atexit.register(lambda: print('atexit saw', Path({str(done)!r}).exists()))\n"
         "sys.stdout.write('unflushed ')\n"
         "sys.stderr.write('to stderr')\n"
+        "ctypes.CDLL(None).printf(b'from C ')\n"
         "exit_now(3)\n"
     )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env
     )
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "unflushed atexit saw True\n" and proc.stderr == "to stderr"
-    assert done.read_text() == "yes"
+    # Python's buffer is flushed first, then the C library's
+    assert proc.stdout == "unflushed atexit saw True\nfrom C "
+    assert proc.stderr == "to stderr"
+    assert done.read_text() == "yes" and pooled.read_text() == "yes"
