@@ -15,12 +15,18 @@ A series from before (c) has no QLoRA step, so (c)'s 4-bit cost is taken from th
 4-bit configuration of the run's CSV, as the series' QLoRA step would give it, and that
 configuration is left out of (c)'s summary (marked `fit` in its column).
 
-Run: python benchmarks/step_time_refit.py [RESULTS_PREFIX]
-     (default benchmarks/results/gpu-2026-11-28-H100)
+The replay is of the step the run measured: snug's chunks of logits were 1,024 positions
+whatever the vocabulary until 2026-11-28 (now at most 128 MiB of fp32 logits: 192 positions
+for Qwen2.5's vocabulary, more ops and less traffic), so the replay keeps 1,024 unless
+`--chunk-positions 0` asks for the current code's chunks (for a run made since).
+
+Run: python benchmarks/step_time_refit.py [RESULTS_PREFIX] [--chunk-positions N]
+     (default benchmarks/results/gpu-2026-11-28-H100, 1,024)
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import statistics
@@ -33,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
-    from reserved_check import overrides
+    from reserved_check import as_measured, chunk_option, overrides
 
     from snug.config import load_config
     from snug.plan.calibrate import _config, fit_model, fit_rates
@@ -41,9 +47,14 @@ def main() -> None:
     from snug.plan.hardware import model_config
     from snug.plan.simulate import simulate
 
-    prefix = (
-        Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "benchmarks/results/gpu-2026-11-28-H100"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "prefix", nargs="?", type=Path, default=ROOT / "benchmarks/results/gpu-2026-11-28-H100"
     )
+    chunk_option(parser)
+    args = parser.parse_args()
+    prefix = args.prefix
+    as_measured(args.chunk_positions)  # the chunks the measured run's snug used
     cal = next(iter(json.loads(Path(f"{prefix}-calibration.json").read_text())["devices"].values()))
     series = []
     for r in cal["steps"]:
@@ -54,6 +65,7 @@ def main() -> None:
             r["tokens"],
             r["micro_batch"],
             cal["precision"],
+            r.get("quant", "none"),
         )
         sim = simulate(  # calibrate's whole rows
             cfg, model_config(r["model"]), r["tokens"], "cuda", cal["precision"], padded=False
@@ -94,10 +106,11 @@ def main() -> None:
         )
 
     bandwidth = cal["bandwidth_gbs"] * 1e9
-    a2, b2 = fit_step_time([(s["flops"], s["ops"], s["seconds"]) for s in series])
-    a3, b3 = fit_rates(series, cal["matmul_flops"], cal["bandwidth_gbs"])
+    plain = [s for s in series if not s["quant_calls"]]  # (a) and (b) knew no 4-bit cost
+    a2, b2 = fit_step_time([(s["flops"], s["ops"], s["seconds"]) for s in plain])
+    a3, b3 = fit_rates(plain, cal["matmul_flops"], cal["bandwidth_gbs"])
     free, _ = fit_step_time(
-        [(s["flops"], s["ops"], s["seconds"], s["traffic"] / bandwidth) for s in series]
+        [(s["flops"], s["ops"], s["seconds"], s["traffic"] / bandwidth) for s in plain]
     )
     print(f"a free fit with traffic asks for {1 / free / 1e12:,.0f} TFLOP/s" if free > 0 else "")
     held = next((c for c in configs if c["quant_calls"]), None)
@@ -128,22 +141,21 @@ def main() -> None:
     )
     print(f"| configuration | measured s | {' | '.join(models)} |")
     print("|---|---|" + "---|" * len(models))
-    errors = {k: [] for k in models}
+    errors = {k: [] for k in models}  # every form over the same configurations: held left out
     for c in configs:
         cells = []
         for k, f in models.items():
             e = f(c) / c["measured"] - 1
-            if k.startswith("max") and c is held:
-                cells.append(f"{100 * e:+.1f}% (fit)")
-                continue
-            errors[k].append(e)
-            cells.append(f"{100 * e:+.1f}%")
+            cells.append(f"{100 * e:+.1f}%" + (" (fit)" if c is held else ""))
+            if c is not held:
+                errors[k].append(e)
         print(f"| {c['name']} | {c['measured']:.3f} | {' | '.join(cells)} |")
     for k, e in errors.items():
         size = [abs(x) for x in e]
         over = sum(x > 0.25 for x in size)
         print(
             f"{k}: median {100 * statistics.median(size):.1f}%, worst {100 * max(size):.1f}%, {over} of {len(size)} beyond 25%"
+            + (" (the row marked fit left out)" if held else "")
         )
 
 

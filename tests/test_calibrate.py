@@ -119,6 +119,43 @@ def test_the_overlapped_fit_recovers_the_rate_and_the_cost_per_op():
     assert fit_overlapped(fast, least=1 / 8e14)[0] == pytest.approx(1 / 8e14)
 
 
+def test_when_every_step_is_on_one_side_of_the_maximum_the_sum_is_fitted():
+    from snug.plan.calibrate import fit_model
+
+    # every step launch-bound: the maximum would leave the FLOP rate anything (the fit's edge,
+    # the best matmul's); the sum takes both costs from every row
+    rows = [
+        {"flops": f, "ops": o, "traffic": 0, "quant_calls": 0, "seconds": o * 20e-6 + f / 2e14}
+        for f, o in ((1e11, 10000), (4e11, 12000), (2e11, 30000), (8e11, 20000))
+    ]
+    model = fit_model(rows, matmul=8e14, bandwidth_gbs=3000.0, overlap=True)
+    assert not model.overlap
+    assert model.rate_flops == pytest.approx(2e14, rel=1e-6)
+    assert model.op_seconds == pytest.approx(20e-6, rel=1e-6)
+
+
+def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
+    from snug.plan import calibrate as calibrate_module
+
+    made = iter(
+        {"flops": f, "ops": o, "traffic": 0, "quant_calls": 0, "seconds": s}
+        for f, o, s in ((1e9, 1000, 0.03), (4e10, 3000, 0.5), (2e10, 9000, 0.4))
+    )
+
+    def measure_one(spec, device, precision):
+        if spec[5] != "none":
+            raise RuntimeError("bitsandbytes: no kernel for this device\nand more")
+        return next(made)
+
+    series = calibrate_module.CPU_SERIES[:3] + (("Qwen/Qwen2.5-0.5B", "lora", 1, 32, 1, "4bit"),)
+    monkeypatch.setattr(calibrate_module, "CPU_SERIES", series)
+    monkeypatch.setattr(calibrate_module, "measure_one", measure_one)
+    lines = []
+    cal = calibrate_module.calibrate("cpu", progress=lines.append)
+    assert len(cal.steps) == 3 and cal.quant_call_seconds is None
+    assert "  skipped: the 4-bit step failed (bitsandbytes: no kernel for this device)" in lines
+
+
 def test_calibration_learns_what_each_4bit_matmul_costs_from_the_qlora_step():
     from snug.plan.calibrate import fit_model
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import importlib.util
 import statistics
 import subprocess
 import tempfile
@@ -43,6 +42,7 @@ from transformers import AutoModelForCausalLM
 
 from snug.config import load_config
 from snug.data.collate import _targets
+from snug.errors import UserError, first_line
 from snug.models.load import resolve_dtype
 from snug.plan.calibration import Calibration, StepModel, fit_overlapped, fit_step_time
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
@@ -197,7 +197,8 @@ def _build(config, cfg, where: torch.device, precision: str):
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        model_cfg = dataclasses.replace(cfg.model, name_or_path=tmp)
+        # sdpa as the other rows (flash-attn, where installed, would change more than 4-bit)
+        model_cfg = dataclasses.replace(cfg.model, name_or_path=tmp, attn="sdpa")
         return load_weights(dataclasses.replace(cfg, model=model_cfg), where, precision)
 
 
@@ -299,7 +300,10 @@ def fit_model(rows: list[dict], matmul: float, bandwidth_gbs: float, overlap: bo
     quant_calls): the rate and the per-op cost from the rows without 4-bit matmuls, on a GPU
     with the host's dispatch overlapping the device's work (`max`, plan/calibration.py), on a
     CPU added to it (`fit_rates`); then what each 4-bit matmul costs beyond that, the median
-    over the 4-bit rows of what is left of their measured seconds per matmul (zero when none)."""
+    over the 4-bit rows of what is left of their measured seconds per matmul (zero when none).
+    The maximum tells the two costs apart only when some rows are the device's and some the
+    host's; when the fit puts every row on one side, the other cost is anything below it, so
+    the sum is fitted instead (both costs then come from every row), and the model adds."""
     plain = [r for r in rows if not r.get("quant_calls")]
     if overlap:
         moved = [r["traffic"] / (bandwidth_gbs * 1e9) for r in plain]
@@ -307,7 +311,11 @@ def fit_model(rows: list[dict], matmul: float, bandwidth_gbs: float, overlap: bo
             [(r["flops"], r["ops"], r["seconds"], k) for r, k in zip(plain, moved, strict=True)],
             1 / matmul,
         )
-    else:
+        device_bound = [
+            a * r["flops"] + k > b * r["ops"] for r, k in zip(plain, moved, strict=True)
+        ]
+        overlap = any(device_bound) and not all(device_bound)
+    if not overlap:
         a, b = fit_rates(plain, matmul, bandwidth_gbs)
     model = StepModel(
         rate_flops=1 / a if a > 0 else 0.0,
@@ -345,12 +353,20 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
             progress(
                 f"[{i + 1}/{len(series)}] {spec[0]} {spec[1]}{quant}, {spec[4]} x {spec[3]} tokens"
             )
-        if quant and importlib.util.find_spec("bitsandbytes") is None:
-            row = None
-            if progress:
-                progress("  skipped: a 4-bit step needs bitsandbytes (pip install bitsandbytes)")
-        else:
+        try:
             row = measure_one(spec, device, precision)
+        except (UserError, RuntimeError, OSError, ImportError) as e:
+            if not quant:
+                raise
+            # bitsandbytes' kernels may be missing or broken on this machine: the rest of the
+            # series still calibrates the plan, without a 4-bit cost
+            row = None
+            gc.collect()
+            if where.type == "cuda":
+                torch.cuda.empty_cache()
+            if progress:
+                progress(f"  skipped: the 4-bit step failed ({first_line(e)})")
+        else:
             if row is None and progress:
                 progress("  skipped: the plan says it would not fit this device")
         rows += [row] if row else []
