@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	# had or fails. --compile-bytecode: uv leaves the .py files uncompiled (pip compiles them),
 	# and where PYTHONDONTWRITEBYTECODE is set (as on this machine) every process would compile
 	# torch and transformers again: 23 s to import snug's planner and a model class without the
-	# bytecode, 8 s with it (2026-11-28, this machine), for about 22 s more at install.
+	# bytecode, 8 s with it (2026-11-28, this machine), for about 28 s more at install (14 s -> 42 s).
 	$(PY) -m pip install -q uv || true
 	if $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) $${PIP_FIND_LINKS:+--find-links $$PIP_FIND_LINKS} \
 		torch==2.13.0 -e ".[dev]"; then :; else \

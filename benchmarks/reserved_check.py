@@ -9,7 +9,11 @@ the plan's reserved (the peak plus its allocator term, snug/plan/allocator.py) a
 `max_memory_reserved`, next to the CSV's own prediction (the planner of that day: a flat 5% of
 the peak); then the median and worst absolute error.
 
-Run: python benchmarks/reserved_check.py [CSV] [--gpu NAME] [--out FILE.md]
+The replay is of the step the run measured: `--chunk-positions` (default 1,024, what snug's
+loss chunks were whatever the vocabulary until 2026-11-28; 0 for the current code's, for a run
+made since).
+
+Run: python benchmarks/reserved_check.py [CSV] [--gpu NAME] [--out FILE.md] [--chunk-positions N]
 """
 
 from __future__ import annotations
@@ -62,12 +66,33 @@ def plan_row(row: dict, gpu: str) -> dict:
     }
 
 
+def chunk_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chunk-positions",
+        type=int,
+        default=1024,
+        help="positions per chunk of logits in the measured run's snug (0: the current code's)",
+    )
+
+
+def as_measured(positions: int) -> None:
+    """Replay the loss a GPU run measured: snug's chunks of logits were 1,024 positions whatever
+    the vocabulary until 2026-11-28 (now at most 128 MiB of fp32 logits, snug/train/loss.py);
+    0 keeps the current code's chunks."""
+    if positions:
+        from snug.train import loss
+
+        loss.CHUNK_POSITIONS, loss.CHUNK_BYTES = positions, 2**62
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", nargs="?", type=Path, default=DEFAULT_CSV)
     parser.add_argument("--gpu", default="NVIDIA H200", help="the card the CSV was measured on")
     parser.add_argument("--out", type=Path, help="also write the table here (Markdown)")
+    chunk_option(parser)
     args = parser.parse_args()
+    as_measured(args.chunk_positions)
     rows = [r for r in csv.DictReader(args.csv.open()) if r["measured_reserved_gib"]]
     lines = [
         "| model | method | quant | gc | tokens | mb | precision | peak pred/meas GiB | err "

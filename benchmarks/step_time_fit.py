@@ -10,7 +10,9 @@ of the table's rate and the seconds per op: the typical values in plan/calibrati
 this); and, to show it predicts rows it has not seen, each row predicted from a fit to the
 others (leave-one-out).
 
-Run: python benchmarks/step_time_fit.py [CSV] [--gpu NAME]
+The replay is of the step the run measured (`--chunk-positions`, benchmarks/reserved_check.py).
+
+Run: python benchmarks/step_time_fit.py [CSV] [--gpu NAME] [--chunk-positions N]
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_CSV = ROOT / "benchmarks/results/gpu-2026-11-27-H200-run2.csv"
+
+from reserved_check import as_measured, chunk_option  # noqa: E402
 
 
 def replan(row: dict, gpu: str) -> tuple[int, int]:
@@ -56,7 +60,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", nargs="?", type=Path, default=DEFAULT_CSV)
     parser.add_argument("--gpu", default="H200", help="the card the CSV was measured on")
+    chunk_option(parser)
     args = parser.parse_args()
+    as_measured(args.chunk_positions)
     from snug.plan.calibration import GPU_EFFICIENCY, fit_step_time
     from snug.plan.hardware import find_gpu
 

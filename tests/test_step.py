@@ -169,6 +169,45 @@ def test_checkpointing_and_offload_give_the_same_gradients(technique, tiny_llama
     assert_grads_close(reference, grads)
 
 
+def test_a_large_vocabulary_gets_shorter_chunks_of_logits(monkeypatch):
+    """One chunk's fp32 logits stay within 128 MiB: at Qwen2.5's 151,936 tokens a chunk is 192
+    positions, not 1,024, and a step over 1,100 targets peaks lower by the difference of a
+    chunk's logits, their log-softmax and their gradient (1.5 GB here)."""
+    assert [loss_module.chunk_positions(v) for v in (32000, 128256, 151936, 256000)] == [
+        1024,
+        256,
+        192,
+        128,
+    ]
+    vocab = 151936
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)  # a gradient through every chunk's head
+    ids = torch.randint(0, vocab, (1, 1101))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    peaks, scaled = {}, loss_module.CHUNK_BYTES
+    for cap in (scaled, 2**40):  # scaled, and 1,024 positions whatever the vocabulary
+        monkeypatch.setattr(loss_module, "CHUNK_BYTES", cap)
+        opt = torch.optim.SGD([model.model.norm.weight], lr=0.0)
+        tracker = TensorMemoryTracker()
+        with tracker:
+            tracker.track(model_tensors(model))
+            train_step(model, opt, [batch], cpu_opts(chunked_loss=True))
+        peaks[cap] = tracker.peak
+    # a chunk's fp32 logits, their log-softmax and, in backward, their gradient: 3 x 832 rows
+    assert peaks[2**40] - peaks[scaled] > 2.5 * (1024 - 192) * vocab * 4
+
+
 def test_chunked_loss_never_holds_the_full_logits(tiny_llama, monkeypatch):
     """Peak tensor memory of a step falls by about the fp32 logits (tokens x vocab x 4 B)."""
     monkeypatch.setattr(loss_module, "CHUNK_POSITIONS", 64)

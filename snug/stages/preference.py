@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-CHUNK_POSITIONS = 1024  # target positions per chunk of logits (snug/train/loss.py's)
+CHUNK_POSITIONS = 1024  # target positions per chunk of logits at most (snug/train/loss.py's)
 
 
 # -- log-probs -------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def sequence_logps(model: nn.Module, batch: dict, chunked: bool = True) -> torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from snug.train.loss import _final_hidden, model_inputs
+    from snug.train.loss import _final_hidden, chunk_positions, model_inputs, vocab_rows
     from snug.train.wrapped import causal_lm
 
     ids, labels = batch["input_ids"], batch["labels"]
@@ -77,8 +77,9 @@ def sequence_logps(model: nn.Module, batch: dict, chunked: bool = True) -> torch
         return torch.zeros(rows, device=hc.device).index_add(0, rc, picked)
 
     total = torch.zeros(rows, device=ids.device)
-    for start in range(0, h.shape[0], CHUNK_POSITIONS):
-        sl = slice(start, start + CHUNK_POSITIONS)
+    size = min(CHUNK_POSITIONS, chunk_positions(vocab_rows(head, lm.config)))
+    for start in range(0, h.shape[0], size):
+        sl = slice(start, start + size)
         total = total + checkpoint(chunk, h[sl], y[sl], rows_of[sl], use_reentrant=False)
     return total
 

@@ -17,7 +17,23 @@ from torch.utils.checkpoint import checkpoint
 from snug.data.tokenize import IGNORE
 from snug.train.wrapped import causal_lm
 
-CHUNK_POSITIONS = 1024  # rows of logits per chunk: 1024 x 152k vocab x 4 B = 0.6 GB in fp32
+CHUNK_POSITIONS = 1024  # rows of logits per chunk at most
+CHUNK_BYTES = 2**27  # one chunk's fp32 logits at most: 128 MiB, whatever the vocabulary
+
+
+def chunk_positions(vocab_size: int) -> int:
+    """Positions per chunk of logits: as many as keep one chunk's fp32 logits within
+    CHUNK_BYTES (its log-softmax and, in backward, its gradient are as large again), a multiple
+    of 64 for the head's matmul, from 64 to CHUNK_POSITIONS: 1,024 for a 32k vocabulary, 256
+    for Llama 3's 128,256, 192 for Qwen2.5's 151,936 (1,024 of those would be 622 MB)."""
+    fits = CHUNK_BYTES // (4 * max(vocab_size, 1)) // 64 * 64
+    return max(min(CHUNK_POSITIONS, fits), min(64, CHUNK_POSITIONS))
+
+
+def vocab_rows(head: nn.Module, config) -> int:
+    """The LM head's output rows (the vocabulary it scores), from the layer or the config."""
+    rows = getattr(head, "out_features", None)
+    return int(rows) if rows else int(config.vocab_size)
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -88,8 +104,9 @@ def chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
             y.index_select(0, batch["target_positions"]),
         )
     total = h.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], CHUNK_POSITIONS):
-        sl = slice(start, start + CHUNK_POSITIONS)
+    size = chunk_positions(vocab_rows(head, lm.config))
+    for start in range(0, h.shape[0], size):
+        sl = slice(start, start + size)
         total = total + checkpoint(
             lambda hc, yc: _ce_sum(head(hc), yc, softcap), h[sl], y[sl], use_reentrant=False
         )
