@@ -77,7 +77,7 @@ def chunk_option(parser: argparse.ArgumentParser) -> None:
 
 def as_measured(positions: int) -> None:
     """Replay the loss a GPU run measured: snug's chunks of logits were 1,024 positions whatever
-    the vocabulary until 2026-11-28 (now at most 128 MiB of fp32 logits, snug/train/loss.py);
+    the vocabulary until 2026-11-28 (now at most 256 MiB of fp32 logits, snug/train/loss.py);
     0 keeps the current code's chunks."""
     if positions:
         from snug.train import loss

@@ -16,7 +16,7 @@ A series from before (c) has no QLoRA step, so (c)'s 4-bit cost is taken from th
 configuration is left out of (c)'s summary (marked `fit` in its column).
 
 The replay is of the step the run measured: snug's chunks of logits were 1,024 positions
-whatever the vocabulary until 2026-11-28 (now at most 128 MiB of fp32 logits: 192 positions
+whatever the vocabulary until 2026-11-28 (now at most 256 MiB of fp32 logits: 384 positions
 for Qwen2.5's vocabulary, more ops and less traffic), so the replay keeps 1,024 unless
 `--chunk-positions 0` asks for the current code's chunks (for a run made since).
 
