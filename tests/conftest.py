@@ -128,22 +128,23 @@ def method_keys(name: str, /, **keys):
 # pytest-xdist with --dist loadfile, which gives each file whole to one worker (so module
 # fixtures are made once) in this order as workers free up: longest first keeps the two
 # workers' loads even. Order within a file is kept.
-LONGEST_FIRST = (  # summed seconds a file took in a clean run (AVX-512 kind, 2026-11-28)
-    "test_plan.py",  # 131
-    "test_dist.py",  # 104
-    "test_train.py",  # 82
-    "test_reliability.py",  # 61
-    "test_preference.py",  # 61
-    "test_gpu_kit.py",  # 38
-    "test_dist_signals.py",  # 34
-    "test_plan_search.py",  # 31
-    "test_dist_plan.py",  # 29
-    "test_hostile.py",  # 21
-    "test_methods.py",  # 17
-    "test_data_fuzz.py",  # 13
-    "test_calibrate.py",  # 9
-    "test_extending.py",  # 9
-    "test_generate.py",  # 6
+LONGEST_FIRST = (  # summed seconds a file took in a clean run (AVX-512 kind, 2026-11-29)
+    "test_plan.py",  # 138
+    "test_dist.py",  # 101
+    "test_train.py",  # 96
+    "test_reliability.py",  # 72
+    "test_preference.py",  # 72
+    "test_gpu_kit.py",  # 46
+    "test_plan_search.py",  # 45
+    "test_dist_plan.py",  # 45
+    "test_dist_signals.py",  # 38
+    "test_hostile.py",  # 31
+    "test_methods.py",  # 22
+    "test_calibrate.py",  # 16
+    "test_data_fuzz.py",  # 15
+    "test_extending.py",  # 11
+    "test_step.py",  # 8
+    "test_generate.py",  # 5
     "test_chat.py",
 )
 
