@@ -41,7 +41,7 @@ from snug.plan.standins import (
     _state_tensors,
 )
 from snug.plan.trace import LayerTags, deepen, survivors
-from snug.plan.tracker import CATEGORIES, DEVICE_QUERY, ModuleNames, PlanTracker
+from snug.plan.tracker import CATEGORIES, ModuleNames, PhaseTracker
 from snug.registry import get_stage, with_method
 from snug.train.dist import Dist, wrap_reference
 from snug.train.memory import local, model_tensors
@@ -83,52 +83,6 @@ class Simulation:
     traffic_per_step: int = 0
     # matmuls with a 4-bit weight in one optimizer step (tracker.py: quant_calls)
     quant_calls_per_step: int = 0
-
-
-class PhaseTracker(PlanTracker):
-    """PlanTracker that also keeps the peak and breakdown of each phase of the step: a phase
-    ends whenever autograd's backward starts or ends (its graph task id, as
-    torch.utils.checkpoint reads it) and at `close_phase()`. Each phase's peak is linear in the
-    depth, but which phase holds the step's peak need not be: bitsandbytes' 8-bit matmuls keep
-    their input for as long as the graph lives, and the step holds a micro-batch's graph until
-    the next one's loss replaces it, so past a few layers the next forward overtakes the loss's
-    backward. After the step, `peak`, `breakdown()` and `largest()` are the step's, as before."""
-
-    def __init__(self, rounding: int, modules: ModuleNames, vocab_size: int) -> None:
-        super().__init__(rounding, modules, vocab_size)
-        self.phases: list[tuple[int, dict[str, int]]] = []
-        self.layers: LayerTags | None = None  # with `events`: tag each with its layer
-        self._backward = False
-        self._step_peak: tuple[int, list] = (0, [])  # the largest phase's peak and records
-
-    def _event(self, key: int, nbytes: int) -> None:
-        self.events.append((key, nbytes, self.layers.current()))
-
-    def close_phase(self) -> None:
-        if self._stale:
-            self._snapshot()
-        self.phases.append((self.peak, self.breakdown()))
-        if self.peak > self._step_peak[0]:
-            self._step_peak = (self.peak, self._at_peak)
-        self.peak, self._at_peak = self.live, list(self._meta.values())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is DEVICE_QUERY:
-            # Most calls of a replay (two in three): the autograd engine and F.linear ask a fake
-            # tensor its device. Nothing is allocated, counted or timed: straight to the fake
-            # mode, past the tracking (a phase that changes here closes at the next op, with
-            # the same live bytes).
-            return func(*args, **(kwargs or {}))
-        backward = torch._C._current_graph_task_id() != -1
-        if backward != self._backward:
-            self._backward = backward
-            self.close_phase()
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-    def __exit__(self, *exc):
-        self.close_phase()
-        self.peak, self._at_peak = self._step_peak
-        return super().__exit__(*exc)
 
 
 def with_depth(config: PretrainedConfig, layers: int) -> PretrainedConfig:
