@@ -26,8 +26,9 @@ def chunk_positions(vocab_size: int) -> int:
     CHUNK_BYTES (its log-softmax and, in backward, its gradient are as large again), a multiple
     of 128 (the head's matmul tiles), from 128 to CHUNK_POSITIONS: 1,024 for a 32k vocabulary,
     512 for Llama 3's 128,256, 384 for Qwen2.5's 151,936 (1,024 of those would be 622 MB),
-    256 for Gemma's 256,000. Smaller chunks cost time on a CPU: 256 positions of a 128,256-token
-    head ran about 10-15% slower than 1,024 here, 384 and 512 within the noise of 1,024."""
+    256 for Gemma's 256,000. Smaller chunks cost some time on a CPU (`python
+    benchmarks/chunk_speed.py`, a 128,256-token head, AVX-512 kind: 512 positions 1.05x the
+    time of 1,024, 384 1.16x, 256 1.12x, medians of 5 whose runs spread up to 20%)."""
     fits = CHUNK_BYTES // (4 * max(vocab_size, 1)) // 128 * 128
     return max(min(CHUNK_POSITIONS, fits), min(128, CHUNK_POSITIONS))
 
