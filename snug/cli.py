@@ -326,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """The `snug` command: `main`, then the process ends without Python's teardown of every
     imported module (snug/shutdown.py: 1.5 s after a training command's imports here)."""
-    from snug.shutdown import exit_now
+    from snug.shutdown import exit_now, stacks_on_request
 
+    stacks_on_request()
     exit_now(main())
 
 

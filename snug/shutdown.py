@@ -14,9 +14,22 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import faulthandler
 import os
+import signal
 import sys
 import threading
+
+
+def stacks_on_request() -> None:
+    """`kill -USR1 PID` makes this process print every thread's Python stack to its stderr and
+    go on (a run that seems stuck: where is each rank?). The standard library's faulthandler,
+    which writes from its own C handler, so it answers even while a thread holds the GIL."""
+    if hasattr(signal, "SIGUSR1"):
+        try:
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        except (AttributeError, OSError, RuntimeError, ValueError):  # no stderr, or no descriptor
+            pass
 
 
 def exit_now(code: int | None) -> None:

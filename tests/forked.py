@@ -73,6 +73,9 @@ def _child(
             os.close(w)
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        from snug.shutdown import stacks_on_request
+
+        stacks_on_request()  # as the snug command does
         if "PYTEST_XDIST_WORKER" in env:  # one core's worth of threads, as conftest.py sets
             import torch
 
@@ -153,13 +156,58 @@ class Forked:
     def stderr_so_far(self) -> str:
         return b"".join(self._texts[1]).decode(errors="replace")
 
+    def _holders(self) -> list[int]:
+        """The processes other than this one with one of the output pipes open."""
+        targets = set(self._fifos)
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if any(os.readlink(fd) in targets for fd in (entry / "fd").iterdir()):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        return found
+
+    def _stop_holders(self) -> str:
+        """What is still holding the output open (command line, state, kernel wait, and each
+        thread's Python stack: snug's processes print them on SIGUSR1), then SIGKILL to it, so
+        that a test that timed out says where and leaves nothing running."""
+        lines = []
+        holders = self._holders()
+        for pid in holders:
+            try:
+                proc = Path("/proc") / str(pid)
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = next(
+                    line
+                    for line in (proc / "status").read_text().splitlines()
+                    if line.startswith("State:")
+                )
+                wchan = (proc / "wchan").read_text()
+                lines.append(f"pid {pid}: {cmd.strip()} ({state}, waiting in {wchan or '-'})")
+                os.kill(pid, signal.SIGUSR1)
+            except (OSError, StopIteration):
+                continue
+        time.sleep(3)  # the stacks reach the pipes
+        for pid in holders:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.5)
+        err = self.stderr_so_far()
+        return "\n".join(["still running:", *lines, "stderr's end:", err[-8000:]])
+
     def communicate(self, timeout: float = 300) -> tuple[str, str]:
         deadline = time.monotonic() + timeout
         while self.poll() is None:
             if time.monotonic() > deadline:
+                report = self._stop_holders()
                 os.kill(self.pid, signal.SIGKILL)
                 self._process.join()
-                raise subprocess.TimeoutExpired(["forked"], timeout)
+                raise LeftRunning(["forked"], timeout, report)
             time.sleep(0.05)
         # EOF once whatever the process started has ended too. A reader still waiting in open()
         # (the child died before opening its end) is let through by a writer that opens and
@@ -167,7 +215,8 @@ class Forked:
         for path, reader in zip(self._fifos, self._readers, strict=True):
             while reader.is_alive():
                 if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(["forked (its children)"], timeout)
+                    report = self._stop_holders()
+                    raise LeftRunning(["forked (its children)"], timeout, report)
                 try:
                     os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
                 except OSError:
@@ -177,6 +226,17 @@ class Forked:
             os.unlink(path)
         os.rmdir(self._dir)
         return tuple(b"".join(t).decode(errors="replace") for t in self._texts)
+
+
+class LeftRunning(subprocess.TimeoutExpired):
+    """A command (or what it started) still running at its deadline, with what held it."""
+
+    def __init__(self, cmd: list[str], timeout: float, report: str) -> None:
+        super().__init__(cmd, timeout)
+        self.report = report
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.report}"
 
 
 def run_forked(

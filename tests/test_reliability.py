@@ -15,12 +15,13 @@ import json
 import os
 import random
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from forked import run_forked
+from forked import Forked, LeftRunning, run_forked
 from safetensors.torch import load_file
 
 from snug.cli import main
@@ -468,3 +469,27 @@ def test_ending_without_the_interpreters_teardown_loses_nothing(tmp_path):
     assert proc.stdout == "unflushed atexit saw True\nfrom C "
     assert proc.stderr == "to stderr"
     assert done.read_text() == "yes" and pooled.read_text() == "yes"
+
+
+def test_a_command_left_running_says_where_it_waits_and_is_stopped():
+    """A test's deadline passed while what a command started still runs (a rank after its
+    launcher died): tests/forked.py names the process still holding the output, with each of
+    its threads' Python stacks (snug's processes print them on SIGUSR1:
+    snug/shutdown.py's stacks_on_request), and kills it; nothing is left running."""
+    script = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'from snug.shutdown import stacks_on_request\\n"
+        "stacks_on_request()\\nimport time\\ndef held_here():\\n    time.sleep(120)\\n"
+        "held_here()'])\n"
+        "import time; time.sleep(2)\n"  # the child's imports
+    )
+    child = Forked(["--version"], script=script)
+    with pytest.raises(LeftRunning) as caught:
+        child.communicate(timeout=8)
+    report = str(caught.value)
+    assert "still running:" in report and "time.sleep(120)" in report, report
+    assert "in held_here" in report, report  # the child's own stack, printed on request
+    pid = int(report.split("pid ")[1].split(":")[0])
+    time.sleep(0.5)
+    status = Path(f"/proc/{pid}/status")  # gone, or a zombie its new parent has yet to reap
+    assert not status.exists() or "State:\tZ" in status.read_text()
