@@ -16,8 +16,10 @@ tokens, each run in a fresh process:
   snug: this is what catches memory the tracker does not see. Fixed costs cancel in the
   difference (interpreter, libraries, tokenizer, data, the vocabulary-wide logits of both).
 
-Then the predicted step time against the measured one (the median optimizer step after the
-first), with typical values and after `snug calibrate --device cpu`, which the script runs first
+Then the predicted step time against the measured one: a third run of the configuration, of 6
+optimizer steps with glibc's default allocator as users run snug (the memory runs' fixed mmap
+threshold maps and zeroes every larger block anew, which made LoRA steps with checkpointing
+30-50% slower here), the median step after the first; with typical values and after `snug calibrate --device cpu`, which the script runs first
 into a temporary calibration file (`--no-calibrate` uses the file already there), and the
 planning time for one configuration of a 70B model and for a whole search of a 7B
 model on one 24 GB GPU.
@@ -50,7 +52,9 @@ FAMILIES = {
 HEADS, KV_HEADS, VOCAB = 12, 4, 32000
 SIZE = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 4}
 NEAR_EMPTY = {"hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 1}
-STEPS = 3  # the first is warm-up; the step time is the median of the other two
+STEPS = 3  # optimizer steps of the memory runs
+# optimizer steps of the timing run: the first is warm-up, the step time the median of the others
+TIMED_STEPS = 6
 CONFIGS = [  # (family, method, checkpointing, tokens per sample)
     *(
         (family, method, gc, 256 if (i + j) % 2 == 0 else 512)
@@ -162,7 +166,9 @@ def make_text(work: Path, tokens: int, rows: int = 16) -> Path:
     return path
 
 
-def overrides(model: Path, text: Path, method: str, gc: bool, tokens: int, out: Path) -> list:
+def overrides(
+    model: Path, text: Path, method: str, gc: bool, tokens: int, out: Path, steps: int = STEPS
+) -> list:
     return [
         f"model.name_or_path={model}",
         f"method.name={method}",
@@ -174,7 +180,7 @@ def overrides(model: Path, text: Path, method: str, gc: bool, tokens: int, out: 
         "train.micro_batch=2",
         "train.grad_accum=2",
         "train.lr=1e-5",
-        f"train.max_steps={STEPS}",
+        f"train.max_steps={steps}",
         "train.log_every=1",
         "train.eval_generate=0",
         "output.plot_loss=false",
@@ -182,8 +188,10 @@ def overrides(model: Path, text: Path, method: str, gc: bool, tokens: int, out: 
     ]
 
 
-def real_run(keys: list) -> dict:
-    env = {**os.environ, **CHILD_ENV, "PYTHONPATH": str(ROOT)}
+def real_run(keys: list, allocator: dict) -> dict:
+    """One run of `keys` in a fresh process, with `allocator` (CHILD_ENV or nothing) added to the
+    environment."""
+    env = {**os.environ, **allocator, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(keys)],
         env=env,
@@ -255,8 +263,26 @@ def main() -> None:
                     extend=False,
                     padded=False,  # every sample as long as the cutoff
                 )
-                result[kind] = {"plan": plan, "plan_s": time.perf_counter() - t, **real_run(keys)}
+                result[kind] = {
+                    "plan": plan,
+                    "plan_s": time.perf_counter() - t,
+                    **real_run(keys, CHILD_ENV),
+                }
             real, empty = result["real"], result["empty"]
+            # timed in a run of its own with glibc's default allocator, as users run snug: the
+            # memory runs' 64 KiB mmap threshold maps and zeroes every larger block anew
+            timed = real_run(
+                overrides(
+                    models[(family, "real")],
+                    texts[seq],
+                    method,
+                    gc,
+                    seq,
+                    work / f"run-{i}-timed",
+                    TIMED_STEPS,
+                ),
+                {},
+            )["step_seconds"]
             predicted = real["plan"].peak_bytes
             tracked_error = (predicted - real["tracked_bytes"]) / real["tracked_bytes"]
             rss_above = real["peak_rss_bytes"] - empty["peak_rss_bytes"]
@@ -267,14 +293,14 @@ def main() -> None:
             sim = real["plan"]
             step = {kind: model.of(sim) for kind, model in (("typical", typical), ("plan", timing))}
             for kind, seconds in step.items():
-                step_errors[kind].append((seconds - real["step_seconds"]) / real["step_seconds"])
+                step_errors[kind].append((seconds - timed) / timed)
             line = (
                 f"| {family} | {method} | {'on' if gc else 'off'} | {seq} | "
                 f"{predicted / 2**20:,.1f} | {real['tracked_bytes'] / 2**20:,.1f} | "
                 f"{100 * tracked_error:+.2f}% | {predicted_above / 2**20:,.1f} | "
                 f"{rss_above / 2**20:,.1f} | {100 * independent_error:+.1f}% | "
-                f"{step['typical']:.2f} | {step['plan']:.2f} | {real['step_seconds']:.2f} | "
-                f"{100 * step_errors['plan'][-1]:+.1f}% | "
+                f"{step['typical']:.2f} | {step['plan']:.2f} | {timed:.2f} | "
+                f"{100 * step_errors['plan'][-1]:+.1f}% | {real['step_seconds']:.2f} | "
                 f"{real['plan_s']:.1f} |"
             )
             print(line, flush=True)
@@ -322,12 +348,15 @@ def main() -> None:
             if calibrate_s
             else ""
         )
-        + "; measured: the median of the optimizer steps after the first, from metrics.jsonl.",
+        + f"; measured: in a run of its own of {TIMED_STEPS} optimizer steps with glibc's "
+        "default allocator (as users run snug), the median of the steps after the first, from "
+        "metrics.jsonl. The last step column but one is the same median in the memory run "
+        "(whose 64 KiB mmap threshold maps and zeroes every larger block anew), for comparison.",
         "",
         "| family | method | checkpointing | tokens | predicted MiB | tracked MiB | error | "
         "predicted above MiB | RSS above MiB | error | step s typical | step s planned | "
-        "step s measured | step error | plan s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "step s measured | step error | step s, memory run | plan s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Peak error over {len(rows)} configurations: against the tracker "

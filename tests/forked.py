@@ -190,7 +190,7 @@ class Forked:
                 os.kill(pid, signal.SIGUSR1)
             except (OSError, StopIteration):
                 continue
-        time.sleep(3)  # the stacks reach the pipes
+        time.sleep(1)  # the stacks reach the pipes (faulthandler writes from its handler)
         for pid in holders:
             try:
                 os.kill(pid, signal.SIGKILL)

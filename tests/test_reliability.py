@@ -481,11 +481,11 @@ def test_a_command_left_running_says_where_it_waits_and_is_stopped():
         "subprocess.Popen([sys.executable, '-c', 'from snug.shutdown import stacks_on_request\\n"
         "stacks_on_request()\\nimport time\\ndef held_here():\\n    time.sleep(120)\\n"
         "held_here()'])\n"
-        "import time; time.sleep(2)\n"  # the child's imports
+        "import time; time.sleep(1.5)\n"  # the child's imports
     )
     child = Forked(["--version"], script=script)
     with pytest.raises(LeftRunning) as caught:
-        child.communicate(timeout=8)
+        child.communicate(timeout=4)
     report = str(caught.value)
     assert "still running:" in report and "time.sleep(120)" in report, report
     assert "in held_here" in report, report  # the child's own stack, printed on request
