@@ -142,13 +142,14 @@ def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
         for f, o, s in ((1e9, 1000, 0.03), (4e10, 3000, 0.5), (2e10, 9000, 0.4))
     )
 
-    def measure_one(spec, device, precision):
+    def measure_one(spec, device, precision, narrow=True):
         if spec[5] != "none":
             raise RuntimeError("bitsandbytes: no kernel for this device\nand more")
         return next(made)
 
     series = calibrate_module.CPU_SERIES[:3] + (("Qwen/Qwen2.5-0.5B", "lora", 1, 32, 1, "4bit"),)
     monkeypatch.setattr(calibrate_module, "CPU_SERIES", series)
+    monkeypatch.setattr(calibrate_module, "CPU_WIDE_SERIES", ())
     monkeypatch.setattr(calibrate_module, "measure_one", measure_one)
     lines = []
     cal = calibrate_module.calibrate("cpu", progress=lines.append)
@@ -328,14 +329,19 @@ def test_calibrate_on_this_cpu_measures_and_keeps_an_entry(tmp_path, capsys, mon
     series = calibrate_module.CPU_SERIES
     qlora = ("Qwen/Qwen2.5-0.5B", "lora", True, 32, 1, "4bit")
     monkeypatch.setattr(calibrate_module, "CPU_SERIES", (series[0], series[2], series[4], qlora))
+    wide = ("Qwen/Qwen2.5-0.5B", "lora", False, 16, 1, "none")  # at its own width, briefly
+    monkeypatch.setattr(calibrate_module, "CPU_WIDE_SERIES", (wide,))
     cal_file = tmp_path / "calibration.json"
     monkeypatch.setenv("SNUG_CALIBRATION", str(cal_file))
     assert main(["calibrate", "--device", "cpu", "--json"]) == 0
     out, err = capsys.readouterr()
     cal = json.loads(out)
     assert cal["device"].startswith("cpu: ") and cal["rate_flops"] > 0
-    assert len(cal["steps"]) == 4 and all(s["seconds"] > 0 for s in cal["steps"])
-    assert [s["quant_calls"] > 0 for s in cal["steps"]] == [False, False, False, True]
+    assert len(cal["steps"]) == 5 and all(s["seconds"] > 0 for s in cal["steps"])
+    assert [s["quant_calls"] > 0 for s in cal["steps"]] == [False, False, False, True, False]
+    # the narrow rows at CPU_SHRINK's width, the last at Qwen2.5-0.5B's own (896), two layers
+    assert [s["hidden"] for s in cal["steps"]] == [256] * 4 + [896]
+    assert {s["layers"] for s in cal["steps"]} == {2}
     assert not cal["overlap"] and cal["quant_call_seconds"] >= 0
     # each fitted time is the formula with the fitted and measured values (FLOPs over the
     # rate, traffic over the copy bandwidth, ops times the cost), and it explains every measured

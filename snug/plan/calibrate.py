@@ -2,7 +2,7 @@
 measured against snug's plan of the same steps, and what the plan should learn from them.
 
 Each configuration of the series is a catalog model with random weights (built on the device,
-nothing downloaded; on the CPU shrunk to a few narrow layers), LoRA or a full fine-tune, a
+nothing downloaded; on the CPU shrunk to two layers, most also narrow), LoRA or a full fine-tune, a
 batch of random token ids. It is planned exactly as `snug plan` would (the fake-tensor replay,
 which also counts the step's FLOPs and ops), then the same step (snug's own: the method, the
 loss, the optimizer, `train_step`) runs for real: a warm-up step, then timed steps.
@@ -69,7 +69,17 @@ CPU_SERIES = (
     ("meta-llama/Llama-3.2-1B", "lora", False, 384, 2, "none"),
     ("meta-llama/Llama-3.2-1B", "lora", True, 64, 1, "none"),
 )
-# The CPU series' models: the catalog architecture at a width and depth this CPU runs in seconds.
+# On a CPU, two steps of catalog models at their own width (two layers, the whole vocabulary):
+# a CPU's matmul rate grows with the matrices' size, and the narrow steps below alone fitted a
+# rate too low for models of realistic width (benchmarks/plan_accuracy.py
+# on this project's AVX-512 Xeon, 2026-11-29: every configuration 14-69% long; with these two
+# rows, replayed against the same run's measured steps: median 6.4%, worst 21.4%).
+CPU_WIDE_SERIES = (
+    ("Qwen/Qwen2.5-0.5B", "lora", True, 256, 1, "none"),
+    ("meta-llama/Llama-3.2-1B", "lora", False, 128, 1, "none"),
+)
+# The CPU series' narrow models: the catalog architecture at a width and depth this CPU runs in
+# a fraction of a second.
 CPU_SHRINK = {
     "hidden_size": 256,
     "intermediate_size": 768,
@@ -202,14 +212,15 @@ def _build(config, cfg, where: torch.device, precision: str):
         return load_weights(dataclasses.replace(cfg, model=model_cfg), where, precision)
 
 
-def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
+def measure_one(spec: tuple, device: Device, precision: str, narrow: bool = True) -> dict | None:
     """Plan one configuration of the series, then run it for real and time it; None when the
-    plan says it would not fit the device (a small card runs the part of the series it holds)."""
+    plan says it would not fit the device (a small card runs the part of the series it holds).
+    On a CPU the model has CPU_SHRINK's two layers, and its narrow width too when `narrow`."""
     name, method, gc_on, tokens, mb, quant = spec
     config = model_config(name)
     if device.type == "cpu":
         config = with_depth(config, CPU_SHRINK["num_hidden_layers"])
-        for key, value in CPU_SHRINK.items():
+        for key, value in CPU_SHRINK.items() if narrow else ():
             setattr(config, key, value)
     cfg = _config(name, method, gc_on, tokens, mb, precision, quant)
     sim = simulate(cfg, config, tokens, device.type, precision, padded=False)  # whole rows
@@ -247,6 +258,8 @@ def measure_one(spec: tuple, device: Device, precision: str) -> dict | None:
         times.append(time.perf_counter() - started)
     row = {
         "model": name,
+        "hidden": config.hidden_size,
+        "layers": config.num_hidden_layers,
         "method": method,
         "checkpointing": gc_on,
         "tokens": tokens,
@@ -345,16 +358,18 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     precision = (
         "fp32" if kind == "cpu" else ("bf16-mixed" if device.supports_bf16 else "fp16-mixed")
     )
-    series = GPU_SERIES if kind == "cuda" else CPU_SERIES
+    series = GPU_SERIES if kind == "cuda" else CPU_SERIES + CPU_WIDE_SERIES
     rows = []
     for i, spec in enumerate(series):
+        narrow = kind == "cuda" or i < len(CPU_SERIES)
         quant = "" if spec[5] == "none" else f", {spec[5]}"
         if progress:
             progress(
-                f"[{i + 1}/{len(series)}] {spec[0]} {spec[1]}{quant}, {spec[4]} x {spec[3]} tokens"
+                f"[{i + 1}/{len(series)}] {spec[0]}{'' if narrow else ' (its own width)'} "
+                f"{spec[1]}{quant}, {spec[4]} x {spec[3]} tokens"
             )
         try:
-            row = measure_one(spec, device, precision)
+            row = measure_one(spec, device, precision, narrow)
         except (UserError, RuntimeError, OSError, ImportError) as e:
             if not quant:
                 raise

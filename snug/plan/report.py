@@ -368,8 +368,9 @@ def cmd_calibrate(args) -> int:
     for col in cols:
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
     for r in cal.steps:
+        shape = f" ({r['layers']} x {r['hidden']})" if kind == "cpu" and "hidden" in r else ""
         cells = [
-            r["model"],
+            r["model"] + shape,
             r["method"] + ("" if r.get("quant", "none") == "none" else f" {r['quant']}"),
             "on" if r["checkpointing"] else "off",
             f"{r['micro_batch']} x {r['tokens']}",
