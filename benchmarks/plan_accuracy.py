@@ -18,8 +18,8 @@ tokens, each run in a fresh process:
 
 Then the predicted step time against the measured one: a third run of the configuration, of 6
 optimizer steps with glibc's default allocator as users run snug (the memory runs' fixed mmap
-threshold maps and zeroes every larger block anew, which made LoRA steps with checkpointing
-30-50% slower here), the median step after the first; with typical values and after `snug calibrate --device cpu`, which the script runs first
+threshold maps and zeroes every larger block anew: LoRA steps 24-61% slower, full ones 4-40%,
+on the AVX-512 kind, benchmarks/results/plan-2026-11-29.md), the median step after the first; with typical values and after `snug calibrate --device cpu`, which the script runs first
 into a temporary calibration file (`--no-calibrate` uses the file already there), and the
 planning time for one configuration of a 70B model and for a whole search of a 7B
 model on one 24 GB GPU.
@@ -91,7 +91,12 @@ def measured_train(self):
     measured["peak_rss_bytes"] = hwm()
 loop.Run.train = measured_train
 cfg = load_config(None, json.loads(sys.argv[1]))
+# this machine's speed now: one large matmul, as `snug calibrate` measured it (before and after)
+import torch
+from snug.plan.calibrate import matmul_rate
+before = matmul_rate(torch.device("cpu"))
 summary = loop.run_training(cfg, Console(quiet=True))
+measured["matmul_flops"] = (before + matmul_rate(torch.device("cpu"))) / 2
 measured["tracked_bytes"] = summary["peak_memory"]["measured_bytes"]
 # each step's seconds from metrics.jsonl (logged every step; its tokens/s is cumulative), the
 # median of those after the first (the first pays for first-touch page faults and warm-up)
@@ -231,14 +236,19 @@ def main() -> None:
         )
         calibrate_s = time.perf_counter() - started
     from snug.config import load_config
-    from snug.plan.hardware import cpu_device, find_gpu, model_config
+    from snug.plan import calibration
+    from snug.plan.hardware import cpu_device, device_key, find_gpu, model_config
     from snug.plan.report import breakdown_line
     from snug.plan.search import recommend, search
     from snug.plan.simulate import simulate
     from snug.plan.timing import device_model
 
-    rows, tracked_errors, independent_errors, step_errors = [], [], [], {"typical": [], "plan": []}
+    rows, tracked_errors, independent_errors = [], [], []
+    step_errors = {"typical": [], "plan": [], "steady": []}
+    speeds = []
     timing = device_model(cpu_device(), "fp32")
+    entry = calibration.load(device_key(cpu_device()))
+    calibrated_matmul = entry.matmul_flops if entry else None
     typical = device_model(cpu_device(), "fp32", calibrated=False)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -271,7 +281,7 @@ def main() -> None:
             real, empty = result["real"], result["empty"]
             # timed in a run of its own with glibc's default allocator, as users run snug: the
             # memory runs' 64 KiB mmap threshold maps and zeroes every larger block anew
-            timed = real_run(
+            timed_run = real_run(
                 overrides(
                     models[(family, "real")],
                     texts[seq],
@@ -282,7 +292,11 @@ def main() -> None:
                     TIMED_STEPS,
                 ),
                 {},
-            )["step_seconds"]
+            )
+            timed = timed_run["step_seconds"]
+            # the machine's speed during the timed run against calibration time (a shared VM's
+            # speed drifts): the measured step at calibration speed, for the steady-speed error
+            speed = timed_run["matmul_flops"] / calibrated_matmul if calibrated_matmul else None
             predicted = real["plan"].peak_bytes
             tracked_error = (predicted - real["tracked_bytes"]) / real["tracked_bytes"]
             rss_above = real["peak_rss_bytes"] - empty["peak_rss_bytes"]
@@ -294,13 +308,21 @@ def main() -> None:
             step = {kind: model.of(sim) for kind, model in (("typical", typical), ("plan", timing))}
             for kind, seconds in step.items():
                 step_errors[kind].append((seconds - timed) / timed)
+            steady = (
+                f"{speed:.2f} | {100 * (step['plan'] / (timed * speed) - 1):+.1f}%"
+                if speed
+                else "- | -"
+            )
+            if speed:
+                speeds.append(speed)
+                step_errors["steady"].append(step["plan"] / (timed * speed) - 1)
             line = (
                 f"| {family} | {method} | {'on' if gc else 'off'} | {seq} | "
                 f"{predicted / 2**20:,.1f} | {real['tracked_bytes'] / 2**20:,.1f} | "
                 f"{100 * tracked_error:+.2f}% | {predicted_above / 2**20:,.1f} | "
                 f"{rss_above / 2**20:,.1f} | {100 * independent_error:+.1f}% | "
                 f"{step['typical']:.2f} | {step['plan']:.2f} | {timed:.2f} | "
-                f"{100 * step_errors['plan'][-1]:+.1f}% | {real['step_seconds']:.2f} | "
+                f"{100 * step_errors['plan'][-1]:+.1f}% | {steady} | {real['step_seconds']:.2f} | "
                 f"{real['plan_s']:.1f} |"
             )
             print(line, flush=True)
@@ -355,8 +377,9 @@ def main() -> None:
         "",
         "| family | method | checkpointing | tokens | predicted MiB | tracked MiB | error | "
         "predicted above MiB | RSS above MiB | error | step s typical | step s planned | "
-        "step s measured | step error | step s, memory run | plan s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "step s measured | step error | speed vs calibration | step error at calibration speed | "
+        "step s, memory run | plan s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Peak error over {len(rows)} configurations: against the tracker "
@@ -365,7 +388,15 @@ def main() -> None:
         "",
         f"Step-time error: typical values {spread(step_errors['typical'])}; as planned "
         f"({timing.source}) {spread(step_errors['plan'])} (target after calibration: within 20% "
-        "on every configuration).",
+        "on every configuration)"
+        + (
+            f"; with each measured step brought to the machine's speed at calibration (one large "
+            f"matmul's rate, {calibrated_matmul / 1e12:.3f} TFLOP/s then, measured again around "
+            f"each timed run: {min(speeds):.2f}x to {max(speeds):.2f}x of it) "
+            f"{spread(step_errors['steady'])}."
+            if step_errors["steady"]
+            else "."
+        ),
         "",
         f"Planning time: one LoRA configuration of Llama-3.1-70B (2,048 tokens, micro-batch 1, "
         f"accumulation 8, bf16 on CUDA): {t70:.1f} s (target 20 s); predicted peak "
