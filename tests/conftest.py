@@ -129,22 +129,22 @@ def method_keys(name: str, /, **keys):
 # fixtures are made once) in this order as workers free up: longest first keeps the two
 # workers' loads even. Order within a file is kept.
 LONGEST_FIRST = (  # summed seconds a file took in a clean run (AVX-512 kind, 2026-11-29)
-    "test_plan.py",  # 138
-    "test_dist.py",  # 101
-    "test_train.py",  # 96
-    "test_reliability.py",  # 72
-    "test_preference.py",  # 72
-    "test_gpu_kit.py",  # 46
-    "test_plan_search.py",  # 45
-    "test_dist_plan.py",  # 45
-    "test_dist_signals.py",  # 38
-    "test_hostile.py",  # 31
-    "test_methods.py",  # 22
-    "test_calibrate.py",  # 16
+    "test_plan.py",  # 149
+    "test_gpu_kit.py",  # 113
+    "test_dist.py",  # 107
+    "test_train.py",  # 100
+    "test_reliability.py",  # 84
+    "test_preference.py",  # 60
+    "test_dist_plan.py",  # 42
+    "test_dist_signals.py",  # 40
+    "test_plan_search.py",  # 35
+    "test_hostile.py",  # 25
+    "test_calibrate.py",  # 21
+    "test_methods.py",  # 19
     "test_data_fuzz.py",  # 15
     "test_extending.py",  # 11
-    "test_step.py",  # 8
-    "test_generate.py",  # 5
+    "test_step.py",  # 9
+    "test_generate.py",  # 6
     "test_chat.py",
 )
 
