@@ -71,9 +71,9 @@ CPU_SERIES = (
 )
 # On a CPU, two steps of catalog models at their own width (two layers, the whole vocabulary):
 # a CPU's matmul rate grows with the matrices' size, and the narrow steps below alone fitted a
-# rate too low for models of realistic width (benchmarks/plan_accuracy.py
-# on this project's AVX-512 Xeon, 2026-11-29: every configuration 14-69% long; with these two
-# rows, replayed against the same run's measured steps: median 6.4%, worst 21.4%).
+# rate too low for models of realistic width (`python benchmarks/plan_accuracy.py` on this
+# project's AVX-512 Xeon, 2026-11-29: every configuration 14-69% long; with these two rows, 17 of
+# 21 within 20%, median 12.5%: benchmarks/results/plan-2026-11-29{,-speed}.md).
 CPU_WIDE_SERIES = (
     ("Qwen/Qwen2.5-0.5B", "lora", True, 256, 1, "none"),
     ("meta-llama/Llama-3.2-1B", "lora", False, 128, 1, "none"),
@@ -358,10 +358,11 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     precision = (
         "fp32" if kind == "cpu" else ("bf16-mixed" if device.supports_bf16 else "fp16-mixed")
     )
-    series = GPU_SERIES if kind == "cuda" else CPU_SERIES + CPU_WIDE_SERIES
+    series = [(spec, True) for spec in (GPU_SERIES if kind == "cuda" else CPU_SERIES)]
+    if kind == "cpu":
+        series += [(spec, False) for spec in CPU_WIDE_SERIES]  # at the models' own width
     rows = []
-    for i, spec in enumerate(series):
-        narrow = kind == "cuda" or i < len(CPU_SERIES)
+    for i, (spec, narrow) in enumerate(series):
         quant = "" if spec[5] == "none" else f", {spec[5]}"
         if progress:
             progress(
