@@ -135,14 +135,29 @@ def test_when_every_step_is_on_one_side_of_the_maximum_the_sum_is_fitted():
 
 
 def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
+    import time
+
+    import torch
+
     from snug.plan import calibrate as calibrate_module
 
+    order = []  # which configuration each timed step was
+
+    def step(i, seconds):
+        order.append(i)
+        time.sleep(seconds)
+
     made = iter(
-        {"flops": f, "ops": o, "traffic": 0, "quant_calls": 0, "seconds": s}
-        for f, o, s in ((1e9, 1000, 0.03), (4e10, 3000, 0.5), (2e10, 9000, 0.4))
+        calibrate_module.Trial(
+            {"flops": f, "ops": o, "traffic": 0, "quant_calls": 0},
+            lambda i=i, s=s: step(i, s),
+            torch.device("cpu"),
+            None,
+        )
+        for i, (f, o, s) in enumerate(((1e9, 1000, 0.003), (4e10, 3000, 0.05), (2e10, 9000, 0.04)))
     )
 
-    def measure_one(spec, device, precision, narrow=True):
+    def start_one(spec, device, precision, narrow=True):
         if spec[5] != "none":
             raise RuntimeError("bitsandbytes: no kernel for this device\nand more")
         return next(made)
@@ -150,11 +165,15 @@ def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
     series = calibrate_module.CPU_SERIES[:3] + (("Qwen/Qwen2.5-0.5B", "lora", 1, 32, 1, "4bit"),)
     monkeypatch.setattr(calibrate_module, "CPU_SERIES", series)
     monkeypatch.setattr(calibrate_module, "CPU_WIDE_SERIES", ())
-    monkeypatch.setattr(calibrate_module, "measure_one", measure_one)
+    monkeypatch.setattr(calibrate_module, "start_one", start_one)
     lines = []
     cal = calibrate_module.calibrate("cpu", progress=lines.append)
     assert len(cal.steps) == 3 and cal.quant_call_seconds is None
     assert "  skipped: the 4-bit step failed (bitsandbytes: no kernel for this device)" in lines
+    # on a CPU the steps are timed in rounds over the series, each row its fastest step
+    assert order == [0, 1, 2] * calibrate_module.CPU_ROUNDS
+    for row, slept in zip(cal.steps, (0.003, 0.05, 0.04), strict=True):
+        assert row["seconds"] == row["seconds_spread"][0] >= slept
 
 
 def test_calibration_learns_what_each_4bit_matmul_costs_from_the_qlora_step():

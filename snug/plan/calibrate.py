@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -89,7 +90,9 @@ CPU_SHRINK = {
     "head_dim": 64,
     "vocab_size": 8192,
 }
-TIMED_STEPS = 4
+TIMED_STEPS = 4  # per configuration on a GPU, in a row
+# On a CPU: rounds over the whole series, one timed step of each configuration per round
+CPU_ROUNDS = 6
 
 
 def device_for(kind: str, gpu: str | None) -> Device:
@@ -212,10 +215,44 @@ def _build(config, cfg, where: torch.device, precision: str):
         return load_weights(dataclasses.replace(cfg, model=model_cfg), where, precision)
 
 
-def measure_one(spec: tuple, device: Device, precision: str, narrow: bool = True) -> dict | None:
-    """Plan one configuration of the series, then run it for real and time it; None when the
-    plan says it would not fit the device (a small card runs the part of the series it holds).
-    On a CPU the model has CPU_SHRINK's two layers, and its narrow width too when `narrow`."""
+@dataclasses.dataclass
+class Trial:
+    """One configuration of the series, planned, built on the device and warmed up: `time()`
+    runs one more real step and keeps its seconds; `row()` is what the series records of it."""
+
+    row_keys: dict  # the configuration and its plan (flops, ops, traffic, quant_calls)
+    step: Callable[[], None]  # one real training step on a fresh batch, synchronised
+    device: torch.device
+    sim: object  # the plan (peak and reserve, compared on CUDA)
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def timed_step(self) -> float:
+        started = time.perf_counter()
+        self.step()
+        self.times.append(time.perf_counter() - started)
+        return self.times[-1]
+
+    def row(self, fastest: bool) -> dict:
+        """The measured row: `seconds` the median of the timed steps, or their fastest when
+        `fastest` (the CPU's interleaved series, calibrate() says why)."""
+        seconds = min(self.times) if fastest else statistics.median(self.times)
+        row = {**self.row_keys, "seconds": seconds}
+        row["seconds_spread"] = [min(self.times), max(self.times)]
+        if self.device.type == "cuda":
+            row.update(
+                planned_peak=self.sim.peak_bytes,
+                measured_peak=torch.cuda.max_memory_allocated(),
+                planned_reserved=self.sim.reserved_bytes,
+                measured_reserved=torch.cuda.max_memory_reserved(),
+            )
+        return row
+
+
+def start_one(spec: tuple, device: Device, precision: str, narrow: bool = True) -> Trial | None:
+    """Plan one configuration of the series, build it on the device and run its warm-up step;
+    None when the plan says it would not fit the device (a small card runs the part of the
+    series it holds). On a CPU the model has CPU_SHRINK's two layers, and its narrow width too
+    when `narrow`."""
     name, method, gc_on, tokens, mb, quant = spec
     config = model_config(name)
     if device.type == "cpu":
@@ -247,16 +284,14 @@ def measure_one(spec: tuple, device: Device, precision: str, narrow: bool = True
         out = {"input_ids": ids, "labels": ids.clone(), "target_positions": _targets(ids)}
         return {k: v.to(where) for k, v in out.items()}
 
-    train_step(model, optimizer, [batch()], opts)  # warm-up: kernel choice, workspaces
-    times = []
-    for _ in range(TIMED_STEPS):
+    def step() -> None:
         b = [batch()]
         _sync(where)
-        started = time.perf_counter()
         train_step(model, optimizer, b, opts)
         _sync(where)
-        times.append(time.perf_counter() - started)
-    row = {
+
+    step()  # warm-up: kernel choice, workspaces
+    keys = {
         "model": name,
         "hidden": config.hidden_size,
         "layers": config.num_hidden_layers,
@@ -269,18 +304,19 @@ def measure_one(spec: tuple, device: Device, precision: str, narrow: bool = True
         "traffic": sim.traffic_per_step,
         "quant": quant,
         "quant_calls": sim.quant_calls_per_step,
-        "seconds": statistics.median(times),
-        "seconds_spread": [min(times), max(times)],
     }
-    if where.type == "cuda":
-        row.update(
-            planned_peak=sim.peak_bytes,
-            measured_peak=torch.cuda.max_memory_allocated(),
-            planned_reserved=sim.reserved_bytes,
-            measured_reserved=torch.cuda.max_memory_reserved(),
-        )
-    del model, optimizer, b
-    return row
+    return Trial(keys, step, where, sim)
+
+
+def measure_one(spec: tuple, device: Device, precision: str, narrow: bool = True) -> dict | None:
+    """start_one, then TIMED_STEPS timed steps in a row: the row with their median (the GPU's
+    series, one configuration on the card at a time)."""
+    trial = start_one(spec, device, precision, narrow)
+    if trial is None:
+        return None
+    for _ in range(TIMED_STEPS):
+        trial.timed_step()
+    return trial.row(fastest=False)
 
 
 def fit_rates(rows: list[dict], matmul: float, bandwidth_gbs: float) -> tuple[float, float]:
@@ -361,7 +397,16 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     series = [(spec, True) for spec in (GPU_SERIES if kind == "cuda" else CPU_SERIES)]
     if kind == "cpu":
         series += [(spec, False) for spec in CPU_WIDE_SERIES]  # at the models' own width
-    rows = []
+    # On a GPU one configuration at a time (the card holds one), its steps in a row, the row's
+    # seconds their median. On a CPU every configuration is built first and then timed in
+    # CPU_ROUNDS rounds over the series, the row's seconds the fastest of its steps, and the
+    # large matmul and the copy measured each round, their best kept: a shared machine's CPU
+    # speed drifts by tens of percent within seconds (this project's 2-core VMs: the same step
+    # 0.026-0.047 s in consecutive processes, `snug calibrate` fitting 0.151 then 0.176 TFLOP/s
+    # a minute apart), and a step cannot run faster than the machine does, so the fastest of
+    # steps spread over the series is the machine's own speed for every row alike.
+    interleaved = kind == "cpu"
+    rows, trials = [], []
     for i, (spec, narrow) in enumerate(series):
         quant = "" if spec[5] == "none" else f", {spec[5]}"
         if progress:
@@ -370,13 +415,18 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
                 f"{spec[1]}{quant}, {spec[4]} x {spec[3]} tokens"
             )
         try:
-            row = measure_one(spec, device, precision, narrow)
+            if interleaved:
+                trial = start_one(spec, device, precision, narrow)
+                trials += [trial] if trial else []
+                row = trial
+            else:
+                row = measure_one(spec, device, precision, narrow)
+                rows += [row] if row else []
         except (UserError, RuntimeError, OSError, ImportError) as e:
             if not quant:
                 raise
             # bitsandbytes' kernels may be missing or broken on this machine: the rest of the
             # series still calibrates the plan, without a 4-bit cost
-            row = None
             gc.collect()
             if where.type == "cuda":
                 torch.cuda.empty_cache()
@@ -385,15 +435,23 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
         else:
             if row is None and progress:
                 progress("  skipped: the plan says it would not fit this device")
-        rows += [row] if row else []
+    matmul, bandwidth = matmul_rate(where), copy_bandwidth(where)
+    if interleaved:
+        if progress and trials:
+            progress(f"timing: {CPU_ROUNDS} rounds of one step of each")
+        for _ in range(CPU_ROUNDS if trials else 0):
+            for trial in trials:
+                trial.timed_step()
+            matmul = max(matmul, matmul_rate(where))
+            bandwidth = max(bandwidth, copy_bandwidth(where))
+        rows = [trial.row(fastest=True) for trial in trials]
+        del trials
     plain = [r for r in rows if not r["quant_calls"]]
     if len(plain) < 3:
         raise PlanError(
             f"snug calibrate: only {len(plain)} of the series' configurations fit {device.name}; "
             "three are needed to fit the step time."
         )
-    matmul = matmul_rate(where)
-    bandwidth = copy_bandwidth(where)
     model = fit_model(rows, matmul, bandwidth, overlap=kind == "cuda")
     for r in rows:
         r["fitted_seconds"] = model.seconds(r["flops"], r["ops"], 0, r["traffic"], r["quant_calls"])
