@@ -16,11 +16,14 @@ tokens, each run in a fresh process:
   snug: this is what catches memory the tracker does not see. Fixed costs cancel in the
   difference (interpreter, libraries, tokenizer, data, the vocabulary-wide logits of both).
 
-Then the predicted step time against the measured one: a third run of the configuration, of 6
-optimizer steps with glibc's default allocator as users run snug (the memory runs' fixed mmap
-threshold maps and zeroes every larger block anew: LoRA steps 24-61% slower, full ones 4-40%,
-on the AVX-512 kind, benchmarks/results/plan-2026-11-29.md), the median step after the first; with typical values and after `snug calibrate --device cpu`, which the script runs first
-into a temporary calibration file (`--no-calibrate` uses the file already there), and the
+Then the predicted step time against the measured one: runs of their own of the configuration,
+of 5 optimizer steps with glibc's default allocator as users run snug (the memory runs' fixed
+mmap threshold maps and zeroes every larger block anew: LoRA steps 24-61% slower, full ones
+4-40%, on the AVX-512 kind, benchmarks/results/plan-2026-11-29.md), one in each of two passes
+over all configurations, the fastest step after each run's first (as `snug calibrate` on a CPU
+takes the fastest of steps spread over its series: a shared machine's speed drifts for minutes
+at a time), with the median and slowest beside it; predicted with typical values and after
+`snug calibrate --device cpu`, which the script runs first into a temporary calibration file (`--no-calibrate` uses the file already there), and the
 planning time for one configuration of a 70B model and for a whole search of a 7B
 model on one 24 GB GPU.
 

@@ -5,7 +5,10 @@ Each configuration of the series is a catalog model with random weights (built o
 nothing downloaded; on the CPU shrunk to two layers, most also narrow), LoRA or a full fine-tune, a
 batch of random token ids. It is planned exactly as `snug plan` would (the fake-tensor replay,
 which also counts the step's FLOPs and ops), then the same step (snug's own: the method, the
-loss, the optimizer, `train_step`) runs for real: a warm-up step, then timed steps.
+loss, the optimizer, `train_step`) runs for real: a warm-up step, then timed steps. On a GPU
+one configuration at a time, its steps in a row (their median); on a CPU every configuration is
+built first and timed in rounds over the series, each row the fastest of its steps (a shared
+machine's speed drifts; calibrate() says why).
 
 Measured:
 - step time: on a CPU `seconds = flops / rate + traffic / bandwidth + ops x op_seconds`, on a
