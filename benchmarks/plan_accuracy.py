@@ -27,7 +27,9 @@ at a time), with the median and slowest beside it; predicted with typical values
 planning time for one configuration of a 70B model and for a whole search of a 7B
 model on one 24 GB GPU.
 
-Run: python benchmarks/plan_accuracy.py [--out benchmarks/results/plan-DATE.md]
+Run: python benchmarks/plan_accuracy.py [--out benchmarks/results/plan-DATE.md] (beside it,
+plan-DATE.json: the calibration and, for each configuration, the plan's counts and every
+measured step)
 """
 
 from __future__ import annotations
@@ -237,7 +239,8 @@ def main() -> None:
         )
         calibrate_s = time.perf_counter() - started
     from snug.config import load_config
-    from snug.plan.hardware import cpu_device, find_gpu, model_config
+    from snug.plan import calibration
+    from snug.plan.hardware import cpu_device, device_key, find_gpu, model_config
     from snug.plan.report import breakdown_line
     from snug.plan.search import recommend, search
     from snug.plan.simulate import simulate
@@ -264,7 +267,7 @@ def main() -> None:
             keys = overrides(model, texts[seq], method, gc, seq, out, TIMED_STEPS)
             return real_run(keys, {})["steps_seconds"]
 
-        results, passes_at = [], [time.perf_counter()]
+        results, passes_at, measured_steps = [], [time.perf_counter()], []
         for i, (family, method, gc, seq) in enumerate(CONFIGS):
             result = {}
             for kind in ("real", "empty"):
@@ -329,6 +332,21 @@ def main() -> None:
             )
             print(line, flush=True)
             rows.append(line)
+            measured_steps.append(
+                {
+                    "family": family,
+                    "method": method,
+                    "checkpointing": gc,
+                    "tokens": seq,
+                    "flops": sim.flops_per_step,
+                    "ops": sim.ops_per_step,
+                    "traffic": sim.traffic_per_step,
+                    "weights_bytes": sim.weights_bytes,
+                    "planned_seconds": step["plan"],
+                    "steps_seconds": result["steps"],
+                    "memory_run_step_seconds": real["step_seconds"],
+                }
+            )
 
     t = time.perf_counter()
     cfg70 = load_config(None, ["method.name=lora", "train.micro_batch=1", "train.grad_accum=8"])
@@ -410,6 +428,19 @@ def main() -> None:
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
+    # every measured step and the plan's counts beside the report, so that a change of the
+    # step-time formula can be checked against this run's seconds without running it again
+    entry = calibration.load(device_key(cpu_device()))
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "calibration": entry.as_dict() if entry else None,
+                "configurations": measured_steps,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print("\n".join(lines))
 
 
