@@ -129,23 +129,24 @@ def method_keys(name: str, /, **keys):
 # fixtures are made once) in this order as workers free up: longest first keeps the two
 # workers' loads even. Order within a file is kept.
 LONGEST_FIRST = (  # summed seconds a file took in a clean run (AVX-512 kind, 2026-11-29)
-    "test_plan.py",  # 149
-    "test_gpu_kit.py",  # 113
-    "test_dist.py",  # 107
-    "test_train.py",  # 100
-    "test_reliability.py",  # 84
-    "test_preference.py",  # 60
-    "test_dist_plan.py",  # 42
-    "test_dist_signals.py",  # 40
-    "test_plan_search.py",  # 35
-    "test_hostile.py",  # 25
-    "test_calibrate.py",  # 21
-    "test_methods.py",  # 19
-    "test_data_fuzz.py",  # 15
-    "test_extending.py",  # 11
+    "test_plan.py",  # 105
+    "test_train.py",  # 103
+    "test_dist.py",  # 98
+    "test_gpu_kit.py",  # 92
+    "test_reliability.py",  # 58
+    "test_preference.py",  # 42
+    "test_dist_plan.py",  # 35
+    "test_calibrate.py",  # 30
+    "test_dist_signals.py",  # 29
+    "test_plan_search.py",  # 27
+    "test_methods.py",  # 20
+    "test_hostile.py",  # 19
+    "test_data_fuzz.py",  # 12
+    "test_extending.py",  # 10
     "test_step.py",  # 9
-    "test_generate.py",  # 6
-    "test_chat.py",
+    "test_data.py",  # 6
+    "test_generate.py",  # 5
+    "test_memory.py",  # 4
 )
 
 
