@@ -150,7 +150,8 @@ def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
     made = iter(
         calibrate_module.Trial(
             {"flops": f, "ops": o, "traffic": 0, "quant_calls": 0},
-            lambda i=i, s=s: step(i, s),
+            list,
+            lambda batch, i=i, s=s: step(i, s),
             torch.device("cpu"),
             None,
         )
@@ -382,3 +383,27 @@ def test_calibrate_on_this_cpu_measures_and_keeps_an_entry(tmp_path, capsys, mon
     saved = json.loads(cal_file.read_text())
     assert list(saved["devices"]) == [cal["device"]]
     assert "1 x 32" in err and "lora, 4bit" in err  # progress went to stderr under --json
+
+
+def test_the_gpu_series_path_times_one_configuration_at_a_time_and_takes_the_median(monkeypatch):
+    """measure_one, as the GPU series runs each configuration (here on the CPU, narrow): a
+    warm-up step, then TIMED_STEPS timed steps in a row, the row's seconds their median."""
+    import statistics
+
+    from snug.plan import calibrate as calibrate_module
+    from snug.plan.hardware import cpu_device
+
+    trials, start_one = [], calibrate_module.start_one
+
+    def kept(*args, **kwargs):
+        trials.append(start_one(*args, **kwargs))
+        return trials[-1]
+
+    monkeypatch.setattr(calibrate_module, "start_one", kept)
+    spec = ("Qwen/Qwen2.5-0.5B", "lora", False, 16, 1, "none")
+    row = calibrate_module.measure_one(spec, cpu_device(), "fp32")
+    times = trials[0].times
+    assert len(times) == calibrate_module.TIMED_STEPS
+    assert row["seconds"] == statistics.median(times) > 0
+    assert row["seconds_spread"] == [min(times), max(times)]
+    assert row["hidden"] == calibrate_module.CPU_SHRINK["hidden_size"] and row["flops"] > 0

@@ -220,18 +220,22 @@ def _build(config, cfg, where: torch.device, precision: str):
 
 @dataclasses.dataclass
 class Trial:
-    """One configuration of the series, planned, built on the device and warmed up: `time()`
-    runs one more real step and keeps its seconds; `row()` is what the series records of it."""
+    """One configuration of the series, planned, built on the device and warmed up:
+    `timed_step()` runs one more real step on a fresh batch and keeps its seconds (the batch
+    made before the clock starts); `row()` is what the series records of it."""
 
     row_keys: dict  # the configuration and its plan (flops, ops, traffic, quant_calls)
-    step: Callable[[], None]  # one real training step on a fresh batch, synchronised
+    batch: Callable[[], list]  # a fresh micro-batch of random ids, on the device
+    step: Callable[[list], None]  # one real training step on it, synchronised
     device: torch.device
     sim: object  # the plan (peak and reserve, compared on CUDA)
     times: list[float] = dataclasses.field(default_factory=list)
 
     def timed_step(self) -> float:
+        b = self.batch()
+        _sync(self.device)
         started = time.perf_counter()
-        self.step()
+        self.step(b)
         self.times.append(time.perf_counter() - started)
         return self.times[-1]
 
@@ -282,18 +286,16 @@ def start_one(spec: tuple, device: Device, precision: str, narrow: bool = True) 
         model, cfg.memory, cfg.train, lora_plus_ratio(cfg.method), where.type == "cuda"
     )
 
-    def batch() -> dict:
+    def batch() -> list:
         ids = torch.randint(0, config.vocab_size, (mb, tokens))
         out = {"input_ids": ids, "labels": ids.clone(), "target_positions": _targets(ids)}
-        return {k: v.to(where) for k, v in out.items()}
+        return [{k: v.to(where) for k, v in out.items()}]
 
-    def step() -> None:
-        b = [batch()]
-        _sync(where)
+    def step(b: list) -> None:
         train_step(model, optimizer, b, opts)
         _sync(where)
 
-    step()  # warm-up: kernel choice, workspaces
+    step(batch())  # warm-up: kernel choice, workspaces
     keys = {
         "model": name,
         "hidden": config.hidden_size,
@@ -308,7 +310,7 @@ def start_one(spec: tuple, device: Device, precision: str, narrow: bool = True) 
         "quant": quant,
         "quant_calls": sim.quant_calls_per_step,
     }
-    return Trial(keys, step, where, sim)
+    return Trial(keys, batch, step, where, sim)
 
 
 def measure_one(spec: tuple, device: Device, precision: str, narrow: bool = True) -> dict | None:
