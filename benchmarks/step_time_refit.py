@@ -20,7 +20,13 @@ whatever the vocabulary until 2026-11-28 (now at most 256 MiB of fp32 logits: 38
 for Qwen2.5's vocabulary, more ops and less traffic), so the replay keeps 1,024 unless
 `--chunk-positions 0` asks for the current code's chunks (for a run made since).
 
-Run: python benchmarks/step_time_refit.py [RESULTS_PREFIX] [--chunk-positions N]
+`--entry FILE` also writes (c) as that card's calibration entry, in the calibration file's
+format (plan/calibration.py): the run's own measurements (context, reserved ratio, one matmul,
+copy bandwidth, the series' steps) with (c)'s rate, per-op and 4-bit costs, its error over the
+configurations as `step_error`, and its source. snug ships such an entry
+(snug/models/catalog/calibrations.json) for a card its kit calibrated.
+
+Run: python benchmarks/step_time_refit.py [RESULTS_PREFIX] [--chunk-positions N] [--entry FILE]
      (default benchmarks/results/gpu-2026-11-28-H100, 1,024)
 """
 
@@ -52,6 +58,7 @@ def main() -> None:
         "prefix", nargs="?", type=Path, default=ROOT / "benchmarks/results/gpu-2026-11-28-H100"
     )
     chunk_option(parser)
+    parser.add_argument("--entry", type=Path, help="write (c) as a calibration entry here")
     args = parser.parse_args()
     prefix = args.prefix
     as_measured(args.chunk_positions)  # the chunks the measured run's snug used
@@ -157,6 +164,53 @@ def main() -> None:
             f"{k}: median {100 * statistics.median(size):.1f}%, worst {100 * max(size):.1f}%, {over} of {len(size)} beyond 25%"
             + (" (the row marked fit left out)" if held else "")
         )
+    if args.entry:
+        write_entry(args.entry, cal, overlapped, series, prefix)
+
+
+def write_entry(path: Path, cal: dict, fitted, series: list, prefix: Path) -> None:
+    """(c) as the card's calibration entry: the run's measurements, the refitted step time and
+    its error over the run's series (as `snug calibrate` reports it)."""
+    import dataclasses
+
+    from snug.plan import calibration
+
+    # each step's counts as replayed here, and its time as (c) fits it
+    steps = [
+        {
+            **r,
+            **{k: s[k] for k in ("flops", "ops", "traffic", "quant_calls")},
+            "fitted_seconds": fitted.seconds(
+                s["flops"], s["ops"], 0, s["traffic"], s["quant_calls"]
+            ),
+        }
+        for r, s in zip(cal["steps"], series, strict=True)
+    ]
+    errors = [r["fitted_seconds"] / r["seconds"] - 1 for r in steps]
+    source = (
+        f"shipped with snug, from its GPU kit's run on that card (benchmarks/results/"
+        f"{prefix.name}.md, refitted: benchmarks/step_time_refit.py); `snug calibrate` "
+        "measures yours"
+    )
+    entry = dataclasses.replace(
+        calibration.Calibration.from_dict(cal),
+        rate_flops=fitted.rate_flops,
+        op_seconds=fitted.op_seconds,
+        traffic_gbs=cal["bandwidth_gbs"],
+        overlap=fitted.overlap,
+        quant_call_seconds=fitted.quant_call_seconds,
+        step_error=(min(errors), max(errors)),
+        steps=tuple(steps),
+        source=source,
+    )
+    path.write_text(
+        json.dumps(
+            {"version": calibration.FILE_VERSION, "devices": {entry.device: entry.as_dict()}},
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"entry for {entry.device} written to {path}")
 
 
 if __name__ == "__main__":

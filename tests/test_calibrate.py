@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -214,6 +215,38 @@ def test_saving_keeps_every_other_device_and_reads_back(tmp_path):
     assert back.rate_flops == 3e14 and back.step_error == (-0.05, 0.04)
     assert calibration.load("A100 80GB", path) is None
     assert [p.name for p in path.parent.iterdir()] == ["calibration.json"]  # no temporary left
+
+
+def test_a_card_snugs_kit_calibrated_plans_with_the_shipped_entry_until_the_user_calibrates(
+    tmp_path, tiny_llama
+):
+    """The H100 entry snug ships (its GPU kit's run on that card): used, and named with its
+    source, for a card the user never calibrated; the user's own entry replaces it; a card the
+    kit never ran keeps the typical values."""
+    from snug.plan.hardware import find_gpu
+
+    h100 = find_gpu("H100 SXM").name
+    shipped = calibration.load(h100, calibration.SHIPPED)
+    assert shipped.source.startswith("shipped with snug")
+    report = Path(__file__).parents[1] / shipped.source.split("(")[1].split(",")[0]
+    assert report.is_file(), report  # the run it names is in the repository
+    # what `snug calibrate --device cuda` keeps: the overlapped fit, a rate no faster than the
+    # card's one large matmul, a 4-bit cost, the measured context and reserve ratio
+    assert shipped.overlap and 0 < shipped.rate_flops <= shipped.matmul_flops
+    assert shipped.quant_call_seconds > 0 and shipped.traffic_gbs == shipped.bandwidth_gbs
+    assert shipped.context_bytes > 0 and 0.9 < shipped.reserved_ratio < 1.1
+    gpu = ["--model", str(tiny_llama), "--method", "lora", "--seq-len", "64", "--gpu", h100]
+    plan = _plan_json(tmp_path, *gpu)  # the user's file: none
+    assert plan["calibration"] == shipped.label() and "shipped with snug" in plan["calibration"]
+    terms = plan["candidates"][0]["reserved_terms"]
+    assert terms["cuda_context"]["bytes"] == shipped.context_bytes
+    own = tmp_path / "own.json"
+    calibration.save(_entry(h100, precision="bf16-mixed", rate_flops=1e14), own)
+    assert _plan_json(tmp_path, *gpu, cal_file=own)["calibration"] == (
+        f"calibrated on 2026-11-27 ({h100})"
+    )
+    other = _plan_json(tmp_path, *gpu[:-1], "H100 PCIe")
+    assert other["calibration"] == "typical values, not calibrated"
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"version": 7, "devices": {}}', "[1, 2]"])

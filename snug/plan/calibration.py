@@ -52,6 +52,11 @@ GPU_OP_SECONDS = 15.8e-6
 CPU_OP_SECONDS = 21e-6
 
 
+# Entries snug ships, for cards its GPU kit calibrated (each names its source): a plan for such a
+# card uses them until `snug calibrate` on the user's own card replaces them.
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "catalog" / "calibrations.json"
+
+
 class CalibrationError(UserError):
     """The calibration file cannot be read or written (names the file)."""
 
@@ -80,6 +85,8 @@ class Calibration:
     reserved_error: tuple[float, float] | None = None  # min, max of planned/measured - 1
     steps: tuple[dict, ...] = ()  # each configuration of the series, as measured
     versions: dict = dataclasses.field(default_factory=dict)  # torch, snug, the device's
+    # where an entry shipped with snug comes from (None: the user's own `snug calibrate`)
+    source: str | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,7 +102,8 @@ class Calibration:
         return Calibration(**keys)
 
     def label(self) -> str:
-        return f"calibrated on {self.date} ({self.device})"
+        where = f"; {self.source}" if self.source else ""
+        return f"calibrated on {self.date} ({self.device}{where})"
 
 
 def calibration_path() -> Path:
@@ -127,16 +135,19 @@ def _read(path: Path) -> dict:
 
 
 def load(key: str, path: Path | None = None) -> Calibration | None:
-    """The entry for device `key`, or None when the device was never calibrated."""
-    path = path or calibration_path()
-    entry = _read(path).get(key)
-    if entry is None:
+    """The entry for device `key` in `path`, by default the user's file and then, for a card
+    the user never calibrated, the one snug ships (SHIPPED); None when neither has one."""
+    for file in [path] if path else [calibration_path(), SHIPPED]:
+        entry = _read(file).get(key)
+        if entry is not None:
+            break
+    else:
         return None
     try:
         return Calibration.from_dict(entry)
     except (TypeError, ValueError) as e:
         raise CalibrationError(
-            f"{path}: the entry for {key!r} is not valid ({e}); run snug calibrate again."
+            f"{file}: the entry for {key!r} is not valid ({e}); run snug calibrate again."
         ) from None
 
 
