@@ -265,9 +265,10 @@ def main() -> None:
             anew)."""
             model, out = models[(family, "real")], work / f"run-{i}-t{n}"
             keys = overrides(model, texts[seq], method, gc, seq, out, TIMED_STEPS)
+            runs_at.setdefault(i, []).append(time.perf_counter())
             return real_run(keys, {})["steps_seconds"]
 
-        results, passes_at, measured_steps = [], [time.perf_counter()], []
+        results, runs_at, measured_steps = [], {}, []
         for i, (family, method, gc, seq) in enumerate(CONFIGS):
             result = {}
             for kind in ("real", "empty"):
@@ -300,11 +301,12 @@ def main() -> None:
         # over runs far apart is the configuration's own time, as `snug calibrate` takes the
         # fastest of its steps spread over its series
         for n in range(1, TIMING_PASSES):
-            passes_at.append(time.perf_counter())
             for i, config in enumerate(CONFIGS):
                 results[i]["steps"] += timed_run(i, *config, n)
-                print(f"pass {n + 1} [{i + 1}/{len(CONFIGS)}]", flush=True)
-        apart = (passes_at[-1] - passes_at[0]) / max(len(passes_at) - 1, 1)
+                steps = [round(x, 2) for x in results[i]["steps"][-(TIMED_STEPS - 1) :]]
+                print(f"pass {n + 1} [{i + 1}/{len(CONFIGS)}] {config}: {steps}", flush=True)
+        # how far apart in time each configuration's runs started (minutes; 0 for one pass)
+        apart = [(at[-1] - at[0]) / 60 / max(len(at) - 1, 1) for at in runs_at.values()]
         for (family, method, gc, seq), result in zip(CONFIGS, results, strict=True):
             real, empty = result["real"], result["empty"]
             timed, median = min(result["steps"]), statistics.median(result["steps"])
@@ -392,8 +394,8 @@ def main() -> None:
         )
         + f"; measured: {TIMING_PASSES} runs of its own of {TIMED_STEPS} optimizer steps with "
         "glibc's default allocator (as users run snug), one in each of "
-        f"{TIMING_PASSES} passes over all configurations (the passes "
-        f"{apart / 60:.1f} minutes apart), each step's "
+        f"{TIMING_PASSES} passes over all configurations (a configuration's runs "
+        f"{min(apart):.1f} to {max(apart):.1f} minutes apart), each step's "
         "seconds from metrics.jsonl, the first step of each run left out: the fastest of "
         "those steps (a shared machine's speed drifts for minutes at a time and a step cannot "
         "run faster than the machine, so the fastest is the configuration's own time, as "

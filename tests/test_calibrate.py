@@ -136,6 +136,9 @@ def test_when_every_step_is_on_one_side_of_the_maximum_the_sum_is_fitted():
 
 
 def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
+    """On a CPU the series is timed in rounds, each row its fastest step, the matmul and copy
+    their best of the rounds; a 4-bit configuration that fails as it starts or in a round is
+    skipped with the reason and the rest still calibrates."""
     import time
 
     import torch
@@ -146,25 +149,32 @@ def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
 
     def step(i, seconds):
         order.append(i)
+        if i == 3 and order.count(3) == 2:
+            raise RuntimeError("bitsandbytes: kernel failed in round 2\nand more")
         time.sleep(seconds)
 
-    made = iter(
-        calibrate_module.Trial(
-            {"flops": f, "ops": o, "traffic": 0, "quant_calls": 0},
+    def trial(i, seconds, quant="none"):
+        keys = {"flops": 1e9 * (i + 1), "ops": 1000 * (3 - i), "traffic": 0, "quant_calls": 0}
+        return calibrate_module.Trial(
+            {**keys, "quant": quant},
             list,
-            lambda batch, i=i, s=s: step(i, s),
+            lambda batch: step(i, seconds),
             torch.device("cpu"),
             None,
         )
-        for i, (f, o, s) in enumerate(((1e9, 1000, 0.003), (4e10, 3000, 0.05), (2e10, 9000, 0.04)))
-    )
+
+    made = iter([trial(0, 0.003), trial(1, 0.05), trial(2, 0.04), trial(3, 0.01, "4bit")])
 
     def start_one(spec, device, precision, narrow=True):
-        if spec[5] != "none":
+        if spec[3] == 16:
             raise RuntimeError("bitsandbytes: no kernel for this device\nand more")
         return next(made)
 
-    series = calibrate_module.CPU_SERIES[:3] + (("Qwen/Qwen2.5-0.5B", "lora", 1, 32, 1, "4bit"),)
+    rates = iter(range(100, 200))  # each call its own value: the best is the last
+    monkeypatch.setattr(calibrate_module, "matmul_rate", lambda where: 1e12 * next(rates))
+    monkeypatch.setattr(calibrate_module, "copy_bandwidth", lambda where: 1.0 * next(rates))
+    qlora = ("Qwen/Qwen2.5-0.5B", "lora", 1, 32, 1, "4bit")
+    series = (*calibrate_module.CPU_SERIES[:3], qlora[:3] + (16,) + qlora[4:], qlora)
     monkeypatch.setattr(calibrate_module, "CPU_SERIES", series)
     monkeypatch.setattr(calibrate_module, "CPU_WIDE_SERIES", ())
     monkeypatch.setattr(calibrate_module, "start_one", start_one)
@@ -172,10 +182,50 @@ def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
     cal = calibrate_module.calibrate("cpu", progress=lines.append)
     assert len(cal.steps) == 3 and cal.quant_call_seconds is None
     assert "  skipped: the 4-bit step failed (bitsandbytes: no kernel for this device)" in lines
-    # on a CPU the steps are timed in rounds over the series, each row its fastest step
-    assert order == [0, 1, 2] * calibrate_module.CPU_ROUNDS
+    assert "  skipped: the 4-bit step failed (bitsandbytes: kernel failed in round 2)" in lines
+    # rounds over the series (the 4-bit one dropped in round 2), each row its fastest step
+    rounds = calibrate_module.CPU_ROUNDS
+    assert order == [0, 1, 2, 3, 0, 1, 2, 3] + [0, 1, 2] * (rounds - 2)
     for row, slept in zip(cal.steps, (0.003, 0.05, 0.04), strict=True):
         assert row["seconds"] == row["seconds_spread"][0] >= slept
+    # measured before the rounds and after each, alternating: the best of each kept
+    assert cal.matmul_flops == 1e12 * (100 + 2 * rounds) and cal.bandwidth_gbs == 101 + 2 * rounds
+
+
+def test_the_gpu_series_runs_one_configuration_at_a_time(monkeypatch):
+    """calibrate("cuda") measures each configuration with measure_one (its steps in a row, the
+    card holding one at a time), not in the CPU's rounds, and the matmul and copy after them."""
+    from snug.plan import calibrate as calibrate_module
+    from snug.plan.hardware import Device
+
+    calls = []
+
+    def measure_one(spec, device, precision, narrow=True):
+        calls.append(("measure", spec[3]))
+        i = len(calls)
+        return {
+            "flops": 1e12 * i, "ops": 1000 * (7 - i), "traffic": 0, "quant_calls": 0,
+            "seconds": 0.01 * i, "measured_reserved": 1.0, "planned_reserved": 1.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(calibrate_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(calibrate_module, "cuda_context", lambda: 2**29)
+    card = Device(name="Some GPU", type="cuda", memory_bytes=None)
+    monkeypatch.setattr(calibrate_module, "device_for", lambda kind, gpu: card)
+    monkeypatch.setattr(calibrate_module, "measure_one", measure_one)
+    monkeypatch.setattr(
+        calibrate_module, "start_one", lambda *a, **k: pytest.fail("the CPU's rounds on a GPU")
+    )
+    monkeypatch.setattr(
+        calibrate_module, "matmul_rate", lambda where: calls.append("matmul") or 1e15
+    )
+    monkeypatch.setattr(
+        calibrate_module, "copy_bandwidth", lambda where: calls.append("copy") or 3000.0
+    )
+    series = calibrate_module.GPU_SERIES
+    cal = calibrate_module.calibrate("cuda")
+    assert calls == [("measure", s[3]) for s in series] + ["matmul", "copy"]
+    assert len(cal.steps) == len(series) and cal.context_bytes == 2**29
 
 
 def test_calibration_learns_what_each_4bit_matmul_costs_from_the_qlora_step():

@@ -389,6 +389,41 @@ def fit_model(rows: list[dict], matmul: float, bandwidth_gbs: float, overlap: bo
     return model
 
 
+# What a 4-bit step raises where bitsandbytes' kernels are missing or broken on this machine
+QUANT_FAILURES = (UserError, RuntimeError, OSError, ImportError)
+
+
+def _skip_4bit(e: BaseException, where: torch.device, progress) -> None:
+    """A 4-bit configuration failed: the rest of the series still calibrates the plan, without
+    a 4-bit cost."""
+    gc.collect()
+    if where.type == "cuda":
+        torch.cuda.empty_cache()
+    if progress:
+        progress(f"  skipped: the 4-bit step failed ({first_line(e)})")
+
+
+def _time_in_rounds(trials: list[Trial], where: torch.device, progress) -> tuple:
+    """CPU_ROUNDS rounds of one timed step of each trial, and one large matmul and one copy
+    after each round: (each trial's row with its fastest step, the best matmul rate, the best
+    copy bandwidth). A 4-bit trial that fails in a round is dropped, as at its warm-up."""
+    if progress and trials:
+        progress(f"timing: {CPU_ROUNDS} rounds of one step of each")
+    matmul, bandwidth = matmul_rate(where), copy_bandwidth(where)
+    for _ in range(CPU_ROUNDS if trials else 0):
+        for trial in list(trials):
+            try:
+                trial.timed_step()
+            except QUANT_FAILURES as e:
+                if trial.row_keys["quant"] == "none":
+                    raise
+                trials.remove(trial)
+                _skip_4bit(e, where, progress)
+        matmul = max(matmul, matmul_rate(where))
+        bandwidth = max(bandwidth, copy_bandwidth(where))
+    return [trial.row(fastest=True) for trial in trials], matmul, bandwidth
+
+
 def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     """Run the series on `kind` ("cuda" or "cpu") and return what it measured (unsaved)."""
     if kind == "cuda" and not torch.cuda.is_available():
@@ -406,10 +441,13 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     # seconds their median. On a CPU every configuration is built first and then timed in
     # CPU_ROUNDS rounds over the series, the row's seconds the fastest of its steps, and the
     # large matmul and the copy measured each round, their best kept: a shared machine's CPU
-    # speed drifts by tens of percent within seconds (this project's 2-core VMs: the same step
-    # 0.026-0.047 s in consecutive processes, `snug calibrate` fitting 0.151 then 0.176 TFLOP/s
-    # a minute apart), and a step cannot run faster than the machine does, so the fastest of
-    # steps spread over the series is the machine's own speed for every row alike.
+    # speed drifts by tens of percent, over seconds and over minutes (this project's 2-core VMs,
+    # `snug calibrate --device cpu` twice in a row on 2026-11-29: one narrow step 0.047 s in the
+    # first and 0.026 s in the second, fitting 0.151 then 0.176 TFLOP/s one configuration at a
+    # time; 0.178 and 0.176 in rounds). A step cannot run faster than the machine does, so the
+    # fastest of steps spread over the series is the machine's own speed for every row alike; a
+    # slow spell longer than the series slows all of it (benchmarks/plan_accuracy.py times its
+    # configurations in two passes far apart for that).
     interleaved = kind == "cpu"
     rows, trials = [], []
     for i, (spec, narrow) in enumerate(series):
@@ -420,36 +458,18 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
                 f"{spec[1]}{quant}, {spec[4]} x {spec[3]} tokens"
             )
         try:
-            if interleaved:
-                trial = start_one(spec, device, precision, narrow)
-                trials += [trial] if trial else []
-                row = trial
-            else:
-                row = measure_one(spec, device, precision, narrow)
-                rows += [row] if row else []
-        except (UserError, RuntimeError, OSError, ImportError) as e:
+            made = (start_one if interleaved else measure_one)(spec, device, precision, narrow)
+        except QUANT_FAILURES as e:
             if not quant:
                 raise
-            # bitsandbytes' kernels may be missing or broken on this machine: the rest of the
-            # series still calibrates the plan, without a 4-bit cost
-            gc.collect()
-            if where.type == "cuda":
-                torch.cuda.empty_cache()
-            if progress:
-                progress(f"  skipped: the 4-bit step failed ({first_line(e)})")
-        else:
-            if row is None and progress:
-                progress("  skipped: the plan says it would not fit this device")
-    matmul, bandwidth = matmul_rate(where), copy_bandwidth(where)
+            _skip_4bit(e, where, progress)
+            continue
+        if made is None and progress:
+            progress("  skipped: the plan says it would not fit this device")
+        (trials if interleaved else rows).extend([made] if made else [])
+    made = None  # the last configuration lives on in `trials` only (freed after the rounds)
     if interleaved:
-        if progress and trials:
-            progress(f"timing: {CPU_ROUNDS} rounds of one step of each")
-        for _ in range(CPU_ROUNDS if trials else 0):
-            for trial in trials:
-                trial.timed_step()
-            matmul = max(matmul, matmul_rate(where))
-            bandwidth = max(bandwidth, copy_bandwidth(where))
-        rows = [trial.row(fastest=True) for trial in trials]
+        rows, matmul, bandwidth = _time_in_rounds(trials, where, progress)
         del trials
     plain = [r for r in rows if not r["quant_calls"]]
     if len(plain) < 3:
@@ -457,6 +477,8 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
             f"snug calibrate: only {len(plain)} of the series' configurations fit {device.name}; "
             "three are needed to fit the step time."
         )
+    if not interleaved:
+        matmul, bandwidth = matmul_rate(where), copy_bandwidth(where)
     model = fit_model(rows, matmul, bandwidth, overlap=kind == "cuda")
     for r in rows:
         r["fitted_seconds"] = model.seconds(r["flops"], r["ops"], 0, r["traffic"], r["quant_calls"])
