@@ -48,8 +48,8 @@ def main() -> None:
     from reserved_check import as_measured, chunk_option, overrides
 
     from snug.config import load_config
-    from snug.plan.calibrate import _config, fit_model, fit_rates
-    from snug.plan.calibration import fit_step_time
+    from snug.plan.calibrate import _config
+    from snug.plan.calibration import fit_model, fit_rates, fit_step_time
     from snug.plan.hardware import model_config
     from snug.plan.simulate import simulate
 

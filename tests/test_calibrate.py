@@ -42,7 +42,7 @@ def test_the_fit_leaves_out_what_the_memory_traffic_already_explains():
 
 
 def test_a_fitted_rate_beyond_one_large_matmul_is_held_at_it():
-    from snug.plan.calibrate import fit_rates
+    from snug.plan.calibration import fit_rates
 
     # steps whose traffic at 1 GB/s takes nearly all their time: a free fit would ask for a
     # FLOP rate far beyond the 1e10 FLOP/s of the device's best matmul
@@ -121,7 +121,7 @@ def test_the_overlapped_fit_recovers_the_rate_and_the_cost_per_op():
 
 
 def test_when_every_step_is_on_one_side_of_the_maximum_the_sum_is_fitted():
-    from snug.plan.calibrate import fit_model
+    from snug.plan.calibration import fit_model
 
     # every step launch-bound: the maximum would leave the FLOP rate anything (the fit's edge,
     # the best matmul's); the sum takes both costs from every row
@@ -229,7 +229,7 @@ def test_the_gpu_series_runs_one_configuration_at_a_time(monkeypatch):
 
 
 def test_calibration_learns_what_each_4bit_matmul_costs_from_the_qlora_step():
-    from snug.plan.calibrate import fit_model
+    from snug.plan.calibration import fit_model
 
     a, b, q = 1 / 4e14, 15e-6, 300e-6
     rows = [

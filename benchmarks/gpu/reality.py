@@ -125,7 +125,7 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from snug.config import load_config
-    from snug.plan.calibrate import cuda_context
+    from snug.plan.device_probe import cuda_context
     from snug.plan.hardware import cpu_device, find_gpu, model_config
     from snug.plan.search import plan_one
     from snug.plan.timing import device_model, precision_for

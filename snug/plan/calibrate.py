@@ -36,7 +36,6 @@ import dataclasses
 import datetime
 import gc
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,7 +47,8 @@ from snug.config import load_config
 from snug.data.collate import _targets
 from snug.errors import UserError, first_line
 from snug.models.load import resolve_dtype
-from snug.plan.calibration import Calibration, StepModel, fit_overlapped, fit_step_time
+from snug.plan.calibration import Calibration, fit_model, quant_rows
+from snug.plan.device_probe import copy_bandwidth, cuda_context, matmul_rate, sync
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
 from snug.plan.simulate import PlanError, simulate, with_depth
 from snug.train.optim import build_optimizer, lora_plus_ratio
@@ -115,66 +115,6 @@ def device_for(kind: str, gpu: str | None) -> Device:
         return Device(name=name, type="cuda", memory_bytes=total)
 
 
-def _used_by_others() -> int | None:
-    """Device memory in use before this process touched CUDA (nvidia-smi), None if unreadable."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout
-        return int(out.split()[0]) * 2**20
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return None
-
-
-def cuda_context() -> int | None:
-    """Device memory that initialising CUDA takes (call before anything touches CUDA)."""
-    before = _used_by_others()
-    torch.cuda.init()
-    torch.zeros(1, device="cuda")  # the context as the first tensor makes it
-    free, total = torch.cuda.mem_get_info()
-    if before is None:
-        return None
-    return total - free - before - torch.cuda.memory_reserved()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_rate(device: torch.device) -> float:
-    """FLOP/s of one large square matmul (bf16 on a GPU, fp32 on a CPU)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    a @ a
-    _sync(device)
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        for _ in range(5):
-            a @ a
-        _sync(device)
-        best = min(best, (time.perf_counter() - started) / 5)
-    return 2 * n**3 / best
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """GB/s of a device-to-device copy (bytes read plus bytes written) of 1 GiB on a GPU, of
-    256 MiB on a CPU (well beyond its caches)."""
-    src = torch.empty(2**30 if device.type == "cuda" else 2**28, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    _sync(device)
-    return 2 * 5 * src.numel() / (time.perf_counter() - started) / 1e9
-
-
 def _config(
     model: str, method: str, gc: bool, tokens: int, mb: int, precision: str, quant: str = "none"
 ):
@@ -233,7 +173,7 @@ class Trial:
 
     def timed_step(self) -> float:
         b = self.batch()
-        _sync(self.device)
+        sync(self.device)
         started = time.perf_counter()
         self.step(b)
         self.times.append(time.perf_counter() - started)
@@ -293,7 +233,7 @@ def start_one(spec: tuple, device: Device, precision: str, narrow: bool = True) 
 
     def step(b: list) -> None:
         train_step(model, optimizer, b, opts)
-        _sync(where)
+        sync(where)
 
     step(batch())  # warm-up: kernel choice, workspaces
     keys = {
@@ -322,71 +262,6 @@ def measure_one(spec: tuple, device: Device, precision: str, narrow: bool = True
     for _ in range(TIMED_STEPS):
         trial.timed_step()
     return trial.row(fastest=False)
-
-
-def fit_rates(rows: list[dict], matmul: float, bandwidth_gbs: float) -> tuple[float, float]:
-    """(seconds per FLOP, seconds per op) fitted to the measured rows, each step's memory
-    traffic charged at the measured copy bandwidth. A whole step cannot run its FLOPs faster
-    than one large matmul: a fit that asks for more (the traffic then explains the steps
-    alone, as on an H100 whose small elementwise ops stay in cache) keeps the matmul rate
-    and fits the per-op cost alone."""
-    known = [r["traffic"] / (bandwidth_gbs * 1e9) for r in rows]
-    a, b = fit_step_time(
-        [(r["flops"], r["ops"], r["seconds"], k) for r, k in zip(rows, known, strict=True)]
-    )
-    if a < 1 / matmul:
-        a = 1 / matmul
-        _, b = fit_step_time(
-            [
-                (0, r["ops"], r["seconds"], k + a * r["flops"])
-                for r, k in zip(rows, known, strict=True)
-            ]
-        )
-    return a, b
-
-
-def quant_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("quant_calls")]
-
-
-def fit_model(rows: list[dict], matmul: float, bandwidth_gbs: float, overlap: bool) -> StepModel:
-    """The step-time model fitted to measured rows (dicts with flops, ops, traffic, seconds and
-    quant_calls): the rate and the per-op cost from the rows without 4-bit matmuls, on a GPU
-    with the host's dispatch overlapping the device's work (`max`, plan/calibration.py), on a
-    CPU added to it (`fit_rates`); then what each 4-bit matmul costs beyond that, the median
-    over the 4-bit rows of what is left of their measured seconds per matmul (zero when none).
-    The maximum tells the two costs apart only when some rows are the device's and some the
-    host's; when the fit puts every row on one side, the other cost is anything below it, so
-    the sum is fitted instead (both costs then come from every row), and the model adds."""
-    plain = [r for r in rows if not r.get("quant_calls")]
-    if overlap:
-        moved = [r["traffic"] / (bandwidth_gbs * 1e9) for r in plain]
-        a, b = fit_overlapped(
-            [(r["flops"], r["ops"], r["seconds"], k) for r, k in zip(plain, moved, strict=True)],
-            1 / matmul,
-        )
-        device_bound = [
-            a * r["flops"] + k > b * r["ops"] for r, k in zip(plain, moved, strict=True)
-        ]
-        overlap = any(device_bound) and not all(device_bound)
-    if not overlap:
-        a, b = fit_rates(plain, matmul, bandwidth_gbs)
-    model = StepModel(
-        rate_flops=1 / a if a > 0 else 0.0,
-        op_seconds=b,
-        bandwidth_gbs=None,  # the fit has no weight-reading term; the plan's model adds it
-        source="fitted",
-        traffic_gbs=bandwidth_gbs,
-        overlap=overlap,
-    )
-    left = [
-        max(0.0, r["seconds"] - model.seconds(r["flops"], r["ops"], 0, r["traffic"]))
-        / r["quant_calls"]
-        for r in quant_rows(rows)
-    ]
-    if left:
-        model = dataclasses.replace(model, quant_call_seconds=statistics.median(left))
-    return model
 
 
 # What a 4-bit step raises where bitsandbytes' kernels are missing or broken on this machine

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,3 +262,68 @@ def fit_overlapped(
         for b in (max(0.0, b0 + top * i / 16000) for i in range(-40, 41))
     )
     return finer[1], finer[2]
+
+
+def fit_rates(rows: list[dict], matmul: float, bandwidth_gbs: float) -> tuple[float, float]:
+    """(seconds per FLOP, seconds per op) fitted to the measured rows, each step's memory
+    traffic charged at the measured copy bandwidth. A whole step cannot run its FLOPs faster
+    than one large matmul: a fit that asks for more (the traffic then explains the steps
+    alone, as on an H100 whose small elementwise ops stay in cache) keeps the matmul rate
+    and fits the per-op cost alone."""
+    known = [r["traffic"] / (bandwidth_gbs * 1e9) for r in rows]
+    a, b = fit_step_time(
+        [(r["flops"], r["ops"], r["seconds"], k) for r, k in zip(rows, known, strict=True)]
+    )
+    if a < 1 / matmul:
+        a = 1 / matmul
+        _, b = fit_step_time(
+            [
+                (0, r["ops"], r["seconds"], k + a * r["flops"])
+                for r, k in zip(rows, known, strict=True)
+            ]
+        )
+    return a, b
+
+
+def quant_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("quant_calls")]
+
+
+def fit_model(rows: list[dict], matmul: float, bandwidth_gbs: float, overlap: bool) -> StepModel:
+    """The step-time model fitted to measured rows (dicts with flops, ops, traffic, seconds and
+    quant_calls): the rate and the per-op cost from the rows without 4-bit matmuls, on a GPU
+    with the host's dispatch overlapping the device's work (`max`, plan/calibration.py), on a
+    CPU added to it (`fit_rates`); then what each 4-bit matmul costs beyond that, the median
+    over the 4-bit rows of what is left of their measured seconds per matmul (zero when none).
+    The maximum tells the two costs apart only when some rows are the device's and some the
+    host's; when the fit puts every row on one side, the other cost is anything below it, so
+    the sum is fitted instead (both costs then come from every row), and the model adds."""
+    plain = [r for r in rows if not r.get("quant_calls")]
+    if overlap:
+        moved = [r["traffic"] / (bandwidth_gbs * 1e9) for r in plain]
+        a, b = fit_overlapped(
+            [(r["flops"], r["ops"], r["seconds"], k) for r, k in zip(plain, moved, strict=True)],
+            1 / matmul,
+        )
+        device_bound = [
+            a * r["flops"] + k > b * r["ops"] for r, k in zip(plain, moved, strict=True)
+        ]
+        overlap = any(device_bound) and not all(device_bound)
+    if not overlap:
+        a, b = fit_rates(plain, matmul, bandwidth_gbs)
+    model = StepModel(
+        rate_flops=1 / a if a > 0 else 0.0,
+        op_seconds=b,
+        bandwidth_gbs=None,  # the fit has no weight-reading term; the plan's model adds it
+        source="fitted",
+        traffic_gbs=bandwidth_gbs,
+        overlap=overlap,
+    )
+    left = [
+        max(0.0, r["seconds"] - model.seconds(r["flops"], r["ops"], 0, r["traffic"]))
+        / r["quant_calls"]
+        for r in quant_rows(rows)
+    ]
+    if left:
+        model = dataclasses.replace(model, quant_call_seconds=statistics.median(left))
+    return model
