@@ -20,8 +20,8 @@ whatever the vocabulary until 2026-11-28 (now at most 256 MiB of fp32 logits: 38
 for Qwen2.5's vocabulary, more ops and less traffic), so the replay keeps 1,024 unless
 `--chunk-positions 0` asks for the current code's chunks (for a run made since).
 
-`--entry FILE` also writes (c) as that card's calibration entry, in the calibration file's
-format (plan/calibration.py): the run's own measurements (context, reserved ratio, one matmul,
+`--entry FILE` also writes (c) as that card's calibration entry into FILE (its other cards
+kept), in the calibration file's format (plan/calibration.py): the run's own measurements (context, reserved ratio, one matmul,
 copy bandwidth, the series' steps) with (c)'s rate, per-op and 4-bit costs, its error over the
 configurations as `step_error`, and its source. snug ships such an entry
 (snug/models/catalog/calibrations.json) for a card its kit calibrated.
@@ -203,13 +203,7 @@ def write_entry(path: Path, cal: dict, fitted, series: list, prefix: Path) -> No
         steps=tuple(steps),
         source=source,
     )
-    path.write_text(
-        json.dumps(
-            {"version": calibration.FILE_VERSION, "devices": {entry.device: entry.as_dict()}},
-            indent=2,
-        )
-        + "\n"
-    )
+    calibration.save(entry, path)  # the file's other cards kept
     print(f"entry for {entry.device} written to {path}")
 
 
