@@ -26,7 +26,9 @@ def test_the_gpu_kit_runs_end_to_end_on_this_cpu(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        # the dry run's own budgets (900 s a part) guard against a hang; how fast this CPU is,
+        # shared with the rest of the suite, is not what this test checks
+        timeout=3 * 900 + 60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for step in ("calibrate: rc 0", "reality: rc 0", "baseline: rc 0"):
