@@ -31,6 +31,13 @@ def resume_command(args: argparse.Namespace) -> str:
     return shlex.join(argv)
 
 
+def say_set_aside(cfg) -> None:
+    """The config file's keys set aside for a method or stage the command line chose (one line
+    each), on stderr: stdout may be JSON (`snug plan --json`)."""
+    for line in cfg.set_aside:
+        print(line, file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     # Config, output directory, model and data paths first, before torch is imported (seconds).
     from snug.config import load_config
@@ -38,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from snug.train.outputs import check_output_dir
 
     cfg = load_config(args.config, args.overrides)
+    if "LOCAL_RANK" not in os.environ:  # said once: by this command, not by each rank it starts
+        say_set_aside(cfg)
     check_output_dir(cfg)
     check_model_dir(cfg.model.name_or_path)
     check_data_paths(cfg.data)
@@ -72,7 +81,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.config:  # a config error in a moment, before the planner's imports
         from snug.config import load_config
 
-        load_config(args.config, args.overrides)
+        overrides = [*args.overrides, *([f"method.name={args.method}"] if args.method else [])]
+        say_set_aside(load_config(args.config, overrides))
     from snug.plan.report import cmd_plan as run
 
     return run(args)
@@ -81,7 +91,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_measure(args: argparse.Namespace) -> int:
     from snug.config import load_config
 
-    load_config(args.config, args.overrides)
+    say_set_aside(load_config(args.config, args.overrides))
     from snug.plan.report import cmd_measure as run
 
     return run(args)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from snug import paths
+from snug import paths, switch
 from snug.checks import check_combinations
 from snug.errors import ConfigError
 from snug.files import write_text_atomic
@@ -361,7 +361,9 @@ def load_config(
 ) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate everything.
     Relative paths in the file are read from the file's folder. `run_config`: the config.yaml
-    a training run saved (an earlier snug's holds other methods' keys, which had no effect)."""
+    a training run saved (an earlier snug's holds other methods' keys, which had no effect).
+    An override choosing another method or stage sets the file's keys of its own aside
+    (snug/switch.py); `cfg.set_aside` says which, for the command to print."""
     raw: dict[str, Any] = {}
     source = "config"
     lines: dict[str, int] = {}
@@ -378,6 +380,7 @@ def load_config(
             raise ConfigError(f"{path}: the top level must be a mapping of sections.")
         base = Path(path).resolve().parent
     origins = Origins(source, lines)
+    in_file = switch.file_choices(raw)
     for text in overrides:
         section, key, value = parse_override(text)
         origins.overrides[f"{section}.{key}"] = text
@@ -390,7 +393,12 @@ def load_config(
         if raw[section] is None:
             raw[section] = {}
         raw[section][key] = value
-    return config_from_dict(raw, source, origins, base, drop_foreign=run_config)
+    registered_methods()  # the methods and stages whose keys may be set aside
+    registered_stages()
+    aside = switch.set_aside(raw, in_file, set(origins.overrides), source)
+    cfg = config_from_dict(raw, source, origins, base, drop_foreign=run_config)
+    cfg.set_aside = aside
+    return cfg
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -67,3 +68,42 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
     """Whether `path` is `folder` or lies under it (both resolved)."""
     p, f = Path(path).resolve(), Path(folder).resolve()
     return p == f or f in p.parents
+
+
+# The endings of the data files snug reads (snug/data/sources.py reads them by these).
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+_SPECIAL = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+# Why such a file is refused as data, for the messages that name one.
+NOT_A_FILE_BECAUSE = (
+    "not a regular file: snug reads a data file more than once (to key its cache, to name a "
+    "bad line), and opening a pipe waits for a writer; save the data to a file and name that"
+)
+
+
+def special_kind(path: str | Path) -> str | None:
+    """What `path` is when it is neither a regular file nor a directory (following symlinks):
+    'a named pipe (FIFO)', 'a socket', a device; None for a file, a directory or nothing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), None)
+
+
+def special_data_file(path: str | Path) -> tuple[Path, str] | None:
+    """`path` itself, or for a directory the first data file in it (by DATA_SUFFIXES), that is
+    not a regular file, and what it is; None when there is none. Never opens anything."""
+    what = special_kind(path)
+    if what is not None:
+        return Path(path), what
+    if not Path(path).is_dir():
+        return None
+    for entry in sorted(Path(path).rglob("*")):
+        if entry.suffix.lower() in DATA_SUFFIXES and (what := special_kind(entry)):
+            return entry, what
+    return None

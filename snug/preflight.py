@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from snug.errors import UserError, read_utf8
-from snug.paths import looks_like_hub_id
+from snug.paths import NOT_A_FILE_BECAUSE, looks_like_hub_id, special_data_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -67,11 +67,20 @@ def check_model_dir(name_or_path: str, key: str = "model.name_or_path") -> None:
         raise ModelLoadError(f"{where}: the directory holds no weights (*.safetensors).")
 
 
+class NotAFile(UserError):
+    """A data path names a named pipe, a socket or a device, or a directory holding one."""
+
+
 def check_data_paths(data) -> None:
-    """Every local entry of data.train and data.eval exists (hub dataset ids pass)."""
+    """Every local entry of data.train and data.eval exists (hub dataset ids pass) and is a
+    regular file or a directory of them: a named pipe would hang the reader."""
     for key in ("train", "eval"):
         value = getattr(data, key)
         for spec in [] if value is None else [value] if isinstance(value, str) else value:
+            if special := special_data_file(spec):
+                found, what = special
+                where = "is" if found == Path(spec) else f"holds {found},"
+                raise NotAFile(f"data.{key}={spec} {where} {what}, {NOT_A_FILE_BECAUSE}.")
             if Path(spec).exists() or (
                 not Path(spec).is_absolute() and looks_like_hub_id(spec, dataset=True)
             ):

@@ -14,6 +14,9 @@ from snug.fields import AT_LEAST_1, NON_NEGATIVE, POSITIVE
 from snug.fields import setting as _f
 from snug.registry import STAGES, MethodConfig
 
+# data.train and data.eval: a path, an id or a list of them; never nothing ([] or "")
+SOME_DATA = (lambda v: len(v) > 0, "a file, directory or hub dataset id, or a list of them")
+
 
 @dataclass
 class ModelConfig:
@@ -45,8 +48,9 @@ class DataConfig:
         "data/train.jsonl",
         "Training data: a file (json, jsonl, csv, parquet, arrow), a directory, a hub dataset "
         "id, or a list of these to mix.",
+        SOME_DATA,
     )
-    eval: str | list[str] | None = _f(None, "Held-out data, in the same forms as train.")
+    eval: str | list[str] | None = _f(None, "Held-out data, in the same forms as train.", SOME_DATA)
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = _f(
         "auto", "Record format; auto detects it from the first record's keys."
     )
@@ -71,7 +75,10 @@ class DataConfig:
     val_size: float = _f(
         0.0,
         "Part of train held out for eval: a fraction below 1, or a count of samples.",
-        (lambda v: 0 <= v < 1 or float(v).is_integer(), "a fraction below 1 or a whole count"),
+        (
+            lambda v: 0 <= v < 1 or (v >= 1 and float(v).is_integer()),
+            "a fraction from 0 to below 1, or a whole count of samples",
+        ),
     )
     max_samples: int | None = _f(None, "Use at most this many samples of each dataset.", AT_LEAST_1)
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
@@ -110,7 +117,12 @@ class TrainConfig:
         "cosine", "Learning-rate schedule after warmup."
     )
     warmup: float = _f(
-        0.03, "Warmup as a ratio of total steps (or a step count if >= 1).", NON_NEGATIVE
+        0.03,
+        "Warmup as a ratio of total steps (or a step count if >= 1).",
+        (
+            lambda v: 0 <= v < 1 or (v >= 1 and float(v).is_integer()),
+            "a ratio of the steps from 0 to below 1, or a whole number of steps",
+        ),
     )
     max_grad_norm: float = _f(
         1.0, "Clip the gradient norm to this value (0 turns it off).", NON_NEGATIVE
@@ -246,6 +258,11 @@ class Config:
     # ('section.key' -> text); save_config writes it beside the absolute path.
     given_paths: dict[str, str] = field(
         default_factory=dict, repr=False, compare=False, metadata={"internal": True}
+    )
+    # Not a section: the lines saying which of the config file's keys were set aside because
+    # the command line chose another method or stage (snug/switch.py); the command prints them.
+    set_aside: list[str] = field(
+        default_factory=list, repr=False, compare=False, metadata={"internal": True}
     )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

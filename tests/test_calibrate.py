@@ -310,6 +310,52 @@ def test_a_file_that_is_not_a_calibration_is_named_and_never_overwritten(tmp_pat
     assert path.read_text() == text
 
 
+@pytest.mark.parametrize(
+    "key, value, must",
+    [
+        ("rate_flops", float("nan"), "a finite number above 0"),
+        ("rate_flops", 0, "a finite number above 0"),
+        ("op_seconds", -1e-6, "a finite number of 0 or more"),
+        ("bandwidth_gbs", float("inf"), "a finite number above 0"),
+        ("reserved_ratio", "1.1", "a finite number above 0"),
+        ("step_error", [float("nan"), 0.1], "two finite numbers"),
+    ],
+)
+def test_a_calibration_number_that_is_not_finite_or_not_positive_is_named(
+    tmp_path, key, value, must
+):
+    """A number the plan would compute with (NaN, inf, zero or negative, a string) is refused
+    when the file is read, naming the file, the device and the key, never planned with."""
+    path = tmp_path / "calibration.json"
+    calibration.save(_entry("H200"), path)
+    raw = json.loads(path.read_text())
+    raw["devices"]["H200"][key] = value
+    path.write_text(json.dumps(raw))  # Python's json writes NaN and Infinity; it reads them too
+    with pytest.raises(CalibrationError) as e:
+        calibration.load("H200", path)
+    assert str(e.value).startswith(f"{path}: the entry for 'H200': {key} is ")
+    assert f"but must be {must}; run snug calibrate again" in str(e.value)
+
+
+def test_a_nan_in_the_calibration_stops_the_plan_in_one_line(tmp_path, tiny_llama, capsys):
+    from snug.cli import main
+    from snug.plan.hardware import find_gpu
+
+    path = tmp_path / "calibration.json"
+    h200 = find_gpu("H200").name
+    calibration.save(_entry(h200, rate_flops=float("nan")), path)
+    old = os.environ["SNUG_CALIBRATION"]
+    os.environ["SNUG_CALIBRATION"] = str(path)
+    try:
+        args = ["--model", str(tiny_llama), "--method", "lora", "--seq-len", "64"]
+        code = main(["plan", *args, "--gpu", "H200"])
+    finally:
+        os.environ["SNUG_CALIBRATION"] = old
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith(f"error: {path}: the entry for '{h200}': rate_flops is")
+    assert "nan" in line
+
+
 def _plan_json(tmp_path, *args, cal_file=None) -> dict:
     """`snug plan --json ARGS` in this process, with `cal_file` as the calibration file."""
     import contextlib

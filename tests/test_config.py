@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,111 @@ def test_switching_methods_keeps_shared_keys_and_old_run_configs_still_load(tmp_
     changed = config_from_dict({"method": {"name": "lora", "r": 16}}).to_dict()
     saved = {**changed, "method": {**old_method, "name": "lora"}}
     assert config_drift(saved, changed) == ["method.r: 8 -> 16"]
+
+
+# -- issue 33, point 9: values that were accepted and should not be ---------------------------------
+@pytest.mark.parametrize("value", [-1, -0.5, 1.5])
+def test_data_val_size_is_a_fraction_below_1_or_a_count_of_zero_or_more(value):
+    with pytest.raises(ConfigError, match=rf"data.val_size is {value}(\.0)?, but must be"):
+        config_from_dict({"data": {"val_size": value}})
+
+
+@pytest.mark.parametrize("value", [0, 0.1, 5])
+def test_data_val_size_takes_zero_a_fraction_or_a_count(value):
+    assert config_from_dict({"data": {"val_size": value}}).data.val_size == value
+
+
+@pytest.mark.parametrize("key", ["train", "eval"])
+def test_an_empty_list_of_data_is_refused_naming_the_key(tmp_path, key):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data:\n  {key}: []\n")
+    with pytest.raises(ConfigError, match=rf"c.yaml line 2: data.{key} is \[\], but must be"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=rf"override 'data.{key}=\[\]': data.{key} is \[\], but"):
+        load_config(None, [f"data.{key}=[]"])
+
+
+def test_warmup_is_a_ratio_below_1_or_a_whole_number_of_steps():
+    assert config_from_dict({"train": {"warmup": 0.5}}).train.warmup == 0.5
+    assert config_from_dict({"train": {"warmup": 20}}).train.warmup == 20
+    with pytest.raises(
+        ConfigError,
+        match=r"train.warmup is 2.5, but must be a ratio of the steps from 0 to below 1, or a whole",
+    ):
+        config_from_dict({"train": {"warmup": 2.5}})
+
+
+# -- issue 33, point 10: another method or stage chosen on the command line ------------------------
+QUICKSTART = ROOT / "examples/quickstart.yaml"  # method lora: r, alpha, targets
+
+
+def _methods() -> list[str]:
+    from snug.config import registered_methods
+
+    return sorted(registered_methods())
+
+
+@pytest.mark.parametrize("name", _methods())
+def test_another_method_on_the_command_line_sets_the_files_keys_of_its_method_aside(name):
+    """quickstart.yaml sets lora's r, alpha and targets: choosing another method on the command
+    line keeps those the new method has (dora: all; ia3: targets) and sets the rest aside, in
+    one line naming them; the new method's other keys take their defaults."""
+    from snug.config import registered_methods
+
+    settings = registered_methods()[name].settings
+    own = {f.name for f in dataclasses.fields(settings)} if settings else set()
+    cfg = load_config(QUICKSTART, [f"method.name={name}"])
+    assert cfg.method.name == name
+    aside = [k for k in ("r", "alpha", "targets") if k not in own]
+    kept = {k: v for k, v in {"r": 16, "alpha": 32, "targets": "all-linear"}.items() if k in own}
+    assert {k: cfg.to_dict()["method"][k] for k in kept} == kept
+    if not aside:
+        assert cfg.set_aside == []
+        return
+    (line,) = cfg.set_aside
+    names = ", ".join(f"method.{k}" for k in aside)
+    assert line.startswith(f"{QUICKSTART}: {names} set aside: not ")
+    assert f"of method.name={name}, chosen on the command line" in line
+
+
+def test_a_key_given_on_the_command_line_for_another_method_is_still_refused():
+    with pytest.raises(
+        ConfigError,
+        match=r"^command-line override 'method.r=4': method.r is a key of method.name=lora, dora, "
+        r"not of method.name=full",
+    ):
+        load_config(QUICKSTART, ["method.name=full", "method.r=4"])
+
+
+def test_a_file_key_of_neither_the_files_method_nor_the_new_one_is_still_refused(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method:\n  name: lora\n  r: 8\n  bottleneck: 32\n")
+    with pytest.raises(ConfigError, match=r"c.yaml line 4: method.bottleneck is a key of"):
+        load_config(p, ["method.name=full"])
+    # a key of the new method in the file is the new method's
+    assert load_config(p, ["method.name=adapter"]).method.bottleneck == 32
+
+
+def test_the_same_method_again_sets_nothing_aside():
+    assert load_config(QUICKSTART, ["method.name=lora"]).set_aside == []
+    assert load_config(QUICKSTART).set_aside == []
+
+
+def test_another_stage_on_the_command_line_sets_the_files_keys_of_its_stage_aside(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  stage: dpo\npref:\n  beta: 0.2\n  loss: ipo\n")
+    orpo = load_config(p, ["train.stage=orpo"])
+    assert orpo.pref.beta == 0.2
+    assert orpo.set_aside == [
+        f"{p}: pref.loss set aside: not a key of train.stage=orpo, chosen on the command line "
+        "(the file sets it for train.stage=dpo)."
+    ]
+    sft = load_config(p, ["train.stage=sft"])
+    assert sft.set_aside[0].startswith(f"{p}: pref.beta, pref.loss set aside: not keys of ")
+    with pytest.raises(ConfigError, match=r"override 'pref.gamma=1': pref.gamma is a key of"):
+        load_config(p, ["train.stage=orpo", "pref.gamma=1"])
+    p.write_text("train:\n  stage: cls\n  cls_head: mlp\n")
+    assert load_config(p, ["train.stage=sft"]).set_aside == [
+        f"{p}: train.cls_head set aside: not a key of train.stage=sft, chosen on the command "
+        "line (the file sets it for train.stage=cls)."
+    ]

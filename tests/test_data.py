@@ -466,3 +466,18 @@ def test_format_is_told_by_the_fields_a_record_fills():
     record = {"instruction": "q", "output": "a", "conversations": None}
     assert detect_format(record, "x") == "alpaca"
     assert detect_format({"instruction": "q", "output": None}, "x") == "alpaca"
+
+
+def test_a_named_pipe_as_data_is_refused_before_it_is_opened(tmp_path):
+    """A FIFO (or one inside a data directory) is named and refused, never opened: opening it
+    would wait for a writer forever, and its records could not be read twice."""
+    import os
+
+    from snug.data.sources import load_raw
+
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(DataError, match=rf"^{tmp_path}/pipe.jsonl is a named pipe \(FIFO\), not"):
+        load_raw(str(tmp_path / "pipe.jsonl"), "train")
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": "hi", "output": "there"}])
+    with pytest.raises(DataError, match=rf"^{tmp_path} holds {tmp_path}/pipe.jsonl, a named pipe"):
+        load_raw(str(tmp_path), "train")

@@ -585,6 +585,128 @@ def case_14_debug_after_the_sub_command(w: World) -> Case:
     return Case(["train", str(w.cfg), "--debug", "train.seed=-1"], "__raises__")
 
 
+# -- issue 33, point 9: values that were accepted, a FIFO as data, a run that never updated ----------
+@case
+def case_33_9_negative_val_size(w: World) -> Case:
+    return Case(
+        ["train", str(w.cfg), "data.val_size=-1"],
+        r"^error: command-line override 'data\.val_size=-1': data\.val_size is -1\.0, but must be "
+        r"a fraction from 0 to below 1, or a whole count of samples\.$",
+    )
+
+
+@case
+def case_33_9_empty_list_of_training_data(w: World) -> Case:
+    return Case(
+        ["train", str(w.cfg), "data.train=[]"],
+        r"^error: command-line override 'data\.train=\[\]': data\.train is \[\], but must be",
+    )
+
+
+@case
+def case_33_9_fifo_as_data(w: World) -> Case:
+    os.mkfifo(w.root / "data/pipe.jsonl")
+    w.write_config(data__train="data/pipe.jsonl")
+    return Case(
+        ["train", str(w.cfg)],
+        r"^error: data\.train=\S*/data/pipe\.jsonl is a named pipe \(FIFO\), not a regular file",
+    )
+
+
+@case
+def case_33_9_fifo_in_a_data_directory_never_hangs(w: World) -> Case:
+    (w.root / "data/dir").mkdir()
+    shutil.copy(w.root / "data/train.jsonl", w.root / "data/dir/a.jsonl")
+    os.mkfifo(w.root / "data/dir/b.jsonl")  # opened for reading, it would wait for a writer
+    w.write_config(data__train="data/dir")
+    return Case(
+        ["train", str(w.cfg)],
+        r"^error: data\.train=\S*/data/dir holds \S*/data/dir/b\.jsonl, a named pipe \(FIFO\), not",
+    )
+
+
+def _said_warmup(w: World, out: str, err: str) -> None:
+    summary = json.loads((w.root / "warm/summary.json").read_text())
+    assert summary["status"] == "completed"
+    (warning,) = summary["warnings"]
+    assert warning.startswith("train.warmup=500 is 500 steps of warmup, but the run has 2 steps")
+    assert warning in " ".join(out.split())  # said as the run starts
+
+
+@case
+def case_33_9_warmup_longer_than_the_run_is_said(w: World) -> Case:
+    argv = ["train", str(w.cfg), "train.warmup=500", f"output.dir={w.root / 'warm'}"]
+    return Case(argv, None, 0, changes=("warm",), check=_said_warmup)
+
+
+def _nan_base(w: World) -> Path:
+    """The world's base with every weight NaN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    nan = w.root / "nan_model"
+    shutil.copytree(w.root / "model", nan)
+    weights = load_file(nan / "model.safetensors")
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in weights.items()},
+        nan / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    return nan
+
+
+def _failed_without_an_update(w: World, out: str, err: str) -> None:
+    summary = json.loads((w.root / "nan_run/summary.json").read_text())
+    assert summary["status"] == "failed" and summary["nonfinite_skipped"] == [1, 2]
+    assert "no update was applied" in summary["error"]
+    assert not (w.root / "nan_run/adapter").exists()
+
+
+@case
+def case_33_9_every_step_skipped_as_nonfinite_is_a_failed_run(w: World) -> Case:
+    argv = [
+        "train",
+        str(w.cfg),
+        f"model.name_or_path={_nan_base(w)}",
+        "train.skip_nonfinite=5",
+        f"output.dir={w.root / 'nan_run'}",
+    ]
+    return Case(
+        argv,
+        r"^error: no update was applied: all 2 steps had a non-finite loss or gradient norm",
+        1,
+        changes=("nan_run",),
+        check=_failed_without_an_update,
+    )
+
+
+# -- issue 33, point 10: another method on the command line -----------------------------------------
+def _trained_full(w: World, out: str, err: str) -> None:
+    assert err.splitlines()[0] == (
+        f"{w.cfg}: method.r set aside: not a key of method.name=full, chosen on the command line "
+        "(the file sets it for method.name=lora)."
+    )
+    summary = json.loads((w.root / "as_full/summary.json").read_text())
+    assert summary["status"] == "completed" and (w.root / "as_full/model").is_dir()
+    saved = yaml.safe_load((w.root / "as_full/config.yaml").read_text())
+    assert saved["method"] == {"name": "full"}
+
+
+@case
+def case_33_10_another_method_on_the_command_line_trains(w: World) -> Case:
+    argv = ["train", str(w.cfg), "method.name=full", f"output.dir={w.root / 'as_full'}"]
+    return Case(argv, None, 0, changes=("as_full",), check=_trained_full)
+
+
+@case
+def case_33_10_a_key_of_another_method_on_the_command_line_is_refused(w: World) -> Case:
+    return Case(
+        ["train", str(w.cfg), "method.name=full", "method.alpha=4"],
+        r"^error: command-line override 'method\.alpha=4': method\.alpha is a key of "
+        r"method\.name=lora, dora, not of method\.name=full\.$",
+    )
+
+
 # -- 15-16: what the user is told -------------------------------------------------------------------
 def _told(w: World, out: str, err: str) -> None:
     flat = " ".join(out.split())
@@ -639,6 +761,51 @@ def test_hostile_input(name, world, capsys):
     assert not changed, sorted(changed)
     if c.check is not None:
         c.check(world, out, err)
+
+
+class _Loaded(BaseException):  # not an Exception: `snug`'s main lets it through
+    pass
+
+
+def _methods() -> list[str]:
+    from snug.config import registered_methods
+
+    return sorted(registered_methods())
+
+
+@pytest.mark.parametrize("name", _methods())
+def test_every_method_on_the_command_line_of_train_and_plan(name, tmp_path, monkeypatch, capsys):
+    """`snug train examples/quickstart.yaml method.name=NAME` and `snug plan
+    examples/quickstart.yaml --method NAME --search` read the config (quickstart sets lora's
+    keys) for every method; the run and the plan themselves are stood in for."""
+    import snug.plan.report as report
+    import snug.train.loop as loop
+
+    trained = []
+
+    def train(cfg, **_):
+        trained.append(cfg)
+        return {"status": "completed"}
+
+    monkeypatch.setattr(loop, "run_training", train)
+    quickstart = str(ROOT / "examples/quickstart.yaml")
+    out = f"output.dir={tmp_path / 'run'}"
+    code, _, err = run_cli(["train", quickstart, f"method.name={name}", out], capsys)
+    assert code == 0, err
+    assert trained[0].method.name == name and trained[0].output.dir == str(tmp_path / "run")
+    assert ("set aside" in err) == (name not in ("lora", "dora")), err
+
+    planned = []
+    real = report.load_config
+
+    def load(*args, **kwargs):
+        planned.append(real(*args, **kwargs))
+        raise _Loaded
+
+    monkeypatch.setattr(report, "load_config", load)
+    with pytest.raises(_Loaded):
+        run_cli(["plan", quickstart, "--method", name, "--search", "--device", "cpu"], capsys)
+    assert planned[0].method.name == name
 
 
 def test_config_and_path_errors_come_before_torch_is_imported(tmp_path):

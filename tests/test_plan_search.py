@@ -354,3 +354,25 @@ def test_the_old_bitsandbytes_what_if_keeps_each_4bit_input():
     with published.bitsandbytes_keeps_4bit_input():
         old = simulate(cfg, small_config(), 64, "cpu", "fp32", extend=False).peak_bytes
     assert old > today
+
+
+def test_a_search_for_another_method_than_the_configs(capsys):
+    """`snug plan examples/quickstart.yaml --method ptuning --search` (quickstart trains LoRA):
+    the file's LoRA keys are set aside in one line and the search plans P-tuning."""
+    import json
+
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    quickstart = ROOT / "examples/quickstart.yaml"
+    args = ["plan", str(quickstart), "--method", "ptuning", "--search", "--device", "cpu"]
+    assert main([*args, "--max-micro-batch", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)
+    assert {c["config"]["method"]["name"] for c in plan["candidates"]} == {"ptuning"}
+    assert captured.err.splitlines() == [
+        f"{quickstart}: method.r, method.alpha, method.targets set aside: not keys of "
+        "method.name=ptuning, chosen on the command line (the file sets them for "
+        "method.name=lora)."
+    ]

@@ -17,6 +17,7 @@ from snug.data.formats import DataError
 from snug.data.locate import Locator, check_utf8, read_json
 from snug.data.tokenize import RAW_JSON
 from snug.errors import first_line
+from snug.paths import NOT_A_FILE_BECAUSE, special_data_file
 
 BUILDERS = {
     ".json": "json",
@@ -39,6 +40,10 @@ class RawSource:
 def load_raw(spec: str, split: str, on_error: str = "strict") -> RawSource:
     """One data source -> its raw records (a `datasets.Dataset`) and their locations."""
     path = Path(spec)
+    if special := special_data_file(path):  # before anything opens it: a pipe would hang
+        found, what = special
+        where = "is" if found == path else f"holds {found},"
+        raise DataError(f"{spec} {where} {what}, {NOT_A_FILE_BECAUSE}.")
     if path.is_file():
         builder = BUILDERS.get(path.suffix.lower())
         if builder is None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -145,11 +146,52 @@ def load(key: str, path: Path | None = None) -> Calibration | None:
     else:
         return None
     try:
-        return Calibration.from_dict(entry)
+        cal = Calibration.from_dict(entry)
     except (TypeError, ValueError) as e:
         raise CalibrationError(
             f"{file}: the entry for {key!r} is not valid ({e}); run snug calibrate again."
         ) from None
+    if why := _bad_number(cal):
+        raise CalibrationError(f"{file}: the entry for {key!r}: {why}; run snug calibrate again.")
+    return cal
+
+
+# What each number of an entry must be, as the plan computes with it: (the words, the test).
+# The fits may give a cost of 0. None: not measured (allowed but for the REQUIRED ones).
+ABOVE_0 = ("a finite number above 0", lambda v: _finite(v) and v > 0)
+AT_LEAST_0 = ("a finite number of 0 or more", lambda v: _finite(v) and v >= 0)
+PAIR = (
+    "two finite numbers",
+    lambda v: isinstance(v, tuple) and len(v) == 2 and all(map(_finite, v)),
+)
+NUMBERS = {
+    "rate_flops": ABOVE_0,
+    "op_seconds": AT_LEAST_0,
+    "step_error": PAIR,
+    "matmul_flops": ABOVE_0,
+    "bandwidth_gbs": ABOVE_0,
+    "traffic_gbs": ABOVE_0,
+    "context_bytes": AT_LEAST_0,
+    "quant_call_seconds": AT_LEAST_0,
+    "reserved_ratio": ABOVE_0,
+    "reserved_error": PAIR,
+}
+REQUIRED = ("rate_flops", "op_seconds", "step_error")
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad_number(cal: Calibration) -> str | None:
+    """Why a number of `cal` cannot be planned with, or None. Python's JSON reads NaN and
+    Infinity, and a plan would compute with them and print `nan`."""
+    for name, (must, good) in NUMBERS.items():
+        value = getattr(cal, name)
+        if (value is not None or name in REQUIRED) and not good(value):
+            shown = list(value) if isinstance(value, tuple) else value
+            return f"{name} is {shown!r}, but must be {must}"
+    return None
 
 
 def save(cal: Calibration, path: Path | None = None) -> Path:

@@ -62,8 +62,38 @@ def build_optimizer(
     return cls(params, lr=train.lr, weight_decay=train.weight_decay, **extra)
 
 
+def warmup_steps(train: TrainConfig, total_steps: int) -> int:
+    """train.warmup in steps: a ratio of the run's steps below 1, a number of steps from 1."""
+    return int(train.warmup) if train.warmup >= 1 else round(train.warmup * total_steps)
+
+
+def warmup_too_long(train: TrainConfig, total_steps: int) -> str | None:
+    """What to tell the user when the warmup is as long as the run or longer (the learning rate
+    then never reaches train.lr), else None. A warning, not a refusal: Hugging Face's Trainer
+    and torchtune accept such a warmup, and a run shortened for a try (train.max_steps=10 on a
+    config made for a long run) is common; but it is said, since a silent 2e-6 looks like a
+    run that does not learn."""
+    warmup = warmup_steps(train, total_steps)
+    if warmup < total_steps or warmup == 0:
+        return None
+
+    def steps(n: int) -> str:
+        return f"{n} step{'s' if n != 1 else ''}"
+
+    reached = (  # the rate as the log shows it after the last step
+        f"climbs to {train.lr * total_steps / warmup:.3g} at most, never to train.lr={train.lr:g}"
+        if warmup > total_steps
+        else f"reaches train.lr={train.lr:g} only after the last step"
+    )
+    return (
+        f"train.warmup={train.warmup:g} is {steps(warmup)} of warmup, but the run has "
+        f"{steps(total_steps)}: the learning rate {reached}; give a shorter warmup (a ratio "
+        "below 1 follows the run's length)."
+    )
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
-    warmup = int(train.warmup) if train.warmup >= 1 else round(train.warmup * total_steps)
+    warmup = warmup_steps(train, total_steps)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
         train.scheduler
     ]

@@ -24,7 +24,7 @@ from snug.train.checkpoint import load_checkpoint, read_train_state, save_checkp
 from snug.train.evaluate import eval_metrics
 from snug.train.events import Checkpoint, Eval, Reporter, Step
 from snug.train.memory import StepPeaks, model_tensors, optimizer_tensors
-from snug.train.optim import build_optimizer, build_scheduler, lora_plus_ratio
+from snug.train.optim import build_optimizer, build_scheduler, lora_plus_ratio, warmup_too_long
 from snug.train.resume import Signals, TrainingStopped
 from snug.train.schedule import Schedule, sample_lengths, split_window, window_batches
 from snug.train.step import StepOptions, train_step
@@ -94,6 +94,9 @@ class Run:
         self.optimizer = build_optimizer(model, cfg.memory, t, lora_plus_ratio(cfg.method))
         self.peaks: StepPeaks | None = None  # set by train() on CPU
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
+        if warning := warmup_too_long(t, self.total_steps):
+            summary.setdefault("warnings", []).append(warning)
+            console.print(f"[yellow]{warning}[/yellow]")
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
         self.method = get_method(cfg.method.name)
         self.pos = Position(rows_per_micro_batch=t.micro_batch)
@@ -159,6 +162,20 @@ class Run:
             s["peak_memory"]["per_rank_bytes"] = [int(p.item()) for p in peaks]
         if "auto_fit" in s:
             s["peak_memory"]["predicted_bytes"] = s["auto_fit"]["predicted_peak_bytes"]
+        self._some_update_applied()
+
+    def _some_update_applied(self) -> None:
+        """A run whose every step was skipped as non-finite (each within train.skip_nonfinite,
+        which counts skips, not updates) trained nothing: it fails, and nothing is saved."""
+        pos = self.pos
+        if pos.step == 0 or len(pos.nonfinite_skipped) < pos.step:
+            return
+        raise NonFiniteError(
+            f"no update was applied: all {pos.step} steps had a non-finite loss or gradient "
+            f"norm and were skipped (train.skip_nonfinite={self.cfg.train.skip_nonfinite}); "
+            f"check the weights of model.name_or_path={self.cfg.model.name_or_path} and the "
+            "data, or lower train.lr."
+        )
 
     def _step(self, window: list[list[list[int]]]) -> None:
         pos = self.pos
