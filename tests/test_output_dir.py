@@ -196,7 +196,9 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path,
     """Another process holds output.dir's lock: `snug train` into it (one process, or the
     torchrun launcher of dist.nproc=2) is refused in one line naming that process, before
     anything loads, and writes nothing. Killed with SIGKILL, the holder leaves no lock."""
+    from snug.config import load_config
     from snug.train.lock import LOCK_FILE, lock_output_dir
+    from snug.train.outputs import check_output_dir
 
     out = tmp_path / "race"
     cfg = config(out, ROOT / "models/tiny", ROOT / "data/instruct/train.jsonl", tmp_path)
@@ -223,7 +225,9 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path,
     finally:
         holder.kill()
         holder.wait()
-    with lock_output_dir(out, "snug train again.yaml"):  # no stale lock after a crash
+    # no stale lock after a crash, and a folder holding only the lock file is no foreign folder
+    check_output_dir(load_config(cfg))
+    with lock_output_dir(out, "snug train again.yaml"):
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert not (out / LOCK_FILE).exists()
 
