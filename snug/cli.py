@@ -14,6 +14,7 @@ from snug.deploy.chat import add_parser as add_chat_parser
 from snug.deploy.evaluate import add_eval_parser
 from snug.deploy.generate import add_generate_parser
 from snug.errors import AlreadySaid, RunError, UserError, exit_code, first_line
+from snug.files import disk_full
 
 # What `snug train` passes on to torchrun for several nodes (the usual rendezvous arguments).
 LAUNCH_FLAGS = ("nnodes", "node_rank", "master_addr", "master_port")
@@ -39,10 +40,14 @@ def say_set_aside(cfg) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    # Config, output directory, model and data paths first, before torch is imported (seconds).
+    # Config, output directory, model and data paths first, before torch is imported (seconds);
+    # then output.dir's lock (rank 0's: a torchrun launcher only checks that it is free).
+    from pathlib import Path
+
     from snug.config import load_config
     from snug.preflight import check_data_paths, check_model_dir
-    from snug.train.outputs import check_output_dir
+    from snug.train.lock import check_output_dir_free
+    from snug.train.outputs import check_output_dir, check_run_folder, own_output_dir
 
     cfg = load_config(args.config, args.overrides)
     if "LOCAL_RANK" not in os.environ:  # said once: by this command, not by each rank it starts
@@ -51,6 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_model_dir(cfg.model.name_or_path)
     check_data_paths(cfg.data)
     if cfg.dist.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks (torchrun)
+        check_output_dir_free(Path(cfg.output.dir))
+        check_run_folder(cfg, args.fresh)
         from snug.train import dist
 
         argv = ["--debug"] * args.debug + ["train", args.config, *args.overrides]
@@ -60,20 +67,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                 argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
         return dist.launch(cfg, argv, flags, args.debug)
-    from snug.train.loop import run_training
-    from snug.train.resume import EXIT_STOPPED, TrainingStopped
+    command = resume_command(args) + " --fresh" * args.fresh
+    with own_output_dir(cfg, args.fresh, command, lock=os.environ.get("RANK", "0") == "0"):
+        from snug.train.loop import run_training
+        from snug.train.resume import EXIT_STOPPED, TrainingStopped
 
-    try:
-        summary = run_training(
-            cfg,
-            fresh=args.fresh,
-            allow_config_change=args.allow_config_change,
-            resume_command=resume_command(args),
-        )
-    except TrainingStopped as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
-            print(str(e), file=sys.stderr)
-        return EXIT_STOPPED
+        try:
+            summary = run_training(
+                cfg,
+                fresh=args.fresh,
+                allow_config_change=args.allow_config_change,
+                resume_command=resume_command(args),
+            )
+        except TrainingStopped as e:
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
+                print(str(e), file=sys.stderr)
+            return EXIT_STOPPED
     return 0 if summary["status"] == "completed" else 1
 
 
@@ -324,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, (UserError, RunError)):
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        elif disk_full(e):  # a write of snug's that no out-of-space check of its own covers
+            where = getattr(e, "filename", None)
+            print(
+                f"error: out of space{f' writing {where}' if where else ''}: {first_line(e)}; "
+                "free some space on that disk and run again.",
+                file=sys.stderr,
+            )
         else:  # not a message of snug's: a bug here or in a library
             print(
                 f"error: {e.__class__.__name__}: {first_line(e)} (unexpected; run with --debug "

@@ -222,6 +222,73 @@ def case_11_checkpoint_state_tensors_missing(w: World) -> Case:
     return _corrupt(w, "state tensors missing")
 
 
+# -- issue 33: a run folder with links in it; a finished run of another config --------------------
+@case
+def case_33_1_symlinked_checkpoints_folder_with_fresh(w: World) -> Case:
+    """The issue's case: checkpoints/ moved elsewhere and linked back; --fresh would have to
+    remove it (rmtree refuses a link) after the earlier outputs were already deleted."""
+    shutil.move(w.run / "checkpoints", w.root / "elsewhere")
+    (w.run / "checkpoints").symlink_to(w.root / "elsewhere")
+    return Case(
+        ["train", str(w.cfg), "--fresh"],
+        r"output\.dir=\S*run: checkpoints is a symbolic link \(to \S*elsewhere\); snug does not "
+        r"write, move or delete through links inside a run folder",
+    )
+
+
+@case
+def case_33_1_symlinked_metrics_file(w: World) -> Case:
+    """Resuming appends to metrics.jsonl: through a link it would write into another file."""
+    (w.root / "notes.txt").write_text("mine\n")
+    (w.run / "metrics.jsonl").unlink()
+    (w.run / "metrics.jsonl").symlink_to(w.root / "notes.txt")
+    return Case(
+        ["train", str(w.cfg), "train.max_steps=3"],
+        r"output\.dir=\S*run: metrics\.jsonl is a symbolic link \(to \S*notes\.txt\)",
+    )
+
+
+@case
+def case_33_1_symlinked_checkpoint(w: World) -> Case:
+    """keep_last would prune checkpoints/step-1, a link to a copy kept elsewhere."""
+    shutil.move(w.run / "checkpoints/step-1", w.root / "kept-step-1")
+    (w.run / "checkpoints/step-1").symlink_to(w.root / "kept-step-1")
+    return Case(
+        ["train", str(w.cfg), "train.max_steps=3"],
+        r"output\.dir=\S*run: checkpoints/step-1 is a symbolic link \(to \S*kept-step-1\)",
+    )
+
+
+@case
+def case_33_3_finished_run_of_another_config(w: World) -> Case:
+    """run_full holds a finished full fine-tune without checkpoints: a LoRA run into it would
+    have replaced it silently (identity was checked only against a checkpoint)."""
+    return Case(
+        ["train", str(w.cfg), f"output.dir={w.root / 'run_full'}"],
+        r"\S*run_full holds a finished sft run of \S*/model that differs from this one "
+        r"\(method\.name: 'full' -> 'lora'.*\); use another output\.dir, or --fresh to replace it",
+    )
+
+
+def _trained_again(w: World, out: str, err: str) -> None:
+    summary = json.loads((w.root / "run_full/summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert (w.root / "run_full/model").is_dir()
+    assert not (w.root / "run_full/previous").exists()
+
+
+@case
+def case_33_3_same_config_on_a_finished_run_trains_again(w: World) -> Case:
+    """The same config again on a finished run without checkpoints trains it again, as before."""
+    return Case(
+        ["train", str(w.root / "full.yaml")],
+        None,
+        0,
+        changes=("run_full",),
+        check=_trained_again,
+    )
+
+
 # -- 4: no type coercion in data reading -----------------------------------------------------------
 MIXED = [
     {"instruction": "a", "output": "fine"},

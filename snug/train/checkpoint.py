@@ -3,7 +3,9 @@
 A checkpoint is written into a temporary directory beside its target, every file flushed to
 disk, then the completion marker written (and flushed) last, then the directory renamed into
 place; old ones are deleted only after the new one is complete. A kill at any moment leaves
-the previous checkpoint whole; a failed write (a full disk) removes the partial one and says so.
+the previous checkpoint whole; a failed write (a full disk) removes the partial one and says so,
+and a checkpoint whose weights and optimizer state (one process: their bytes are known) cannot
+fit on the disk is not begun.
 Written here (not accelerate's save_state) because snug's step, data position and resume
 checks are its own.
 
@@ -29,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from snug.errors import RunError, UserError, first_line
-from snug.files import fsync
+from snug.files import disk_full, free_bytes, fsync, out_of_space
 from snug.train.outputs import COMPLETE, complete_checkpoints, prune
 from snug.train.statefile import load_state, save_state
 
@@ -95,6 +97,12 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
+    weights = None if sharded else trainable_state(model)
+    needed = 0
+    if weights is not None:  # what it holds: weights and the optimizer's tensors (one process)
+        needed = _tensor_bytes(weights) + _tensor_bytes(optimizer.state_dict()["state"])
+        if free_bytes(root) < needed:
+            raise CheckpointError(f"{out_of_space(root, needed, final.name)}; {_kept(root)}.")
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -103,7 +111,7 @@ def save_checkpoint(
         if sharded:
             optim_skeleton = _save_sharded(tmp, model, optimizer, ctx)
         else:
-            save_file(trainable_state(model), tmp / "trainable.safetensors")
+            save_file(weights, tmp / "trainable.safetensors")
             optim_skeleton = optimizer.state_dict()
         dist.barrier()
         if not main:
@@ -123,11 +131,15 @@ def save_checkpoint(
         (tmp / COMPLETE).write_text(str(step))  # last: its presence means the rest is on disk
         fsync(tmp / COMPLETE)
         fsync(tmp)
-    except OSError as e:
+    except Exception as e:  # safetensors' own error on a full disk is no OSError
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = complete_checkpoints(root)
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none before"
-        raise CheckpointError(f"could not write checkpoint {final} ({e}); {kept}.") from None
+        if disk_full(e) and needed:
+            why = out_of_space(root, needed, final.name, e)
+        elif isinstance(e, OSError) or disk_full(e):
+            why = f"could not write checkpoint {final} ({' '.join(str(e).split())})"
+        else:
+            raise
+        raise CheckpointError(f"{why}; {_kept(root)}.") from None
     # The rename is the commit point: before it the old checkpoint (if any) is whole, after it
     # the new one is. A checkpoint of the same step is moved aside first (recover() moves it
     # back should a kill fall between the two renames), then deleted.
@@ -141,6 +153,26 @@ def save_checkpoint(
     if sharded:
         dist.barrier()
     return final
+
+
+def _kept(root: Path) -> str:
+    previous = complete_checkpoints(root)
+    return (
+        f"the previous checkpoint {previous[-1]} is intact"
+        if previous
+        else "there is no checkpoint before it"
+    )
+
+
+def _tensor_bytes(value) -> int:
+    """The bytes of every tensor in a nest of dicts and lists."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def _split_tensors(value, path: str, flat: dict):

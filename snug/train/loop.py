@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 from rich.console import Console
 
 from snug.config import Config
-from snug.files import aside, replace_dir, write_text_atomic
+from snug.files import (
+    OutOfSpace,
+    aside,
+    check_space,
+    disk_full,
+    out_of_space,
+    replace_dir,
+    write_text_atomic,
+)
 from snug.methods import get_method
 from snug.models.fingerprint import base_record, write_base_record
 from snug.models.load import resolve_device
@@ -24,7 +33,13 @@ from snug.train import dist
 from snug.train.build import build_run
 from snug.train.events import End, Reporter, Start
 from snug.train.metrics import MetricsLog
-from snug.train.outputs import check_output_dir, commit, newest_checkpoint
+from snug.train.outputs import (
+    PREVIOUS,
+    commit,
+    discard_previous,
+    newest_checkpoint,
+    own_output_dir,
+)
 from snug.train.resume import TrainingStopped
 from snug.train.run import NonFiniteError, OutOfMemory, Run
 from snug.train.sinks import ConsoleSink, MetricsSink, StatusSink
@@ -61,86 +76,129 @@ def run_training(
     cares about (on_start, on_step, on_eval, on_checkpoint, on_end). Only the main rank of a
     distributed run calls them.
 
-    Nothing in output.dir changes until the run has proven it can start, its first optimizer
-    step included (train/outputs.py): an error before that leaves an earlier run's files as
-    they were, writes no summary and sends no event."""
+    Rank 0 holds output.dir's lock throughout (train/lock.py). Nothing in output.dir changes
+    until the run has proven it can start, its first optimizer step included
+    (train/outputs.py): an error before that leaves an earlier run's files as they were,
+    writes no summary and sends no event; the earlier run's outputs then wait in previous/
+    until the run completes."""
     console = console or Console()
     started = time.perf_counter()
     ctx, device = dist.setup(cfg, resolve_device(cfg))
     if not ctx.main:  # one voice: rank 0 prints, logs and writes the summary
         console = Console(quiet=True)
-    check_output_dir(cfg)
-    out = Path(cfg.output.dir)
-    resume_path = None if fresh else newest_checkpoint(out / "checkpoints")
-    summary: dict = {"status": "failed", "steps": 0}
-    reporter = Reporter([ConsoleSink(console, cfg.train.log_every), *sinks] if ctx.main else [])
-    committed = False
-    try:
-        run = dist.agree(
-            lambda: build_run(cfg, ctx, device, resume_path, allow_config_change, console, summary),
-            device,
-        )
-        keep_until = run.pos.step if resume_path is not None else None
+    with own_output_dir(cfg, fresh, lock=ctx.main) as out:
+        resume_path = None if fresh else newest_checkpoint(out / "checkpoints")
+        summary: dict = {"status": "failed", "steps": 0}
+        reporter = Reporter([ConsoleSink(console, cfg.train.log_every), *sinks] if ctx.main else [])
+        committed = False
+        try:
+            run = dist.agree(
+                lambda: build_run(
+                    cfg, ctx, device, resume_path, allow_config_change, console, summary
+                ),
+                device,
+            )
+            keep_until = run.pos.step if resume_path is not None else None
 
-        def take_over() -> None:
-            """After the first optimizer step (every rank): output.dir is now this run's, and
-            the sinks that write into it join."""
-            nonlocal committed
-            if ctx.main:
-                commit(run.cfg, resuming=resume_path is not None)
-            dist.barrier()
-            committed = True
-            if resume_path is not None:  # recover() put a checkpoint moved aside back in place
-                run.last_checkpoint = out / "checkpoints" / resume_path.name.removeprefix(".old-")
-            if ctx.main:
-                plot = out / "loss.png" if run.cfg.output.plot_loss else None
-                log = MetricsLog(out, keep_until)
-                reporter.attach(MetricsSink(log, run.cfg.train.log_every, plot), StatusSink(out))
-            predicted = summary.get("auto_fit", {}).get("predicted_peak_bytes")
-            reporter.start(Start(run.total_steps, run.pos.step, predicted, run.last_checkpoint))
+            def take_over() -> None:
+                """After the first optimizer step (every rank): output.dir is now this run's,
+                and the sinks that write into it join."""
+                nonlocal committed
+                if ctx.main:
+                    commit(run.cfg, resuming=resume_path is not None)
+                dist.barrier()
+                committed = True
+                if resume_path is not None:  # recover() put a checkpoint moved aside back
+                    name = resume_path.name.removeprefix(".old-")
+                    run.last_checkpoint = out / "checkpoints" / name
+                if ctx.main:
+                    plot = out / "loss.png" if run.cfg.output.plot_loss else None
+                    log = MetricsLog(out, keep_until)
+                    writers = (MetricsSink(log, run.cfg.train.log_every, plot), StatusSink(out))
+                    reporter.attach(*writers)
+                predicted = summary.get("auto_fit", {}).get("predicted_peak_bytes")
+                reporter.start(Start(run.total_steps, run.pos.step, predicted, run.last_checkpoint))
 
-        run.reporter = reporter
-        run.take_over = take_over
-        run.resume_command = resume_command
-        run.train()
-        if not committed:  # nothing was left to train (a finished run, resumed)
-            take_over()
-        cfg = run.cfg
-        if run.evaluate:
-            summary["eval"] = _eval_block(run.identity["eval_before"], run.evaluate("after"))
-            console.print(_eval_line(summary["eval"]))
-        target = _save_final(run.model, run.tok, cfg, out, ctx)
-        summary["status"] = "completed"
-        console.print(f"saved {target}")
-    except TrainingStopped:
-        summary["status"] = "stopped"
-        raise
-    except Exception as e:  # the reason, in the summary too
-        summary["error"] = f"{type(e).__name__}: {e}"
-        raise
-    except KeyboardInterrupt:
-        summary["status"] = "interrupted"
-        raise
-    finally:
-        summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-        if ctx.main and committed:
+            run.reporter = reporter
+            run.take_over = take_over
+            run.resume_command = resume_command
+            run.train()
+            if not committed:  # nothing was left to train (a finished run, resumed)
+                take_over()
+            cfg = run.cfg
+            if run.evaluate:
+                summary["eval"] = _eval_block(run.identity["eval_before"], run.evaluate("after"))
+                console.print(_eval_line(summary["eval"]))
+            target = _save_final(run.model, run.tok, cfg, out, ctx)
+            summary["status"] = "completed"
+            console.print(f"saved {target}")
+        except TrainingStopped:
+            summary["status"] = "stopped"
+            raise
+        except Exception as e:  # the reason, in the summary too
+            summary["error"] = f"{type(e).__name__}: {e}"
+            raise
+        except KeyboardInterrupt:
+            summary["status"] = "interrupted"
+            raise
+        finally:
+            summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+            try:
+                if committed:
+                    _end(out, summary, reporter, run.last_checkpoint, console, ctx.main)
+            finally:
+                dist.teardown()
+    return summary
+
+
+def _end(
+    out: Path,
+    summary: dict,
+    reporter: Reporter,
+    last_checkpoint: Path | None,
+    console: Console,
+    main: bool,
+) -> None:
+    """summary.json, then the sinks told the run ended (a watcher told finds summary.json in
+    place); previous/ deleted once a completed run's outputs are all in place, or named. A run
+    that is failing anyway keeps its own error should these writes fail too (a full disk)."""
+    completed = summary["status"] == "completed"
+    previous = out / PREVIOUS
+    if main and not completed and previous.is_dir():
+        summary["previous"] = str(previous)
+        console.print(f"the earlier run's outputs are in {previous} until a run here completes")
+    problems: list[OSError] = []
+    if main:
+        try:
             write_text_atomic(
                 out / "summary.json",
                 json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n",
             )
-        if committed:  # after summary.json: a watcher told the run ended finds it there
-            error = summary.get("error")
-            peak = (summary.get("peak_memory") or {}).get("measured_bytes")
-            reporter.end(
-                End(
-                    summary["status"],
-                    error.splitlines()[0] if error else None,
-                    peak,
-                    run.last_checkpoint,
-                )
-            )
-        dist.teardown()
-    return summary
+        except OSError as e:
+            problems.append(e)
+    error = summary.get("error")
+    peak = (summary.get("peak_memory") or {}).get("measured_bytes")
+    try:
+        reporter.end(
+            End(summary["status"], error.splitlines()[0] if error else None, peak, last_checkpoint)
+        )
+    except OSError as e:
+        problems.append(e)
+    if main and completed and not problems:
+        discard_previous(out)
+    if problems and completed:
+        if disk_full(problems[0]):
+            raise OutOfSpace(
+                f"out of space: could not write {_what(problems[0], out)}; the run's outputs are "
+                "in place, its summary may be missing: free some space there."
+            ) from None
+        raise problems[0]
+    for e in problems:
+        console.print(f"[yellow]could not write {_what(e, out)}[/yellow]")
+
+
+def _what(e: OSError, out: Path) -> str:
+    return f"{e.filename or out} ({e.strerror or e})"
 
 
 def _eval_block(before: dict, after: dict) -> dict:
@@ -185,24 +243,53 @@ def _save_final(model, tok, cfg: Config, out: Path, ctx: dist.Dist | None = None
     """The adapter or model, written once (by rank 0) in the same format whatever the strategy
     (FSDP's shards are gathered to rank 0's host memory first): built in a hidden directory
     beside its place, then renamed there. An adapter records the base it was trained on
-    (snug_base.json: path, revision and fingerprint), which merge/chat/eval/generate check."""
+    (snug_base.json: path, revision and fingerprint), which merge/chat/eval/generate check.
+    Its weights' bytes must fit on the disk first; a write that fails anyway (a full disk)
+    leaves no hidden directory behind."""
     ctx = ctx or dist.Dist()
     method = get_method(cfg.method.name)
     target = out / method.output  # adapter/ or model/
     model = dist.unwrap(model)
     state = dist.full_state(model, trainable_only=method.output == "adapter", ctx=ctx)
     if ctx.main:
+        what = f"{target.name}/"
+        needed = _weight_bytes(model, state, trainable_only=method.output == "adapter")
+        check_space(out, needed, what, "free some space there and run again.")
         tmp = aside(target)
-        model.config.use_cache = True  # the saved model is for inference
-        if state is None:
-            method.save(model, tmp)
-        else:
-            model.save_pretrained(str(tmp), state_dict=state)
-        tok.save_pretrained(str(tmp))
-        if method.output == "adapter":
-            write_base_record(
-                tmp, base_record(cfg.model, cfg.given_paths.get("model.name_or_path"))
-            )
-        replace_dir(tmp, target)
+        try:
+            model.config.use_cache = True  # the saved model is for inference
+            if state is None:
+                method.save(model, tmp)
+            else:
+                model.save_pretrained(str(tmp), state_dict=state)
+            tok.save_pretrained(str(tmp))
+            if method.output == "adapter":
+                write_base_record(
+                    tmp, base_record(cfg.model, cfg.given_paths.get("model.name_or_path"))
+                )
+            replace_dir(tmp, target)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not disk_full(e):
+                raise
+            raise OutOfSpace(
+                f"{out_of_space(out, needed, what, e)}; free some space there and run again."
+            ) from None
     dist.barrier()
     return target
+
+
+def _weight_bytes(model, state: dict | None, trainable_only: bool) -> int:
+    """The bytes of the weights an adapter or model directory holds: the gathered `state`,
+    else the trainable parameters (an adapter) or every tensor once (a model; tied weights
+    share one)."""
+    if state is not None:
+        return sum(t.numel() * t.element_size() for t in state.values())
+    if trainable_only:
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    seen: dict[tuple, int] = {}
+    for t in model.state_dict().values():
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = (
+            t.numel() * t.element_size()
+        )
+    return sum(seen.values())
