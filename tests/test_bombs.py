@@ -7,14 +7,20 @@ fails (instead of hanging the suite) where the bound is missing."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from snug.cli import main
+
+from conftest import ROOT, write_jsonl
 
 
 @contextmanager
@@ -126,3 +132,167 @@ def test_anchors_and_merge_keys_within_the_bound_still_load():
         "more": {"x": 1, "y": [1, 2], "z": {"x": 1, "y": [1, 2]}},
     }
     assert lines["more.z"] == 2 and lines["base.x"] == 1
+
+
+# -- 6: chat templates that never end ----------------------------------------------------------
+NEVER_ENDS = (
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    + (ROOT / "models/tiny/chat_template.jinja").read_text()
+)
+READS_A_FILE = "{{ cycler.__init__.__globals__.os.popen('cat /etc/passwd').read() }}"
+REFUSES = (
+    "{% if messages[0]['content'] == 'no' %}{{ raise_exception('I will not say no') }}{% endif %}"
+    + (ROOT / "models/tiny/chat_template.jinja").read_text()
+)
+
+
+def model_with_template(tmp_path: Path, template: str) -> Path:
+    """The bundled tiny model with `template` as its chat_template.jinja."""
+    model = tmp_path / "model"
+    shutil.copytree(ROOT / "models/tiny", model)
+    (model / "chat_template.jinja").write_text(template)
+    return model
+
+
+def train_config(tmp_path: Path, model: Path, rows: list[dict], **data) -> Path:
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = {
+        "model": {"name_or_path": str(model)},
+        "data": {"train": str(tmp_path / "train.jsonl"), "cutoff_len": 64, **data},
+        "train": {"max_steps": 1, "eval_generate": 0},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "cfg.yaml"
+
+
+ROWS = [{"instruction": "Say yes.", "output": "yes"}, {"instruction": "no", "output": "ok"}]
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (NEVER_ENDS, r"did not finish within 1,000,000 steps"),
+        (READS_A_FILE, r"tried what the sandbox forbids \(access to attribute '__init__'"),
+    ],
+    ids=["never_ends", "reads_a_file"],
+)
+def test_a_chat_template_that_never_ends_or_reads_a_file_stops_training_naming_it(
+    template, message, tmp_path, capsys
+):
+    cfg = train_config(tmp_path, model_with_template(tmp_path, template), ROWS)
+    with deadline(20):  # the model and data load first; the template fails at once
+        code = main(["train", str(cfg)])
+    line = one_error(capsys)
+    assert code == 2
+    assert re.search(rf"error: \S*model/chat_template\.jinja: the chat template {message}", line)
+    assert "unexpected" not in line and not (tmp_path / "run").exists()
+
+
+def test_a_conversation_the_template_refuses_is_one_records_problem(tmp_path, capsys):
+    cfg = train_config(tmp_path, model_with_template(tmp_path, REFUSES), ROWS)
+    assert main(["train", str(cfg)]) == 2
+    line = one_error(capsys)
+    assert re.search(
+        r"train\.jsonl line 2: the chat template \(\S*chat_template\.jinja\) refuses this "
+        r"conversation \(I will not say no\); fix the record, or set data.on_error: skip",
+        line,
+    ), line
+    cfg = train_config(tmp_path, cfg.parent / "model", ROWS, on_error="skip")
+    assert main(["train", str(cfg)]) == 0
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert (summary["data"]["kept"], summary["data"]["invalid"]) == (1, 1), summary["data"]
+
+
+def test_chat_and_generate_render_within_the_budget_too(tokenizer):
+    from snug.data.render import ChatTemplate, TemplateError, TemplateRefused
+    from snug.deploy.session import Session
+
+    def session(template: str) -> Session:
+        return Session(None, tokenizer, ChatTemplate(template, "m/chat_template.jinja"), None)
+
+    hi = [{"role": "user", "content": "hi"}]
+    with deadline(5), pytest.raises(TemplateError, match=r"m/chat_template\.jinja: .*1,000,000"):
+        session(NEVER_ENDS).prompt_ids(hi)
+    with pytest.raises(TemplateRefused, match=r"I will not say no"):
+        session(REFUSES).prompt_ids([{"role": "user", "content": "no"}])
+    text = tokenizer.apply_chat_template(
+        hi, chat_template=REFUSES, add_generation_prompt=True, tokenize=False
+    )
+    assert session(REFUSES).prompt_ids(hi) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# Templates in the styles of widely used models (written here: the hub is not reachable in
+# tests), using what real templates use: namespaces, loop variables, macros, reversed and
+# sliced messages, tojson, strip and trim, dict(), range(), raise_exception on a branch not
+# taken, and transformers' {% generation %} tag.
+STYLES = {
+    "llama3_like": """{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content']|trim %}
+{%- set messages = messages[1:] %}{%- else %}{%- set system = "" %}{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}{{- system }}{{- "<|eot_id|>" }}
+{%- for message in messages %}
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+{%- endif %}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}""",
+    "qwen_like": """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}
+{%- if ns.multi_step_tool and message.role == "user" %}{%- set ns.multi_step_tool = false %}
+{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}
+{%- for message in messages %}
+{%- if message.role == "user" or message.role == "system" %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+{%- elif message.role == "assistant" %}
+{{- '<|im_start|>' + message.role + '\\n' }}{% generation %}{{ message.content }}{% endgeneration %}
+{%- if loop.index0 > ns.last_query_index %}{{- '' }}{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- endif %}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+""",
+    "macros_and_json": """{% macro turn(m, n) -%}
+[{{ n }}] {{ m.role|upper }}: {{ m.content|tojson }}{{ "\\n" }}
+{%- endmacro %}{% set meta = dict(count=messages|length) %}
+{%- for m in messages %}{{ turn(m, loop.index) }}{% if loop.last %}({{ meta.count }} turns,
+{%- for i in range(2) %} {{ i }}{% endfor %}){% endif %}{% endfor %}
+{%- if add_generation_prompt %}{{ eos_token ~ "ASSISTANT:" }}{% endif %}""",
+}
+CONVERSATIONS = [
+    [
+        {"role": "user", "content": "Give the first word.\n\nred cat"},
+        {"role": "assistant", "content": "red"},
+    ],
+    [
+        {"role": "system", "content": "Be brief.  "},
+        {"role": "user", "content": "Is {{ this }} a template? {% raw %}"},
+        {"role": "assistant", "content": 'No: "quotes", ünïcödé, \\ and\ttabs.'},
+        {"role": "user", "content": "And <|im_end|>?"},
+        {"role": "assistant", "content": "Text."},
+    ],
+]
+
+
+def every_template(tokenizer) -> dict[str, str]:
+    from snug.data.templates import BUILTIN
+
+    return {"models/tiny": tokenizer.chat_template, **BUILTIN, **STYLES}
+
+
+def test_templates_render_byte_identical_to_transformers(tokenizer):
+    from snug.data.render import render_chat
+
+    compared = 0
+    for name, template in every_template(tokenizer).items():
+        for messages in CONVERSATIONS:
+            for k in range(1, len(messages) + 1):
+                for gen in (False, True):
+                    ours = render_chat(tokenizer, template, messages[:k], gen)
+                    theirs = tokenizer.apply_chat_template(
+                        messages[:k], chat_template=template, tokenize=False,
+                        add_generation_prompt=gen,
+                    )  # fmt: skip
+                    assert ours == theirs, (name, k, gen)
+                    compared += 1
+    assert compared == (len(STYLES) + 7) * 2 * (2 + 5)

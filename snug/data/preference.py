@@ -28,6 +28,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from snug.data.formats import SHAREGPT_ROLES, DataError, to_canonical
+from snug.data.render import TemplateError
 from snug.data.tokenize import (
     EMPTY,
     FULLY_MASKED,
@@ -266,6 +267,8 @@ def tokenize_pairs(
             row["prompt_len"] = len(src)
             if not answers[0] and not src:
                 status = EMPTY
+        except TemplateError:
+            raise  # the template itself cannot render: no record's problem, it stops the run
         except DataError as e:
             status, problem = INVALID, str(e)
         for c in columns:

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from snug.data.formats import ANSWER_FIELD, DataError
+from snug.data.render import TemplateRefused, render_chat
 
 IGNORE = -100
 
@@ -49,12 +50,6 @@ def column_names(raw) -> list[str]:
     return list(dict.fromkeys(k for r in records_of(raw[:]) for k in r))
 
 
-def _render(tok: PreTrainedTokenizerBase, template: str, messages: list[dict], gen: bool) -> str:
-    return tok.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=gen
-    )
-
-
 def chat_segments(
     tok: PreTrainedTokenizerBase, template: str, messages: list[dict], where: str
 ) -> list[tuple[str, str]]:
@@ -63,8 +58,8 @@ def chat_segments(
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tok, template, messages[:k], gen=True)
-        full = _render(tok, template, messages[: k + 1], gen=False)
+        prompt = render_chat(tok, template, messages[:k], True, where)
+        full = render_chat(tok, template, messages[: k + 1], False, where)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise DataError(
                 f"{where}: the chat template does not render conversations prefix by prefix, so "
@@ -157,6 +152,32 @@ def _problem(status: str, where: str, field: str, cutoff_len: int) -> str:
     return ""
 
 
+def _encode(
+    record: dict[str, Any],
+    at: str,
+    tok: PreTrainedTokenizerBase,
+    template: str | None,
+    fmt: str,
+    cutoff_len: int,
+    train_on_prompt: bool,
+) -> tuple[list[tuple[list[int], list[int], str, int]], str]:
+    """One raw record's samples, and the problem that makes it invalid ("" if none): a bad
+    field, or a conversation its chat template refuses."""
+    from snug.data.formats import to_canonical  # local: keeps map's pickled closure small
+
+    invalid = [([], [], INVALID, 0)]
+    try:
+        canon = to_canonical(record, fmt, at)
+    except DataError as e:
+        return invalid, str(e)
+    if "text" in canon:
+        return encode_text(tok, canon["text"], cutoff_len), ""
+    try:
+        return [encode_chat(tok, template, canon["messages"], cutoff_len, train_on_prompt, at)], ""
+    except TemplateRefused as e:
+        return invalid, str(e)
+
+
 def tokenize_records(
     records: dict[str, list[Any]],
     indices: list[int],
@@ -171,23 +192,10 @@ def tokenize_records(
     """Batched `datasets.map` function: raw columns -> input_ids, labels, status, prompt_len,
     problem. A record that cannot train becomes one row with a status that drops it and a
     `problem` naming its file, line or row, and field; the caller decides whether to stop."""
-    from snug.data.formats import to_canonical  # local: keeps map's pickled closure small
-
     out: dict[str, list] = {c: [] for c in COLUMNS}
     for record, index in zip(records_of(records), indices, strict=True):
         at = where(index)
-        try:
-            canon = to_canonical(record, fmt, at)
-        except DataError as e:
-            results, problem = [([], [], INVALID, 0)], str(e)
-        else:
-            if "text" in canon:
-                results = encode_text(tok, canon["text"], cutoff_len)
-            else:
-                results = [
-                    encode_chat(tok, template, canon["messages"], cutoff_len, train_on_prompt, at)
-                ]
-            problem = ""
+        results, problem = _encode(record, at, tok, template, fmt, cutoff_len, train_on_prompt)
         for ids, labels, status, prompt_len in results:
             out["input_ids"].append(ids)
             out["labels"].append(labels)
