@@ -296,3 +296,164 @@ def test_templates_render_byte_identical_to_transformers(tokenizer):
                     assert ours == theirs, (name, k, gen)
                     compared += 1
     assert compared == (len(STYLES) + 7) * 2 * (2 + 5)
+
+
+# -- 7, 8: long records and long conversations ---------------------------------------------------
+def encode_chat_before(tok, template, messages, cutoff_len, train_on_prompt):
+    """snug's encode_chat as it was before issue 33 (ebda891), rendering through
+    transformers and every turn first: the reference the tokenized results must equal."""
+    from snug.data.tokenize import EMPTY, FULLY_MASKED, IGNORE, KEPT, TRUNCATED, _budget
+
+    def render(msgs, gen):
+        return tok.apply_chat_template(
+            msgs, chat_template=template, tokenize=False, add_generation_prompt=gen
+        )
+
+    pairs, done = [], ""
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant":
+            prompt, full = render(messages[:k], True), render(messages[: k + 1], False)
+            pairs.append((prompt[len(done) :], full[len(prompt) :]))
+            done = full
+    ids, labels, status, prompt_len = [], [], KEPT, 0
+    for k, (prompt, answer) in enumerate(pairs):
+        src = tok(prompt, add_special_tokens=False)["input_ids"]
+        tgt = tok(answer, add_special_tokens=False)["input_ids"]
+        n_src, n_tgt = _budget(len(src), len(tgt), cutoff_len - len(ids))
+        if (n_src, n_tgt) != (len(src), len(tgt)):
+            status = TRUNCATED
+            if k > 0 and n_src < len(src):
+                break
+        head = 1 if n_src < len(src) and n_src > 1 and src[0] in tok.all_special_ids else 0
+        src, tgt = src[:head] + src[len(src) - n_src + head :], tgt[:n_tgt]
+        prompt_len = len(ids) + len(src)
+        ids += src + tgt
+        labels += (src if train_on_prompt else [IGNORE] * len(src)) + tgt
+        if len(ids) >= cutoff_len:
+            status = TRUNCATED if k < len(pairs) - 1 else status
+            break
+    if not ids:
+        return ids, labels, EMPTY, 0
+    if all(x == IGNORE for x in labels[1:]):
+        return ids, labels, FULLY_MASKED, prompt_len
+    return ids, labels, status, prompt_len
+
+
+def conversations() -> list[list[dict]]:
+    """The bundled held-out instructions, and multi-turn cases for every truncation rule: a
+    system prompt, a long first prompt, a long answer, both long, a later turn whose prompt
+    does not fit."""
+    from snug.data.formats import to_canonical
+
+    lines = (ROOT / "data/instruct/heldout.jsonl").read_text().splitlines()
+    bundled = [to_canonical(json.loads(line), "alpaca", "x")["messages"] for line in lines[:60]]
+    long = " ".join(f"word{i}" for i in range(40))
+    turns = []
+    for i in range(6):
+        turns += [
+            {"role": "user", "content": f"question {i}: " + (long if i == 2 else "short")},
+            {"role": "assistant", "content": f"answer {i}: " + (long if i == 4 else "ok")},
+        ]
+    return bundled + [
+        [{"role": "system", "content": "Be brief."}, *turns],
+        turns,
+        [{"role": "user", "content": long}, {"role": "assistant", "content": long}],
+        [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}, *turns],
+    ]
+
+
+def test_tokenized_conversations_are_byte_identical_to_before(tokenizer):
+    from snug.data.templates import BUILTIN
+    from snug.data.tokenize import encode_chat
+
+    templates = [tokenizer.chat_template, BUILTIN["llama3"], STYLES["qwen_like"]]
+    compared = 0
+    for template in templates:
+        for messages in conversations():
+            for cutoff in (8, 24, 64, 512):
+                for train_on_prompt in (False, True):
+                    args = (tokenizer, template, messages, cutoff, train_on_prompt)
+                    assert encode_chat(*args, "x") == encode_chat_before(*args), (cutoff, messages)
+                    compared += 1
+    assert compared == 3 * 64 * 4 * 2
+
+
+def test_a_long_conversation_renders_only_the_turns_that_fit(tokenizer, monkeypatch):
+    from snug.data import tokenize
+
+    turns = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} of a long talk"}
+        for i in range(3000)
+    ]
+    rendered = []
+    render = tokenize.render_chat
+    monkeypatch.setattr(
+        tokenize,
+        "render_chat",
+        lambda tok, t, msgs, *a: rendered.append(len(msgs)) or render(tok, t, msgs, *a),
+    )
+    ids, labels, status, _ = tokenize.encode_chat(
+        tokenizer, tokenizer.chat_template, turns, 128, False, "x"
+    )
+    assert status == "truncated" and len(ids) <= 128
+    assert max(rendered) < 30, rendered  # the turns that fit in 128 tokens, and one more
+    assert (ids, labels) == encode_chat_before(
+        tokenizer, tokenizer.chat_template, turns[:40], 128, False
+    )[:2]
+
+
+def test_a_huge_message_is_cut_to_what_cutoff_len_can_keep_and_counted(tokenizer, tmp_path):
+    """A 60,000-character instruction (a 30 MB one, scaled down) under cutoff_len 16 keeps the
+    tokens it kept before, is counted as clipped, and is never rendered whole."""
+    from snug.config import DataConfig
+    from snug.data.dataset import build_datasets
+    from snug.data.tokenize import text_limit
+
+    huge = " ".join(f"w{i}" for i in range(10_000)) + " end of the instruction"
+    rows = [{"instruction": huge, "output": "ok"}, {"instruction": "Say yes.", "output": "yes"}]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = DataConfig(train=str(tmp_path / "t.jsonl"), cutoff_len=16)
+    train, _, stats = build_datasets(cfg, tokenizer, "sft", 0, str(ROOT / "models/tiny"))
+    assert (stats.kept, stats.truncated, stats.clipped) == (2, 2, 1), stats
+    assert text_limit(tokenizer, 16) < len(huge) // 100
+    messages = [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]
+    before = encode_chat_before(tokenizer, tokenizer.chat_template, messages, 16, False)
+    assert train[0]["input_ids"] == before[0] and train[0]["labels"] == before[1]
+    assert stats.as_dict()["clipped"] == 1
+
+
+def test_a_text_record_is_tokenized_in_pieces_and_one_too_long_is_named(
+    tokenizer, tmp_path, monkeypatch
+):
+    from snug.config import DataConfig
+    from snug.data import tokenize
+    from snug.data.dataset import build_datasets
+    from snug.data.formats import DataError
+
+    lines = (ROOT / "data/corpus/corpus.jsonl").read_text().splitlines()[:20]
+    text = "\n".join(json.loads(line)["text"] for line in lines) + "\n  two  spaces\n\n"
+    whole = tokenizer(text, add_special_tokens=True)["input_ids"]
+    monkeypatch.setattr(tokenize, "TEXT_CHUNK", 300)
+    assert len(text) > 15 * 300
+    assert tokenize._text_ids(tokenizer, text) == whole
+
+    monkeypatch.setattr(tokenize, "MAX_TEXT_CHARS", 1000)
+    write_jsonl(tmp_path / "c.jsonl", [{"text": "short text"}, {"text": text}])
+    cfg = DataConfig(train=str(tmp_path / "c.jsonl"), cutoff_len=64)
+    message = rf"c\.jsonl line 2: field 'text' holds {len(text):,} characters, more than the 1,000"
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, tokenizer, "pt", 0, "tiny")
+
+
+def test_a_json_line_over_the_limit_is_refused_naming_it(tokenizer, tmp_path, monkeypatch):
+    from snug.config import DataConfig
+    from snug.data import sources
+    from snug.data.dataset import build_datasets
+    from snug.data.formats import DataError
+
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 1000)
+    rows = [{"instruction": "a", "output": "b"}] * 3 + [{"instruction": "x" * 2000, "output": "b"}]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = DataConfig(train=str(tmp_path / "t.jsonl"))
+    with pytest.raises(DataError, match=r"t\.jsonl line 4: longer than 1,000 bytes"):
+        build_datasets(cfg, tokenizer, "sft", 0, "tiny")

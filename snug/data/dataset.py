@@ -24,6 +24,7 @@ from snug.data.preference import refuse_preference_records
 from snug.data.sources import load_raw
 from snug.data.templates import TemplateError, resolve_template
 from snug.data.tokenize import (
+    CLIPPED,
     EMPTY,
     FULLY_MASKED,
     INVALID,
@@ -32,6 +33,7 @@ from snug.data.tokenize import (
     column_names,
     first_record,
     records_of,
+    text_limit,
     tokenize_classes,
     tokenize_records,
 )
@@ -41,7 +43,7 @@ from snug.registry import get_stage
 # sit below snug.config, which registers them.
 DataConfig = Any
 
-CACHE_VERSION = "2"  # bump when tokenization changes, to invalidate cached maps
+CACHE_VERSION = "3"  # bump when tokenization changes, to invalidate cached maps
 MAX_PROBLEMS = 20  # problems listed in summary.json; the counts cover them all
 # What to do about a record of each dropped status, in the message that stops a strict run.
 FIXES = {
@@ -59,6 +61,7 @@ class DataStats:
     kept: int = 0
     dropped: int = 0  # fully_masked + empty + invalid
     truncated: int = 0
+    clipped: int = 0  # of the truncated: a message or text was cut before tokenizing
     fully_masked: int = 0
     empty: int = 0
     invalid: int = 0  # unreadable lines and records with a missing, mistyped or bad field
@@ -70,8 +73,9 @@ class DataStats:
     def add(self, counts: Counter, problems: list[str], train: bool = True) -> None:
         dropped = counts[FULLY_MASKED] + counts[EMPTY] + counts[INVALID]
         if train:
-            self.kept += counts[KEPT] + counts[TRUNCATED]
-            self.truncated += counts[TRUNCATED]
+            self.kept += counts[KEPT] + counts[TRUNCATED] + counts[CLIPPED]
+            self.truncated += counts[TRUNCATED] + counts[CLIPPED]
+            self.clipped += counts[CLIPPED]
             self.fully_masked += counts[FULLY_MASKED]
             self.empty += counts[EMPTY]
             self.invalid += counts[INVALID]
@@ -85,6 +89,7 @@ class DataStats:
             "kept": self.kept,
             "dropped": self.dropped,
             "truncated": self.truncated,
+            "clipped": self.clipped,
             "fully_masked": self.fully_masked,
             "empty": self.empty,
             "invalid": self.invalid,
@@ -193,6 +198,7 @@ def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, li
         fmt=fmt,
         cutoff_len=cfg.cutoff_len,
         train_on_prompt=cfg.train_on_prompt,
+        max_chars=text_limit(tok, cfg.cutoff_len),
         where=source.where,
     )
     key = (
@@ -232,7 +238,7 @@ def map_cached(
         raise DataError(f"{first['problem'].removesuffix('.')}; {FIXES[first['status']]}.")
     problems = list(ds.select(dropped[:MAX_PROBLEMS])["problem"]) if dropped else []
     if dropped:
-        ds = ds.filter(lambda s: s in (KEPT, TRUNCATED), input_columns="status")
+        ds = ds.filter(lambda s: s in (KEPT, TRUNCATED, CLIPPED), input_columns="status")
     return ds.remove_columns(["status", "problem"]), counts, problems
 
 
@@ -254,6 +260,7 @@ def tokenize_classes_of(source: Source) -> tuple[Dataset, Counter, list[str]]:
         label_column=cfg.label_column,
         label_ids={name: i for i, name in enumerate(labels)},
         cutoff_len=cfg.cutoff_len,
+        max_chars=text_limit(tok, cfg.cutoff_len),
         where=source.where,
     )
     key = (
