@@ -7,6 +7,7 @@ fails (instead of hanging the suite) where the bound is missing."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -457,3 +458,38 @@ def test_a_json_line_over_the_limit_is_refused_naming_it(tokenizer, tmp_path, mo
     cfg = DataConfig(train=str(tmp_path / "t.jsonl"))
     with pytest.raises(DataError, match=r"t\.jsonl line 4: longer than 1,000 bytes"):
         build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+
+
+# -- 11: tokenizing tells its progress -------------------------------------------------------------
+def test_tokenizing_tells_its_progress_batch_by_batch(tokenizer, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from snug.config import DataConfig
+    from snug.data import dataset
+
+    told: list[tuple] = []
+
+    class Phase:  # snug.progress.Phase's API, recording what it is told
+        def __init__(self, console, label, total, unit):
+            told.append((label, total, unit))
+
+        def __enter__(self):
+            return self
+
+        def advance(self, n: int) -> None:
+            told.append(n)
+
+        def __exit__(self, *exc) -> None:
+            told.append("end")
+
+    monkeypatch.setattr(dataset, "Phase", Phase)
+    rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(250)]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = DataConfig(train=str(tmp_path / "t.jsonl"))
+    console = Console(file=io.StringIO(), width=400)
+    dataset.build_datasets(cfg, tokenizer, "sft", 0, "tiny", console)
+    assert told == [(f"tokenizing {tmp_path}/t.jsonl", 250, "records"), 100, 100, 50, 0, "end"]
+    told.clear()
+    dataset.build_datasets(cfg, tokenizer, "sft", 0, "tiny", console)  # from the cache
+    assert told == [(f"tokenizing {tmp_path}/t.jsonl", 250, "records"), 250, "end"]
+    assert f"tokenized {tmp_path}/t.jsonl: 250 samples, 0 dropped" in console.file.getvalue()

@@ -50,7 +50,7 @@ def build_run(
         cfg.train.stage,
         cfg.train.seed,
         cfg.model.name_or_path,
-        console.print,
+        console,
         train=cfg.train,
     )
     if ctx.main:
