@@ -7,6 +7,7 @@ fails (instead of hanging the suite) where the bound is missing."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import re
@@ -493,3 +494,109 @@ def test_tokenizing_tells_its_progress_batch_by_batch(tokenizer, tmp_path, monke
     dataset.build_datasets(cfg, tokenizer, "sft", 0, "tiny", console)  # from the cache
     assert told == [(f"tokenizing {tmp_path}/t.jsonl", 250, "records"), 250, "end"]
     assert f"tokenized {tmp_path}/t.jsonl: 250 samples, 0 dropped" in console.file.getvalue()
+
+
+# -- 7: an adapter's numbers are checked against its weights and its base ------------------------
+# The number each method's config says, set to what it is not (the weights hold 4, 20 or 64).
+TAMPERED = {
+    "lora": ("adapter_config.json", "r", 2000),
+    "dora": ("adapter_config.json", "r", 2000),
+    "prefix": ("adapter_config.json", "num_virtual_tokens", 2000),
+    "prompt": ("adapter_config.json", "num_virtual_tokens", 2000),
+    "ptuning": ("adapter_config.json", "num_virtual_tokens", 2000),
+    "llama_adapter": ("adapter_config.json", "adapter_len", 2000),
+    "adapter": ("snug_adapter.json", "bottleneck", 2000),
+}
+
+
+SMALL = {"lora": "r", "dora": "r", "adapter": "bottleneck"}  # else num_virtual_tokens
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(tmp_path_factory) -> dict[str, Path]:
+    """An untrained adapter of every method that has numbers in its config, on models/tiny."""
+    from transformers import AutoModelForCausalLM
+
+    from snug.config import load_config
+    from snug.methods import apply_method, get_method
+
+    root = tmp_path_factory.mktemp("adapters")
+    base = AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny")
+    for method in TAMPERED:
+        size = f"method.{SMALL.get(method, 'num_virtual_tokens')}=4"
+        cfg = load_config(None, [f"method.name={method}", size, "memory.grad_checkpointing=false"])
+        model = apply_method(copy.deepcopy(base), cfg.method)
+        get_method(method).save(model, root / method)
+    return {method: root / method for method in TAMPERED}
+
+
+@pytest.mark.parametrize("method", sorted(TAMPERED))
+def test_an_adapter_config_that_disagrees_with_its_weights_is_refused_naming_the_key(
+    method, saved_adapters, tmp_path
+):
+    from snug.deploy.merge import find_source
+    from snug.methods.saved import SavedAdapterError
+
+    base = str(ROOT / "models/tiny")
+    assert find_source(saved_adapters[method], base).method == method  # as saved: loads
+    adapter = shutil.copytree(saved_adapters[method], tmp_path / method)
+    name, key, value = TAMPERED[method]
+    config = json.loads((adapter / name).read_text())
+    config[key] = value
+    (adapter / name).write_text(json.dumps(config))
+    with pytest.raises(SavedAdapterError, match=rf"{method}/{name}: {key} is {value}, but .*"):
+        find_source(adapter, base)
+
+
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_generate_and_merge_refuse_a_tampered_adapter_before_loading_the_base(
+    command, saved_adapters, tmp_path, capsys, monkeypatch
+):
+    """r: 2000000 in adapter_config.json made generate allocate 9.5 GB and merge ask for
+    ~156 GB before peft said "size mismatch"; now nothing is loaded."""
+    from snug.deploy import merge, session
+
+    adapter = shutil.copytree(saved_adapters["lora"], tmp_path / "lora")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 2_000_000}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(session, "load_model", never)
+    monkeypatch.setattr(merge, "load_model", never)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    argv = {
+        "generate": ["generate", "--adapter", str(adapter), "--input", str(tmp_path / "in.jsonl"),
+                     "--output", str(tmp_path / "out.jsonl")],
+        "merge": ["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")],
+    }[command]  # fmt: skip
+    assert main(argv) == 2
+    line = one_error(capsys)
+    assert re.search(
+        r"lora/adapter_config\.json: r is 2000000, but adapter_model\.safetensors holds ranks up "
+        r"to 4 \(base_model\.\S+\.lora_A\.weight\)",
+        line,
+    ), line
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_adapter_for_another_base_is_refused_naming_the_base_key(
+    saved_adapters, tmp_path, tokenizer
+):
+    from snug.deploy.merge import find_source
+    from snug.methods.saved import SavedAdapterError
+
+    from conftest import make_tiny_model
+
+    other = make_tiny_model("llama", tmp_path / "narrow", tokenizer)  # hidden_size 32
+    with pytest.raises(
+        SavedAdapterError,
+        match=r"prompt/adapter_config\.json: token_dim is 256, but the base model's config\.json "
+        r"has hidden_size 32: the adapter belongs to another base",
+    ):
+        find_source(saved_adapters["prompt"], str(other))
+    with pytest.raises(
+        SavedAdapterError, match=r"snug_adapter\.safetensors: .* has hidden_size 32"
+    ):
+        find_source(saved_adapters["adapter"], str(other))
