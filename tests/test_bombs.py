@@ -600,3 +600,23 @@ def test_an_adapter_for_another_base_is_refused_naming_the_base_key(
         SavedAdapterError, match=r"snug_adapter\.safetensors: .* has hidden_size 32"
     ):
         find_source(saved_adapters["adapter"], str(other))
+
+
+def test_a_huge_preference_prompt_or_answer_is_cut_too(tokenizer, monkeypatch):
+    from snug.data import preference
+
+    huge = " ".join(f"w{i}" for i in range(10_000))
+    columns = {"prompt": [huge, "Say it."], "chosen": ["yes", huge], "rejected": ["no", "no"]}
+
+    def tokenized() -> dict[str, list]:
+        return preference.tokenize_pairs(
+            columns, [0, 1], tok=tokenizer, template=tokenizer.chat_template, cutoff_len=16,
+            paired=True, where=lambda i: f"row {i}",
+        )  # fmt: skip
+
+    cut = tokenized()
+    monkeypatch.setattr(preference, "text_limit", lambda tok, cutoff_len: 10**9)
+    whole = tokenized()
+    assert cut["status"] == ["clipped", "clipped"] and whole["status"] == ["truncated"] * 2
+    for column in ("input_ids", "labels", "rejected_ids", "rejected_labels", "prompt_len"):
+        assert cut[column] == whole[column], column
