@@ -65,7 +65,8 @@ class ChatTemplate(str):
 
 
 class _OverBudget(Exception):
-    """Raised inside a render (not a jinja2 error, so that no template code can catch it)."""
+    """Raised inside a render: not a jinja2 error, so nothing of jinja2 or transformers takes
+    it for one of the template's own."""
 
 
 _steps_left: ContextVar[list[int]] = ContextVar("chat_template_steps")
