@@ -35,7 +35,7 @@ from snug.sections import (  # noqa: F401  (re-exported: snug.config names every
     TrainConfig,
 )
 from snug.values import coerce, one_of
-from snug.yamlfile import read_mapping
+from snug.yamlfile import load_text, read_mapping
 
 
 def registered_methods() -> dict[str, Method]:
@@ -350,10 +350,10 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"{where} must look like section.key=value (e.g. train.lr=1e-4).")
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
-    try:
-        return section, key, yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"{where}: the value is not valid YAML; quote it.") from None
+    if not raw.strip():
+        return section, key, ""
+    not_yaml = f"{where}: the value is not valid YAML; quote it."
+    return section, key, load_text(raw, where, ConfigError, not_yaml=not_yaml)
 
 
 def load_config(

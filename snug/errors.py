@@ -58,18 +58,24 @@ def decode_error_line(data: bytes, e: UnicodeDecodeError) -> str:
     return f"line {line}, column {column} (byte 0x{data[e.start]:02x})"
 
 
-def read_utf8(path, what: str, error: type[UserError]) -> str:
+def read_utf8(path, what: str, error: type[UserError], limit: int | None = None) -> str:
     """The text of `path`, or `error` naming the file and the line where it is not UTF-8 (or why
-    it cannot be read)."""
+    it cannot be read); with a `limit`, also a file of more bytes than that (read no further,
+    so neither a huge file nor an endless one, such as a pipe, is held)."""
     from pathlib import Path
 
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read() if limit is None else f.read(limit + 1)
     except IsADirectoryError:
         raise error(f"{path}: is a directory, not {what}.") from None
     except OSError as e:
         raise error(f"{path}: cannot read {what} ({e.strerror}).") from None
+    if limit is not None and len(data) > limit:
+        raise error(
+            f"{path}: more than {limit:,} bytes, too large for {what}; is it the right file?"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -89,6 +89,11 @@ class Method:
     # Checks across sections for this method (e.g. freeze's head-only needs a classifier
     # stage): (config, its source for the error) -> raises snug.errors.ConfigError.
     check: Callable[[Any, str], None] | None = None
+    # Checks a saved adapter before anything is allocated from it (snug/methods/saved.py):
+    # (adapter directory, the base's config.json as a dict, {} when unknown) -> raises
+    # snug.errors.UserError naming the file and key where the config's numbers disagree with
+    # its weights' shapes (read from the header) or with the base.
+    check_saved: Callable[[Path, dict], None] | None = None
 
     def own(self, cfg: MethodConfig) -> Any:
         """This method's own settings in `cfg` (their defaults when the config has none)."""

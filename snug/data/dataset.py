@@ -16,6 +16,7 @@ from typing import Any
 
 import datasets
 from datasets import Dataset, concatenate_datasets
+from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
 from snug.data.formats import FORMATS, DataError, detect_format
@@ -24,6 +25,7 @@ from snug.data.preference import refuse_preference_records
 from snug.data.sources import load_raw
 from snug.data.templates import TemplateError, resolve_template
 from snug.data.tokenize import (
+    CLIPPED,
     EMPTY,
     FULLY_MASKED,
     INVALID,
@@ -32,17 +34,23 @@ from snug.data.tokenize import (
     column_names,
     first_record,
     records_of,
+    text_limit,
     tokenize_classes,
     tokenize_records,
 )
+from snug.progress import Phase
 from snug.registry import get_stage
 
 # snug.config.DataConfig: not imported, since the stages (snug/stages/) that call this module
 # sit below snug.config, which registers them.
 DataConfig = Any
 
-CACHE_VERSION = "2"  # bump when tokenization changes, to invalidate cached maps
+CACHE_VERSION = "3"  # bump when tokenization changes, to invalidate cached maps
 MAX_PROBLEMS = 20  # problems listed in summary.json; the counts cover them all
+# Records per batch of the tokenizing map: progress is told once a batch. Neither this nor the
+# progress costs measurable time against datasets' default of 1,000 records and no progress
+# (`python benchmarks/tokenize_bombs.py progress data/corpus/corpus.jsonl pt`).
+MAP_BATCH = 100
 # What to do about a record of each dropped status, in the message that stops a strict run.
 FIXES = {
     INVALID: "fix the record, or set data.on_error: skip to drop such records",
@@ -59,6 +67,7 @@ class DataStats:
     kept: int = 0
     dropped: int = 0  # fully_masked + empty + invalid
     truncated: int = 0
+    clipped: int = 0  # of the truncated: a message or text was cut before tokenizing
     fully_masked: int = 0
     empty: int = 0
     invalid: int = 0  # unreadable lines and records with a missing, mistyped or bad field
@@ -70,8 +79,9 @@ class DataStats:
     def add(self, counts: Counter, problems: list[str], train: bool = True) -> None:
         dropped = counts[FULLY_MASKED] + counts[EMPTY] + counts[INVALID]
         if train:
-            self.kept += counts[KEPT] + counts[TRUNCATED]
-            self.truncated += counts[TRUNCATED]
+            self.kept += counts[KEPT] + counts[TRUNCATED] + counts[CLIPPED]
+            self.truncated += counts[TRUNCATED] + counts[CLIPPED]
+            self.clipped += counts[CLIPPED]
             self.fully_masked += counts[FULLY_MASKED]
             self.empty += counts[EMPTY]
             self.invalid += counts[INVALID]
@@ -85,6 +95,7 @@ class DataStats:
             "kept": self.kept,
             "dropped": self.dropped,
             "truncated": self.truncated,
+            "clipped": self.clipped,
             "fully_masked": self.fully_masked,
             "empty": self.empty,
             "invalid": self.invalid,
@@ -111,14 +122,15 @@ def tokenize_source(
     stage: Any,
     model_name: str,
     labels: list[str] | None = None,
-    report: Callable[[str], None] | None = None,
+    console: Console | None = None,
     train: Any = None,
 ) -> tuple[Dataset, Counter, list[str]]:
     """One source -> its usable samples, the count of each status, and the first problems of
     the dropped ones (unreadable lines count as invalid), tokenized as the stage (a
     snug.stages.base.Stage, or its name) says. Under data.on_error=strict the first problem
-    stops the run here instead. `report` hears what is being done, with counts. `train`: the
-    train section, whose stage keys the stage may read (None: their defaults)."""
+    stops the run here instead. `console` shows the records tokenized as they are (a
+    snug.progress.Phase) and the counts. `train`: the train section, whose stage keys the
+    stage may read (None: their defaults)."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
     started = time.monotonic()
     src = load_raw(spec, cfg.split, cfg.on_error)
@@ -128,19 +140,34 @@ def tokenize_source(
     if len(raw) == 0:
         lost = f" (the first unreadable line: {src.unreadable[0]})" if src.unreadable else ""
         raise DataError(f"{spec}: holds no records{lost}.")
-    if report is not None:
-        report(f"tokenizing {spec}: {len(raw):,} records")
-    ds, counts, problems = stage.tokenize(
-        Source(raw, src.where, spec, cfg, tok, model_name, labels, stage.own(train))
-    )
+    source = Source(raw, src.where, spec, cfg, tok, model_name, labels, stage.own(train))
+    if console is None:
+        ds, counts, problems = stage.tokenize(source)
+    else:
+        with Phase(console, f"tokenizing {spec}", len(raw), "records") as phase:
+            source.progress = Counted(phase.advance)
+            ds, counts, problems = stage.tokenize(source)
+            phase.advance(len(raw) - source.progress.done)  # records read from the cache
     counts[INVALID] += len(src.unreadable)
-    if report is not None:
+    if console is not None:
         dropped = counts[FULLY_MASKED] + counts[EMPTY] + counts[INVALID]
-        report(
+        console.print(
             f"tokenized {spec}: {len(ds):,} samples, {dropped:,} dropped "
             f"({time.monotonic() - started:.1f} s)"
         )
     return ds, counts, src.unreadable + problems
+
+
+@dataclass
+class Counted:
+    """A progress callback that also keeps the count it was given."""
+
+    advance: Callable[[int], None]
+    done: int = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.advance(n)
 
 
 @dataclass
@@ -156,13 +183,14 @@ class Source:
     model_name: str
     labels: list[str] | None  # the stage's classes, when it has any (Stage.labels)
     own: Any = None  # the stage's own settings (train: keys), when it has any
+    progress: Callable[[int], None] | None = None  # hears the records tokenized, batch by batch
 
     def map(self, fn: Callable, key: tuple) -> tuple[Dataset, Counter, list[str]]:
         """Tokenize the records with the batched function `fn(records, indices)`, which gives
         each sample `input_ids`, `labels`, `prompt_len`, `status` and `problem`
         (snug/data/tokenize.py: COLUMNS), through datasets' cache keyed by `key` (everything
         that changes the tokens); keep the usable samples as data.on_error says."""
-        return map_cached(self.raw, fn, key, self.spec, self.data.on_error)
+        return map_cached(self.raw, fn, key, self.spec, self.data.on_error, self.progress)
 
 
 def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, list[str]]:
@@ -193,6 +221,7 @@ def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, li
         fmt=fmt,
         cutoff_len=cfg.cutoff_len,
         train_on_prompt=cfg.train_on_prompt,
+        max_chars=text_limit(tok, cfg.cutoff_len),
         where=source.where,
     )
     key = (
@@ -205,20 +234,38 @@ def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, li
     return source.map(fn, key)
 
 
+def _told(fn: Callable, progress: Callable[[int], None]) -> Callable:
+    """`fn`, a batched map function, telling `progress` how many records each batch held."""
+
+    def counted(records: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out = fn(records, indices)
+        progress(len(indices))
+        return out
+
+    return counted
+
+
 def map_cached(
-    raw: Dataset, fn, key: tuple, spec: str, on_error: str
+    raw: Dataset,
+    fn,
+    key: tuple,
+    spec: str,
+    on_error: str,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Dataset, Counter, list[str]]:
     """Tokenize `raw` with `fn` through datasets' map cache (keyed by the raw data, by `key`,
     everything that changes the tokens, and by `spec`, named in the problems), count each
     sample's status, keep the usable ones. data.on_error acts after the map, so that strict
     and skip share one cached result: strict stops at the first dropped sample in row order,
-    skip returns the first problems."""
+    skip returns the first problems. `progress` hears the records of each batch tokenized
+    (none when the cache holds the result)."""
     fingerprint = hashlib.sha256(
         repr((CACHE_VERSION, raw._fingerprint, key, spec)).encode()
     ).hexdigest()
     ds = raw.map(
-        fn,
+        fn if progress is None else _told(fn, progress),
         batched=True,
+        batch_size=MAP_BATCH,
         with_indices=True,
         remove_columns=raw.column_names,
         new_fingerprint=fingerprint[:32],
@@ -232,7 +279,7 @@ def map_cached(
         raise DataError(f"{first['problem'].removesuffix('.')}; {FIXES[first['status']]}.")
     problems = list(ds.select(dropped[:MAX_PROBLEMS])["problem"]) if dropped else []
     if dropped:
-        ds = ds.filter(lambda s: s in (KEPT, TRUNCATED), input_columns="status")
+        ds = ds.filter(lambda s: s in (KEPT, TRUNCATED, CLIPPED), input_columns="status")
     return ds.remove_columns(["status", "problem"]), counts, problems
 
 
@@ -254,6 +301,7 @@ def tokenize_classes_of(source: Source) -> tuple[Dataset, Counter, list[str]]:
         label_column=cfg.label_column,
         label_ids={name: i for i, name in enumerate(labels)},
         cutoff_len=cfg.cutoff_len,
+        max_chars=text_limit(tok, cfg.cutoff_len),
         where=source.where,
     )
     key = (
@@ -291,20 +339,20 @@ def build_datasets(
     stage: Any,
     seed: int,
     model_name: str,
-    report: Callable[[str], None] | None = None,
+    console: Console | None = None,
     train: Any = None,
 ) -> tuple[Dataset, Dataset | None, DataStats]:
     """(train, eval or None, stats). Several train sources are mixed (concatenated; the
-    sampler shuffles); val_size holds out part of train when there is no eval data. `report`
-    hears each source's progress (snug train prints it). `stage`: a snug.stages.base.Stage or
-    its name (train.stage); `train`: the train section (the stage's own keys)."""
+    sampler shuffles); val_size holds out part of train when there is no eval data. `console`
+    shows each source's progress (snug train's). `stage`: a snug.stages.base.Stage or its
+    name (train.stage); `train`: the train section (the stage's own keys)."""
     datasets.disable_progress_bars()
     stage = get_stage(stage) if isinstance(stage, str) else stage
     stats = DataStats(labels=stage.labels(cfg))
     parts = []
     for spec in _as_list(cfg.train):
         ds, counts, problems = tokenize_source(
-            spec, cfg, tok, stage, model_name, stats.labels, report, train
+            spec, cfg, tok, stage, model_name, stats.labels, console, train
         )
         stats.add(counts, problems)
         parts.append(ds)
@@ -317,7 +365,7 @@ def build_datasets(
     evals = []
     for spec in _as_list(cfg.eval):
         ds, counts, problems = tokenize_source(
-            spec, cfg, tok, stage, model_name, stats.labels, report, train
+            spec, cfg, tok, stage, model_name, stats.labels, console, train
         )
         stats.add(counts, problems, train=False)
         if len(ds) == 0:

@@ -21,12 +21,20 @@ _BETWEEN_ITEMS = re.compile(r"[\s,]*")
 NEWLINE = b"\n"
 
 
-def check_utf8(path: Path, chunk: int = 16 << 20) -> None:
+# The longest line of a JSON Lines file (one record) snug reads: reading a line takes about ten
+# times its size in memory, and no record that trains is this long (a conversation's messages
+# are cut to what data.cutoff_len keeps, a text record holds at most 10,000,000 characters).
+MAX_LINE_BYTES = 64 << 20
+
+
+def check_utf8(path: Path, chunk: int = 16 << 20, max_line: int | None = None) -> None:
     """DataError naming the line and column of the first byte of `path` that is not UTF-8
-    (pyarrow reads such bytes into its strings unchecked, and they fail later, nameless).
-    Read in chunks: a large file is never held whole."""
+    (pyarrow reads such bytes into its strings unchecked, and they fail later, nameless), or
+    the first line over `max_line` bytes. Read in chunks: a large file is never held whole."""
+    chunk = chunk if max_line is None else min(chunk, max_line)  # only lines across chunks
+    # can then be longer than max_line: each chunk is checked at its first line break
     decoder = codecs.getincrementaldecoder("utf-8")()
-    line, done = 1, 0
+    line, run, run_line = 1, 0, 1  # run: bytes of line `run_line` read so far
     with open(path, "rb") as f:
         while True:
             data = f.read(chunk)
@@ -40,10 +48,18 @@ def check_utf8(path: Path, chunk: int = 16 << 20) -> None:
                     f"{path} {where}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the "
                     "file as UTF-8."
                 ) from None
+            first = data.find(NEWLINE)
+            run += len(data) if first < 0 else first
+            if max_line is not None and run > max_line:
+                raise DataError(
+                    f"{path} line {run_line}: longer than {max_line:,} bytes, more than one "
+                    "record may hold; is it one JSON record per line?"
+                )
             if not data:
                 return
             line += data.count(b"\n")
-            done += len(data)
+            if first >= 0:
+                run, run_line = len(data) - data.rfind(NEWLINE) - 1, line
 
 
 def _array_lines(text: str) -> list[int]:

@@ -28,7 +28,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from snug.data.formats import SHAREGPT_ROLES, DataError, to_canonical
+from snug.data.render import TemplateError
 from snug.data.tokenize import (
+    CLIPPED,
     EMPTY,
     FULLY_MASKED,
     IGNORE,
@@ -36,7 +38,9 @@ from snug.data.tokenize import (
     KEPT,
     TRUNCATED,
     chat_segments,
+    clip_messages,
     records_of,
+    text_limit,
 )
 
 PAIR_KEYS = ("chosen", "rejected")
@@ -232,6 +236,7 @@ def tokenize_pairs(
     UNPAIRED_COLUMNS), `status` and `problem`, one row per record."""
     columns = PAIR_COLUMNS if paired else UNPAIRED_COLUMNS
     out: dict[str, list] = {c: [] for c in (*columns, "status", "problem")}
+    limit = text_limit(tok, cutoff_len)  # longer texts are cut first (data/tokenize.py)
     for record, index in zip(records_of(records), indices, strict=True):
         at = where(index)
         row: dict[str, Any] = {"input_ids": [], "labels": [], "prompt_len": 0}
@@ -247,12 +252,15 @@ def tokenize_pairs(
                 canon = canonical_unpaired(record, at)
                 texts = [canon["completion"]]
                 row["desirable"] = int(canon["desirable"])
-            parts = [_split(tok, template, canon["prompt"], t, at) for t in texts]
+            prompt, clipped = clip_messages(canon["prompt"], limit)
+            clipped = clipped or any(len(t) > limit for t in texts)
+            parts = [_split(tok, template, prompt, t[:limit], at) for t in texts]
             src = parts[0][0]
             if any(p[0] != src for p in parts[1:]):
                 raise DataError(f"{at}: the template renders the prompt differently per answer.")
             src, answers, cut = _fit(tok, src, [p[1] for p in parts], cutoff_len)
             status = _status(answers, cut)
+            status = CLIPPED if clipped and status in (KEPT, TRUNCATED) else status
             problem = (
                 f"{at}: an answer leaves no token to train on after truncation to "
                 f"data.cutoff_len={cutoff_len}."
@@ -266,6 +274,8 @@ def tokenize_pairs(
             row["prompt_len"] = len(src)
             if not answers[0] and not src:
                 status = EMPTY
+        except TemplateError:
+            raise  # the template itself cannot render: no record's problem, it stops the run
         except DataError as e:
             status, problem = INVALID, str(e)
         for c in columns:

@@ -14,7 +14,7 @@ import datasets
 from datasets import Dataset, Json
 
 from snug.data.formats import DataError
-from snug.data.locate import Locator, check_utf8, read_json
+from snug.data.locate import MAX_LINE_BYTES, Locator, check_utf8, read_json
 from snug.data.tokenize import RAW_JSON
 from snug.errors import first_line
 from snug.paths import NOT_A_FILE_BECAUSE, special_data_file
@@ -95,7 +95,7 @@ def _load_json(files: list[Path], spec: str, on_error: str) -> RawSource:
     # The loader logs its failure (an ERROR naming no line) before raising: the message below
     # says more, so that log is muted while it reads.
     for path in files:
-        check_utf8(path)
+        check_utf8(path, max_line=None if _holds_array(path) else MAX_LINE_BYTES)
     quiet = logging.getLogger("datasets.packaged_modules.json.json")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)

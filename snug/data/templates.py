@@ -7,9 +7,11 @@ marker the model must learn to emit.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PreTrainedTokenizerBase
 
-from snug.data.formats import DataError
+from snug.data.render import ChatTemplate, TemplateError
 
 BUILTIN = {
     "chatml": (
@@ -46,15 +48,24 @@ BUILTIN = {
 }
 
 
-class TemplateError(DataError):
-    """No usable chat template (a DataError: the data cannot be rendered)."""
+# Where transformers reads a tokenizer's own chat template from, in the order it prefers them.
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
 
 
-def resolve_template(tokenizer: PreTrainedTokenizerBase, name: str, model_name: str) -> str:
-    """The Jinja chat template that `data.template=name` selects."""
+def _origin(model_name: str) -> str:
+    """The file a local model's chat template was read from, for errors."""
+    folder = Path(model_name)
+    found = [folder / f for f in TEMPLATE_FILES if (folder / f).is_file()]
+    return str(found[0]) if found else f"the chat template of {model_name}"
+
+
+def resolve_template(
+    tokenizer: PreTrainedTokenizerBase, name: str, model_name: str
+) -> ChatTemplate:
+    """The Jinja chat template that `data.template=name` selects, knowing where it is from."""
     if name == "auto":
         if tokenizer.chat_template:
-            return tokenizer.chat_template
+            return ChatTemplate(tokenizer.chat_template, _origin(model_name))
         raise TemplateError(
             f"the tokenizer of {model_name} has no chat template; set data.template to one of "
             f"{', '.join(BUILTIN)} (or train.stage=pt for plain text)."
@@ -63,4 +74,4 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, name: str, model_name: 
         raise TemplateError(
             f"data.template={name} is unknown; use auto or one of {', '.join(BUILTIN)}."
         )
-    return BUILTIN[name]
+    return ChatTemplate(BUILTIN[name], f"data.template={name}")

@@ -9,18 +9,20 @@ real template, whatever it is.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from snug.data.formats import ANSWER_FIELD, DataError
+from snug.data.render import TemplateRefused, render_chat
 
 IGNORE = -100
 
-# Status of a record after tokenization, counted in summary.json["data"]. The last three are
-# dropped (data.on_error=skip) or stop the run (strict); each comes with a `problem` message.
-KEPT, TRUNCATED = "kept", "truncated"
+# Status of a record after tokenization, counted in summary.json["data"]. The first three are
+# kept (clipped: truncated, and a text of it was cut before tokenizing, see `text_limit`); the
+# last three are dropped (data.on_error=skip) or stop the run (strict), each with a `problem`.
+KEPT, TRUNCATED, CLIPPED = "kept", "truncated", "clipped"
 EMPTY, FULLY_MASKED, INVALID = "empty", "fully_masked", "invalid"
 COLUMNS = ("input_ids", "labels", "status", "prompt_len", "problem")  # what the map functions give
 # The one column of raw records that snug read itself: each record's exact JSON text
@@ -49,30 +51,32 @@ def column_names(raw) -> list[str]:
     return list(dict.fromkeys(k for r in records_of(raw[:]) for k in r))
 
 
-def _render(tok: PreTrainedTokenizerBase, template: str, messages: list[dict], gen: bool) -> str:
-    return tok.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=gen
-    )
-
-
 def chat_segments(
     tok: PreTrainedTokenizerBase, template: str, messages: list[dict], where: str
 ) -> list[tuple[str, str]]:
     """[(prompt_text, answer_text), ...], one pair per assistant turn, concatenating to the whole."""
-    pairs, done = [], ""
+    return list(segments(tok, template, messages, where))
+
+
+def segments(
+    tok: PreTrainedTokenizerBase, template: str, messages: list[dict], where: str
+) -> Iterator[tuple[str, str]]:
+    """chat_segments one turn at a time: a caller that stops early renders no further turn
+    (each turn renders the conversation up to it, so all of them take time in proportion to
+    the square of the turns)."""
+    done = ""
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tok, template, messages[:k], gen=True)
-        full = _render(tok, template, messages[: k + 1], gen=False)
+        prompt = render_chat(tok, template, messages[:k], True, where)
+        full = render_chat(tok, template, messages[: k + 1], False, where)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise DataError(
                 f"{where}: the chat template does not render conversations prefix by prefix, so "
                 "answer tokens cannot be located; set data.template to a built-in template."
             )
-        pairs.append((prompt[len(done) :], full[len(prompt) :]))
+        yield prompt[len(done) :], full[len(prompt) :]
         done = full
-    return pairs
 
 
 def _budget(src: int, tgt: int, budget: int) -> tuple[int, int]:
@@ -101,12 +105,14 @@ def encode_chat(
     A long first prompt loses its start but keeps a leading special token (BOS), since its end
     carries the turn header the answer follows; a long answer loses its end; a later turn that
     would lose part of its prompt is dropped whole rather than trained without its header.
+    Rendering stops at the first turn that does not fit whole.
     """
     ids: list[int] = []
     labels: list[int] = []
     status, prompt_len = KEPT, 0
-    pairs = chat_segments(tok, template, messages, where)
-    for k, (prompt, answer) in enumerate(pairs):
+    turns = sum(m["role"] == "assistant" for m in messages)
+    # Turns past the budget are never rendered: nothing of them could be kept.
+    for k, (prompt, answer) in enumerate(segments(tok, template, messages, where)):
         src = tok(prompt, add_special_tokens=False)["input_ids"]
         tgt = tok(answer, add_special_tokens=False)["input_ids"]
         n_src, n_tgt = _budget(len(src), len(tgt), cutoff_len - len(ids))
@@ -120,7 +126,7 @@ def encode_chat(
         ids += src + tgt
         labels += (src if train_on_prompt else [IGNORE] * len(src)) + tgt
         if len(ids) >= cutoff_len:
-            status = TRUNCATED if k < len(pairs) - 1 else status
+            status = TRUNCATED if k < turns - 1 else status
             break
     if not ids:
         return ids, labels, EMPTY, 0
@@ -129,12 +135,48 @@ def encode_chat(
     return ids, labels, status, prompt_len
 
 
+# Plain text (train.stage=pt) is tokenized this many characters at a time, cut after a line
+# break, so that tokenizing a long document never holds the tokenizer's working data (a few
+# hundred bytes a token) for all of it; a text record may hold at most MAX_TEXT_CHARS (its
+# samples are held in memory as one batch: about 100 bytes a token).
+TEXT_CHUNK = 1_000_000
+MAX_TEXT_CHARS = 10_000_000
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` in pieces of at most `size` characters, each ending after a line break (else
+    before a space, which starts the next word's token; else where it must)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        window = text[start : start + size]
+        cut = window.rfind("\n") + 1 or max(window.rfind(" "), 0) or size
+        pieces.append(window[:cut])
+        start += cut
+    return [*pieces, text[start:]]
+
+
+def _text_ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """tok(text, add_special_tokens=True)'s ids, TEXT_CHUNK characters at a time: the special
+    tokens the tokenizer adds around a text (found on a probe) go around the whole. A cut
+    falls after a line break, where tokens end for the usual pre-tokenizers; one that marks the
+    start of a text (sentencepiece's "▁") may tokenize the first word after a cut otherwise."""
+    if len(text) <= TEXT_CHUNK:
+        return tok(text, add_special_tokens=True)["input_ids"]
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    at = next(i for i in range(len(probe)) if probe[i : i + len(plain)] == plain)
+    ids = probe[:at]
+    for piece in _pieces(text, TEXT_CHUNK):
+        ids += tok(piece, add_special_tokens=False)["input_ids"]
+    return ids + probe[at + len(plain) :]
+
+
 def encode_text(
     tok: PreTrainedTokenizerBase, text: str, cutoff_len: int
 ) -> list[tuple[list[int], list[int], str, int]]:
     """Plain text for train.stage=pt: bos? + text + eos, split into cutoff_len pieces (no
     token is thrown away)."""
-    ids = tok(text, add_special_tokens=True)["input_ids"]
+    ids = _text_ids(tok, text)
     if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
         ids.append(tok.eos_token_id)
     if len(ids) < 2:
@@ -143,6 +185,35 @@ def encode_text(
     if len(pieces) > 1 and len(pieces[-1]) < 2:  # a lone token predicts nothing
         pieces.pop()
     return [(p, list(p), KEPT, 0) for p in pieces]
+
+
+# Characters a text may hold per token of data.cutoff_len, in tokens of the tokenizer's longest
+# token: no token covers more characters than that, so a longer text holds more tokens than
+# cutoff_len keeps; twice over, for normalizers that shrink text (Unicode composition).
+CHARS_PER_LONGEST_TOKEN = 2
+
+
+def text_limit(tok: PreTrainedTokenizerBase, cutoff_len: int) -> int:
+    """Characters of one message (or classification text) that can reach a sample of
+    `cutoff_len` tokens: a longer one is cut to this before it is rendered and tokenized, which
+    changes no kept token of it (it was to be truncated anyway) and spares the memory and time
+    of tokenizing what would be thrown away (a 30 MB instruction)."""
+    longest = max(len(t) for t in tok.get_vocab())
+    return CHARS_PER_LONGEST_TOKEN * cutoff_len * max(longest, 1)
+
+
+def clip_messages(messages: list[dict], limit: int) -> tuple[list[dict], bool]:
+    """`messages` with each content longer than `limit` characters cut to it, and whether any
+    was: an answer keeps its start, any other turn its end (as tokens are truncated: the end of
+    a prompt holds the header the answer follows)."""
+    clipped = []
+    for m in messages:
+        text = m["content"]
+        if len(text) > limit:
+            text = text[:limit] if m["role"] == "assistant" else text[len(text) - limit :]
+            m = {**m, "content": text}
+        clipped.append(m)
+    return clipped, any(a is not b for a, b in zip(clipped, messages, strict=True))
 
 
 def _problem(status: str, where: str, field: str, cutoff_len: int) -> str:
@@ -157,6 +228,44 @@ def _problem(status: str, where: str, field: str, cutoff_len: int) -> str:
     return ""
 
 
+def _encode(
+    record: dict[str, Any],
+    at: str,
+    tok: PreTrainedTokenizerBase,
+    template: str | None,
+    fmt: str,
+    cutoff_len: int,
+    train_on_prompt: bool,
+    max_chars: int,
+) -> tuple[list[tuple[list[int], list[int], str, int]], str]:
+    """One raw record's samples, and the problem that makes it invalid ("" if none): a bad
+    field, or a conversation its chat template refuses."""
+    from snug.data.formats import to_canonical  # local: keeps map's pickled closure small
+
+    invalid = [([], [], INVALID, 0)]
+    try:
+        canon = to_canonical(record, fmt, at)
+    except DataError as e:
+        return invalid, str(e)
+    if "text" in canon:
+        if len(canon["text"]) > MAX_TEXT_CHARS:
+            return invalid, (
+                f"{at}: field 'text' holds {len(canon['text']):,} characters, more than the "
+                f"{MAX_TEXT_CHARS:,} one record may hold; split it into several records."
+            )
+        return encode_text(tok, canon["text"], cutoff_len), ""
+    messages, clipped = clip_messages(canon["messages"], max_chars)
+    try:
+        ids, labels, status, prompt_len = encode_chat(
+            tok, template, messages, cutoff_len, train_on_prompt, at
+        )
+    except TemplateRefused as e:
+        return invalid, str(e)
+    if clipped and status in (KEPT, TRUNCATED):
+        status = CLIPPED
+    return [(ids, labels, status, prompt_len)], ""
+
+
 def tokenize_records(
     records: dict[str, list[Any]],
     indices: list[int],
@@ -166,28 +275,19 @@ def tokenize_records(
     fmt: str,
     cutoff_len: int,
     train_on_prompt: bool,
+    max_chars: int,
     where: Callable[[int], str],
 ) -> dict[str, list]:
     """Batched `datasets.map` function: raw columns -> input_ids, labels, status, prompt_len,
     problem. A record that cannot train becomes one row with a status that drops it and a
-    `problem` naming its file, line or row, and field; the caller decides whether to stop."""
-    from snug.data.formats import to_canonical  # local: keeps map's pickled closure small
-
+    `problem` naming its file, line or row, and field; the caller decides whether to stop.
+    A message over `max_chars` characters (`text_limit`) is cut to it first."""
     out: dict[str, list] = {c: [] for c in COLUMNS}
     for record, index in zip(records_of(records), indices, strict=True):
         at = where(index)
-        try:
-            canon = to_canonical(record, fmt, at)
-        except DataError as e:
-            results, problem = [([], [], INVALID, 0)], str(e)
-        else:
-            if "text" in canon:
-                results = encode_text(tok, canon["text"], cutoff_len)
-            else:
-                results = [
-                    encode_chat(tok, template, canon["messages"], cutoff_len, train_on_prompt, at)
-                ]
-            problem = ""
+        results, problem = _encode(
+            record, at, tok, template, fmt, cutoff_len, train_on_prompt, max_chars
+        )
         for ids, labels, status, prompt_len in results:
             out["input_ids"].append(ids)
             out["labels"].append(labels)
@@ -206,10 +306,12 @@ def tokenize_classes(
     label_column: str,
     label_ids: dict[str, int],
     cutoff_len: int,
+    max_chars: int,
     where: Callable[[int], str],
 ) -> dict[str, list]:
     """Batched `datasets.map` function for train.stage=cls: text -> input_ids, label -> class id
-    (a record without usable text or label: status invalid, as in `tokenize_records`)."""
+    (a record without usable text or label: status invalid, as in `tokenize_records`; a text
+    over `max_chars` characters keeps its start)."""
     out: dict[str, list] = {c: [] for c in COLUMNS}
     for record, index in zip(records_of(records), indices, strict=True):
         text, label = record.get(text_column), record.get(label_column)
@@ -225,10 +327,12 @@ def tokenize_classes(
                 f"{where(index)}: field '{label_column}' holds {label!r}, "
                 "a class that does not occur in data.train."
             )
-        ids = [] if problem else tok(text, add_special_tokens=True)["input_ids"]
+        clipped = not problem and len(text) > max_chars
+        ids = [] if problem else tok(text[:max_chars], add_special_tokens=True)["input_ids"]
         out["input_ids"].append(ids[:cutoff_len])
         out["labels"].append(label_ids.get(str(label), -1))
-        out["status"].append(INVALID if problem else TRUNCATED if len(ids) > cutoff_len else KEPT)
+        cut = CLIPPED if clipped else TRUNCATED if len(ids) > cutoff_len else KEPT
+        out["status"].append(INVALID if problem else cut)
         out["prompt_len"].append(0)
         out["problem"].append(problem)
     return out

@@ -114,7 +114,7 @@ def fit(chat: Chat, question: str, out: TextIO) -> list[int] | None:
     """Prompt ids for the history plus `question`, dropping the oldest exchanges while the
     prompt and the longest answer would overflow the model's context; None if the question alone
     does not fit (or the template refuses the conversation)."""
-    import jinja2
+    from snug.data.render import TemplateRefused
 
     turns = [*chat.history, {"role": "user", "content": question}]
     room = None if chat.context is None else chat.context - chat.sampling.max_new_tokens
@@ -122,8 +122,8 @@ def fit(chat: Chat, question: str, out: TextIO) -> list[int] | None:
     while True:
         try:
             ids = chat.session.prompt_ids(chat.messages(turns))
-        except jinja2.TemplateError as e:
-            print(f"the chat template refuses this conversation: {e}", file=out)
+        except TemplateRefused as e:
+            print(e, file=out)
             return None
         if room is None or len(ids) <= room:
             break

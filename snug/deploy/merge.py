@@ -126,7 +126,8 @@ def find_source(
         base = _base_of_peft_dir(path, config)
         if not (model or base):
             raise MergeError(f"{path}/adapter_config.json names no base model; pass --model BASE.")
-        cfg = load_config(None, [f"method.name={method}"])
+        # no training here: checkpointing, which some methods cannot train with, is off
+        cfg = load_config(None, [f"method.name={method}", "memory.grad_checkpointing=false"])
         cfg.model.name_or_path = base
     elif (path / "snug_adapter.json").is_file():
         adapter_dir, method, cfg = path, "adapter", load_config(None, ["method.name=adapter"])
@@ -141,7 +142,25 @@ def find_source(
         )
     cfg.model.trust_remote_code = trust_remote_code
     check_model_dir(cfg.model.name_or_path)
+    check = get_method(method).check_saved
+    if check is not None:  # before anything is allocated from the adapter's numbers
+        check(adapter_dir, base_config(cfg))
     return Source(method, adapter_dir, cfg)
+
+
+def base_config(cfg: Config) -> dict:
+    """The base's config.json (what a saved adapter is checked against), or {} when it is not
+    on this machine."""
+    from snug.models.fingerprint import local_dir
+
+    folder = local_dir(cfg.model.name_or_path, cfg.model.revision)
+    if folder is None or not (folder / "config.json").is_file():
+        return {}
+    config = json.loads(read_utf8(folder / "config.json", "the model's config", MergeError))
+    if not isinstance(config, dict):
+        return {}
+    text = config.get("text_config")  # a model of text and images: its language model's
+    return text if isinstance(text, dict) else config
 
 
 def check_base(src: Source, label: str, allow_other_base: bool) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from snug.config import Config, load_config
+from snug.data.render import render_chat
 from snug.data.templates import resolve_template
 from snug.deploy.merge import MergeError, Source, attach, check_base, find_source
 from snug.methods import get_method, load_peft
@@ -90,9 +91,7 @@ class Session:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation rendered with the chat template, ready for the answer."""
-        text = self.tok.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
-        )
+        text = render_chat(self.tok, self.template, messages, True)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
 

@@ -95,6 +95,32 @@ def save_adapter(model: nn.Module, path: Path) -> None:
     (path / CONFIG_FILE).write_text(json.dumps(model.snug_adapter_config, indent=2) + "\n")
 
 
+def check_saved_adapter(adapter_dir: Path, base: dict) -> None:
+    """Each block is built `bottleneck` wide on the base's hidden size: the saved blocks must
+    be that wide, on that hidden size."""
+    from snug.methods.saved import (
+        check_base_number,
+        read_config,
+        refuse,
+        saved_files,
+        weight_shapes,
+        whole_number,
+    )
+
+    files = saved_files(adapter_dir, CONFIG_FILE, WEIGHTS_FILE)
+    if files is None:
+        return
+    path, weights = files
+    width = whole_number(path, read_config(path), "bottleneck")
+    downs = {n: s for n, s in weight_shapes(weights).items() if n.endswith("adapter.down.weight")}
+    if not downs:
+        refuse(path, "bottleneck", width, f"{WEIGHTS_FILE} holds no adapter blocks")
+    for name, shape in downs.items():
+        if len(shape) != 2 or shape[0] != width:
+            refuse(path, "bottleneck", width, f"{WEIGHTS_FILE} holds {name} of {list(shape)}")
+        check_base_number(weights, f"{name}'s input width", shape[1], base, "hidden_size")
+
+
 def load_adapter(base: nn.Module, path: Path) -> nn.Module:
     from safetensors.torch import load_file
 
@@ -123,5 +149,6 @@ register(
         "after attention and MLP, which no base weight can absorb",
         quality=8,
         settings=AdapterSettings,
+        check_saved=check_saved_adapter,
     )
 )

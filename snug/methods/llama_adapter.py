@@ -4,6 +4,7 @@ attention. peft supports it for llama- and mistral-style attention."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snug.fields import AT_LEAST_1
@@ -37,6 +38,37 @@ def apply_llama_adapter(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def check_saved_llama_adapter(adapter_dir: Path, base: dict) -> None:
+    """peft gives each of the top adapter_layers layers a prompt of adapter_len tokens as wide
+    as the base: as many layers as the weights have prompts, each of their length, and no more
+    layers than the base has."""
+    from snug.methods.saved import (
+        check_base_number,
+        read_config,
+        refuse,
+        saved_files,
+        weight_shapes,
+        whole_number,
+    )
+
+    files = saved_files(adapter_dir, "adapter_config.json", "adapter_model.safetensors")
+    if files is None:
+        return
+    path, weights = files
+    config = read_config(path)
+    length = whole_number(path, config, "adapter_len")
+    layers = whole_number(path, config, "adapter_layers")
+    prompts = {n: s for n, s in weight_shapes(weights).items() if n.endswith("adaption_prompt")}
+    if "num_hidden_layers" in base and layers > base["num_hidden_layers"]:
+        refuse(path, "adapter_layers", layers, f"the base has {base['num_hidden_layers']} layers")
+    if layers != len(prompts):
+        refuse(path, "adapter_layers", layers, f"{weights.name} holds {len(prompts)} prompts")
+    for name, shape in prompts.items():
+        if len(shape) != 3 or shape[1] != length:
+            refuse(path, "adapter_len", length, f"{weights.name} holds {name} of {list(shape)}")
+        check_base_number(weights, f"{name}'s width", shape[2], base, "hidden_size")
+
+
 register(
     Method(
         "llama_adapter",
@@ -51,5 +83,6 @@ register(
         quality=12,
         searched=False,
         settings=LlamaAdapterSettings,
+        check_saved=check_saved_llama_adapter,
     )
 )

@@ -4,6 +4,7 @@ prompt tuning (learned input embeddings), P-tuning (prompt embeddings from a sma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snug.fields import AT_LEAST_1
@@ -66,6 +67,44 @@ def apply_ptuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def check_saved_virtual_tokens(adapter_dir: Path, base: dict) -> None:
+    """peft makes the prompt embeddings num_virtual_tokens (x num_transformer_submodules) rows
+    of token_dim (prompt, ptuning; the base's hidden_size) or num_virtual_tokens rows of
+    num_layers x 2 x token_dim (prefix: keys and values of each of the base's layers). Loaded
+    for inference, nothing else is allocated (the prompt encoder is not built)."""
+    from snug.methods.saved import (
+        check_base_number,
+        read_config,
+        refuse,
+        saved_files,
+        weight_shapes,
+        whole_number,
+    )
+
+    files = saved_files(adapter_dir, "adapter_config.json", "adapter_model.safetensors")
+    if files is None:
+        return
+    path, weights = files
+    config = read_config(path)
+    saved = weight_shapes(weights).get("prompt_embeddings")
+    tokens = whole_number(path, config, "num_virtual_tokens")
+    dim = whole_number(path, config, "token_dim")
+    if saved is None or len(saved) != 2:
+        refuse(path, "num_virtual_tokens", tokens, f"{weights.name} holds no prompt_embeddings")
+    if config.get("peft_type") == "PREFIX_TUNING":
+        layers = whole_number(path, config, "num_layers")
+        check_base_number(path, "num_layers", layers, base, "num_hidden_layers")
+        rows, width, how = tokens, layers * 2 * dim, "num_layers x 2 x token_dim"
+    else:
+        check_base_number(path, "token_dim", dim, base, "hidden_size")
+        rows = tokens * whole_number(path, config, "num_transformer_submodules")
+        width, how = dim, "token_dim"
+    if saved[0] != rows:
+        refuse(path, "num_virtual_tokens", tokens, f"{weights.name} holds {saved[0]} of them")
+    if saved[1] != width:
+        refuse(path, "token_dim", dim, f"{weights.name} holds prompts {saved[1]} wide ({how})")
+
+
 VIRTUAL = "learned virtual tokens are extra inputs to the model, not changes to any base weight"
 register(
     Method(
@@ -81,6 +120,7 @@ register(
         virtual_tokens=True,
         quality=9,
         settings=VirtualTokenSettings,
+        check_saved=check_saved_virtual_tokens,
     )
 )
 VIRTUAL_KEYS = dict(output="adapter", mergeable=False, virtual_tokens=True)
@@ -93,6 +133,7 @@ register(
         peft_type="PROMPT_TUNING",
         quality=10,
         settings=VirtualTokenSettings,
+        check_saved=check_saved_virtual_tokens,
     )
 )
 register(
@@ -105,5 +146,6 @@ register(
         quality=11,
         searched=False,
         settings=PTuningSettings,
+        check_saved=check_saved_virtual_tokens,
     )
 )

@@ -50,15 +50,18 @@ def build_run(
         cfg.train.stage,
         cfg.train.seed,
         cfg.model.name_or_path,
-        console.print,
+        console,
         train=cfg.train,
     )
     if ctx.main:
         dist.barrier()
     summary["data"] = stats.as_dict()
+    clipped = (
+        f" ({stats.clipped} cut to data.cutoff_len before tokenizing)" if stats.clipped else ""
+    )
     console.print(
         f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
-        f"{stats.truncated} truncated; eval: {len(eval_ds) if eval_ds else 0}"
+        f"{stats.truncated} truncated{clipped}; eval: {len(eval_ds) if eval_ds else 0}"
     )
     for problem in stats.problems[:3]:  # data.on_error=skip: what was dropped, and why
         console.print(f"[yellow]dropped: {problem}[/yellow]")
