@@ -354,3 +354,45 @@ def test_the_old_bitsandbytes_what_if_keeps_each_4bit_input():
     with published.bitsandbytes_keeps_4bit_input():
         old = simulate(cfg, small_config(), 64, "cpu", "fp32", extend=False).peak_bytes
     assert old > today
+
+
+def test_measure_leaves_the_warm_up_steps_out_of_the_step_time(monkeypatch, capsys):
+    """`snug measure`'s step time is that of the steps after the warm-up, and it says how many
+    it left out: the first step's one-time set-up (and, on a CPU, the memory tracker on the
+    first two) made `--steps 3` report many times the step time. Here the first real step is
+    made to take 3 s longer; a step of this tiny config takes about 0.05 s."""
+    import re
+    import time
+
+    import snug.train.run
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    real_step, calls = snug.train.run.train_step, []
+
+    def slow_first_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(snug.train.run, "train_step", slow_first_step)
+    config = str(ROOT / "examples/quickstart.yaml")
+    assert main(["measure", config, "data.max_samples=32", "--steps", "2"]) == 0
+    shown = capsys.readouterr().out
+    measured = float(re.search(r"step: predicted [\d.]+ s, measured ([\d.]+) s", shown)[1])
+    assert measured < 1.0, shown
+    assert "median of 2 steps after 2 warm-up steps" in shown
+    assert len(calls) == 4  # the warm-up steps run, then the timed ones
+
+
+def test_measure_needs_a_warm_up_step_and_a_timed_one(capsys):
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    config = str(ROOT / "examples/quickstart.yaml")
+    assert main(["measure", config, "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--steps 3 --warmup 0: use 1 or more of each" in err and "\n" not in err
