@@ -3,6 +3,8 @@ itself is checked against real steps in tests/test_plan.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_plan import plan_config, small_config
 
@@ -396,3 +398,41 @@ def test_measure_needs_a_warm_up_step_and_a_timed_one(capsys):
     assert main(["measure", config, "--warmup", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--steps 3 --warmup 0: use 1 or more of each" in err and "\n" not in err
+
+
+def test_write_config_says_when_a_data_path_it_writes_names_no_file(tmp_path, capsys):
+    """Without a config, `snug plan --model M --write-config F` writes data.train's default,
+    data/train.jsonl, which names no file: the plan says so in one line naming the key, and the
+    written file says it beside the key, so that `snug train F` is not the first to tell."""
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    out = tmp_path / "chosen.yaml"
+    argv = ["plan", "--model", str(ROOT / "models/tiny"), "--device", "cpu", "--method", "lora"]
+    assert main([*argv, "--seq-len", "32", "--write-config", str(out)]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"wrote {out}; set data.train there to your training data" in shown
+    (line,) = [x for x in out.read_text().splitlines() if x.startswith("  train:")]
+    assert line.endswith("# names no file: set it to your training data")
+
+
+def test_write_config_from_a_config_keeps_its_data_wherever_it_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    """The written config names the same data files as the config planned, read from the
+    written file's own folder (relative paths in a config are), from any directory."""
+    from snug.cli import main
+    from snug.config import load_config
+
+    from conftest import ROOT
+
+    out = tmp_path / "elsewhere/chosen.yaml"
+    out.parent.mkdir()
+    config = str(ROOT / "examples/quickstart.yaml")
+    assert main(["plan", config, "--device", "cpu", "--write-config", str(out)]) == 0
+    assert "set data" not in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    chosen, given = load_config(out), load_config(config)
+    assert (chosen.data.train, chosen.data.eval) == (given.data.train, given.data.eval)
+    assert Path(chosen.data.train).is_file() and Path(chosen.data.eval).is_file()

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from snug.config import Config, load_config, save_config
+from snug.paths import looks_like_hub_id
 from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
 from snug.plan.search import Candidate, plan_one, recommend, search
 from snug.plan.simulate import PlanError, with_overrides
@@ -175,6 +176,20 @@ def held_fixed(cfg: Config, searched: list[str], config_path: str | None = None)
     return held
 
 
+def data_naming_no_file(cfg: Config) -> dict[str, str]:
+    """The data keys of `cfg` whose value names no file (nor a hub dataset), each with what it
+    should name: a plan without a config carries data.train's default, which --write-config
+    writes, and the user fills in."""
+    wanted = {"train": "your training data", "eval": "your held-out data (or null)"}
+    unset = {}
+    for key, what in wanted.items():
+        value = getattr(cfg.data, key)
+        for spec in [] if value is None else [value] if isinstance(value, str) else value:
+            if not Path(spec).exists() and not looks_like_hub_id(spec, dataset=True):
+                unset[f"data.{key}"] = what
+    return unset
+
+
 def cmd_plan(args) -> int:
     console = Console()
     if not console.is_terminal:
@@ -230,11 +245,16 @@ def cmd_plan(args) -> int:
             )
             explained = {"candidate": target.name, "layers": layers, "largest": largest}
             result["explain"] = explained
+    unset: dict[str, str] = {}  # data keys of the written config that name no file
     if args.write_config and choice is not None:
         path = Path(args.write_config)
         if path.exists():
             raise PlanError(f"--write-config {path} exists; name a new file.")
-        save_config(choice.cfg, path)
+        unset = data_naming_no_file(choice.cfg)
+        save_config(
+            choice.cfg, path, {k: f"names no file: set it to {v}" for k, v in unset.items()}
+        )
+        result["config_written"] = {"path": str(path), "names_no_file": sorted(unset)}
     broken = choice is None and any(c.error for c in cands)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -255,7 +275,8 @@ def cmd_plan(args) -> int:
     if choice is not None:
         console.print(f"recommended: [bold]{choice.name}[/bold] — {why}")
         if args.write_config:
-            console.print(f"wrote {args.write_config}")
+            todo = "; ".join(f"set {k} there to {v}" for k, v in unset.items())
+            console.print(f"wrote {args.write_config}" + (f"; {todo}" if todo else ""))
     elif broken:
         raise PlanError(failed_simulations(cands))
     else:
