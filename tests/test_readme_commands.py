@@ -16,8 +16,9 @@ last two parts of a path allowed; for a command the test shrinks (below), only i
 So that the whole README runs in seconds, not minutes, exactly these changes are made (the
 README's Development section lists them too):
 - every `snug train` gets SHRINK_TRAIN appended: 2 steps, 2 generated answers, 64 samples;
-- a `snug plan ... --search` gets `--method lora`: one method's settings, not every method's
-  (a minute of replays for a 7B model on 2 cores, 45 s for the tiny one);
+- a `snug plan ... --search` without `--method` gets `--method lora --max-micro-batch 1`: one
+  method's settings at one micro-batch, not every method's at every micro-batch (a minute of
+  replays for a 7B model on 2 cores, 45 s for the tiny one; 2-3 s so);
 - `my_data.jsonl`, the reader's own data in the README, is a copy of data/instruct/train.jsonl.
 
 Commands that cannot run here are only parsed (argparse, and the config loaded where the
@@ -40,7 +41,7 @@ from snug.cli import OVERRIDE, build_parser, main
 from conftest import ROOT
 
 SHRINK_TRAIN = ["train.max_steps=2", "train.eval_generate=2", "data.max_samples=64"]
-SHRINK_SEARCH = ["--method", "lora"]
+SHRINK_SEARCH = ["--method", "lora", "--max-micro-batch", "1"]
 STAND_INS = {"my_data.jsonl": "data/instruct/train.jsonl"}
 
 # README lines that are only parsed, and why.
