@@ -35,14 +35,23 @@ quickstart: $(STAMP)
 	$(VENV)/bin/snug train examples/quickstart.yaml
 
 # Preference training from the quickstart's result (README: Preference training): the
-# quickstart if it has not run, its adapter merged into merged/quickstart, then STAGE's example.
-# A merged/quickstart already there is used as it is (delete it to merge a newer quickstart).
+# quickstart if its adapter is missing, that adapter merged into merged/quickstart if the merge
+# is missing or older than the adapter (make compares the files' times), then STAGE's example.
+# The merge is written aside and renamed into place, so a failed merge leaves the old one.
 STAGE ?= dpo
-preference-demo: $(STAMP)
-	grep -qs '"status": "completed"' runs/quickstart/summary.json || \
-		$(VENV)/bin/snug train examples/quickstart.yaml
-	test -f merged/quickstart/config.json || \
-		$(VENV)/bin/snug merge --adapter runs/quickstart --out merged/quickstart
+QUICKSTART_ADAPTER := runs/quickstart/adapter/adapter_model.safetensors
+QUICKSTART_MERGED := merged/quickstart/config.json
+
+$(QUICKSTART_ADAPTER): | $(STAMP)
+	$(VENV)/bin/snug train examples/quickstart.yaml
+
+$(QUICKSTART_MERGED): $(QUICKSTART_ADAPTER) | $(STAMP)
+	rm -rf merged/quickstart.new
+	$(VENV)/bin/snug merge --adapter runs/quickstart --out merged/quickstart.new
+	rm -rf merged/quickstart
+	mv merged/quickstart.new merged/quickstart
+
+preference-demo: $(STAMP) $(QUICKSTART_MERGED)
 	$(VENV)/bin/snug train examples/$(STAGE).yaml
 
 test: $(STAMP)

@@ -101,7 +101,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from snug.config import load_config
 
     say_set_aside(load_config(args.config, args.overrides))
-    from snug.plan.report import cmd_measure as run
+    from snug.plan.measure import cmd_measure as run
 
     return run(args)
 
@@ -218,11 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     measure = sub.add_parser(
         "measure",
         help="run a few real steps and print the measured peak next to the plan's",
-        description="Runs N real training steps of CONFIG (outputs in a temporary directory) "
-        "and prints the measured peak memory and step time next to the predicted ones.",
+        description="Runs real training steps of CONFIG (outputs in a temporary directory): "
+        "--warmup steps, then --steps timed ones, and prints the measured peak memory (over all "
+        "of them) and step time (the median of the timed ones) next to the predicted ones.",
     )
     _config_arguments(measure)
-    measure.add_argument("--steps", type=int, default=3, help="real optimizer steps (default 3)")
+    measure.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="real optimizer steps timed after the warm-up; the step time is their median (3)",
+    )
+    measure.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="steps run first and left out of the step time: the first step's one-time set-up "
+        "and, on a CPU, the memory tracker of the first two (2)",
+    )
     measure.add_argument("--seq-len", type=int, help="tokens per sample to plan for")
     measure.add_argument("--json", action="store_true", help="print JSON")
     measure.set_defaults(func=cmd_measure)

@@ -401,9 +401,10 @@ def load_config(
     return cfg
 
 
-def save_config(cfg: Config, path: Path) -> None:
+def save_config(cfg: Config, path: Path, notes: dict[str, str] | None = None) -> None:
     """The resolved config as YAML (written aside, then renamed into place); each path made
-    absolute carries what the user wrote as a comment."""
+    absolute carries what the user wrote as a comment, and each key of `notes`
+    ('section.key' -> text) its note."""
     lines = []
     for name, values in cfg.to_dict().items():
         lines.append(f"{name}:")
@@ -412,5 +413,7 @@ def save_config(cfg: Config, path: Path) -> None:
             given = cfg.given_paths.get(f"{name}.{key}")
             if given:
                 text[0] += f"  # as given: {given}"
+            if notes and f"{name}.{key}" in notes:
+                text[0] += f"  # {notes[f'{name}.{key}']}"
             lines += ["  " + t for t in text]
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -3,6 +3,8 @@ itself is checked against real steps in tests/test_plan.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_plan import plan_config, small_config
 
@@ -376,3 +378,83 @@ def test_a_search_for_another_method_than_the_configs(capsys):
         "method.name=ptuning, chosen on the command line (the file sets them for "
         "method.name=lora)."
     ]
+
+
+def test_measure_leaves_the_warm_up_steps_out_of_the_step_time(monkeypatch, capsys):
+    """`snug measure`'s step time is that of the steps after the warm-up, and it says how many
+    it left out: the first step's one-time set-up (and, on a CPU, the memory tracker on the
+    first two) made `--steps 3` report many times the step time. Here the first real step is
+    made to take 3 s longer; a step of this tiny config takes about 0.05 s."""
+    import re
+    import time
+
+    import snug.train.run
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    real_step, calls = snug.train.run.train_step, []
+
+    def slow_first_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(snug.train.run, "train_step", slow_first_step)
+    config = str(ROOT / "examples/quickstart.yaml")
+    assert main(["measure", config, "data.max_samples=32", "--steps", "2"]) == 0
+    shown = capsys.readouterr().out
+    measured = float(re.search(r"step: predicted [\d.]+ s, measured ([\d.]+) s", shown)[1])
+    assert measured < 1.0, shown
+    assert "median of 2 steps after 2 warm-up steps" in shown
+    assert len(calls) == 4  # the warm-up steps run, then the timed ones
+
+
+def test_measure_needs_a_warm_up_step_and_a_timed_one(capsys):
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    config = str(ROOT / "examples/quickstart.yaml")
+    assert main(["measure", config, "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--steps 3 --warmup 0: use 1 or more of each" in err and "\n" not in err
+
+
+def test_write_config_says_when_a_data_path_it_writes_names_no_file(tmp_path, capsys):
+    """Without a config, `snug plan --model M --write-config F` writes data.train's default,
+    data/train.jsonl, which names no file: the plan says so in one line naming the key, and the
+    written file says it beside the key, so that `snug train F` is not the first to tell."""
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    out = tmp_path / "chosen.yaml"
+    argv = ["plan", "--model", str(ROOT / "models/tiny"), "--device", "cpu", "--method", "lora"]
+    assert main([*argv, "--seq-len", "32", "--write-config", str(out)]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"wrote {out}; set data.train there to your training data" in shown
+    (line,) = [x for x in out.read_text().splitlines() if x.startswith("  train:")]
+    assert line.endswith("# names no file: set it to your training data")
+
+
+def test_write_config_from_a_config_keeps_its_data_wherever_it_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    """The written config names the same data files as the config planned, read from the
+    written file's own folder (relative paths in a config are), from any directory."""
+    from snug.cli import main
+    from snug.config import load_config
+
+    from conftest import ROOT
+
+    out = tmp_path / "elsewhere/chosen.yaml"
+    out.parent.mkdir()
+    config = str(ROOT / "examples/quickstart.yaml")
+    assert main(["plan", config, "--device", "cpu", "--write-config", str(out)]) == 0
+    assert "set data" not in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    chosen, given = load_config(out), load_config(config)
+    assert (chosen.data.train, chosen.data.eval) == (given.data.train, given.data.eval)
+    assert Path(chosen.data.train).is_file() and Path(chosen.data.eval).is_file()

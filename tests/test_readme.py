@@ -17,9 +17,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+# Where the README's measured numbers are recorded, each with the command that printed it.
+MEASUREMENTS = ROOT / "docs/measurements.md"
 
 # Files the examples name as the reader's own (each shown next to a bundled example).
 PLACEHOLDERS = {"my.yaml", "cfg.yaml", "my_data.jsonl"}
+# Folders the README's commands write (snug train, snug merge).
+WRITTEN = {"runs", "merged"}
 # Flags whose value is a path the command itself writes.
 OUTPUT_FLAGS = {"--out", "--output", "--write-config"}
 FILE_SUFFIXES = {".yaml", ".yml", ".json", ".jsonl", ".csv", ".parquet", ".py", ".md"}
@@ -55,11 +59,13 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def check_quickstart_result(text: str) -> list[str]:
     """The result line shown under `make quickstart` is what the loop prints (`_eval_line`) for
-    the values of the demo section's Measured table, and every other place that quotes the
-    quickstart's held-out result agrees with that table."""
+    the values of the Measured table of docs/measurements.md's quickstart section, and every
+    other place (the README, docs/) that quotes the quickstart's held-out result agrees with
+    that table."""
     from snug.train.loop import _eval_line
 
-    section = text.split("### Measured", 1)[-1].split("\n#", 1)[0]
+    recorded = MEASUREMENTS.read_text().split("\n## The quickstart\n", 1)[-1]
+    section = recorded.split("### Measured", 1)[-1].split("\n#", 1)[0]
     rows = dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", section, re.M))
     row = {k: v for k, v in rows.items() if k.startswith("held-out")}
     base = next(v for k, v in row.items() if k.startswith("held-out exact match, base"))
@@ -82,8 +88,9 @@ def check_quickstart_result(text: str) -> list[str]:
         problems.append(
             f"quickstart line {shown and shown[0]!r}; the Measured table gives {expected!r}"
         )
+    quoting = text + "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
     for loss_q, pct_q in re.findall(
-        r"on the quickstart, loss ([\d.]+) and exact match ([\d.]+)%", text
+        r"on the quickstart, loss ([\d.]+) and exact match ([\d.]+)%", quoting
     ):
         if (float(loss_q), float(pct_q)) != (loss_after, after_pct):
             problems.append(
@@ -134,17 +141,29 @@ def _is_repo_path(token: str, top: set[str]) -> bool:
     return (len(path.parts) > 1 and path.parts[0] in top) or path.suffix in FILE_SUFFIXES
 
 
-def _missing(token: str) -> str | None:
+def _headings(markdown: str) -> set[str]:
+    """The anchors GitHub makes of a page's headings."""
+    return {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.*)$", prose(markdown), re.M)
+    }
+
+
+def _missing(token: str, written: set[str] = frozenset()) -> str | None:
     """Why a path named by the README is not in the repo, or None when it is (or is one the
-    README's commands write: runs/, a placeholder for the reader's own file)."""
+    README's commands write: runs/, merged/, an output they name, a placeholder for the
+    reader's own file). A link into a page of the repo (`docs/x.md#part`) must find the part."""
     name, _, test = token.partition("::")
+    name, _, anchor = name.partition("#")
     name = name.rstrip("/")
-    if Path(name).parts[0] == "runs" or name in PLACEHOLDERS:
+    if Path(name).parts[0] in WRITTEN or name in PLACEHOLDERS or name in written:
         return None
     if not (ROOT / name).exists():
         return f"{token}: no such file in the repo"
     if test and not re.search(rf"^def {re.escape(test)}\(", (ROOT / name).read_text(), re.M):
         return f"{token}: no such test"
+    if anchor and anchor not in _headings((ROOT / name).read_text()):
+        return f"{token}: no such heading in {name}"
     return None
 
 
@@ -154,8 +173,11 @@ def check_paths(text: str) -> list[str]:
     prose the code spans and link targets; in-page links point at a heading."""
     top = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")}
     top -= {p.name for p in ROOT.glob("*.egg-info")}
-    top.add("runs")
-    named = []
+    top |= WRITTEN
+    named, written = [], set()
+    for block in fenced(text, "yaml"):  # a file the reader writes: `# my.yaml` on its first line
+        if m := re.match(r"# (\S+\.ya?ml)\b", block):
+            written.add(m[1])
     for block in fenced(text, "bash"):
         for line in block.splitlines():
             try:
@@ -163,6 +185,8 @@ def check_paths(text: str) -> list[str]:
             except ValueError:
                 continue
             for before, token in itertools.pairwise([None, *tokens]):
+                if before in OUTPUT_FLAGS:
+                    written.add(token)
                 if before in OUTPUT_FLAGS or token.startswith("-"):
                     continue
                 value = token.split("=", 1)[1] if "=" in token else token
@@ -172,11 +196,8 @@ def check_paths(text: str) -> list[str]:
         named += [t for t in span.split() if "/" in t and t.split("/")[0] in top]
     links = re.findall(r"\]\(([^)\s]+)\)", prose(text))
     named += [link for link in links if not link.startswith(("#", "http"))]
-    problems = [why for token in dict.fromkeys(named) if (why := _missing(token))]
-    headings = {
-        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-        for h in re.findall(r"^#+ (.*)$", prose(text), re.M)
-    }
+    problems = [why for token in dict.fromkeys(named) if (why := _missing(token, written))]
+    headings = _headings(text)
     problems += [
         f"{link}: no such heading"
         for link in links
@@ -270,7 +291,49 @@ def check_no_session_notes(text: str) -> list[str]:
     return [f"session note: {m[0]!r}" for m in re.finditer(r"[^.]*\blent\b[^.]*\.", text)]
 
 
+# The README is a guide read from the top: what snug is, how to install it, the quickstart,
+# your data, the plan, training, using the result, then reference and development. The train
+# section keeps a place for what a run does when stopped and what it refuses.
+OUTLINE = [
+    "# snug",
+    "## Install",
+    "## Quickstart",
+    "## Your data",
+    "## Plan: will it fit?",
+    "## Train",
+    "### Stopping, crashing and resuming",
+    "### What snug refuses",
+    "### Several GPUs",
+    "## Use the result",
+    "## Reference",
+    "### Configuration reference",
+    "## Development",
+]
+
+
+def check_outline(text: str) -> list[str]:
+    """The headings of OUTLINE are there, in that order (others may come between)."""
+    headings = re.findall(r"^#+ .*$", prose(text), re.M)
+    found = [h for h in headings if h in OUTLINE]
+    return [] if found == OUTLINE else [f"headings {found}; the outline is {OUTLINE}"]
+
+
+def check_outputs_are_recorded(text: str) -> list[str]:
+    """Each output the README shows (a ```text block) is recorded, as it is (lines wrapped or
+    not: a terminal's width wraps them), in docs/measurements.md, which says which command
+    printed it, where and when: the README's numbers are what a run printed, not numbers
+    written by hand."""
+    recorded = " ".join(MEASUREMENTS.read_text().split())
+    return [
+        f"output not in docs/measurements.md: {block.splitlines()[0]!r}"
+        for block in fenced(text, "text")
+        if " ".join(block.split()) not in recorded
+    ]
+
+
 CHECKS = [
+    check_outline,
+    check_outputs_are_recorded,
     check_quickstart_result,
     check_statuses,
     check_exit_codes,

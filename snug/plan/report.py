@@ -1,10 +1,9 @@
-"""`snug plan`, `snug measure` and `snug calibrate`: inputs resolved, the plan printed as a table or JSON."""
+"""`snug plan` and `snug calibrate`: inputs resolved, the plan printed as a table or JSON."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -12,11 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from snug.config import Config, load_config, save_config
+from snug.paths import looks_like_hub_id
 from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
 from snug.plan.search import Candidate, plan_one, recommend, search
-from snug.plan.simulate import PlanError, simulate, with_overrides
+from snug.plan.simulate import PlanError, with_overrides
 from snug.plan.simulate import explain as explain_peak
-from snug.plan.timing import device_model, precision_for
+from snug.plan.timing import precision_for
 
 
 def resolve_device(args, cfg: Config) -> Device:
@@ -156,7 +156,6 @@ def searched_keys(method_given: bool, num_gpus: int) -> list[str]:
 def held_fixed(cfg: Config, searched: list[str], config_path: str | None = None) -> dict:
     """The keys the config sets (differs from the defaults on, its paths read as the config's
     are) that the search keeps."""
-    import dataclasses
 
     from snug.config import config_from_dict
     from snug.registry import MethodConfig
@@ -175,6 +174,20 @@ def held_fixed(cfg: Config, searched: list[str], config_path: str | None = None)
             if key not in default[section] or value != default[section][key]:
                 held[name] = value
     return held
+
+
+def data_naming_no_file(cfg: Config) -> dict[str, str]:
+    """The data keys of `cfg` whose value names no file (nor a hub dataset), each with what it
+    should name: a plan without a config carries data.train's default, which --write-config
+    writes, and the user fills in."""
+    wanted = {"train": "your training data", "eval": "your held-out data (or null)"}
+    unset = {}
+    for key, what in wanted.items():
+        value = getattr(cfg.data, key)
+        for spec in [] if value is None else [value] if isinstance(value, str) else value:
+            if not Path(spec).exists() and not looks_like_hub_id(spec, dataset=True):
+                unset[f"data.{key}"] = what
+    return unset
 
 
 def cmd_plan(args) -> int:
@@ -232,11 +245,16 @@ def cmd_plan(args) -> int:
             )
             explained = {"candidate": target.name, "layers": layers, "largest": largest}
             result["explain"] = explained
+    unset: dict[str, str] = {}  # data keys of the written config that name no file
     if args.write_config and choice is not None:
         path = Path(args.write_config)
         if path.exists():
             raise PlanError(f"--write-config {path} exists; name a new file.")
-        save_config(choice.cfg, path)
+        unset = data_naming_no_file(choice.cfg)
+        save_config(
+            choice.cfg, path, {k: f"names no file: set it to {v}" for k, v in unset.items()}
+        )
+        result["config_written"] = {"path": str(path), "names_no_file": sorted(unset)}
     broken = choice is None and any(c.error for c in cands)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -257,85 +275,13 @@ def cmd_plan(args) -> int:
     if choice is not None:
         console.print(f"recommended: [bold]{choice.name}[/bold] — {why}")
         if args.write_config:
-            console.print(f"wrote {args.write_config}")
+            todo = "; ".join(f"set {k} there to {v}" for k, v in unset.items())
+            console.print(f"wrote {args.write_config}" + (f"; {todo}" if todo else ""))
     elif broken:
         raise PlanError(failed_simulations(cands))
     else:
         console.print("nothing fits" + (f": {why}" if why else ""))
     return 0 if choice is not None else 1
-
-
-def cmd_measure(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    seq_len, seq_source = sequence_length(args, cfg, True)
-    result = measure(cfg, args.steps, seq_len, seq_source)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(
-        f"peak: predicted {_gib(result['predicted_peak_bytes'])} GiB, measured "
-        f"{_gib(result['measured_peak_bytes'])} GiB ({100 * result['error']:+.2f}%), "
-        f"{result['steps']} steps of {seq_len} tokens per sample ({seq_source}) on "
-        f"{result['device']}; plan took {result['plan_seconds']} s"
-    )
-    if result["predicted_step_seconds"] is not None:
-        print(
-            f"step: predicted {result['predicted_step_seconds']:.3f} s, measured "
-            f"{result['measured_step_seconds']:.3f} s"
-        )
-    return 0
-
-
-def measure(cfg: Config, steps: int, seq_len: int, seq_source: str = "given") -> dict:
-    """N real steps of the config; measured peak and step time next to the plan's."""
-    import time
-
-    from snug.models.load import resolve_device as train_device
-    from snug.models.load import resolve_precision
-    from snug.train.loop import run_training
-
-    with tempfile.TemporaryDirectory() as tmp:
-        run_cfg = dataclasses.replace(
-            cfg,
-            train=dataclasses.replace(cfg.train, max_steps=steps, eval_generate=0),
-            data=dataclasses.replace(cfg.data, eval=None, val_size=0.0),
-            output=dataclasses.replace(cfg.output, dir=str(Path(tmp) / "run"), save_every=None),
-        )
-        device = train_device(run_cfg)
-        precision = resolve_precision(run_cfg, device)
-        started = time.perf_counter()
-        predicted = simulate(
-            run_cfg,
-            model_config(cfg.model.name_or_path),
-            seq_len,
-            device.type,
-            precision,
-            extend=False,
-        )
-        plan_seconds = time.perf_counter() - started
-        summary = run_training(run_cfg, Console(quiet=True))
-        timing = device_model(cpu_device(), "fp32") if device.type == "cpu" else None
-    measured = summary["peak_memory"]
-    result = {
-        "steps": summary["steps"],
-        "seq_len": seq_len,
-        "seq_len_from": seq_source,
-        "device": measured["device"],
-        "predicted_peak_bytes": predicted.peak_bytes,
-        "measured_peak_bytes": measured["measured_bytes"],
-        "error": (predicted.peak_bytes - measured["measured_bytes"]) / measured["measured_bytes"],
-        "measured_reserved_bytes": measured.get("reserved_bytes"),
-        "peak_rss_above_start_bytes": measured.get("peak_rss_bytes", 0)
-        - measured.get("rss_before_training_bytes", 0)
-        if "peak_rss_bytes" in measured
-        else None,
-        "plan_seconds": round(plan_seconds, 2),
-        "tokens_per_second": summary.get("tokens_per_second"),
-        "measured_step_seconds": summary["train_seconds"] / max(summary["steps"], 1),
-        "predicted_step_seconds": timing.of(predicted) if timing else None,
-        "step_time_from": timing.source if timing else None,
-    }
-    return result
 
 
 def cmd_calibrate(args) -> int:
