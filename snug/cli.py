@@ -68,11 +68,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
+def _hub_or_offline() -> None:
+    """Whether the hub answers, asked before the planner's imports ask it (snug/hub.py)."""
+    from snug.hub import offline
+
+    offline(lambda line: print(line, file=sys.stderr))
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.config:  # a config error in a moment, before the planner's imports
         from snug.config import load_config
 
         load_config(args.config, args.overrides)
+    _hub_or_offline()
     from snug.plan.report import cmd_plan as run
 
     return run(args)
@@ -82,12 +90,14 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from snug.config import load_config
 
     load_config(args.config, args.overrides)
+    _hub_or_offline()
     from snug.plan.report import cmd_measure as run
 
     return run(args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    _hub_or_offline()
     from snug.plan.report import cmd_calibrate as run
 
     return run(args)
@@ -295,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers loads
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        logging.getLogger("kernels").setLevel(logging.ERROR)  # bitsandbytes' CPU kernel fetch
         import warnings
 
         warnings.filterwarnings("ignore")
