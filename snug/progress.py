@@ -60,6 +60,8 @@ class Phase:
 
     def __enter__(self) -> Phase:
         self.started = self.last = now()
+        if self.console.quiet:
+            return self
         if self.console.is_terminal:
             columns = [  # the texts as written (a label may hold "[" or "{")
                 TextColumn("{task.description}", markup=False),
@@ -76,9 +78,8 @@ class Phase:
             self.task = self.bar.add_task(self.label, total=self.total, unit=self.unit, doing="")
         else:
             self._print(f"{self.label}: {self.total:,} {self.unit}")
-            if not self.console.quiet:
-                self._beat = threading.Thread(target=self._keep_time, daemon=True)
-                self._beat.start()
+            self._beat = threading.Thread(target=self._keep_time, daemon=True)
+            self._beat.start()
         return self
 
     def advance(self, n: int = 1) -> None:
