@@ -297,11 +297,26 @@ def test_adapter_specs_name_and_path(tmp_path):
     ]
 
 
-def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path):
+def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path, capsys, monkeypatch):
+    from snug import progress
+
     summary = json.loads((run / "summary.json").read_text())["eval"]
     results = tmp_path / "results.json"
     argv = ["eval", "--adapter", str(run), "--data", str(INSTRUCT / "heldout.jsonl")]
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line at every batch
+    capsys.readouterr()
     assert main([*argv, "--limit", str(HELD_OUT), "--output", str(results)]) == 0
+    # the samples scored are counted on stderr, with the time left
+    err = capsys.readouterr().err.splitlines()
+    for what, batch in (("loss", 4), ("answers by generation", HELD_OUT)):  # 4: micro_batch
+        assert f"eval run: {what}: {HELD_OUT} samples" in err
+        assert any(
+            line.startswith(f"eval run: {what}: {batch} of {HELD_OUT} samples, ") for line in err
+        )
+        assert any(line.startswith(f"eval run: {what}: {HELD_OUT} samples done in") for line in err)
+    assert any(
+        line.startswith(f"eval run: loss: 4 of {HELD_OUT} samples, 0 s, about") for line in err
+    )
     report = json.loads(results.read_text())
     mine = report["models"]["run"]
     # bit for bit, as in test_a_full_run_as_model_carries_adapters_and_its_name; and the
