@@ -104,18 +104,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from snug.deploy.merge import find_source, merge
+    from rich.console import Console
 
-    src = find_source(args.adapter, args.model, args.trust_remote_code)
-    report = merge(
-        src,
-        args.out,
-        dtype=args.dtype,
-        device=args.device,
-        verify=args.verify,
-        max_shard_size=args.max_shard_size,
-        allow_other_base=args.allow_other_base,
-    )
+    from snug.progress import Phase
+
+    # the steps: the imports (seconds), then merge()'s: loading, adapter, folding, verifying,
+    # writing
+    with Phase(Console(), "merge", 5 + args.verify, "steps") as steps:
+        steps.step("importing torch, transformers and peft")
+        from snug.deploy.merge import find_source, merge
+
+        src = find_source(args.adapter, args.model, args.trust_remote_code)
+        report = merge(
+            src,
+            args.out,
+            dtype=args.dtype,
+            device=args.device,
+            verify=args.verify,
+            max_shard_size=args.max_shard_size,
+            allow_other_base=args.allow_other_base,
+            progress=steps,
+        )
     print(f"merged {report['method']} from {report['adapter']} into {report['base']}")
     if report["verified"]:
         print(

@@ -47,12 +47,14 @@ def duration(seconds: float) -> str:
 
 class Phase:
     """`with Phase(console, "eval before training: generating answers", 200, "samples") as p:
-    p.advance(32)`; `p.note("folding")` says what it does now (merge's steps)."""
+    p.advance(32)`; `p.note("folding")` says what it does now, `p.step("folding")` also
+    counts the step noted before it done (merge's steps)."""
 
     def __init__(self, console: Console, label: str, total: int, unit: str) -> None:
         self.console, self.label, self.total, self.unit = console, label, total, unit
         self.done = 0
         self.doing = ""  # what note() last said
+        self.started = self.last = now()  # again on entering
         self.bar: Bar | None = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -93,11 +95,17 @@ class Phase:
         """What the phase does now: in the bar, and on a line of its own in a log."""
         self.doing = doing
         if self.bar is not None:
-            self.bar.update(self.task, doing=doing)
+            self.bar.update(self.task, completed=self.done, doing=doing)
         else:
             with self._lock:
                 self.last = now()
                 self._print(self.line(self.last))
+
+    def step(self, doing: str) -> None:
+        """For a phase counted in named steps: the step noted before (if any) is done, and
+        `doing` is the next (one line in a log)."""
+        self.done += 1 if self.doing else 0
+        self.note(doing)
 
     def tick(self) -> None:
         """A line when EVERY_S seconds passed since the last one (output that is not a
