@@ -79,7 +79,6 @@ def test_offline_set_by_the_user_is_obeyed_without_asking(unasked, monkeypatch):
     assert not hub.offline(lambda line: pytest.fail(line))
 
 
-@pytest.mark.slow
 def test_a_plan_behind_a_proxy_that_never_answers_does_not_wait_for_ever(silent_server):
     """A new `snug` process (its imports ask the hub, through bitsandbytes, on CPUs with
     AVX512-BF16) behind a proxy that takes connections and never answers: it used to wait
