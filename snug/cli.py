@@ -68,11 +68,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
-def _hub_or_offline() -> None:
-    """Whether the hub answers, asked before the planner's imports ask it (snug/hub.py)."""
+def _hub_or_offline(label: str, to_stderr: bool) -> None:
+    """Whether the hub answers, asked before the planner's imports ask it (snug/hub.py); then
+    those imports, counted (on stderr where stdout is JSON)."""
+    from rich.console import Console
+
     from snug.hub import offline
+    from snug.progress import importing
 
     offline(lambda line: print(line, file=sys.stderr))
+    importing(Console(stderr=to_stderr), label, "snug.plan.report")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -80,7 +85,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from snug.config import load_config
 
         load_config(args.config, args.overrides)
-    _hub_or_offline()
+    if not args.list_models:  # which needs neither
+        _hub_or_offline("plan", args.json)
     from snug.plan.report import cmd_plan as run
 
     return run(args)
@@ -90,14 +96,14 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from snug.config import load_config
 
     load_config(args.config, args.overrides)
-    _hub_or_offline()
+    _hub_or_offline("measure", args.json)
     from snug.plan.report import cmd_measure as run
 
     return run(args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    _hub_or_offline()
+    _hub_or_offline("calibrate", args.json)
     from snug.plan.report import cmd_calibrate as run
 
     return run(args)

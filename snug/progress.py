@@ -16,6 +16,8 @@ does), as for rich's live bar, whose refresh is a thread too.
 
 from __future__ import annotations
 
+import importlib
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -159,3 +161,13 @@ def phases(console: Console, prefix: str = "") -> PhaseFactory:
 def quiet(title: str, total: int, unit: str) -> Phase:
     """A Phase that shows nothing (library calls that no command watches)."""
     return Phase(Console(quiet=True), title, total, unit)
+
+
+def importing(console: Console, label: str, module: str) -> None:
+    """Import `module`, behind which torch, transformers and peft load (seconds: 4 to 12 on
+    this project's 2-core machines), counted as a step, unless it is imported already."""
+    if module in sys.modules:
+        return
+    with Phase(console, f"{label}: importing torch, transformers and peft", 1, "step") as p:
+        importlib.import_module(module)
+        p.advance(1)

@@ -306,8 +306,8 @@ def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path, capsys, mo
     monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line at every batch
     capsys.readouterr()
     assert main([*argv, "--limit", str(HELD_OUT), "--output", str(results)]) == 0
-    # the samples scored are counted on stderr, with the time left
-    err = capsys.readouterr().err.splitlines()
+    # the samples scored are counted (stdout: stderr keeps to errors), with the time left
+    err = capsys.readouterr().out.splitlines()
     for what, batch in (("loss", 4), ("answers by generation", HELD_OUT)):  # 4: micro_batch
         assert f"eval run: {what}: {HELD_OUT} samples" in err
         assert any(
@@ -317,6 +317,9 @@ def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path, capsys, mo
     assert any(
         line.startswith(f"eval run: loss: 4 of {HELD_OUT} samples, 0 s, about") for line in err
     )
+    said = [line.rsplit(" (", 1)[-1] for line in err if line.startswith("eval: loading: 0 of 2")]
+    assert said == ["importing torch, transformers and peft)"]
+    assert any(line.endswith("(loading the base and adapters)") for line in err)
     report = json.loads(results.read_text())
     mine = report["models"]["run"]
     # bit for bit, as in test_a_full_run_as_model_carries_adapters_and_its_name; and the
@@ -440,7 +443,7 @@ def test_a_full_disk_keeps_the_answers_written_and_the_same_command_goes_on(
     with monkeypatch.context() as m:
         _full_disk_at(m, 3)
         assert main([*argv, str(out)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    (err,) = capsys.readouterr().err.strip().splitlines()  # progress went to stdout
     assert err == (
         f"error: --output {out}: the disk is full; {partial} keeps 4 of {len(rows)} answers: "
         "make room and run the same command again to go on from there."
@@ -450,7 +453,10 @@ def test_a_full_disk_keeps_the_answers_written_and_the_same_command_goes_on(
     assert partial.read_text() == "".join(written[:4])  # the half batch is cut off again
 
     assert main([*argv, str(out)]) == 0
-    assert f"going on with {partial}: 4 of {len(rows)} answers there" in capsys.readouterr().err
+    said = capsys.readouterr().out.splitlines()
+    assert f"going on with {partial}: 4 of {len(rows)} answers there" in said
+    assert "generate run: 3 rows" in said  # the rows left, counted
+    assert any(line.startswith("generate run: 3 rows done in") for line in said)
     assert out.read_text() == whole.read_text()
     assert not partial.exists() and not job.exists()
 
@@ -525,7 +531,7 @@ def test_a_real_full_disk_keeps_whole_batches_and_room_made_lets_it_finish(
     argv += ["--max-new-tokens", "2", "--batch-size", "4"]
     capsys.readouterr()
     assert main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    (err,) = capsys.readouterr().err.strip().splitlines()
     assert err.startswith(f"error: --output {out}: the disk is full; {out}.partial keeps ")
     kept = (small_disk / "answers.jsonl.partial").read_text().splitlines()
     assert f"keeps {len(kept)} of 80 answers" in err and 0 < len(kept) < 80 and len(kept) % 4 == 0

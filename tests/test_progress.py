@@ -105,3 +105,16 @@ def test_labels_are_printed_as_written():
     with Phase(console, "[1/7] {x} calibrate", 1, "steps") as p:
         p.advance(1)
     assert out.getvalue().splitlines()[0] == "[1/7] {x} calibrate: 1 steps"
+
+
+def test_an_import_of_seconds_is_counted_once(tmp_path, monkeypatch):
+    (tmp_path / "heavy_for_the_test.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    console, out = log()
+    progress.importing(console, "plan", "heavy_for_the_test")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "plan: importing torch, transformers and peft: 1 step"
+    assert lines[-1].startswith("plan: importing torch, transformers and peft: 1 step done in")
+    progress.importing(console, "plan", "heavy_for_the_test")  # imported: nothing to wait for
+    assert out.getvalue().splitlines() == lines
+    monkeypatch.delitem(__import__("sys").modules, "heavy_for_the_test")

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -220,7 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = parse_metrics(args.metrics) if args.metrics else None
     if args.compare and args.use:
         raise SessionError("--compare scores the base and every adapter; leave out --use.")
-    session = open_from_args(args)
+    console = Console()  # progress, before the table (stderr keeps to errors)
+    session = open_from_args(args, console, "eval: loading")
     if args.compare and not session.base_reachable:
         raise SessionError(
             "--compare scores the base too, but this adapter (method adapter) is built into the "
@@ -241,10 +241,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     micro_batch = args.batch_size or session.cfg.train.micro_batch
     max_new = args.max_new_tokens or session.cfg.train.max_new_tokens
     results = {}  # by label: a full/freeze run given as --model is its directory's name
-    console = Console(stderr=True)  # progress, beside the table on stdout
     for name in names:
         session.use(name)
-        print(f"scoring {session.label} on {len(data.dataset)} samples", file=sys.stderr)
+        print(f"scoring {session.label} on {len(data.dataset)} samples")
         phase = phases(console, f"eval {session.label}")
         results[session.label] = score(session, name, data, metrics, micro_batch, max_new, phase)
     first = next(iter(results.values()))

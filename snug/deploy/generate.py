@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -302,18 +301,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_before_loading(out, "--output")
     source = Path(args.input)
     rows = read_prompts(source, args.system)  # bad input stops before the model loads
-    session = open_from_args(args)
+    console = Console()  # progress (stderr keeps to errors)
+    session = open_from_args(args, console, "generate: loading")
     prompts = [session.prompt_ids(row.messages) for row in rows]
     refuse_too_long(session, rows, prompts, source, args.max_new_tokens)
     job = job_of(args, session, rows, prompts)
     partial = open_partial(out, job, [row.row for row in rows], output_row, "--output")
     if partial.done:
-        print(
-            f"going on with {partial.path}: {partial.done} of {len(rows)} answers there",
-            file=sys.stderr,
-        )
+        print(f"going on with {partial.path}: {partial.done} of {len(rows)} answers there")
     left = len(rows) - partial.done
-    with Phase(Console(stderr=True), f"generate {session.label}", left, "rows") as p:
+    with Phase(console, f"generate {session.label}", left, "rows") as p:
 
         def write(first: int, answers: list[str]) -> None:
             text = "".join(
