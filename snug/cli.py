@@ -86,12 +86,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
+def _hub_or_offline(label: str, to_stderr: bool) -> None:
+    """Whether the hub answers, asked before the planner's imports ask it (snug/hub.py); then
+    those imports, counted (on stderr where stdout is JSON)."""
+    from rich.console import Console
+
+    from snug.hub import offline
+    from snug.progress import importing
+
+    offline(lambda line: print(line, file=sys.stderr))
+    importing(Console(stderr=to_stderr), label, "snug.plan.report")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.config:  # a config error in a moment, before the planner's imports
         from snug.config import load_config
 
         overrides = [*args.overrides, *([f"method.name={args.method}"] if args.method else [])]
         say_set_aside(load_config(args.config, overrides))
+    if not args.list_models:  # which needs neither
+        _hub_or_offline("plan", args.json)
     from snug.plan.report import cmd_plan as run
 
     return run(args)
@@ -101,30 +115,41 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from snug.config import load_config
 
     say_set_aside(load_config(args.config, args.overrides))
+    _hub_or_offline("measure", args.json)
     from snug.plan.measure import cmd_measure as run
 
     return run(args)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    _hub_or_offline("calibrate", args.json)
     from snug.plan.report import cmd_calibrate as run
 
     return run(args)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from snug.deploy.merge import find_source, merge
+    from rich.console import Console
 
-    src = find_source(args.adapter, args.model, args.trust_remote_code)
-    report = merge(
-        src,
-        args.out,
-        dtype=args.dtype,
-        device=args.device,
-        verify=args.verify,
-        max_shard_size=args.max_shard_size,
-        allow_other_base=args.allow_other_base,
-    )
+    from snug.progress import Phase
+
+    # the steps: the imports (seconds), then merge()'s: loading, adapter, folding, verifying,
+    # writing
+    with Phase(Console(), "merge", 5 + args.verify, "steps") as steps:
+        steps.step("importing torch, transformers and peft")
+        from snug.deploy.merge import find_source, merge
+
+        src = find_source(args.adapter, args.model, args.trust_remote_code)
+        report = merge(
+            src,
+            args.out,
+            dtype=args.dtype,
+            device=args.device,
+            verify=args.verify,
+            max_shard_size=args.max_shard_size,
+            allow_other_base=args.allow_other_base,
+            progress=steps,
+        )
     print(f"merged {report['method']} from {report['adapter']} into {report['base']}")
     if report["verified"]:
         print(
@@ -327,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers loads
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        logging.getLogger("kernels").setLevel(logging.ERROR)  # bitsandbytes' CPU kernel fetch
         import warnings
 
         warnings.filterwarnings("ignore")

@@ -192,6 +192,47 @@ def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
     assert cal.matmul_flops == 1e12 * (100 + 2 * rounds) and cal.bandwidth_gbs == 101 + 2 * rounds
 
 
+def test_calibrate_counts_what_it_builds_and_times_with_the_time_left(monkeypatch, capsys):
+    """`snug calibrate --json`: the configurations built and the steps timed are counted on
+    stderr, a line at a time (here at every step), and stdout is the JSON alone. The steps
+    are stood in for: the counting is the point."""
+    import torch
+
+    from snug import progress
+    from snug.cli import main
+    from snug.plan import calibrate as calibrate_module
+
+    def start_one(spec, device, precision, narrow=True):
+        i = calibrate_module.CPU_SERIES.index(spec)
+        keys = {"flops": 1e9 * (i + 1), "ops": 1000 * (3 - i), "traffic": 0, "quant_calls": 0}
+        # a step takes as long as the formula says (rate 1e12, 1 us per op): the fit is exact
+        seconds = keys["flops"] / 1e12 + keys["ops"] * 1e-6
+        trial = calibrate_module.Trial(
+            {**keys, "quant": "none"}, list, lambda batch: None, torch.device("cpu"), None
+        )
+        trial.times = [seconds] * calibrate_module.CPU_ROUNDS
+        monkeypatch.setattr(trial, "timed_step", lambda: None)
+        return trial
+
+    monkeypatch.setattr(calibrate_module, "CPU_SERIES", calibrate_module.CPU_SERIES[:3])
+    monkeypatch.setattr(calibrate_module, "CPU_WIDE_SERIES", ())
+    monkeypatch.setattr(calibrate_module, "start_one", start_one)
+    monkeypatch.setattr(calibrate_module, "matmul_rate", lambda where: 2e12)
+    monkeypatch.setattr(calibrate_module, "copy_bandwidth", lambda where: 10.0)
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    assert main(["calibrate", "--device", "cpu", "--json", "--no-save"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["steps"]) == 3
+    rounds = calibrate_module.CPU_ROUNDS
+    built, timed = "calibrate: building and warming up", f"calibrate: {rounds} rounds of one step"
+    lines = err.splitlines()
+    assert f"{built}: 3 configurations" in lines
+    assert any(line.startswith(f"{built}: 1 of 3 configurations, 0 s, about") for line in lines)
+    assert f"{timed} of each: {3 * rounds} steps" in lines
+    assert any(line.startswith(f"{timed} of each: 4 of {3 * rounds} steps") for line in lines)
+    assert any(line.startswith(f"{timed} of each: {3 * rounds} steps done in") for line in lines)
+
+
 def test_the_gpu_series_runs_one_configuration_at_a_time(monkeypatch):
     """calibrate("cuda") measures each configuration with measure_one (its steps in a row, the
     card holding one at a time), not in the CPU's rounds, and the matmul and copy after them."""

@@ -297,11 +297,29 @@ def test_adapter_specs_name_and_path(tmp_path):
     ]
 
 
-def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path):
+def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path, capsys, monkeypatch):
+    from snug import progress
+
     summary = json.loads((run / "summary.json").read_text())["eval"]
     results = tmp_path / "results.json"
     argv = ["eval", "--adapter", str(run), "--data", str(INSTRUCT / "heldout.jsonl")]
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line at every batch
+    capsys.readouterr()
     assert main([*argv, "--limit", str(HELD_OUT), "--output", str(results)]) == 0
+    # the samples scored are counted (stdout: stderr keeps to errors), with the time left
+    err = capsys.readouterr().out.splitlines()
+    for what, batch in (("loss", 4), ("answers by generation", HELD_OUT)):  # 4: micro_batch
+        assert f"eval run: {what}: {HELD_OUT} samples" in err
+        assert any(
+            line.startswith(f"eval run: {what}: {batch} of {HELD_OUT} samples, ") for line in err
+        )
+        assert any(line.startswith(f"eval run: {what}: {HELD_OUT} samples done in") for line in err)
+    assert any(
+        line.startswith(f"eval run: loss: 4 of {HELD_OUT} samples, 0 s, about") for line in err
+    )
+    said = [line.rsplit(" (", 1)[-1] for line in err if line.startswith("eval: loading: 0 of 2")]
+    assert said == ["importing torch, transformers and peft)"]
+    assert any(line.endswith("(loading the base and adapters)") for line in err)
     report = json.loads(results.read_text())
     mine = report["models"]["run"]
     # bit for bit, as in test_a_full_run_as_model_carries_adapters_and_its_name; and the
@@ -385,3 +403,140 @@ def test_a_failed_write_leaves_no_file_and_a_late_rival_keeps_the_results(tmp_pa
     assert out.read_text() == "there\n"
     (kept,) = [p for p in tmp_path.iterdir() if p != out]
     assert kept.read_text() == "x\n" and str(kept) in str(refused.value)
+
+
+def _full_disk_at(monkeypatch, batch: int) -> None:
+    """The disk fills up during the `batch`-th write of answers (1 = first): half of it goes
+    to the file, then ENOSPC, as a real disk fails part way."""
+    import errno
+    import os
+
+    from snug.deploy import partial as partial_mod
+
+    writes, real = [], os.write
+
+    def write(fd, data):
+        writes.append(len(data))
+        if len(writes) == batch:
+            real(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(partial_mod.os, "write", write)
+
+
+def test_a_full_disk_keeps_the_answers_written_and_the_same_command_goes_on(
+    run, tmp_path, capsys, monkeypatch
+):
+    """Answers are appended a batch at a time; a full disk stops the command with one line
+    naming the file, what was written stays (whole batches), and the same command again goes
+    on from there and ends with the file an uninterrupted run writes (sampled: each batch's
+    draw is its own)."""
+    source, rows = prompts_file(tmp_path)
+    argv = ["generate", "--adapter", str(run), "--input", str(source), "--batch-size", "2"]
+    argv += ["--max-new-tokens", "6", "--temperature", "1.5", "--seed", "3", "--output"]
+    whole = tmp_path / "whole.jsonl"
+    assert main([*argv, str(whole)]) == 0
+    out = tmp_path / "out.jsonl"
+    partial, job = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.job"
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _full_disk_at(m, 3)
+        assert main([*argv, str(out)]) == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()  # progress went to stdout
+    assert err == (
+        f"error: --output {out}: the disk is full; {partial} keeps 4 of {len(rows)} answers: "
+        "make room and run the same command again to go on from there."
+    )
+    assert not out.exists() and job.exists()
+    written = whole.read_text().splitlines(keepends=True)
+    assert partial.read_text() == "".join(written[:4])  # the half batch is cut off again
+
+    assert main([*argv, str(out)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert f"going on with {partial}: 4 of {len(rows)} answers there" in said
+    assert "generate run: 3 rows" in said  # the rows left, counted
+    assert any(line.startswith("generate run: 3 rows done in") for line in said)
+    assert out.read_text() == whole.read_text()
+    assert not partial.exists() and not job.exists()
+
+
+def test_a_partial_output_of_another_job_is_refused_and_left_as_it_is(
+    run, tmp_path, capsys, monkeypatch
+):
+    source, rows = prompts_file(tmp_path)
+    argv = ["generate", "--adapter", str(run), "--input", str(source), "--batch-size", "2"]
+    out = tmp_path / "out.jsonl"
+    argv += ["--max-new-tokens", "4", "--output", str(out)]
+    partial, job = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.job"
+    with monkeypatch.context() as m:
+        _full_disk_at(m, 2)
+        assert main(argv) == 1
+    kept = {p: p.read_bytes() for p in (partial, job)}
+
+    def refused(args, *said):
+        capsys.readouterr()
+        assert main(args) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: --output {out}: ") and all(s in line for s in said), line
+        assert {p: p.read_bytes() for p in kept} == kept and not out.exists()
+
+    refused([*argv, "--temperature", "0.7"], "--temperature 0.0 there, 0.7 now", str(partial))
+    refused([*argv, "--max-new-tokens", "5"], "--max-new-tokens 4 there, 5 now")
+    fewer = write_jsonl(tmp_path / "fewer.jsonl", rows[:5])
+    refused([*argv, "--input", str(fewer)], "its 7 rows are other prompts than --input's 5")
+    refused([*argv, "--system", "Be brief."], "the prompts render to other tokens")
+    refused([*argv, "--use", "base"], "another model answered")
+    lines = partial.read_text().splitlines(keepends=True)
+    partial.write_text(lines[0].replace('"id": 0', '"id": 9') + lines[1])  # not row 1's
+    kept[partial] = partial.read_bytes()
+    refused(argv, f"{partial} line 1 is not the answer to input row 1")
+    job.unlink()
+    del kept[job]
+    refused(argv, f"{partial} exists, but no out.jsonl.partial.job says what it holds")
+    partial.unlink()
+    job.write_text("my notes\n")
+    kept = {job: job.read_bytes()}
+    refused(argv, f"{job} is not a job record of snug generate")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 KiB filesystem (tmpfs: two pages, one the job record's), where mounting is
+    allowed (root)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_real_full_disk_keeps_whole_batches_and_room_made_lets_it_finish(
+    run, small_disk, tmp_path, capsys
+):
+    import subprocess
+
+    rows = [json.loads(line) for line in (INSTRUCT / "heldout.jsonl").read_text().splitlines()]
+    source = write_jsonl(tmp_path / "prompts.jsonl", rows[:80])
+    out = small_disk / "answers.jsonl"
+    argv = ["generate", "--adapter", str(run), "--input", str(source), "--output", str(out)]
+    argv += ["--max-new-tokens", "2", "--batch-size", "4"]
+    capsys.readouterr()
+    assert main(argv) == 1
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"error: --output {out}: the disk is full; {out}.partial keeps ")
+    kept = (small_disk / "answers.jsonl.partial").read_text().splitlines()
+    assert f"keeps {len(kept)} of 80 answers" in err and 0 < len(kept) < 80 and len(kept) % 4 == 0
+    subprocess.run(["mount", "-o", "remount,size=64k", str(small_disk)], check=True)
+    assert main(argv) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["instruction"] for a in answers] == [r["instruction"] for r in rows[:80]]
+    assert [json.loads(line) for line in kept] == answers[: len(kept)]

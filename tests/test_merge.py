@@ -149,3 +149,25 @@ def test_existing_output_is_never_overwritten_and_failed_check_writes_nothing(
 def test_not_an_adapter_directory(tmp_path, capsys):
     assert main(["merge", "--adapter", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "neither a snug run directory" in capsys.readouterr().err
+
+
+def test_the_command_says_each_step_as_it_starts_with_the_time_left(tiny_llama, tmp_path, capsys):
+    run, _ = make_run(tmp_path, tiny_llama, "lora")
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(run), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    said = [line for line in lines if line.startswith("merge: ") and line.endswith(")")]
+    doing = [line.rsplit(" (", 1)[1].rstrip(")") for line in said]
+    assert doing == [
+        "importing torch, transformers and peft",
+        f"loading the base {tiny_llama}",
+        f"putting the adapter {run / 'adapter'} on",
+        "folding the adapter into the weights",
+        "verifying the merged logits on 4 prompts",
+        f"writing {out}",
+    ]
+    assert lines[0] == "merge: 6 steps" and lines[1].startswith("merge: 0 of 6 steps, ")
+    assert lines[3].startswith("merge: 2 of 6 steps, ") and " left (" in lines[3]
+    assert lines[7].startswith("merge: 6 steps done in ")
+    assert lines[8].startswith("merged lora from")

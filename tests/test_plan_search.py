@@ -373,7 +373,9 @@ def test_a_search_for_another_method_than_the_configs(capsys):
     captured = capsys.readouterr()
     plan = json.loads(captured.out)
     assert {c["config"]["method"]["name"] for c in plan["candidates"]} == {"ptuning"}
-    assert captured.err.splitlines() == [
+    # stderr also holds the search's progress (stdout is JSON): the set-aside line once
+    said = [line for line in captured.err.splitlines() if "set aside" in line]
+    assert said == [
         f"{quickstart}: method.r, method.alpha, method.targets set aside: not keys of "
         "method.name=ptuning, chosen on the command line (the file sets them for "
         "method.name=lora)."
@@ -458,3 +460,57 @@ def test_write_config_from_a_config_keeps_its_data_wherever_it_is_written(
     chosen, given = load_config(out), load_config(config)
     assert (chosen.data.train, chosen.data.eval) == (given.data.train, given.data.eval)
     assert Path(chosen.data.train).is_file() and Path(chosen.data.eval).is_file()
+
+
+def test_a_search_tells_its_progress_and_its_json_stays_pure(capsys, monkeypatch):
+    """Each method searched is counted, with the time left: beside the table, or on stderr
+    when stdout is JSON (which stays JSON alone)."""
+    import json
+
+    import snug.plan.search as search_module
+    from snug import progress
+    from snug.cli import main
+
+    monkeypatch.setattr(search_module, "simulate", replay_stand_in)
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line at each method searched
+    monkeypatch.setenv("SNUG_PLAN_WORKERS", "1")
+    n = len(search_module.searched_methods())
+    args = ["plan", "--model", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--search", "--seq-len", "32"]
+    assert main([*args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["candidates"]
+    lines = err.splitlines()
+    assert lines[0] == f"search: {n} methods"
+    assert any(line.startswith(f"search: 1 of {n} methods, 0 s, about") for line in lines)
+    assert lines[-1].startswith(f"search: {n} methods done in ")
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert f"search: {n - 1} of {n} methods" in out and f"search: {n} methods done in" in out
+    assert "search" not in err
+
+
+def test_a_search_in_worker_processes_counts_each_method_as_it_ends(monkeypatch):
+    import snug.plan.search as search_module
+    from snug.plan.hardware import cpu_device
+
+    monkeypatch.setattr(search_module, "simulate", replay_stand_in)
+    told = []
+
+    class Told:
+        def __init__(self, title, total, unit):
+            told.append((title, total, unit))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            told.append("end")
+
+        def advance(self, n):
+            told.append(n)
+
+    methods = ("lora", "full", "prompt")
+    cfg, config = plan_config("lora", True), small_config(layers=2)
+    found = search_module.search(cfg, config, cpu_device(), 32, methods, 1, workers=2, phase=Told)
+    assert {c.cfg.method.name for c in found} == set(methods)
+    assert told == [("search", 3, "methods"), 1, 1, 1, "end"]

@@ -8,6 +8,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from snug.deploy.session import Session
 
 
@@ -73,8 +75,22 @@ def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_from_args(args: argparse.Namespace) -> Session:
-    """The session the options name, with --use's adapter active."""
+def open_from_args(
+    args: argparse.Namespace, console: Console | None = None, label: str = ""
+) -> Session:
+    """The session the options name, with --use's adapter active; with a `console`, its two
+    steps (the imports, the loading: seconds each) are counted there as `label`."""
+    if console is not None:
+        from snug.progress import Phase
+
+        with Phase(console, label, 2, "steps") as steps:
+            steps.step("importing torch, transformers and peft")
+            import snug.deploy.session  # noqa: F401 (its imports: torch, transformers, peft)
+
+            steps.step("loading the base and adapters")
+            session = open_from_args(args)
+            steps.advance(1)
+        return session
     from snug.deploy.session import open_session
 
     session = open_session(

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from snug.deploy.session import Session
+    from snug.progress import PhaseFactory
 
 METRICS = ("loss", "exact", "contains")  # as --metrics names them
 SAMPLES = 3  # generations kept per model in the results file
@@ -76,14 +76,23 @@ def load_eval_data(session: Session, spec: str, limit: int | None) -> EvalData:
 
 
 def score(
-    session: Session, name: str, data: EvalData, metrics: list[str], micro_batch: int, max_new: int
+    session: Session,
+    name: str,
+    data: EvalData,
+    metrics: list[str],
+    micro_batch: int,
+    max_new: int,
+    phase: PhaseFactory | None = None,
 ) -> dict:
-    """The metrics of one model: `name` is an adapter or BASE."""
+    """The metrics of one model: `name` is an adapter or BASE; `phase(title, total, unit)`
+    (snug/progress.py) counts the samples scored."""
     from snug.models.load import resolve_precision
+    from snug.progress import quiet
     from snug.registry import get_stage
     from snug.train.evaluate import eval_metrics, exact_match, normalize
     from snug.train.prepare import step_options
 
+    phase = phase or quiet
     session.use(name)
     result: dict = {}
     with session.scope():
@@ -95,20 +104,23 @@ def score(
                 step_options(session.cfg, session.device, precision), stage=get_stage("sft")
             )
             pad = session.tok.pad_token_id
-            loss = eval_metrics(
-                session.model, data.dataset, opts, micro_batch, pad, session.device
-            )["loss"]
+            with phase("loss", len(data.dataset), "samples") as p:
+                loss = eval_metrics(
+                    session.model, data.dataset, opts, micro_batch, pad, session.device, p.advance
+                )["loss"]
             result.update(loss=loss, perplexity=math.exp(loss))
         if "exact" in metrics or "contains" in metrics:
-            hits, samples = exact_match(
-                session.model,
-                session.tok,
-                session.template,
-                data.dataset,
-                len(data.dataset),
-                max_new,
-                session.device,
-            )
+            with phase("answers by generation", len(data.dataset), "samples") as p:
+                hits, samples = exact_match(
+                    session.model,
+                    session.tok,
+                    session.template,
+                    data.dataset,
+                    len(data.dataset),
+                    max_new,
+                    session.device,
+                    p.advance,
+                )
             if "exact" in metrics:
                 result["exact_match"] = hits
             if "contains" in metrics:
@@ -196,7 +208,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from snug.deploy.session import BASE, SessionError
+    from snug.progress import phases
 
     out = Path(args.output) if args.output else None
     if out is not None:
@@ -204,7 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = parse_metrics(args.metrics) if args.metrics else None
     if args.compare and args.use:
         raise SessionError("--compare scores the base and every adapter; leave out --use.")
-    session = open_from_args(args)
+    console = Console()  # progress, before the table (stderr keeps to errors)
+    session = open_from_args(args, console, "eval: loading")
     if args.compare and not session.base_reachable:
         raise SessionError(
             "--compare scores the base too, but this adapter (method adapter) is built into the "
@@ -227,8 +243,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = {}  # by label: a full/freeze run given as --model is its directory's name
     for name in names:
         session.use(name)
-        print(f"scoring {session.label} on {len(data.dataset)} samples", file=sys.stderr)
-        results[session.label] = score(session, name, data, metrics, micro_batch, max_new)
+        print(f"scoring {session.label} on {len(data.dataset)} samples")
+        phase = phases(console, f"eval {session.label}")
+        results[session.label] = score(session, name, data, metrics, micro_batch, max_new, phase)
     first = next(iter(results.values()))
     scored = f", {first['generated']} answered by generation" if "generated" in first else ""
     print(

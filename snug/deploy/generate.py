@@ -12,9 +12,10 @@ its parser from this module and should not wait seconds for them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -107,6 +108,12 @@ def refuse_too_long(
             )
 
 
+def batch_seed(seed: int, first: int) -> int:
+    """The seed of the batch whose first row is `first`: each batch draws from a stream of its
+    own, so a run resumed at a batch draws what the whole run would have."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{first}".encode()).digest()[:8], "little")
+
+
 def generate(
     session: Session,
     prompts: list[list[int]],
@@ -115,36 +122,35 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    start: int = 0,
+    each: Callable[[int, list[str]], None] | None = None,
 ) -> list[str]:
-    """Answers of the session's active model, in the order of `prompts`. Batches are formed
-    as `generate_answers` forms them (prompts sorted by length, then cut), so this equals one
-    `generate_answers(..., batch_size=batch_size)` call; a bar on stderr counts rows."""
+    """Answers of the session's active model to prompts[start:], in order, a batch of
+    consecutive prompts at a time (rows start, start + batch_size, ...: each batch can be
+    written as it comes; generate_answers pads each batch to its longest prompt), sampled with
+    batch_seed; `each(first, answers)` hears each batch's answers as they come."""
     import torch
-    from tqdm import tqdm
 
     from snug.train.evaluate import generate_answers
 
-    torch.manual_seed(seed)  # a sampled draw depends on the seed and on the batches
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=session.label, unit="row", file=sys.stderr, disable=None)
-    with session.scope(), bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+    answers: list[str] = []
+    with session.scope():
+        for first in range(start, len(prompts), batch_size):
+            torch.manual_seed(batch_seed(seed, first))
             got = generate_answers(
                 session.model,
                 session.tok,
                 session.template,
-                [prompts[i] for i in chunk],
+                prompts[first : first + batch_size],
                 max_new_tokens,
                 session.device,
-                batch_size=len(chunk),
+                batch_size=batch_size,
                 temperature=temperature,
                 top_p=top_p,
             )
-            for i, answer in zip(chunk, got, strict=True):
-                answers[i] = answer
-            bar.update(len(chunk))
+            answers += got
+            if each is not None:
+                each(first, got)
     session.model.eval()  # generate_answers leaves the model in train mode
     return answers
 
@@ -224,12 +230,19 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         "{'instruction', 'input'} rows), answers each with the chosen adapter (or the base), "
         "and writes one row per input row, in the same order: the row as given plus 'output' "
         "and 'adapter' (an 'output' and 'adapter' already there are kept as 'reference' and "
-        "'reference_adapter'). An existing "
-        "--output is never overwritten; the file appears whole or not at all.",
+        "'reference_adapter'). Answers are written to OUTPUT.partial as they come (a batch at "
+        "a time, synced); run the same command again after a crash or a full disk and it "
+        "goes on from there. OUTPUT appears, whole, when every row is answered; an existing "
+        "--output is never overwritten.",
     )
     add_session_arguments(parser)
     parser.add_argument("--input", required=True, help="JSON Lines file of prompts")
-    parser.add_argument("--output", required=True, help="JSON Lines file to write (must be new)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="JSON Lines file to write (must be new; OUTPUT.partial and OUTPUT.partial.job "
+        "hold the work until it is whole)",
+    )
     parser.add_argument(
         "--batch-size", type=at_least_1, default=8, help="prompts per generate call (default 8)"
     )
@@ -252,27 +265,73 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_generate)
 
 
+def job_of(args: argparse.Namespace, session: Session, rows: list[Prompt], prompts) -> dict:
+    """What this command's partial output belongs to (snug/deploy/partial.py)."""
+    from snug.deploy.partial import job_record, weight_files
+    from snug.models.fingerprint import local_dir
+
+    base = session.cfg.model
+    model = {
+        "base": base.name_or_path,
+        "use": session.label,
+        "base_files": weight_files(local_dir(base.name_or_path, base.revision)),
+        "adapter_files": weight_files(session.adapters.get(session.active)),
+    }
+    dtype = next((p.dtype for p in session.model.parameters() if p.is_floating_point()), None)
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": session.device.type,
+    }
+    return job_record([row.row for row in rows], prompts, model, settings)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from snug.deploy.partial import check_before_loading, open_partial
+    from snug.progress import Phase
+
     out = Path(args.output)
     refuse_existing(out, "--output")
+    check_before_loading(out, "--output")
     source = Path(args.input)
     rows = read_prompts(source, args.system)  # bad input stops before the model loads
-    session = open_from_args(args)
+    console = Console()  # progress (stderr keeps to errors)
+    session = open_from_args(args, console, "generate: loading")
     prompts = [session.prompt_ids(row.messages) for row in rows]
     refuse_too_long(session, rows, prompts, source, args.max_new_tokens)
-    answers = generate(
-        session,
-        prompts,
-        args.batch_size,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    text = "".join(
-        json.dumps(output_row(row.row, answer, session.label), ensure_ascii=False) + "\n"
-        for row, answer in zip(rows, answers, strict=True)
-    )
-    write_atomically(out, text, "--output")
+    job = job_of(args, session, rows, prompts)
+    partial = open_partial(out, job, [row.row for row in rows], output_row, "--output")
+    if partial.done:
+        print(f"going on with {partial.path}: {partial.done} of {len(rows)} answers there")
+    left = len(rows) - partial.done
+    with Phase(console, f"generate {session.label}", left, "rows") as p:
+
+        def write(first: int, answers: list[str]) -> None:
+            text = "".join(
+                json.dumps(output_row(rows[first + i].row, a, session.label), ensure_ascii=False)
+                + "\n"
+                for i, a in enumerate(answers)
+            )
+            partial.append(text, len(rows))
+            p.advance(len(answers))
+
+        generate(
+            session,
+            prompts,
+            args.batch_size,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            start=partial.done,
+            each=write,
+        )
+    partial.finish()
     print(f"wrote {len(rows)} answers of {session.label} to {out}")
     return 0

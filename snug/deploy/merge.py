@@ -22,6 +22,7 @@ from snug.errors import UserError, first_line, read_utf8
 from snug.methods import REGISTRY, get_method
 from snug.models.load import DTYPES, load_model, load_tokenizer
 from snug.preflight import check_model_dir
+from snug.progress import Phase, quiet
 from snug.registry import get_stage
 
 # The few prompts whose logits `--verify` compares.
@@ -268,10 +269,14 @@ def merge(
     verify: bool = True,
     max_shard_size: str = "5GB",
     allow_other_base: bool = False,
+    progress: Phase | None = None,
 ) -> dict:
-    """Merge, verify, then write `out` (a new directory); returns what merge_report.json says."""
+    """Merge, verify, then write `out` (a new directory); returns what merge_report.json says.
+    `progress` (a Phase counted in steps, snug/progress.py) hears each step: loading, putting
+    the adapter on, folding, verifying, writing."""
     from peft import PeftModel
 
+    steps = progress or quiet("merge", 5, "steps")
     check_mergeable(src)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -281,6 +286,7 @@ def merge(
     dtype_name = next(k for k, v in DTYPES.items() if v == work_dtype)
     cfg = dataclasses.replace(src.cfg, model=dataclasses.replace(src.cfg.model, dtype=dtype_name))
     dev = torch.device(device)
+    steps.step(f"loading the base {cfg.model.name_or_path}")
     tok = load_tokenizer(cfg.model)
     base = load_model(cfg, dev, precision)  # quantized as trained when model.quant is set
     batches = [tok(p, return_tensors="pt").to(dev) for p in VERIFY_PROMPTS] if verify else []
@@ -288,8 +294,10 @@ def merge(
     check_base(src, f"--adapter {src.adapter_dir}", allow_other_base)
     # Reference: the model as trained (base, quantized if it was, plus the unmerged adapter).
     label, base_name = f"--adapter {src.adapter_dir}", cfg.model.name_or_path
+    steps.step(f"putting the adapter {src.adapter_dir} on")
     peft_model = attach(label, base_name, PeftModel.from_pretrained, base, str(src.adapter_dir))
     reference = _logits(peft_model, batches)
+    steps.step("folding the adapter into the weights")
     if cfg.model.quant != "none":
         # QLoRA: fold into the dequantized base, in the base's dtype (transformers dequantizes).
         base = peft_model.unload()
@@ -306,6 +314,7 @@ def merge(
         "verified": verify,
     }
     if verify:
+        steps.step(f"verifying the merged logits on {len(batches)} prompts")
         diff, scale = _max_difference(_logits(merged, batches), reference)
         tolerance = TOLERANCE[work_dtype] * max(1.0, scale)
         report.update(max_logit_difference=diff, tolerance=tolerance, prompts=len(batches))
@@ -322,6 +331,7 @@ def merge(
             )
 
     # Write next to `out`, then rename: a half-written directory is never left under its name.
+    steps.step(f"writing {out}")
     tmp = out.with_name(out.name + ".tmp-merge")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -334,4 +344,5 @@ def merge(
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    steps.advance(1)
     return report

@@ -51,6 +51,7 @@ from snug.plan.calibration import Calibration, fit_model, quant_rows
 from snug.plan.device_probe import copy_bandwidth, cuda_context, matmul_rate, sync
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
 from snug.plan.simulate import PlanError, simulate, with_depth
+from snug.progress import PhaseFactory, quiet
 from snug.train.optim import build_optimizer, lora_plus_ratio
 from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
@@ -278,29 +279,67 @@ def _skip_4bit(e: BaseException, where: torch.device, progress) -> None:
         progress(f"  skipped: the 4-bit step failed ({first_line(e)})")
 
 
-def _time_in_rounds(trials: list[Trial], where: torch.device, progress) -> tuple:
+def _time_in_rounds(
+    trials: list[Trial], where: torch.device, progress, phase: PhaseFactory = quiet
+) -> tuple:
     """CPU_ROUNDS rounds of one timed step of each trial, and one large matmul and one copy
     after each round: (each trial's row with its fastest step, the best matmul rate, the best
     copy bandwidth). A 4-bit trial that fails in a round is dropped, as at its warm-up."""
-    if progress and trials:
-        progress(f"timing: {CPU_ROUNDS} rounds of one step of each")
     matmul, bandwidth = matmul_rate(where), copy_bandwidth(where)
-    for _ in range(CPU_ROUNDS if trials else 0):
-        for trial in list(trials):
-            try:
-                trial.timed_step()
-            except QUANT_FAILURES as e:
-                if trial.row_keys["quant"] == "none":
-                    raise
-                trials.remove(trial)
-                _skip_4bit(e, where, progress)
-        matmul = max(matmul, matmul_rate(where))
-        bandwidth = max(bandwidth, copy_bandwidth(where))
+    title = f"calibrate: {CPU_ROUNDS} rounds of one step of each"
+    with phase(title, CPU_ROUNDS * len(trials), "steps") as p:
+        for done in range(CPU_ROUNDS if trials else 0):
+            for trial in list(trials):
+                try:
+                    trial.timed_step()
+                except QUANT_FAILURES as e:
+                    if trial.row_keys["quant"] == "none":
+                        raise
+                    trials.remove(trial)
+                    _skip_4bit(e, where, progress)
+                    p.advance(CPU_ROUNDS - done - 1)  # its steps of the rounds left
+                p.advance(1)
+            matmul = max(matmul, matmul_rate(where))
+            bandwidth = max(bandwidth, copy_bandwidth(where))
     return [trial.row(fastest=True) for trial in trials], matmul, bandwidth
 
 
-def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
-    """Run the series on `kind` ("cuda" or "cpu") and return what it measured (unsaved)."""
+def _start_series(
+    series: list, device: Device, precision: str, interleaved: bool, progress, phase: PhaseFactory
+) -> list:
+    """Each configuration of the series started (interleaved: its Trial, built and warmed up)
+    or measured (its row); those that do not fit the device, or whose 4-bit step fails, are
+    left out."""
+    made = []
+    title = "calibrate: building and warming up" if interleaved else "calibrate: timing"
+    with phase(title, len(series), "configurations") as p:
+        for i, (spec, narrow) in enumerate(series):
+            quant = "" if spec[5] == "none" else f", {spec[5]}"
+            if progress:
+                progress(
+                    f"[{i + 1}/{len(series)}] {spec[0]}{'' if narrow else ' (its own width)'} "
+                    f"{spec[1]}{quant}, {spec[4]} x {spec[3]} tokens"
+                )
+            try:
+                one = (start_one if interleaved else measure_one)(spec, device, precision, narrow)
+            except QUANT_FAILURES as e:
+                if not quant:
+                    raise
+                _skip_4bit(e, torch.device(device.type), progress)
+            else:
+                if one is None and progress:
+                    progress("  skipped: the plan says it would not fit this device")
+                made.extend([one] if one is not None else [])
+            p.advance(1)
+    return made
+
+
+def calibrate(
+    kind: str, gpu: str | None = None, progress=None, phase: PhaseFactory = quiet
+) -> Calibration:
+    """Run the series on `kind` ("cuda" or "cpu") and return what it measured (unsaved).
+    `progress(line)` hears what each configuration is; `phase(title, total, unit)`
+    (snug/progress.py) counts the configurations built and the steps timed."""
     if kind == "cuda" and not torch.cuda.is_available():
         raise PlanError("snug calibrate --device cuda: torch sees no CUDA device here.")
     context = cuda_context() if kind == "cuda" else None  # before anything else touches CUDA
@@ -324,28 +363,12 @@ def calibrate(kind: str, gpu: str | None = None, progress=None) -> Calibration:
     # slow spell longer than the series slows all of it (benchmarks/plan_accuracy.py times its
     # configurations in two passes far apart for that).
     interleaved = kind == "cpu"
-    rows, trials = [], []
-    for i, (spec, narrow) in enumerate(series):
-        quant = "" if spec[5] == "none" else f", {spec[5]}"
-        if progress:
-            progress(
-                f"[{i + 1}/{len(series)}] {spec[0]}{'' if narrow else ' (its own width)'} "
-                f"{spec[1]}{quant}, {spec[4]} x {spec[3]} tokens"
-            )
-        try:
-            made = (start_one if interleaved else measure_one)(spec, device, precision, narrow)
-        except QUANT_FAILURES as e:
-            if not quant:
-                raise
-            _skip_4bit(e, where, progress)
-            continue
-        if made is None and progress:
-            progress("  skipped: the plan says it would not fit this device")
-        (trials if interleaved else rows).extend([made] if made else [])
-    made = None  # the last configuration lives on in `trials` only (freed after the rounds)
+    started = _start_series(series, device, precision, interleaved, progress, phase)
     if interleaved:
-        rows, matmul, bandwidth = _time_in_rounds(trials, where, progress)
-        del trials
+        rows, matmul, bandwidth = _time_in_rounds(started, where, progress, phase)
+        started.clear()  # the models and their optimizers, freed before the fit
+    else:
+        rows = started
     plain = [r for r in rows if not r["quant_calls"]]
     if len(plain) < 3:
         raise PlanError(

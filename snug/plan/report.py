@@ -17,6 +17,7 @@ from snug.plan.search import Candidate, plan_one, recommend, search
 from snug.plan.simulate import PlanError, with_overrides
 from snug.plan.simulate import explain as explain_peak
 from snug.plan.timing import precision_for
+from snug.progress import phases
 
 
 def resolve_device(args, cfg: Config) -> Device:
@@ -211,16 +212,22 @@ def cmd_plan(args) -> int:
     device = resolve_device(args, cfg)
     seq_len, seq_source = sequence_length(args, cfg, args.config is not None)
     searching = args.search or (args.config is None and args.method is None)
+    # progress beside the table, or on stderr when stdout is JSON
+    phase = phases(Console(stderr=True) if args.json else console)
     if searching:
         # --method with --search: that method's settings only; without: every method
         methods = (args.method,) if args.method else None
-        cands = search(cfg, config, device, seq_len, methods, args.max_micro_batch, args.num_gpus)
+        cands = search(
+            cfg, config, device, seq_len, methods, args.max_micro_batch, args.num_gpus, phase=phase
+        )
         choice, why = recommend(cands)
     else:
         if args.num_gpus > 1:  # one config on N ranks: its strategy, else FSDP
             strategy = cfg.dist.strategy if cfg.dist.strategy != "none" else "fsdp"
             cfg = with_overrides(cfg, dist={"strategy": strategy, "nproc": args.num_gpus})
-        cands = [plan_one(cfg, config, device, seq_len)]
+        with phase("plan", 1, "configurations") as p:
+            cands = [plan_one(cfg, config, device, seq_len)]
+            p.advance(1)
         choice, why = (cands[0], "the configuration as given") if cands[0].fits else (None, "")
     result = {
         "model": cfg.model.name_or_path,
@@ -299,7 +306,12 @@ def cmd_calibrate(args) -> int:
         calibration.load("", path)  # a calibration file we cannot read: say so before the series
     console = Console(stderr=args.json)
     started = time.perf_counter()
-    cal = calibrate(kind, args.gpu, progress=lambda line: console.print(line))
+    cal = calibrate(
+        kind,
+        args.gpu,
+        progress=lambda line: console.print(line, markup=False, highlight=False),
+        phase=phases(console),
+    )
     seconds = time.perf_counter() - started
     if not args.no_save:
         calibration.save(cal, path)

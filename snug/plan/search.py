@@ -15,6 +15,7 @@ from snug.plan.calibration import StepModel
 from snug.plan.hardware import GIB, Device
 from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
 from snug.plan.timing import TYPICAL, device_model, precision_for
+from snug.progress import PhaseFactory, quiet
 
 # Terms between the peak of live tensors and what the device must hold; each carries its
 # source into the plan's output. `snug calibrate` replaces the context and scales the
@@ -307,6 +308,7 @@ def search(
     max_micro_batch: int = 64,
     num_gpus: int = 1,
     workers: int | None = None,
+    phase: PhaseFactory = quiet,
 ) -> list[Candidate]:
     """The fastest fitting candidate per method (or the closest miss, to show why), fastest
     first. The chunked loss stays on (it never costs memory); the effective batch is kept:
@@ -317,7 +319,8 @@ def search(
     Each method's search is independent of the others', so with several methods they run in
     `workers` processes (default: $SNUG_PLAN_WORKERS, else one per CPU core), forked from this
     one: the replay is Python bound to one core, and a 7B search on 2 cores takes half the time.
-    The result is the same as one process's (tests/test_plan_search.py)."""
+    The result is the same as one process's (tests/test_plan_search.py). `phase(title, total,
+    unit)` (snug/progress.py) is told of each method searched."""
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
     model = device_model(device, precision_for(device, cfg))
@@ -326,22 +329,35 @@ def search(
     workers = min(
         workers or int(os.environ.get("SNUG_PLAN_WORKERS") or os.cpu_count() or 1), len(methods)
     )
+    found: list[Candidate | None] = [None] * len(methods)
     if workers > 1 and multiprocessing.current_process().daemon is False:
         # slowest replays first (DoRA's weight norm, the quantized stand-ins), so the workers
         # finish together; each takes the next method as it frees up
-        order = sorted(methods, key=lambda m: -_REPLAY_COST.get(m, 1))
-        # one thread each, as torch's DataLoader workers: OpenMP is not fork-safe
+        order = sorted(range(len(methods)), key=lambda i: -_REPLAY_COST.get(methods[i], 1))
+        # one thread each, as torch's DataLoader workers: OpenMP is not fork-safe. The workers
+        # are forked before the progress starts (a thread of its own, when it prints lines).
         with multiprocessing.get_context("fork").Pool(workers, torch.set_num_threads, (1,)) as pool:
-            found = pool.map(_search_method, [(m, *job) for m in order], 1)
-        results = [found[order.index(m)] for m in methods]
+            jobs = [(i, (methods[i], *job)) for i in order]
+            with phase("search", len(methods), "methods") as p:
+                for i, cand in pool.imap_unordered(_search_one, jobs, 1):
+                    found[i] = cand
+                    p.advance(1)
     else:
-        results = [_search_method((m, *job)) for m in methods]
-    return sorted((c for c in results if c is not None), key=_rank)
+        with phase("search", len(methods), "methods") as p:
+            for i, m in enumerate(methods):
+                found[i] = _search_method((m, *job))
+                p.advance(1)
+    return sorted((c for c in found if c is not None), key=_rank)
 
 
 # Relative replay cost per method (seconds per candidate of the 7B search, rounded): only the
 # order in which the workers take the methods.
 _REPLAY_COST = {"dora": 6, "qlora-8bit": 5, "qlora": 4, "lora": 4, "adapter": 3, "ia3": 2}
+
+
+def _search_one(job: tuple[int, tuple]) -> tuple[int, Candidate | None]:
+    """`_search_method` in a worker, its result with the method's place in the list."""
+    return job[0], _search_method(job[1])
 
 
 def _search_method(args: tuple) -> Candidate | None:

@@ -1,0 +1,65 @@
+"""Whether the Hugging Face hub answers, asked once per process, before the libraries that call
+it are imported.
+
+Importing bitsandbytes (which peft and transformers do) asks the hub for a CPU kernel
+(kernels-community/quantization-bitsandbytes) on CPUs with AVX512-BF16, and huggingface_hub's
+client has no timeout: behind a proxy or firewall that takes connections and never answers,
+`snug plan` waited there for ever, and where requests fail slowly each hub call is retried with
+warnings. So the first command that needs it asks once, with a short timeout; when the hub does
+not answer, huggingface_hub's offline mode is switched on for this process (and the worker
+processes it starts), and one line says so. HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), when set,
+is obeyed and nothing is asked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+PROBE_S = 2.0  # how long the hub has to answer one HEAD request
+_offline: bool | None = None  # the answer, once known
+
+
+def _set_by_user() -> bool | None:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set, huggingface_hub's reading of it; None
+    when neither is set."""
+    values = [os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    if not any(v is not None and v.strip() for v in values):
+        return None
+    return any(v is not None and v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in values)
+
+
+def answers(endpoint: str, timeout: float) -> bool:
+    """Whether `endpoint` answers an HTTP HEAD within `timeout` seconds (any status: it is
+    there), through huggingface_hub's own client (its proxies and certificates)."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception:  # noqa: BLE001 (DNS, refused, reset, proxy, TLS, timeout: all unreachable)
+        return False
+    return True
+
+
+def offline(say: Callable[[str], None]) -> bool:
+    """True when snug works without the hub in this process: the environment says so, or the
+    hub did not answer (then offline mode is switched on and `say` hears one line, once)."""
+    global _offline
+    if _offline is not None:
+        return _offline
+    given = _set_by_user()
+    if given is not None:
+        _offline = given
+        return given
+    from huggingface_hub import constants
+
+    _offline = not answers(constants.ENDPOINT, PROBE_S)
+    if _offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for processes this one starts
+        constants.HF_HUB_OFFLINE = True  # read at each call by huggingface_hub and transformers
+        say(
+            f"{constants.ENDPOINT} did not answer within {PROBE_S:g} s: snug works offline "
+            "(bundled model configs, local models and the hub cache; HF_HUB_OFFLINE=0 to ask "
+            "the hub anyway)"
+        )
+    return _offline
