@@ -76,6 +76,7 @@ def test_train_writes_every_output(tmp_path):
         "kept": 32,
         "dropped": 0,
         "truncated": 0,
+        "clipped": 0,
         "fully_masked": 0,
         "empty": 0,
         "invalid": 0,
