@@ -42,8 +42,11 @@ def dry_run(tmp_path: Path, target: str, ages: dict[str, int]) -> list[str]:
         os.utime(tmp_path / name, (1_000_000 - age, 1_000_000 - age))
     os.utime(tmp_path / "pyproject.toml", (1_000_000 - 999, 1_000_000 - 999))
     assert stamp.exists()
+    # under `make test` this runs inside make, whose variables would make this one a sub-make
+    # (printing "make[1]: Entering directory" around what it would run)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     done = subprocess.run(
-        ["make", "-n", target, "VENV=venv"], cwd=tmp_path, capture_output=True, text=True
+        ["make", "-n", target, "VENV=venv"], cwd=tmp_path, capture_output=True, text=True, env=env
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
