@@ -55,6 +55,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(cfg)
     check_model_dir(cfg.model.name_or_path)
     check_data_paths(cfg.data)
+    if "LOCAL_RANK" not in os.environ:  # the ranks inherit the answer (HF_HUB_OFFLINE)
+        from snug.hub import offline_said_on_stderr
+
+        offline_said_on_stderr()
     if cfg.dist.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks (torchrun)
         check_output_dir_free(Path(cfg.output.dir))
         check_run_folder(cfg, args.fresh)
@@ -91,10 +95,10 @@ def _hub_or_offline(label: str, to_stderr: bool) -> None:
     those imports, counted (on stderr where stdout is JSON)."""
     from rich.console import Console
 
-    from snug.hub import offline
+    from snug.hub import offline_said_on_stderr
     from snug.progress import importing
 
-    offline(lambda line: print(line, file=sys.stderr))
+    offline_said_on_stderr()
     importing(Console(stderr=to_stderr), label, "snug.plan.report")
 
 
@@ -131,8 +135,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from snug.hub import offline_said_on_stderr
     from snug.progress import Phase
 
+    offline_said_on_stderr()
     # the steps: the imports (seconds), then merge()'s: loading, adapter, folding, verifying,
     # writing
     with Phase(Console(), "merge", 5 + args.verify, "steps") as steps:

@@ -5,7 +5,8 @@ Importing bitsandbytes (which peft and transformers do) asks the hub for a CPU k
 (kernels-community/quantization-bitsandbytes) on CPUs with AVX512-BF16, and huggingface_hub's
 client has no timeout: behind a proxy or firewall that takes connections and never answers,
 `snug plan` waited there for ever, and where requests fail slowly each hub call is retried with
-warnings. So the first command that needs it asks once, with a short timeout; when the hub does
+warnings. So every command that loads those libraries (plan, measure, calibrate, train, merge, chat,
+generate, eval) asks once, with a short timeout; when the hub does
 not answer, huggingface_hub's offline mode is switched on for this process (and the worker
 processes it starts), and one line says so. HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), when set,
 is obeyed and nothing is asked.
@@ -14,6 +15,7 @@ is obeyed and nothing is asked.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 PROBE_S = 2.0  # how long the hub has to answer one HEAD request
@@ -63,3 +65,8 @@ def offline(say: Callable[[str], None]) -> bool:
             "the hub anyway)"
         )
     return _offline
+
+
+def offline_said_on_stderr() -> bool:
+    """`offline`, its one line on stderr: for the commands whose stdout is their own output."""
+    return offline(lambda line: print(line, file=sys.stderr))

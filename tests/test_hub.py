@@ -3,6 +3,7 @@ works offline instead of waiting on the hub (for ever, behind a proxy that never
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -98,3 +99,47 @@ def test_a_plan_behind_a_proxy_that_never_answers_does_not_wait_for_ever(silent_
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert sum("snug works offline" in line for line in lines) == 1, done.stderr
     assert not [line for line in lines if "WARNING" in line or "Retry" in line], done.stderr
+
+
+def test_train_merge_and_the_session_commands_ask_once_too(unasked, monkeypatch, capsys):
+    """`snug train` (after its config and paths are checked, before the imports that ask the
+    hub), `snug merge` and the commands that open a session (chat, generate, eval) ask the hub
+    once as plan does; each stops at its heavy work here (stood in), after the question."""
+    import snug.deploy.args as session_args
+    from snug.cli import main
+
+    SESSION_KEYS = ("model", "adapter", "device", "dtype", "template", "trust_remote_code")
+
+    asked = []
+    monkeypatch.setattr(hub, "answers", lambda *a: asked.append(a) or False)
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr("snug.train.lock.check_output_dir_free", reached, raising=False)
+    monkeypatch.setattr("snug.train.outputs.own_output_dir", reached)
+    with pytest.raises(Reached):
+        main(["--debug", "train", str(ROOT / "examples/quickstart.yaml")])
+    assert len(asked) == 1
+
+    def unasked_again() -> None:  # the answer is kept for the process, and its children
+        monkeypatch.setattr(hub, "_offline", None)
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    unasked_again()
+    monkeypatch.setattr("snug.deploy.merge.find_source", reached)
+    with pytest.raises(Reached):
+        main(["--debug", "merge", "--adapter", "runs/none", "--out", "none"])
+    assert len(asked) == 2
+    unasked_again()
+    monkeypatch.setattr("snug.deploy.session.open_session", reached)
+    with pytest.raises(Reached):
+        session_args.open_from_args(
+            argparse.Namespace(**dict.fromkeys((*SESSION_KEYS, "allow_other_base", "use")))
+        )
+    assert len(asked) == 3
+    said = [line for line in capsys.readouterr().err.splitlines() if "works offline" in line]
+    assert len(said) == 3
