@@ -45,6 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from snug.config import load_config
+    from snug.hub import offline_said_on_stderr
     from snug.preflight import check_data_paths, check_model_dir
     from snug.train.lock import check_output_dir_free
     from snug.train.outputs import check_output_dir, check_run_folder, own_output_dir
@@ -55,13 +56,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(cfg)
     check_model_dir(cfg.model.name_or_path)
     check_data_paths(cfg.data)
-    if "LOCAL_RANK" not in os.environ:  # the ranks inherit the answer (HF_HUB_OFFLINE)
-        from snug.hub import offline_said_on_stderr
-
-        offline_said_on_stderr()
     if cfg.dist.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks (torchrun)
         check_output_dir_free(Path(cfg.output.dir))
         check_run_folder(cfg, args.fresh)
+        offline_said_on_stderr()  # the ranks inherit the answer (HF_HUB_OFFLINE)
         from snug.train import dist
 
         argv = ["--debug"] * args.debug + ["train", args.config, *args.overrides]
@@ -73,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return dist.launch(cfg, argv, flags, args.debug)
     command = resume_command(args) + " --fresh" * args.fresh
     with own_output_dir(cfg, args.fresh, command, lock=os.environ.get("RANK", "0") == "0"):
+        if "LOCAL_RANK" not in os.environ:  # (a rank's launcher asked)
+            offline_said_on_stderr()  # after the checks of bad input: its error is one line
         from snug.train.loop import run_training
         from snug.train.resume import EXIT_STOPPED, TrainingStopped
 

@@ -101,7 +101,7 @@ def test_a_plan_behind_a_proxy_that_never_answers_does_not_wait_for_ever(silent_
     assert not [line for line in lines if "WARNING" in line or "Retry" in line], done.stderr
 
 
-def test_train_merge_and_the_session_commands_ask_once_too(unasked, monkeypatch, capsys):
+def test_train_merge_and_the_session_commands_ask_once_too(unasked, monkeypatch, capsys, tmp_path):
     """`snug train` (after its config and paths are checked, before the imports that ask the
     hub), `snug merge` and the commands that open a session (chat, generate, eval) ask the hub
     once as plan does; each stops at its heavy work here (stood in), after the question."""
@@ -119,10 +119,12 @@ def test_train_merge_and_the_session_commands_ask_once_too(unasked, monkeypatch,
     def reached(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr("snug.train.lock.check_output_dir_free", reached, raising=False)
-    monkeypatch.setattr("snug.train.outputs.own_output_dir", reached)
+    import snug.train.loop
+
+    monkeypatch.setattr(snug.train.loop, "run_training", reached)
+    config = str(ROOT / "examples/quickstart.yaml")
     with pytest.raises(Reached):
-        main(["--debug", "train", str(ROOT / "examples/quickstart.yaml")])
+        main(["--debug", "train", config, f"output.dir={tmp_path / 'run'}"])
     assert len(asked) == 1
 
     def unasked_again() -> None:  # the answer is kept for the process, and its children
