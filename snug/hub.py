@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 PROBE_S = 2.0  # how long the hub has to answer one HEAD request
@@ -23,24 +24,36 @@ _offline: bool | None = None  # the answer, once known
 
 
 def _set_by_user() -> bool | None:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set, huggingface_hub's reading of it; None
-    when neither is set."""
-    values = [os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
-    if not any(v is not None and v.strip() for v in values):
+    """HF_HUB_OFFLINE (else TRANSFORMERS_OFFLINE) as huggingface_hub reads it (the first that
+    is set and not empty, true for 1/ON/YES/TRUE); None when neither is set."""
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if not value:
         return None
-    return any(v is not None and v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in values)
+    return value.upper() in ENV_VARS_TRUE_VALUES
 
 
 def answers(endpoint: str, timeout: float) -> bool:
     """Whether `endpoint` answers an HTTP HEAD within `timeout` seconds (any status: it is
-    there), through huggingface_hub's own client (its proxies and certificates)."""
+    there), through huggingface_hub's own client (its proxies and certificates). The request
+    runs in a thread that is waited for `timeout` at most: the client's timeout does not cover
+    the name lookup (getaddrinfo), which a resolver that does not answer holds for 5 s a try."""
     from huggingface_hub.utils import get_session
 
-    try:
-        get_session().head(endpoint, timeout=timeout)
-    except Exception:  # noqa: BLE001 (DNS, refused, reset, proxy, TLS, timeout: all unreachable)
-        return False
-    return True
+    answered: list[bool] = []
+
+    def ask() -> None:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+            answered.append(True)
+        except Exception:  # noqa: BLE001 (DNS, refused, reset, proxy, TLS, timeout: unreachable)
+            answered.append(False)
+
+    asking = threading.Thread(target=ask, name="snug-hub-question", daemon=True)
+    asking.start()
+    asking.join(timeout)
+    return answered == [True]
 
 
 def offline(say: Callable[[str], None]) -> bool:

@@ -145,3 +145,40 @@ def test_train_merge_and_the_session_commands_ask_once_too(unasked, monkeypatch,
     assert len(asked) == 3
     said = [line for line in capsys.readouterr().err.splitlines() if "works offline" in line]
     assert len(said) == 3
+
+
+def test_a_name_lookup_that_never_answers_is_unreachable_within_the_timeout(monkeypatch):
+    """huggingface_hub's client timeout does not cover the name lookup: a resolver that does not
+    answer held the question 5 s a try; it is waited for the timeout at most."""
+    import socket
+    import time
+
+    def slow_lookup(*args, **kwargs):
+        time.sleep(3)
+        raise socket.gaierror("no answer")
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_lookup)
+    started = time.monotonic()
+    assert not hub.answers("https://hub.invalid", 0.2)
+    assert time.monotonic() - started < 2
+
+
+def test_offline_is_read_as_huggingface_hub_reads_it(monkeypatch):
+    """The first of HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE that is set decides, as in
+    huggingface_hub.constants."""
+    for hub_value, transformers_value, expected in [
+        ("0", "1", False),
+        (None, "1", True),
+        ("yes", None, True),
+        (None, None, None),
+        ("", "1", True),
+    ]:
+        for key, value in (
+            ("HF_HUB_OFFLINE", hub_value),
+            ("TRANSFORMERS_OFFLINE", transformers_value),
+        ):
+            if value is None:
+                monkeypatch.delenv(key, raising=False)
+            else:
+                monkeypatch.setenv(key, value)
+        assert hub._set_by_user() is expected, (hub_value, transformers_value)
