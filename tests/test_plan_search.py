@@ -411,6 +411,10 @@ def test_measure_leaves_the_warm_up_steps_out_of_the_step_time(monkeypatch, caps
     assert measured < 1.0, shown
     assert "median of 2 steps after 2 warm-up steps" in shown
     assert len(calls) == 4  # the warm-up steps run, then the timed ones
+    # and what it does is shown as it goes (issue 33: it was silent while it trained)
+    for line in ("measure: 4 steps", "(planning the step on fake tensors)", "(loading the model"):
+        assert line in shown, shown
+    assert "measure: 4 steps done in" in shown
 
 
 def test_measure_needs_a_warm_up_step_and_a_timed_one(capsys):

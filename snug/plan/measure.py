@@ -18,6 +18,7 @@ from snug.plan.hardware import cpu_device, model_config
 from snug.plan.report import _gib, sequence_length
 from snug.plan.simulate import PlanError, simulate
 from snug.plan.timing import device_model
+from snug.progress import Phase
 
 
 def cmd_measure(args) -> int:
@@ -28,7 +29,9 @@ def cmd_measure(args) -> int:
         )
     cfg = load_config(args.config, args.overrides)
     seq_len, seq_source = sequence_length(args, cfg, True)
-    result = measure(cfg, args.steps, seq_len, seq_source, args.warmup)
+    # progress beside the result, or on stderr when stdout is JSON
+    shown = Console(stderr=args.json)
+    result = measure(cfg, args.steps, seq_len, seq_source, args.warmup, shown)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -53,20 +56,29 @@ def cmd_measure(args) -> int:
 
 
 class _StepClock:
-    """A sink of the run (train/events.py) that notes when each optimizer step ended."""
+    """A sink of the run (train/events.py) that notes when each optimizer step ended, and
+    counts it in `shown`."""
 
-    def __init__(self) -> None:
+    def __init__(self, shown: Phase) -> None:
         self.ends: list[float] = []
+        self.shown = shown
 
     def on_step(self, event) -> None:
         self.ends.append(time.perf_counter())
+        self.shown.advance(1)
 
 
 def measure(
-    cfg: Config, steps: int, seq_len: int, seq_source: str = "given", warmup: int = 2
+    cfg: Config,
+    steps: int,
+    seq_len: int,
+    seq_source: str = "given",
+    warmup: int = 2,
+    console: Console | None = None,
 ) -> dict:
     """`warmup` + `steps` real steps of the config; the measured peak (over all of them) and
-    step time (the median of the `steps` after the warm-up) next to the plan's."""
+    step time (the median of the `steps` after the warm-up) next to the plan's. The plan, the
+    loading and the steps are shown on `console` as they go (nothing when None)."""
     from snug.models.load import resolve_device as train_device
     from snug.models.load import resolve_precision
     from snug.train.loop import run_training
@@ -80,18 +92,21 @@ def measure(
         )
         device = train_device(run_cfg)
         precision = resolve_precision(run_cfg, device)
-        started = time.perf_counter()
-        predicted = simulate(
-            run_cfg,
-            model_config(cfg.model.name_or_path),
-            seq_len,
-            device.type,
-            precision,
-            extend=False,
-        )
-        plan_seconds = time.perf_counter() - started
-        clock = _StepClock()
-        summary = run_training(run_cfg, Console(quiet=True), sinks=[clock])
+        with Phase(console or Console(quiet=True), "measure", warmup + steps, "steps") as shown:
+            shown.note("planning the step on fake tensors")
+            started = time.perf_counter()
+            predicted = simulate(
+                run_cfg,
+                model_config(cfg.model.name_or_path),
+                seq_len,
+                device.type,
+                precision,
+                extend=False,
+            )
+            plan_seconds = time.perf_counter() - started
+            shown.note("loading the model and data, then the real steps")
+            clock = _StepClock(shown)
+            summary = run_training(run_cfg, Console(quiet=True), sinks=[clock])
         timing = device_model(cpu_device(), "fp32") if device.type == "cpu" else None
     # step i's time is from the end of step i-1 to its own end: the steps after the warm-up
     step_seconds = [b - a for a, b in itertools.pairwise(clock.ends[warmup - 1 :])]
