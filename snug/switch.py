@@ -13,21 +13,28 @@ file's choice nor the new one (snug.config's checks see them as before).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from snug.registry import METHODS, STAGES, MethodConfig
 from snug.sections import TrainConfig
 
 # Each key that picks: (the registry of its choices, the field's class, and where a choice's own
-# keys live: (section, the attribute of its record that declares them)).
-CHOOSERS: dict[str, tuple[dict[str, Any], type, tuple[tuple[str, str], ...]]] = {
-    "method.name": (METHODS, MethodConfig, (("method", "settings"),)),
-    "train.stage": (STAGES, TrainConfig, (("train", "settings"), ("pref", "pref_settings"))),
+# keys live: (section, the class of its record that declares them: Method.settings,
+# Stage.settings and Stage.pref_settings, None when it has none)).
+Declared = Callable[[Any], type | None]
+CHOOSERS: dict[str, tuple[dict[str, Any], type, tuple[tuple[str, Declared], ...]]] = {
+    "method.name": (METHODS, MethodConfig, (("method", lambda method: method.settings),)),
+    "train.stage": (
+        STAGES,
+        TrainConfig,
+        (("train", lambda stage: stage.settings), ("pref", lambda stage: stage.pref_settings)),
+    ),
 }
 
 
-def _own_keys(record: Any, attribute: str) -> set[str]:
-    declared = getattr(record, attribute, None)
+def _own_keys(record: Any, declared_by: Declared) -> set[str]:
+    declared = declared_by(record)
     if declared is None:
         return set()
     return {f.name for f in dataclasses.fields(declared) if not f.metadata.get("internal")}
@@ -67,11 +74,11 @@ def set_aside(
         if old not in registry or new not in registry:
             continue  # an unknown name: snug.config names it and the choices
         aside = []
-        for place, attribute in places:
+        for place, declared_by in places:
             values = raw.get(place)
             if not isinstance(values, dict):
                 continue
-            theirs = _own_keys(registry[old], attribute) - _own_keys(registry[new], attribute)
+            theirs = _own_keys(registry[old], declared_by) - _own_keys(registry[new], declared_by)
             for name in list(values):
                 if name in theirs and f"{place}.{name}" not in overridden:
                     del values[name]
