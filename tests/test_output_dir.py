@@ -92,8 +92,9 @@ def one_line(err: str) -> str:
 # -- 1: the earlier run's outputs survive until the new run's are in place ------------------------
 @pytest.fixture
 def break_step(monkeypatch):
-    """break_step(at, how): the at-th call of the step from now raises (how='fail') or sends
-    this process SIGTERM (how='stop': the run saves after that step and stops, as on a kill)."""
+    """break_step(at, how): the at-th call of the step from now raises (how='fail'), sends
+    this process SIGTERM (how='stop': the run saves after that step and stops, as on a kill)
+    or is interrupted as by a second Ctrl-C (how='interrupt': the run stops, saving nothing)."""
     real = loop_run.train_step
 
     def arm(at: int, how: str) -> None:
@@ -105,6 +106,8 @@ def break_step(monkeypatch):
                 raise RuntimeError("the step broke")
             if len(calls) == at and how == "stop":
                 os.kill(os.getpid(), signal.SIGTERM)
+            if len(calls) == at and how == "interrupt":  # a second Ctrl-C: no checkpoint
+                raise KeyboardInterrupt
             return real(*args, **kwargs)
 
         monkeypatch.setattr(loop_run, "train_step", step)
@@ -146,6 +149,40 @@ def test_the_earlier_run_waits_in_previous_until_a_new_run_completes(
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     assert not (out / "previous").exists()
     assert temporaries(out) == []
+
+
+def test_a_finished_run_waiting_in_previous_is_not_replaced_by_another_config(
+    tmp_path, tiny_llama, toy_sft, break_step, capsys
+):
+    """A completed (no checkpoint); B, its continuation, takes the folder over (A's outputs go
+    to previous/) and is interrupted after its first step (Ctrl-C: summary `interrupted`; or
+    killed: no summary at all); C, of another config, is refused naming the finished run in
+    previous/ (it used to train, and A was deleted once C completed). The same config as A
+    trains, completes and replaces it, as on a finished run in place."""
+    out = tmp_path / "run"
+    cfg = config(out, tiny_llama, toy_sft, tmp_path, output={"save_every": None})
+    assert run_snug(["train", cfg], capsys)[0] == 0
+    earlier = snapshot(out)
+    break_step(2, "interrupt")
+    assert run_snug(["train", cfg, "train.max_steps=3"], capsys)[0] == 130
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert snapshot(out / "previous") == earlier
+    break_step(0, "none")
+    for killed in (False, True):
+        if killed:  # a kill -9 writes no summary
+            (out / "summary.json").unlink()
+        before = snapshot(out, (*RUN_OUTPUTS, "previous"))
+        code, said, err = run_snug(["train", cfg, "train.seed=7"], capsys)
+        assert code == 2 and said == "", (said, err)
+        assert one_line(err) == (
+            f"error: {out} holds a finished sft run of {tiny_llama} (in {out}/previous, until a "
+            "run here completes) that differs from this one (train.seed: 42 -> 7); use another "
+            "output.dir, or --fresh to replace it."
+        )
+        assert snapshot(out, (*RUN_OUTPUTS, "previous")) == before
+    code, said, err = run_snug(["train", cfg], capsys)
+    assert code == 0, err
+    assert not (out / "previous").exists()
 
 
 def _fake_finished_run(out: Path, tag: str) -> None:
