@@ -14,7 +14,7 @@ from snug.deploy.chat import add_parser as add_chat_parser
 from snug.deploy.evaluate import add_eval_parser
 from snug.deploy.generate import add_generate_parser
 from snug.errors import AlreadySaid, RunError, UserError, exit_code, first_line
-from snug.files import disk_full
+from snug.files import disk_full, failed_write
 
 # What `snug train` passes on to torchrun for several nodes (the usual rendezvous arguments).
 LAUNCH_FLAGS = ("nnodes", "node_rank", "master_addr", "master_port")
@@ -386,10 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (UserError, RunError)):
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         elif disk_full(e):  # a write of snug's that no out-of-space check of its own covers
-            where = getattr(e, "filename", None)
             print(
-                f"error: out of space{f' writing {where}' if where else ''}: {first_line(e)}; "
-                "free some space on that disk and run again.",
+                f"error: out of space: could not write {failed_write(e)}; free some space on "
+                "that disk and run again.",
                 file=sys.stderr,
             )
         else:  # not a message of snug's: a bug here or in a library

@@ -464,10 +464,10 @@ def test_a_write_that_runs_out_of_space_removes_its_temporaries(
         monkeypatch.setattr(ckpt, "save_file", _safetensors_disk_full)
         folder = rf"{re.escape(str(out))}/checkpoints needs [\d,]+ bytes for step-1"
     else:  # and summary.json cannot be written either: the adapter's error is the one said
-        import snug.train.loop as loop
+        import snug.train.finish as finish
 
         monkeypatch.setattr(peft.peft_model, "safe_save_file", _safetensors_disk_full)
-        monkeypatch.setattr(loop, "write_text_atomic", _os_disk_full)
+        monkeypatch.setattr(finish, "write_text_atomic", _os_disk_full)
         folder = rf"{re.escape(str(out))} needs [\d,]+ bytes for adapter/"
     code, said, err = run_snug(["train", cfg, "--fresh"], capsys)
     assert code == 1
@@ -477,6 +477,27 @@ def test_a_write_that_runs_out_of_space_removes_its_temporaries(
         assert f"could not write {out}/summary.json (No space left on device)" in said, said
     assert snapshot(out / "previous") == earlier
     assert temporaries(out) == []
+
+
+def test_any_other_write_that_runs_out_of_space_is_one_line_naming_the_file(monkeypatch, capsys):
+    """A full disk in a write no check of snug's own covers: one line, the file and why (an
+    OSError names its file; safetensors' error does not)."""
+    import snug.cli as cli
+
+    for error, said in (
+        (OSError(errno.ENOSPC, "No space left on device", "/d/notes"), "/d/notes (No space left"),
+        (RuntimeError("Error: IoError(No space left on device (os error 28))"), "a file (Error:"),
+    ):
+
+        def full(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "cmd_train", full)
+        code, _, err = run_snug(["train", "cfg.yaml"], capsys)
+        assert code == 1
+        line = one_line(err)
+        assert line.startswith(f"error: out of space: could not write {said}"), line
+        assert line.endswith("; free some space on that disk and run again."), line
 
 
 @contextlib.contextmanager
