@@ -668,3 +668,14 @@ def test_a_named_pipe_or_an_overlong_line_as_input_is_one_line(tmp_path, capsys,
         "JSON record per line?"
     )
     assert not out.exists()
+
+
+def test_the_batch_size_help_says_a_batch_is_consecutive_rows(capsys):
+    """Batches are consecutive rows (each written as it comes, for an exact resume), no longer
+    rows grouped by length: `snug generate --help` says so where --batch-size is."""
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--help"])
+    assert done.value.code == 0
+    said = " ".join(capsys.readouterr().out.split())
+    batch = said.rsplit("--batch-size BATCH_SIZE", 1)[1].split("--max-new-tokens", 1)[0]
+    assert "consecutive rows, in the input's order (not grouped by length)" in batch
