@@ -14,7 +14,7 @@ from snug.deploy.chat import add_parser as add_chat_parser
 from snug.deploy.evaluate import add_eval_parser
 from snug.deploy.generate import add_generate_parser
 from snug.errors import AlreadySaid, RunError, UserError, exit_code, first_line
-from snug.files import disk_full
+from snug.files import disk_full, failed_write
 
 # What `snug train` passes on to torchrun for several nodes (the usual rendezvous arguments).
 LAUNCH_FLAGS = ("nnodes", "node_rank", "master_addr", "master_port")
@@ -41,14 +41,11 @@ def say_set_aside(cfg) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     # Config, output directory, model and data paths first, before torch is imported (seconds);
-    # then output.dir's lock (rank 0's: a torchrun launcher only checks that it is free).
-    from pathlib import Path
-
+    # then output.dir's lock (a torchrun launcher takes it for its ranks).
     from snug.config import load_config
     from snug.hub import offline_said_on_stderr
     from snug.preflight import check_data_paths, check_model_dir
-    from snug.train.lock import check_output_dir_free
-    from snug.train.outputs import check_output_dir, check_run_folder, own_output_dir
+    from snug.train.outputs import check_output_dir, own_output_dir
 
     cfg = load_config(args.config, args.overrides)
     if "LOCAL_RANK" not in os.environ:  # said once: by this command, not by each rank it starts
@@ -56,20 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_dir(cfg)
     check_model_dir(cfg.model.name_or_path)
     check_data_paths(cfg.data)
-    if cfg.dist.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks (torchrun)
-        check_output_dir_free(Path(cfg.output.dir))
-        check_run_folder(cfg, args.fresh)
-        offline_said_on_stderr()  # the ranks inherit the answer (HF_HUB_OFFLINE)
-        from snug.train import dist
-
-        argv = ["--debug"] * args.debug + ["train", args.config, *args.overrides]
-        argv += ["--fresh"] * args.fresh + ["--allow-config-change"] * args.allow_config_change
-        for key in LAUNCH_FLAGS:  # the ranks pass them on in the command that resumes
-            if getattr(args, key) is not None:
-                argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
-        return dist.launch(cfg, argv, flags, args.debug)
     command = resume_command(args) + " --fresh" * args.fresh
+    if cfg.dist.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks (torchrun)
+        return _launch(args, cfg, command)
     with own_output_dir(cfg, args.fresh, command, lock=os.environ.get("RANK", "0") == "0"):
         if "LOCAL_RANK" not in os.environ:  # (a rank's launcher asked)
             offline_said_on_stderr()  # after the checks of bad input: its error is one line
@@ -88,6 +74,27 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(str(e), file=sys.stderr)
             return EXIT_STOPPED
     return 0 if summary["status"] == "completed" else 1
+
+
+def _launch(args: argparse.Namespace, cfg, command: str) -> int:
+    """`snug train` with dist.nproc processes: torchrun starts them. On the node of rank 0 this
+    process holds output.dir's lock from before any rank starts until torchrun has ended
+    (torchrun keeps it should this process be killed; rank 0 checks it is held: train/lock.py);
+    the launchers of other nodes check the folder and take no lock."""
+    from snug.hub import offline_said_on_stderr
+    from snug.train.outputs import own_output_dir
+
+    with own_output_dir(cfg, args.fresh, command, lock=args.node_rank in (None, 0)):
+        offline_said_on_stderr()  # the ranks inherit the answer (HF_HUB_OFFLINE)
+        from snug.train import dist
+
+        argv = ["--debug"] * args.debug + ["train", args.config, *args.overrides]
+        argv += ["--fresh"] * args.fresh + ["--allow-config-change"] * args.allow_config_change
+        for key in LAUNCH_FLAGS:  # the ranks pass them on in the command that resumes
+            if getattr(args, key) is not None:
+                argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
+        return dist.launch(cfg, argv, flags, args.debug)
 
 
 def _hub_or_offline(label: str, to_stderr: bool) -> None:
@@ -379,10 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (UserError, RunError)):
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         elif disk_full(e):  # a write of snug's that no out-of-space check of its own covers
-            where = getattr(e, "filename", None)
             print(
-                f"error: out of space{f' writing {where}' if where else ''}: {first_line(e)}; "
-                "free some space on that disk and run again.",
+                f"error: out of space: could not write {failed_write(e)}; free some space on "
+                "that disk and run again.",
                 file=sys.stderr,
             )
         else:  # not a message of snug's: a bug here or in a library

@@ -34,6 +34,14 @@ def disk_full(e: BaseException) -> bool:
     return any(s in text for s in ("No space left on device", "os error 28", "quota exceeded"))
 
 
+def failed_write(e: BaseException, where: Path | str = "a file") -> str:
+    """What a failed write says, for a message: 'FILE (why)', FILE the one an OSError names,
+    else `where`."""
+    name = (e.filename if isinstance(e, OSError) else None) or where
+    why = (e.strerror if isinstance(e, OSError) else None) or " ".join(str(e).split())
+    return f"{name} ({why})"
+
+
 def out_of_space(folder: Path, needed: int, what: str, cause: BaseException | None = None) -> str:
     """'out of space: FOLDER needs N bytes for WHAT but its disk has F free' (and the error the
     write got, when it got one)."""

@@ -449,11 +449,11 @@ def test_a_text_record_is_tokenized_in_pieces_and_one_too_long_is_named(
 
 def test_a_json_line_over_the_limit_is_refused_naming_it(tokenizer, tmp_path, monkeypatch):
     from snug.config import DataConfig
-    from snug.data import sources
+    from snug.data import locate
     from snug.data.dataset import build_datasets
     from snug.data.formats import DataError
 
-    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(locate, "MAX_LINE_BYTES", 1000)
     rows = [{"instruction": "a", "output": "b"}] * 3 + [{"instruction": "x" * 2000, "output": "b"}]
     write_jsonl(tmp_path / "t.jsonl", rows)
     cfg = DataConfig(train=str(tmp_path / "t.jsonl"))

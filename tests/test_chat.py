@@ -30,7 +30,7 @@ from snug.deploy.session import open_session
 from snug.methods import apply_method
 from snug.models.load import load_model
 from snug.train.evaluate import answer_text, end_of_turn, stop_token_ids
-from snug.train.loop import _save_final
+from snug.train.finish import save_final
 
 try:  # pseudo-terminals are POSIX: elsewhere only the tests that type into one are skipped
     import fcntl
@@ -58,7 +58,7 @@ def lora_run(tmp_path: Path, name: str, seed: int, nudge: float = 0.05) -> Path:
     run = tmp_path / name
     run.mkdir()
     save_config(cfg, run / "config.yaml")
-    _save_final(model, AutoTokenizer.from_pretrained(TINY), cfg, run)
+    save_final(model, AutoTokenizer.from_pretrained(TINY), cfg, run)
     return run
 
 

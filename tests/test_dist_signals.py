@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from forked import Forked
@@ -30,6 +31,12 @@ def stop_after_two_more_steps(cfg: Path, out: Path, sig: int, done: int) -> tupl
     while not (metrics.exists() and len(losses(out)) >= done + 2):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr_so_far()
         time.sleep(0.2)
+    # the launcher holds output.dir's lock for its ranks, and torchrun has it too: it lasts
+    # while torchrun runs, also once the launcher is killed
+    lock = out / ".snug-lock"
+    assert json.loads(lock.read_text())["pid"] == launcher.pid
+    (torchrun,) = psutil.Process(launcher.pid).children()
+    assert str(lock) in {f.path for f in torchrun.open_files()}
     launcher.send_signal(sig)
     stdout, stderr = launcher.communicate(timeout=300)
     assert launcher.returncode == (75 if sig == signal.SIGTERM else -9), stderr[-3000:]

@@ -21,7 +21,8 @@ from snug.deploy.session import SessionError, open_session, parse_adapters
 from snug.methods import apply_method
 from snug.models.load import load_model
 from snug.train.evaluate import answer_text, end_of_turn, stop_token_ids
-from snug.train.loop import _save_final, run_training
+from snug.train.finish import save_final
+from snug.train.loop import run_training
 
 from conftest import ROOT, write_jsonl
 
@@ -247,7 +248,7 @@ def snug_adapter_run(tmp_path):
     run = tmp_path / "bottleneck"
     run.mkdir()
     save_config(cfg, run / "config.yaml")
-    _save_final(model, AutoTokenizer.from_pretrained(BASE), cfg, run)
+    save_final(model, AutoTokenizer.from_pretrained(BASE), cfg, run)
     return run
 
 
@@ -416,6 +417,8 @@ def _full_disk_at(monkeypatch, batch: int) -> None:
     writes, real = [], os.write
 
     def write(fd, data):
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):  # the lock's holder
+            return real(fd, data)
         writes.append(len(data))
         if len(writes) == batch:
             real(fd, bytes(data[: len(data) // 2]))
@@ -502,14 +505,14 @@ def test_a_partial_output_of_another_job_is_refused_and_left_as_it_is(
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 8 KiB filesystem (tmpfs: two pages, one the job record's), where mounting is
-    allowed (root)."""
+    """A real 12 KiB filesystem (tmpfs: three pages, one the job record's, one the lock's
+    holder's), where mounting is allowed (root)."""
     import subprocess
 
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(disk)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
@@ -540,3 +543,139 @@ def test_a_real_full_disk_keeps_whole_batches_and_room_made_lets_it_finish(
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["instruction"] for a in answers] == [r["instruction"] for r in rows[:80]]
     assert [json.loads(line) for line in kept] == answers[: len(kept)]
+
+
+HOLD_OUTPUT = """
+import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+info = {"pid": os.getpid(), "host": socket.gethostname(), "command": "snug generate first"}
+os.write(fd, json.dumps({**info, "since": "2025-01-01T00:00:00"}).encode())
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_second_generate_on_the_same_output_is_refused_naming_the_first(tmp_path, capsys):
+    """Two `snug generate` on one --output would both go on with the same OUT.partial and
+    append into each other: the first holds OUT.partial.lock (an OS lock), the second is
+    refused in one line naming its process, before the model loads, and changes nothing."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "one"}, {"prompt": "two"}])
+    out = tmp_path / "out.jsonl"
+    lock = tmp_path / "out.jsonl.partial.lock"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD_OUTPUT, str(lock)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert first.stdout.readline().strip() == "held"
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        capsys.readouterr()
+        argv = ["generate", "--model", str(BASE), "--input", str(source), "--output", str(out)]
+        assert main(argv) == 2
+        said = capsys.readouterr()
+        (line,) = said.err.strip().splitlines()
+        assert re.fullmatch(
+            rf"error: --output {re.escape(str(out))} is being written by another snug generate "
+            rf"\(pid {first.pid} on {re.escape(socket.gethostname())}: snug generate first, "
+            r"since [\d:T-]+\); wait for it to end, or name another output\.",
+            line,
+        ), line
+        assert "loading" not in said.out
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    finally:
+        first.kill()
+        first.wait()
+    from snug import lockfile
+
+    lockfile.release(lock, lockfile.take(lock))  # free once its holder is gone
+
+
+def test_a_partial_output_removed_while_it_runs_is_one_line(tmp_path, capsys, monkeypatch):
+    """OUT.partial removed by hand between two batches: one line saying so, not an
+    unexpected FileNotFoundError; the same command again starts over."""
+    from snug.deploy import partial as partial_mod
+
+    source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "one"}, {"prompt": "two"}])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--model", str(BASE), "--input", str(source), "--output", str(out)]
+    argv += ["--batch-size", "1", "--max-new-tokens", "2"]
+    real = partial_mod.Partial.append
+
+    def append(self, text, total):
+        if self.done == 1:
+            self.path.unlink()
+        return real(self, text, total)
+
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(partial_mod.Partial, "append", append)
+        assert main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"error: --output {out}: {out}.partial was removed while this ran, and its 1 of 2 "
+        "answers with it; run the same command again to start over."
+    )
+    assert main(argv) == 0
+    assert len(read_rows(out)) == 2
+
+
+def test_a_named_pipe_or_an_overlong_line_as_input_is_one_line(tmp_path, capsys, monkeypatch):
+    """`generate --input` and `eval --data` given a named pipe (FIFO): one line saying what it
+    is, before the model loads and without opening it (which would wait for a writer); a
+    JSON Lines line over the limit (data/locate.py MAX_LINE_BYTES, made small here) is named
+    by its line before any of it is parsed, as for training data."""
+    import os
+
+    from test_bombs import deadline
+
+    from snug.data import locate
+
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    out = tmp_path / "out.jsonl"
+    for argv in (
+        ["generate", "--model", str(BASE), "--input", str(pipe), "--output", str(out)],
+        ["eval", "--model", str(BASE), "--data", str(pipe)],
+    ):
+        capsys.readouterr()
+        with deadline(60):
+            assert main(argv) == 2
+        said = capsys.readouterr()
+        (line,) = said.err.strip().splitlines()
+        flag = argv[3]
+        assert line.startswith(
+            f"error: {flag} {pipe} is a named pipe (FIFO), not a regular file: snug reads"
+        ), line
+        assert "loading" not in said.out
+    monkeypatch.setattr(locate, "MAX_LINE_BYTES", 64)
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": "one"}\n{"prompt": "' + "x" * 100 + '"}\n')
+    capsys.readouterr()
+    assert main(["generate", "--model", str(BASE), "--input", str(long), "--output", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"error: {long} line 2: longer than 64 bytes, more than one record may hold; is it one "
+        "JSON record per line?"
+    )
+    assert not out.exists()
+
+
+def test_the_batch_size_help_says_a_batch_is_consecutive_rows(capsys):
+    """Batches are consecutive rows (each written as it comes, for an exact resume), no longer
+    rows grouped by length: `snug generate --help` says so where --batch-size is."""
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--help"])
+    assert done.value.code == 0
+    said = " ".join(capsys.readouterr().out.split())
+    batch = said.rsplit("--batch-size BATCH_SIZE", 1)[1].split("--max-new-tokens", 1)[0]
+    assert "consecutive rows, in the input's order (not grouped by length)" in batch

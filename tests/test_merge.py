@@ -15,7 +15,7 @@ from snug.deploy import merge as merge_mod
 from snug.deploy.merge import MergeError, find_source, merge
 from snug.methods import apply_method
 from snug.models.load import load_model
-from snug.train.loop import _save_final
+from snug.train.finish import save_final
 
 from conftest import make_tiny_model, method_keys
 
@@ -45,7 +45,7 @@ def make_run(tmp_path, base, method: str, quant: str = "none"):
     run = tmp_path / f"run-{method}-{quant}"
     run.mkdir()
     save_config(cfg, run / "config.yaml")
-    _save_final(model, AutoTokenizer.from_pretrained(base), cfg, run)
+    save_final(model, AutoTokenizer.from_pretrained(base), cfg, run)
     return run, cfg
 
 

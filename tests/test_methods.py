@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from snug.config import Config, MethodConfig
 from snug.data.collate import collate
 from snug.methods import apply_method, count_params, get_method
-from snug.train.loop import _save_final
+from snug.train.finish import save_final
 from snug.train.step import train_step
 
 from conftest import cpu_opts, method_keys
@@ -99,7 +99,7 @@ def test_saved_adapter_loads_with_peft_and_gives_same_logits(name, tiny_llama, t
     train_toy(model, tokenizer, steps=5)
     cfg = Config()
     cfg.method.name = name
-    _save_final(model, tokenizer, cfg, tmp_path)
+    save_final(model, tokenizer, cfg, tmp_path)
     assert (tmp_path / "adapter/adapter_config.json").exists()
     assert (tmp_path / "adapter/adapter_model.safetensors").exists()
     loaded = PeftModel.from_pretrained(
@@ -162,7 +162,7 @@ def test_every_method_learns_keeps_frozen_weights_and_round_trips(name, tokenize
         not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable
     )
 
-    _save_final(model, tokenizer, cfg, tmp_path)
+    save_final(model, tokenizer, cfg, tmp_path)
     method = get_method(name)
     if method.output == "adapter":
         loaded = method.load(AutoModelForCausalLM.from_pretrained(TINY_BASE), tmp_path / "adapter")

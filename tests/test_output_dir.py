@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_bombs import deadline
 
 from snug.cli import main
 from snug.train import run as loop_run
@@ -91,8 +92,9 @@ def one_line(err: str) -> str:
 # -- 1: the earlier run's outputs survive until the new run's are in place ------------------------
 @pytest.fixture
 def break_step(monkeypatch):
-    """break_step(at, how): the at-th call of the step from now raises (how='fail') or sends
-    this process SIGTERM (how='stop': the run saves after that step and stops, as on a kill)."""
+    """break_step(at, how): the at-th call of the step from now raises (how='fail'), sends
+    this process SIGTERM (how='stop': the run saves after that step and stops, as on a kill)
+    or is interrupted as by a second Ctrl-C (how='interrupt': the run stops, saving nothing)."""
     real = loop_run.train_step
 
     def arm(at: int, how: str) -> None:
@@ -104,6 +106,8 @@ def break_step(monkeypatch):
                 raise RuntimeError("the step broke")
             if len(calls) == at and how == "stop":
                 os.kill(os.getpid(), signal.SIGTERM)
+            if len(calls) == at and how == "interrupt":  # a second Ctrl-C: no checkpoint
+                raise KeyboardInterrupt
             return real(*args, **kwargs)
 
         monkeypatch.setattr(loop_run, "train_step", step)
@@ -145,6 +149,40 @@ def test_the_earlier_run_waits_in_previous_until_a_new_run_completes(
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     assert not (out / "previous").exists()
     assert temporaries(out) == []
+
+
+def test_a_finished_run_waiting_in_previous_is_not_replaced_by_another_config(
+    tmp_path, tiny_llama, toy_sft, break_step, capsys
+):
+    """A completed (no checkpoint); B, its continuation, takes the folder over (A's outputs go
+    to previous/) and is interrupted after its first step (Ctrl-C: summary `interrupted`; or
+    killed: no summary at all); C, of another config, is refused naming the finished run in
+    previous/ (it used to train, and A was deleted once C completed). The same config as A
+    trains, completes and replaces it, as on a finished run in place."""
+    out = tmp_path / "run"
+    cfg = config(out, tiny_llama, toy_sft, tmp_path, output={"save_every": None})
+    assert run_snug(["train", cfg], capsys)[0] == 0
+    earlier = snapshot(out)
+    break_step(2, "interrupt")
+    assert run_snug(["train", cfg, "train.max_steps=3"], capsys)[0] == 130
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert snapshot(out / "previous") == earlier
+    break_step(0, "none")
+    for killed in (False, True):
+        if killed:  # a kill -9 writes no summary
+            (out / "summary.json").unlink()
+        before = snapshot(out, (*RUN_OUTPUTS, "previous"))
+        code, said, err = run_snug(["train", cfg, "train.seed=7"], capsys)
+        assert code == 2 and said == "", (said, err)
+        assert one_line(err) == (
+            f"error: {out} holds a finished sft run of {tiny_llama} (in {out}/previous, until a "
+            "run here completes) that differs from this one (train.seed: 42 -> 7); use another "
+            "output.dir, or --fresh to replace it."
+        )
+        assert snapshot(out, (*RUN_OUTPUTS, "previous")) == before
+    code, said, err = run_snug(["train", cfg], capsys)
+    assert code == 0, err
+    assert not (out / "previous").exists()
 
 
 def _fake_finished_run(out: Path, tag: str) -> None:
@@ -232,6 +270,71 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path,
     assert not (out / LOCK_FILE).exists()
 
 
+def test_the_launcher_of_several_ranks_holds_the_lock_for_them(tmp_path, monkeypatch, capsys):
+    """`snug train` with dist.nproc=2 takes output.dir's lock before it starts torchrun and
+    holds it until torchrun has ended (it used to check only that the lock was free, so a
+    second run could take the folder before rank 0 did); torchrun gets the locked descriptor
+    (the lock outlives a killed launcher), and rank 0 only checks that its launcher holds it."""
+    import threading
+
+    from snug.train import dist
+    from snug.train.lock import LOCK_FILE, OutputDirError, lock_output_dir
+
+    out = tmp_path / "run"
+    cfg = config(out, ROOT / "models/tiny", ROOT / "data/instruct/train.jsonl", tmp_path)
+    seen = {}
+
+    class Torchrun:  # what the launcher starts, as the ranks would find the folder
+        pid = os.getpid()
+
+        def __init__(self, cmd, env, pass_fds=(), **kwargs):
+            seen["env"], seen["fds"] = env, pass_fds
+
+        def wait(self):
+            lock = out / LOCK_FILE
+            assert lock.is_file()  # (before: only checked, not taken)
+            from snug import lockfile
+            from snug.train.lock import HANDED_ON
+
+            with pytest.raises(lockfile.Busy) as busy:  # a second run: refused
+                lockfile.take(lock)
+            seen["holder"] = busy.value.holder
+            (fd,) = seen["fds"]  # torchrun inherits the locked file itself
+            seen["same"] = os.fstat(fd).st_ino == lock.stat().st_ino
+            rank0 = []
+
+            def rank(launcher: str) -> None:  # another thread: it holds no lock of its own
+                os.environ[HANDED_ON] = launcher
+                try:
+                    with lock_output_dir(out):
+                        rank0.append("checked")
+                except OutputDirError as e:
+                    rank0.append(str(e))
+                finally:
+                    del os.environ[HANDED_ON]
+
+            for launcher in (seen["env"][HANDED_ON], "1"):
+                worker = threading.Thread(target=rank, args=(launcher,))
+                worker.start()
+                worker.join()
+            seen["rank0"] = rank0
+            return 0
+
+    monkeypatch.setattr(dist.subprocess, "Popen", Torchrun)
+    code, said, err = run_snug(["train", cfg, "dist.strategy=ddp", "dist.nproc=2"], capsys)
+    assert code == 0, err
+    from snug.train.lock import HANDED_ON
+
+    assert seen["env"][HANDED_ON] == str(os.getpid()) and seen["same"]
+    assert seen["holder"].startswith(f"pid {os.getpid()} on {socket.gethostname()}: snug train")
+    assert seen["rank0"][0] == "checked"
+    assert seen["rank0"][1] == (
+        f"output.dir={out}: the snug train that started this process (pid 1, {HANDED_ON}) "
+        f"should hold its lock, but pid {os.getpid()} holds it; start the run with snug train."
+    )
+    assert not out.exists()  # made for the lock, and nothing else put in it
+
+
 def test_a_run_that_fails_before_taking_over_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
     """output.dir (and a folder above it) made for the lock go again when the run stops before
     it took the folder over (here: a data file that is not JSON, found while tokenizing)."""
@@ -253,6 +356,44 @@ def test_a_run_that_fails_before_taking_over_leaves_no_folder_behind(tmp_path, m
     assert code == 2 and "bad.jsonl line 2: not valid JSON" in one_line(err)
     assert locked == [True]
     assert not (tmp_path / "new").exists()
+
+
+def test_a_link_to_a_missing_folder_as_output_dir_is_one_line_at_once(tmp_path, capsys):
+    """output.dir a link to a folder that does not exist, or below such a link: one line naming
+    the link and its target, nothing made at its other end (it used to loop for ever at full
+    CPU: mkdir met the link, the lock file's open met no folder, and round again)."""
+    cfg = config(
+        tmp_path / "dang", ROOT / "models/tiny", ROOT / "data/instruct/train.jsonl", tmp_path
+    )
+    (tmp_path / "dang").symlink_to(tmp_path / "x/nowhere/deeper")
+    for out, where in ((tmp_path / "dang", "is"), (tmp_path / "dang/run", f": {tmp_path}/dang is")):
+        with deadline(20):
+            code, said, err = run_snug(["train", cfg, f"output.dir={out}"], capsys)
+        assert code == 2 and said == "", (said, err)
+        assert one_line(err) == (
+            f"error: output.dir={out}{' ' if where == 'is' else ''}{where} a link to a missing "
+            f"folder {tmp_path}/x/nowhere/deeper; make that folder, or choose another output.dir."
+        )
+    assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "dang"]
+
+
+def test_every_retry_of_the_lock_is_bounded(tmp_path, monkeypatch):
+    """The lock is retried when its folder went (another run's failed start removed it) or its
+    file was replaced (its holder let go): a bounded number of times, then one line."""
+    from snug.train import lock
+
+    monkeypatch.setattr(lock, "_make", lambda out: [])  # the folder never comes back
+    with deadline(20), pytest.raises(lock.OutputDirError, match="cannot take its lock"):
+        with lock.lock_output_dir(tmp_path / "gone"):
+            pass
+    monkeypatch.undo()
+    from snug import lockfile
+
+    monkeypatch.setattr(lockfile, "_same_file", lambda fd, path: False, raising=False)
+    with deadline(20), pytest.raises(lock.OutputDirError, match="cannot take its lock"):
+        with lock.lock_output_dir(tmp_path / "replaced"):
+            pass
 
 
 # -- 4: a full disk ---------------------------------------------------------------------------
@@ -323,10 +464,10 @@ def test_a_write_that_runs_out_of_space_removes_its_temporaries(
         monkeypatch.setattr(ckpt, "save_file", _safetensors_disk_full)
         folder = rf"{re.escape(str(out))}/checkpoints needs [\d,]+ bytes for step-1"
     else:  # and summary.json cannot be written either: the adapter's error is the one said
-        import snug.train.loop as loop
+        import snug.train.finish as finish
 
         monkeypatch.setattr(peft.peft_model, "safe_save_file", _safetensors_disk_full)
-        monkeypatch.setattr(loop, "write_text_atomic", _os_disk_full)
+        monkeypatch.setattr(finish, "write_text_atomic", _os_disk_full)
         folder = rf"{re.escape(str(out))} needs [\d,]+ bytes for adapter/"
     code, said, err = run_snug(["train", cfg, "--fresh"], capsys)
     assert code == 1
@@ -336,6 +477,27 @@ def test_a_write_that_runs_out_of_space_removes_its_temporaries(
         assert f"could not write {out}/summary.json (No space left on device)" in said, said
     assert snapshot(out / "previous") == earlier
     assert temporaries(out) == []
+
+
+def test_any_other_write_that_runs_out_of_space_is_one_line_naming_the_file(monkeypatch, capsys):
+    """A full disk in a write no check of snug's own covers: one line, the file and why (an
+    OSError names its file; safetensors' error does not)."""
+    import snug.cli as cli
+
+    for error, said in (
+        (OSError(errno.ENOSPC, "No space left on device", "/d/notes"), "/d/notes (No space left"),
+        (RuntimeError("Error: IoError(No space left on device (os error 28))"), "a file (Error:"),
+    ):
+
+        def full(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli, "cmd_train", full)
+        code, _, err = run_snug(["train", "cfg.yaml"], capsys)
+        assert code == 1
+        line = one_line(err)
+        assert line.startswith(f"error: out of space: could not write {said}"), line
+        assert line.endswith("; free some space on that disk and run again."), line
 
 
 @contextlib.contextmanager

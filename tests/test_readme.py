@@ -58,11 +58,11 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def check_quickstart_result(text: str) -> list[str]:
-    """The result line shown under `make quickstart` is what the loop prints (`_eval_line`) for
+    """The result line shown under `make quickstart` is what the loop prints (`eval_line`) for
     the values of the Measured table of docs/measurements.md's quickstart section, and every
     other place (the README, docs/) that quotes the quickstart's held-out result agrees with
     that table."""
-    from snug.train.loop import _eval_line
+    from snug.train.finish import eval_line
 
     recorded = MEASUREMENTS.read_text().split("\n## The quickstart\n", 1)[-1]
     section = recorded.split("### Measured", 1)[-1].split("\n#", 1)[0]
@@ -73,7 +73,7 @@ def check_quickstart_result(text: str) -> list[str]:
     loss = next(v for k, v in row.items() if k.startswith("held-out loss"))
     before_pct, after_pct = (float(re.match(r"([\d.]+)%", v)[1]) for v in (base, after))
     loss_before, loss_after = (float(x) for x in re.findall(r"[\d.]+", loss))
-    expected = _eval_line(
+    expected = eval_line(
         {
             "metric": "exact_match",
             "before": before_pct / 100,

@@ -62,6 +62,18 @@ def check_utf8(path: Path, chunk: int = 16 << 20, max_line: int | None = None) -
                 run, run_line = len(data) - data.rfind(NEWLINE) - 1, line
 
 
+def holds_array(path: Path) -> bool:
+    """Whether a JSON file holds one array (else: JSON Lines)."""
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
+def check_json_file(path: Path) -> None:
+    """DataError naming the line of a JSON or JSON Lines file that snug would choke on, before
+    any of it is parsed: bytes that are not UTF-8, or (JSON Lines) a line over MAX_LINE_BYTES."""
+    check_utf8(path, max_line=None if holds_array(path) else MAX_LINE_BYTES)
+
+
 def _array_lines(text: str) -> list[int]:
     """The line each item of a valid JSON array starts on."""
     decoder, lines, line, at = json.JSONDecoder(), [], 1, 0

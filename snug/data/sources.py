@@ -14,7 +14,7 @@ import datasets
 from datasets import Dataset, Json
 
 from snug.data.formats import DataError
-from snug.data.locate import MAX_LINE_BYTES, Locator, check_utf8, read_json
+from snug.data.locate import Locator, check_json_file, check_utf8, holds_array, read_json
 from snug.data.tokenize import RAW_JSON
 from snug.errors import first_line
 from snug.paths import NOT_A_FILE_BECAUSE, special_data_file
@@ -95,14 +95,14 @@ def _load_json(files: list[Path], spec: str, on_error: str) -> RawSource:
     # The loader logs its failure (an ERROR naming no line) before raising: the message below
     # says more, so that log is muted while it reads.
     for path in files:
-        check_utf8(path, max_line=None if _holds_array(path) else MAX_LINE_BYTES)
+        check_json_file(path)
     quiet = logging.getLogger("datasets.packaged_modules.json.json")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
         # A JSON array is read here always: `datasets` takes an array of strings for a "text"
         # column, where each item should be a record.
-        if not any(_holds_array(p) for p in files):
+        if not any(holds_array(p) for p in files):
             ds = _load("json", data_files=[str(p) for p in files], where=spec)
             if not _mixed(ds.features):
                 return RawSource(ds, Locator(spec, files, len(ds)))
@@ -126,11 +126,6 @@ def _load_json(files: list[Path], spec: str, on_error: str) -> RawSource:
     # of others; the tokenizers read it back (data/tokenize.py: records_of).
     ds = Dataset.from_dict({RAW_JSON: [json.dumps(r) for r in records]})
     return RawSource(ds, Locator(spec, files, len(ds), known), unreadable)
-
-
-def _holds_array(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4096).lstrip().startswith(b"[")
 
 
 def _mixed(feature) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snug.deploy.args import add_session_arguments, at_least_1, open_from_args
-from snug.deploy.generate import refuse_existing, write_atomically
+from snug.deploy.generate import refuse_existing, refuse_special, write_atomically
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -216,6 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else None
     if out is not None:
         refuse_existing(out, "--output")
+    refuse_special("--data", Path(args.data))  # before the model loads: a pipe would wait
     metrics = parse_metrics(args.metrics) if args.metrics else None
     if args.compare and args.use:
         raise SessionError("--compare scores the base and every adapter; leave out --use.")

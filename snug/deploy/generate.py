@@ -70,10 +70,12 @@ def read_prompts(path: Path, system: str | None = None) -> list[Prompt]:
     stops it, named. `system` goes first in conversations that bring no system message of their
     own."""
     from snug.data.formats import DataError
-    from snug.data.locate import read_json
+    from snug.data.locate import check_json_file, read_json
 
+    refuse_special("--input", path)
     if not path.is_file():
         raise DataError(f"--input {path}: no such file.")
+    check_json_file(path)  # before it is read whole: a line over the limit is named
     lines, records, bad = read_json(path)
     if bad:
         line, why = bad[0]
@@ -87,6 +89,18 @@ def read_prompts(path: Path, system: str | None = None) -> list[Prompt]:
             messages.insert(0, {"role": "system", "content": system})
         rows.append(Prompt(line, record, messages))
     return rows
+
+
+def refuse_special(flag: str, path: Path) -> None:
+    """A named pipe, socket or device given as data (or, for a folder, inside it), refused
+    before anything opens it: opening a pipe waits for a writer."""
+    from snug.data.formats import DataError
+    from snug.paths import NOT_A_FILE_BECAUSE, special_data_file
+
+    if special := special_data_file(path):
+        found, what = special
+        where = "is" if found == path else f"holds {found},"
+        raise DataError(f"{flag} {path} {where} {what}, {NOT_A_FILE_BECAUSE}.")
 
 
 def refuse_too_long(
@@ -244,7 +258,12 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         "hold the work until it is whole)",
     )
     parser.add_argument(
-        "--batch-size", type=at_least_1, default=8, help="prompts per generate call (default 8)"
+        "--batch-size",
+        type=at_least_1,
+        default=8,
+        help="prompts per generate call (default 8): consecutive rows, in the input's order "
+        "(not grouped by length), so that each batch is written as it comes and a stopped "
+        "command goes on exactly where it stopped; rows of very different lengths pad more",
     )
     parser.add_argument(
         "--max-new-tokens", type=at_least_1, default=128, help="longest answer (default 128)"
@@ -291,13 +310,20 @@ def job_of(args: argparse.Namespace, session: Session, rows: list[Prompt], promp
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from snug.deploy.partial import writing
+
+    out = Path(args.output)
+    refuse_existing(out, "--output")
+    with writing(out, "--output"):  # one command writes OUT at a time
+        return _generate(args, out)
+
+
+def _generate(args: argparse.Namespace, out: Path) -> int:
     from rich.console import Console
 
     from snug.deploy.partial import check_before_loading, open_partial
     from snug.progress import Phase
 
-    out = Path(args.output)
-    refuse_existing(out, "--output")
     check_before_loading(out, "--output")
     source = Path(args.input)
     rows = read_prompts(source, args.system)  # bad input stops before the model loads

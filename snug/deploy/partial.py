@@ -9,19 +9,25 @@ without its record, is refused and left as it is. When every row is answered, OU
 becomes OUT: a file under the name asked for is always whole.
 
 A full disk stops the command with one line naming the file and how many answers it keeps.
+While a command writes OUT, it holds OUT.partial.lock (an OS lock, snug/lockfile.py): a second
+`snug generate` on the same output would go on with the same partial file and append into it,
+so it is refused, naming the first.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snug import lockfile
 from snug.errors import RunError, UserError
+from snug.files import OutOfSpace, disk_full
 
 KIND = "snug generate job"  # the job record's "kind": what marks a file as one of snug's
 # the job record's settings and the options that set them, to name a difference
@@ -41,13 +47,41 @@ class PartialRefused(UserError):
     it is, said in one sentence."""
 
 
-class OutOfSpace(RunError):
-    """The answers could not be written (a full disk, a quota): one line, what was written
-    stays."""
+class NotWritten(RunError):
+    """The answers could not be written (but for a full disk: files.OutOfSpace): one line,
+    what was written stays."""
 
 
 def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial.lock")
+
+
+@contextlib.contextmanager
+def writing(out: Path, flag: str) -> Iterator[None]:
+    """Hold OUT.partial.lock for the `with` block; PartialRefused, naming the holder, when
+    another process holds it."""
+    path = lock_path(out)
+    try:
+        fd = lockfile.take(path)
+    except lockfile.Busy as e:
+        raise PartialRefused(
+            f"{flag} {out} is being written by another snug generate ({e.holder}); wait for it "
+            "to end, or name another output."
+        ) from None
+    except (lockfile.Unsteady, OSError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise PartialRefused(
+            f"{flag} {out}: cannot lock {path} ({why}); name another output."
+        ) from None
+    try:
+        lockfile.name_holder(fd)
+        yield
+    finally:
+        lockfile.release(path, fd)
 
 
 def job_path(out: Path) -> Path:
@@ -121,7 +155,16 @@ class Partial:
         """Append a batch's lines and sync them to disk; a failed write is cut off again (the
         file keeps whole batches) and stops the command with one line."""
         data = text.encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            raise NotWritten(
+                f"{self.flag} {self.out}: {self.path} was removed while this ran, and its "
+                f"{self.done} of {total} answers with it; run the same command again to start "
+                "over."
+            ) from None
+        except OSError as e:
+            raise self._stopped(e, total) from None
         try:
             start = os.fstat(fd).st_size
             try:
@@ -136,12 +179,13 @@ class Partial:
             os.close(fd)
         self.done += text.count("\n")
 
-    def _stopped(self, e: OSError, total: int) -> OutOfSpace:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            what, fix = "the disk is full", "make room"
-        else:
-            what, fix = f"cannot write there ({e.strerror or e})", "fix that"
-        return OutOfSpace(
+    def _stopped(self, e: OSError, total: int) -> RunError:
+        if disk_full(e):
+            return OutOfSpace(self._keeps("the disk is full", "make room", total))
+        return NotWritten(self._keeps(f"cannot write there ({e.strerror or e})", "fix that", total))
+
+    def _keeps(self, what: str, fix: str, total: int) -> str:
+        return (
             f"{self.flag} {self.out}: {what}; {self.path} keeps {self.done} of {total} answers: "
             f"{fix} and run the same command again to go on from there."
         )

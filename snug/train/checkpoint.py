@@ -33,7 +33,7 @@ from torch import nn
 from snug.errors import RunError, UserError, first_line
 from snug.files import disk_full, free_bytes, fsync, out_of_space
 from snug.train.outputs import COMPLETE, complete_checkpoints, prune
-from snug.train.statefile import load_state, save_state
+from snug.train.statefile import load_state, save_state, tensor_bytes
 
 SHARDS = "shards"  # torch.distributed.checkpoint's safetensors files, one per rank
 
@@ -95,14 +95,9 @@ def save_checkpoint(
     sharded = ctx is not None and ctx.active
     main = not sharded or ctx.main
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     weights = None if sharded else trainable_state(model)
-    needed = 0
-    if weights is not None:  # what it holds: weights and the optimizer's tensors (one process)
-        needed = _tensor_bytes(weights) + _tensor_bytes(optimizer.state_dict()["state"])
-        if free_bytes(root) < needed:
-            raise CheckpointError(f"{out_of_space(root, needed, final.name)}; {_kept(root)}.")
+    needed = 0 if weights is None else _room_for(root, final, weights, optimizer)
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -114,45 +109,64 @@ def save_checkpoint(
             save_file(weights, tmp / "trainable.safetensors")
             optim_skeleton = optimizer.state_dict()
         dist.barrier()
-        if not main:
-            dist.barrier()  # rank 0 commits
-            return final
-        state = {
-            "optimizer": optim_skeleton,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(),
-            "train_state": train_state,
-        }
-        save_state(state, tmp / "state")
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                fsync(f)
-        (tmp / COMPLETE).write_text(str(step))  # last: its presence means the rest is on disk
-        fsync(tmp / COMPLETE)
-        fsync(tmp)
+        if main:
+            state = {
+                "optimizer": optim_skeleton,
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(),
+                "train_state": train_state,
+            }
+            _write_state(tmp, step, state)
     except Exception as e:  # safetensors' own error on a full disk is no OSError
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (isinstance(e, OSError) or disk_full(e)):
+            raise
         if disk_full(e) and needed:
             why = out_of_space(root, needed, final.name, e)
-        elif isinstance(e, OSError) or disk_full(e):
-            why = f"could not write checkpoint {final} ({' '.join(str(e).split())})"
         else:
-            raise
+            why = f"could not write checkpoint {final} ({' '.join(str(e).split())})"
         raise CheckpointError(f"{why}; {_kept(root)}.") from None
-    # The rename is the commit point: before it the old checkpoint (if any) is whole, after it
-    # the new one is. A checkpoint of the same step is moved aside first (recover() moves it
-    # back should a kill fall between the two renames), then deleted.
-    old = root / f".old-step-{step}"
+    if not main:
+        dist.barrier()  # rank 0 commits
+        return final
+    _commit(root, tmp, final, keep_last)
+    if sharded:
+        dist.barrier()
+    return final
+
+
+def _room_for(root: Path, final: Path, weights: dict, optimizer) -> int:
+    """The bytes a one-process checkpoint holds (its weights and the optimizer's tensors);
+    CheckpointError before anything is written when its disk has less free."""
+    needed = tensor_bytes(weights) + tensor_bytes(optimizer.state_dict()["state"])
+    if free_bytes(root) < needed:
+        raise CheckpointError(f"{out_of_space(root, needed, final.name)}; {_kept(root)}.")
+    return needed
+
+
+def _write_state(tmp: Path, step: int, state: dict) -> None:
+    """Rank 0: the state beside the weights, every file flushed to disk, then the marker."""
+    save_state(state, tmp / "state")
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            fsync(f)
+    (tmp / COMPLETE).write_text(str(step))  # last: its presence means the rest is on disk
+    fsync(tmp / COMPLETE)
+    fsync(tmp)
+
+
+def _commit(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """The rename is the commit point: before it the old checkpoint (if any) is whole, after
+    it the new one is. A checkpoint of the same step is moved aside first (recover() moves it
+    back should a kill fall between the two renames), then deleted; then old ones pruned."""
+    old = root / f".old-{final.name}"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     fsync(root)
     shutil.rmtree(old, ignore_errors=True)
     prune(root, keep_last)
-    if sharded:
-        dist.barrier()
-    return final
 
 
 def _kept(root: Path) -> str:
@@ -162,17 +176,6 @@ def _kept(root: Path) -> str:
         if previous
         else "there is no checkpoint before it"
     )
-
-
-def _tensor_bytes(value) -> int:
-    """The bytes of every tensor in a nest of dicts and lists."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
 
 
 def _split_tensors(value, path: str, flat: dict):

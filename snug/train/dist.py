@@ -26,6 +26,7 @@ from torch import nn
 from snug.config import Config, ConfigError, registered_methods
 from snug.errors import AlreadySaid, exit_code
 from snug.train.collectives import all_sum  # noqa: F401  (callers: dist.all_sum)
+from snug.train.lock import handed_on
 from snug.train.resume import EXIT_STOPPED
 from snug.train.wrapped import causal_lm, unwrap  # noqa: F401  (callers: dist.unwrap)
 
@@ -79,9 +80,14 @@ def launch(cfg: Config, argv: list[str], flags: dict, debug: bool = False) -> in
     if flags.get("nnodes") in (None, 1):
         cmd.append("--standalone")  # one node: a private rendezvous on a free port
     cmd += ["-m", "snug.cli", *argv]
-    env = {**os.environ}
+    # torchrun keeps output.dir's lock (held by this process on the node of rank 0) as long as
+    # it runs, and tells rank 0 who holds it
+    handed_env, handed_fds = handed_on(Path(cfg.output.dir))
+    env = {**os.environ, **handed_env}
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_stop_with_parent)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, preexec_fn=_stop_with_parent, pass_fds=handed_fds
+    )
     received: list[int] = []
 
     def forward(signum, frame) -> None:

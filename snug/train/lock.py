@@ -1,34 +1,37 @@
-"""One run per output.dir: an OS file lock on `output.dir/.snug-lock`, held from before anything
-is loaded until the run has ended.
+"""One run per output.dir: an OS file lock on `output.dir/.snug-lock` (snug/lockfile.py), held
+from before anything is loaded until the run has ended.
 
-`fcntl.flock` (BSD locks): the kernel drops the lock when the process ends, however it ends, so
-a crash or `kill -9` never leaves a stale lock behind; the file's content (pid, host, command,
-start) is only there to name the holder to whoever is refused. Written here because the
-standard library has the lock but not its life cycle (a folder made for the lock, a lock file
-removed by its holder while another process waits to open it); the `filelock` package would
-bring the same few lines as a dependency. A run of several processes locks once: rank 0 holds
-it (`snug train`'s torchrun launcher only checks that it is free). Linux and macOS; a network
-file system may not honour flock.
+The kernel drops the lock when the process ends, however it ends, so a crash or `kill -9` never
+leaves a stale lock behind; the file's content (pid, host, command, start) names the holder to
+whoever is refused. Here: the lock's life cycle in a run folder (the folders made for it,
+taking it again in the same run, handing it on to torchrun's ranks).
+
+A run of several processes on one node locks once, in `snug train`'s torchrun launcher, before
+any rank starts: torchrun inherits the locked descriptor, so the lock lasts as long as torchrun
+(which outlives its ranks), even should the launcher be killed; rank 0 takes no lock of its own
+but checks that the launcher named in HANDED_ON holds it. Under a torchrun started by hand,
+rank 0 takes the lock itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
-import fcntl
-import json
 import os
-import socket
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from snug import lockfile
 from snug.errors import UserError
 
 LOCK_FILE = ".snug-lock"
-_held: set[tuple[str, int]] = set()  # (folder, thread) this process holds: taking it again nests
+# set by `snug train`'s torchrun launcher for its ranks: the pid of the process that holds
+# output.dir's lock for them
+HANDED_ON = "SNUG_OUTPUT_DIR_LOCKED_BY"
+# (folder, thread) this process holds -> the locked descriptor (None: a launcher holds it for
+# this rank); taking it again nests
+_held: dict[tuple[str, int], int | None] = {}
 
 
 class OutputDirError(UserError):
@@ -50,23 +53,42 @@ def link_refused(out: Path, link: Path) -> OutputDirError:
     )
 
 
+def _in_use(out: Path, holder: str) -> OutputDirError:
+    return OutputDirError(
+        f"output.dir={out} is in use by another snug run ({holder}); wait for it to end, or "
+        "choose another output.dir."
+    )
+
+
 def _refused(out: Path, path: Path, e: OSError) -> OutputDirError:
     if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link
         return link_refused(out, path)
     return _unwritable(out, out, e)
 
 
+def _dangling(out: Path, folder: Path) -> OutputDirError:
+    where = f"output.dir={out} is" if folder == out else f"output.dir={out}: {folder} is"
+    return OutputDirError(
+        f"{where} a link to a missing folder {os.readlink(folder)}; make that folder, or "
+        "choose another output.dir."
+    )
+
+
 def _make(out: Path) -> list[Path]:
     """Make output.dir and any folder above it that is missing; the folders made, deepest
-    first (removed again if the run never takes the folder over)."""
+    first (removed again if the run never takes the folder over). A link to a missing folder
+    is refused: snug makes no folder at the other end of a link."""
     missing = [p for p in [out, *out.parents] if not p.exists()]
     for folder in reversed(missing):
+        if folder.is_symlink():
+            _remove_empty([m for m in missing if m in folder.parents])  # made before it
+            raise _dangling(out, folder)
         try:
             folder.mkdir()
         except FileExistsError:
             continue  # made by another process meanwhile
         except OSError as e:
-            _remove_empty([m for m in missing if m in folder.parents])  # made before it
+            _remove_empty([m for m in missing if m in folder.parents])
             raise _unwritable(out, folder.parent, e) from None
     return missing
 
@@ -79,43 +101,33 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text())
-        return f"pid {info['pid']} on {info['host']}: {info['command']}, since {info['since']}"
-    except (OSError, ValueError, KeyError, TypeError):  # it has not written its name yet
-        return "its name not written yet"
-
-
 def _open_locked(out: Path, path: Path) -> int:
-    """A descriptor of `path` that holds its lock, or OutputDirError naming the holder.
+    """A descriptor of `path` that holds its lock, or OutputDirError naming the holder. The
+    folder may go meanwhile (another process's failed start removes the folder it made): it
+    is made again, a bounded number of times."""
+    try:
+        return lockfile.take(path, missing=lambda: _make(out))
+    except lockfile.Busy as e:
+        raise _in_use(out, e.holder) from None
+    except lockfile.Unsteady as e:
+        raise OutputDirError(
+            f"output.dir={out}: cannot take its lock ({e}: other processes keep removing it); "
+            "run again once they are done."
+        ) from None
+    except OSError as e:
+        raise _refused(out, path, e) from None
 
-    The holder removes the file before it lets go of the lock, so the file this process locked
-    may be one already removed: then it tries again with the file now under that name."""
-    while True:
-        try:
-            # O_NOFOLLOW: a link planted under the name would have us create or lock its target
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # not inherited
-        except FileNotFoundError:  # the folder went with another process's failed start
-            _make(out)
-            continue
-        except OSError as e:
-            raise _refused(out, path, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputDirError(
-                f"output.dir={out} is in use by another snug run ({_holder(path)}); wait for it "
-                "to end, or choose another output.dir."
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)
+
+def _check_handed_on(out: Path, launcher: str) -> None:
+    """In rank 0 of a run `snug train` launched: the launcher (pid `launcher`) holds the lock,
+    which torchrun keeps for as long as it runs."""
+    holder = lockfile.holder_pid(out / LOCK_FILE)
+    if str(holder) != launcher:
+        now = f"pid {holder} holds it" if holder is not None else "it is not held"
+        raise OutputDirError(
+            f"output.dir={out}: the snug train that started this process (pid {launcher}, "
+            f"{HANDED_ON}) should hold its lock, but {now}; start the run with snug train."
+        )
 
 
 @contextlib.contextmanager
@@ -123,11 +135,20 @@ def lock_output_dir(out: Path, command: str | None = None) -> Iterator[None]:
     """Hold output.dir's lock for the `with` block (made first if missing: the folders made
     for it go again at the end if nothing else was put in them). Taking it again in the same
     thread while held nests (`snug train` takes it before the heavy imports, the training
-    loop again)."""
+    loop again). In a rank whose launcher holds it (HANDED_ON), checks that it does."""
     out = Path(out)
     key = (str(out.resolve()), threading.get_ident())
     if key in _held:
         yield
+        return
+    launcher = os.environ.get(HANDED_ON)
+    if launcher is not None:
+        _check_handed_on(out, launcher)
+        _held[key] = None
+        try:
+            yield
+        finally:
+            del _held[key]
         return
     made = _make(out)
     path = out / LOCK_FILE
@@ -136,41 +157,21 @@ def lock_output_dir(out: Path, command: str | None = None) -> Iterator[None]:
     except BaseException:
         _remove_empty(made)
         raise
-    _held.add(key)
+    _held[key] = fd
     try:
-        since = datetime.datetime.now().isoformat(timespec="seconds")
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
-        info["command"] = command or " ".join(["snug", *sys.argv[1:]])
-        with contextlib.suppress(OSError):  # only names the holder (a full disk: unnamed)
-            os.ftruncate(fd, 0)
-            os.write(fd, (json.dumps(info) + "\n").encode())
+        lockfile.name_holder(fd, command)
         yield
     finally:
-        _held.discard(key)
-        path.unlink(missing_ok=True)  # while still held: see _open_locked
-        os.close(fd)
+        del _held[key]
+        lockfile.release(path, fd)
         _remove_empty(made)
 
 
-def check_output_dir_free(out: Path) -> None:
-    """OutputDirError if another process holds output.dir's lock; takes nothing (the torchrun
-    launcher: its rank 0 takes the lock)."""
-    out = Path(out)
-    path = out / LOCK_FILE
-    if not path.exists():
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise _refused(out, path, e) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise OutputDirError(
-            f"output.dir={out} is in use by another snug run ({_holder(path)}); wait for it to "
-            "end, or choose another output.dir."
-        ) from None
-    finally:
-        os.close(fd)
+def handed_on(out: Path) -> tuple[dict[str, str], tuple[int, ...]]:
+    """(environment, descriptors) for a child process (torchrun) of this process, which holds
+    output.dir's lock: the child keeps the lock for as long as it runs, and its rank 0 knows
+    it need not take it. Nothing when this process does not hold it."""
+    fd = _held.get((str(Path(out).resolve()), threading.get_ident()))
+    if fd is None:
+        return {}, ()
+    return {HANDED_ON: str(os.getpid())}, (fd,)

@@ -118,29 +118,43 @@ def _writable(out: Path) -> None:
             )
 
 
-def _summary(out: Path) -> dict:
+def _summary(folder: Path) -> dict:
     try:
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
     return summary if isinstance(summary, dict) else {}
 
 
+def _finished_run(out: Path) -> Path | None:
+    """Where the folder's finished run is (`summary.json` status completed, with its
+    config.yaml): in place, or, while a later run that took the folder over has not completed
+    (stopped, failed, interrupted, killed), in previous/, which it keeps until a run here
+    completes."""
+    # beside a completed run in place, a previous/ is a leftover (commit deletes it)
+    folder = out if _summary(out).get("status") == "completed" else out / PREVIOUS
+    if _summary(folder).get("status") == "completed" and (folder / "config.yaml").is_file():
+        return folder
+    return None
+
+
 def _other_finished_run(cfg: Config, out: Path) -> None:
-    """A finished run with no checkpoint to resume (a checkpoint is checked against the run
-    when it is resumed, its data too) is replaced only by a run of its own config, but for
-    what a continuation may change (train/resume.py config_drift: not the guarded keys)."""
-    if _summary(out).get("status") != "completed" or not (out / "config.yaml").is_file():
+    """A finished run (in place, or in previous/ behind an unfinished later one) with no
+    checkpoint to resume is replaced only by a run of its own config, but for what a
+    continuation may change (train/resume.py config_drift: not the guarded keys). Where a
+    checkpoint exists, resuming it checks this run against it (its data too), also when it is
+    an unfinished run's: a run of another config is refused there."""
+    finished = _finished_run(out)
+    if finished is None or newest_checkpoint(out / "checkpoints") is not None:
         return
-    if newest_checkpoint(out / "checkpoints") is not None:
-        return
+    where = "" if finished == out else f" (in {finished}, until a run here completes)"
     what = "use another output.dir, or --fresh to replace it."
     try:
-        saved = load_config(out / "config.yaml", run_config=True).to_dict()
+        saved = load_config(finished / "config.yaml", run_config=True).to_dict()
     except UserError as e:
         raise OutputDirError(
-            f"{out} holds a finished run whose config.yaml cannot be read ({first_line(e)}); "
-            + what
+            f"{out} holds a finished run{where} whose config.yaml cannot be read "
+            f"({first_line(e)}); " + what
         ) from None
     now = cfg.to_dict()
     changes = config_drift(saved, now)
@@ -153,7 +167,7 @@ def _other_finished_run(cfg: Config, out: Path) -> None:
         more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
         raise OutputDirError(
             f"{out} holds a finished {saved['train']['stage']} run of "
-            f"{saved['model']['name_or_path']} that differs from this one ("
+            f"{saved['model']['name_or_path']}{where} that differs from this one ("
             + "; ".join(changes[:3])
             + f"{more}); "
             + what

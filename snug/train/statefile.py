@@ -60,6 +60,26 @@ def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     raise ValueError(f"unknown entry {sorted(value)[:3]}")
 
 
+def tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in a nest of dicts, lists and tuples, each storage counted
+    once (tied weights, a tensor held in several places: written once)."""
+    seen: dict[tuple, int] = {}
+
+    def visit(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            where = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            seen[where] = v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            for item in v.values():
+                visit(item)
+        elif isinstance(v, list | tuple):
+            for item in v:
+                visit(item)
+
+    visit(value)
+    return sum(seen.values())
+
+
 def save_state(value: Any, stem: Path) -> list[Path]:
     """`value` as STEM.json and STEM.safetensors; returns the files written."""
     tensors: dict[str, torch.Tensor] = {}
