@@ -13,6 +13,7 @@ file's choice nor the new one (snug.config's checks see them as before).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -91,3 +92,10 @@ def set_aside(
                 f"line (the file sets {'it' if one else 'them'} for {chooser}={old})."
             )
     return lines
+
+
+def say_set_aside(cfg: Any) -> None:
+    """The config file's keys set aside for a method or stage the command line chose (one line
+    each), on stderr: stdout may be JSON (`snug plan --json`)."""
+    for line in cfg.set_aside:
+        print(line, file=sys.stderr)

@@ -482,7 +482,7 @@ def test_a_write_that_runs_out_of_space_removes_its_temporaries(
 def test_any_other_write_that_runs_out_of_space_is_one_line_naming_the_file(monkeypatch, capsys):
     """A full disk in a write no check of snug's own covers: one line, the file and why (an
     OSError names its file; safetensors' error does not)."""
-    import snug.cli as cli
+    import snug.train.command as command
 
     for error, said in (
         (OSError(errno.ENOSPC, "No space left on device", "/d/notes"), "/d/notes (No space left"),
@@ -492,7 +492,7 @@ def test_any_other_write_that_runs_out_of_space_is_one_line_naming_the_file(monk
         def full(args, error=error):
             raise error
 
-        monkeypatch.setattr(cli, "cmd_train", full)
+        monkeypatch.setattr(command, "cmd_train", full)
         code, _, err = run_snug(["train", "cfg.yaml"], capsys)
         assert code == 1
         line = one_line(err)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from snug.arguments import LAUNCH_FLAGS
 from snug.config import Config, ConfigError, registered_methods
 from snug.errors import AlreadySaid, exit_code
 from snug.train.collectives import all_sum  # noqa: F401  (callers: dist.all_sum)
@@ -31,8 +32,6 @@ from snug.train.resume import EXIT_STOPPED
 from snug.train.wrapped import causal_lm, unwrap  # noqa: F401  (callers: dist.unwrap)
 
 T = TypeVar("T")
-# What `snug train` passes on to torchrun for several nodes (the usual rendezvous arguments).
-LAUNCH_FLAGS = ("nnodes", "node_rank", "master_addr", "master_port")
 
 
 @dataclass(frozen=True)

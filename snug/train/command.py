@@ -1,0 +1,108 @@
+"""`snug train`: its command-line options, the checks before torch is imported, output.dir's
+lock, and the launch of several processes through torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from snug.arguments import LAUNCH_FLAGS, config_arguments
+from snug.switch import say_set_aside
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model as a YAML config says",
+        description="Fine-tune as CONFIG says; writes adapter/ or model/, metrics.jsonl, "
+        "loss.png, config.yaml and summary.json into output.dir. Keys are listed in the README.",
+    )
+    config_arguments(train)
+    train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over instead of resuming the newest checkpoint in output.dir",
+    )
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though seed, data, method, batch or accumulation changed",
+    )
+    several = train.add_argument_group(
+        "several nodes", "passed to torchrun with dist.nproc processes on each node"
+    )
+    several.add_argument("--nnodes", type=int, help="nodes taking part (default 1)")
+    several.add_argument("--node-rank", type=int, help="this node's rank, 0 to nnodes-1")
+    several.add_argument("--master-addr", help="address of node 0")
+    several.add_argument("--master-port", type=int, help="port on node 0 (default 29500)")
+    train.set_defaults(func=cmd_train)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes a stopped run: this one, less --fresh."""
+    argv = ["snug", "train", args.config, *args.overrides]
+    argv += ["--allow-config-change"] * args.allow_config_change
+    for key in LAUNCH_FLAGS:
+        if getattr(args, key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return shlex.join(argv)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    # Config, output directory, model and data paths first, before torch is imported (seconds);
+    # then output.dir's lock (a torchrun launcher takes it for its ranks).
+    from snug.config import load_config
+    from snug.hub import offline_said_on_stderr
+    from snug.preflight import check_data_paths, check_model_dir
+    from snug.train.outputs import check_output_dir, own_output_dir
+
+    cfg = load_config(args.config, args.overrides)
+    if "LOCAL_RANK" not in os.environ:  # said once: by this command, not by each rank it starts
+        say_set_aside(cfg)
+    check_output_dir(cfg)
+    check_model_dir(cfg.model.name_or_path)
+    check_data_paths(cfg.data)
+    command = resume_command(args) + " --fresh" * args.fresh
+    if cfg.dist.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks (torchrun)
+        return _launch(args, cfg, command)
+    with own_output_dir(cfg, args.fresh, command, lock=os.environ.get("RANK", "0") == "0"):
+        if "LOCAL_RANK" not in os.environ:  # (a rank's launcher asked)
+            offline_said_on_stderr()  # after the checks of bad input: its error is one line
+        from snug.train.loop import run_training
+        from snug.train.resume import EXIT_STOPPED, TrainingStopped
+
+        try:
+            summary = run_training(
+                cfg,
+                fresh=args.fresh,
+                allow_config_change=args.allow_config_change,
+                resume_command=resume_command(args),
+            )
+        except TrainingStopped as e:
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
+                print(str(e), file=sys.stderr)
+            return EXIT_STOPPED
+    return 0 if summary["status"] == "completed" else 1
+
+
+def _launch(args: argparse.Namespace, cfg, command: str) -> int:
+    """`snug train` with dist.nproc processes: torchrun starts them. On the node of rank 0 this
+    process holds output.dir's lock from before any rank starts until torchrun has ended
+    (torchrun keeps it should this process be killed; rank 0 checks it is held: train/lock.py);
+    the launchers of other nodes check the folder and take no lock."""
+    from snug.hub import offline_said_on_stderr
+    from snug.train.outputs import own_output_dir
+
+    with own_output_dir(cfg, args.fresh, command, lock=args.node_rank in (None, 0)):
+        offline_said_on_stderr()  # the ranks inherit the answer (HF_HUB_OFFLINE)
+        from snug.train import dist
+
+        argv = ["--debug"] * args.debug + ["train", args.config, *args.overrides]
+        argv += ["--fresh"] * args.fresh + ["--allow-config-change"] * args.allow_config_change
+        for key in LAUNCH_FLAGS:  # the ranks pass them on in the command that resumes
+            if getattr(args, key) is not None:
+                argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
+        return dist.launch(cfg, argv, flags, args.debug)
