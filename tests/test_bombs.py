@@ -581,6 +581,41 @@ def test_generate_and_merge_refuse_a_tampered_adapter_before_loading_the_base(
     assert not (tmp_path / "merged").exists() and not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_a_huge_adapter_config_is_refused_in_one_line_before_it_is_read(
+    command, saved_adapters, tmp_path, capsys, monkeypatch
+):
+    """adapter_config.json goes through one reader with a size limit (saved.read_config):
+    merge's own reader, which ran first for both commands, read and parsed any size (before:
+    a 2 MB file was read whole and reported as "not valid JSON")."""
+    from snug.deploy import merge, session
+    from snug.methods.saved import MAX_CONFIG_BYTES
+
+    adapter = shutil.copytree(saved_adapters["lora"], tmp_path / "lora")
+    text = '{"peft_type": "LORA", "pad": "' + "x" * 2 * MAX_CONFIG_BYTES  # never closed
+    (adapter / "adapter_config.json").write_text(text)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(session, "load_model", never)
+    monkeypatch.setattr(merge, "load_model", never)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    argv = {
+        "generate": ["generate", "--adapter", str(adapter), "--input", str(tmp_path / "in.jsonl"),
+                     "--output", str(tmp_path / "out.jsonl")],
+        "merge": ["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")],
+    }[command]  # fmt: skip
+    assert main(argv) == 2
+    line = one_error(capsys)
+    assert re.search(
+        rf"lora/adapter_config\.json: more than {MAX_CONFIG_BYTES:,} bytes, too large for the "
+        "adapter config",
+        line,
+    ), line
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "out.jsonl").exists()
+
+
 def test_an_adapter_for_another_base_is_refused_naming_the_base_key(
     saved_adapters, tmp_path, tokenizer
 ):

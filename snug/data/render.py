@@ -1,18 +1,14 @@
-"""Render a chat template within a budget of steps, with errors that name the template.
+"""Render a chat template within a budget, with errors that name the template.
 
 A chat template is code that came with a model (or a config), and Jinja runs it to the end:
-two nested loops of 100,000 never finish for any practical purpose, and the sandbox's only
-bound, 100,000 items per `range()`, does not stop them. transformers' `apply_chat_template`
-renders in its own sandboxed environment and offers no budget, so snug renders through an
-environment of its own, built like the one transformers builds (every constructor option,
-filter, global and extension copied from it, so `tojson`, `raise_exception`, `namespace`,
-`{% generation %}` ... behave as there) and differing only in the budget:
-
-- every loop iteration, every call (functions, macros, methods) and every item of a `range()`
-  is a step; a render stops after MAX_STEPS (a step count, not a time limit: the same template
-  and conversation fail the same way on any machine, however busy);
-- a string or list repeated (`*`) past MAX_ITEMS items, or a power (`**`) past MAX_BITS bits,
-  is refused before Python builds it (both would otherwise hold a single step for hours).
+two nested loops of 100,000 never finish for any practical purpose, `''.ljust(200000000)`
+builds 200 MB in one expression, and the sandbox's only bound, 100,000 items per `range()`,
+stops neither. transformers' `apply_chat_template` renders in its own sandboxed environment
+and offers no budget, so snug renders through an environment of its own, built like the one
+transformers builds (every constructor option, filter, global and extension copied from it,
+so `tojson`, `raise_exception`, `namespace`, `{% generation %}` ... behave as there) and
+differing only in the budget of steps and sizes (snug/data/template_budget.py), which its
+hooks and a rewrite of the template's syntax tree count (snug/data/template_env.py).
 
 The text rendered is transformers' for the conversations snug renders (messages of a role and
 a content string), which `tests/test_bombs.py` checks byte by byte.
@@ -21,21 +17,19 @@ a content string), which `tests/test_bombs.py` checks byte by byte.
 from __future__ import annotations
 
 import functools
-import inspect
-from collections.abc import Iterable, Iterator
-from contextvars import ContextVar
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from snug.data.formats import DataError
+from snug.data.template_budget import MAX_CHARS, MAX_SOURCE, OverBudget, start, stop
+from snug.data.template_env import BudgetedEnvironment, budgeted
 from snug.errors import first_line
 
-MAX_STEPS = 1_000_000  # a render of a 3,000-turn conversation by a usual template takes ~15,000
-MAX_ITEMS = 1_000_000  # characters (or items) a `*` may build
-MAX_BITS = 1 << 16  # bits a `**` may build (a number of ~20,000 digits)
+# The transformers release whose chat template environment this one was last compared with,
+# byte by byte (tests/test_bombs.py); snug builds on its private
+# `_cached_compile_jinja_template`, which a later release may rename.
+TESTED_TRANSFORMERS = "5.25.0"
 
 
 class TemplateError(DataError):
@@ -64,92 +58,28 @@ class ChatTemplate(str):
         return ChatTemplate, (str(self), self.origin)
 
 
-class _OverBudget(Exception):
-    """Raised inside a render: not a jinja2 error, so nothing of jinja2 or transformers takes
-    it for one of the template's own."""
+def _their_environment() -> jinja2.Environment:
+    """transformers' chat template environment, or one line naming the release snug needs.
+    transformers builds it inside a private function and keeps no handle on it; the template
+    it compiles carries it."""
+    import transformers
 
+    try:
+        from transformers.utils.chat_template_utils import _cached_compile_jinja_template
 
-_steps_left: ContextVar[list[int]] = ContextVar("chat_template_steps")
-
-
-def _spend(steps: int) -> None:
-    left = _steps_left.get()
-    left[0] -= steps
-    if left[0] < 0:
-        raise _OverBudget(
-            f"did not finish within {MAX_STEPS:,} steps (loop iterations, calls and range() items)"
-        )
-
-
-@jinja2.pass_context  # never called at compile time (constant folding skips context filters)
-def _counted(context: Any, iterable: Iterable) -> Iterator:
-    for item in iterable:
-        _spend(1)
-        yield item
-
-
-def _counted_range(*args: int) -> range:
-    items = safe_range(*args)
-    _spend(max(len(items), 1))
-    return items
-
-
-class BudgetedEnvironment(ImmutableSandboxedEnvironment):
-    """transformers' chat template environment with a budget of steps (see the module)."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-        _spend(1)
-        return super().call(__context, __obj, *args, **kwargs)
-
-    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, times in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
-                    if len(seq) * times > MAX_ITEMS:
-                        raise _OverBudget(f"repeats a value to more than {MAX_ITEMS:,} items")
-        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
-            if abs(left) > 1 and right * abs(left).bit_length() > MAX_BITS:
-                raise _OverBudget(f"raises a number to more than {MAX_BITS:,} bits")
-        return super().call_binop(context, operator, left, right)
-
-    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        """The template's syntax tree with every loop's items counted as they are taken."""
-        tree = super()._parse(source, name, filename)
-        for loop in tree.find_all(nodes.For):
-            loop.iter = nodes.Filter(
-                loop.iter, "snug_counted", [], [], None, None, lineno=loop.iter.lineno
-            )
-        return tree
-
-
-# The options of jinja2.Environment that transformers may set (all but how templates load).
-_OPTIONS = [
-    p
-    for p in inspect.signature(jinja2.Environment.__init__).parameters
-    if p not in ("self", "extensions", "loader", "cache_size", "auto_reload", "bytecode_cache")
-    and p != "enable_async"  # kept as `is_async`; transformers renders synchronously
-]
+        return _cached_compile_jinja_template("").environment
+    except (ImportError, AttributeError):
+        raise TemplateError(
+            f"transformers {transformers.__version__} no longer has the chat template "
+            "environment snug renders in (transformers.utils.chat_template_utils."
+            "_cached_compile_jinja_template); install the release snug is tested with: "
+            f"pip install 'transformers=={TESTED_TRANSFORMERS}'."
+        ) from None
 
 
 @functools.cache
 def _environment() -> BudgetedEnvironment:
-    # transformers builds its environment inside a private function and keeps no handle on it;
-    # the template it compiles carries it. What it configures there is copied, not restated,
-    # so a transformers release that adds a filter or global brings it here too.
-    from transformers.utils.chat_template_utils import _cached_compile_jinja_template
-
-    theirs = _cached_compile_jinja_template("").environment
-    env = BudgetedEnvironment(
-        extensions=[type(e) for e in theirs.extensions.values()],
-        **{name: getattr(theirs, name) for name in _OPTIONS},
-    )
-    env.filters.update(theirs.filters)
-    env.globals.update(theirs.globals)
-    env.filters["snug_counted"] = _counted
-    env.globals["range"] = _counted_range
-    return env
+    return budgeted(_their_environment())
 
 
 @functools.lru_cache(maxsize=16)
@@ -161,15 +91,29 @@ def origin_of(template: str) -> str:
     return template.origin if isinstance(template, ChatTemplate) else "the chat template"
 
 
+def _reason(e: Exception) -> str:
+    """The first line of why a template refused a conversation, of at most 300 characters
+    (a template can raise a text as long as it likes, or a list of them)."""
+    if all(isinstance(a, (int, float)) or isinstance(a, str) and len(a) <= 300 for a in e.args):
+        return first_line(e)
+    text = next((a for a in e.args if isinstance(a, str)), "")[:300].strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def render_chat(
     tok: Any, template: str, messages: list[dict], add_generation_prompt: bool, where: str = ""
 ) -> str:
     """`messages` rendered by `template` as `tok.apply_chat_template(messages, tokenize=False)`
-    renders them (the tokenizer's special tokens as variables), within MAX_STEPS steps.
-    TemplateError names the template when it cannot compile, runs out of steps or does what
-    the sandbox forbids; TemplateRefused (naming `where` the messages are from) when it refuses
-    these messages."""
+    renders them (the tokenizer's special tokens as variables), within the budget of steps and
+    sizes. TemplateError names the template when it cannot compile, spends past its budget,
+    runs out of memory or does what the sandbox forbids; TemplateRefused (naming `where` the
+    messages are from) when it refuses these messages."""
     origin = origin_of(template)
+    if len(template) > MAX_SOURCE:
+        raise TemplateError(
+            f"{origin}: the chat template is more than {MAX_SOURCE:,} characters long; is it "
+            "the right file? Set data.template to a built-in template."
+        )
     try:
         compiled = _compiled(str(template))
     except jinja2.TemplateSyntaxError as e:
@@ -177,25 +121,34 @@ def render_chat(
             f"{origin} line {e.lineno}: not a valid Jinja template ({e.message}); fix it, or "
             "set data.template to a built-in template."
         ) from None
-    token = _steps_left.set([MAX_STEPS])
+    conversation = f"one conversation of {len(messages)} messages"
+    token = start()
     try:
-        return compiled.render(
+        text = compiled.render(
             messages=messages,
             tools=None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **tok.special_tokens_map,
         )
-    except _OverBudget as e:
+        if len(text) > MAX_CHARS:
+            raise OverBudget(f"renders more than {MAX_CHARS:,} characters")
+        return text
+    except OverBudget as e:
         raise TemplateError(
-            f"{origin}: the chat template {e} while rendering one conversation of "
-            f"{len(messages)} messages; it loops without end or builds values far larger than "
-            "any conversation: fix it, or set data.template to a built-in template."
+            f"{origin}: the chat template {e} while rendering {conversation}; it loops without "
+            "end or builds values far larger than a conversation: fix it, or set data.template "
+            "to a built-in template."
+        ) from None
+    except MemoryError:
+        raise TemplateError(
+            f"{origin}: the chat template ran out of memory while rendering {conversation}; "
+            "fix it, or set data.template to a built-in template."
         ) from None
     except jinja2.exceptions.SecurityError as e:
         raise TemplateError(
-            f"{origin}: the chat template tried what the sandbox forbids ({first_line(e).rstrip('.')}); do "
-            "not use it: set data.template to a built-in template."
+            f"{origin}: the chat template tried what the sandbox forbids ({_reason(e).rstrip('.')}); "
+            "do not use it: set data.template to a built-in template."
         ) from None
     except RecursionError:
         raise TemplateError(
@@ -205,7 +158,7 @@ def render_chat(
     except Exception as e:  # noqa: BLE001 (a template's code can raise any type on bad input)
         at = f"{where}: " if where else ""
         raise TemplateRefused(
-            f"{at}the chat template ({origin}) refuses this conversation ({first_line(e)})."
+            f"{at}the chat template ({origin}) refuses this conversation ({_reason(e)})."
         ) from None
     finally:
-        _steps_left.reset(token)
+        stop(token)

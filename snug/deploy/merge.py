@@ -20,6 +20,7 @@ from snug import paths
 from snug.config import Config, load_config
 from snug.errors import UserError, first_line, read_utf8
 from snug.methods import REGISTRY, get_method
+from snug.methods.saved import read_config
 from snug.models.load import DTYPES, load_model, load_tokenizer
 from snug.preflight import check_model_dir
 from snug.progress import Phase, quiet
@@ -52,20 +53,10 @@ class Source:
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
-    """adapter_config.json of a peft adapter directory, or one MergeError naming the file and
-    what is wrong with it."""
-    path = adapter_dir / "adapter_config.json"
-    text = read_utf8(path, "the adapter config", MergeError)
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MergeError(
-            f"{path} line {e.lineno}: not valid JSON ({e.msg}); save the adapter again with "
-            "peft's save_pretrained."
-        ) from None
-    if not isinstance(config, dict):
-        raise MergeError(f"{path}: holds a JSON {type(config).__name__}, not an object.")
-    return config
+    """adapter_config.json of a peft adapter directory, read as every adapter config is
+    (saved.read_config: at most MAX_CONFIG_BYTES, one line naming the file when it is not a
+    JSON object)."""
+    return read_config(adapter_dir / "adapter_config.json")
 
 
 def _method_of_peft_dir(adapter_dir: Path, config: dict) -> str:

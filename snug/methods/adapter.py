@@ -124,7 +124,9 @@ def check_saved_adapter(adapter_dir: Path, base: dict) -> None:
 def load_adapter(base: nn.Module, path: Path) -> nn.Module:
     from safetensors.torch import load_file
 
-    config = json.loads((Path(path) / CONFIG_FILE).read_text())
+    from snug.methods.saved import read_config
+
+    config = read_config(Path(path) / CONFIG_FILE)
     model = _add_adapters(base, config["bottleneck"])
     weights = load_file(Path(path) / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -33,12 +33,15 @@ def saved_files(adapter_dir: Path, config: str, weights: str) -> tuple[Path, Pat
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """An adapter's JSON config (at most MAX_CONFIG_BYTES)."""
+    """An adapter's JSON config (at most MAX_CONFIG_BYTES, read no further), the one reader of
+    them all (merge, generate, eval, chat and each method's check)."""
     text = read_utf8(path, "the adapter config", SavedAdapterError, limit=MAX_CONFIG_BYTES)
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SavedAdapterError(f"{path} line {e.lineno}: not valid JSON ({e.msg}).") from None
+        raise SavedAdapterError(
+            f"{path} line {e.lineno}: not valid JSON ({e.msg}); save the adapter again."
+        ) from None
     if not isinstance(config, dict):
         raise SavedAdapterError(f"{path}: holds a JSON {type(config).__name__}, not an object.")
     return config
