@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from snug.fields import AT_LEAST_1
 from snug.fields import setting as _f
+from snug.methods.saved import check_base_number, read_config, read_saved, refuse, whole_number
 from snug.registry import Method, MethodConfig, register
 
 if TYPE_CHECKING:
@@ -98,21 +99,12 @@ def save_adapter(model: nn.Module, path: Path) -> None:
 def check_saved_adapter(adapter_dir: Path, base: dict) -> None:
     """Each block is built `bottleneck` wide on the base's hidden size: the saved blocks must
     be that wide, on that hidden size."""
-    from snug.methods.saved import (
-        check_base_number,
-        read_config,
-        refuse,
-        saved_files,
-        weight_shapes,
-        whole_number,
-    )
-
-    files = saved_files(adapter_dir, CONFIG_FILE, WEIGHTS_FILE)
-    if files is None:
+    saved = read_saved(adapter_dir, (CONFIG_FILE, WEIGHTS_FILE))
+    if saved is None:
         return
-    path, weights = files
-    width = whole_number(path, read_config(path), "bottleneck")
-    downs = {n: s for n, s in weight_shapes(weights).items() if n.endswith("adapter.down.weight")}
+    path, config, weights = saved.path, saved.config, saved.weights
+    width = whole_number(path, config, "bottleneck")
+    downs = {n: s for n, s in saved.shapes.items() if n.endswith("adapter.down.weight")}
     if not downs:
         refuse(path, "bottleneck", width, f"{WEIGHTS_FILE} holds no adapter blocks")
     for name, shape in downs.items():
@@ -123,8 +115,6 @@ def check_saved_adapter(adapter_dir: Path, base: dict) -> None:
 
 def load_adapter(base: nn.Module, path: Path) -> nn.Module:
     from safetensors.torch import load_file
-
-    from snug.methods.saved import read_config
 
     config = read_config(Path(path) / CONFIG_FILE)
     model = _add_adapters(base, config["bottleneck"])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from snug.fields import AT_LEAST_1
 from snug.fields import setting as _f
+from snug.methods.saved import check_base_number, read_saved, refuse, whole_number
 from snug.registry import Method, MethodConfig, register
 
 if TYPE_CHECKING:
@@ -42,23 +43,13 @@ def check_saved_llama_adapter(adapter_dir: Path, base: dict) -> None:
     """peft gives each of the top adapter_layers layers a prompt of adapter_len tokens as wide
     as the base: as many layers as the weights have prompts, each of their length, and no more
     layers than the base has."""
-    from snug.methods.saved import (
-        check_base_number,
-        read_config,
-        refuse,
-        saved_files,
-        weight_shapes,
-        whole_number,
-    )
-
-    files = saved_files(adapter_dir, "adapter_config.json", "adapter_model.safetensors")
-    if files is None:
+    saved = read_saved(adapter_dir)
+    if saved is None:
         return
-    path, weights = files
-    config = read_config(path)
+    path, config, weights = saved.path, saved.config, saved.weights
     length = whole_number(path, config, "adapter_len")
     layers = whole_number(path, config, "adapter_layers")
-    prompts = {n: s for n, s in weight_shapes(weights).items() if n.endswith("adaption_prompt")}
+    prompts = {n: s for n, s in saved.shapes.items() if n.endswith("adaption_prompt")}
     if "num_hidden_layers" in base and layers > base["num_hidden_layers"]:
         refuse(path, "adapter_layers", layers, f"the base has {base['num_hidden_layers']} layers")
     if layers != len(prompts):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from snug.fields import AT_LEAST_1, POSITIVE
 from snug.fields import setting as _f
+from snug.methods.saved import read_saved, refuse, whole_number
 from snug.registry import Method, MethodConfig, peft_task, register
 
 if TYPE_CHECKING:
@@ -71,14 +72,11 @@ def _rank(name: str, shape: tuple[int, ...]) -> int | None:
 def check_saved_lora(adapter_dir: Path, base: dict) -> None:
     """peft makes every targeted module's A and B of rank `r` (or its `rank_pattern` entry):
     each must be a rank the saved weights have, before peft allocates them."""
-    from snug.methods.saved import read_config, refuse, saved_files, weight_shapes, whole_number
-
-    files = saved_files(adapter_dir, "adapter_config.json", "adapter_model.safetensors")
-    if files is None:
+    saved = read_saved(adapter_dir)
+    if saved is None:
         return
-    path, weights = files
-    config = read_config(path)
-    ranks = {n: r for n, s in weight_shapes(weights).items() if (r := _rank(n, s)) is not None}
+    path, config, weights = saved.path, saved.config, saved.weights
+    ranks = {n: r for n, s in saved.shapes.items() if (r := _rank(n, s)) is not None}
     r = whole_number(path, config, "r")
     if not ranks:
         refuse(path, "r", r, f"{weights.name} holds no LoRA weights")

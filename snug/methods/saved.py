@@ -12,6 +12,7 @@ and the base's numbers from its `config.json`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,6 +31,30 @@ def saved_files(adapter_dir: Path, config: str, weights: str) -> tuple[Path, Pat
     so, in its own words)."""
     paths = adapter_dir / config, adapter_dir / weights
     return paths if all(p.is_file() for p in paths) else None
+
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # peft's saved adapter
+
+
+@dataclass(frozen=True)
+class SavedAdapter:
+    """A saved adapter as its check reads it: the config (and its file, for messages) and the
+    shape of each tensor of its weights file (from the header alone)."""
+
+    path: Path
+    config: dict[str, Any]
+    weights: Path
+    shapes: dict[str, tuple[int, ...]]
+
+
+def read_saved(adapter_dir: Path, files: tuple[str, str] = PEFT_FILES) -> SavedAdapter | None:
+    """The adapter in `adapter_dir` (its config and weights file names: `files`), or None when
+    one of them is missing (the loader says so, in its own words)."""
+    found = saved_files(adapter_dir, *files)
+    if found is None:
+        return None
+    path, weights = found
+    return SavedAdapter(path, read_config(path), weights, weight_shapes(weights))
 
 
 def read_config(path: Path) -> dict[str, Any]:

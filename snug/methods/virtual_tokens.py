@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from snug.fields import AT_LEAST_1
 from snug.fields import setting as _f
+from snug.methods.saved import check_base_number, read_saved, refuse, whole_number
 from snug.registry import Method, MethodConfig, peft_task, register
 
 if TYPE_CHECKING:
@@ -72,24 +73,14 @@ def check_saved_virtual_tokens(adapter_dir: Path, base: dict) -> None:
     of token_dim (prompt, ptuning; the base's hidden_size) or num_virtual_tokens rows of
     num_layers x 2 x token_dim (prefix: keys and values of each of the base's layers). Loaded
     for inference, nothing else is allocated (the prompt encoder is not built)."""
-    from snug.methods.saved import (
-        check_base_number,
-        read_config,
-        refuse,
-        saved_files,
-        weight_shapes,
-        whole_number,
-    )
-
-    files = saved_files(adapter_dir, "adapter_config.json", "adapter_model.safetensors")
-    if files is None:
+    saved = read_saved(adapter_dir)
+    if saved is None:
         return
-    path, weights = files
-    config = read_config(path)
-    saved = weight_shapes(weights).get("prompt_embeddings")
+    path, config, weights = saved.path, saved.config, saved.weights
+    embeddings = saved.shapes.get("prompt_embeddings")
     tokens = whole_number(path, config, "num_virtual_tokens")
     dim = whole_number(path, config, "token_dim")
-    if saved is None or len(saved) != 2:
+    if embeddings is None or len(embeddings) != 2:
         refuse(path, "num_virtual_tokens", tokens, f"{weights.name} holds no prompt_embeddings")
     if config.get("peft_type") == "PREFIX_TUNING":
         layers = whole_number(path, config, "num_layers")
@@ -99,10 +90,10 @@ def check_saved_virtual_tokens(adapter_dir: Path, base: dict) -> None:
         check_base_number(path, "token_dim", dim, base, "hidden_size")
         rows = tokens * whole_number(path, config, "num_transformer_submodules")
         width, how = dim, "token_dim"
-    if saved[0] != rows:
-        refuse(path, "num_virtual_tokens", tokens, f"{weights.name} holds {saved[0]} of them")
-    if saved[1] != width:
-        refuse(path, "token_dim", dim, f"{weights.name} holds prompts {saved[1]} wide ({how})")
+    if embeddings[0] != rows:
+        refuse(path, "num_virtual_tokens", tokens, f"{weights.name} holds {embeddings[0]} of them")
+    if embeddings[1] != width:
+        refuse(path, "token_dim", dim, f"{weights.name} holds prompts {embeddings[1]} wide ({how})")
 
 
 VIRTUAL = "learned virtual tokens are extra inputs to the model, not changes to any base weight"
