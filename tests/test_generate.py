@@ -627,6 +627,24 @@ def test_a_partial_output_removed_while_it_runs_is_one_line(tmp_path, capsys, mo
     )
     assert main(argv) == 0
     assert len(read_rows(out)) == 2
+    # removed after the last batch, before it becomes OUT (os.link's FileNotFoundError was
+    # taken for a filesystem without hard links, then os.rename failed "unexpected")
+    out.unlink()
+    real_finish = partial_mod.Partial.finish
+
+    def finish(self, total):
+        self.path.unlink()
+        return real_finish(self, total)
+
+    with monkeypatch.context() as m:
+        m.setattr(partial_mod.Partial, "finish", finish)
+        assert main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"error: --output {out}: {out}.partial was removed while this ran, and its 2 of 2 "
+        "answers with it; run the same command again to start over."
+    )
+    assert not out.exists()
 
 
 def test_a_named_pipe_or_an_overlong_line_as_input_is_one_line(tmp_path, capsys, monkeypatch):

@@ -315,6 +315,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     refuse_existing(out, "--output")
     with writing(out, "--output"):  # one command writes OUT at a time
+        refuse_existing(out, "--output")  # again: another may have finished it meanwhile
         return _generate(args, out)
 
 
@@ -358,6 +359,6 @@ def _generate(args: argparse.Namespace, out: Path) -> int:
             start=partial.done,
             each=write,
         )
-    partial.finish()
+    partial.finish(len(rows))
     print(f"wrote {len(rows)} answers of {session.label} to {out}")
     return 0

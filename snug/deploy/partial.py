@@ -17,6 +17,7 @@ so it is refused, naming the first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -50,6 +51,10 @@ class PartialRefused(UserError):
 class NotWritten(RunError):
     """The answers could not be written (but for a full disk: files.OutOfSpace): one line,
     what was written stays."""
+
+
+# what os.link raises where the filesystem has no hard links (FAT, some network shares)
+NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV}
 
 
 def partial_path(out: Path) -> Path:
@@ -158,11 +163,7 @@ class Partial:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except FileNotFoundError:
-            raise NotWritten(
-                f"{self.flag} {self.out}: {self.path} was removed while this ran, and its "
-                f"{self.done} of {total} answers with it; run the same command again to start "
-                "over."
-            ) from None
+            raise self._removed(total) from None
         except OSError as e:
             raise self._stopped(e, total) from None
         try:
@@ -179,6 +180,12 @@ class Partial:
             os.close(fd)
         self.done += text.count("\n")
 
+    def _removed(self, total: int) -> NotWritten:
+        return NotWritten(
+            f"{self.flag} {self.out}: {self.path} was removed while this ran, and its "
+            f"{self.done} of {total} answers with it; run the same command again to start over."
+        )
+
     def _stopped(self, e: OSError, total: int) -> RunError:
         if disk_full(e):
             return OutOfSpace(self._keeps("the disk is full", "make room", total))
@@ -190,7 +197,7 @@ class Partial:
             f"{fix} and run the same command again to go on from there."
         )
 
-    def finish(self) -> None:
+    def finish(self, total: int) -> None:
         """OUT.partial becomes OUT, and its job record goes. OUT made by someone else meanwhile
         is left as it is."""
         try:
@@ -200,8 +207,12 @@ class Partial:
                 f"{self.flag} {self.out} appeared while this ran and is left as it is; the "
                 f"answers are in {self.path}."
             ) from None
-        except OSError:  # a filesystem without hard links: rename, unless it appeared
-            if self.out.exists():
+        except FileNotFoundError:
+            raise self._removed(total) from None
+        except OSError as e:
+            if e.errno not in NO_HARD_LINKS:
+                raise self._stopped(e, total) from None
+            if self.out.exists():  # a filesystem without hard links: rename, unless it appeared
                 raise PartialRefused(
                     f"{self.flag} {self.out} appeared while this ran; the answers are in "
                     f"{self.path}."
