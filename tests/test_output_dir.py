@@ -219,6 +219,30 @@ def test_a_take_over_cut_short_is_undone_and_a_completed_runs_leftover_previous_
     assert {p.name for p in out.iterdir()} == {".snug-run", "config.yaml", "previous"}
 
 
+def test_a_peer_that_dies_at_the_take_over_leaves_rank_0_writing_its_summary(tmp_path, monkeypatch):
+    """Rank 0 has taken the folder over (the earlier outputs moved to previous/, config.yaml
+    written) when the barrier after it fails (another rank died): the run counts as taken
+    over, so summary.json is written (before, nothing said why the folder had changed)."""
+    from types import SimpleNamespace
+
+    from snug.config import config_from_dict
+    from snug.train import dist, loop
+
+    out = tmp_path / "run"
+    _fake_finished_run(out, "A")
+    cfg = config_from_dict({"output": {"dir": str(out)}})
+    run = SimpleNamespace(cfg=cfg, pos=SimpleNamespace(step=0))
+
+    def peer_died() -> None:
+        raise RuntimeError("a peer rank died")
+
+    monkeypatch.setattr(dist, "barrier", peer_died)
+    take_over = loop.TakeOver(run, dist.Dist(), out, None, None, {})
+    with pytest.raises(RuntimeError):
+        take_over()
+    assert take_over.done and (out / "previous/summary.json").is_file()
+
+
 # -- 2: one run per folder ----------------------------------------------------------------------
 HOLD = """
 import sys, time
@@ -303,8 +327,10 @@ def test_the_launcher_of_several_ranks_holds_the_lock_for_them(tmp_path, monkeyp
             seen["same"] = os.fstat(fd).st_ino == lock.stat().st_ino
             rank0 = []
 
-            def rank(launcher: str) -> None:  # another thread: it holds no lock of its own
+            def rank(launcher: str, torchrun: bool) -> None:  # a thread: no lock of its own
                 os.environ[HANDED_ON] = launcher
+                if torchrun:
+                    os.environ["LOCAL_RANK"] = "0"
                 try:
                     with lock_output_dir(out):
                         rank0.append("checked")
@@ -312,9 +338,12 @@ def test_the_launcher_of_several_ranks_holds_the_lock_for_them(tmp_path, monkeyp
                     rank0.append(str(e))
                 finally:
                     del os.environ[HANDED_ON]
+                    os.environ.pop("LOCAL_RANK", None)
 
-            for launcher in (seen["env"][HANDED_ON], "1"):
-                worker = threading.Thread(target=rank, args=(launcher,))
+            # the launcher's rank 0; one of another launcher; a process outside torchrun that
+            # inherited the variable (from a rank): not a rank, so it takes the lock itself
+            for launcher, torchrun in ((seen["env"][HANDED_ON], True), ("1", True), ("1", False)):
+                worker = threading.Thread(target=rank, args=(launcher, torchrun))
                 worker.start()
                 worker.join()
             seen["rank0"] = rank0
@@ -332,6 +361,7 @@ def test_the_launcher_of_several_ranks_holds_the_lock_for_them(tmp_path, monkeyp
         f"output.dir={out}: the snug train that started this process (pid 1, {HANDED_ON}) "
         f"should hold its lock, but pid {os.getpid()} holds it; start the run with snug train."
     )
+    assert "is in use by another snug run" in seen["rank0"][2]
     assert not out.exists()  # made for the lock, and nothing else put in it
 
 

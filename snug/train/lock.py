@@ -141,7 +141,8 @@ def lock_output_dir(out: Path, command: str | None = None) -> Iterator[None]:
     if key in _held:
         yield
         return
-    launcher = os.environ.get(HANDED_ON)
+    # only in a rank torchrun started: a process a rank starts inherits the variable too
+    launcher = os.environ.get(HANDED_ON) if "LOCAL_RANK" in os.environ else None
     if launcher is not None:
         _check_handed_on(out, launcher)
         _held[key] = None

@@ -116,6 +116,7 @@ class TakeOver:
         run, resuming = self.run, self.resume_path is not None
         if self.ctx.main:
             commit(run.cfg, resuming=resuming)
+            self.done = True  # the folder is this run's: summary.json follows, whatever comes
         dist.barrier()
         self.done = True
         if resuming:  # recover() put a checkpoint moved aside back
