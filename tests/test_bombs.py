@@ -216,33 +216,36 @@ def test_a_conversation_too_long_for_the_budget_is_one_records_problem(tmp_path)
 
     from snug.config import DataConfig
     from snug.data.dataset import build_datasets
-    from snug.data.formats import DataError
+    from snug.data.render import ChatTemplate, TemplateRefused, render_chat
 
-    # A template whose work explodes on long conversations, as a quadratic one does on some
-    # conversation long enough.
+    # A template whose work explodes on long conversations, as one whose steps grow with the
+    # square of the messages does on some conversation long enough.
     template = (
         "{% if messages|length > 600 %}{% for i in range(100000) %}{% for j in range(100000) %}"
-        "{% endfor %}{% endfor %}{% endif %}" + (ROOT / "models/tiny/chat_template.jinja").read_text()
+        "{% endfor %}{% endfor %}{% endif %}"
+        + (ROOT / "models/tiny/chat_template.jinja").read_text()
     )
     model = model_with_template(tmp_path, template)
     tok = AutoTokenizer.from_pretrained(model)
-    long = [{"role": "user", "content": f"part {i}"} for i in range(601)]
-    rows = [
-        {"messages": [*long, {"role": "assistant", "content": "ok"}]},
-        {"messages": [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]},
-    ]  # fmt: skip
-    write_jsonl(tmp_path / "t.jsonl", rows)
-    cfg = DataConfig(train=str(tmp_path / "t.jsonl"), cutoff_len=4096)
-    message = (
-        r"t\.jsonl line 1: the chat template \(\S*model/chat_template\.jinja\) did not finish "
-        r"this conversation of 601 messages within [\d,]+ steps"
-    )
-    with deadline(20), pytest.raises(DataError, match=message):
-        build_datasets(cfg, tok, "sft", 0, str(model))
-    cfg = DataConfig(train=str(tmp_path / "t.jsonl"), cutoff_len=4096, on_error="skip")
+    long = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"part {i}"} for i in range(602)
+    ]
+    with deadline(10), pytest.raises(TemplateRefused) as e:
+        render_chat(tok, ChatTemplate(template, "m/chat_template.jinja"), long[:601], True, "x")
+    assert re.fullmatch(
+        r"x: the chat template \(m/chat_template\.jinja\) did not finish this conversation of "
+        r"601 messages within 2,202,\d{3} steps \(1,000,000 steps, 2,000 more a message and one "
+        r"more per 10 characters\): its work grows faster than the conversation\.",
+        str(e.value),
+    ), str(e.value)
+
+    short = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
+    write_jsonl(tmp_path / "t.jsonl", [{"messages": long}, {"messages": short}])
+    cfg = DataConfig(train=str(tmp_path / "t.jsonl"), cutoff_len=32768, on_error="skip")
     with deadline(20):
         train, _, stats = build_datasets(cfg, tok, "sft", 0, str(model))
     assert (stats.kept, stats.invalid, len(train)) == (1, 1, 1), stats
+    assert "t.jsonl line 1: the chat template" in stats.problems[0], stats.problems
 
 
 def test_chat_and_generate_render_within_the_budget_too(tokenizer):

@@ -183,6 +183,7 @@ ACCUMULATES = (
 
 def conversation(turns: int, chars: int = 1000) -> list[dict]:
     """A system prompt and `turns` exchanges, each message of `chars` characters."""
+
     def text(head: str) -> str:
         return (head + " lorem ipsum" * chars)[:chars]
 
