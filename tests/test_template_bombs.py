@@ -85,6 +85,11 @@ BUILDS = {
     "{% for i in range(100) %}{% set ns.l = ns.l + [s[i:]] %}{% endfor %}{{ ns.l|length }}",
     "kept_in_variables": "".join(f"{{% set v{i} = {MB} ~ {i} %}}" for i in range(100))
     + "{{ v0|length }}",
+    "star_args": "{% set c = cycler(*' '.ljust(5000000)) %}{{ c.current|length }}",
+    "filter_block_output": "{% for i in range(30000) %}{% filter center(1000) %}x{% endfilter %}"
+    "{% endfor %}",
+    "call_block_output": "{% macro m() %}{{ caller() }}{% endmacro %}{% for i in range(30000) %}"
+    "{% call m() %}" + "x" * 1000 + "{% endcall %}{% endfor %}",
     "kept_in_a_list": "{% set ns = namespace(l=[]) %}{% for i in range(100) %}"
     "{% set ns.l = ns.l + [' '.ljust(500000) ~ i] %}{% endfor %}{{ ns.l|length }}",
 }
@@ -113,12 +118,29 @@ RUNS_LONG = {
     "{% if loop.depth < 3 %}{{ loop(big) }}{% endif %}{% endfor %}",
     "is_in_test": "{% set s = ' '.ljust(5000000) %}{% for i in range(100000) %}"
     "{% if 'x' is in s %}{% endif %}{% endfor %}",
+    # a number of 65,535 bits divided by one of 32,001: ~1 ms each (before: one step)
+    "divide_long_numbers": "{% set a = 2 ** 32767 * 2 ** 32767 + 1 %}{% set b = 2 ** 32000 + 1 %}"
+    "{% for i in range(100000) %}{% set c = a // b %}{% endfor %}",
 }
 
 
 @pytest.mark.parametrize("name", sorted(RUNS_LONG))
 def test_a_template_whose_steps_read_long_values_stops_within_the_budget(name, tokenizer):
     refused(tokenizer, RUNS_LONG[name], r"did not finish within 1,000,000 steps")
+
+
+def test_a_template_cannot_call_what_counts_its_budget(tokenizer):
+    """The filters the rewritten template calls to count (snug_spend ...) are not the
+    template's: named in it, it is not valid; by name through `map`, the conversation is
+    refused (before: `(-1000000000)|snug_spend(0)` took a billion steps off the count, and two
+    nested loops of 3,000 rendered past the budget)."""
+    from snug.data.render import TemplateError, TemplateRefused
+
+    loops = "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}done"
+    with deadline(5), pytest.raises(TemplateError, match=r"No filter named 'snug_spend'"):
+        render(tokenizer, "{{ (-1000000000)|snug_spend(0) }}" + loops)
+    with deadline(5), pytest.raises(TemplateRefused, match=r"No filter named 'snug_spend'"):
+        render(tokenizer, "{{ [-1000000000]|map('snug_spend', 0)|list }}" + loops)
 
 
 def test_a_template_longer_than_the_bound_is_refused_before_it_compiles(tokenizer):
