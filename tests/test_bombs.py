@@ -216,7 +216,6 @@ def test_a_conversation_too_long_for_the_budget_is_one_records_problem(tmp_path)
 
     from snug.config import DataConfig
     from snug.data.dataset import build_datasets
-    from snug.data.render import ChatTemplate, TemplateRefused, render_chat
 
     # A template whose work explodes on long conversations, as one whose steps grow with the
     # square of the messages does on some conversation long enough.
@@ -230,22 +229,19 @@ def test_a_conversation_too_long_for_the_budget_is_one_records_problem(tmp_path)
     long = [
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"part {i}"} for i in range(602)
     ]
-    with deadline(10), pytest.raises(TemplateRefused) as e:
-        render_chat(tok, ChatTemplate(template, "m/chat_template.jinja"), long[:601], True, "x")
-    assert re.fullmatch(
-        r"x: the chat template \(m/chat_template\.jinja\) did not finish this conversation of "
-        r"601 messages within 2,202,\d{3} steps \(1,000,000 steps, 2,000 more a message and one "
-        r"more per 10 characters\): its work grows faster than the conversation\.",
-        str(e.value),
-    ), str(e.value)
-
     short = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
     write_jsonl(tmp_path / "t.jsonl", [{"messages": long}, {"messages": short}])
     cfg = DataConfig(train=str(tmp_path / "t.jsonl"), cutoff_len=32768, on_error="skip")
     with deadline(20):
         train, _, stats = build_datasets(cfg, tok, "sft", 0, str(model))
     assert (stats.kept, stats.invalid, len(train)) == (1, 1, 1), stats
-    assert "t.jsonl line 1: the chat template" in stats.problems[0], stats.problems
+    assert re.fullmatch(
+        r"\S*t\.jsonl line 1: the chat template \(\S*model/chat_template\.jinja\) did not finish "
+        r"this conversation of 601 messages within 2,202,\d{3} steps \(1,000,000 steps, 2,000 "
+        r"more a message and one more per 10 characters\): its work grows faster than the "
+        r"conversation\.",
+        stats.problems[0],
+    ), stats.problems
 
 
 def test_chat_and_generate_render_within_the_budget_too(tokenizer):

@@ -158,7 +158,8 @@ def captured(value: Any, what: Any) -> Any:
     """`value`, the text a macro, `{% set %}` block or recursive loop output, taken out of
     the output (where it was counted) as a value the template holds."""
     if isinstance(value, str):
-        _spent.get().output -= len(value)
+        spent = _spent.get()  # (text the template's top level outputs, once, is not counted)
+        spent.output = max(spent.output - len(value), 0)
     return built(value, what)
 
 

@@ -140,6 +140,9 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
         return built(result, operator, (left, right), nested=False)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        kind = type(value)
+        if kind is not types.BuiltinMethodType and kind is not types.MethodType:
+            return None  # (as jinja2 finds, at once: it runs on every attribute)
         formats = super().wrap_str_format(value)
         if formats is None:
             return None
