@@ -13,12 +13,20 @@ transformers' own compiled templates (what `apply_chat_template` renders with), 
 budget. Each prints the median of 5 runs (CPU seconds of this process; wall time on a shared
 machine varies by 2x between runs) and the runs themselves.
 
-  PYTHONPATH=. python benchmarks/template_budget.py long
+  PYTHONPATH=. python benchmarks/template_budget.py long [TEMPLATE.jinja ...]
 
 renders long conversations (1,000 turns of 1,000-character messages; 500 and 1,000 for the
-Gemma-style template, which scans back over the messages before each one) with snug and with
-transformers, and prints both times (best of 3), whether the texts are the same, and the steps
-each took of the steps it may take.
+Gemma-style template, which scans back over the messages before each one; 460 and 1,000 for
+each TEMPLATE.jinja given) with snug and with transformers, and prints both times (best of 3),
+whether the texts are the same, and the steps each took of the steps it may take (before
+those of the conversation's characters, which a render that needs them adds).
+
+  PYTHONPATH=. python benchmarks/template_budget.py folder DIR [TURNS]
+
+renders a conversation of TURNS turns (10; a system prompt and messages of about 600
+characters) with every *.jinja in DIR (trl's chat_templates, say) five times, with snug and
+with transformers, and prints the templates snug is slowest on against transformers, the
+median of those ratios, and the total of both.
 
   PYTHONPATH=. python benchmarks/template_budget.py steps
 
@@ -37,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data/instruct/train.jsonl"
@@ -140,7 +149,7 @@ def _best_of_3(render: Callable[[], str]) -> tuple[float, str]:
     return best, text
 
 
-def long(tok) -> None:
+def long(tok, files: list[str]) -> None:
     from transformers.utils.chat_template_utils import _cached_compile_jinja_template
 
     from snug.data import render as render_module
@@ -156,6 +165,9 @@ def long(tok) -> None:
         "accumulates": [1000],
         "gemma_like": [500, 1000],
     }
+    for file in files:  # more templates, at 460 and 1,000 turns
+        templates[Path(file).name] = Path(file).read_text()
+        turns[Path(file).name] = [460, 1000]
     for name, template in templates.items():
         for count in turns.get(name, []):
             messages = conversation(count)
@@ -177,13 +189,64 @@ def long(tok) -> None:
             )
 
 
+def folder(tok, path: str, turns: int) -> None:
+    from transformers.utils.chat_template_utils import _cached_compile_jinja_template
+
+    from snug.data.render import ChatTemplate, render_chat
+
+    messages = [{"role": "system", "content": "be nice " * 50}]
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"q{i} " + "lorem ipsum " * 50})
+        messages.append({"role": "assistant", "content": f"a{i} " + "consectetur " * 50})
+    specials = {"bos_token": "<s>", "eos_token": "</s>"}
+    tok = SimpleNamespace(special_tokens_map=specials)
+    rows, theirs_all, ours_all = [], 0.0, 0.0
+    for file in sorted(Path(path).glob("*.jinja")):
+        source = file.read_text()
+        compiled = _cached_compile_jinja_template(source)
+
+        def theirs():
+            return compiled.render(  # noqa: B023 (called at once)
+                messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                **specials,
+            )  # fmt: skip
+
+        def ours():
+            return render_chat(tok, ChatTemplate(source, file.name), messages, True)  # noqa: B023
+
+        try:
+            same = theirs() == ours()
+        except Exception:  # noqa: BLE001 (a template these messages do not suit: left out)
+            continue
+        times = []
+        for render in (theirs, ours):
+            started = time.process_time()
+            for _ in range(5):
+                render()
+            times.append(time.process_time() - started)
+        theirs_all, ours_all = theirs_all + times[0], ours_all + times[1]
+        rows.append((times[1] / times[0], file.name, same))
+    rows.sort()
+    for ratio, name, same in rows[-5:]:
+        print(f"{name}: {ratio:.1f}x transformers{'' if same else ', DIFFERENT TEXT'}")
+    print(
+        f"{len(rows)} templates, {sum(not same for *_, same in rows)} rendering differently; "
+        f"median {statistics.median(r for r, *_ in rows):.2f}x; in all, transformers "
+        f"{theirs_all:.2f} CPU s, snug {ours_all:.2f} CPU s ({ours_all / theirs_all:.2f}x)"
+    )
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ROOT / "models/tiny")
-    if sys.argv[1] in ("steps", "long"):
-        sys.exit({"steps": steps, "long": long}[sys.argv[1]](tok))
+    if sys.argv[1] == "folder":
+        sys.exit(folder(tok, sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 10))
+    if sys.argv[1] == "long":
+        sys.exit(long(tok, sys.argv[2:]))
+    if sys.argv[1] == "steps":
+        sys.exit(steps(tok))
     measure = {
         "render": render, "render-transformers": render_transformers, "tokenize": tokenize
     }[sys.argv[1]]  # fmt: skip
