@@ -118,7 +118,7 @@ def _spending(render_module, template_budget) -> list:
 
     def keeping(steps: int):
         token = start(steps)
-        spent.append(template_budget.spent())
+        spent.append(template_budget.current())
         return token
 
     render_module.start = keeping

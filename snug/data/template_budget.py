@@ -6,22 +6,25 @@ the interpreter but not from the machine's time and memory: `''.ljust(200000000)
 `'x' in s` over a long string reads millions of characters in a single step. So a render
 counts, in a budget of its own:
 
-- steps, its time: each loop item, call (function, macro, method, filter) and each STEP_NODES
-  nodes of a loop's, macro's or branch's body as it runs is a step; so is each COPY_CHARS
-  characters copied, compared or searched at memory speed (`+`, `~`, slices, `==`, `in`, what
-  is output), each READ_CHARS characters that a filter, method or test works through character
-  by character, and each item read. A render may take BASE_STEPS, and STEPS_PER_MESSAGE more
-  for each message and one more for each CHARS_PER_STEP characters of the conversation
-  (`limit`): a count, not a time, so a template fails the same way on any machine, and no step
-  takes much longer than a loop item (about a microsecond).
+- steps, its time: each loop item, call (function, macro, method, filter) and each 10 nodes
+  of a loop's, macro's or branch's body as it runs is a step (snug/data/template_rewrite.py);
+  so is each COPY_CHARS characters copied, compared or searched at memory speed (`+`, `~`,
+  slices, `==`, `in`, what is output), each READ_CHARS characters that a filter, method or
+  test works through character by character, each item read, each MADE_ITEMS items of a
+  list a call makes and each COPY_ITEMS of one copied. A render may take BASE_STEPS, and
+  STEPS_PER_MESSAGE more for each message and one more for each CHARS_PER_STEP characters of
+  the conversation (`limit`): a count, not a time, so a template fails the same way on any
+  machine, and no step takes much longer than a loop item (a microsecond or two).
 - what it holds, its memory: no string past MAX_CHARS characters, no list (tuple, dict) past
-  MAX_ITEMS items, no number past MAX_BITS bits, no more than MAX_CHARS characters rendered
-  (or being rendered inside a macro or a `{% set %}` block), and no more than MAX_HELD
-  characters and items held at once by the values it built (those of TRACKED characters or
-  items or more are tracked while they live: `+` on a growing text copies it each time, and
-  each copy dropped at once holds nothing). An operation whose result size can be told from
-  its arguments (a width, a count, a separator, a format) is refused before Python builds it
-  (snug/data/template_sizes.py); the rest is checked as it comes back.
+  MAX_ITEMS items, no number past MAX_BITS bits, no more than MAX_CHARS characters output and
+  not yet taken into a value (rendered, or being rendered inside a macro or a `{% set %}`
+  block), and no more than MAX_HELD characters held at once by the values it built (an item
+  of a list counts as ITEM_CHARS). Those of TRACKED characters or more are tracked while they
+  live, so what counts is what is held, not what was ever built: `+` on a growing text
+  copies it each time, and each copy dropped at once holds nothing. An operation whose
+  result size can be told from its arguments (a width, a count, a separator, a format) is
+  refused before Python builds it (snug/data/template_sizes.py); the rest is checked as it
+  comes back.
 
 No library bounds a Jinja render's time or memory (jinja2's sandbox bounds only `range()`), and
 a process-wide limit (RLIMIT_AS) would also bound the model loaded beside the render.
@@ -42,8 +45,8 @@ from jinja2.utils import Namespace
 
 BASE_STEPS = 1_000_000  # a render's steps, whatever the conversation (a few seconds at most)
 STEPS_PER_MESSAGE = 2_000  # more steps for each message: room for a template that scans back
-# over the messages before each one (Gemma's: about 1.2 steps a pair, so 1,000 turns in 3.4
-# of the 5.0 million steps it may take then)
+# over the messages before each one (trl's gemma4.jinja renders 1,000 turns in 2.9 of the 5.0
+# million steps it may take then; refused from about 1,600 turns)
 CHARS_PER_STEP = 10  # characters of the conversation that give one more step (room to read
 # each character ten times, READ_CHARS at a step)
 READ_CHARS = 100  # characters per step a filter, method or test reads (up to ~5 ns each:
@@ -115,7 +118,7 @@ def stop(token: Token) -> None:
     _spent.reset(token)
 
 
-spent = _spent.get  # this render's budget (a C call: the counting in loops calls it)
+current = _spent.get  # this render's budget (a C call: the counting in loops calls it)
 
 
 def check(spent: _Spent) -> None:

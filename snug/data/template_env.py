@@ -88,10 +88,10 @@ def _checked_test(name: str, func: Callable) -> Callable:
     return checked
 
 
-def _checked_global(func: Callable, check: Callable[..., None]) -> Callable:
+def _checked_global(func: Callable, before: Callable[..., None]) -> Callable:
     @functools.wraps(func)
     def checked(*args: Any, **kwargs: Any) -> Any:
-        check(*args, **kwargs)
+        before(*args, **kwargs)
         return func(*args, **kwargs)
 
     return checked
@@ -189,7 +189,7 @@ def _output(theirs: Callable | None) -> Callable:
         if theirs is not None:
             value = theirs(value)
         text = value if type(value) is str else printed(value, "output")
-        spent = budget.spent()  # output(len(text)), without a call (it runs for every value)
+        spent = budget.current()  # output(len(text)) inline: it runs for every value
         spent.output += len(text)
         spent.steps += len(text) / COPY_CHARS
         if spent.output > MAX_CHARS or spent.steps > spent.limit:

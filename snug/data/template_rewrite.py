@@ -12,6 +12,8 @@ own: `rewrite` refuses a template that names one, and the environment one called
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
@@ -49,7 +51,7 @@ MAX_ARGS = 10_000  # arguments of one call (`f(*items)`; templates pass a few)
 def counted(context: Any, iterable: Iterable, steps: float = 1, text: int = 0) -> Iterator:
     """A loop's items, each `steps` (1 and its body's nodes) and the `text` its body outputs
     as written in the template."""
-    spent = budget.spent()
+    spent = budget.current()
     for item in iterable:
         spent.steps += steps
         spent.output += text
@@ -116,15 +118,18 @@ _STR = {str}
 def _added(context: Any, parts: tuple) -> Any:
     """`a + b + c ...` (Jinja's Add nodes of one chain, whose parts are taken first): strings
     joined at once when all are, else added two at a time as `call_binop` adds them."""
-    if set(map(type, parts)) == _STR:
+    kinds = set(map(type, parts))
+    if kinds == _STR:
         size = sum(map(len, parts))
         refuse_chars(size, "+")
         text = "".join(parts)
         return text if size < TRACKED else built(text, "+", parts, nested=False)
-    total = parts[0]
-    for part in parts[1:]:
-        total = context.environment.call_binop(context, "+", total, part)
-    return total
+    add = operator.add if kinds <= NUMBERS else functools.partial(_binop, context)
+    return functools.reduce(add, parts)
+
+
+def _binop(context: Any, left: Any, right: Any) -> Any:
+    return context.environment.call_binop(context, "+", left, right)
 
 
 @jinja2.pass_context
