@@ -139,9 +139,10 @@ def render_chat(
 ) -> str:
     """`messages` rendered by `template` as `tok.apply_chat_template(messages, tokenize=False)`
     renders them (the tokenizer's special tokens as variables), within the budget of steps and
-    sizes. TemplateError names the template when it cannot compile, spends past its budget,
-    runs out of memory or does what the sandbox forbids; TemplateRefused (naming `where` the
-    messages are from) when it refuses these messages."""
+    sizes. TemplateError names the template when it cannot compile, spends past its budget
+    (its steps on a conversation of under 500 messages), runs out of memory or does what the
+    sandbox forbids; TemplateRefused (naming `where` the messages are from) when it refuses
+    these messages, or spends past its steps on a longer conversation."""
     origin = origin_of(template)
     if len(template) > MAX_SOURCE:
         raise TemplateError(
