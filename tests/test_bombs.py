@@ -206,6 +206,44 @@ def test_a_conversation_the_template_refuses_is_one_records_problem(tmp_path, ca
     assert (summary["data"]["kept"], summary["data"]["invalid"]) == (1, 1), summary["data"]
 
 
+def test_a_conversation_too_long_for_the_budget_is_one_records_problem(tmp_path):
+    """The budget of steps grows with the conversation (2,000 steps a message on top of
+    1,000,000): a render past it on a conversation of 500 messages or more is that record's
+    problem, which data.on_error=skip drops (before: a TemplateError that stopped the run
+    whatever data.on_error said, blaming the template as "loops without end"); on a shorter
+    one, the template's (test_a_chat_template_that_never_ends_...)."""
+    from transformers import AutoTokenizer
+
+    from snug.config import DataConfig
+    from snug.data.dataset import build_datasets
+
+    # A template whose work explodes on long conversations, as one whose steps grow with the
+    # square of the messages does on some conversation long enough.
+    template = (
+        "{% if messages|length > 600 %}{% for i in range(100000) %}{% for j in range(100000) %}"
+        "{% endfor %}{% endfor %}{% endif %}"
+        + (ROOT / "models/tiny/chat_template.jinja").read_text()
+    )
+    model = model_with_template(tmp_path, template)
+    tok = AutoTokenizer.from_pretrained(model)
+    long = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"part {i}"} for i in range(602)
+    ]
+    short = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}]
+    write_jsonl(tmp_path / "t.jsonl", [{"messages": long}, {"messages": short}])
+    cfg = DataConfig(train=str(tmp_path / "t.jsonl"), cutoff_len=32768, on_error="skip")
+    with deadline(20):
+        train, _, stats = build_datasets(cfg, tok, "sft", 0, str(model))
+    assert (stats.kept, stats.invalid, len(train)) == (1, 1, 1), stats
+    assert re.fullmatch(
+        r"\S*t\.jsonl line 1: the chat template \(\S*model/chat_template\.jinja\) did not finish "
+        r"this conversation of 601 messages within 2,202,\d{3} steps \(1,000,000 steps, 2,000 "
+        r"more a message and one more per 10 characters\): its work grows faster than the "
+        r"conversation\.",
+        stats.problems[0],
+    ), stats.problems
+
+
 def test_chat_and_generate_render_within_the_budget_too(tokenizer):
     from snug.data.render import ChatTemplate, TemplateError, TemplateRefused
     from snug.deploy.session import Session
@@ -260,6 +298,24 @@ STYLES = {
 {%- for m in messages %}{{ turn(m, loop.index) }}{% if loop.last %}({{ meta.count }} turns,
 {%- for i in range(2) %} {{ i }}{% endfor %}){% endif %}{% endfor %}
 {%- if add_generation_prompt %}{{ eos_token ~ "ASSISTANT:" }}{% endif %}""",
+    # Gemma 4's way (trl's gemma4.jinja): for each message, a scan back over every message
+    # before it for the last one that is not a tool's, so its steps grow with the square of
+    # the messages.
+    "gemma_like": """{{- bos_token }}{%- set loop_messages = messages %}
+{%- if messages[0]['role'] == 'system' %}
+{{- '<|turn>system\\n' + messages[0]['content'] | trim + '<turn|>\\n' }}
+{%- set loop_messages = messages[1:] %}{%- endif %}
+{%- for message in loop_messages %}
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}
+{%- set prev_nt = namespace(role=None, found=false) %}
+{%- if loop.index0 > 0 %}{%- for j in range(loop.index0 - 1, -1, -1) %}
+{%- if not prev_nt.found %}{%- if loop_messages[j]['role'] != 'tool' %}
+{%- set prev_nt.role = loop_messages[j]['role'] %}{%- set prev_nt.found = true %}
+{%- endif %}{%- endif %}{%- endfor %}{%- endif %}
+{%- if not (role == 'model' and prev_nt.role == 'assistant') %}{{- '<|turn>' + role + '\\n' }}
+{%- endif %}{{- message['content'] | trim + '<turn|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|turn>model\\n' }}{%- endif %}""",
 }
 CONVERSATIONS = [
     [

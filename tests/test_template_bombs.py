@@ -83,6 +83,13 @@ BUILDS = {
     "{{ m(k + 1) }}{{ s|length }}{% endmacro %}{{ m(0) }}",
     "kept_by_slices": "{% set s = " + MB + " %}{% set ns = namespace(l=[]) %}"
     "{% for i in range(100) %}{% set ns.l = ns.l + [s[i:]] %}{% endfor %}{{ ns.l|length }}",
+    "kept_in_variables": "".join(f"{{% set v{i} = {MB} ~ {i} %}}" for i in range(100))
+    + "{{ v0|length }}",
+    "star_args": "{% set c = cycler(*' '.ljust(5000000)) %}{{ c.current|length }}",
+    "filter_block_output": "{% for i in range(30000) %}{% filter center(1000) %}x{% endfilter %}"
+    "{% endfor %}",
+    "call_block_output": "{% macro m() %}{{ caller() }}{% endmacro %}{% for i in range(30000) %}"
+    "{% call m() %}" + "x" * 1000 + "{% endcall %}{% endfor %}",
     "kept_in_a_list": "{% set ns = namespace(l=[]) %}{% for i in range(100) %}"
     "{% set ns.l = ns.l + [' '.ljust(500000) ~ i] %}{% endfor %}{{ ns.l|length }}",
 }
@@ -111,12 +118,29 @@ RUNS_LONG = {
     "{% if loop.depth < 3 %}{{ loop(big) }}{% endif %}{% endfor %}",
     "is_in_test": "{% set s = ' '.ljust(5000000) %}{% for i in range(100000) %}"
     "{% if 'x' is in s %}{% endif %}{% endfor %}",
+    # a number of 65,535 bits divided by one of 32,001: ~1 ms each (before: one step)
+    "divide_long_numbers": "{% set a = 2 ** 32767 * 2 ** 32767 + 1 %}{% set b = 2 ** 32000 + 1 %}"
+    "{% for i in range(100000) %}{% set c = a // b %}{% endfor %}",
 }
 
 
 @pytest.mark.parametrize("name", sorted(RUNS_LONG))
 def test_a_template_whose_steps_read_long_values_stops_within_the_budget(name, tokenizer):
     refused(tokenizer, RUNS_LONG[name], r"did not finish within 1,000,000 steps")
+
+
+def test_a_template_cannot_call_what_counts_its_budget(tokenizer):
+    """The filters the rewritten template calls to count (snug_spend ...) are not the
+    template's: named in it, it is not valid; by name through `map`, the conversation is
+    refused (before: `(-1000000000)|snug_spend(0)` took a billion steps off the count, and two
+    nested loops of 3,000 rendered past the budget)."""
+    from snug.data.render import TemplateError, TemplateRefused
+
+    loops = "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}done"
+    with deadline(5), pytest.raises(TemplateError, match=r"No filter named 'snug_spend'"):
+        render(tokenizer, "{{ (-1000000000)|snug_spend(0) }}" + loops)
+    with deadline(5), pytest.raises(TemplateRefused, match=r"No filter named 'snug_spend'"):
+        render(tokenizer, "{{ [-1000000000]|map('snug_spend', 0)|list }}" + loops)
 
 
 def test_a_template_longer_than_the_bound_is_refused_before_it_compiles(tokenizer):
@@ -167,6 +191,49 @@ def test_conversations_within_the_bounds_render_as_transformers_renders_them(tok
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
         assert render(tokenizer, template, messages) == theirs
+
+
+# A hand-written template that builds the whole text in a namespace, one `+` per piece: each
+# `+` copies the text so far, which is dropped at once (transformers renders 1,000 turns of
+# 1 KB in about 0.8 s).
+ACCUMULATES = (
+    "{% set ns = namespace(text='') %}{% for m in messages %}"
+    "{% set ns.text = ns.text + '<|' + m['role'] + '|>' + m['content'] + '\\n' %}"
+    "{% endfor %}{{ ns.text }}"
+)
+
+
+def conversation(turns: int, chars: int = 1000) -> list[dict]:
+    """A system prompt and `turns` exchanges, each message of `chars` characters."""
+
+    def text(head: str) -> str:
+        return (head + " lorem ipsum" * chars)[:chars]
+
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(turns):
+        messages.append({"role": "user", "content": text(f"question {i}:")})
+        messages.append({"role": "assistant", "content": text(f"answer {i}:")})
+    return messages
+
+
+# Turns of 1 KB messages each template renders as transformers does. gemma_like scans back over
+# the messages before each one: 500 turns is past what the code before the budget of sizes
+# rendered (about 460) and past where 609ca08 refused it (about 350).
+LONG = {"models/tiny": 1000, "qwen_like": 1000, "accumulates": 1000, "gemma_like": 500}
+
+
+@pytest.mark.parametrize("name", sorted(LONG))
+def test_a_long_conversation_renders_as_transformers_renders_it(name, tokenizer):
+    """The bounds of memory count what a render holds, not every copy it makes and drops, and
+    the steps grow with the conversation (before: `accumulates` was refused from 100 turns,
+    "builds more than 40,000,000 characters and items in all", and `gemma_like` from about
+    350, each item of its inner loop 4 to 5 steps)."""
+    template = {"models/tiny": tokenizer.chat_template, "accumulates": ACCUMULATES, **STYLES}
+    messages = conversation(LONG[name])
+    theirs = tokenizer.apply_chat_template(
+        messages, chat_template=template[name], tokenize=False, add_generation_prompt=True
+    )
+    assert render(tokenizer, template[name], messages) == theirs
 
 
 def test_a_transformers_without_the_environment_is_one_line_naming_the_version(

@@ -22,7 +22,17 @@ from typing import Any
 import jinja2
 
 from snug.data.formats import DataError
-from snug.data.template_budget import MAX_CHARS, MAX_SOURCE, OverBudget, start, stop
+from snug.data.template_budget import (
+    BASE_STEPS,
+    CHARS_PER_STEP,
+    MAX_CHARS,
+    MAX_SOURCE,
+    STEPS_PER_MESSAGE,
+    OutOfSteps,
+    OverBudget,
+    start,
+    stop,
+)
 from snug.data.template_env import BudgetedEnvironment, budgeted
 from snug.errors import first_line
 
@@ -100,14 +110,39 @@ def _reason(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _out_of_steps(origin: str, where: str, count: int, steps: int) -> DataError:
+    """A render past its steps: the template's problem on a conversation shorter than the one
+    that doubles the budget (a template that needs more than BASE_STEPS for it loops without
+    end, or far beyond the conversation: it would fail on every record), that conversation's
+    on a longer one (a template whose steps grow faster than the conversation meets one long
+    enough sooner or later: data.on_error=skip drops it)."""
+    budget = (
+        f"{BASE_STEPS:,} steps, {STEPS_PER_MESSAGE:,} more a message and one more per "
+        f"{CHARS_PER_STEP} characters"
+    )
+    if steps - BASE_STEPS < BASE_STEPS:
+        return TemplateError(
+            f"{origin}: the chat template did not finish within {budget} ({steps:,} for "
+            f"one conversation of {count:,} messages); it loops without end or far beyond "
+            "the conversation: fix it, or set data.template to a built-in template."
+        )
+    at = f"{where}: " if where else ""
+    return TemplateRefused(
+        f"{at}the chat template ({origin}) did not finish this conversation of {count:,} "
+        f"messages within {steps:,} steps ({budget}): its work grows faster than the "
+        "conversation."
+    )
+
+
 def render_chat(
     tok: Any, template: str, messages: list[dict], add_generation_prompt: bool, where: str = ""
 ) -> str:
     """`messages` rendered by `template` as `tok.apply_chat_template(messages, tokenize=False)`
     renders them (the tokenizer's special tokens as variables), within the budget of steps and
-    sizes. TemplateError names the template when it cannot compile, spends past its budget,
-    runs out of memory or does what the sandbox forbids; TemplateRefused (naming `where` the
-    messages are from) when it refuses these messages."""
+    sizes. TemplateError names the template when it cannot compile, spends past its budget
+    (its steps on a conversation of under 500 messages), runs out of memory or does what the
+    sandbox forbids; TemplateRefused (naming `where` the messages are from) when it refuses
+    these messages, or spends past its steps on a longer conversation."""
     origin = origin_of(template)
     if len(template) > MAX_SOURCE:
         raise TemplateError(
@@ -115,14 +150,13 @@ def render_chat(
             "the right file? Set data.template to a built-in template."
         )
     try:
-        compiled = _compiled(str(template))
+        compiled = _compiled(template)  # (a ChatTemplate keeps its hash: not str())
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(
             f"{origin} line {e.lineno}: not a valid Jinja template ({e.message}); fix it, or "
             "set data.template to a built-in template."
         ) from None
-    conversation = f"one conversation of {len(messages)} messages"
-    token = start()
+    token = start(messages)
     try:
         text = compiled.render(
             messages=messages,
@@ -134,31 +168,40 @@ def render_chat(
         if len(text) > MAX_CHARS:
             raise OverBudget(f"renders more than {MAX_CHARS:,} characters")
         return text
-    except OverBudget as e:
-        raise TemplateError(
-            f"{origin}: the chat template {e} while rendering {conversation}; it loops without "
-            "end or builds values far larger than a conversation: fix it, or set data.template "
-            "to a built-in template."
-        ) from None
-    except MemoryError:
-        raise TemplateError(
-            f"{origin}: the chat template ran out of memory while rendering {conversation}; "
-            "fix it, or set data.template to a built-in template."
-        ) from None
-    except jinja2.exceptions.SecurityError as e:
-        raise TemplateError(
-            f"{origin}: the chat template tried what the sandbox forbids ({_reason(e).rstrip('.')}); "
-            "do not use it: set data.template to a built-in template."
-        ) from None
-    except RecursionError:
-        raise TemplateError(
-            f"{origin}: the chat template calls itself without end (a macro or recursive "
-            "loop); fix it, or set data.template to a built-in template."
-        ) from None
     except Exception as e:  # noqa: BLE001 (a template's code can raise any type on bad input)
-        at = f"{where}: " if where else ""
-        raise TemplateRefused(
-            f"{at}the chat template ({origin}) refuses this conversation ({_reason(e)})."
-        ) from None
+        raise _problem(e, origin, where, len(messages)) from None
     finally:
         stop(token)
+
+
+def _problem(e: Exception, origin: str, where: str, count: int) -> DataError:
+    """What a render that raised `e` says: a TemplateError when the template is at fault, a
+    TemplateRefused when these messages are (or the template refuses them)."""
+    fix = "fix it, or set data.template to a built-in template."
+    if isinstance(e, OutOfSteps):
+        return _out_of_steps(origin, where, count, e.steps)
+    if isinstance(e, OverBudget):
+        return TemplateError(
+            f"{origin}: the chat template {e} while rendering one conversation of {count:,} "
+            f"messages; it loops without end or builds values far larger than a conversation: "
+            + fix
+        )
+    if isinstance(e, MemoryError):
+        return TemplateError(
+            f"{origin}: the chat template ran out of memory while rendering one conversation "
+            f"of {count:,} messages; " + fix
+        )
+    if isinstance(e, jinja2.exceptions.SecurityError):
+        return TemplateError(
+            f"{origin}: the chat template tried what the sandbox forbids "
+            f"({_reason(e).rstrip('.')}); do not use it: set data.template to a built-in template."
+        )
+    if isinstance(e, RecursionError):
+        return TemplateError(
+            f"{origin}: the chat template calls itself without end (a macro or recursive "
+            "loop); " + fix
+        )
+    at = f"{where}: " if where else ""
+    return TemplateRefused(
+        f"{at}the chat template ({origin}) refuses this conversation ({_reason(e)})."
+    )

@@ -18,9 +18,10 @@ from string import Formatter
 from typing import Any
 
 from snug.data.template_budget import (
+    MAX_BITS,
     MAX_CHARS,
     MAX_ITEMS,
-    STEP_UNITS,
+    READ_CHARS,
     printed,
     read,
     refuse_bits,
@@ -31,6 +32,8 @@ from snug.data.template_budget import (
 )
 
 FLOAT_CHARS = 330  # the longest a float prints without a precision ('%f' % 1e308)
+BITS_SQUARED_PER_STEP = 2_000_000  # whole numbers multiplied or divided: a 65,536-bit number
+# divided by a 32,768-bit one takes ~1.1 ms, which is ~1,100 steps
 
 
 def _int(value: Any) -> int:
@@ -54,7 +57,15 @@ def _taken(items: Any, what: str) -> list:
 
 # -- operators --------------------------------------------------------------------------------
 def before_binop(op: str, left: Any, right: Any) -> None:
-    """Refuse `left op right` when its result would pass a bound."""
+    """Refuse `left op right` when its result would pass a bound; spend the steps of
+    multiplying or dividing long whole numbers (which takes up to the product of their
+    lengths)."""
+    if type(left) is int and type(right) is int and op != "+":
+        a, b = left.bit_length(), right.bit_length()
+        if op == "**":  # as long as the result, at most
+            a = b = min(max(right, 0) * a, MAX_BITS)
+        if a * b > BITS_SQUARED_PER_STEP:
+            spend(a * b / BITS_SQUARED_PER_STEP)
     if op == "*":
         for seq, times in ((left, right), (right, left)):
             if isinstance(seq, (str, bytes)):
@@ -237,7 +248,7 @@ def _wordwrap(
     )
     if break_long_words and wide < len(text):  # textwrap cuts a long word by copying its rest
         words = re.finditer(rf"\S{{{wide + 1},}}", text)
-        spend(sum((w.end() - w.start()) ** 2 // (2 * wide) for w in words) // STEP_UNITS)
+        spend(sum((w.end() - w.start()) ** 2 // (2 * wide) for w in words) / READ_CHARS)
 
 
 def _join(value: Any, d: Any = "", attribute: Any = None) -> tuple:
@@ -256,7 +267,7 @@ def _sum(iterable: Any, attribute: Any = None, start: Any = 0) -> tuple | None:
     items = _taken(iterable, "sum")
     total = len(start) + sum(len(i) for i in items if isinstance(i, (list, tuple)))
     refuse_items(total, "sum")
-    spend(len(items) * total // (2 * STEP_UNITS))
+    spend(len(items) * total / (2 * READ_CHARS))
     return (items, attribute, start)
 
 
