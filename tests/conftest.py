@@ -120,9 +120,9 @@ def cpu_opts(**changes):
 def method_keys(name: str, /, **keys):
     """The keys among `keys` that method `name` declares (snug/methods/: each method has its
     own), for tests that give one set of settings to every method."""
-    from snug.config import registered_methods
+    from snug.core.registry import methods
 
-    settings = registered_methods()[name].settings
+    settings = methods()[name].settings
     declared = {f.name for f in dataclasses.fields(settings)} if settings else set()
     return {k: v for k, v in keys.items() if k in declared}
 

@@ -102,7 +102,7 @@ def test_a_yaml_alias_bomb_is_refused_in_one_line(command, tmp_path, capsys):
 
 def test_yaml_loops_huge_files_deep_nesting_and_bombs_on_the_command_line_are_refused(tmp_path):
     from snug.config import ConfigError, load_config
-    from snug.yamlfile import MAX_BYTES, MAX_DEPTH, MAX_NODES
+    from snug.config.yamlfile import MAX_BYTES, MAX_DEPTH, MAX_NODES
 
     cfg = tmp_path / "c.yaml"
     cases = {
@@ -124,7 +124,7 @@ def test_yaml_loops_huge_files_deep_nesting_and_bombs_on_the_command_line_are_re
 
 def test_anchors_and_merge_keys_within_the_bound_still_load():
     from snug.config import ConfigError
-    from snug.yamlfile import load_text
+    from snug.config.yamlfile import load_text
 
     text = "base: &b {x: 1, y: [1, 2]}\nmore: {<<: *b, z: *b}\n"
     lines: dict[str, int] = {}
@@ -574,7 +574,8 @@ def saved_adapters(tmp_path_factory) -> dict[str, Path]:
     from transformers import AutoModelForCausalLM
 
     from snug.config import load_config
-    from snug.methods import apply_method, get_method
+    from snug.core.registry import get_method
+    from snug.methods import apply_method
 
     root = tmp_path_factory.mktemp("adapters")
     base = AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny")

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from snug.config import Config, ConfigError, config_from_dict, load_config
-from snug.methods import get_method
-from snug.reference import reference_markdown
+from snug.config.reference import reference_markdown
+from snug.core.registry import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,7 +113,7 @@ def test_every_example_loads_and_validates(path):
 def test_readme_config_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     assert reference_markdown() in readme, (
-        "README config reference is stale: run python -m snug.reference"
+        "README config reference is stale: run python -m snug.config.reference"
     )
 
 
@@ -223,9 +223,9 @@ QUICKSTART = ROOT / "examples/quickstart.yaml"  # method lora: r, alpha, targets
 
 
 def _methods() -> list[str]:
-    from snug.config import registered_methods
+    from snug.core.registry import methods
 
-    return sorted(registered_methods())
+    return sorted(methods())
 
 
 @pytest.mark.parametrize("name", _methods())
@@ -233,9 +233,9 @@ def test_another_method_on_the_command_line_sets_the_files_keys_of_its_method_as
     """quickstart.yaml sets lora's r, alpha and targets: choosing another method on the command
     line keeps those the new method has (dora: all; ia3: targets) and sets the rest aside, in
     one line naming them; the new method's other keys take their defaults."""
-    from snug.config import registered_methods
+    from snug.core.registry import methods
 
-    settings = registered_methods()[name].settings
+    settings = methods()[name].settings
     own = {f.name for f in dataclasses.fields(settings)} if settings else set()
     cfg = load_config(QUICKSTART, [f"method.name={name}"])
     assert cfg.method.name == name

@@ -1,4 +1,4 @@
-"""A run tells what happens as events (snug/train/events.py) to sinks: the console,
+"""A run tells what happens as events (snug/core/events.py) to sinks: the console,
 metrics.jsonl/TensorBoard, status.json, and any sink a caller passes to run_training."""
 
 import io
@@ -8,7 +8,7 @@ import re
 from rich.console import Console
 
 from snug.config import config_from_dict
-from snug.train.events import Step
+from snug.core.events import Step
 from snug.train.loop import run_training
 from snug.train.sinks import ConsoleSink
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snug import registry
 from snug.cli import main
 from snug.config import ConfigError, load_config
-from snug.reference import reference_markdown
+from snug.config.reference import reference_markdown
+from snug.core import registry
 
 PLUGIN = Path(__file__).resolve().parent / "plugins" / "head_only.py"
 STAGE_PLUGIN = Path(__file__).resolve().parent / "plugins" / "completion.py"

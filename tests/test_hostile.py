@@ -835,9 +835,9 @@ class _Loaded(BaseException):  # not an Exception: `snug`'s main lets it through
 
 
 def _methods() -> list[str]:
-    from snug.config import registered_methods
+    from snug.core.registry import methods
 
-    return sorted(registered_methods())
+    return sorted(methods())
 
 
 @pytest.mark.parametrize("name", _methods())

@@ -1,10 +1,14 @@
-"""snug's modules import each other in one direction (issue 17): a test builds the import graph
-of snug/ from the source (every import: top-level, inside functions, under TYPE_CHECKING) and
-fails on any cycle, naming the modules on it."""
+"""snug's modules import each other in one direction (issues 17 and 34): a test builds the import
+graph of snug/ from the source (every import: top-level, inside functions, under TYPE_CHECKING,
+and a module imported by its name as a string: importlib.import_module("snug.x"),
+__import__("snug.x"), or any call named *import* given a snug module's name) and fails on any
+cycle, and on any import that points up the layers (LAYERS), naming the modules."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +35,8 @@ def import_graph(package: Path) -> dict[str, set[str]]:
                 names = [
                     f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names
                 ]
+            elif isinstance(node, ast.Call):
+                names = _imported_by_name(node, mods)
             else:
                 continue
             for name in names:
@@ -39,6 +45,20 @@ def import_graph(package: Path) -> dict[str, set[str]]:
                 if name and name != mod:
                     graph[mod].add(name)
     return graph
+
+
+def _imported_by_name(call: ast.Call, mods: dict) -> list[str]:
+    """The snug modules a call imports by their names as strings: importlib.import_module,
+    __import__, importlib.util.find_spec and any function whose name says it imports."""
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    if "import" not in name.lower() and name != "find_spec":
+        return []
+    return [
+        a.value
+        for a in call.args
+        if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("snug")
+    ]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -89,9 +109,77 @@ def test_snug_has_no_import_cycle():
     assert cycles(graph) == [], "import cycles in snug/ (each line one cycle)"
 
 
-def test_config_and_the_method_registry_stay_light():
-    """snug.config and snug.registry import nothing of snug's that needs torch at import time:
-    the command line checks a config before torch loads."""
+# The layers, bottom first: a module may import its own layer's and those below. The bottom
+# (snug.core: the interfaces) imports nothing of snug's but snug.errors; the commands (cli.py
+# and each package's command.py) sit on top. Within a layer, packages import each other freely
+# only as far as the cycle check allows.
+LAYERS = [
+    ("snug", "snug.errors"),
+    ("snug.core",),
+    ("snug.arguments", "snug.files", "snug.lockfile", "snug.progress", "snug.hub", "snug.shutdown"),
+    ("snug.config",),
+    ("snug.data", "snug.models"),
+    ("snug.methods",),
+    ("snug.train",),
+    ("snug.stages",),
+    ("snug.builtin", "snug.plan", "snug.deploy"),
+    ("snug.cli", "command"),
+]
+
+
+def layer(module: str) -> int:
+    """The layer of a module: that of the longest prefix LAYERS names (a package's `command`
+    module: the commands' layer)."""
+    if module.rpartition(".")[2] == "command":
+        return len(LAYERS) - 1
+    best, found = -1, None
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best:
+                best, found = len(name), i
+    assert found is not None, f"{module}: in no layer of tests/test_layering.py's LAYERS"
+    return found
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{a} -> {b}" for a, targets in graph.items() for b in targets if layer(b) > layer(a)
+    )
+
+
+def test_a_module_imported_by_its_name_is_an_import(tmp_path):
+    pkg = tmp_path / "snugx"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import importlib\ndef f():\n    importlib.import_module('snugx.b')\n")
+    (pkg / "b.py").write_text("def g():\n    __import__('snugx.a')\n")
+    (pkg / "c.py").write_text("def h(load):\n    load_and_import(1, 'snugx.a')\n")
+    graph = import_graph(pkg)
+    assert graph["snugx.a"] == {"snugx.b"} and graph["snugx.b"] == {"snugx.a"}
+    assert graph["snugx.c"] == {"snugx.a"}
+    assert cycles(graph) == [["snugx.a", "snugx.b"]]
+
+
+def test_no_import_points_up_a_layer():
+    """Every import points down or sideways (docs/extending.md: the layers): the planner is
+    handed to run_training (auto_fit), a stage's frozen models reach the sharding through a
+    hook, and snug's own methods and stages come in through the registry's door, not by name."""
     graph = import_graph(ROOT / "snug")
-    for light in ("snug.registry", "snug.fields", "snug.errors"):
-        assert graph[light] <= {"snug.fields", "snug.errors"}, (light, graph[light])
+    assert upward(graph) == [], "imports that point up a layer"
+    core = {m for m in graph if m.startswith("snug.core")}
+    for module in core:
+        assert graph[module] <= core | {"snug.errors"}, (module, graph[module] - core)
+
+
+def test_the_bottom_layer_imports_no_torch():
+    """snug.core and snug.config import no torch, transformers or peft: the command line checks
+    a config (every plug-in's keys included) before those load."""
+    code = (
+        "import sys, snug.core.registry, snug.core.stage, snug.core.events, snug.config\n"
+        "from snug.config import load_config\n"
+        "load_config(None, ['train.stage=dpo', 'method.name=dora'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

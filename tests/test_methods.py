@@ -6,8 +6,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from snug.config import Config, MethodConfig
+from snug.core.registry import get_method
 from snug.data.collate import collate
-from snug.methods import apply_method, count_params, get_method
+from snug.methods import apply_method, count_params
 from snug.train.finish import save_final
 from snug.train.step import train_step
 

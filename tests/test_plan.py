@@ -11,8 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from snug.config import load_config
+from snug.core.registry import methods
 from snug.data.collate import collate
-from snug.methods import REGISTRY, apply_method
+from snug.methods import apply_method
 from snug.plan.simulate import simulate, with_depth, with_overrides
 from snug.train.memory import TensorMemoryTracker, model_tensors
 from snug.train.optim import build_optimizer
@@ -464,7 +465,7 @@ def test_replay_counts_the_ops_a_real_step_dispatches(method, gc):
     assert Count.ops - 20 <= predicted <= Count.ops + 2 * params, (predicted, Count.ops)
 
 
-PLAN_METHODS = list(REGISTRY)  # every registered method
+PLAN_METHODS = list(methods())  # every registered method
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true", "fp16-mixed"])

@@ -127,7 +127,7 @@ def test_every_registered_method_can_be_recommended():
     """The planner ranks what the method registry holds (ptuning and llama_adapter were
     registered but missing from the planner's own quality list: `snug plan --search --method
     ptuning` failed with "tuple.index(x): x not in tuple")."""
-    from snug.methods import REGISTRY
+    from snug.core.registry import methods
     from snug.plan.hardware import cpu_device, model_config
     from snug.plan.search import plan_one, quality_rank, recommend, searched_methods
 
@@ -140,7 +140,7 @@ def test_every_registered_method_can_be_recommended():
     cand = plan_one(cfg, model_config(str(ROOT / "models/tiny")), cpu_device(), 32)
     choice, why = recommend([cand])
     assert choice is cand and "ptuning ranks highest" in why
-    ranks = [quality_rank(m) for m in {*REGISTRY, *searched_methods()}]
+    ranks = [quality_rank(m) for m in {*methods(), *searched_methods()}]
     assert len(set(ranks)) == len(ranks)  # one order, no ties between methods
 
 

@@ -13,6 +13,7 @@ import torch
 
 from snug.config import config_from_dict
 from snug.data.formats import DataError
+from snug.plan.autofit import auto_fit
 from snug.train.loop import run_training
 
 from conftest import ROOT, write_jsonl
@@ -187,9 +188,9 @@ def test_kto_loss_equals_the_papers():
 # -- log-probs and the reference ---------------------------------------------------------------
 def _batch(tok, stage: str = "dpo", n: int = 4) -> dict:
     from snug.config import load_config
+    from snug.core.registry import get_stage
     from snug.data.preference import tokenize_pairs
     from snug.data.templates import resolve_template
-    from snug.registry import get_stage
 
     template = resolve_template(tok, "auto", str(TINY))
     rows = pairs(n) if stage != "kto" else labelled(n)
@@ -396,7 +397,7 @@ def _real_peak(cfg, config, seq_len: int) -> int:
     answers a token shorter, so it is padded, as pairs of real data are (two targets fewer)."""
     from transformers import AutoModelForCausalLM
 
-    from snug.registry import get_stage
+    from snug.core.registry import get_stage
     from snug.train.memory import TensorMemoryTracker, model_tensors
     from snug.train.optim import build_optimizer
     from snug.train.prepare import prepare_for_training, step_options
@@ -595,7 +596,7 @@ def test_dpo_trains_on_4bit_and_8bit_bases_and_auto_fit_plans_it(tmp_path):
     raw = run_config(tmp_path / "fit", "dpo", data)
     raw["train"].update(micro_batch=8, max_steps=2)
     raw["memory"] = {"auto_fit": True, "gpu": "30MiB", "grad_checkpointing": False}
-    summary = run_training(config_from_dict(raw))
+    summary = run_training(config_from_dict(raw), planner=auto_fit)
     fit = summary["auto_fit"]
     assert summary["status"] == "completed"
     assert fit["micro_batch"] * fit["grad_accum"] == 8

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from snug.cli import main
 from snug.config import config_from_dict
+from snug.plan.autofit import auto_fit
 from snug.train import run as loop_run
 from snug.train.checkpoint import COMPLETE
 from snug.train.loop import run_training
@@ -429,7 +430,7 @@ def test_auto_fit_keeps_the_effective_batch_and_stays_under_the_budget(tmp_path)
         data={"max_samples": 64, "cutoff_len": 128},
         train={"micro_batch": 16, "grad_accum": 1, "max_steps": 3, "eval_generate": 0},
     )
-    summary = run_training(config_from_dict(raw))
+    summary = run_training(config_from_dict(raw), planner=auto_fit)
     fit = summary["auto_fit"]
     assert summary["status"] == "completed"
     assert fit["micro_batch"] * fit["grad_accum"] == 16

@@ -19,6 +19,7 @@ from datasets import Dataset, concatenate_datasets
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase
 
+from snug.core.registry import get_stage
 from snug.data.formats import FORMATS, DataError, detect_format
 from snug.data.locate import Locator
 from snug.data.preference import refuse_preference_records
@@ -39,7 +40,6 @@ from snug.data.tokenize import (
     tokenize_records,
 )
 from snug.progress import Phase
-from snug.registry import get_stage
 
 # snug.config.DataConfig: not imported, since the stages (snug/stages/) that call this module
 # sit below snug.config, which registers them.

@@ -13,11 +13,11 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, Json
 
+from snug.config.paths import NOT_A_FILE_BECAUSE, special_data_file
 from snug.data.formats import DataError
 from snug.data.locate import Locator, check_json_file, check_utf8, holds_array, read_json
 from snug.data.tokenize import RAW_JSON
 from snug.errors import first_line
-from snug.paths import NOT_A_FILE_BECAUSE, special_data_file
 
 BUILDERS = {
     ".json": "json",

@@ -86,9 +86,9 @@ def score(
 ) -> dict:
     """The metrics of one model: `name` is an adapter or BASE; `phase(title, total, unit)`
     (snug/progress.py) counts the samples scored."""
+    from snug.core.registry import get_stage
     from snug.models.load import resolve_precision
     from snug.progress import quiet
-    from snug.registry import get_stage
     from snug.train.evaluate import eval_metrics, exact_match, normalize
     from snug.train.prepare import step_options
 

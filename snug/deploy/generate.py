@@ -94,8 +94,8 @@ def read_prompts(path: Path, system: str | None = None) -> list[Prompt]:
 def refuse_special(flag: str, path: Path) -> None:
     """A named pipe, socket or device given as data (or, for a folder, inside it), refused
     before anything opens it: opening a pipe waits for a writer."""
+    from snug.config.paths import NOT_A_FILE_BECAUSE, special_data_file
     from snug.data.formats import DataError
-    from snug.paths import NOT_A_FILE_BECAUSE, special_data_file
 
     if special := special_data_file(path):
         found, what = special

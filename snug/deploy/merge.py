@@ -16,15 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from snug import paths
-from snug.config import Config, load_config
+from snug.config import Config, load_config, paths
+from snug.config.preflight import check_model_dir
+from snug.core.registry import get_method, get_stage, methods
 from snug.errors import UserError, first_line, read_utf8
-from snug.methods import REGISTRY, get_method
 from snug.methods.saved import read_config
 from snug.models.load import DTYPES, load_model, load_tokenizer
-from snug.preflight import check_model_dir
 from snug.progress import Phase, quiet
-from snug.registry import get_stage
 
 # The few prompts whose logits `--verify` compares.
 VERIFY_PROMPTS = (
@@ -65,7 +63,7 @@ def _method_of_peft_dir(adapter_dir: Path, config: dict) -> str:
     peft_type = config.get("peft_type", "")
     found = [
         m
-        for m in REGISTRY.values()
+        for m in methods().values()
         if m.peft_type == peft_type and (not m.peft_flag or config.get(m.peft_flag))
     ]
     if not found:

@@ -18,12 +18,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from snug.config import Config, load_config
+from snug.core.method import load_peft
+from snug.core.registry import get_method, get_stage
 from snug.data.render import render_chat
 from snug.data.templates import resolve_template
 from snug.deploy.merge import MergeError, Source, attach, check_base, find_source
-from snug.methods import get_method, load_peft
 from snug.models.load import load_model, load_tokenizer
-from snug.registry import get_stage
 
 BASE = "base"  # the name that selects the base model without any adapter
 

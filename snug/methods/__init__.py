@@ -1,5 +1,6 @@
 """Fine-tuning methods: one module each, registering itself in one line
-(`register(Method(...))`, snug/registry.py, the one source of method facts).
+(`register(Method(...))`, snug/core/registry.py, the one source of method facts) when snug's
+plug-in module (snug/builtin.py) imports it through the registry's door.
 
 A method turns a loaded base model into the model that trains: it chooses which weights train
 and adds any new ones. `apply_method` is the single entry point for `snug train` and `snug plan`.
@@ -10,35 +11,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-# The registry (snug/registry.py), re-exported for callers.
-from snug.registry import METHODS as REGISTRY
-from snug.registry import (
-    Method,
-    MethodConfig,
-    get_method,
-    load_peft,
-    peft_task,
-    register,
-    save_pretrained,
-)
+from snug.core.method import peft_task
+from snug.core.registry import get_method
 
 if TYPE_CHECKING:  # torch is imported when a method is applied, not when a config is checked
     import torch
     from torch import nn
 
-__all__ = [
-    "REGISTRY",
-    "Method",
-    "MethodConfig",
-    "apply_method",
-    "count_params",
-    "get_method",
-    "load_peft",
-    "logical_numel",
-    "peft_task",
-    "register",
-    "save_pretrained",
-]
+    from snug.core.sections import MethodConfig
+
+__all__ = ["apply_method", "count_params", "logical_numel"]
 
 
 def apply_method(
@@ -83,11 +65,3 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
-
-
-# snug's own methods register themselves as they are imported, in this order (the order of
-# the method.name choices and of a search's methods).
-# isort: off
-from snug.methods import full, freeze, lora, ia3, virtual_tokens  # noqa: E402,F401
-from snug.methods import llama_adapter, adapter  # noqa: E402,F401
-# isort: on

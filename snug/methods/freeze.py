@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Any
 
+from snug.core.method import Method
+from snug.core.registry import get_stage, register
+from snug.core.sections import MethodConfig
+from snug.core.settings import AT_LEAST_1, NON_NEGATIVE
+from snug.core.settings import setting as _f
 from snug.errors import ConfigError
-from snug.fields import AT_LEAST_1, NON_NEGATIVE
-from snug.fields import setting as _f
-from snug.registry import Method, MethodConfig, get_stage, register
 
 if TYPE_CHECKING:
     from torch import nn

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from snug.registry import Method, MethodConfig, register
+from snug.core.method import Method
+from snug.core.registry import register
+from snug.core.sections import MethodConfig
 
 if TYPE_CHECKING:
     from torch import nn

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from snug.fields import setting as _f
-from snug.registry import Method, MethodConfig, peft_task, register
+from snug.core.method import Method, peft_task
+from snug.core.registry import register
+from snug.core.sections import MethodConfig
+from snug.core.settings import setting as _f
 
 if TYPE_CHECKING:
     from torch import nn

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from snug.fields import AT_LEAST_1
-from snug.fields import setting as _f
+from snug.core.method import Method, peft_task
+from snug.core.registry import register
+from snug.core.sections import MethodConfig
+from snug.core.settings import AT_LEAST_1
+from snug.core.settings import setting as _f
 from snug.methods.saved import check_base_number, read_saved, refuse, whole_number
-from snug.registry import Method, MethodConfig, peft_task, register
 
 if TYPE_CHECKING:
     from torch import nn

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from snug.config import Config, ModelConfig, registered_methods
+from snug.config import Config, ModelConfig
+from snug.config.preflight import ModelLoadError, check_model_dir
+from snug.core.registry import get_stage, methods
 from snug.errors import first_line
-from snug.preflight import ModelLoadError, check_model_dir
-from snug.registry import get_stage
 
 log = logging.getLogger("snug")
 
@@ -52,7 +52,7 @@ def resolve_dtype(cfg: Config, device: torch.device, precision: str) -> torch.dt
         return DTYPES[cfg.model.dtype]
     if precision == "bf16-true":
         return torch.bfloat16
-    whole = registered_methods()[cfg.method.name].output == "model"  # every weight trains
+    whole = methods()[cfg.method.name].output == "model"  # every weight trains
     if device.type != "cuda" or whole or precision == "fp32":
         return torch.float32
     # Adapters on a GPU: frozen weights in the half type the precision computes in.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from snug.config import Config
-from snug.methods import REGISTRY
+from snug.core.registry import methods
 from snug.plan.hardware import GIB, Device
 from snug.plan.search import BASE_BITS, method_label, search
 from snug.plan.simulate import PlanError
@@ -77,7 +77,7 @@ def _smallest_change(cfg: Config, config, device: Device, seq_len: int, tried) -
     # the best-ranked method that also trains on a quantized base, then its quantized variants
     # from the larger base (8-bit) to the smaller (4-bit)
     best = min(
-        (m for m in REGISTRY.values() if m.searched and m.quantized), key=lambda m: m.quality
+        (m for m in methods().values() if m.searched and m.quantized), key=lambda m: m.quality
     )
     variants = sorted(best.quantized, key=lambda q: -BASE_BITS.get(q[1], 0))
     for other, change in (

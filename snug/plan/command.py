@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from snug.arguments import config_arguments
-from snug.switch import say_set_aside
+from snug.config.switch import say_set_aside
 
 
 def add_plan_parsers(sub: argparse._SubParsersAction) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from snug.config import Config, load_config
+from snug.plan.autofit import auto_fit
 from snug.plan.hardware import cpu_device, model_config
 from snug.plan.report import _gib, sequence_length
 from snug.plan.simulate import PlanError, simulate
@@ -56,7 +57,7 @@ def cmd_measure(args) -> int:
 
 
 class _StepClock:
-    """A sink of the run (train/events.py) that notes when each optimizer step ended, and
+    """A sink of the run (core/events.py) that notes when each optimizer step ended, and
     counts it in `shown`."""
 
     def __init__(self, shown: Phase) -> None:
@@ -106,7 +107,7 @@ def measure(
             plan_seconds = time.perf_counter() - started
             shown.note("loading the model and data, then the real steps")
             clock = _StepClock(shown)
-            summary = run_training(run_cfg, Console(quiet=True), sinks=[clock])
+            summary = run_training(run_cfg, Console(quiet=True), sinks=[clock], planner=auto_fit)
         timing = device_model(cpu_device(), "fp32") if device.type == "cpu" else None
     # step i's time is from the end of step i-1 to its own end: the steps after the warm-up
     step_seconds = [b - a for a, b in itertools.pairwise(clock.ends[warmup - 1 :])]

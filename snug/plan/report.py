@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from snug.config import Config, load_config, save_config
-from snug.paths import looks_like_hub_id
+from snug.config.paths import looks_like_hub_id
 from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
 from snug.plan.search import Candidate, plan_one, recommend, search
 from snug.plan.simulate import PlanError, with_overrides
@@ -159,7 +159,7 @@ def held_fixed(cfg: Config, searched: list[str], config_path: str | None = None)
     are) that the search keeps."""
 
     from snug.config import config_from_dict
-    from snug.registry import MethodConfig
+    from snug.core.sections import MethodConfig
 
     base = Path(config_path).resolve().parent if config_path else None
     default = config_from_dict({}, base=base).to_dict()

@@ -10,7 +10,7 @@ import torch
 from transformers import PretrainedConfig
 
 from snug.config import Config
-from snug.methods import REGISTRY, get_method
+from snug.core.registry import get_method, methods
 from snug.plan.calibration import StepModel
 from snug.plan.hardware import GIB, Device
 from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
@@ -38,12 +38,12 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
 def quant_of() -> dict[str, str]:
     """Search labels of methods on a quantized base -> model.quant: "qlora" is LoRA on a 4-bit
     NF4 base, "qlora-8bit" LoRA on an LLM.int8 base (each method declares its own)."""
-    return {label: quant for m in REGISTRY.values() for label, quant, _ in m.quantized}
+    return {label: quant for m in methods().values() for label, quant, _ in m.quantized}
 
 
 def base_of(label: str) -> str:
     """The registered method a search label trains (lora for qlora)."""
-    return next((m.name for m in REGISTRY.values() for q in m.quantized if q[0] == label), label)
+    return next((m.name for m in methods().values() for q in m.quantized if q[0] == label), label)
 
 
 def searched_methods() -> tuple[str, ...]:
@@ -51,7 +51,7 @@ def searched_methods() -> tuple[str, ...]:
     variants."""
     return tuple(
         label
-        for m in REGISTRY.values()
+        for m in methods().values()
         if m.searched
         for label in (m.name, *(q[0] for q in m.quantized))
     )
@@ -59,13 +59,13 @@ def searched_methods() -> tuple[str, ...]:
 
 def quality_rank(label: str) -> int:
     """The recommendation's order among fitting candidates (each method declares its rank)."""
-    for m in REGISTRY.values():
+    for m in methods().values():
         if m.name == label:
             return m.quality
         for q_label, _, rank in m.quantized:
             if q_label == label:
                 return rank
-    raise PlanError(f"method {label!r} is not registered; choose one of {', '.join(REGISTRY)}.")
+    raise PlanError(f"method {label!r} is not registered; choose one of {', '.join(methods())}.")
 
 
 BASE_BITS = {"8bit": 8, "4bit": 4}  # bits per base weight of each model.quant
@@ -267,7 +267,7 @@ def _largest_fitting_micro_batch(
     (halving while it does not). Only micro-batches that divide the effective batch
     (micro_batch x grad_accum of the config) are tried, so every candidate trains with the
     user's effective batch."""
-    from snug.registry import get_stage
+    from snug.core.registry import get_stage
 
     def at(b: int) -> Candidate:
         trial = with_overrides(variant, train={"micro_batch": b, "grad_accum": effective // b})

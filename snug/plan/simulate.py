@@ -28,6 +28,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
 
 from snug.config import Config
+from snug.core.registry import get_stage
+from snug.core.sections import with_method
 from snug.errors import UserError
 from snug.methods import count_params
 from snug.models.load import compute_dtype, quant_storage, resolve_dtype
@@ -42,7 +44,6 @@ from snug.plan.standins import (
 )
 from snug.plan.trace import LayerTags, deepen, survivors
 from snug.plan.tracker import CATEGORIES, ModuleNames, PhaseTracker
-from snug.registry import get_stage, with_method
 from snug.train.dist import Dist, wrap_reference
 from snug.train.memory import local, model_tensors
 from snug.train.prepare import prepare_for_training, step_options
@@ -182,7 +183,9 @@ def _simulate_once(
         # module hooks, then sharded as the model is
         reference = opts.stage.reference(model, cfg)
         held_by_wrapper = shard(model, cfg, mesh, precision)  # rank 0 of dist.nproc, if any
-        wrap_reference(reference, cfg, Dist(world, strategy=cfg.dist.strategy), precision, mesh)
+        wrap_reference(
+            opts.stage, reference, cfg, Dist(world, strategy=cfg.dist.strategy), precision, mesh
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: tracker.mark([p.grad], "gradients"))
@@ -391,7 +394,7 @@ def explain(
 
 def with_overrides(cfg: Config, **sections) -> Config:
     """A copy of cfg with some keys of some sections replaced, e.g. memory={"optimizer": ...}.
-    A new method.name brings that method's own keys (snug.registry.with_method)."""
+    A new method.name brings that method's own keys (snug.core.registry.with_method)."""
     out = {}
     for name, keys in sections.items():
         section = getattr(cfg, name)

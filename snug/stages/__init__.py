@@ -1,7 +1,4 @@
-"""snug's training stages, one module each; importing this package registers them (in this
-order: the order of the train.stage choices). A stage of your own subclasses
-`snug.stages.base.Stage` and registers itself likewise (docs/extending.md)."""
-
-# isort: off
-from snug.stages import sft, pt, cls, dpo, orpo, simpo, kto  # noqa: F401
-# isort: on
+"""snug's training stages, one module each, registering itself in one line
+(`register_stage(...)`) when snug's plug-in module (snug/builtin.py) imports it through the
+registry's door. A stage of your own subclasses `snug.stages.base.BaseStage` and registers itself
+likewise (docs/extending.md)."""

@@ -1,5 +1,6 @@
-"""What a training stage is: the `Stage` class a stage module subclasses and registers
-(`register_stage(MyStage())`, one line; snug/registry.py keeps them).
+"""`BaseStage`: the stage a causal language model learning next tokens is, which a stage module
+subclasses, overriding what differs, and registers (`register_stage(MyStage())`: snug/core/
+registry.py). What each member means is the `Stage` protocol's (snug/core/stage.py).
 
 A stage owns everything that depends on what is being learnt: its own `train:` keys, the record
 formats it reads, tokenization and label masking, collate, the model class it loads, its loss
@@ -23,27 +24,19 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from torch import nn
 
+    from snug.core.sections import Config, DataConfig
     from snug.data.dataset import Source
 
-# snug.config's Config and DataConfig: not imported, since snug.config imports the stages to
-# register them (a type-only import would close that loop).
-Config = DataConfig = Any
-
-# (summed loss, its count, metrics summed over the same count): the step divides the loss and
-# the metrics by the count of the whole accumulated batch, so each metric is a mean per count.
-# The count may be None, meaning `count(batch)`, which the step computes once before the
-# micro-batches run: computing it again inside the loss would add a tensor to every replay of
-# `snug plan` (12 bytes at the peak of the quickstart plan).
-LossOut = tuple["torch.Tensor", "torch.Tensor | None", dict[str, "torch.Tensor"]]
+from snug.core.stage import LossOut, Stage
 
 
-class Stage:
+class BaseStage(Stage):
     """A training stage. Subclass it, set the class attributes, override what differs from a
     causal LM learning next tokens, and register one instance."""
 
     name: str = ""
     help: str = ""  # one line for the train.stage reference
-    # Keys of its own in the `train:` section: a dataclass declared with snug.fields.setting,
+    # Keys of its own in the `train:` section: a dataclass declared with snug.core.settings.setting,
     # validated and documented with the others, read as `stage.own(cfg.train)`.
     settings: type | None = None
     # Keys of its own in the `pref:` section (the preference stages'), likewise; None: none.
@@ -65,7 +58,7 @@ class Stage:
     min_rows: int = 1
     min_rows_because: str = ""
 
-    def configured(self, cfg: Config) -> Stage:
+    def configured(self, cfg: Config) -> BaseStage:
         """The stage as the step runs it for `cfg` (a stage whose loss reads settings returns a
         copy holding them); itself by default."""
         return self
@@ -134,6 +127,11 @@ class Stage:
         (pref.reference=precompute; `identity` names the base and how it computes, for the
         cache), else as it is."""
         return ds
+
+    def frozen_models(self, reference: Any) -> list[nn.Module]:
+        """The frozen models `reference` holds, which dist.strategy=fsdp shards as it shards the
+        model (a preference stage's frozen copy); none by default."""
+        return []
 
     def reference(self, model: nn.Module, cfg: Config) -> Any:
         """The frozen model its loss compares with (passed as `reference`), made from the

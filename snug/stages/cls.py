@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from snug.fields import setting
-from snug.registry import register_stage
-from snug.stages.base import Stage
+from snug.core.registry import register_stage
+from snug.core.settings import setting
+from snug.stages.base import BaseStage
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ClsSettings:
     )
 
 
-class Classify(Stage):
+class Classify(BaseStage):
     name = "cls"
     help = "sequence classification (labels from data.label_column)"
     settings = ClsSettings
@@ -33,8 +33,8 @@ class Classify(Stage):
     not_a_chat_model_because = "a classifier does not generate text"
 
     def check(self, cfg, source):
+        from snug.core.registry import get_method
         from snug.errors import ConfigError
-        from snug.registry import get_method
 
         why = get_method(cfg.method.name).no_classifier_because
         if why:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from snug.fields import POSITIVE, setting
-from snug.registry import register_stage
+from snug.core.registry import register_stage
+from snug.core.settings import POSITIVE, setting
 from snug.stages.dpo import REFERENCE_HELP
 from snug.stages.pref_losses import kto_losses
 from snug.stages.preference import PreferenceStage, sequence_logps

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snug.fields import POSITIVE, setting
-from snug.registry import register_stage
+from snug.core.registry import register_stage
+from snug.core.settings import POSITIVE, setting
 from snug.stages.preference import PreferenceStage
 
 

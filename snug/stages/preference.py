@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
-from snug.stages.base import Stage
+from snug.stages.base import BaseStage
 from snug.stages.pref_losses import pair_losses
 
 if TYPE_CHECKING:
@@ -128,8 +128,8 @@ def make_reference(model: nn.Module, cfg: Any) -> Reference:
     """The reference pref.reference asks for (auto: adapter_off when the method can, else a
     copy; precompute: log-probs the data carries, see `precompute_reference`), made from the
     model before its first step."""
+    from snug.core.registry import get_method
     from snug.errors import ConfigError
-    from snug.registry import get_method
 
     method = get_method(cfg.method.name)
     can_switch = method.output == "adapter" and method.peft_type is not None
@@ -190,7 +190,7 @@ def precompute_reference(
 
 
 # -- the stages ------------------------------------------------------------------------------
-class PreferenceStage(Stage):
+class PreferenceStage(BaseStage):
     """A stage trained on pairs (chosen, rejected) of answers to one prompt; subclasses name
     their loss (`kind`) and settings."""
 
@@ -284,6 +284,9 @@ class PreferenceStage(Stage):
 
     def reference(self, model, cfg):
         return make_reference(model, cfg) if self.uses_reference else None
+
+    def frozen_models(self, reference):
+        return [reference.frozen] if reference is not None and reference.frozen is not None else []
 
     def with_reference(self, ds, model, reference, opts, device, batch_rows, identity):
         if ds is None or getattr(reference, "kind", None) != "precompute":

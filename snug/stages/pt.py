@@ -3,11 +3,11 @@ into data.cutoff_len pieces; loss on every token. Held out: the loss."""
 
 from __future__ import annotations
 
-from snug.registry import register_stage
-from snug.stages.base import Stage
+from snug.core.registry import register_stage
+from snug.stages.base import BaseStage
 
 
-class PT(Stage):
+class PT(BaseStage):
     name = "pt"
     help = "language modelling on text"
     formats = ("text",)

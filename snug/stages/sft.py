@@ -4,11 +4,11 @@ loss, and exact match of answers by greedy generation (train.eval_generate)."""
 
 from __future__ import annotations
 
-from snug.registry import register_stage
-from snug.stages.base import Stage
+from snug.core.registry import register_stage
+from snug.stages.base import BaseStage
 
 
-class SFT(Stage):
+class SFT(BaseStage):
     name = "sft"
     help = "supervised fine-tuning on chat data"
     formats = ("alpaca", "sharegpt", "messages")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snug.fields import NON_NEGATIVE, POSITIVE, setting
-from snug.registry import register_stage
+from snug.core.registry import register_stage
+from snug.core.settings import NON_NEGATIVE, POSITIVE, setting
 from snug.stages.dpo import HALF
 from snug.stages.preference import PreferenceStage
 

@@ -5,6 +5,7 @@ before training. The result is a `Run` ready to train."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +14,12 @@ from rich.console import Console
 from transformers import set_seed
 
 from snug.config import Config
+from snug.core.registry import get_stage
 from snug.data.dataset import build_datasets
 from snug.methods import count_params
 from snug.models.fingerprint import base_record
 from snug.models.load import load_model, load_tokenizer, resolve_precision
 from snug.progress import Phase
-from snug.registry import get_stage
 from snug.train import dist
 from snug.train.checkpoint import read_train_state
 from snug.train.prepare import prepare_for_training, step_options
@@ -36,6 +37,7 @@ def build_run(
     allow_config_change: bool,
     console: Console,
     summary: dict,
+    planner: Callable | None = None,
 ) -> Run:
     """The run `cfg` describes, ready to train; nothing written (see the module's docstring)."""
     given = cfg.to_dict()  # the user's config, before auto_fit or an OOM fallback change it
@@ -72,7 +74,7 @@ def build_run(
         if cfg.memory.auto_fit:  # keep what was adopted: the search need not run again
             cfg = _adopted(cfg, resumed["adopted"])
     if cfg.memory.auto_fit and resumed is None:
-        cfg = _auto_fit(cfg, train_ds, device, console, summary)
+        cfg = _auto_fit(cfg, train_ds, device, console, summary, planner)
     model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
     # after loading: a hub model is in the cache now
     base = base_record(cfg.model, cfg.given_paths.get("model.name_or_path"))
@@ -98,7 +100,7 @@ def build_run(
         (train_ds, eval_ds), model, reference, opts, ctx, device, cfg.train.micro_batch, computes
     )
     model = dist.wrap(model, cfg, ctx, precision, device)
-    dist.wrap_reference(reference, cfg, ctx, precision)
+    dist.wrap_reference(opts.stage, reference, cfg, ctx, precision)
     summary.update(
         trainable_params=trainable, total_params=total, device=str(device), precision=precision
     )
@@ -204,12 +206,17 @@ def _refuse_or_warn(path: Path, changes: list[str], allow: bool, console: Consol
         console.print(f"[yellow]resuming with a changed config: {line}[/yellow]")
 
 
-def _auto_fit(cfg: Config, train_ds, device, console: Console, summary: dict) -> Config:
-    """Adopt the planner's fastest fitting memory settings (snug/plan/autofit.py)."""
-    from snug.plan.autofit import auto_fit
-
+def _auto_fit(
+    cfg: Config, train_ds, device, console: Console, summary: dict, planner: Callable | None
+) -> Config:
+    """Adopt the planner's fastest fitting memory settings (snug/plan/autofit.py, handed in)."""
+    if planner is None:
+        raise ValueError(
+            "memory.auto_fit: run_training was given no planner (pass "
+            "planner=snug.plan.autofit.auto_fit)."
+        )
     seq_len = cfg.data.cutoff_len if cfg.data.packing else max(sample_lengths(train_ds))
-    cfg, report = auto_fit(cfg, device.type, seq_len)
+    cfg, report = planner(cfg, device.type, seq_len)
     summary["auto_fit"] = report
     console.print(
         f"auto_fit: micro_batch {report['micro_batch']} x grad_accum {report['grad_accum']}, "

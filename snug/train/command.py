@@ -9,7 +9,7 @@ import shlex
 import sys
 
 from snug.arguments import LAUNCH_FLAGS, config_arguments
-from snug.switch import say_set_aside
+from snug.config.switch import say_set_aside
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,8 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Config, output directory, model and data paths first, before torch is imported (seconds);
     # then output.dir's lock (a torchrun launcher takes it for its ranks).
     from snug.config import load_config
+    from snug.config.preflight import check_data_paths, check_model_dir
     from snug.hub import offline_said_on_stderr
-    from snug.preflight import check_data_paths, check_model_dir
     from snug.train.outputs import check_output_dir, own_output_dir
 
     cfg = load_config(args.config, args.overrides)
@@ -70,6 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with own_output_dir(cfg, args.fresh, command, lock=os.environ.get("RANK", "0") == "0"):
         if "LOCAL_RANK" not in os.environ:  # (a rank's launcher asked)
             offline_said_on_stderr()  # after the checks of bad input: its error is one line
+        from snug.plan.autofit import auto_fit
         from snug.train.loop import run_training
         from snug.train.resume import EXIT_STOPPED, TrainingStopped
 
@@ -79,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 fresh=args.fresh,
                 allow_config_change=args.allow_config_change,
                 resume_command=resume_command(args),
+                planner=auto_fit,
             )
         except TrainingStopped as e:
             if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so

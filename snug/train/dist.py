@@ -24,7 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 from snug.arguments import LAUNCH_FLAGS
-from snug.config import Config, ConfigError, registered_methods
+from snug.config import Config, ConfigError
+from snug.core.registry import methods
+from snug.core.stage import Stage
 from snug.errors import AlreadySaid, exit_code
 from snug.train.collectives import all_sum  # noqa: F401  (callers: dist.all_sum)
 from snug.train.lock import handed_on
@@ -135,7 +137,7 @@ def _signal(pid: int, signum: int) -> None:
 
 def trains_sharded(method: str, quant: str) -> bool:
     """Whether `check` lets this method on this base train under ddp and fsdp."""
-    return registered_methods()[method].shardable and quant != "8bit"
+    return methods()[method].shardable and quant != "8bit"
 
 
 def setup(cfg: Config, device: torch.device) -> tuple[Dist, torch.device]:
@@ -187,15 +189,15 @@ def wrap(model: nn.Module, cfg: Config, ctx: Dist, precision: str, device) -> nn
     return shard_fsdp(model, cfg, precision)
 
 
-def wrap_reference(reference: object, cfg: Config, ctx: Dist, precision: str, mesh=None) -> None:
-    """FSDP: shard a preference stage's frozen copy as the model is (`shard_fsdp`), so each rank
-    holds its share of the reference too; DDP and one process keep it whole. In place."""
-    from snug.stages.preference import Reference
-
-    if not (isinstance(reference, Reference) and reference.frozen is not None):
-        return
+def wrap_reference(
+    stage: Stage, reference: object, cfg: Config, ctx: Dist, precision: str, mesh=None
+) -> None:
+    """FSDP: shard the frozen models a stage's reference holds (`Stage.frozen_models`: a
+    preference stage's frozen copy) as the model is (`shard_fsdp`), so each rank holds its share
+    of them too; DDP and one process keep them whole. In place."""
     if ctx.active and ctx.strategy == "fsdp":
-        shard_fsdp(reference.frozen, cfg, precision, mesh, frozen=True)
+        for frozen in stage.frozen_models(reference):
+            shard_fsdp(frozen, cfg, precision, mesh, frozen=True)
 
 
 def shard_fsdp(

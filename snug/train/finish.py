@@ -12,6 +12,8 @@ from pathlib import Path
 from rich.console import Console
 
 from snug.config import Config
+from snug.core.events import End, Reporter
+from snug.core.registry import get_method
 from snug.files import (
     OutOfSpace,
     aside,
@@ -22,10 +24,8 @@ from snug.files import (
     replace_dir,
     write_text_atomic,
 )
-from snug.methods import get_method
 from snug.models.fingerprint import base_record, write_base_record
 from snug.train import dist
-from snug.train.events import End, Reporter
 from snug.train.outputs import PREVIOUS, discard_previous
 from snug.train.run import Run
 from snug.train.statefile import tensor_bytes

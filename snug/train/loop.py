@@ -1,7 +1,7 @@
 """`snug train`: data -> model -> method -> steps -> eval -> outputs, snug's own loop, no Trainer.
 
 Split by idea: train/build.py prepares a run without touching output.dir, train/schedule.py
-turns samples into steps, train/run.py is the loop over optimizer steps, train/events.py with
+turns samples into steps, train/run.py is the loop over optimizer steps, core/events.py with
 train/sinks.py tell the console, metrics.jsonl/TensorBoard, status.json and any sink of the
 caller what happens, and train/finish.py ends a run (the evaluation after, the final adapter or
 model, summary.json). Here: the run from start to end, and when output.dir becomes the run's."""
@@ -9,16 +9,17 @@ model, summary.json). Here: the run from start to end, and when output.dir becom
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from snug.config import Config
+from snug.core.events import Reporter, Start
 from snug.models.load import resolve_device
 from snug.train import dist
 from snug.train.build import build_run
-from snug.train.events import Reporter, Start
 from snug.train.finish import end, finish
 from snug.train.metrics import MetricsLog
 from snug.train.outputs import commit, newest_checkpoint, own_output_dir
@@ -37,15 +38,20 @@ def run_training(
     allow_config_change: bool = False,
     resume_command: str = "the same command",
     sinks: list | tuple = (),
+    planner: Callable | None = None,
 ) -> dict:
     """Train as `cfg` says, write everything into output.dir, return summary.json's content.
     Resumes the newest complete checkpoint in output.dir unless `fresh`; a checkpoint of a
     different run (guarded keys, data) is refused unless `allow_config_change`.
 
     `sinks`: more watchers of the run (a web UI, a test), told what happens after the
-    console, metrics.jsonl and status.json are; each has the methods of train/events.py it
+    console, metrics.jsonl and status.json are; each has the methods of core/events.py it
     cares about (on_start, on_step, on_eval, on_checkpoint, on_end). Only the main rank of a
     distributed run calls them.
+
+    `planner`: what memory.auto_fit asks for the fastest settings that fit, `(cfg, device type,
+    seq_len) -> (cfg, report)` (snug.plan.autofit.auto_fit): the planner replays this layer's
+    step, so it sits above it and the caller hands it in.
 
     Rank 0 holds output.dir's lock throughout (or checks that the torchrun launcher holding it
     for the ranks does: train/lock.py). Nothing in output.dir changes until the run has proven
@@ -65,7 +71,7 @@ def run_training(
         try:
             run = dist.agree(
                 lambda: build_run(
-                    cfg, ctx, device, resume_path, allow_config_change, console, summary
+                    cfg, ctx, device, resume_path, allow_config_change, console, summary, planner
                 ),
                 device,
             )

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from snug.stages.base import LossOut, Stage
+from snug.core.registry import get_stage
+from snug.core.stage import LossOut, Stage
 
 LossFn = Callable[..., LossOut]  # (model, batch, reference) -> (summed loss, count, metrics)
 
@@ -21,9 +22,9 @@ class StepOptions:
     max_grad_norm: float  # 0: no clipping
     chunked_loss: bool
     offload_activations: bool
-    # What is learnt (train.stage): its loss, its count, its collate. The default is a causal
-    # LM on next tokens (what sft and pt are).
-    stage: Stage = field(default_factory=Stage)
+    # What is learnt (train.stage): its loss, its count, its collate. The default is sft, a
+    # causal LM on next tokens.
+    stage: Stage = field(default_factory=lambda: get_stage("sft"))
     world: int = 1  # processes whose gradients DDP/FSDP average: the loss is scaled back by it
 
     @property

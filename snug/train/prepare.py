@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from snug.config import Config
+from snug.core.registry import get_stage
 from snug.methods import apply_method
 from snug.models.load import compute_dtype
-from snug.registry import get_stage
 from snug.train.activations import enable_checkpointing
 from snug.train.options import StepOptions
 

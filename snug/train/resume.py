@@ -14,9 +14,9 @@ from array import array
 
 from rich.console import Console
 
-from snug.config import MOVED
+from snug.config.build import MOVED
+from snug.core.registry import get_stage
 from snug.errors import UserError
-from snug.registry import get_stage
 
 # Keys a resumed run must share with the checkpoint's run: they change which samples are seen,
 # in what order, in what batches, or what is trained (and the stage's own train keys; a

@@ -1,6 +1,6 @@
 """The loop over optimizer steps of one run: position, checkpoints, signals, NaN checks and the
 out-of-memory fallback around THE step (train/step.py). What happens is told as events
-(train/events.py); the loop knows no metric names and no sink."""
+(core/events.py); the loop knows no metric names and no sink."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import torch
 from rich.console import Console
 
 from snug.config import Config
+from snug.core.events import Checkpoint, Eval, Reporter, Step
+from snug.core.registry import get_method
 from snug.errors import RunError
-from snug.methods import get_method
 from snug.train import dist
 from snug.train.checkpoint import load_checkpoint, read_train_state, save_checkpoint
 from snug.train.evaluate import eval_metrics
-from snug.train.events import Checkpoint, Eval, Reporter, Step
 from snug.train.memory import StepPeaks, model_tensors, optimizer_tensors
 from snug.train.optim import build_optimizer, build_scheduler, lora_plus_ratio, warmup_too_long
 from snug.train.resume import Signals, TrainingStopped

@@ -29,7 +29,7 @@ class Schedule:
     def build(cls, lengths: list[int], cfg: Config, world: int = 1) -> Schedule:
         """With `world` ranks, each micro-batch is global (micro_batch x world rows) and each
         rank trains its share (train/dist.py: share)."""
-        from snug.registry import get_stage
+        from snug.core.registry import get_stage
 
         d, t = cfg.data, cfg.train
         rows = pack(lengths, d.cutoff_len) if d.packing else [[i] for i in range(len(lengths))]

@@ -1,4 +1,4 @@
-"""The sinks every run has (the protocol: train/events.py): the console, metrics.jsonl with
+"""The sinks every run has (the protocol: core/events.py): the console, metrics.jsonl with
 TensorBoard, and status.json. The last two write into output.dir, so run_training attaches
 them only when the run takes output.dir over."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from snug.train.events import Checkpoint, End, Eval, Start, Step
+from snug.core.events import Checkpoint, End, Eval, Start, Step
 from snug.train.metrics import MetricsLog
 from snug.train.status import RunStatus
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from snug.core.registry import register_stage
+from snug.core.settings import setting
 from snug.data.tokenize import COLUMNS, IGNORE, INVALID, KEPT, TRUNCATED, records_of
-from snug.fields import setting
-from snug.registry import register_stage
-from snug.stages.base import Stage
+from snug.stages.base import BaseStage
 
 
 @dataclass
@@ -51,7 +51,7 @@ def tokenize_pairs(records, indices, *, tok, separator, cutoff_len, min_tokens, 
     return out
 
 
-class Completion(Stage):
+class Completion(BaseStage):
     name = "completion"
     help = "raw prompt -> completion pairs, loss on the completion"
     settings = CompletionSettings

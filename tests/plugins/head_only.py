@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snug.fields import NON_NEGATIVE, setting
-from snug.registry import Method, register
+from snug.core.method import Method
+from snug.core.registry import register
+from snug.core.settings import NON_NEGATIVE, setting
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The config reference (README's "Configuration reference", docs): every section's keys, their
 types, defaults and docs, and each registered method's and stage's own keys, made from the
-config classes' field declarations. `python -m snug.reference` prints it; a test keeps the
+config classes' field declarations. `python -m snug.config.reference` prints it; a test keeps the
 README's copy current."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from snug.config import _section_types, _user_fields, registered_methods, registered_stages
+from snug.config.build import _section_types, _user_fields
+from snug.core.registry import methods, stages
 
 
 def _type_name(annotation: Any) -> str:
@@ -26,14 +27,14 @@ def _type_name(annotation: Any) -> str:
 
 def reference_markdown() -> str:
     """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
-    registered_methods()  # method.name's choices
+    methods()  # method.name's choices
     lines = []
     # sections whose keys the choice of a method or stage declares: (the records, the
     # attribute holding each one's dataclass of keys)
     chosen = {
-        "method": (registered_methods(), "settings"),
-        "train": (registered_stages(), "settings"),
-        "pref": (registered_stages(), "pref_settings"),
+        "method": (methods(), "settings"),
+        "train": (stages(), "settings"),
+        "pref": (stages(), "pref_settings"),
     }
     for name, cls in _section_types().items():
         shared = _key_table(cls) if _user_fields(cls) else []
@@ -62,5 +63,5 @@ def _key_table(cls: type) -> list[str]:
     return [*lines, ""]
 
 
-if __name__ == "__main__":  # python -m snug.reference: print the reference for the README
+if __name__ == "__main__":  # python -m snug.config.reference: print the reference for the README
     print(reference_markdown())

@@ -1,8 +1,8 @@
 """Typed config sections, read from YAML plus `section.key=value` overrides.
 
-Each section is a small dataclass (snug/sections.py, re-exported here); the `doc` of every
+Each section is a small dataclass (snug/core/sections.py, re-exported here); the `doc` of every
 field is what `--help` and the README's config reference show. Values are checked against the field's type when the config is read,
-and rules that span sections live in `snug.checks.check_combinations`, so that every config error is raised
+and rules that span sections live in `snug.config.checks.check_combinations`, so that every config error is raised
 before any model is loaded.
 """
 
@@ -17,43 +17,26 @@ from typing import Any
 
 import yaml
 
-from snug import paths, switch
-from snug.checks import check_combinations
-from snug.errors import ConfigError
-from snug.files import write_text_atomic
-from snug.registry import METHODS, STAGES, Method, MethodConfig, load_plugins
-from snug.sections import (  # noqa: F401  (re-exported: snug.config names every section)
+from snug.config import paths, switch
+from snug.config.checks import check_combinations
+from snug.config.values import coerce, one_of
+from snug.config.yamlfile import load_text, read_mapping
+from snug.core.registry import methods, stages
+from snug.core.sections import (  # noqa: F401  (re-exported: snug.config names every section)
     PATH_KEYS,
     SECTIONS,
     Config,
     DataConfig,
     DistConfig,
     MemoryConfig,
+    MethodConfig,
     ModelConfig,
     OutputConfig,
     PrefConfig,
     TrainConfig,
 )
-from snug.values import coerce, one_of
-from snug.yamlfile import load_text, read_mapping
-
-
-def registered_methods() -> dict[str, Method]:
-    """snug.registry.METHODS with snug's own methods registered: the package that registers
-    them is imported when a config is checked, not with this module (it needs torch)."""
-    import snug.methods  # noqa: F401  (each of its modules registers itself)
-
-    load_plugins()
-    return METHODS
-
-
-def registered_stages() -> dict:
-    """snug.registry.STAGES with snug's own stages (snug/stages/) and the plug-ins' registered."""
-    import snug.stages  # noqa: F401  (each of its modules registers itself)
-
-    load_plugins()
-    return STAGES
-
+from snug.errors import ConfigError
+from snug.files import write_text_atomic
 
 # Names other fine-tuning tools give these keys (Hugging Face TrainingArguments, PEFT,
 # LLaMA-Factory), for the suggestion when one of them is used here.
@@ -215,8 +198,8 @@ def _build_pref(
 ) -> PrefConfig:
     """The pref section: the keys the chosen stage declares (Stage.pref_settings)."""
     chosen = train.stage if train is not None else TrainConfig().stage
-    owners = _owners(STAGES, "pref_settings")
-    own_cls = getattr(STAGES[chosen], "pref_settings", None)
+    owners = _owners(stages(), "pref_settings")
+    own_cls = getattr(stages()[chosen], "pref_settings", None)
     own_names = list(_user_fields(own_cls)) if own_cls else []
     values = dict(values)
     for key in list(values):
@@ -309,8 +292,8 @@ def config_from_dict(
                 value = raw[s].pop(k)
                 if isinstance(raw.setdefault(s2, {}), dict):
                     raw[s2].setdefault(k2, value)
-    registered_methods()  # snug's own methods registered: method.name's choices
-    registered_stages()  # likewise train.stage's
+    methods()  # snug's own methods registered: method.name's choices
+    stages()  # likewise train.stage's
     built = {}
     # the train section first: the stage it picks says what the pref section holds
     for name, values in sorted(raw.items(), key=lambda item: item[0] != "train"):
@@ -325,11 +308,11 @@ def config_from_dict(
             raise ConfigError(f"{origins.of(name)}: section '{name}' must be a mapping of keys.")
         if name == "method":
             built[name] = _build_chosen(
-                MethodConfig, values, name, "name", METHODS, origins, drop_foreign
+                MethodConfig, values, name, "name", methods(), origins, drop_foreign
             )
         elif name == "train":
             built[name] = _build_chosen(
-                TrainConfig, values, name, "stage", STAGES, origins, drop_foreign
+                TrainConfig, values, name, "stage", stages(), origins, drop_foreign
             )
         elif name == "pref":
             built[name] = _build_pref(values, built.get("train"), origins, drop_foreign)
@@ -363,7 +346,7 @@ def load_config(
     Relative paths in the file are read from the file's folder. `run_config`: the config.yaml
     a training run saved (an earlier snug's holds other methods' keys, which had no effect).
     An override choosing another method or stage sets the file's keys of its own aside
-    (snug/switch.py); `cfg.set_aside` says which, for the command to print."""
+    (snug/config/switch.py); `cfg.set_aside` says which, for the command to print."""
     raw: dict[str, Any] = {}
     source = "config"
     lines: dict[str, int] = {}
@@ -393,8 +376,8 @@ def load_config(
         if raw[section] is None:
             raw[section] = {}
         raw[section][key] = value
-    registered_methods()  # the methods and stages whose keys may be set aside
-    registered_stages()
+    methods()  # the methods and stages whose keys may be set aside
+    stages()
     aside = switch.set_aside(raw, in_file, set(origins.overrides), source)
     cfg = config_from_dict(raw, source, origins, base, drop_foreign=run_config)
     cfg.set_aside = aside

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from snug.core.registry import methods, stages
 from snug.errors import ConfigError
-from snug.registry import METHODS, STAGES
 
 Config = Any  # snug.config.Config (that module imports this one)
 
@@ -16,7 +16,7 @@ Config = Any  # snug.config.Config (that module imports this one)
 def check_combinations(cfg: Config, source: str) -> None:
     """Rules that involve more than one key. The one place where sections meet."""
     m, t, d = cfg.model, cfg.train, cfg.data
-    if m.quant != "none" and METHODS[cfg.method.name].output == "model":
+    if m.quant != "none" and methods()[cfg.method.name].output == "model":
         raise ConfigError(
             f"{source}: model.quant={m.quant} needs an adapter method (method.name=lora, dora, "
             f"...), since quantized weights cannot be trained by method.name={cfg.method.name}."
@@ -26,14 +26,14 @@ def check_combinations(cfg: Config, source: str) -> None:
             f"{source}: data.val_size holds out part of train as eval data, but data.eval is "
             "given too; set one of them."
         )
-    stage = STAGES[t.stage]
+    stage = stages()[t.stage]
     if t.micro_batch < stage.min_rows:
         raise ConfigError(
             f"{source}: train.stage={t.stage} needs train.micro_batch of at least "
             f"{stage.min_rows}: {stage.min_rows_because}."
         )
     stage.check(cfg, source)
-    method = METHODS[cfg.method.name]
+    method = methods()[cfg.method.name]
     if method.check is not None:
         method.check(cfg, source)
     virtual = method.virtual_tokens
@@ -52,7 +52,7 @@ def check_combinations(cfg: Config, source: str) -> None:
             + "; set data.packing=false."
         )
     _check_dist(cfg, source)
-    why = METHODS[cfg.method.name].no_checkpointing_because
+    why = methods()[cfg.method.name].no_checkpointing_because
     if why and cfg.memory.grad_checkpointing:
         raise ConfigError(
             f"{source}: method.name={cfg.method.name} needs memory.grad_checkpointing=false: {why}."
@@ -66,8 +66,8 @@ def _check_dist(cfg: Config, source: str) -> None:
         if d.nproc > 1:
             raise ConfigError(f"{source}: dist.nproc > 1 needs dist.strategy: ddp or fsdp.")
         return
-    if not METHODS[cfg.method.name].shardable:
-        shardable = ", ".join(m.name for m in METHODS.values() if m.shardable)
+    if not methods()[cfg.method.name].shardable:
+        shardable = ", ".join(m.name for m in methods().values() if m.shardable)
         raise ConfigError(
             f"{source}: dist.strategy={d.strategy} trains {shardable}; method.name="
             f"{cfg.method.name} runs on one device (dist.strategy=none)."

@@ -1,7 +1,7 @@
 """What a config holds: one small dataclass per section, and `Config`, the whole run.
 
 The `doc` of every field is what `--help` and the README's config reference show; reading,
-checking and writing a config is snug/config.py's (which re-exports these names).
+checking and writing a config is snug/config/build.py's (which re-exports these names).
 """
 
 from __future__ import annotations
@@ -10,12 +10,63 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from snug.fields import AT_LEAST_1, NON_NEGATIVE, POSITIVE
-from snug.fields import setting as _f
-from snug.registry import STAGES, MethodConfig
+from snug.core.registry import get_method, methods, stages
+from snug.core.settings import AT_LEAST_1, NON_NEGATIVE, POSITIVE
+from snug.core.settings import setting as _f
 
 # data.train and data.eval: a path, an id or a list of them; never nothing ([] or "")
 SOME_DATA = (lambda v: len(v) > 0, "a file, directory or hub dataset id, or a list of them")
+
+
+@dataclass(init=False)
+class MethodConfig:
+    """The fine-tuning method; each method's own keys follow."""
+
+    # Each method declares its own keys (`Method.settings`), which sit flat beside `name` in
+    # the `method:` section and are read as attributes of this section (`cfg.method.r`) or as
+    # `cfg.method.own`; a key of another method is refused, naming the methods it belongs to.
+    # In code: `MethodConfig(name="lora", r=4)` (the method's other keys take their defaults).
+
+    name: str = _f(
+        "lora",
+        "Fine-tuning method (each one a module of snug/methods/).",
+        choices=lambda: tuple(methods()),
+    )
+    # The chosen method's own keys (Method.settings), set when a config is built.
+    own: Any = field(default=None, repr=False, metadata={"internal": True})
+
+    def __init__(self, name: str = "lora", own: Any = None, **keys: Any) -> None:
+        self.name, self.own = name, own
+        settings = _method_or_none(name)
+        if own is None and settings is not None:
+            self.own = settings(**keys)  # TypeError names a key the method does not declare
+        elif keys:
+            raise TypeError(f"method {name!r} declares no keys {sorted(keys)} (or give own=)")
+
+    def __getattr__(self, key: str) -> Any:
+        # only reached for names that are not fields: the chosen method's own keys
+        own = self.__dict__.get("own")
+        if key.startswith("__") or own is None or not hasattr(own, key):
+            raise AttributeError(
+                f"method.{key}: not a key of method.name={self.__dict__.get('name')!r}"
+            )
+        return getattr(own, key)
+
+
+def _method_or_none(name: str) -> type | None:
+    found = methods()
+    return found[name].settings if name in found else None
+
+
+def with_method(section: MethodConfig, name: str) -> MethodConfig:
+    """The method section switched to method `name` (a search trying another method): the own
+    keys the two methods share keep their values (a LoRA rank for DoRA), the rest are the new
+    method's defaults."""
+    settings = _method_or_none(name)
+    get_method(name)  # an unknown name: the error that lists the methods
+    names = {f.name for f in dataclasses.fields(settings)} if settings else set()
+    old = dataclasses.asdict(section.own) if section.own is not None else {}
+    return MethodConfig(name=name, **{k: v for k, v in old.items() if k in names})
 
 
 @dataclass
@@ -103,7 +154,7 @@ class TrainConfig:
         "data; pt: language modelling on text; cls: sequence classification (labels from "
         "data.label_column); dpo, orpo, simpo: preference pairs; kto: completions labelled "
         "desirable or not (their keys: the pref section).",
-        choices=lambda: tuple(STAGES),
+        choices=lambda: tuple(stages()),
     )
     epochs: float = _f(3, "Passes over the training data.", POSITIVE)
     max_steps: int | None = _f(
@@ -260,7 +311,7 @@ class Config:
         default_factory=dict, repr=False, compare=False, metadata={"internal": True}
     )
     # Not a section: the lines saying which of the config file's keys were set aside because
-    # the command line chose another method or stage (snug/switch.py); the command prints them.
+    # the command line chose another method or stage (snug/config/switch.py); the command prints them.
     set_aside: list[str] = field(
         default_factory=list, repr=False, compare=False, metadata={"internal": True}
     )

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from snug.registry import METHODS, STAGES, MethodConfig
-from snug.sections import TrainConfig
+from snug.core.registry import METHODS, STAGES
+from snug.core.sections import MethodConfig, TrainConfig
 
 # Each key that picks: (the registry of its choices, the field's class, and where a choice's own
 # keys live: (section, the class of its record that declares them: Method.settings,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from snug.config.paths import NOT_A_FILE_BECAUSE, looks_like_hub_id, special_data_file
 from snug.errors import UserError, read_utf8
-from snug.paths import NOT_A_FILE_BECAUSE, looks_like_hub_id, special_data_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
