@@ -5,6 +5,7 @@ validation (with keys of their own), the generated config reference, `snug train
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -178,3 +179,93 @@ def test_a_plugin_stage_trains_plans_and_merges(completion, tmp_path, capsys):
     # a stage that makes a causal LM declares nothing against merging: merge takes it
     assert main(["merge", "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+DUPLICATE = """
+from snug.core.method import Method
+from snug.core.registry import register
+
+
+def apply_mine(model, cfg):
+    return model
+
+
+register(Method("lora", apply_mine, output="adapter", mergeable=False){replace})
+"""
+
+
+@pytest.fixture
+def lora_kept(monkeypatch):
+    """snug's own lora, put back after a test whose plug-in replaces it."""
+    load_config(None, [])  # the door opened: snug's own registered
+    own = registry.METHODS["lora"]
+    yield
+    registry.METHODS["lora"] = own
+    registry.REPLACED.clear()
+    for said in [s for s in registry._loaded if "mine_" in s]:
+        registry._loaded.discard(said)
+
+
+def test_a_name_taken_is_refused_naming_both_modules(lora_kept, monkeypatch, tmp_path, capsys):
+    """Issue 34: a plug-in named `lora` silently replaced LoRA (and `method.r=4` was then
+    refused as "a key of dora"); now it is refused, in one line naming both modules, by the
+    door snug's own methods come through too."""
+    plugin = tmp_path / "mine_dup.py"
+    plugin.write_text(DUPLICATE.format(replace=""))
+    monkeypatch.setenv("SNUG_PLUGINS", str(plugin))
+    with pytest.raises(registry.PluginError) as refused:
+        load_config(None, ["method.r=4"])
+    assert str(refused.value) == (
+        "method name 'lora' is taken: snug_plugin_mine_dup registers it and snug.methods.lora "
+        "already did; rename it, or register it with replace=True to replace "
+        "snug.methods.lora's."
+    )
+    assert registry.METHODS["lora"].apply.__module__ == "snug.methods.lora"
+    capsys.readouterr()
+    config = tmp_path / "c.yaml"
+    config.write_text("method:\n  r: 4\n")
+    assert main(["train", str(config)]) == 2  # refused again while the plug-in is named
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "method name 'lora' is taken" in err, err
+    monkeypatch.delenv("SNUG_PLUGINS")
+    assert load_config(None, ["method.r=4"]).method.r == 4  # snug's LoRA, whole
+
+
+def test_a_plugin_that_asks_to_replace_is_said_at_start(lora_kept, monkeypatch, tmp_path, capsys):
+    plugin = tmp_path / "mine_replace.py"
+    plugin.write_text(DUPLICATE.format(replace=", replace=True"))
+    monkeypatch.setenv("SNUG_PLUGINS", str(plugin))
+    load_config(None, [])
+    assert registry.METHODS["lora"].apply.__module__ == "snug_plugin_mine_replace"
+    assert capsys.readouterr().err == (
+        "snug: method 'lora' of snug.methods.lora replaced by snug_plugin_mine_replace "
+        "(it asked to: replace=True)\n"
+    )
+    assert list(registry.METHODS)[:3] == ["full", "freeze", "lora"]  # in its place
+
+
+def test_snug_s_own_come_in_through_the_entry_point_door():
+    """Built-ins and plug-ins share one door: snug's own package declares snug.builtin under
+    the entry-point group the registry reads, and nothing in snug/ imports a method or stage
+    module but that one (so a name taken is refused the same way for both)."""
+    from importlib.metadata import entry_points
+
+    ours = [ep for ep in entry_points(group="snug.plugins") if ep.dist.name == "snug"]
+    assert [ep.value for ep in ours] == ["snug.builtin"]
+    from test_layering import import_graph
+
+    snug = Path(__file__).resolve().parent.parent / "snug"
+    graph = import_graph(snug)
+    registering = set()
+    for path in snug.rglob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            call = node.value if isinstance(node, ast.Expr) else None
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") in (
+                "register",
+                "register_stage",
+            ):
+                parts = path.relative_to(snug.parent).with_suffix("").parts
+                registering.add(".".join(parts))
+    assert len(registering) == 14, sorted(registering)  # 7 method modules, 7 stage modules
+    importers = {a for a, targets in graph.items() for b in targets if b in registering}
+    assert importers == {"snug.builtin"}, sorted(importers)

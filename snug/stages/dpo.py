@@ -10,14 +10,7 @@ from typing import Literal
 
 from snug.core.registry import register_stage
 from snug.core.settings import NON_NEGATIVE, POSITIVE, setting
-from snug.stages.preference import PreferenceStage
-
-REFERENCE_HELP = (
-    "The frozen model the policy is compared with. auto: the base with the adapter switched "
-    "off for peft adapter methods (no second copy), else copy; adapter_off; copy: a frozen copy "
-    "of the model as loaded, in the compute dtype."
-)
-HALF = (lambda v: 0 <= v < 0.5, "at least 0 and below 0.5")
+from snug.stages.preference import HALF, REFERENCE_HELP, PreferenceStage
 
 
 @dataclass

@@ -14,9 +14,8 @@ from typing import Literal
 
 from snug.core.registry import register_stage
 from snug.core.settings import POSITIVE, setting
-from snug.stages.dpo import REFERENCE_HELP
 from snug.stages.pref_losses import kto_losses
-from snug.stages.preference import PreferenceStage, sequence_logps
+from snug.stages.preference import REFERENCE_HELP, PreferenceStage, sequence_logps
 
 
 @dataclass

@@ -34,6 +34,15 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+# The settings the preference stages share: pref.reference's doc, a check of a share below half.
+REFERENCE_HELP = (
+    "The frozen model the policy is compared with. auto: the base with the adapter switched "
+    "off for peft adapter methods (no second copy), else copy; adapter_off; copy: a frozen copy "
+    "of the model as loaded, in the compute dtype."
+)
+HALF = (lambda v: 0 <= v < 0.5, "at least 0 and below 0.5")
+
+
 CHUNK_POSITIONS = 1024  # target positions per chunk of logits at most (snug/train/loss.py's)
 
 

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from snug.core.registry import register_stage
 from snug.core.settings import NON_NEGATIVE, POSITIVE, setting
-from snug.stages.dpo import HALF
-from snug.stages.preference import PreferenceStage
+from snug.stages.preference import HALF, PreferenceStage
 
 
 @dataclass
