@@ -7,6 +7,7 @@ cycle, and on any import that points up the layers (LAYERS), naming the modules.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,9 @@ def test_a_module_imported_by_its_name_is_an_import(tmp_path):
     pkg = tmp_path / "snugx"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("import importlib\ndef f():\n    importlib.import_module('snugx.b')\n")
+    (pkg / "a.py").write_text(
+        "import importlib\ndef f():\n    importlib.import_module('snugx.b')\n"
+    )
     (pkg / "b.py").write_text("def g():\n    __import__('snugx.a')\n")
     (pkg / "c.py").write_text("def h(load):\n    load_and_import(1, 'snugx.a')\n")
     graph = import_graph(pkg)
@@ -172,14 +175,26 @@ def test_no_import_points_up_a_layer():
 
 
 def test_the_bottom_layer_imports_no_torch():
-    """snug.core and snug.config import no torch, transformers or peft: the command line checks
-    a config (every plug-in's keys included) before those load."""
+    """snug.core and snug.config import no torch, transformers, peft or datasets: the command
+    line checks a config (every plug-in's keys included) before those load. So does checking a
+    config for every registered stage, the example plug-in stage built on the documented
+    helpers (tests/plugins/completion.py) included: a helper's type annotations import them
+    only under TYPE_CHECKING."""
     code = (
         "import sys, snug.core.registry, snug.core.stage, snug.core.events, snug.config\n"
         "from snug.config import load_config\n"
-        "load_config(None, ['train.stage=dpo', 'method.name=dora'])\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules)\n"
-        "print(heavy)\n"
+        "from snug.core.registry import load_plugins, stages\n"
+        "load_plugins()\n"
+        "heavy = ('torch', 'transformers', 'peft', 'datasets')\n"
+        "for name, stage in sorted(stages().items()):\n"
+        "    load_config(None, [f'train.stage={name}', f'train.micro_batch={stage.min_rows}',\n"
+        "                      'method.name=dora'])\n"
+        "    print(name, sorted(m for m in heavy if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    env = {**os.environ, "SNUG_PLUGINS": str(ROOT / "tests" / "plugins" / "completion.py")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    lines = out.stdout.split("\n")
+    assert len([line for line in lines if line]) >= 8 and "completion []" in lines, out.stdout
+    assert all(line.endswith(" []") for line in lines if line), out.stdout
