@@ -198,3 +198,41 @@ def test_the_bottom_layer_imports_no_torch():
     lines = out.stdout.split("\n")
     assert len([line for line in lines if line]) >= 8 and "completion []" in lines, out.stdout
     assert all(line.endswith(" []") for line in lines if line), out.stdout
+
+
+def package_of(module: str) -> str:
+    """snug.train.loss -> snug.train; a top-level module (snug.errors) -> snug."""
+    parts = module.split(".")
+    if len(parts) > 2 or (ROOT / Path(*parts)).is_dir():
+        return ".".join(parts[:2])
+    return "snug"
+
+
+def private_imports(paths: list[Path]) -> list[str]:
+    """`from snug.x.y import _name` where the importer lies outside snug.x: a private name
+    used across packages (it should be public, or live where it is used)."""
+    found = []
+    for path in paths:
+        parts = path.resolve().relative_to(ROOT).with_suffix("").parts
+        home = package_of(".".join(parts)) if parts[0] == "snug" else "outside"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            if node.module.split(".")[0] != "snug" or package_of(node.module) == home:
+                continue
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}"
+                for a in node.names
+                if a.name.startswith("_")
+            ]
+    return found
+
+
+def test_no_module_imports_a_private_name_from_another_package():
+    """A name with a leading underscore stays in its package: what another package (or a
+    plug-in) uses is public, or lives where it is used."""
+    paths = sorted((ROOT / "snug").rglob("*.py")) + sorted(
+        (ROOT / "tests" / "plugins").glob("*.py")
+    )
+    assert len(paths) > 50
+    assert private_imports(paths) == [], "private names imported across packages"
