@@ -716,3 +716,21 @@ def test_a_rows_own_output_and_adapter_are_kept_as_the_expected_answer():
         "output": "y",
         "adapter": "m",
     }
+
+
+def test_a_session_error_is_a_user_error_of_its_own_not_a_merge_error(tmp_path, capsys):
+    """Adapters that cannot be loaded together are refused as a SessionError: a UserError
+    (exit 2, one line), not a kind of MergeError (nothing is merged)."""
+    from snug.deploy.merge import MergeError
+    from snug.errors import UserError
+
+    with pytest.raises(SessionError) as refused:
+        parse_adapters([f"base={tmp_path}"])
+    assert isinstance(refused.value, UserError) and not isinstance(refused.value, MergeError)
+    source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--adapter", f"base={tmp_path}", "--input", str(source), "--output"]
+    assert main([*argv, str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --adapter base={tmp_path}: the name 'base' means the model without one."]
+    assert not out.exists()
