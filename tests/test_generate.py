@@ -732,5 +732,7 @@ def test_a_session_error_is_a_user_error_of_its_own_not_a_merge_error(tmp_path, 
     argv = ["generate", "--adapter", f"base={tmp_path}", "--input", str(source), "--output"]
     assert main([*argv, str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --adapter base={tmp_path}: the name 'base' means the model without one."]
+    assert err == [
+        f"error: --adapter base={tmp_path}: the name 'base' means the model without one."
+    ]
     assert not out.exists()
