@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from snug.config import Config, ConfigError, config_from_dict, load_config
-from snug.config.reference import reference_markdown
+from snug.config.docs import config_markdown
 from snug.core.registry import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,8 +112,8 @@ def test_every_example_loads_and_validates(path):
 
 def test_readme_config_reference_is_current():
     readme = (ROOT / "README.md").read_text()
-    assert reference_markdown() in readme, (
-        "README config reference is stale: run python -m snug.config.reference"
+    assert config_markdown() in readme, (
+        "README config reference is stale: run python -m snug.config.docs"
     )
 
 
@@ -131,8 +131,8 @@ def test_each_method_takes_only_its_own_keys():
     ptuning = config_from_dict({"method": {"name": "ptuning", "bottleneck": 32}})
     assert (adapter.method.bottleneck, ptuning.method.bottleneck) == (16, 32)
     assert adapter.to_dict()["method"] == {"name": "adapter", "bottleneck": 16}
-    reference = reference_markdown()
-    assert "`method` keys of `ptuning`" in reference and "Width of the prompt encoder" in reference
+    doc = config_markdown()
+    assert "`method` keys of `ptuning`" in doc and "Width of the prompt encoder" in doc
     # cross-key rules live with the method that has the keys (snug/methods/freeze.py)
     with pytest.raises(ConfigError, match=r"trainable_layers=0 \(head only\) needs a classifier"):
         config_from_dict({"method": {"name": "freeze", "trainable_layers": 0}})

@@ -14,7 +14,7 @@ import yaml
 
 from snug.cli import main
 from snug.config import ConfigError, load_config
-from snug.config.reference import reference_markdown
+from snug.config.docs import config_markdown
 from snug.core import registry
 
 PLUGIN = Path(__file__).resolve().parent / "plugins" / "head_only.py"
@@ -50,7 +50,7 @@ def test_a_plugin_method_is_checked_with_its_own_keys(head_only):
         ConfigError, match=r"method.name is 'head_onyl', .*did you mean 'head_only'"
     ):
         load_config(None, ["method.name=head_onyl"])
-    reference = reference_markdown()
+    reference = config_markdown()
     assert "| full \\| freeze \\| lora" in reference and "head_only |" in reference
     assert (
         "#### `method` keys of `head_only`" in reference and "| `with_norm` | bool |" in reference
@@ -119,7 +119,7 @@ def test_a_plugin_stage_is_checked_with_its_own_keys(completion):
         load_config(None, ["train.stage=sft", "train.separator=x"])
     with pytest.raises(ConfigError, match=r"train.stage is 'completon', .*did you mean"):
         load_config(None, ["train.stage=completon"])
-    reference = reference_markdown()
+    reference = config_markdown()
     assert "| sft \\| pt \\| cls \\| dpo \\| orpo \\| simpo \\| kto \\| completion |" in reference
     assert "#### `train` keys of `completion`" in reference and "| `separator` | str |" in reference
     assert "#### `train` keys of `cls`" in reference  # snug's own stages declare theirs alike

@@ -113,9 +113,9 @@ def test_generate_answers_every_row_in_order_as_greedy_decoding_would(run, tmp_p
     assert len(got) == len(rows)
     for row, written in zip(rows, got, strict=True):
         assert written["adapter"] == "mine"
-        given = {k: v for k, v in written.items() if k not in ("output", "adapter", "reference")}
+        given = {k: v for k, v in written.items() if k not in ("output", "adapter", "expected")}
         assert given == {k: v for k, v in row.items() if k != "output"}  # same row, same place
-        assert written.get("reference") == row.get("output")
+        assert written.get("expected") == row.get("output")
 
     tok = AutoTokenizer.from_pretrained(BASE)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), run / "adapter")
@@ -238,7 +238,7 @@ def test_a_full_run_as_model_carries_adapters_and_its_name(run, full_run, tmp_pa
     argv = ["generate", "--model", str(full_run), "--input", str(source), "--output", str(out)]
     assert main([*argv, "--max-new-tokens", "4"]) == 0
     (row,) = read_rows(out)
-    assert row["adapter"] == "full" and row["reference_adapter"] == "theirs"
+    assert row["adapter"] == "full" and row["expected_adapter"] == "theirs"
 
 
 def snug_adapter_run(tmp_path):
@@ -331,7 +331,7 @@ def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path, capsys, mo
     assert 0 <= mine["exact_match"] <= mine["contains"] <= 1
     assert report["counts"] == {"records": 8, "samples": 8, "dropped": 0, "generated": 8}
     assert report["data"] == str(INSTRUCT / "heldout.jsonl")
-    assert len(mine["samples"]) == 3 and {"reference", "answer"} <= set(mine["samples"][0])
+    assert len(mine["samples"]) == 3 and {"expected", "answer"} <= set(mine["samples"][0])
     assert list(report["models"]) == ["run"]  # without --compare: only the active adapter
 
 
@@ -697,3 +697,42 @@ def test_the_batch_size_help_says_a_batch_is_consecutive_rows(capsys):
     said = " ".join(capsys.readouterr().out.split())
     batch = said.rsplit("--batch-size BATCH_SIZE", 1)[1].split("--max-new-tokens", 1)[0]
     assert "consecutive rows, in the input's order (not grouped by length)" in batch
+
+
+def test_a_rows_own_output_and_adapter_are_kept_as_the_expected_answer():
+    """An alpaca row's "output" (or an earlier generate's answer) is the expected answer: kept
+    as "expected" (and its "adapter" as "expected_adapter") beside the new "output"."""
+    row = {"instruction": "Say hi.", "output": "hi", "adapter": "theirs"}
+    written = generate_mod.output_row(row, "hello", "mine")
+    assert written == {
+        "instruction": "Say hi.",
+        "expected": "hi",
+        "expected_adapter": "theirs",
+        "output": "hello",
+        "adapter": "mine",
+    }
+    assert generate_mod.output_row({"prompt": "x"}, "y", "m") == {
+        "prompt": "x",
+        "output": "y",
+        "adapter": "m",
+    }
+
+
+def test_a_session_error_is_a_user_error_of_its_own_not_a_merge_error(tmp_path, capsys):
+    """Adapters that cannot be loaded together are refused as a SessionError: a UserError
+    (exit 2, one line), not a kind of MergeError (nothing is merged)."""
+    from snug.deploy.merge import MergeError
+    from snug.errors import UserError
+
+    with pytest.raises(SessionError) as refused:
+        parse_adapters([f"base={tmp_path}"])
+    assert isinstance(refused.value, UserError) and not isinstance(refused.value, MergeError)
+    source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--adapter", f"base={tmp_path}", "--input", str(source), "--output"]
+    assert main([*argv, str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: --adapter base={tmp_path}: the name 'base' means the model without one."
+    ]
+    assert not out.exists()

@@ -7,6 +7,7 @@ cycle, and on any import that points up the layers (LAYERS), naming the modules.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,14 +175,64 @@ def test_no_import_points_up_a_layer():
 
 
 def test_the_bottom_layer_imports_no_torch():
-    """snug.core and snug.config import no torch, transformers or peft: the command line checks
-    a config (every plug-in's keys included) before those load."""
+    """snug.core and snug.config import no torch, transformers, peft or datasets: the command
+    line checks a config (every plug-in's keys included) before those load. So does checking a
+    config for every registered stage, the example plug-in stage built on the documented
+    helpers (tests/plugins/completion.py) included: a helper's type annotations import them
+    only under TYPE_CHECKING."""
     code = (
         "import sys, snug.core.registry, snug.core.stage, snug.core.events, snug.config\n"
         "from snug.config import load_config\n"
-        "load_config(None, ['train.stage=dpo', 'method.name=dora'])\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules)\n"
-        "print(heavy)\n"
+        "from snug.core.registry import load_plugins, stages\n"
+        "load_plugins()\n"
+        "heavy = ('torch', 'transformers', 'peft', 'datasets')\n"
+        "for name, stage in sorted(stages().items()):\n"
+        "    load_config(None, [f'train.stage={name}', f'train.micro_batch={stage.min_rows}',\n"
+        "                      'method.name=dora'])\n"
+        "    print(name, sorted(m for m in heavy if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    env = {**os.environ, "SNUG_PLUGINS": str(ROOT / "tests" / "plugins" / "completion.py")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    lines = out.stdout.split("\n")
+    assert len([line for line in lines if line]) >= 8 and "completion []" in lines, out.stdout
+    assert all(line.endswith(" []") for line in lines if line), out.stdout
+
+
+def package_of(module: str) -> str:
+    """snug.train.loss -> snug.train; a top-level module (snug.errors) -> snug."""
+    parts = module.split(".")
+    if len(parts) > 2 or (ROOT / Path(*parts)).is_dir():
+        return ".".join(parts[:2])
+    return "snug"
+
+
+def private_imports(paths: list[Path]) -> list[str]:
+    """`from snug.x.y import _name` where the importer lies outside snug.x: a private name
+    used across packages (it should be public, or live where it is used)."""
+    found = []
+    for path in paths:
+        parts = path.resolve().relative_to(ROOT).with_suffix("").parts
+        home = package_of(".".join(parts)) if parts[0] == "snug" else "outside"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            if node.module.split(".")[0] != "snug" or package_of(node.module) == home:
+                continue
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}"
+                for a in node.names
+                if a.name.startswith("_")
+            ]
+    return found
+
+
+def test_no_module_imports_a_private_name_from_another_package():
+    """A name with a leading underscore stays in its package: what another package (or a
+    plug-in) uses is public, or lives where it is used."""
+    paths = sorted((ROOT / "snug").rglob("*.py")) + sorted(
+        (ROOT / "tests" / "plugins").glob("*.py")
+    )
+    assert len(paths) > 50
+    assert private_imports(paths) == [], "private names imported across packages"

@@ -3,7 +3,7 @@ model loads, and written back (build.py); the rules across sections (checks.py),
 to their declared types (values.py), YAML read with limits (yamlfile.py), paths and hub ids
 told apart (paths.py), files checked before loading (preflight.py), a method or stage switched
 on the command line (switch.py), and the config reference written from the declarations
-(reference.py). What a config holds, its sections, is declared in the bottom layer
+(docs.py). What a config holds, its sections, is declared in the bottom layer
 (snug/core/sections.py) and re-exported here."""
 
 from snug.config.build import (

@@ -12,7 +12,8 @@ import torch
 from snug.data.tokenize import IGNORE
 
 
-def _targets(labels: torch.Tensor) -> torch.Tensor:
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """A batch's `target_positions` for its (B, T) labels (see above), shape (N,)."""
     return (labels[:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(1)
 
 
@@ -35,7 +36,7 @@ def collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch
             "labels": torch.tensor([s["labels"] for s in samples]),
             "attention_mask": mask,
         }
-    batch = {"input_ids": ids, "labels": labels, "target_positions": _targets(labels)}
+    batch = {"input_ids": ids, "labels": labels, "target_positions": target_positions(labels)}
     if not bool(mask.all()):
         # Without padding the mask says nothing; leaving it out lets attention use its causal
         # fast path (the planner replays a mask for padded batches only: simulate's padded).
@@ -66,7 +67,7 @@ def collate_packed(rows: list[list[dict[str, list[int]]]], pad_id: int) -> dict[
         "input_ids": ids,
         "labels": labels,
         "position_ids": positions,
-        "target_positions": _targets(labels),
+        "target_positions": target_positions(labels),
     }
 
 

@@ -108,7 +108,9 @@ def _as_list(spec: str | list[str] | None) -> list[str]:
     return [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
 
 
-def _tokenizer_fingerprint(tok: PreTrainedTokenizerBase, template: str | None) -> str:
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase, template: str | None) -> str:
+    """A short hash of the tokenizer and chat template, for a stage's `source.map` cache key:
+    another tokenizer or template tokenizes anew."""
     h = hashlib.sha256()
     h.update(repr((tok.name_or_path, len(tok), tok.bos_token, tok.eos_token, template)).encode())
     h.update(repr(sorted(tok.get_vocab().items())[:: max(1, len(tok) // 512)]).encode())
@@ -226,7 +228,7 @@ def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, li
     )
     key = (
         fmt,
-        _tokenizer_fingerprint(tok, template),
+        tokenizer_fingerprint(tok, template),
         cfg.cutoff_len,
         cfg.train_on_prompt,
         stage.name,
@@ -306,7 +308,7 @@ def tokenize_classes_of(source: Source) -> tuple[Dataset, Counter, list[str]]:
     )
     key = (
         "cls",
-        _tokenizer_fingerprint(tok, None),
+        tokenizer_fingerprint(tok, None),
         labels,
         cfg.text_column,
         cfg.label_column,

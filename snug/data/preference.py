@@ -23,9 +23,7 @@ longer answer or to half the cutoff, then both answers at the same length.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from snug.data.formats import SHAREGPT_ROLES, DataError, to_canonical
 from snug.data.render import TemplateError
@@ -42,6 +40,9 @@ from snug.data.tokenize import (
     records_of,
     text_limit,
 )
+
+if TYPE_CHECKING:  # only for annotations: a config check must not load transformers
+    from transformers import PreTrainedTokenizerBase
 
 PAIR_KEYS = ("chosen", "rejected")
 PAIR_COLUMNS = ("input_ids", "labels", "rejected_ids", "rejected_labels", "prompt_len")

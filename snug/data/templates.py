@@ -8,10 +8,12 @@ marker the model must learn to emit.
 from __future__ import annotations
 
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from snug.data.render import ChatTemplate, TemplateError
+
+if TYPE_CHECKING:  # only for annotations: a config check must not load transformers
+    from transformers import PreTrainedTokenizerBase
 
 BUILTIN = {
     "chatml": (

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from snug.data.formats import ANSWER_FIELD, DataError
 from snug.data.render import TemplateRefused, render_chat
+
+if TYPE_CHECKING:  # only for annotations: a config check must not load transformers
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 

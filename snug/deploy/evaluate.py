@@ -5,7 +5,7 @@ data is tokenized as the first adapter's run tokenized its eval data (template, 
 mask), the loss is `eval_metrics`' (mean cross-entropy per answer token) with the run's step
 options and micro-batch, and exact match is `exact_match` (greedy, case and spacing ignored).
 So `snug eval --adapter RUN --data DATA.EVAL` gives the run's summary.json `eval.loss_after`.
-"contains" counts answers that hold the reference (normalized the same way).
+"contains" counts answers that hold the expected answer (normalized the same way).
 
 torch and transformers are imported inside the functions that use them (see generate.py).
 """
@@ -124,7 +124,7 @@ def score(
             if "exact" in metrics:
                 result["exact_match"] = hits
             if "contains" in metrics:
-                held = [normalize(s["reference"]) in normalize(s["answer"]) for s in samples]
+                held = [normalize(s["expected"]) in normalize(s["answer"]) for s in samples]
                 result["contains"] = sum(held) / len(held)
             result.update(generated=len(samples), samples=samples[:SAMPLES])
     session.model.eval()  # the evaluation helpers leave the model in train mode
@@ -174,8 +174,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="loss, perplexity and accuracy of a base and its adapters on a dataset",
         description="Scores the active adapter (the first, or --use NAME), or with --compare "
         "the base and every adapter side by side, on --data: loss per answer token and "
-        "perplexity, as training's held-out loss; exact match and 'contains' (the reference "
-        "within the answer, case and spacing ignored) by greedy generation. Data is read and "
+        "perplexity, as training's held-out loss; exact match and 'contains' (the expected "
+        "answer within the answer, case and spacing ignored) by greedy generation. Data is read and "
         "tokenized as the first adapter's run read its eval data; plain text records "
         "({'text'}) give loss and perplexity only.",
     )

@@ -3,7 +3,7 @@
 Rows are `{"prompt": "..."}`, OpenAI-style `{"messages": [...]}`, sharegpt
 `{"conversations": [...]}` or alpaca `{"instruction", "input"?, "system"?, "history"?}`, checked
 by the same converters that read training data. A conversation that ends with an assistant turn
-(a reference answer) is answered from the turn before it.
+(the expected answer) is answered from the turn before it.
 
 torch and transformers are imported inside the functions that use them: `snug --help` builds
 its parser from this module and should not wait seconds for them.
@@ -41,7 +41,7 @@ def prompt_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{where}: field 'prompt' must be a non-empty string.")
         return [{"role": "user", "content": prompt}]
-    if "instruction" in record:  # alpaca; its "output", if any, is the reference answer
+    if "instruction" in record:  # alpaca; its "output", if any, is the expected answer
         return to_canonical({**record, "output": "-"}, "alpaca", where)["messages"][:-1]
     for key, fmt, role, text in CONVERSATIONS:
         if key not in record:
@@ -172,13 +172,13 @@ def generate(
 def output_row(row: dict[str, Any], answer: str, model: str) -> dict[str, Any]:
     """The row as written plus the answer as "output" and the model (the adapter's name, or
     the base's label) as "adapter"; an "output" and "adapter" the row already had (alpaca's
-    reference answer, or an earlier generate's row) are kept as "reference" and
-    "reference_adapter"."""
+    expected answer, or an earlier generate's row) are kept as "expected" and
+    "expected_adapter"."""
     kept = {k: v for k, v in row.items() if k not in ("output", "adapter")}
     if "output" in row:
-        kept.setdefault("reference", row["output"])
+        kept.setdefault("expected", row["output"])
     if "adapter" in row:
-        kept.setdefault("reference_adapter", row["adapter"])
+        kept.setdefault("expected_adapter", row["adapter"])
     return {**kept, "output": answer, "adapter": model}
 
 
@@ -243,8 +243,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         description="Reads prompts ({'prompt'}, {'messages'}, {'conversations'} or alpaca "
         "{'instruction', 'input'} rows), answers each with the chosen adapter (or the base), "
         "and writes one row per input row, in the same order: the row as given plus 'output' "
-        "and 'adapter' (an 'output' and 'adapter' already there are kept as 'reference' and "
-        "'reference_adapter'). Answers are written to OUTPUT.partial as they come (a batch at "
+        "and 'adapter' (an 'output' and 'adapter' already there are kept as 'expected' and "
+        "'expected_adapter'). Answers are written to OUTPUT.partial as they come (a batch at "
         "a time, synced); run the same command again after a crash or a full disk and it "
         "goes on from there. OUTPUT appears, whole, when every row is answered; an existing "
         "--output is never overwritten.",

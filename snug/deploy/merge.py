@@ -31,7 +31,7 @@ VERIFY_PROMPTS = (
     "Write one sentence about the sea.",
     "Translate 'good morning' into French.",
 )
-# Largest allowed |merged - reference| logit, relative to the largest reference logit (>= 1):
+# Largest allowed |merged - unmerged| logit, relative to the largest unmerged logit (>= 1):
 # fp32 is exact to rounding; half precisions round the merged weights themselves.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -281,11 +281,11 @@ def merge(
     batches = [tok(p, return_tensors="pt").to(dev) for p in VERIFY_PROMPTS] if verify else []
 
     check_base(src, f"--adapter {src.adapter_dir}", allow_other_base)
-    # Reference: the model as trained (base, quantized if it was, plus the unmerged adapter).
+    # Unmerged: the model as trained (base, quantized if it was, plus the adapter on top).
     label, base_name = f"--adapter {src.adapter_dir}", cfg.model.name_or_path
     steps.step(f"putting the adapter {src.adapter_dir} on")
     peft_model = attach(label, base_name, PeftModel.from_pretrained, base, str(src.adapter_dir))
-    reference = _logits(peft_model, batches)
+    unmerged = _logits(peft_model, batches)
     steps.step("folding the adapter into the weights")
     if cfg.model.quant != "none":
         # QLoRA: fold into the dequantized base, in the base's dtype (transformers dequantizes).
@@ -304,7 +304,7 @@ def merge(
     }
     if verify:
         steps.step(f"verifying the merged logits on {len(batches)} prompts")
-        diff, scale = _max_difference(_logits(merged, batches), reference)
+        diff, scale = _max_difference(_logits(merged, batches), unmerged)
         tolerance = TOLERANCE[work_dtype] * max(1.0, scale)
         report.update(max_logit_difference=diff, tolerance=tolerance, prompts=len(batches))
         if not diff <= tolerance:

@@ -22,14 +22,16 @@ from snug.core.method import load_peft
 from snug.core.registry import get_method, get_stage
 from snug.data.render import render_chat
 from snug.data.templates import resolve_template
-from snug.deploy.merge import MergeError, Source, attach, check_base, find_source
+from snug.deploy.merge import Source, attach, check_base, find_source
+from snug.errors import UserError
 from snug.models.load import load_model, load_tokenizer
 
 BASE = "base"  # the name that selects the base model without any adapter
 
 
-class SessionError(MergeError):
-    """The model or adapters named on the command line cannot be loaded together (user input)."""
+class SessionError(UserError):
+    """The model or adapters named on the command line cannot be loaded together (user input;
+    one line, exit 2). Not a MergeError: nothing is merged."""
 
 
 @dataclass

@@ -44,7 +44,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from snug.config import load_config
-from snug.data.collate import _targets
+from snug.data.collate import target_positions
 from snug.errors import UserError, first_line
 from snug.models.load import resolve_dtype
 from snug.plan.calibration import Calibration, fit_model, quant_rows
@@ -229,7 +229,7 @@ def start_one(spec: tuple, device: Device, precision: str, narrow: bool = True) 
 
     def batch() -> list:
         ids = torch.randint(0, config.vocab_size, (mb, tokens))
-        out = {"input_ids": ids, "labels": ids.clone(), "target_positions": _targets(ids)}
+        out = {"input_ids": ids, "labels": ids.clone(), "target_positions": target_positions(ids)}
         return [{k: v.to(where) for k, v in out.items()}]
 
     def step(b: list) -> None:

@@ -58,7 +58,7 @@ def sequence_logps(model: nn.Module, batch: dict, chunked: bool = True) -> torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from snug.train.loss import _final_hidden, chunk_positions, model_inputs, vocab_rows
+    from snug.train.loss import chunk_positions, final_hidden, model_inputs, vocab_rows
     from snug.train.wrapped import causal_lm
 
     ids, labels = batch["input_ids"], batch["labels"]
@@ -73,7 +73,7 @@ def sequence_logps(model: nn.Module, batch: dict, chunked: bool = True) -> torch
         picked = F.log_softmax(flat.float(), -1).gather(1, y[:, None]).squeeze(1)
         return torch.zeros(rows, device=ids.device).index_add(0, rows_of, picked)
     lm = causal_lm(model)
-    hidden = _final_hidden(model, batch)
+    hidden = final_hidden(model, batch)
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["target_positions"])
@@ -234,7 +234,7 @@ class PreferenceStage(BaseStage):
     def tokenize(self, source):
         import functools
 
-        from snug.data.dataset import _tokenizer_fingerprint
+        from snug.data.dataset import tokenizer_fingerprint
         from snug.data.formats import DataError
         from snug.data.preference import is_pair, is_unpaired, tokenize_pairs
         from snug.data.templates import TemplateError, resolve_template
@@ -271,7 +271,7 @@ class PreferenceStage(BaseStage):
         )
         key = (
             "pairs" if self.paired else "unpaired",
-            _tokenizer_fingerprint(source.tok, template),
+            tokenizer_fingerprint(source.tok, template),
             source.data.cutoff_len,
         )
         return source.map(fn, key)

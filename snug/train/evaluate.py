@@ -152,15 +152,15 @@ def exact_match(
         raise ValueError("no held-out sample has a prompt and an answer to score by generation.")
     marker = end_of_turn(tok, template)
     prompts = [r["input_ids"][: r["prompt_len"]] for r in rows]
-    refs = [answer_text(tok, r["input_ids"][r["prompt_len"] :], marker) for r in rows]
+    expected = [answer_text(tok, r["input_ids"][r["prompt_len"] :], marker) for r in rows]
     answers = generate_answers(
         model, tok, template, prompts, max_new_tokens, device, progress=progress
     )
     samples = [
-        {"prompt": tok.decode(p), "reference": r, "answer": a}
-        for p, r, a in zip(prompts, refs, answers, strict=True)
+        {"prompt": tok.decode(p), "expected": e, "answer": a}
+        for p, e, a in zip(prompts, expected, answers, strict=True)
     ]
-    hits = sum(normalize(a) == normalize(r) for a, r in zip(answers, refs, strict=True))
+    hits = sum(normalize(a) == normalize(e) for a, e in zip(answers, expected, strict=True))
     return hits / len(rows), samples
 
 

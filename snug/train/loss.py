@@ -72,7 +72,7 @@ def plain_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     return _ce_sum(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), softcap=None)
 
 
-def _final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The decoder's last hidden state (after its final norm), (B, T, C), taken by a hook while
     the whole model runs forward, so that whatever a method adds (virtual tokens, prefixes)
     takes part; the head then runs on one position only (logits_to_keep=1)."""
@@ -92,7 +92,7 @@ def _final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 def chunked_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     lm = causal_lm(model)
-    hidden = _final_hidden(model, batch)  # (B, T, C)
+    hidden = final_hidden(model, batch)  # (B, T, C)
     head = lm.get_output_embeddings()
     # gemma-2 style soft-capping lives in the model's forward, which the chunks bypass.
     softcap = getattr(lm.config, "final_logit_softcapping", None)

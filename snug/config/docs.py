@@ -1,6 +1,6 @@
 """The config reference (README's "Configuration reference", docs): every section's keys, their
 types, defaults and docs, and each registered method's and stage's own keys, made from the
-config classes' field declarations. `python -m snug.config.reference` prints it; a test keeps the
+config classes' field declarations. `python -m snug.config.docs` prints it; a test keeps the
 README's copy current."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _type_name(annotation: Any) -> str:
     return "null" if annotation is type(None) else annotation.__name__
 
 
-def reference_markdown() -> str:
+def config_markdown() -> str:
     """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
     methods()  # method.name's choices
     lines = []
@@ -63,5 +63,5 @@ def _key_table(cls: type) -> list[str]:
     return [*lines, ""]
 
 
-if __name__ == "__main__":  # python -m snug.config.reference: print the reference for the README
-    print(reference_markdown())
+if __name__ == "__main__":  # python -m snug.config.docs: print the config reference for the README
+    print(config_markdown())
