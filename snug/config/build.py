@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from snug.config import paths, switch
 from snug.config.checks import check_combinations
+from snug.config.paths import Ambiguous, resolve
+from snug.config.switch import file_choices, set_aside
 from snug.config.values import coerce, one_of
 from snug.config.yamlfile import load_text, read_mapping
 from snug.core.registry import methods, stages
@@ -254,10 +255,10 @@ def _resolve_paths(cfg: Config, origins: Origins, base: Path | None) -> None:
         folder = base if in_file else Path.cwd()
         try:
             if isinstance(value, list):
-                resolved = [paths.resolve(v, folder, hub) for v in value]
+                resolved = [resolve(v, folder, hub) for v in value]
             else:
-                resolved = paths.resolve(value, folder, hub)
-        except paths.Ambiguous as e:
+                resolved = resolve(value, folder, hub)
+        except Ambiguous as e:
             raise ConfigError(f"{origins.of(key)}: {key}: {e}.") from None
         if resolved != value:
             setattr(part, name, resolved)
@@ -363,7 +364,7 @@ def load_config(
             raise ConfigError(f"{path}: the top level must be a mapping of sections.")
         base = Path(path).resolve().parent
     origins = Origins(source, lines)
-    in_file = switch.file_choices(raw)
+    in_file = file_choices(raw)
     for text in overrides:
         section, key, value = parse_override(text)
         origins.overrides[f"{section}.{key}"] = text
@@ -378,7 +379,7 @@ def load_config(
         raw[section][key] = value
     methods()  # the methods and stages whose keys may be set aside
     stages()
-    aside = switch.set_aside(raw, in_file, set(origins.overrides), source)
+    aside = set_aside(raw, in_file, set(origins.overrides), source)
     cfg = config_from_dict(raw, source, origins, base, drop_foreign=run_config)
     cfg.set_aside = aside
     return cfg
