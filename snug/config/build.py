@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ def _build_own(
     values: dict[str, Any],
     section: str,
     origins: Origins,
-    shared: list[str] = (),
+    shared: Sequence[str] = (),
 ) -> Any:
     """The own keys that `chosen` (a choice of `chooser`: a method, a stage) declares in
     `section`, built from `values` (that section's keys but the `shared` ones every choice has)
@@ -195,7 +196,8 @@ def _build_stage_section(raw: dict[str, Any], stage: str, origins: Origins) -> S
         if not isinstance(values, dict):
             raise ConfigError(f"{origins.of(place)}: section '{place}' must be a mapping of keys.")
         built = _build_own(STAGE, stage, values, place, origins)
-        own = built if built is not None else own
+        if built is not None:  # the chosen stage's section (only it builds anything)
+            own = built
     record = STAGE.registry()[stage]
     if record.settings is None:
         return StageSection()
@@ -306,8 +308,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate everything.
     Relative paths in the file are read from the file's folder (a run's saved config.yaml is
-    read like any other). An override choosing another method or stage sets the file's keys of its own aside
-    (snug/config/switch.py); `cfg.set_aside` says which, for the command to print."""
+    read like any other). An override choosing another method or stage sets the file's keys of
+    its own aside (snug/config/switch.py); `cfg.set_aside` says which, for the command to
+    print."""
     raw: dict[str, Any] = {}
     source = "config"
     lines: dict[str, int] = {}
