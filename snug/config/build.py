@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
-from snug.config import paths, switch
 from snug.config.checks import check_combinations
 from snug.config.choosers import METHOD, STAGE, Chooser
+from snug.config.paths import Ambiguous, resolve
+from snug.config.switch import file_choices, set_aside
 from snug.config.values import coerce, one_of
 from snug.config.yamlfile import load_text, read_mapping
 from snug.core.sections import (  # noqa: F401  (re-exported: snug.config names every section)
@@ -238,10 +239,10 @@ def _resolve_paths(cfg: Config, origins: Origins, base: Path | None) -> None:
         folder = base if in_file else Path.cwd()
         try:
             if isinstance(value, list):
-                resolved = [paths.resolve(v, folder, hub) for v in value]
+                resolved = [resolve(v, folder, hub) for v in value]
             else:
-                resolved = paths.resolve(value, folder, hub)
-        except paths.Ambiguous as e:
+                resolved = resolve(value, folder, hub)
+        except Ambiguous as e:
             raise ConfigError(f"{origins.of(key)}: {key}: {e}.") from None
         if resolved != value:
             setattr(part, name, resolved)
@@ -327,7 +328,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: the top level must be a mapping of sections.")
         base = Path(path).resolve().parent
     origins = Origins(source, lines)
-    in_file = switch.file_choices(raw)
+    in_file = file_choices(raw)
     for text in overrides:
         section, key, value = parse_override(text)
         origins.overrides[f"{section}.{key}"] = text
@@ -340,7 +341,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if raw[section] is None:
             raw[section] = {}
         raw[section][key] = value
-    aside = switch.set_aside(raw, in_file, set(origins.overrides), source)
+    aside = set_aside(raw, in_file, set(origins.overrides), source)
     cfg = config_from_dict(raw, source, origins, base)
     cfg.set_aside = aside
     return cfg
