@@ -146,10 +146,10 @@ def test_each_method_takes_only_its_own_keys():
         config_from_dict({"method": {"name": "llama_adapter", "trainable_layers": 0}})
 
 
-def test_switching_methods_keeps_shared_keys_and_old_run_configs_still_load(tmp_path):
+def test_switching_methods_keeps_shared_keys_and_a_runs_config_is_read_like_any(tmp_path):
     """A search moving a config to another method keeps the keys both declare; a run's
-    config.yaml written before methods had keys of their own (every method's keys, and
-    method.cls_head) still loads for merge and chat, and resumes without a false change."""
+    config.yaml is read like any config (snug 0.1.0 is unreleased: no earlier snug wrote every
+    method's keys), so one holding another method's key is refused there too."""
     from snug.plan.simulate import with_overrides
     from snug.train.resume import config_drift
 
@@ -158,32 +158,115 @@ def test_switching_methods_keeps_shared_keys_and_old_run_configs_still_load(tmp_
     assert (dora.method.name, dora.method.r, dora.method.alpha) == ("dora", 32, 64)
     full = with_overrides(cfg, method={"name": "full"})
     assert full.to_dict()["method"] == {"name": "full"}
-    old_method = {
-        "name": "full",
-        "r": 8,
-        "alpha": 16,
-        "dropout": 0.0,
-        "targets": "all-linear",
-        "rslora": False,
-        "lora_plus_ratio": None,
-        "trainable_layers": 2,
-        "trainable_modules": None,
-        "unfreeze_every": None,
-        "extra_modules": [],
-        "num_virtual_tokens": 20,
-        "bottleneck": 64,
-        "cls_head": "linear",
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"method": old_method}))
-    with pytest.raises(ConfigError, match=r"method.alpha is a key of method.name=lora, dora"):
-        load_config(tmp_path / "config.yaml")  # a user's config: refused
-    old = load_config(tmp_path / "config.yaml", run_config=True)  # a run's own: read
-    assert old.to_dict()["method"] == {"name": "full"}
-    now = config_from_dict({"method": {"name": "full"}}).to_dict()
-    assert config_drift({**now, "method": old_method}, now) == []
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"method": {"name": "full", "r": 8}}))
+    with pytest.raises(ConfigError, match=r"method.r is a key of method.name=lora, dora"):
+        load_config(tmp_path / "config.yaml")
+    with pytest.raises(TypeError):  # the keyword a run's config used to be read with is gone
+        load_config(tmp_path / "config.yaml", run_config=True)
     changed = config_from_dict({"method": {"name": "lora", "r": 16}}).to_dict()
-    saved = {**changed, "method": {**old_method, "name": "lora"}}
+    saved = {**changed, "method": {**changed["method"], "r": 8}}
     assert config_drift(saved, changed) == ["method.r: 8 -> 16"]
+
+
+# -- issue 34: each stage's keys in one section of its own --------------------------------------
+def test_a_stages_keys_live_in_the_section_it_names():
+    """cls keeps its columns and head in `cls:`, the preference stages theirs in `pref:`; the
+    chosen stage's section is read as `stage.own(cfg)` and saved after `train`."""
+    from snug.core.registry import get_stage
+
+    raw = {"train": {"stage": "cls"}, "cls": {"label_column": "y", "head": "mlp"}}
+    cfg = config_from_dict(raw)
+    own = get_stage("cls").own(cfg)
+    assert (own.text_column, own.label_column, own.head) == ("text", "y", "mlp")
+    saved = cfg.to_dict()
+    assert saved["cls"] == {"text_column": "text", "label_column": "y", "head": "mlp"}
+    assert list(saved).index("cls") == list(saved).index("train") + 1 and "pref" not in saved
+    assert "text_column" not in saved["data"] and "cls" not in config_from_dict({}).to_dict()
+    dpo = config_from_dict({"train": {"stage": "dpo"}, "pref": {"beta": 0.3}})
+    assert get_stage("dpo").own(dpo).beta == 0.3 and get_stage("dpo").own(cfg).beta == 0.1
+    assert config_from_dict(dpo.to_dict()).to_dict() == dpo.to_dict()  # config.yaml round trip
+    assert get_stage("sft").own(cfg) is None
+
+
+def test_resuming_guards_the_stages_own_section():
+    from snug.train.resume import config_drift
+
+    was = config_from_dict({"train": {"stage": "cls"}, "cls": {"head": "mlp"}}).to_dict()
+    now = config_from_dict({"train": {"stage": "cls"}}).to_dict()
+    assert config_drift(was, now) == ["cls.head: 'mlp' -> 'linear'"]
+    was = config_from_dict({"train": {"stage": "orpo"}, "pref": {"beta": 0.5}}).to_dict()
+    now = config_from_dict({"train": {"stage": "orpo", "lr": 1e-3}}).to_dict()
+    assert config_drift(was, now) == ["pref.beta: 0.5 -> 0.1"]
+
+
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        (
+            {"cls": {"head": "mlp"}},
+            r"^config: cls.head is a key of train.stage=cls, not of train.stage=sft\.$",
+        ),
+        (
+            {"train": {"stage": "cls"}, "pref": {"beta": 0.2}},
+            r"^config: pref.beta is a key of train.stage=dpo, orpo, simpo, kto, not of "
+            r"train.stage=cls\.$",
+        ),
+        (
+            {"train": {"stage": "kto"}, "pref": {"loss": "ipo"}},
+            r"^config: pref.loss is a key of train.stage=dpo, not of train.stage=kto \(whose",
+        ),
+        (
+            {"train": {"stage": "cls"}, "data": {"text_column": "t"}},
+            r"^config: unknown key 'data.text_column'; did you mean 'cls.text_column' \(a key "
+            r"of train.stage=cls\)\?$",
+        ),
+        (
+            {"train": {"stage": "cls"}, "data": {"label_column": "t"}},
+            r"unknown key 'data.label_column'; did you mean 'cls.label_column' \(a key of",
+        ),
+        (
+            {"train": {"stage": "cls", "cls_head": "mlp"}},
+            r"unknown key 'train.cls_head'; did you mean 'cls.head' \(a key of train.stage=cls",
+        ),
+        (
+            {"method": {"name": "freeze", "cls_head": "mlp"}},
+            r"unknown key 'method.cls_head'; did you mean 'cls.head' \(a key of train.stage=cls",
+        ),
+        ({"train": {"stage": "cls"}, "cls": {"hed": "mlp"}}, r"unknown key 'cls.hed'; did you"),
+        ({"prefs": {"beta": 0.1}}, r"unknown section 'prefs'; did you mean 'pref'\?"),
+    ],
+    ids=[
+        "cls-section-under-sft",
+        "pref-under-cls",
+        "dpo-key-under-kto",
+        "data.text_column",
+        "data.label_column",
+        "train.cls_head",
+        "method.cls_head",
+        "misspelt",
+        "section-misspelt",
+    ],
+)
+def test_another_stages_section_or_key_is_refused_naming_its_stage(raw, error):
+    with pytest.raises(ConfigError, match=error):
+        config_from_dict(raw)
+
+
+def test_an_empty_section_of_another_stage_is_let_be():
+    cfg = config_from_dict({"train": {"stage": "sft"}, "pref": None, "cls": {}})
+    assert "pref" not in cfg.to_dict() and "cls" not in cfg.to_dict()
+
+
+def test_the_reference_lists_each_stage_with_its_help_and_its_section():
+    from snug.core.registry import stages
+
+    reference = config_markdown()
+    for name, stage in stages().items():
+        place = f"`{stage.section}:`" if stage.settings else "none"
+        assert f"| `{name}` | {stage.help} | {place} |" in reference
+    assert "#### `cls` keys of train.stage=`cls`" in reference
+    assert "#### `pref` keys of train.stage=`dpo`" in reference
+    assert "sft: supervised" not in reference  # no hand-written list of the built-ins
 
 
 # -- issue 33, point 9: values that were accepted and should not be ---------------------------------
@@ -275,10 +358,12 @@ def test_the_same_method_again_sets_nothing_aside():
 
 
 def test_another_stage_on_the_command_line_sets_the_files_keys_of_its_stage_aside(tmp_path):
+    from snug.core.registry import get_stage
+
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  stage: dpo\npref:\n  beta: 0.2\n  loss: ipo\n")
     orpo = load_config(p, ["train.stage=orpo"])
-    assert orpo.pref.beta == 0.2
+    assert get_stage("orpo").own(orpo).beta == 0.2
     assert orpo.set_aside == [
         f"{p}: pref.loss set aside: not a key of train.stage=orpo, chosen on the command line "
         "(the file sets it for train.stage=dpo)."
@@ -287,8 +372,11 @@ def test_another_stage_on_the_command_line_sets_the_files_keys_of_its_stage_asid
     assert sft.set_aside[0].startswith(f"{p}: pref.beta, pref.loss set aside: not keys of ")
     with pytest.raises(ConfigError, match=r"override 'pref.gamma=1': pref.gamma is a key of"):
         load_config(p, ["train.stage=orpo", "pref.gamma=1"])
-    p.write_text("train:\n  stage: cls\n  cls_head: mlp\n")
+    p.write_text("train:\n  stage: cls\ncls:\n  head: mlp\n")
     assert load_config(p, ["train.stage=sft"]).set_aside == [
-        f"{p}: train.cls_head set aside: not a key of train.stage=sft, chosen on the command "
+        f"{p}: cls.head set aside: not a key of train.stage=sft, chosen on the command "
         "line (the file sets it for train.stage=cls)."
     ]
+    dpo = load_config(p, ["train.stage=dpo"])  # another section: the file's cls keys set aside
+    assert dpo.set_aside[0].startswith(f"{p}: cls.head set aside: not a key of train.stage=dpo")
+    assert get_stage("dpo").own(dpo).beta == 0.1

@@ -109,20 +109,65 @@ def completion(monkeypatch):
 
 
 def test_a_plugin_stage_is_checked_with_its_own_keys(completion):
-    cfg = load_config(None, ["train.stage=completion", "train.separator=' => '"])
-    assert cfg.train.stage == "completion" and cfg.train.own.separator == " => "
-    assert cfg.to_dict()["train"]["separator"] == " => "  # saved flat, as written
-    with pytest.raises(ConfigError, match=r"train.min_completion_tokens is 0, but must be at"):
-        load_config(None, ["train.stage=completion", "train.min_completion_tokens=0"])
+    cfg = load_config(None, ["train.stage=completion", "completion.separator=' => '"])
+    own = registry.get_stage("completion").own(cfg)
+    assert cfg.train.stage == "completion" and own.separator == " => "
+    assert cfg.to_dict()["completion"]["separator"] == " => "  # its own section, as written
+    with pytest.raises(ConfigError, match=r"completion.min_completion_tokens is 0, but must be at"):
+        load_config(None, ["train.stage=completion", "completion.min_completion_tokens=0"])
     # its keys belong to it: another stage refuses them, naming the key and its owner
-    with pytest.raises(ConfigError, match=r"train.separator is a key of train.stage=completion,"):
-        load_config(None, ["train.stage=sft", "train.separator=x"])
+    with pytest.raises(
+        ConfigError, match=r"completion.separator is a key of train.stage=completion, not of"
+    ):
+        load_config(None, ["train.stage=sft", "completion.separator=x"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train.separator'; did you mean 'comp"):
+        load_config(None, ["train.stage=completion", "train.separator=x"])
     with pytest.raises(ConfigError, match=r"train.stage is 'completon', .*did you mean"):
         load_config(None, ["train.stage=completon"])
     reference = config_markdown()
     assert "| sft \\| pt \\| cls \\| dpo \\| orpo \\| simpo \\| kto \\| completion |" in reference
-    assert "#### `train` keys of `completion`" in reference and "| `separator` | str |" in reference
-    assert "#### `train` keys of `cls`" in reference  # snug's own stages declare theirs alike
+    assert "| `completion` | raw prompt -> completion pairs, loss on the completion |" in reference
+    assert "#### `completion` keys of train.stage=`completion`" in reference
+    assert "| `separator` | str |" in reference
+    assert (
+        "#### `cls` keys of train.stage=`cls`" in reference
+    )  # snug's own stages declare theirs alike
+
+
+def test_a_plugin_stage_without_a_section_is_one_error_naming_it(completion, monkeypatch):
+    from snug.stages.base import BaseStage
+
+    class Nameless(BaseStage):
+        name, settings = "nameless", registry.get_stage("completion").settings
+
+    registry.load_plugins()
+    monkeypatch.setitem(registry.STAGES, "nameless", Nameless())
+    with pytest.raises(registry.PluginError, match=r"stage 'nameless' of .* has keys of its own"):
+        load_config(None, [])
+    monkeypatch.setattr(Nameless, "section", "train")
+    with pytest.raises(registry.PluginError, match=r"section names 'train', one of snug's own"):
+        load_config(None, [])
+
+
+def test_eval_data_is_tokenized_with_the_stages_own_keys(completion, tmp_path, tokenizer):
+    """Held-out data reads the stage's settings as the training data does (it was tokenized
+    with their defaults: the train section's name was reused for the training set)."""
+    from snug.data.dataset import build_datasets
+
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    held = write_jsonl(tmp_path / "eval.jsonl", rows)
+    cfg = load_config(
+        None,
+        [f"data.train={train}", f"data.eval={held}", "train.stage=completion",
+         "completion.separator=' => '"],
+    )  # fmt: skip
+    own = registry.get_stage("completion").own(cfg)
+    train_ds, eval_ds, _ = build_datasets(cfg.data, tokenizer, "completion", 0, "tiny", own=own)
+    assert eval_ds["input_ids"] == train_ds["input_ids"]
+    assert "=>" in tokenizer.decode(eval_ds[0]["input_ids"])
 
 
 def test_a_plugin_stage_trains_plans_and_merges(completion, tmp_path, capsys):
@@ -140,9 +185,9 @@ def test_a_plugin_stage_trains_plans_and_merges(completion, tmp_path, capsys):
         "model": {"name_or_path": str(ROOT / "models/tiny")},
         "method": {"name": "lora", "r": 4},
         "data": {"train": str(data), "val_size": 8, "cutoff_len": 48},
+        "completion": {"separator": " -> "},
         "train": {
             "stage": "completion",
-            "separator": " -> ",
             "max_steps": 4,
             "micro_batch": 4,
             "grad_accum": 1,
@@ -169,6 +214,7 @@ def test_a_plugin_stage_trains_plans_and_merges(completion, tmp_path, capsys):
     # the replay ran the stage's own loss: a plain head over every position, where sft's
     # chunked loss runs the head again in backward (more FLOPs at this length)
     flops = {}
+    del raw["completion"]  # sft refuses the completion stage's keys
     for stage in ("completion", "sft"):
         raw["train"] = {"stage": stage, "micro_batch": 4, "grad_accum": 1}
         cfg.write_text(yaml.safe_dump(raw))

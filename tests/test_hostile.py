@@ -545,6 +545,25 @@ def case_10_nan_on_the_command_line(w: World) -> Case:
 
 
 @case
+def case_34_a_cls_key_in_its_old_place(w: World) -> Case:
+    w.write_config(train__stage="cls", data__label_column="kind")
+    return Case(
+        ["train", str(w.cfg)],
+        r"cfg\.yaml line \d+: unknown key 'data\.label_column'; did you mean 'cls\.label_column' "
+        r"\(a key of train\.stage=cls\)\?$",
+    )
+
+
+@case
+def case_34_another_stages_section_on_the_command_line(w: World) -> Case:
+    return Case(
+        ["train", str(w.cfg), "pref.beta=0.2"],
+        r"^error: command-line override 'pref\.beta=0\.2': pref\.beta is a key of train\.stage=dpo, "
+        r"orpo, simpo, kto, not of train\.stage=sft\.$",
+    )
+
+
+@case
 def case_12_config_not_utf8(w: World) -> Case:
     w.cfg.write_bytes(b"train:\n  lr: 1.0e-4 # caf\xe9\n")
     return Case(["train", str(w.cfg)], r"cfg\.yaml line 2, column 19 \(byte 0xe9\): not UTF-8 text")

@@ -378,7 +378,7 @@ def test_qlora_trains_on_cpu(quant, tmp_path):
     "strategy",
     [
         {"name": "freeze", "trainable_layers": 0},  # head only
-        {"name": "freeze", "trainable_layers": 0, "train.cls_head": "mlp"},  # head + a new FC layer
+        {"name": "freeze", "trainable_layers": 0, "cls.head": "mlp"},  # head + a new FC layer
         {"name": "freeze", "trainable_layers": 2},  # last N layers + head
         {"name": "lora", "r": 4},
         {"name": "adapter", "bottleneck": 16},
@@ -387,10 +387,10 @@ def test_qlora_trains_on_cpu(quant, tmp_path):
     ids=["head", "head-mlp", "last-2", "lora", "adapter", "prompt"],
 )
 def test_classification_strategies_learn(strategy, tmp_path):
-    own = {k.removeprefix("train."): v for k, v in strategy.items() if k.startswith("train.")}
+    own = {k.removeprefix("cls."): v for k, v in strategy.items() if k.startswith("cls.")}
     raw = {
         "model": {"name_or_path": str(ROOT / "models/tiny")},
-        "method": {k: v for k, v in strategy.items() if not k.startswith("train.")},
+        "method": {k: v for k, v in strategy.items() if not k.startswith("cls.")},
         "data": {
             "train": str(ROOT / "data/classify/train.jsonl"),
             "eval": str(ROOT / "data/classify/heldout.jsonl"),
@@ -404,8 +404,8 @@ def test_classification_strategies_learn(strategy, tmp_path):
             "grad_accum": 1,
             "lr": 3e-3,
             "log_every": 5,
-            **own,
         },
+        "cls": own,
         "memory": {"grad_checkpointing": False},
         "output": {"dir": str(tmp_path / "run")},
     }

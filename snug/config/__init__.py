@@ -23,7 +23,7 @@ from snug.core.sections import (
     MethodConfig,
     ModelConfig,
     OutputConfig,
-    PrefConfig,
+    StageSection,
     TrainConfig,
 )
 from snug.errors import ConfigError
@@ -40,7 +40,7 @@ __all__ = [
     "ModelConfig",
     "Origins",
     "OutputConfig",
-    "PrefConfig",
+    "StageSection",
     "TrainConfig",
     "config_from_dict",
     "load_config",

@@ -12,17 +12,18 @@ import dataclasses
 import difflib
 import json
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from snug.config.checks import check_combinations
+from snug.config.choosers import METHOD, STAGE, Chooser
 from snug.config.paths import Ambiguous, resolve
 from snug.config.switch import file_choices, set_aside
 from snug.config.values import coerce, one_of
 from snug.config.yamlfile import load_text, read_mapping
-from snug.core.registry import methods, stages
 from snug.core.sections import (  # noqa: F401  (re-exported: snug.config names every section)
     PATH_KEYS,
     SECTIONS,
@@ -33,7 +34,7 @@ from snug.core.sections import (  # noqa: F401  (re-exported: snug.config names 
     MethodConfig,
     ModelConfig,
     OutputConfig,
-    PrefConfig,
+    StageSection,
     TrainConfig,
 )
 from snug.errors import ConfigError
@@ -123,65 +124,45 @@ def _user_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
 
-# Keys that moved to another section: the error for the old place names the new one.
-MOVED = {"method.cls_head": "train.cls_head"}  # (and how resume reads old checkpoints)
+def _unknown(where: str, section: str, key: str, choices: list[str]) -> ConfigError:
+    """An unknown key: the stage section that declares it, when one does (`data.label_column`:
+    `cls.label_column`; `train.cls_head`: `cls.head`), else the nearest of `choices`."""
+    for place, owners in ((p, STAGE.owners(p)) for p in STAGE.sections() if p != section):
+        for name in (key, key.removeprefix(f"{place}_")):
+            if name in owners:
+                return ConfigError(
+                    f"{where}: unknown key '{section}.{key}'; did you mean '{place}.{name}' "
+                    f"(a key of {STAGE.path}={', '.join(owners[name])})?"
+                )
+    return ConfigError(f"{where}: unknown key '{section}.{key}'" + _nearest(key, choices))
 
 
-def _build_chosen(
-    cls: type,
+def _build_own(
+    chooser: Chooser,
+    chosen: str,
     values: dict[str, Any],
     section: str,
-    choice: str,
-    registry: dict[str, Any],
     origins: Origins,
-    drop_foreign: bool = False,
+    shared: Sequence[str] = (),
 ) -> Any:
-    """A section whose key `choice` picks a registered method or stage (`registry`: name ->
-    its record, whose `.settings` is its dataclass of own keys or None): the keys every choice
-    shares, and the chosen one's own, each checked against its declaration. A key another
-    choice declares is refused naming that choice, or dropped with `drop_foreign` (a run's
-    config written by an earlier snug, whose sections held every method's keys)."""
-    default = _user_fields(cls)[choice].default
-    base = _build_section(cls, {choice: values.get(choice, default)}, section, origins)
-    chosen = getattr(base, choice)
-    own_cls = registry[chosen].settings
-    own_names = list(_user_fields(own_cls)) if own_cls else []
-    foreign = {k: names for k, names in _owners(registry, "settings").items() if k not in own_names}
-    shared = {k: v for k, v in values.items() if k not in own_names}
-    own = {k: v for k, v in values.items() if k in own_names}
-    for key in list(shared):
-        if key in _user_fields(cls):
+    """The own keys that `chosen` (a choice of `chooser`: a method, a stage) declares in
+    `section`, built from `values` (that section's keys but the `shared` ones every choice has)
+    and each checked against its declaration; None where it declares none there. A key another
+    choice declares there is refused naming that choice; any other as unknown."""
+    own_names = chooser.own_keys(chosen, section)
+    owners = chooser.owners(section)
+    for key in values:
+        if key in own_names:
             continue
         where = origins.of(f"{section}.{key}")
-        if f"{section}.{key}" in MOVED:
-            raise ConfigError(
-                f"{where}: '{section}.{key}' has moved: set {MOVED[f'{section}.{key}']} instead."
+        if key in owners:
+            raise _not_its_key(
+                where, f"{section}.{key}", owners[key], chooser.path, chosen, own_names
             )
-        if key in foreign and drop_foreign:
-            del shared[key]
-            continue
-        if key in foreign:
-            chooser = f"{section}.{choice}"
-            raise _not_its_key(where, f"{section}.{key}", foreign[key], chooser, chosen, own_names)
-        raise ConfigError(
-            f"{where}: unknown key '{section}.{key}'"
-            + _nearest(key, [*_user_fields(cls), *own_names])
-        )
-    cfg = _build_section(cls, shared, section, origins)
-    if own_cls is not None:
-        cfg.own = _build_section(own_cls, own, section, origins)
-    return cfg
-
-
-def _owners(registry: dict[str, Any], attr: str) -> dict[str, list[str]]:
-    """Each key a registered method or stage declares (in its `attr` dataclass) -> the names of
-    those that declare it."""
-    owners: dict[str, list[str]] = {}
-    for name, record in registry.items():
-        declared = getattr(record, attr, None)
-        for key in _user_fields(declared) if declared else ():
-            owners.setdefault(key, []).append(name)
-    return owners
+        raise _unknown(where, section, key, [*shared, *own_names] or list(owners))
+    if not own_names:  # it has no keys, or keeps them in another section
+        return None
+    return _build_section(chooser.registry()[chosen].settings, values, section, origins)
 
 
 def _not_its_key(
@@ -194,31 +175,34 @@ def _not_its_key(
     )
 
 
-def _build_pref(
-    values: dict[str, Any], train: Any, origins: Origins, drop_foreign: bool
-) -> PrefConfig:
-    """The pref section: the keys the chosen stage declares (Stage.pref_settings)."""
-    chosen = train.stage if train is not None else TrainConfig().stage
-    owners = _owners(stages(), "pref_settings")
-    own_cls = getattr(stages()[chosen], "pref_settings", None)
-    own_names = list(_user_fields(own_cls)) if own_cls else []
-    values = dict(values)
-    for key in list(values):
-        if key in own_names:
-            continue
-        if key in owners and drop_foreign:
-            del values[key]
-            continue
-        where = origins.of(f"pref.{key}")
-        if key in owners:
-            raise _not_its_key(where, f"pref.{key}", owners[key], "train.stage", chosen, own_names)
-        raise ConfigError(
-            f"{where}: unknown key 'pref.{key}'" + _nearest(key, own_names or list(owners))
-        )
-    section = PrefConfig()
-    if own_cls is not None:
-        section.own = _build_section(own_cls, values, "pref", origins)
+def _build_method(values: dict[str, Any], origins: Origins) -> MethodConfig:
+    """The method section: `name` and the keys every method shares, then the chosen method's
+    own keys beside them."""
+    shared = list(_user_fields(MethodConfig))
+    given = {k: v for k, v in values.items() if k in shared}
+    section = _build_section(MethodConfig, given, "method", origins)
+    own = {k: v for k, v in values.items() if k not in shared}
+    section.own = _build_own(METHOD, section.name, own, "method", origins, shared)
     return section
+
+
+def _build_stage_section(raw: dict[str, Any], stage: str, origins: Origins) -> StageSection:
+    """The chosen stage's own section (its defaults when the config has none); a key in
+    another stage's section is refused naming that stage (an empty one is let be)."""
+    own = None
+    for place in STAGE.sections():
+        values = raw.get(place)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origins.of(place)}: section '{place}' must be a mapping of keys.")
+        built = _build_own(STAGE, stage, values, place, origins)
+        if built is not None:  # the chosen stage's section (only it builds anything)
+            own = built
+    record = STAGE.registry()[stage]
+    if record.settings is None:
+        return StageSection()
+    return StageSection(STAGE.section_of(record), own if own is not None else record.settings())
 
 
 def _build_section(cls: type, values: dict[str, Any], section: str, origins: Origins) -> Any:
@@ -229,7 +213,7 @@ def _build_section(cls: type, values: dict[str, Any], section: str, origins: Ori
     for key, value in values.items():
         where = origins.of(f"{section}.{key}")
         if key not in names:
-            raise ConfigError(f"{where}: unknown key '{section}.{key}'" + _nearest(key, names))
+            raise _unknown(where, section, key, names)
         value = coerce(value, hints[key], f"{where}: {section}.{key}")
         choices = fields[key].metadata["choices"]
         if choices is not None:
@@ -277,51 +261,33 @@ def config_from_dict(
     source: str = "config",
     origins: Origins | None = None,
     base: Path | None = None,
-    drop_foreign: bool = False,
 ) -> Config:
     """A checked config from sections of plain values. `base`: the folder relative paths of the
-    file's keys are read from (None: the current directory). `drop_foreign`: a run's saved
-    config.yaml, where an earlier snug wrote every method's keys (see _build_chosen)."""
+    file's keys are read from (None: the current directory)."""
     origins = origins or Origins(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections.")
     sections = _section_types()
-    if drop_foreign:  # an earlier snug's run config: keys since moved go to their new place
-        for old, new in MOVED.items():
-            (s, k), (s2, k2) = old.split("."), new.split(".")
-            if isinstance(raw.get(s), dict) and k in raw[s]:
-                value = raw[s].pop(k)
-                if isinstance(raw.setdefault(s2, {}), dict):
-                    raw[s2].setdefault(k2, value)
-    methods()  # snug's own methods registered: method.name's choices
-    stages()  # likewise train.stage's
+    stage_sections = STAGE.sections()  # the door opened: method.name's and train.stage's choices
     built = {}
-    # the train section first: the stage it picks says what the pref section holds
-    for name, values in sorted(raw.items(), key=lambda item: item[0] != "train"):
+    for name, values in raw.items():
+        if name in stage_sections:
+            continue  # built below, once train.stage is known
         if name not in sections:
             raise ConfigError(
                 f"{origins.of(str(name))}: unknown section '{name}'"
-                + _nearest(str(name), list(sections))
+                + _nearest(str(name), [*sections, *stage_sections])
             )
         if values is None:
             values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"{origins.of(name)}: section '{name}' must be a mapping of keys.")
         if name == "method":
-            built[name] = _build_chosen(
-                MethodConfig, values, name, "name", methods(), origins, drop_foreign
-            )
-        elif name == "train":
-            built[name] = _build_chosen(
-                TrainConfig, values, name, "stage", stages(), origins, drop_foreign
-            )
-        elif name == "pref":
-            built[name] = _build_pref(values, built.get("train"), origins, drop_foreign)
+            built[name] = _build_method(values, origins)
         else:
             built[name] = _build_section(sections[name], values, name, origins)
-    if "pref" not in built:
-        built["pref"] = _build_pref({}, built.get("train"), origins, drop_foreign)
-    cfg = Config(**built)
+    stage = built["train"].stage if "train" in built else STAGE.default()
+    cfg = Config(**built, stage_section=_build_stage_section(raw, stage, origins))
     check_combinations(cfg, source)
     _resolve_paths(cfg, origins, base)
     return cfg
@@ -340,14 +306,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, load_text(raw, where, ConfigError, not_yaml=not_yaml)
 
 
-def load_config(
-    path: str | Path | None, overrides: list[str] = (), run_config: bool = False
-) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate everything.
-    Relative paths in the file are read from the file's folder. `run_config`: the config.yaml
-    a training run saved (an earlier snug's holds other methods' keys, which had no effect).
-    An override choosing another method or stage sets the file's keys of its own aside
-    (snug/config/switch.py); `cfg.set_aside` says which, for the command to print."""
+    Relative paths in the file are read from the file's folder (a run's saved config.yaml is
+    read like any other). An override choosing another method or stage sets the file's keys of
+    its own aside (snug/config/switch.py); `cfg.set_aside` says which, for the command to
+    print."""
     raw: dict[str, Any] = {}
     source = "config"
     lines: dict[str, int] = {}
@@ -377,10 +341,8 @@ def load_config(
         if raw[section] is None:
             raw[section] = {}
         raw[section][key] = value
-    methods()  # the methods and stages whose keys may be set aside
-    stages()
     aside = set_aside(raw, in_file, set(origins.overrides), source)
-    cfg = config_from_dict(raw, source, origins, base, drop_foreign=run_config)
+    cfg = config_from_dict(raw, source, origins, base)
     cfg.set_aside = aside
     return cfg
 

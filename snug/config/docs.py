@@ -1,6 +1,7 @@
 """The config reference (README's "Configuration reference", docs): every section's keys, their
-types, defaults and docs, and each registered method's and stage's own keys, made from the
-config classes' field declarations. `python -m snug.config.docs` prints it; a test keeps the
+types, defaults and docs, each registered stage with what it learns, and each registered
+method's and stage's own keys (a stage's in its own section), made from the config classes'
+field declarations. `python -m snug.config.docs` prints it; a test keeps the
 README's copy current."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 from snug.config.build import _section_types, _user_fields
-from snug.core.registry import methods, stages
+from snug.config.choosers import METHOD, STAGE, Chooser
 
 
 def _type_name(annotation: Any) -> str:
@@ -27,29 +28,44 @@ def _type_name(annotation: Any) -> str:
 
 def config_markdown() -> str:
     """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
-    methods()  # method.name's choices
     lines = []
-    # sections whose keys the choice of a method or stage declares: (the records, the
-    # attribute holding each one's dataclass of keys)
-    chosen = {
-        "method": (methods(), "settings"),
-        "train": (stages(), "settings"),
-        "pref": (stages(), "pref_settings"),
-    }
     for name, cls in _section_types().items():
-        shared = _key_table(cls) if _user_fields(cls) else []
-        lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", *shared]
-        owners: dict[type, list[str]] = {}  # each method's and stage's own keys, once
-        records, attribute = chosen.get(name, ({}, "settings"))
-        for choice in records.values():
-            settings = getattr(choice, attribute, None)
-            if settings is not None:
-                owners.setdefault(settings, []).append(f"`{choice.name}`")
-        for settings, names in owners.items():
-            title = f"#### `{name}` keys of {'train.stage=' if name == 'pref' else ''}{', '.join(names)} — "
-            lines += [title + settings.__doc__.strip(), ""]
-            lines += _key_table(settings)
+        lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", *_key_table(cls)]
+        if name == METHOD.section:
+            lines += _own_tables(METHOD, "")
+        if name == STAGE.section:
+            lines += [*_stage_table(), *_own_tables(STAGE, f"{STAGE.path}=")]
     return "\n".join(lines)
+
+
+def _stage_table() -> list[str]:
+    """Each registered stage (plug-ins too): what it learns (Stage.help), where its keys live."""
+    lines = [
+        f"#### `{STAGE.path}` — the stages",
+        "",
+        "| stage | what it learns | section of its keys |",
+    ]
+    lines.append("|---|---|---|")
+    for name, stage in STAGE.registry().items():
+        place = STAGE.section_of(stage)
+        lines.append(f"| `{name}` | {stage.help} | {f'`{place}:`' if place else 'none'} |")
+    return [*lines, ""]
+
+
+def _own_tables(chooser: Chooser, said: str) -> list[str]:
+    """Each choice's own keys, one table per declaration (choices sharing one listed together),
+    headed by the section they live in and the choices (`said` before their names)."""
+    owners: dict[type, list[str]] = {}
+    for record in chooser.registry().values():
+        if record.settings is not None:
+            owners.setdefault(record.settings, []).append(f"`{record.name}`")
+    lines = []
+    for settings, names in owners.items():
+        place = chooser.section_of(chooser.registry()[names[0].strip("`")])
+        heading = f"#### `{place}` keys of {said}{', '.join(names)} — {settings.__doc__.strip()}"
+        lines += [heading, ""]
+        lines += _key_table(settings)
+    return lines
 
 
 def _key_table(cls: type) -> list[str]:

@@ -134,8 +134,6 @@ class DataConfig:
     max_samples: int | None = _f(None, "Use at most this many samples of each dataset.", AT_LEAST_1)
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
     split: str = _f("train", "Split to read from a hub dataset.")
-    text_column: str = _f("text", "train.stage=cls: the column holding the text to classify.")
-    label_column: str = _f("label", "train.stage=cls: the column holding the class label.")
     on_error: Literal["strict", "skip"] = _f(
         "strict",
         "A malformed record (bad JSON line, missing or mistyped field, empty sample, roles out "
@@ -150,10 +148,8 @@ class TrainConfig:
 
     stage: str = _f(
         "sft",
-        "What is learnt (each one a module of snug/stages/): sft: supervised fine-tuning on chat "
-        "data; pt: language modelling on text; cls: sequence classification (labels from "
-        "data.label_column); dpo, orpo, simpo: preference pairs; kto: completions labelled "
-        "desirable or not (their keys: the pref section).",
+        "What is learnt: one of the registered stages (snug's own in snug/stages/, and the "
+        "plug-ins'), listed below with what each learns and the section of its own keys.",
         choices=lambda: tuple(stages()),
     )
     epochs: float = _f(3, "Passes over the training data.", POSITIVE)
@@ -204,8 +200,6 @@ class TrainConfig:
     )
     max_new_tokens: int = _f(64, "Longest generated answer when scoring by generation.", AT_LEAST_1)
     log_every: int = _f(10, "Log metrics every N optimizer steps.", AT_LEAST_1)
-    # The chosen stage's own keys (Stage.settings), set when a config is built.
-    own: Any = field(default=None, repr=False, metadata={"internal": True})
 
 
 @dataclass
@@ -279,18 +273,13 @@ class OutputConfig:
 
 
 @dataclass
-class PrefConfig:
-    """Preference training: the keys of the stage train.stage picks (dpo, orpo, simpo, kto)."""
+class StageSection:
+    """The chosen stage's own keys (Stage.settings), which live in a config section the stage
+    names (Stage.section: `pref` for dpo, orpo, simpo and kto, `cls` for cls); set when a
+    config is built, read as `stage.own(cfg)`."""
 
-    # The stage's own keys (Stage.pref_settings), set when a config is built.
-    own: Any = field(default=None, repr=False, metadata={"internal": True})
-
-    def __getattr__(self, key: str) -> Any:
-        # only reached for names that are not fields: the chosen stage's own keys
-        own = self.__dict__.get("own")
-        if key.startswith("__") or own is None or not hasattr(own, key):
-            raise AttributeError(f"pref.{key}: not a key of the chosen train.stage")
-        return getattr(own, key)
+    name: str = ""  # the section's name in a config ("" for a stage without keys)
+    own: Any = None  # the stage's settings (None: its defaults, or a stage without keys)
 
 
 @dataclass
@@ -304,7 +293,9 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    pref: PrefConfig = field(default_factory=PrefConfig)
+    # Not one of the sections above: the chosen stage's own section, whose name the stage gives
+    # (snug/config/build.py builds it; to_dict writes it after `train`).
+    stage_section: StageSection = field(default_factory=StageSection, metadata={"internal": True})
     # Not a section: for each path made absolute, what the user wrote and where
     # ('section.key' -> text); save_config writes it beside the absolute path.
     given_paths: dict[str, str] = field(
@@ -317,7 +308,8 @@ class Config:
     )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Each section's keys and values, flat (a method's own keys beside the shared ones)."""
+        """Each section's keys and values, flat (a method's own keys beside the shared ones),
+        and the chosen stage's section after `train` when it has one."""
         out = {}
         for name in SECTIONS:
             section = getattr(self, name)
@@ -326,8 +318,11 @@ class Config:
                 for f in dataclasses.fields(section)
                 if not f.metadata.get("internal")
             }
-            own = getattr(section, "own", None)
+            own = section.own if name == "method" else None
             out[name] = {**keys, **(dataclasses.asdict(own) if own is not None else {})}
+            stage = self.stage_section
+            if name == "train" and stage.own is not None:
+                out[stage.name] = dataclasses.asdict(stage.own)
         return out
 
 

@@ -1,8 +1,8 @@
 """What a training stage is, as the core sees it: the `Stage` protocol. A stage owns everything
-that depends on what is being learnt: its own keys (one section), the record formats it reads,
-tokenization and label masking, collate, the model class it loads, its loss `(model, batch,
-reference) -> (summed loss, count, metrics)`, its held-out evaluation and the fake batch `snug
-plan` replays. snug/stages/base.py's `BaseStage` implements it for a causal language model
+that depends on what is being learnt: its own keys (in a config section of its own), the record
+formats it reads, tokenization and label masking, collate, the model class it loads, its loss
+`(model, batch, reference) -> (summed loss, count, metrics)`, its held-out evaluation and the
+fake batch `snug plan` replays. snug/stages/base.py's `BaseStage` implements it for a causal language model
 learning next tokens; a stage subclasses that and overrides what differs, then registers one
 instance (snug/core/registry.py).
 
@@ -38,11 +38,13 @@ class Stage(Protocol):
 
     name: str = ""
     help: str = ""  # one line for the train.stage reference
-    # Keys of its own in the `train:` section: a dataclass declared with snug.core.settings.setting,
-    # validated and documented with the others, read as `stage.own(cfg.train)`.
+    # Keys of its own: a dataclass declared with snug.core.settings.setting, validated and
+    # documented with the others, read as `stage.own(cfg)`; None: none.
     settings: type | None = None
-    # Keys of its own in the `pref:` section (the preference stages'), likewise; None: none.
-    pref_settings: type | None = None
+    # The config section those keys live in (`pref` for dpo, orpo, simpo and kto; `cls` for cls):
+    # only the chosen stage's section is accepted. Stages may share one (their keys are told
+    # apart by which stage declares them); snug's own sections (train, data, ...) are not theirs.
+    section: str = ""
     # The record formats (data.format) it reads; () when it reads named columns instead.
     formats: tuple[str, ...] = ()
     # What the records must be, for the error when a source holds another format
@@ -65,8 +67,9 @@ class Stage(Protocol):
         copy holding them); itself by default."""
         ...
 
-    def own(self, train_cfg: Any) -> Any:
-        """This stage's own settings in the train section (their defaults when unset)."""
+    def own(self, cfg: Config | None) -> Any:
+        """This stage's own settings in `cfg` (their defaults when cfg sets none of them, is
+        None, or is another stage's config); None for a stage without settings."""
         ...
 
     # -- config -------------------------------------------------------------------------------
@@ -75,8 +78,9 @@ class Stage(Protocol):
         ...
 
     # -- data ---------------------------------------------------------------------------------
-    def labels(self, data: DataConfig) -> list[str] | None:
-        """The classes a classifier learns, read from the training data (None: no classes)."""
+    def labels(self, data: DataConfig, own: Any) -> list[str] | None:
+        """The classes a classifier learns, read from the training data as its own settings
+        (`own`: Stage.own) say (None: no classes)."""
         ...
 
     def tokenize(self, source: Source) -> tuple[Dataset, Counter, list[str]]:

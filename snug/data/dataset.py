@@ -125,14 +125,14 @@ def tokenize_source(
     model_name: str,
     labels: list[str] | None = None,
     console: Console | None = None,
-    train: Any = None,
+    own: Any = None,
 ) -> tuple[Dataset, Counter, list[str]]:
     """One source -> its usable samples, the count of each status, and the first problems of
     the dropped ones (unreadable lines count as invalid), tokenized as the stage (a
     snug.stages.base.Stage, or its name) says. Under data.on_error=strict the first problem
     stops the run here instead. `console` shows the records tokenized as they are (a
-    snug.progress.Phase) and the counts. `train`: the train section, whose stage keys the
-    stage may read (None: their defaults)."""
+    snug.progress.Phase) and the counts. `own`: the stage's own settings (Stage.own; None:
+    their defaults)."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
     started = time.monotonic()
     src = load_raw(spec, cfg.split, cfg.on_error)
@@ -142,7 +142,8 @@ def tokenize_source(
     if len(raw) == 0:
         lost = f" (the first unreadable line: {src.unreadable[0]})" if src.unreadable else ""
         raise DataError(f"{spec}: holds no records{lost}.")
-    source = Source(raw, src.where, spec, cfg, tok, model_name, labels, stage.own(train))
+    own = own if own is not None else stage.own(None)
+    source = Source(raw, src.where, spec, cfg, tok, model_name, labels, own)
     if console is None:
         ds, counts, problems = stage.tokenize(source)
     else:
@@ -184,7 +185,7 @@ class Source:
     tok: PreTrainedTokenizerBase
     model_name: str
     labels: list[str] | None  # the stage's classes, when it has any (Stage.labels)
-    own: Any = None  # the stage's own settings (train: keys), when it has any
+    own: Any = None  # the stage's own settings (its section's keys), when it has any
     progress: Callable[[int], None] | None = None  # hears the records tokenized, batch by batch
 
     def map(self, fn: Callable, key: tuple) -> tuple[Dataset, Counter, list[str]]:
@@ -286,21 +287,22 @@ def map_cached(
 
 
 def tokenize_classes_of(source: Source) -> tuple[Dataset, Counter, list[str]]:
-    """Records of a text and a class label (data.text_column, data.label_column): the cls
-    stage's samples, one class id as the label of each."""
+    """Records of a text and a class label (the cls stage's settings name their columns:
+    cls.text_column, cls.label_column): its samples, one class id as the label of each."""
     cfg, spec, tok, labels = source.data, source.spec, source.tok, source.labels
+    text_column, label_column = source.own.text_column, source.own.label_column
     columns = column_names(source.raw)
-    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in columns]
+    missing = [c for c in (text_column, label_column) if c not in columns]
     if missing:
         raise DataError(
             f"{spec}: has no column {missing[0]!r} (columns: {columns}); "
-            "set data.text_column / data.label_column."
+            "set cls.text_column / cls.label_column."
         )
     fn = functools.partial(
         tokenize_classes,
         tok=tok,
-        text_column=cfg.text_column,
-        label_column=cfg.label_column,
+        text_column=text_column,
+        label_column=label_column,
         label_ids={name: i for i, name in enumerate(labels)},
         cutoff_len=cfg.cutoff_len,
         max_chars=text_limit(tok, cfg.cutoff_len),
@@ -310,26 +312,27 @@ def tokenize_classes_of(source: Source) -> tuple[Dataset, Counter, list[str]]:
         "cls",
         tokenizer_fingerprint(tok, None),
         labels,
-        cfg.text_column,
-        cfg.label_column,
+        text_column,
+        label_column,
         cfg.cutoff_len,
     )
     return source.map(fn, key)
 
 
-def class_labels(cfg: DataConfig) -> list[str]:
-    """The classes of data.train's label column, sorted (class id = position); a record without
-    a label names none (it is dropped or stops the run when tokenized)."""
+def class_labels(cfg: DataConfig, label_column: str) -> list[str]:
+    """The classes of data.train's label column (cls.label_column), sorted (class id =
+    position); a record without a label names none (it is dropped or stops the run when
+    tokenized)."""
     names: set[str] = set()
     for spec in _as_list(cfg.train):
         raw = load_raw(spec, cfg.split, cfg.on_error).records
-        if cfg.label_column not in column_names(raw):
-            raise DataError(f"{spec}: has no column {cfg.label_column!r}; set data.label_column.")
-        values = (r.get(cfg.label_column) for r in records_of(raw[:]))
+        if label_column not in column_names(raw):
+            raise DataError(f"{spec}: has no column {label_column!r}; set cls.label_column.")
+        values = (r.get(label_column) for r in records_of(raw[:]))
         names.update(str(v) for v in values if v is not None and not isinstance(v, (dict, list)))
     if len(names) < 2:
         raise DataError(
-            f"data.train: the label column {cfg.label_column!r} holds {len(names)} class(es); "
+            f"data.train: the label column {label_column!r} holds {len(names)} class(es); "
             "classification needs at least 2."
         )
     return sorted(names)
@@ -342,19 +345,20 @@ def build_datasets(
     seed: int,
     model_name: str,
     console: Console | None = None,
-    train: Any = None,
+    own: Any = None,
 ) -> tuple[Dataset, Dataset | None, DataStats]:
     """(train, eval or None, stats). Several train sources are mixed (concatenated; the
     sampler shuffles); val_size holds out part of train when there is no eval data. `console`
     shows each source's progress (snug train's). `stage`: a snug.stages.base.Stage or its
-    name (train.stage); `train`: the train section (the stage's own keys)."""
+    name (train.stage); `own`: its own settings (Stage.own; None: their defaults)."""
     datasets.disable_progress_bars()
     stage = get_stage(stage) if isinstance(stage, str) else stage
-    stats = DataStats(labels=stage.labels(cfg))
+    own = own if own is not None else stage.own(None)
+    stats = DataStats(labels=stage.labels(cfg, own))
     parts = []
     for spec in _as_list(cfg.train):
         ds, counts, problems = tokenize_source(
-            spec, cfg, tok, stage, model_name, stats.labels, console, train
+            spec, cfg, tok, stage, model_name, stats.labels, console, own
         )
         stats.add(counts, problems)
         parts.append(ds)
@@ -367,7 +371,7 @@ def build_datasets(
     evals = []
     for spec in _as_list(cfg.eval):
         ds, counts, problems = tokenize_source(
-            spec, cfg, tok, stage, model_name, stats.labels, console, train
+            spec, cfg, tok, stage, model_name, stats.labels, console, own
         )
         stats.add(counts, problems, train=False)
         if len(ds) == 0:

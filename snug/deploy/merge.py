@@ -105,7 +105,7 @@ def find_source(
         raise MergeError(f"--adapter {path}: no such directory.")
     run = path if (path / "config.yaml").is_file() else path.parent
     if (run / "config.yaml").is_file() and (path == run or path.name == "adapter"):
-        cfg = load_config(run / "config.yaml", run_config=True)
+        cfg = load_config(run / "config.yaml")
         method = cfg.method.name
         adapter_dir = run / get_method(method).output
         if (adapter_dir / "adapter_config.json").is_file():

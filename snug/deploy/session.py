@@ -189,7 +189,7 @@ def resolve_model(model: str, trust_remote_code: bool = False) -> Base:
     path = Path(model)
     run = path.parent if path.name == "adapter" else path
     if (run / "config.yaml").is_file():
-        cfg = load_config(run / "config.yaml", run_config=True)
+        cfg = load_config(run / "config.yaml")
         cfg.model.trust_remote_code = trust_remote_code
         output = get_method(cfg.method.name).output
         if output == "adapter":

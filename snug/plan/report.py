@@ -172,7 +172,7 @@ def held_fixed(cfg: Config, searched: list[str], config_path: str | None = None)
             if name in searched or name == "model.name_or_path":
                 continue
             # a stage's own keys (or a plug-in's) without a default here count as the config's
-            if key not in default[section] or value != default[section][key]:
+            if key not in default.get(section, {}) or value != default[section][key]:
                 held[name] = value
     return held
 

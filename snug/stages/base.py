@@ -2,10 +2,10 @@
 subclasses, overriding what differs, and registers (`register_stage(MyStage())`: snug/core/
 registry.py). What each member means is the `Stage` protocol's (snug/core/stage.py).
 
-A stage owns everything that depends on what is being learnt: its own `train:` keys, the record
-formats it reads, tokenization and label masking, collate, the model class it loads, its loss
-`(model, batch, reference) -> (summed loss, count, metrics)`, its held-out evaluation and the
-fake batch `snug plan` replays. The defaults here are those of a causal language model trained
+A stage owns everything that depends on what is being learnt: its own keys (in a config section
+of its own), the record formats it reads, tokenization and label masking, collate, the model
+class it loads, its loss `(model, batch, reference) -> (summed loss, count, metrics)`, its
+held-out evaluation and the fake batch `snug plan` replays. The defaults here are those of a causal language model trained
 on next tokens (sft and pt use them as they are); a stage overrides what differs.
 
 Light at import: torch, transformers and datasets are imported inside the functions, so that
@@ -36,11 +36,11 @@ class BaseStage(Stage):
 
     name: str = ""
     help: str = ""  # one line for the train.stage reference
-    # Keys of its own in the `train:` section: a dataclass declared with snug.core.settings.setting,
-    # validated and documented with the others, read as `stage.own(cfg.train)`.
+    # Keys of its own: a dataclass declared with snug.core.settings.setting, validated and
+    # documented with the others, read as `stage.own(cfg)`; None: none.
     settings: type | None = None
-    # Keys of its own in the `pref:` section (the preference stages'), likewise; None: none.
-    pref_settings: type | None = None
+    # The config section those keys live in (needed with settings; stages may share one).
+    section: str = ""
     # The record formats (data.format) it reads; () when it reads named columns instead.
     formats: tuple[str, ...] = ()
     # What the records must be, for the error when a source holds another format
@@ -63,12 +63,13 @@ class BaseStage(Stage):
         copy holding them); itself by default."""
         return self
 
-    def own(self, train_cfg: Any) -> Any:
-        """This stage's own settings in the train section (their defaults when unset)."""
+    def own(self, cfg: Config | None) -> Any:
+        """This stage's own settings in `cfg` (their defaults when cfg sets none of them, is
+        None, or is another stage's config); None for a stage without settings."""
         if self.settings is None:
             return None
-        own = getattr(train_cfg, "own", None)
-        return own if own is not None else self.settings()
+        own = cfg.stage_section.own if cfg is not None else None
+        return own if isinstance(own, self.settings) else self.settings()
 
     # -- config -------------------------------------------------------------------------------
     def check(self, cfg: Config, source: str) -> None:
@@ -83,8 +84,9 @@ class BaseStage(Stage):
             )
 
     # -- data ---------------------------------------------------------------------------------
-    def labels(self, data: DataConfig) -> list[str] | None:
-        """The classes a classifier learns, read from the training data (None: no classes)."""
+    def labels(self, data: DataConfig, own: Any) -> list[str] | None:
+        """The classes a classifier learns, read from the training data as its own settings
+        (`own`: Stage.own) say (None: no classes)."""
         return None
 
     def tokenize(self, source: Source) -> tuple[Dataset, Counter, list[str]]:

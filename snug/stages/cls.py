@@ -1,5 +1,5 @@
-"""cls: sequence classification. Records name a text and a class label (data.text_column,
-data.label_column); the base loads as a sequence classifier with a new head over the classes of
+"""cls: sequence classification. Records name a text and a class label (cls.text_column,
+cls.label_column); the base loads as a sequence classifier with a new head over the classes of
 data.train. Loss: cross-entropy per sample; the step also reports the share of its samples
 classified right (metric `accuracy`). Held out: the loss and the accuracy."""
 
@@ -17,7 +17,9 @@ from snug.stages.base import BaseStage
 class ClsSettings:
     """Settings of train.stage=cls."""
 
-    cls_head: Literal["linear", "mlp"] = setting(
+    text_column: str = setting("text", "The column holding the text to classify.")
+    label_column: str = setting("label", "The column holding the class label.")
+    head: Literal["linear", "mlp"] = setting(
         "linear",
         "The new classification head: linear, or mlp (a new fully connected layer and GELU "
         "before it).",
@@ -26,8 +28,9 @@ class ClsSettings:
 
 class Classify(BaseStage):
     name = "cls"
-    help = "sequence classification (labels from data.label_column)"
+    help = "sequence classification (labels from cls.label_column)"
     settings = ClsSettings
+    section = "cls"
     classifier = True
     no_packing_because = "a classifier reads one pooled position per row"
     not_a_chat_model_because = "a classifier does not generate text"
@@ -40,10 +43,10 @@ class Classify(BaseStage):
         if why:
             raise ConfigError(f"{source}: method.name={cfg.method.name} cannot classify: {why}.")
 
-    def labels(self, data):
+    def labels(self, data, own):
         from snug.data.dataset import class_labels
 
-        return class_labels(data)
+        return class_labels(data, own.label_column)
 
     def tokenize(self, source):
         from snug.data.dataset import tokenize_classes_of
@@ -61,7 +64,7 @@ class Classify(BaseStage):
         }
 
     def after_load(self, model, cfg, labels, device):
-        if self.own(cfg.train).cls_head == "mlp":
+        if self.own(cfg).head == "mlp":
             from torch import nn
 
             # Head plus a new fully connected layer; keeps the name `score` so peft trains it too.

@@ -39,7 +39,7 @@ class DPOSettings:
 class DPO(PreferenceStage):
     name = "dpo"
     help = "direct preference optimisation on pairs (pref.loss: sigmoid, ipo, hinge)"
-    pref_settings = DPOSettings
+    settings = DPOSettings
 
     def configured(self, cfg):
         bound = super().configured(cfg)
@@ -48,7 +48,7 @@ class DPO(PreferenceStage):
 
     def check(self, cfg, source):
         super().check(cfg, source)
-        s = self.own_pref(cfg)
+        s = self.own(cfg)
         if s.label_smoothing and s.loss != "sigmoid":
             from snug.errors import ConfigError
 

@@ -31,7 +31,7 @@ class KTOSettings:
 class KTO(PreferenceStage):
     name = "kto"
     help = "KTO on unpaired completions labelled desirable or not"
-    pref_settings = KTOSettings
+    settings = KTOSettings
     paired = False
     needs = "labelled completions (a prompt, a completion and a boolean 'label')"
     min_rows = 2

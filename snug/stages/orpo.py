@@ -20,7 +20,7 @@ class ORPOSettings:
 class ORPO(PreferenceStage):
     name = "orpo"
     help = "ORPO: SFT on the chosen answer plus an odds-ratio preference loss, no reference"
-    pref_settings = ORPOSettings
+    settings = ORPOSettings
     kind = "orpo"
     uses_reference = False
 

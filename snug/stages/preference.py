@@ -137,12 +137,12 @@ def make_reference(model: nn.Module, cfg: Any) -> Reference:
     """The reference pref.reference asks for (auto: adapter_off when the method can, else a
     copy; precompute: log-probs the data carries, see `precompute_reference`), made from the
     model before its first step."""
-    from snug.core.registry import get_method
+    from snug.core.registry import get_method, get_stage
     from snug.errors import ConfigError
 
     method = get_method(cfg.method.name)
     can_switch = method.output == "adapter" and method.peft_type is not None
-    kind = cfg.pref.reference
+    kind = get_stage(cfg.train.stage).own(cfg).reference
     if kind == "auto":
         kind = "adapter_off" if can_switch else "copy"
     if kind == "adapter_off" and not can_switch:
@@ -203,7 +203,7 @@ class PreferenceStage(BaseStage):
     """A stage trained on pairs (chosen, rejected) of answers to one prompt; subclasses name
     their loss (`kind`) and settings."""
 
-    pref_settings: type | None = None  # the stage's keys of the `pref:` section
+    section = "pref"  # where each preference stage's keys (its settings) live
     formats = ()
     needs = "preference pairs (a prompt with 'chosen' and 'rejected' answers)"
     no_packing_because = "a pair's two answers are compared row by row"
@@ -211,10 +211,6 @@ class PreferenceStage(BaseStage):
     uses_reference = True
     kind = "sigmoid"  # pair_losses' formula
     _settings: Any = None  # set by configured()
-
-    def own_pref(self, cfg: Any) -> Any:
-        own = getattr(getattr(cfg, "pref", None), "own", None)
-        return own if own is not None else self.pref_settings()
 
     def check(self, cfg, source):
         from snug.errors import ConfigError
@@ -345,9 +341,9 @@ class PreferenceStage(BaseStage):
         return losses.sum(), torch.tensor(half, device=logps.device), metrics
 
     def configured(self, cfg: Any) -> PreferenceStage:
-        """This stage with cfg's pref settings, which its loss reads."""
+        """This stage with its settings in cfg, which its loss reads."""
         bound = copy.copy(self)
-        bound._settings = self.own_pref(cfg)
+        bound._settings = self.own(cfg)
         return bound
 
     def fake_batch(self, rows, seq_len, targets):

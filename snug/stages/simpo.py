@@ -26,7 +26,7 @@ class SimPOSettings:
 class SimPO(PreferenceStage):
     name = "simpo"
     help = "SimPO: pairs, no reference model, length-normalised reward and a margin"
-    pref_settings = SimPOSettings
+    settings = SimPOSettings
     kind = "simpo"
     uses_reference = False
 

@@ -53,7 +53,7 @@ def build_run(
         cfg.train.seed,
         cfg.model.name_or_path,
         console,
-        train=cfg.train,
+        own=get_stage(cfg.train.stage).own(cfg),
     )
     if ctx.main:
         dist.barrier()

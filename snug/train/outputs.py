@@ -150,7 +150,7 @@ def _other_finished_run(cfg: Config, out: Path) -> None:
     where = "" if finished == out else f" (in {finished}, until a run here completes)"
     what = "use another output.dir, or --fresh to replace it."
     try:
-        saved = load_config(finished / "config.yaml", run_config=True).to_dict()
+        saved = load_config(finished / "config.yaml").to_dict()
     except UserError as e:
         raise OutputDirError(
             f"{out} holds a finished run{where} whose config.yaml cannot be read "

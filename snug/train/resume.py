@@ -6,7 +6,6 @@ resumed, and how SIGTERM / Ctrl-C turn into "save and stop", are decisions about
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import signal
 import threading
@@ -14,15 +13,13 @@ from array import array
 
 from rich.console import Console
 
-from snug.config.build import MOVED
 from snug.core.registry import get_stage
 from snug.errors import UserError
 
 # Keys a resumed run must share with the checkpoint's run: they change which samples are seen,
-# in what order, in what batches, or what is trained (and the stage's own train keys; a
-# preference stage's pref keys). Everything else (steps, lr, eval, logging, output) may change
-# on resume.
-GUARDED_SECTIONS = ("data", "method", "pref")
+# in what order, in what batches, or what is trained (and the stage's own section, Stage.section).
+# Everything else (steps, lr, eval, logging, output) may change on resume.
+GUARDED_SECTIONS = ("data", "method")
 GUARDED_KEYS = (
     "model.name_or_path",
     "model.revision",
@@ -62,9 +59,6 @@ def data_hash(train_ds) -> str:
 
 def _flat(cfg: dict) -> dict[str, object]:
     flat = {f"{s}.{k}": v for s, keys in cfg.items() for k, v in keys.items()}
-    for old, new in MOVED.items():  # a checkpoint written before a key moved
-        if old in flat:
-            flat.setdefault(new, flat.pop(old))
     # What fixes the sample order is the global micro-batch, not how it is split: 2 processes
     # of micro_batch 2 may resume 1 process of micro_batch 4, and back.
     ranks = flat.get("dist.nproc", 1) if flat.get("dist.strategy", "none") != "none" else 1
@@ -76,18 +70,9 @@ def config_drift(saved: dict, now: dict) -> list[str]:
     """The guarded keys whose values differ between the checkpoint's config and this one,
     as 'key: old -> new' lines."""
     old, new = _flat(saved), _flat(now)
-    stage = get_stage(str(new.get("train.stage", "sft")))
-    own = (
-        {f"train.{f.name}" for f in dataclasses.fields(stage.settings)} if stage.settings else set()
-    )
-    if old.get("method.name") == new.get("method.name"):
-        # the method's own keys: a checkpoint of an earlier snug holds every method's keys
-        own |= {k for k in new if k.startswith("method.")}
-        old = {k: v for k, v in old.items() if not k.startswith("method.") or k in own}
+    guarded = {*GUARDED_SECTIONS, get_stage(str(new.get("train.stage", "sft"))).section}
     keys = sorted(
-        k
-        for k in old.keys() | new.keys()
-        if k in GUARDED_KEYS or k in own or k.split(".")[0] in GUARDED_SECTIONS
+        k for k in old.keys() | new.keys() if k in GUARDED_KEYS or k.split(".")[0] in guarded
     )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 

@@ -1,8 +1,8 @@
 """A training stage that lives outside snug/ (tests/test_extending.py loads it as a plug-in
 through $SNUG_PLUGINS): raw prompt/completion pairs, no chat template, loss on the completion's
 tokens only. It reports one metric of its own, `token_accuracy` (the share of completion tokens
-the model predicted as its top choice), and has keys of its own in the `train:` section. It
-uses nothing but snug's public API (docs/extending.md)."""
+the model predicted as its top choice), and has keys of its own in a section of its own,
+`completion:`. It uses nothing but snug's public API (docs/extending.md)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ class Completion(BaseStage):
     name = "completion"
     help = "raw prompt -> completion pairs, loss on the completion"
     settings = CompletionSettings
+    section = "completion"
 
     def tokenize(self, source):
         own = source.own
