@@ -28,8 +28,13 @@ class SimPO(PreferenceStage):
     name = "simpo"
     help = "SimPO: pairs, no reference model, length-normalised reward and a margin"
     pref_settings = SimPOSettings
-    kind = "simpo"
     uses_reference = False
+
+    def loss_name(self, settings):
+        return "simpo"
+
+    def sft_weight(self, settings):
+        return settings.ftx
 
 
 register_stage(SimPO())
