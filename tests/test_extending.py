@@ -242,6 +242,10 @@ def test_a_plugin_preference_loss_is_chosen_by_name(robust):
     with pytest.raises(ConfigError, match=r"pref.loss is 'robst', .*did you mean 'robust'"):
         load_config(None, [*dpo, "pref.loss=robst"])
     assert "| `loss` | sigmoid \\| ipo \\| hinge \\| robust |" in reference_markdown()
+    # a taken name is refused, naming both modules
+    taken = type("Clash", (loss.__class__,), {"name": "sigmoid"})
+    with pytest.raises(registry.PluginError, match=r"'sigmoid' is taken: .* snug.stages.pref_loss"):
+        registry.register_pref_loss(taken)
 
 
 def test_a_dpo_run_trains_with_a_plugin_loss(robust, tmp_path, monkeypatch):

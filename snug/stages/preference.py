@@ -331,12 +331,11 @@ class PreferenceStage(BaseStage):
         half = logps.shape[0] // 2
         policy = (logps[:half], logps[half:])
         lengths = (n[:half], n[half:])
-        ref = None
+        ref = (None, None)  # a loss without a reference gets none
         if self.uses_reference:
             r = reference.logps(model, batch, chunked)
             ref = (r[:half], r[half:])
-        rc, rr = ref if ref is not None else (None, None)
-        losses, chosen, rejected = self.pair_loss(*policy, rc, rr, *lengths)
+        losses, chosen, rejected = self.pair_loss(*policy, *ref, *lengths)
         ftx = self.sft_weight(s)
         if ftx:  # the chosen answer's NLL per token, weighted
             losses = losses + ftx * (-policy[0] / lengths[0])
