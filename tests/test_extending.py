@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from snug.cli import main
@@ -19,6 +20,7 @@ from snug.core import registry
 
 PLUGIN = Path(__file__).resolve().parent / "plugins" / "head_only.py"
 STAGE_PLUGIN = Path(__file__).resolve().parent / "plugins" / "completion.py"
+LOSS_PLUGIN = Path(__file__).resolve().parent / "plugins" / "robust_dpo.py"
 
 
 @pytest.fixture
@@ -68,22 +70,49 @@ def test_a_broken_plugin_is_one_error_that_names_it(monkeypatch, tmp_path):
         load_config(None, [])
 
 
-def test_a_plugin_method_trains_plans_and_refuses_to_merge(head_only, tmp_path, capsys, toy_sft):
+def test_a_plugin_method_trains_plans_and_refuses_to_merge(
+    head_only, tmp_path, capsys, toy_sft, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    import snug.train.run
+
     from conftest import ROOT
 
+    built = []  # the run's optimizer, built by the method's own param_groups hook
+    real = snug.train.run.build_optimizer
+    monkeypatch.setattr(
+        snug.train.run, "build_optimizer", lambda *a, **k: built.append(real(*a, **k)) or built[-1]
+    )
     out = tmp_path / "run"
     cfg = tmp_path / "head.yaml"
     raw = {
         "model": {"name_or_path": str(ROOT / "models/tiny")},
-        "method": {"name": "head_only", "with_norm": True},
+        "method": {"name": "head_only", "with_norm": True, "head_lr_scale": 4.0},
         "data": {"train": str(toy_sft), "cutoff_len": 32},
-        "train": {"max_steps": 2, "micro_batch": 2, "grad_accum": 1, "eval_generate": 0},
+        "train": {
+            "max_steps": 2,
+            "micro_batch": 2,
+            "grad_accum": 1,
+            "eval_generate": 0,
+            "scheduler": "constant",
+            "warmup": 0,
+        },
         "output": {"dir": str(out), "plot_loss": False},
     }
     cfg.write_text(yaml.safe_dump(raw))
     assert main(["train", str(cfg)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and (out / "model").is_dir()
+    # its groups reached the optimizer: the norm at train.lr, the head 4 times faster
+    (norm, head), lr = built[0].param_groups, 1e-4  # train.lr's default
+    assert [g["lr"] for g in (norm, head)] == [lr, pytest.approx(4 * lr)]  # constant schedule
+    assert len(norm["params"]) == 1 and norm["params"][0].ndim == 1
+    before = load_file(ROOT / "models/tiny/model.safetensors")
+    after = load_file(next((out / "model").glob("*.safetensors")))
+    trained = {k for k in after if not torch.equal(after[k], before[k])}
+    # the head is tied to the embedding in the tiny model, and saved as it
+    assert trained == {"model.norm.weight", "model.embed_tokens.weight"}, trained
     assert yaml.safe_load((out / "config.yaml").read_text())["method"]["with_norm"] is True
     capsys.readouterr()
 
@@ -315,3 +344,66 @@ def test_snug_s_own_come_in_through_the_entry_point_door():
     assert len(registering) == 14, sorted(registering)  # 7 method modules, 7 stage modules
     importers = {a for a, targets in graph.items() for b in targets if b in registering}
     assert importers == {"snug.builtin"}, sorted(importers)
+
+
+@pytest.fixture
+def robust(monkeypatch):
+    """The preference-loss plug-in, loaded as a user would, then forgotten."""
+    monkeypatch.setenv("SNUG_PLUGINS", str(LOSS_PLUGIN))
+    yield
+    registry.PREF_LOSSES.pop("robust", None)
+    registry._loaded.discard(str(LOSS_PLUGIN))
+
+
+def test_a_plugin_preference_loss_is_chosen_by_name(robust):
+    """A loss registered from outside snug/ is a choice of pref.loss, built with the stage's
+    keys of its fields' names, and computes the step's loss."""
+    import torch.nn.functional as F
+
+    dpo = ["train.stage=dpo", "pref.beta=0.2"]
+    cfg = load_config(None, [*dpo, "pref.loss=robust", "pref.label_smoothing=0.1"])
+    loss = registry.get_stage("dpo").configured(cfg).pair_loss
+    assert type(loss).__name__ == "RobustDPOLoss" and (loss.beta, loss.label_smoothing) == (
+        0.2,
+        0.1,
+    )
+    pc, pr, rc, rr = torch.tensor([[-3.0, -5.0], [-4.0, -2.0], [-3.5, -4.5], [-3.5, -2.5]])
+    losses, chosen, rejected = loss(pc, pr, rc, rr, torch.tensor([3, 4]), torch.tensor([2, 5]))
+    d = 0.2 * ((pc - rc) - (pr - rr))
+    want = (-F.logsigmoid(d) * 0.9 + F.logsigmoid(-d) * 0.1) / 0.8
+    torch.testing.assert_close(losses, want)
+    torch.testing.assert_close(chosen - rejected, d)
+    # snug's rule about label smoothing now names it among the losses that take it
+    with pytest.raises(ConfigError, match=r"applies to pref.loss=sigmoid, robust, not hinge\.$"):
+        load_config(None, [*dpo, "pref.loss=hinge", "pref.label_smoothing=0.1"])
+    with pytest.raises(ConfigError, match=r"pref.loss is 'robst', .*did you mean 'robust'"):
+        load_config(None, [*dpo, "pref.loss=robst"])
+    assert "| `loss` | sigmoid \\| ipo \\| hinge \\| robust |" in config_markdown()
+    # a taken name is refused, naming both modules
+    taken = type("Clash", (loss.__class__,), {"name": "sigmoid"})
+    with pytest.raises(registry.PluginError, match=r"'sigmoid' is taken: .* snug.stages.pref_loss"):
+        registry.register_pref_loss(taken)
+
+
+def test_a_dpo_run_trains_with_a_plugin_loss(robust, tmp_path, monkeypatch):
+    from snug.config import config_from_dict
+    from snug.train.loop import run_training
+
+    from conftest import ROOT, write_jsonl
+
+    loss = registry.pref_losses()["robust"]
+    calls = []
+    real = loss.__call__
+    monkeypatch.setattr(loss, "__call__", lambda *a: calls.append(1) or real(*a))
+    pairs = [{"prompt": f"pick {i}", "chosen": "yes", "rejected": "no"} for i in range(8)]
+    raw = {
+        "model": {"name_or_path": str(ROOT / "models/tiny")},
+        "method": {"name": "lora", "r": 4},
+        "data": {"train": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), "cutoff_len": 32},
+        "train": {"stage": "dpo", "micro_batch": 4, "grad_accum": 1, "max_steps": 2},
+        "pref": {"loss": "robust", "label_smoothing": 0.1},
+        "output": {"dir": str(tmp_path / "run"), "plot_loss": False},
+    }
+    summary = run_training(config_from_dict(raw))
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert len(calls) == 2  # one micro-batch per step

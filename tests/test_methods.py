@@ -230,10 +230,9 @@ def test_lora_plus_gives_b_matrices_a_larger_learning_rate(tiny_llama):
     from snug.config import MemoryConfig, TrainConfig
     from snug.train.optim import build_optimizer
 
-    model = apply_method(
-        AutoModelForCausalLM.from_pretrained(tiny_llama), MethodConfig(name="lora", r=4)
-    )
-    opt = build_optimizer(model, MemoryConfig(), TrainConfig(lr=1e-4), lora_plus_ratio=16)
+    method = MethodConfig(name="lora", r=4, lora_plus_ratio=16)
+    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_llama), method)
+    opt = build_optimizer(model, MemoryConfig(), TrainConfig(lr=1e-4), method)
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -334,3 +333,55 @@ def test_every_adapter_trains_in_bf16_true(name, tokenizer):
     moments = [s["exp_avg"] for s in opt.state.values()]
     assert moments and {m.dtype for m in moments} == {torch.bfloat16}
     assert any(not torch.equal(p, before[n]) for n, p in trainable.items())
+
+
+def _own_key_reads(path, keys: set[str]) -> list[str]:
+    """Where a module reads a method's own key off a method section: `cfg.method.r`,
+    `method.own.r`, `getattr(cfg.method.own, "r")`, `hasattr(method, "r")` (an expression
+    naming `method` holds a method section or its own settings)."""
+    import ast
+
+    def of_method(node) -> bool:
+        text = ast.unparse(node)
+        return text.split(".")[-1] in ("method", "own") and "method" in text
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Attribute) and node.attr in keys and of_method(node.value):
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", "") in ("getattr", "hasattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value in keys
+            and of_method(node.args[0])
+        ):
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_outside_snug_methods_reads_a_methods_own_keys():
+    """What the core asks of a method is a hook on Method (which layers train, the optimizer's
+    parameter groups, the search's label), never a look-up of its keys (issue 34)."""
+    import dataclasses
+    from pathlib import Path
+
+    import snug
+    from snug.core.registry import methods
+
+    keys = {
+        f.name
+        for m in methods().values()
+        if m.settings is not None
+        for f in dataclasses.fields(m.settings)
+    }
+    assert {"r", "trainable_layers", "trainable_modules", "lora_plus_ratio"} <= keys
+    package = Path(snug.__file__).parent
+    found = [
+        hit
+        for path in sorted(package.rglob("*.py"))
+        if "methods" not in path.relative_to(package).parts[:1]
+        for hit in _own_key_reads(path, keys)
+    ]
+    assert not found, found

@@ -121,12 +121,12 @@ def _trl_cpo(loss_type: str, beta: float, smoothing: float = 0.0, gamma: float =
 def test_dpo_losses_equal_trls(kind, beta, smoothing):
     """DPO is CPO's loss of the log-ratios (policy minus reference); IPO of the log-ratios
     averaged per token (TRL's DPOTrainer normalises IPO so, with the IPO authors)."""
-    from snug.stages.pref_losses import pair_losses
+    from snug.core.registry import pref_losses
 
     (pc, pr, rc, rr), (nc, nr) = _logps(1)
-    ours, chosen, rejected = pair_losses(
-        kind, (pc, pr), (rc, rr), (nc, nr), beta, label_smoothing=smoothing
-    )
+    given = {"label_smoothing": smoothing} if kind == "sigmoid" else {}
+    loss = pref_losses()[kind](beta=beta, **given)  # chosen by name, as pref.loss does
+    ours, chosen, rejected = loss(pc, pr, rc, rr, nc, nr)
     trl = _trl_cpo(kind, beta, smoothing)
     if kind == "ipo":
         theirs, *_ = trl((pc - rc) / nc, (pr - rr) / nr)
@@ -140,10 +140,11 @@ def test_dpo_losses_equal_trls(kind, beta, smoothing):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_simpo_loss_equals_trls(smoothing):
     """SimPO in TRL's CPOTrainer: log-probs averaged per token, margin gamma."""
-    from snug.stages.pref_losses import pair_losses
+    from snug.stages.pref_losses import SimPOLoss
 
     (pc, pr, _, _), (nc, nr) = _logps(2)
-    ours, chosen, _ = pair_losses("simpo", (pc, pr), None, (nc, nr), 2.0, smoothing, gamma=1.0)
+    loss = SimPOLoss(beta=2.0, gamma=1.0, label_smoothing=smoothing)
+    ours, chosen, _ = loss(pc, pr, None, None, nc, nr)
     theirs, their_chosen, _ = _trl_cpo("simpo", 2.0, smoothing, gamma=1.0)(pc / nc, pr / nr)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     torch.testing.assert_close(chosen, their_chosen, rtol=0, atol=1e-6)
@@ -154,12 +155,12 @@ def test_orpo_loss_equals_trls():
     subtracts from the chosen answer's NLL); snug adds that NLL per pair."""
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
-    from snug.stages.pref_losses import pair_losses
+    from snug.stages.pref_losses import ORPOLoss
 
     (pc, pr, _, _), (nc, nr) = _logps(3)
     # log-probs per token near 0 too, where log(1 - p) needs care
     pc, pr = pc / 40, pr / 40
-    ours, *_ = pair_losses("orpo", (pc, pr), None, (nc, nr), 0.25)
+    ours, *_ = ORPOLoss(beta=0.25)(pc, pr, None, None, nc, nr)
     this = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device="cpu"))
     ratio, *_ = ORPOTrainer.odds_ratio_loss(this, pc / nc, pr / nr)
     torch.testing.assert_close(ours, -(pc / nc) - ratio, rtol=0, atol=1e-6)
@@ -169,12 +170,12 @@ def test_kto_loss_equals_the_papers():
     """KTO, eq. 7-8 of Ethayarajh et al. 2024 as TRL's KTOTrainer computes it
     (trl/trainer/kto_trainer.py, loss_type kto: the KL of the mismatched rows, clamped at 0
     and detached; a weight per side), written out here on the same log-probs."""
-    from snug.stages.pref_losses import kto_losses
+    from snug.stages.pref_losses import KTOLoss
 
     (policy, ref, kl_policy, kl_ref), _ = _logps(4)
     desirable = torch.arange(16) % 3 == 0
     kl = (kl_policy - kl_ref).mean().clamp(min=0)
-    ours, rewards = kto_losses(policy, ref, kl, desirable.long(), 0.2, 1.5, 0.7)
+    ours, rewards = KTOLoss(0.2, 1.5, 0.7)(policy, ref, kl, desirable.long())
     r = policy - ref
     want = torch.where(
         desirable,
@@ -672,17 +673,17 @@ def test_kto_halves_no_further_than_two_rows(tmp_path, monkeypatch):
 def test_a_nonfinite_preference_loss_stops_or_is_skipped(skip, tmp_path, monkeypatch):
     """The NaN guard holds for pairs: a NaN loss at step 2 stops the run before the update
     (naming the step), or with train.skip_nonfinite is skipped and counted."""
-    import snug.stages.preference as pref_module
+    from snug.stages.pref_losses import DPOLoss
     from snug.train.run import NonFiniteError
 
-    real, calls = pref_module.pair_losses, []
+    real, calls = DPOLoss.__call__, []
 
     def poisoned(*args):
         calls.append(1)
         losses, chosen, rejected = real(*args)
         return (losses * float("nan") if len(calls) == 2 else losses), chosen, rejected
 
-    monkeypatch.setattr(pref_module, "pair_losses", poisoned)
+    monkeypatch.setattr(DPOLoss, "__call__", poisoned)
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(16))
     raw = run_config(tmp_path, "dpo", data, train={"max_steps": 3, "skip_nonfinite": skip})
     if not skip:

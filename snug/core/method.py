@@ -34,6 +34,33 @@ def peft_task(model: nn.Module) -> str:
 
 
 @dataclass(frozen=True)
+class TrainedLayers:
+    """Which decoder layers a method trains or adapts, as the planner's replay needs it
+    (snug/plan/simulate.py): the top `top` layers differ from a plain frozen layer, each one
+    below is alike, so two short replays (top+1 and top+2 layers) extend to the whole depth."""
+
+    top: int
+    # The layers are picked by name (patterns) and may be any: the whole depth is replayed.
+    anywhere: bool = False
+
+
+def every_layer_alike(cfg: Any) -> TrainedLayers | None:
+    """The default `Method.trained_layers`: every decoder layer trains or is adapted alike."""
+    return None
+
+
+def one_group(model: nn.Module, cfg: Any, lr: float, weight_decay: float) -> list[dict]:
+    """The default `Method.param_groups`: every trainable weight in one group, at train.lr."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+
+
+def no_search_label(cfg: Any) -> str:
+    """The default `Method.search_label`: a candidate is named by its method alone."""
+    return ""
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     apply: Callable[[nn.Module, Any], nn.Module]  # (base model, MethodConfig) -> model to train
@@ -79,6 +106,19 @@ class Method:
     # snug.errors.UserError naming the file and key where the config's numbers disagree with
     # its weights' shapes (read from the header) or with the base.
     check_saved: Callable[[Path, dict], None] | None = None
+    # Hooks the core calls instead of reading this method's keys; each gets the method
+    # section (cfg.method) and has a default. Which decoder layers train, for the planner's
+    # replay depth (None: every layer alike):
+    trained_layers: Callable[[Any], TrainedLayers | None] = every_layer_alike
+    # The optimizer's parameter groups: (the model after `apply`, method section, train.lr,
+    # train.weight_decay) -> torch parameter groups (dicts with "params" and any of "lr",
+    # "weight_decay", ...), every trainable weight in exactly one (LoRA+: the B matrices at a
+    # higher lr). The optimizer takes train.lr and train.weight_decay for a group naming none;
+    # the log's `lr` is the first group's (so put the group at train.lr first).
+    param_groups: Callable[[nn.Module, Any, float, float], list[dict]] = one_group
+    # What a planner candidate's name adds after the method's (lora: its rank, "r8"; "":
+    # nothing), so that candidates of one method with different keys are told apart.
+    search_label: Callable[[Any], str] = no_search_label
 
     def own(self, cfg: Any) -> Any:
         """This method's own settings in `cfg`, the method section (snug.core.sections.MethodConfig,

@@ -1,17 +1,18 @@
-"""The registry of methods and stages, and its one door.
+"""The registry of methods, stages and preference losses, and its one door.
 
-Every method and stage, snug's own and a plug-in's, comes in the same way: a module the door
-imports calls `register(METHOD)` or `register_stage(STAGE)`. The door (`load_plugins`) imports,
-once and in this order: the modules installed packages declare under the entry-point group
-`snug.plugins` (snug's own package declares `snug.builtin` there, first; pyproject.toml), then
-the modules $SNUG_PLUGINS names (comma-separated module names or paths of .py files). Importing
+Every method, stage and preference loss, snug's own and a plug-in's, comes in the same way: a
+module the door imports calls `register(METHOD)`, `register_stage(STAGE)` or
+`register_pref_loss(LOSS)`. The door (`load_plugins`) imports, once and in this order: the
+modules installed packages declare under the entry-point group `snug.plugins` (snug's own
+package declares `snug.builtin` there, first; pyproject.toml), then the modules $SNUG_PLUGINS
+names (comma-separated module names or paths of .py files). Importing
 a method or stage module registers nothing by itself: its package's `snug.builtin`-like module
 does, so the order of the choices is the order of those lines.
 
 A name taken twice is refused in one line naming both modules, unless the later registration
 asks for it (`register(m, replace=True)`), which is then said on stderr as it happens.
 
-`methods()` and `stages()` give the registered records with the door opened; `get_method` and
+`methods()`, `stages()` and `pref_losses()` give the registered records with the door opened; `get_method` and
 `get_stage` one of them by name. This module imports nothing of snug's above the bottom layer
 (snug/core/) and no torch.
 """
@@ -31,6 +32,9 @@ METHODS: dict[str, Method] = {}
 # name -> a snug.core.stage.Stage. Not typed by it: that protocol is typed with the config's
 # sections (snug/core/sections.py), which list these names, so naming it here would close a loop.
 STAGES: dict[str, Any] = {}
+# name -> a preference loss class (snug.stages.pref_losses.PairLoss), chosen by name from a
+# preference stage's config (dpo: pref.loss).
+PREF_LOSSES: dict[str, type] = {}
 # The group installed packages declare their plug-in modules under (snug's own included).
 ENTRY_POINTS = "snug.plugins"
 # What a `replace=True` registration replaced: "kind 'name' of module -> module" lines.
@@ -45,7 +49,9 @@ class PluginError(UserError):
 
 
 def _owner(record: object) -> str:
-    """The module a method or stage comes from (its apply function's, or its class's)."""
+    """The module a method, stage or loss comes from (its apply function's, or its class's)."""
+    if isinstance(record, type):  # a preference loss: the class itself
+        return record.__module__
     apply = getattr(record, "apply", None)
     return getattr(apply, "__module__", None) or type(record).__module__
 
@@ -74,6 +80,12 @@ def register(method: Method, replace: bool = False) -> None:
 def register_stage(stage: Any, replace: bool = False) -> None:
     """Make a stage known by its name; a name taken is refused unless `replace`."""
     _add("stage", STAGES, stage.name, stage, replace)
+
+
+def register_pref_loss(loss: type, replace: bool = False) -> None:
+    """Make a preference loss class known by its `name`; a name taken is refused unless
+    `replace`."""
+    _add("preference loss", PREF_LOSSES, loss.name, loss, replace)
 
 
 def _wanted() -> list[tuple[str, str]]:
@@ -152,6 +164,13 @@ def stages() -> dict[str, Any]:
     """Every registered stage, snug's own and the plug-ins', in the order they came."""
     load_plugins()
     return STAGES
+
+
+def pref_losses() -> dict[str, type]:
+    """Every registered preference loss class, snug's own and the plug-ins', in the order they
+    came."""
+    load_plugins()
+    return PREF_LOSSES
 
 
 def get_method(name: str) -> Method:

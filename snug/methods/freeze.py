@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING, Any
 
-from snug.core.method import Method
+from snug.core.method import Method, TrainedLayers
 from snug.core.registry import get_stage, register
 from snug.core.sections import MethodConfig
 from snug.core.settings import AT_LEAST_1, NON_NEGATIVE
@@ -99,6 +99,11 @@ def unfreeze_progressively(model: nn.Module, cfg: MethodConfig, step: int) -> No
         layer.requires_grad_(i >= len(chosen) - active)
 
 
+def trained_layers(cfg: MethodConfig) -> TrainedLayers:
+    """The top trainable_layers train; modules picked by pattern may be in any layer."""
+    return TrainedLayers(cfg.trainable_layers, anywhere=bool(cfg.trainable_modules))
+
+
 register(
     Method(
         "freeze",
@@ -112,5 +117,6 @@ register(
         quality=6,
         settings=FreezeSettings,
         check=check_freeze,
+        trained_layers=trained_layers,
     )
 )

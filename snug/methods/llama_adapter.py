@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from snug.core.method import Method
+from snug.core.method import Method, TrainedLayers
 from snug.core.registry import register
 from snug.core.sections import MethodConfig
 from snug.core.settings import AT_LEAST_1
@@ -62,6 +62,11 @@ def check_saved_llama_adapter(adapter_dir: Path, base: dict) -> None:
         check_base_number(weights, f"{name}'s width", shape[2], base, "hidden_size")
 
 
+def adapted_layers(cfg: MethodConfig) -> TrainedLayers:
+    """The top trainable_layers get an adaption prompt; the layers below are plain frozen ones."""
+    return TrainedLayers(cfg.trainable_layers)
+
+
 register(
     Method(
         "llama_adapter",
@@ -77,5 +82,6 @@ register(
         searched=False,
         settings=LlamaAdapterSettings,
         check_saved=check_saved_llama_adapter,
+        trained_layers=adapted_layers,
     )
 )

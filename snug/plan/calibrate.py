@@ -52,7 +52,7 @@ from snug.plan.device_probe import copy_bandwidth, cuda_context, matmul_rate, sy
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
 from snug.plan.simulate import PlanError, simulate, with_depth
 from snug.progress import PhaseFactory, quiet
-from snug.train.optim import build_optimizer, lora_plus_ratio
+from snug.train.optim import build_optimizer
 from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
 
@@ -223,9 +223,7 @@ def start_one(spec: tuple, device: Device, precision: str, narrow: bool = True) 
     model.config.use_cache = False
     model = prepare_for_training(model, cfg, precision)
     opts = step_options(cfg, where, precision)
-    optimizer = build_optimizer(
-        model, cfg.memory, cfg.train, lora_plus_ratio(cfg.method), where.type == "cuda"
-    )
+    optimizer = build_optimizer(model, cfg.memory, cfg.train, cfg.method, where.type == "cuda")
 
     def batch() -> list:
         ids = torch.randint(0, config.vocab_size, (mb, tokens))

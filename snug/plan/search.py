@@ -144,8 +144,8 @@ def candidate_name(cfg: Config) -> str:
     m = cfg.memory
     gc = ("gc+offload" if m.offload_activations else "gc") if m.grad_checkpointing else "no-gc"
     label = method_label(cfg)
-    rank = getattr(cfg.method.own, "r", None)  # a LoRA-style rank, where the method has one
-    method = label + (f" r{rank}" if rank is not None else "")
+    said = get_method(cfg.method.name).search_label(cfg.method)  # lora: its rank, r8
+    method = f"{label} {said}" if said else label
     d = cfg.dist
     ranks = f" {d.strategy}x{d.nproc}" if d.processes > 1 else ""
     return f"{method} {gc} {m.optimizer} mb{cfg.train.micro_batch}{ranks}"

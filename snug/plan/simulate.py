@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
 
 from snug.config import Config
-from snug.core.registry import get_stage
+from snug.core.registry import get_method, get_stage
 from snug.core.sections import with_method
 from snug.errors import UserError
 from snug.methods import count_params
@@ -322,13 +322,13 @@ def simulate(
     padded = not cfg.data.packing if padded is None else padded
     layers = config.num_hidden_layers
     depths = SHORT_DEPTHS
-    top = getattr(cfg.method.own, "trainable_layers", None)
-    if top is not None:
-        # A method with `trainable_layers` (freeze, llama_adapter) trains or adapts the top N
-        # layers: simulate N+1 and N+2 layers, each added layer is a plain frozen one.
-        if getattr(cfg.method.own, "trainable_modules", None):
+    trained = get_method(cfg.method.name).trained_layers(cfg.method)
+    if trained is not None:
+        # A method that trains or adapts the top N layers (freeze, llama_adapter): simulate
+        # N+1 and N+2 layers, each added layer is a plain frozen one.
+        if trained.anywhere:
             extend = False  # patterns may pick any layer: no uniform growth to rely on
-        depths = (top + 1, top + 2)
+        depths = (trained.top + 1, trained.top + 2)
     # Two short replays cost about as much as one of their summed depth (each op of a layer is
     # a dispatch through the fake mode, and the embedding, head, loss and update run in both),
     # so a model no deeper than that is replayed whole: as fast, and exact.
@@ -383,8 +383,8 @@ def explain(
 ) -> tuple[list[dict], int]:
     """The largest live tensors at the peak, with the op and module that made them; deep
     models are explained at 3 decoder layers (each layer repeats the same tensors)."""
-    top = getattr(cfg.method.own, "trainable_layers", None)  # the top N layers train
-    layers = min(config.num_hidden_layers, 3 if top is None else top + 1)
+    trained = get_method(cfg.method.name).trained_layers(cfg.method)  # the top N layers train
+    layers = min(config.num_hidden_layers, 3 if trained is None else trained.top + 1)
     sim = _simulate_once(
         cfg, with_depth(config, layers), seq_len, device_type, precision, None, True,
         padded=not cfg.data.packing,

@@ -12,7 +12,7 @@ from torch import nn
 from snug.config import Config
 from snug.models.load import upcast_norms
 from snug.plan.tracker import PlanTracker
-from snug.train.optim import build_optimizer, lora_plus_ratio
+from snug.train.optim import build_optimizer
 
 
 class EightBitStandIn(torch.optim.Optimizer):
@@ -254,9 +254,7 @@ def _stand_in_quantized(
 def _optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.optim.Optimizer:
     name = cfg.memory.optimizer
     if name not in ("adamw8bit", "paged_adamw8bit", "lion8bit"):
-        return build_optimizer(
-            model, cfg.memory, cfg.train, lora_plus_ratio(cfg.method), device_type == "cuda"
-        )
+        return build_optimizer(model, cfg.memory, cfg.train, cfg.method, device_type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     paged = name.startswith("paged") and device_type == "cuda"  # CPU bitsandbytes does not page
     return EightBitStandIn(params, cfg.train.lr, 1 if name == "lion8bit" else 2, paged)

@@ -5,21 +5,27 @@ adapter switched off for peft methods, a frozen copy for full and freeze (pref.r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
-from snug.core.registry import register_stage
+from snug.core.registry import pref_losses, register_stage
 from snug.core.settings import NON_NEGATIVE, POSITIVE, setting
 from snug.stages.preference import HALF, REFERENCE_HELP, PreferenceStage
+
+
+def reference_losses() -> tuple[str, ...]:
+    """The registered preference losses that compare with a reference: pref.loss's choices."""
+    return tuple(name for name, loss in pref_losses().items() if loss.uses_reference)
 
 
 @dataclass
 class DPOSettings:
     """Settings of train.stage=dpo."""
 
-    loss: Literal["sigmoid", "ipo", "hinge"] = setting(
+    loss: str = setting(
         "sigmoid",
         "sigmoid: DPO; ipo: IPO on log-ratios averaged per token; hinge: SLiC's hinge.",
+        choices=reference_losses,
     )
     beta: float = setting(0.1, "Strength of the pull towards the reference.", POSITIVE)
     label_smoothing: float = setting(
@@ -41,20 +47,28 @@ class DPO(PreferenceStage):
     help = "direct preference optimisation on pairs (pref.loss: sigmoid, ipo, hinge)"
     settings = DPOSettings
 
-    def configured(self, cfg):
-        bound = super().configured(cfg)
-        bound.kind = bound._settings.loss
-        return bound
+    def loss_name(self, settings):
+        return settings.loss
+
+    def sft_weight(self, settings):
+        return settings.ftx
 
     def check(self, cfg, source):
         super().check(cfg, source)
         s = self.own(cfg)
-        if s.label_smoothing and s.loss != "sigmoid":
+        smoothed = [n for n in reference_losses() if _declares(n, "label_smoothing")]
+        if s.label_smoothing and s.loss not in smoothed:
             from snug.errors import ConfigError
 
             raise ConfigError(
-                f"{source}: pref.label_smoothing applies to pref.loss=sigmoid, not {s.loss}."
+                f"{source}: pref.label_smoothing applies to pref.loss={', '.join(smoothed)}, "
+                f"not {s.loss}."
             )
+
+
+def _declares(loss: str, key: str) -> bool:
+    """Whether the loss registered as `loss` has the hyper-parameter `key`."""
+    return any(f.name == key for f in fields(pref_losses()[loss]))
 
 
 register_stage(DPO())

@@ -14,7 +14,7 @@ from typing import Literal
 
 from snug.core.registry import register_stage
 from snug.core.settings import POSITIVE, setting
-from snug.stages.pref_losses import kto_losses
+from snug.stages.pref_losses import KTOLoss
 from snug.stages.preference import REFERENCE_HELP, PreferenceStage, sequence_logps
 
 
@@ -71,15 +71,8 @@ class KTO(PreferenceStage):
         )
         summed, rows = all_sum(mismatched)
         kl = summed / rows
-        losses, rewards = kto_losses(
-            logps[:half],
-            ref[:half],
-            kl,
-            batch["desirable"],
-            s.beta,
-            s.desirable_weight,
-            s.undesirable_weight,
-        )
+        loss = KTOLoss(s.beta, s.desirable_weight, s.undesirable_weight)
+        losses, rewards = loss(logps[:half], ref[:half], kl, batch["desirable"])
         good = batch["desirable"].bool()
         # right when the implicit reward falls on the label's side of the reference point
         right = torch.where(good, rewards > s.beta * kl, rewards < s.beta * kl)

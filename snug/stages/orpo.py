@@ -21,8 +21,10 @@ class ORPO(PreferenceStage):
     name = "orpo"
     help = "ORPO: SFT on the chosen answer plus an odds-ratio preference loss, no reference"
     settings = ORPOSettings
-    kind = "orpo"
     uses_reference = False
+
+    def loss_name(self, settings):
+        return "orpo"
 
 
 register_stage(ORPO())

@@ -25,10 +25,12 @@ switch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from snug.core.registry import pref_losses
 from snug.stages.base import BaseStage
-from snug.stages.pref_losses import pair_losses
+from snug.stages.pref_losses import PairLoss
 
 if TYPE_CHECKING:
     import torch
@@ -198,10 +200,21 @@ def precompute_reference(
         model.train(was_training)
 
 
+def build_pair_loss(name: str, settings: Any) -> PairLoss:
+    """The preference loss registered as `name`, its hyper-parameters (its dataclass fields) the
+    stage's `pref:` keys of the same names; a field the stage does not declare keeps its
+    default."""
+    loss = pref_losses()[name]
+    given = {f.name for f in dataclasses.fields(settings)}
+    return loss(
+        **{f.name: getattr(settings, f.name) for f in dataclasses.fields(loss) if f.name in given}
+    )
+
+
 # -- the stages ------------------------------------------------------------------------------
 class PreferenceStage(BaseStage):
     """A stage trained on pairs (chosen, rejected) of answers to one prompt; subclasses name
-    their loss (`kind`) and settings."""
+    their loss (`loss_name`, a registered snug.stages.pref_losses loss) and settings."""
 
     section = "pref"  # where each preference stage's keys (its settings) live
     formats = ()
@@ -209,8 +222,17 @@ class PreferenceStage(BaseStage):
     no_packing_because = "a pair's two answers are compared row by row"
     paired = True
     uses_reference = True
-    kind = "sigmoid"  # pair_losses' formula
+    pair_loss: PairLoss | None = None  # set by configured(): the loss its step computes
     _settings: Any = None  # set by configured()
+
+    def loss_name(self, settings: Any) -> str:
+        """The registered preference loss (snug.core.registry.pref_losses) its settings choose."""
+        raise NotImplementedError
+
+    def sft_weight(self, settings: Any) -> float:
+        """The weight of an SFT loss on the chosen answer added to the loss (RPO / LLaMA-
+        Factory's pref_ftx); 0 for a stage that declares none."""
+        return 0.0
 
     def check(self, cfg, source):
         from snug.errors import ConfigError
@@ -314,21 +336,13 @@ class PreferenceStage(BaseStage):
         half = logps.shape[0] // 2
         policy = (logps[:half], logps[half:])
         lengths = (n[:half], n[half:])
-        ref = None
+        ref = (None, None)  # a loss without a reference gets none
         if self.uses_reference:
             r = reference.logps(model, batch, chunked)
             ref = (r[:half], r[half:])
-        losses, chosen, rejected = pair_losses(
-            self.kind,
-            policy,
-            ref,
-            lengths,
-            s.beta,
-            getattr(s, "label_smoothing", 0.0),
-            getattr(s, "gamma", 0.0),
-        )
-        ftx = getattr(s, "ftx", 0.0)
-        if ftx:  # RPO / LLaMA-Factory's pref_ftx: the chosen answer's NLL per token, weighted
+        losses, chosen, rejected = self.pair_loss(*policy, *ref, *lengths)
+        ftx = self.sft_weight(s)
+        if ftx:  # the chosen answer's NLL per token, weighted
             losses = losses + ftx * (-policy[0] / lengths[0])
         metrics = {
             "rewards_chosen": chosen.sum(),
@@ -344,6 +358,8 @@ class PreferenceStage(BaseStage):
         """This stage with its settings in cfg, which its loss reads."""
         bound = copy.copy(self)
         bound._settings = self.own(cfg)
+        if self.paired:  # kto's loss is called otherwise (snug/stages/kto.py)
+            bound.pair_loss = build_pair_loss(self.loss_name(bound._settings), bound._settings)
         return bound
 
     def fake_batch(self, rows, seq_len, targets):

@@ -27,8 +27,13 @@ class SimPO(PreferenceStage):
     name = "simpo"
     help = "SimPO: pairs, no reference model, length-normalised reward and a margin"
     settings = SimPOSettings
-    kind = "simpo"
     uses_reference = False
+
+    def loss_name(self, settings):
+        return "simpo"
+
+    def sft_weight(self, settings):
+        return settings.ftx
 
 
 register_stage(SimPO())

@@ -7,6 +7,8 @@ from torch import nn
 from transformers import get_scheduler
 
 from snug.config import MemoryConfig, MethodConfig, TrainConfig
+from snug.core.method import one_group
+from snug.core.registry import get_method
 
 
 def _optimizer_class(mem: MemoryConfig, on_cuda: bool) -> tuple[type, dict]:
@@ -25,41 +27,27 @@ def _optimizer_class(mem: MemoryConfig, on_cuda: bool) -> tuple[type, dict]:
     }[mem.optimizer], {}
 
 
-def lora_plus_ratio(method: MethodConfig) -> float | None:
-    """The method's LoRA+ ratio: the key lora and dora declare (snug/methods/lora.py); any
-    method declaring `lora_plus_ratio` gets the LoRA+ optimizer."""
-    return getattr(method.own, "lora_plus_ratio", None)
-
-
 def build_optimizer(
     model: nn.Module,
     mem: MemoryConfig,
     train: TrainConfig,
-    lora_plus_ratio: float | None = None,
+    method: MethodConfig | None = None,
     on_cuda: bool | None = None,
 ) -> torch.optim.Optimizer:
-    """Only trainable weights are handed over, so frozen ones never get optimizer state.
-    With LoRA+ (peft's implementation) the B matrices get lr x lora_plus_ratio. AdamW is
-    torch's fused one when the weights are on a GPU (`on_cuda`, default: where they are; the
-    planner's fake weights say cpu for a GPU plan)."""
+    """Only trainable weights are handed over, so frozen ones never get optimizer state. The
+    method's `param_groups` hook groups them (snug/core/method.py; `method` None: one group at
+    train.lr), e.g. LoRA+ gives the B matrices lr x method.lora_plus_ratio. AdamW is torch's
+    fused one when the weights are on a GPU (`on_cuda`, default: where they are; the planner's
+    fake weights say cpu for a GPU plan)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the method left no trainable weights; check the method section.")
     if on_cuda is None:
         on_cuda = all(p.is_cuda for p in params)
     cls, extra = _optimizer_class(mem, on_cuda)
-    if lora_plus_ratio is not None:
-        from peft.optimizers import create_loraplus_optimizer
-
-        return create_loraplus_optimizer(
-            model,
-            cls,
-            lr=train.lr,
-            loraplus_lr_ratio=lora_plus_ratio,
-            weight_decay=train.weight_decay,
-            **extra,
-        )
-    return cls(params, lr=train.lr, weight_decay=train.weight_decay, **extra)
+    grouping = get_method(method.name).param_groups if method is not None else one_group
+    groups = grouping(model, method, train.lr, train.weight_decay)
+    return cls(groups, lr=train.lr, weight_decay=train.weight_decay, **extra)
 
 
 def warmup_steps(train: TrainConfig, total_steps: int) -> int:

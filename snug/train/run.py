@@ -24,7 +24,7 @@ from snug.train import dist
 from snug.train.checkpoint import load_checkpoint, read_train_state, save_checkpoint
 from snug.train.evaluate import eval_metrics
 from snug.train.memory import StepPeaks, model_tensors, optimizer_tensors
-from snug.train.optim import build_optimizer, build_scheduler, lora_plus_ratio, warmup_too_long
+from snug.train.optim import build_optimizer, build_scheduler, warmup_too_long
 from snug.train.resume import Signals, TrainingStopped
 from snug.train.schedule import Schedule, sample_lengths, split_window, window_batches
 from snug.train.step import StepOptions, train_step
@@ -91,7 +91,7 @@ class Run:
         t = cfg.train
         self.schedule = Schedule.build(sample_lengths(train_ds), cfg, ctx.world)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
-        self.optimizer = build_optimizer(model, cfg.memory, t, lora_plus_ratio(cfg.method))
+        self.optimizer = build_optimizer(model, cfg.memory, t, cfg.method)
         self.peaks: StepPeaks | None = None  # set by train() on CPU
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps)
         if warning := warmup_too_long(t, self.total_steps):
