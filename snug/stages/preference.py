@@ -316,7 +316,7 @@ class PreferenceStage(BaseStage):
         return [reference.frozen] if reference is not None and reference.frozen is not None else []
 
     def with_reference(self, ds, model, reference, opts, device, batch_rows, identity):
-        if ds is None or getattr(reference, "kind", None) != "precompute":
+        if ds is None or reference is None or reference.kind != "precompute":
             return ds
         return precompute_reference(ds, model, self, opts, device, batch_rows, identity)
 
@@ -371,7 +371,7 @@ class PreferenceStage(BaseStage):
             "labels": ids.clone(),
             "target_positions": torch.arange(2 * targets, dtype=torch.long),
         }
-        if getattr(self._settings, "reference", None) == "precompute":
+        if self.uses_reference and self._settings.reference == "precompute":
             batch["ref_logps"] = torch.zeros(2 * rows)
         return batch
 
