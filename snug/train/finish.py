@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from snug.config import Config
-from snug.core.events import End, Reporter
+from snug.core.events import End, Phase, Reporter
 from snug.core.registry import get_method
 from snug.files import (
     OutOfSpace,
@@ -37,6 +37,7 @@ def finish(run: Run, out: Path, ctx: dist.Dist, console: Console, summary: dict)
     if run.evaluate:
         summary["eval"] = eval_block(run.identity["eval_before"], run.evaluate("after"))
         console.print(eval_line(summary["eval"]))
+    run.reporter.phase(Phase("saving", detail=f"{out / get_method(run.cfg.method.name).output}"))
     target = save_final(run.model, run.tok, run.cfg, out, ctx)
     console.print(f"saved {target}")
 

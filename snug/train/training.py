@@ -3,7 +3,7 @@
 Split by idea: train/build.py prepares a run without touching output.dir, train/schedule.py
 turns samples into steps, train/run.py is the loop over optimizer steps, core/events.py with
 train/sinks.py tell the console, metrics.jsonl/TensorBoard, status.json and any sink of the
-caller what happens, and train/finish.py ends a run (the evaluation after, the final adapter or
+caller what happens (status.json from the start: train/status.py), and train/finish.py ends a run (the evaluation after, the final adapter or
 model, summary.json). Here: the run from start to end, and when output.dir becomes the run's."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from snug.config import Config
-from snug.core.events import Reporter, Start
+from snug.core.events import Phase, Reporter, Start
 from snug.models.load import resolve_device
 from snug.train import dist
 from snug.train.build import build_run
@@ -24,11 +24,9 @@ from snug.train.finish import end, finish
 from snug.train.metrics import MetricsLog
 from snug.train.outputs import commit, newest_checkpoint, own_output_dir
 from snug.train.resume import TrainingStopped
-from snug.train.run import NonFiniteError, OutOfMemory, Run
+from snug.train.run import Run
 from snug.train.sinks import ConsoleSink, MetricsSink, StatusSink
-
-# Imported from here by tests and benchmarks, from before the loop had its own module.
-__all__ = ["NonFiniteError", "OutOfMemory", "Run", "run_training"]
+from snug.train.status import RunStatus
 
 
 def run_training(
@@ -39,6 +37,7 @@ def run_training(
     resume_command: str = "the same command",
     sinks: list | tuple = (),
     planner: Callable | None = None,
+    status: RunStatus | None = None,
 ) -> dict:
     """Train as `cfg` says, write everything into output.dir, return summary.json's content.
     Resumes the newest complete checkpoint in output.dir unless `fresh`; a checkpoint of a
@@ -46,8 +45,12 @@ def run_training(
 
     `sinks`: more watchers of the run (a web UI, a test), told what happens after the
     console, metrics.jsonl and status.json are; each has the methods of core/events.py it
-    cares about (on_start, on_step, on_eval, on_checkpoint, on_end). Only the main rank of a
-    distributed run calls them.
+    cares about (on_phase, on_start, on_step, on_eval, on_checkpoint, on_end). Only the main
+    rank of a distributed run calls them.
+
+    `status`: output.dir's status file, when the caller began it before (`snug train` does,
+    before the heavy imports); else the main rank begins it once the lock is held. Closed
+    here, however the run ends.
 
     `planner`: what memory.auto_fit asks for the fastest settings that fit, `(cfg, device type,
     seq_len) -> (cfg, report)` (snug.plan.autofit.auto_fit): the planner replays this layer's
@@ -64,20 +67,33 @@ def run_training(
     if not ctx.main:  # one voice: rank 0 prints, logs and writes the summary
         console = Console(quiet=True)
     with own_output_dir(cfg, fresh, lock=ctx.main) as out:
+        if ctx.main and status is None:
+            status = RunStatus(out)
         resume_path = None if fresh else newest_checkpoint(out / "checkpoints")
         summary: dict = {"status": "failed", "steps": 0}
-        reporter = Reporter([ConsoleSink(console, cfg.train.log_every), *sinks] if ctx.main else [])
+        told = [ConsoleSink(console, cfg.train.log_every), StatusSink(status), *sinks]
+        reporter = Reporter(told if ctx.main else [])
         take_over: TakeOver | None = None
         try:
+            reporter.phase(Phase("validating", detail=f"{device}, output.dir {out}"))
             run = dist.agree(
                 lambda: build_run(
-                    cfg, ctx, device, resume_path, allow_config_change, console, summary, planner
+                    cfg,
+                    ctx,
+                    device,
+                    resume_path,
+                    allow_config_change=allow_config_change,
+                    console=console,
+                    summary=summary,
+                    planner=planner,
+                    reporter=reporter,
+                    resume_command=resume_command,
                 ),
                 device,
             )
             take_over = TakeOver(run, ctx, out, resume_path, reporter, summary)
-            run.reporter, run.take_over, run.resume_command = reporter, take_over, resume_command
-            run.train()
+            reporter.phase(Phase("training", run.pos.step, run.total_steps))
+            run.train(take_over)
             if not take_over.done:  # nothing was left to train (a finished run, resumed)
                 take_over()
             finish(run, out, ctx, console, summary)
@@ -97,6 +113,8 @@ def run_training(
                 if take_over is not None and take_over.done:
                     end(out, summary, reporter, run.last_checkpoint, console, ctx.main)
             finally:
+                if status is not None:  # a run that never took over leaves no status behind
+                    status.close()
                 dist.teardown()
     return summary
 
@@ -104,7 +122,8 @@ def run_training(
 @dataclass
 class TakeOver:
     """Called after the first optimizer step (every rank): output.dir becomes this run's
-    (train/outputs.py commit, by rank 0), and the sinks that write into it join."""
+    (train/outputs.py commit, by rank 0), metrics.jsonl's sink joins, and `start` tells the
+    sinks (status.json becomes this run's: train/status.py)."""
 
     run: Run
     ctx: dist.Dist
@@ -131,7 +150,6 @@ class TakeOver:
         if self.ctx.main:
             plot = self.out / "loss.png" if run.cfg.output.plot_loss else None
             log = MetricsLog(self.out, self.keep_until)
-            writers = (MetricsSink(log, run.cfg.train.log_every, plot), StatusSink(self.out))
-            self.reporter.attach(*writers)
+            self.reporter.attach(MetricsSink(log, run.cfg.train.log_every, plot))
         predicted = self.summary.get("auto_fit", {}).get("predicted_peak_bytes")
         self.reporter.start(Start(run.total_steps, run.pos.step, predicted, run.last_checkpoint))
