@@ -158,6 +158,7 @@ def test_an_earlier_runs_status_stays_until_the_new_run_takes_over(tmp_path, mon
     reader = StatusReader(tmp_path / "run")
     with pytest.raises(RuntimeError):
         run_training(config_from_dict(raw), Console(quiet=True), fresh=True, sinks=[reader])
+    assert [name for name, _ in reader.seen][:2] == ["validating", "tokenizing"]
     for name, files in reader.seen:  # every phase is before the take-over
         assert files["status.json"] == json.loads(earlier)
         assert files[STARTING]["state"] == name and files[STARTING]["pid"] == os.getpid()
@@ -182,3 +183,53 @@ def _dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_snug_train_writes_its_status_before_the_heavy_imports(tmp_path, monkeypatch, capsys):
+    """`snug train` writes status.json (validating, its pid) once it holds output.dir's lock,
+    before run_training is reached; a config error writes nothing, and a run that never took
+    the folder over leaves none behind (the folder made for the lock goes too)."""
+    import yaml
+
+    import snug.train.training as training
+    from snug.cli import main
+
+    out = tmp_path / "new/run"
+    raw = classify_run(tmp_path)
+    raw["output"]["dir"] = str(out)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    seen = []
+
+    def run_training(cfg, status=None, **_):
+        seen.append((json.loads((out / "status.json").read_text()), status is not None))
+        raise KeyboardInterrupt  # ends before taking the folder over
+
+    monkeypatch.setattr(training, "run_training", run_training)
+    assert main(["train", str(config), "train.lr=oops"]) == 2  # a config error
+    assert not (tmp_path / "new").exists()
+    assert main(["train", str(config)]) == 130  # interrupted
+    [(status, handed)] = seen
+    assert handed and status["state"] == "validating" and status["pid"] == os.getpid()
+    assert alive(status) and "importing" in status["detail"]
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_heartbeat_rewrites_the_status_while_a_phase_runs(tmp_path, monkeypatch):
+    """Nothing happens in the run, yet the file is rewritten (its elapsed time moves on)."""
+    from snug.train import status as status_module
+
+    monkeypatch.setattr(status_module, "HEARTBEAT_S", 0.01)
+    status = status_module.RunStatus(tmp_path, "loading")
+    path = tmp_path / "status.json"
+    first = json.loads(path.read_text())["elapsed_seconds"]
+    try:
+        for _ in range(500):  # up to 5 s
+            if json.loads(path.read_text())["elapsed_seconds"] > first:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("status.json was not rewritten by the heartbeat")
+    finally:
+        status.close()
+    assert not path.exists()  # never taken over: removed
