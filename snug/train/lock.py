@@ -168,11 +168,6 @@ def lock_output_dir(out: Path, command: str | None = None) -> Iterator[None]:
         _remove_empty(made)
 
 
-def holding(out: Path) -> bool:
-    """Whether this thread holds output.dir's lock (or its launcher holds it for this rank)."""
-    return (str(Path(out).resolve()), threading.get_ident()) in _held
-
-
 def handed_on(out: Path) -> tuple[dict[str, str], tuple[int, ...]]:
     """(environment, descriptors) for a child process (torchrun) of this process, which holds
     output.dir's lock: the child keeps the lock for as long as it runs, and its rank 0 knows

@@ -28,7 +28,7 @@ from snug.config import Config, load_config, save_config
 from snug.config.paths import is_inside
 from snug.errors import UserError, first_line
 from snug.files import fsync
-from snug.train.lock import LOCK_FILE, OutputDirError, holding, link_refused, lock_output_dir
+from snug.train.lock import LOCK_FILE, OutputDirError, link_refused, lock_output_dir
 from snug.train.resume import config_drift
 from snug.train.status import NAME as STATUS
 from snug.train.status import STARTING
@@ -55,8 +55,9 @@ def check_output_dir(cfg: Config) -> None:
             raise OutputDirError(
                 f"output.dir={out}: {parent} is a file, so no directory can be made there."
             )
-    # this process's own: the lock, and the status a run holding it began (train/status.py)
-    own = {LOCK_FILE, STATUS, STARTING} if holding(out) else {LOCK_FILE}
+    # snug's own: the lock, and beside it the status of the run that holds it (of every rank,
+    # which check this while rank 0 writes it) or of one killed before taking the folder over
+    own = {LOCK_FILE, STATUS, STARTING} if (out / LOCK_FILE).exists() else {LOCK_FILE}
     if (
         out.is_dir()
         and any(p.name not in own for p in out.iterdir())
