@@ -165,6 +165,7 @@ def test_an_earlier_runs_status_stays_until_the_new_run_takes_over(tmp_path, mon
     assert not (tmp_path / "run" / STARTING).exists()
     final = json.loads((tmp_path / "run/status.json").read_text())
     assert final["state"] == "failed" and final["error"] == "RuntimeError: the step broke"
+    assert final["detail"] == final["error"]
 
 
 def test_a_dead_run_is_told_by_its_pid_and_heartbeat():

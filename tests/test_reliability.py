@@ -231,6 +231,7 @@ def test_sigterm_or_one_ctrl_c_saves_and_stops_then_resumes(signal_name, tmp_pat
     assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] == 3
+    assert "stopped after step 3" in status["detail"]  # the one-line reason
     assert status["last_checkpoint"] == str(out / "checkpoints/step-3")
     resumed = snug_train_here(cfg)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout

@@ -87,6 +87,8 @@ class End:
     error: str | None  # the first line of a failed run's reason
     peak_memory_bytes: int | None  # the run's measured peak; None if the loop did not finish
     last_checkpoint: Path | None
+    reason: str | None = None  # the first line of why it ended: a failed run's error, a
+    # stopped run's signal and checkpoint, an interrupted run's Ctrl-C
 
 
 class Reporter:

@@ -49,8 +49,10 @@ def end(
     last_checkpoint: Path | None,
     console: Console,
     main: bool,
+    reason: str | None = None,
 ) -> None:
-    """summary.json, then the sinks told the run ended (a watcher told finds summary.json in
+    """summary.json, then the sinks told the run ended (`reason`: why a stopped or
+    interrupted run ended, for End.reason) (a watcher told finds summary.json in
     place); previous/ deleted once a completed run's outputs are all in place, or named. A run
     that is failing anyway keeps its own error should these writes fail too (a full disk)."""
     completed = summary["status"] == "completed"
@@ -69,10 +71,10 @@ def end(
             problems.append(e)
     error = summary.get("error")
     peak = (summary.get("peak_memory") or {}).get("measured_bytes")
+    first = error.splitlines()[0] if error else None
+    why = first or (reason.splitlines()[0] if reason else None)
     try:
-        reporter.end(
-            End(summary["status"], error.splitlines()[0] if error else None, peak, last_checkpoint)
-        )
+        reporter.end(End(summary["status"], first, peak, last_checkpoint, why))
     except OSError as e:
         problems.append(e)
     if main and completed and not problems:

@@ -142,5 +142,9 @@ class StatusSink:
             else {"peak_memory_bytes": event.peak_memory_bytes}
         )
         self.status.end(
-            event.state, event.error, last_checkpoint=_text(event.last_checkpoint), **kept
+            event.state,
+            event.error,
+            detail=event.reason or "",
+            last_checkpoint=_text(event.last_checkpoint),
+            **kept,
         )

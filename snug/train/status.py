@@ -4,7 +4,8 @@ phase, after steps at most once a second, and every HEARTBEAT_S seconds whatever
 
 Keys: `state` (a phase of core/events.py PHASES: validating, tokenizing, planning, loading,
 evaluating, training, saving; or how it ended: completed, stopped, interrupted, failed),
-`detail` (what the phase does now, in words), `done` and `total` (the phase's counted progress,
+`detail` (what the phase does now, in words; once ended, the one-line reason: a failed
+run's error, a stopped run's signal and checkpoint), `done` and `total` (the phase's counted progress,
 null when not counted; tokenizing counts records), `step`, `total_steps`, `epoch`, `loss`,
 `tokens_per_second`, `elapsed_seconds` (since the process began the run), `eta_seconds`
 (while training), `peak_memory_bytes` (measured so far), `predicted_peak_bytes` (when
@@ -134,9 +135,10 @@ class RunStatus:
                 self.path = self.out / NAME
             self.taken_over = True
 
-    def end(self, state: str, error: str | None = None, **fields) -> None:
+    def end(self, state: str, error: str | None = None, detail: str = "", **fields) -> None:
+        """How the run ended; `detail`: why, in one line (a stopped run's signal)."""
         self.update(
-            force=True, state=state, error=error, detail="", done=None, total=None, **fields
+            force=True, state=state, error=error, detail=detail, done=None, total=None, **fields
         )
 
     def close(self) -> None:

@@ -74,6 +74,7 @@ def run_training(
         told = [ConsoleSink(console, cfg.train.log_every), StatusSink(status), *sinks]
         reporter = Reporter(told if ctx.main else [])
         take_over: TakeOver | None = None
+        reason: str | None = None  # why a run stopped or was interrupted (End.reason)
         try:
             reporter.phase(Phase("validating", detail=f"{device}, output.dir {out}"))
             run = dist.agree(
@@ -98,20 +99,22 @@ def run_training(
                 take_over()
             finish(run, out, ctx, console, summary)
             summary["status"] = "completed"
-        except TrainingStopped:
+        except TrainingStopped as e:
             summary["status"] = "stopped"
+            reason = str(e)
             raise
         except Exception as e:  # the reason, in the summary too
             summary["error"] = f"{type(e).__name__}: {e}"
             raise
         except KeyboardInterrupt:
             summary["status"] = "interrupted"
+            reason = "interrupted (a second Ctrl-C, or one outside the steps): nothing saved"
             raise
         finally:
             summary["wall_seconds"] = round(time.perf_counter() - started, 2)
             try:
                 if take_over is not None and take_over.done:
-                    end(out, summary, reporter, run.last_checkpoint, console, ctx.main)
+                    end(out, summary, reporter, run.last_checkpoint, console, ctx.main, reason)
             finally:
                 if status is not None:  # a run that never took over leaves no status behind
                     status.close()
