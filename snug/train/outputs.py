@@ -31,7 +31,7 @@ from snug.files import fsync
 from snug.train.lock import LOCK_FILE, OutputDirError, link_refused, lock_output_dir
 from snug.train.resume import config_drift
 from snug.train.status import NAME as STATUS
-from snug.train.status import STARTING
+from snug.train.status import STARTING, is_status_file
 
 RUN_MARKER = ".snug-run"  # marks a directory as a snug run, so a new run may replace its outputs
 FINAL_OUTPUTS = ("adapter", "model", "loss.png", "summary.json")  # what a run ends with
@@ -57,10 +57,12 @@ def check_output_dir(cfg: Config) -> None:
             )
     # snug's own: the lock, and beside it the status of the run that holds it (of every rank,
     # which check this while rank 0 writes it) or of one killed before taking the folder over
-    own = {LOCK_FILE, STATUS, STARTING} if (out / LOCK_FILE).exists() else {LOCK_FILE}
+    locked = (out / LOCK_FILE).exists()
     if (
         out.is_dir()
-        and any(p.name not in own for p in out.iterdir())
+        and any(
+            p.name != LOCK_FILE and not (locked and is_status_file(p.name)) for p in out.iterdir()
+        )
         and not (out / RUN_MARKER).exists()
     ):
         raise OutputDirError(

@@ -49,6 +49,11 @@ HEARTBEAT_S = 2.0  # rewritten at least this often while the run lives
 STALE_S = 30.0  # a heartbeat older than this: the run is dead (or hung)
 
 
+def is_status_file(name: str) -> bool:
+    """status.json, status.starting.json, or one of them being written aside."""
+    return name in (NAME, STARTING) or name.startswith((f".{NAME}.tmp-", f".{STARTING}.tmp-"))
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
