@@ -2,9 +2,10 @@
 
 Split by idea: train/build.py prepares a run without touching output.dir, train/schedule.py
 turns samples into steps, train/run.py is the loop over optimizer steps, core/events.py with
-train/sinks.py tell the console, metrics.jsonl/TensorBoard, status.json and any sink of the
-caller what happens (status.json from the start: train/status.py), and train/finish.py ends a run (the evaluation after, the final adapter or
-model, summary.json). Here: the run from start to end, and when output.dir becomes the run's."""
+train/sinks.py tell the console, metrics.jsonl/TensorBoard, status.json (from the start:
+train/status.py) and any sink of the caller what happens, and train/finish.py ends a run (the
+evaluation after, the final adapter or model, summary.json). Here: the run from start to end,
+and when output.dir becomes the run's."""
 
 from __future__ import annotations
 
@@ -59,24 +60,25 @@ def run_training(
     Rank 0 holds output.dir's lock throughout (or checks that the torchrun launcher holding it
     for the ranks does: train/lock.py). Nothing in output.dir changes until the run has proven
     it can start, its first optimizer step included (train/outputs.py): an error before that
-    leaves an earlier run's files as they were, writes no summary and sends no event; the
-    earlier run's outputs then wait in previous/ until the run completes."""
+    leaves an earlier run's files as they were (the status it wrote removed: train/status.py),
+    writes no summary and sends phases only (no start, no end); after it, the earlier run's
+    outputs wait in previous/ until the run completes."""
     console = console or Console()
     started = time.perf_counter()
     ctx, device = dist.setup(cfg, resolve_device(cfg))
     if not ctx.main:  # one voice: rank 0 prints, logs and writes the summary
         console = Console(quiet=True)
     with own_output_dir(cfg, fresh, lock=ctx.main) as out:
-        if ctx.main and status is None:
-            status = RunStatus(out)
         resume_path = None if fresh else newest_checkpoint(out / "checkpoints")
         summary: dict = {"status": "failed", "steps": 0}
+        if ctx.main and status is None:
+            status = RunStatus(out)  # closed in the `finally` below
         told = [ConsoleSink(console, cfg.train.log_every), StatusSink(status), *sinks]
         reporter = Reporter(told if ctx.main else [])
         take_over: TakeOver | None = None
         reason: str | None = None  # why a run stopped or was interrupted (End.reason)
         try:
-            reporter.phase(Phase("validating", detail=f"{device}, output.dir {out}"))
+            reporter.phase(Phase("validating", detail=f"device {device}; output.dir {out}"))
             run = dist.agree(
                 lambda: build_run(
                     cfg,
