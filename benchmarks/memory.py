@@ -155,7 +155,7 @@ def snug_config(model: Path, data: Path, out: Path, overrides: list[str]):
 def row_snug(args) -> dict:
     from rich.console import Console
 
-    from snug.train.loop import run_training
+    from snug.train.training import run_training
 
     cfg = snug_config(args.model, args.data, args.work / "snug-run", json.loads(args.overrides))
     idle = rss_now()

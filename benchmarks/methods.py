@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from snug.config import load_config
-from snug.train.loop import run_training
+from snug.train.training import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -82,7 +82,7 @@ import json, statistics, sys
 from pathlib import Path
 from rich.console import Console
 from snug.config import load_config
-from snug.train import loop
+from snug.train import run as loop_run, training
 
 def hwm():
     for line in open("/proc/self/status"):
@@ -90,15 +90,15 @@ def hwm():
             return int(line.split()[1]) * 1024
 
 measured = {}
-train = loop.Run.train
+train = loop_run.Run.train
 def measured_train(self):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     train(self)
     measured["peak_rss_bytes"] = hwm()
-loop.Run.train = measured_train
+loop_run.Run.train = measured_train
 cfg = load_config(None, json.loads(sys.argv[1]))
-summary = loop.run_training(cfg, Console(quiet=True))
+summary = training.run_training(cfg, Console(quiet=True))
 measured["tracked_bytes"] = summary["peak_memory"]["measured_bytes"]
 # each step's seconds from metrics.jsonl (logged every step; its tokens/s is cumulative), all
 # but the first (which pays for first-touch page faults and warm-up)

@@ -90,7 +90,7 @@ def run_snug(spec: dict) -> dict:
     from rich.console import Console
 
     from snug.config import config_from_dict
-    from snug.train.loop import run_training
+    from snug.train.training import run_training
 
     idle = rss()
     method = {"name": "lora", **LORA, "targets": "all-linear"}

@@ -52,7 +52,7 @@ def main() -> None:
     ):
         t = seconds(cmd)
         print(f"snug train, {name}: {t:.2f} s ({t / baseline:.2f} x the imports)")
-    imports = "import snug.cli, snug.train.loop"
+    imports = "import snug.cli, snug.train.training"
     plain = exit_seconds(f"{imports}\nprint(time.time(), flush=True)")
     fast = exit_seconds(
         f"{imports}\nfrom snug.shutdown import exit_now\nprint(time.time(), flush=True)\n"

@@ -10,17 +10,22 @@ keeps time), and one when it ends.
 rich draws the bar and keeps its own time on a terminal; its Progress has no form for output
 that is not a terminal (it prints nothing until the end), hence the lines here.
 
+A watcher (`watched(tell)`, train/training.py's status.json and events) is told each Phase
+entered within its block: on entering, as it advances (at most every TELL_S seconds) and on
+leaving, whatever the console shows.
+
 A Phase that prints lines runs a thread: fork worker processes before entering one (plan/search.py
 does), as for rich's live bar, whose refresh is a thread too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -34,7 +39,19 @@ from rich.progress import Progress as Bar
 
 EVERY_S = 5.0  # seconds between lines when the output is not a terminal (a log, a pipe)
 TICK_S = 1.0  # how often the thread of a Phase that prints lines looks at the clock
+TELL_S = 1.0  # how often a watcher hears of an advancing phase
 now = time.monotonic  # the clock of every Phase (a test puts a fake one here)
+_watchers: list[Callable[[Phase], None]] = []
+
+
+@contextlib.contextmanager
+def watched(tell: Callable[[Phase], None]) -> Iterator[None]:
+    """`tell(phase)` about every Phase of the block (its label, done, total, unit)."""
+    _watchers.append(tell)
+    try:
+        yield
+    finally:
+        _watchers.remove(tell)
 
 
 def duration(seconds: float) -> str:
@@ -61,9 +78,18 @@ class Phase:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         self._lock = threading.Lock()  # one line at a time from advance() and the thread
+        self._told = 0.0  # when watchers last heard
+
+    def _tell(self, force: bool) -> None:
+        t = now()
+        if _watchers and (force or t - self._told >= TELL_S):
+            self._told = t
+            for tell in list(_watchers):
+                tell(self)
 
     def __enter__(self) -> Phase:
         self.started = self.last = now()
+        self._tell(force=True)
         if self.console.quiet:
             return self
         if self.console.is_terminal:
@@ -88,6 +114,7 @@ class Phase:
 
     def advance(self, n: int = 1) -> None:
         self.done += n
+        self._tell(force=self.done >= self.total)
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done)
         else:
@@ -136,6 +163,8 @@ class Phase:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self._tell(force=True)
         self._stop.set()
         if self._beat is not None:
             self._beat.join()

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-PRELOAD = ["snug.cli", "snug.train.loop", "snug.plan.simulate", "snug.deploy.session"]
+PRELOAD = ["snug.cli", "snug.train.training", "snug.plan.simulate", "snug.deploy.session"]
 _context = None
 
 

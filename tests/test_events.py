@@ -1,16 +1,24 @@
 """A run tells what happens as events (snug/core/events.py) to sinks: the console,
 metrics.jsonl/TensorBoard, status.json, and any sink a caller passes to run_training."""
 
+import datetime
 import io
+import json
 import math
+import os
 import re
+import socket
+import subprocess
+import time
 
+import pytest
 from rich.console import Console
 
 from snug.config import config_from_dict
 from snug.core.events import Step
-from snug.train.loop import run_training
 from snug.train.sinks import ConsoleSink
+from snug.train.status import STARTING, alive
+from snug.train.training import run_training
 
 from conftest import ROOT
 
@@ -94,3 +102,135 @@ def test_the_console_prints_the_logged_steps_as_lines_when_not_a_terminal(tmp_pa
     assert text.getvalue().splitlines()[-1] == (
         "step 2/3 loss 1.2346 lr 2.00e-04 12,346 tok/s accuracy 0.625"
     )
+
+
+class StatusReader:
+    """A sink that reads output.dir's status files at each phase (the status sink, before it,
+    has written the phase by then), as a watcher polling the folder would."""
+
+    def __init__(self, out) -> None:
+        self.out, self.seen = out, []
+
+    def on_phase(self, event):
+        files = {p.name: json.loads(p.read_text()) for p in self.out.glob("status*.json")}
+        self.seen.append((event.name, files))
+
+
+def test_status_json_tells_the_phases_from_the_start_with_pid_and_heartbeat(tmp_path):
+    """While the run validates, tokenizes and loads (no earlier run in the folder), status.json
+    says the phase, tokenizing with its counts, the pid, host and a heartbeat."""
+    raw = classify_run(tmp_path, max_steps=2)
+    reader = StatusReader(tmp_path / "run")
+    run_training(config_from_dict(raw), Console(quiet=True), sinks=[reader])
+    names = [name for name, _ in reader.seen]
+    order = [n for i, n in enumerate(names) if n not in names[:i]]
+    assert order == ["validating", "tokenizing", "loading", "training", "saving"]
+    assert names[:2] == ["validating", "tokenizing"] and names.count("saving") == 1
+    for name, files in reader.seen:
+        assert list(files) == ["status.json"]
+        status = files["status.json"]
+        assert status["state"] == name and status["pid"] == os.getpid()
+        assert status["host"] == socket.gethostname() and alive(status)
+    counted = [f["status.json"] for n, f in reader.seen if f["status.json"]["total"]]
+    assert counted and counted[-1]["done"] == counted[-1]["total"] == 64  # data.max_samples
+    final = json.loads((tmp_path / "run/status.json").read_text())
+    assert final["state"] == "completed" and final["step"] == 2 and not alive(final)
+
+
+def test_an_earlier_runs_status_stays_until_the_new_run_takes_over(tmp_path, monkeypatch):
+    """A second run into a finished run's folder writes its early status beside status.json
+    (status.starting.json), which the take-over renames over it; one that fails after taking
+    over says failed, with the reason."""
+    from snug.train import run as loop_run
+
+    raw = classify_run(tmp_path, max_steps=2)
+    run_training(config_from_dict(raw))
+    earlier = (tmp_path / "run/status.json").read_bytes()
+    real_step, calls = loop_run.train_step, []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the step broke\nsecond line")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_run, "train_step", broken)
+    reader = StatusReader(tmp_path / "run")
+    with pytest.raises(RuntimeError):
+        run_training(config_from_dict(raw), Console(quiet=True), fresh=True, sinks=[reader])
+    assert [name for name, _ in reader.seen][:2] == ["validating", "tokenizing"]
+    for name, files in reader.seen:  # every phase is before the take-over
+        assert files["status.json"] == json.loads(earlier)
+        assert files[STARTING]["state"] == name and files[STARTING]["pid"] == os.getpid()
+    assert not (tmp_path / "run" / STARTING).exists()
+    final = json.loads((tmp_path / "run/status.json").read_text())
+    assert final["state"] == "failed" and final["error"] == "RuntimeError: the step broke"
+    assert final["detail"] == final["error"]
+
+
+def test_a_dead_run_is_told_by_its_pid_and_heartbeat():
+    now = time.time()
+    beat = datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="seconds")
+    status = {"state": "tokenizing", "pid": os.getpid(), "host": socket.gethostname()}
+    assert alive({**status, "heartbeat_at": beat}, now)
+    assert not alive({**status, "heartbeat_at": beat}, now + 120)  # stale
+    dead = _dead_pid()
+    assert not alive({**status, "pid": dead, "heartbeat_at": beat}, now)
+    assert alive({**status, "host": "elsewhere", "pid": dead, "heartbeat_at": beat}, now)
+    assert not alive({**status, "state": "completed", "heartbeat_at": beat}, now)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_snug_train_writes_its_status_before_the_heavy_imports(tmp_path, monkeypatch, capsys):
+    """`snug train` writes status.json (validating, its pid) once it holds output.dir's lock,
+    before run_training is reached; a config error writes nothing, and a run that never took
+    the folder over leaves none behind (the folder made for the lock goes too)."""
+    import yaml
+
+    import snug.train.training as training
+    from snug.cli import main
+
+    out = tmp_path / "new/run"
+    raw = classify_run(tmp_path)
+    raw["output"]["dir"] = str(out)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    seen = []
+
+    def run_training(cfg, status=None, **_):
+        seen.append((json.loads((out / "status.json").read_text()), status is not None))
+        raise KeyboardInterrupt  # ends before taking the folder over
+
+    monkeypatch.setattr(training, "run_training", run_training)
+    assert main(["train", str(config), "train.lr=oops"]) == 2  # a config error
+    assert not (tmp_path / "new").exists()
+    assert main(["train", str(config)]) == 130  # interrupted
+    [(status, handed)] = seen
+    assert handed and status["state"] == "validating" and status["pid"] == os.getpid()
+    assert alive(status) and "importing" in status["detail"]
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_heartbeat_rewrites_the_status_while_a_phase_runs(tmp_path, monkeypatch):
+    """Nothing happens in the run, yet the file is rewritten (its elapsed time moves on)."""
+    from snug.train import status as status_module
+
+    monkeypatch.setattr(status_module, "HEARTBEAT_S", 0.01)
+    status = status_module.RunStatus(tmp_path, "loading")
+    path = tmp_path / "status.json"
+    first = json.loads(path.read_text())["elapsed_seconds"]
+    try:
+        for _ in range(500):  # up to 5 s
+            if json.loads(path.read_text())["elapsed_seconds"] > first:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("status.json was not rewritten by the heartbeat")
+    finally:
+        status.close()
+    assert not path.exists()  # never taken over: removed

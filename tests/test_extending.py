@@ -387,7 +387,7 @@ def test_a_plugin_preference_loss_is_chosen_by_name(robust):
 
 def test_a_dpo_run_trains_with_a_plugin_loss(robust, tmp_path, monkeypatch):
     from snug.config import config_from_dict
-    from snug.train.loop import run_training
+    from snug.train.training import run_training
 
     from conftest import ROOT, write_jsonl
 

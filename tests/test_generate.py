@@ -22,7 +22,7 @@ from snug.methods import apply_method
 from snug.models.load import load_model
 from snug.train.evaluate import answer_text, end_of_turn, stop_token_ids
 from snug.train.finish import save_final
-from snug.train.loop import run_training
+from snug.train.training import run_training
 
 from conftest import ROOT, write_jsonl
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from snug.config import config_from_dict
-from snug.train.loop import run_training
+from snug.train.training import run_training
 
 from test_train import tiny_run
 

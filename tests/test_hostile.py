@@ -865,7 +865,7 @@ def test_every_method_on_the_command_line_of_train_and_plan(name, tmp_path, monk
     examples/quickstart.yaml --method NAME --search` read the config (quickstart sets lora's
     keys) for every method; the run and the plan themselves are stood in for."""
     import snug.plan.report as report
-    import snug.train.loop as loop
+    import snug.train.training as training
 
     trained = []
 
@@ -873,7 +873,7 @@ def test_every_method_on_the_command_line_of_train_and_plan(name, tmp_path, monk
         trained.append(cfg)
         return {"status": "completed"}
 
-    monkeypatch.setattr(loop, "run_training", train)
+    monkeypatch.setattr(training, "run_training", train)
     quickstart = str(ROOT / "examples/quickstart.yaml")
     out = f"output.dir={tmp_path / 'run'}"
     code, _, err = run_cli(["train", quickstart, f"method.name={name}", out], capsys)

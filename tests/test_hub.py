@@ -119,9 +119,9 @@ def test_train_merge_and_the_session_commands_ask_once_too(unasked, monkeypatch,
     def reached(*args, **kwargs):
         raise Reached
 
-    import snug.train.loop
+    import snug.train.training
 
-    monkeypatch.setattr(snug.train.loop, "run_training", reached)
+    monkeypatch.setattr(snug.train.training, "run_training", reached)
     config = str(ROOT / "examples/quickstart.yaml")
     with pytest.raises(Reached):
         main(["--debug", "train", config, f"output.dir={tmp_path / 'run'}"])

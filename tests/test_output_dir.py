@@ -226,7 +226,7 @@ def test_a_peer_that_dies_at_the_take_over_leaves_rank_0_writing_its_summary(tmp
     from types import SimpleNamespace
 
     from snug.config import config_from_dict
-    from snug.train import dist, loop
+    from snug.train import dist, training
 
     out = tmp_path / "run"
     _fake_finished_run(out, "A")
@@ -237,7 +237,7 @@ def test_a_peer_that_dies_at_the_take_over_leaves_rank_0_writing_its_summary(tmp
         raise RuntimeError("a peer rank died")
 
     monkeypatch.setattr(dist, "barrier", peer_died)
-    take_over = loop.TakeOver(run, dist.Dist(), out, None, None, {})
+    take_over = training.TakeOver(run, dist.Dist(), out, None, None, {})
     with pytest.raises(RuntimeError):
         take_over()
     assert take_over.done and (out / "previous/summary.json").is_file()
@@ -368,20 +368,20 @@ def test_the_launcher_of_several_ranks_holds_the_lock_for_them(tmp_path, monkeyp
 def test_a_run_that_fails_before_taking_over_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
     """output.dir (and a folder above it) made for the lock go again when the run stops before
     it took the folder over (here: a data file that is not JSON, found while tokenizing)."""
-    import snug.train.loop as loop
+    import snug.train.training as training
     from snug.train.lock import LOCK_FILE
 
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
     out = tmp_path / "new" / "run"
     cfg = config(out, ROOT / "models/tiny", data, tmp_path)
-    real, locked = loop.build_run, []
+    real, locked = training.build_run, []
 
     def build_run(*args, **kwargs):
         locked.append((out / LOCK_FILE).is_file())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "build_run", build_run)
+    monkeypatch.setattr(training, "build_run", build_run)
     code, said, err = run_snug(["train", cfg], capsys)
     assert code == 2 and "bad.jsonl line 2: not valid JSON" in one_line(err)
     assert locked == [True]

@@ -60,7 +60,7 @@ def test_plan_search_writes_a_config_that_trains(tmp_path, capsys):
     # path, so it trains from anywhere
     assert chosen.model.name_or_path == str(ROOT / "models/tiny") and chosen.method.name == "lora"
 
-    from snug.train.loop import run_training
+    from snug.train.training import run_training
 
     run = load_config(
         out,

@@ -14,7 +14,7 @@ import torch
 from snug.config import config_from_dict
 from snug.data.formats import DataError
 from snug.plan.autofit import auto_fit
-from snug.train.loop import run_training
+from snug.train.training import run_training
 
 from conftest import ROOT, write_jsonl
 

@@ -100,8 +100,8 @@ def check_quickstart_result(text: str) -> list[str]:
 
 
 def check_statuses(text: str) -> list[str]:
-    """The statuses the README lists for summary.json are those snug/train/loop.py writes."""
-    source = (ROOT / "snug/train/loop.py").read_text()
+    """The statuses the README lists for summary.json are those snug/train/training.py writes."""
+    source = (ROOT / "snug/train/training.py").read_text()
     written = set(re.findall(r'summary\["status"\] = "(\w+)"', source))
     written |= set(re.findall(r'summary: dict = \{"status": "(\w+)"', source))
     sentence = re.search(r"with `status` (.*?)\.(?: |$)", " ".join(prose(text).split()))

@@ -27,10 +27,11 @@ from safetensors.torch import load_file
 from snug.cli import main
 from snug.config import config_from_dict
 from snug.train.checkpoint import CheckpointError, CheckpointLoadError
-from snug.train.loop import NonFiniteError, OutOfMemory, run_training
 from snug.train.outputs import complete_checkpoints, recover
 from snug.train.resume import EXIT_STOPPED, ResumeError
+from snug.train.run import NonFiniteError, OutOfMemory
 from snug.train.statefile import load_state
+from snug.train.training import run_training
 
 from conftest import ROOT, method_keys
 
@@ -230,6 +231,7 @@ def test_sigterm_or_one_ctrl_c_saves_and_stops_then_resumes(signal_name, tmp_pat
     assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] == 3
+    assert "stopped after step 3" in status["detail"]  # the one-line reason
     assert status["last_checkpoint"] == str(out / "checkpoints/step-3")
     resumed = snug_train_here(cfg)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout
@@ -414,7 +416,7 @@ def test_progressive_unfreezing_resumes(tmp_path):
     reference = run_training(config_from_dict(whole))
     first = raw_config(out, method=method, train={"max_steps": 5, "epochs": 1})
     first["output"]["save_every"] = 1
-    import snug.train.loop as loop
+    import snug.train.run as loop
 
     real = loop.Run._after_step
 

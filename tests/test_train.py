@@ -15,9 +15,9 @@ from snug.config import config_from_dict
 from snug.plan.autofit import auto_fit
 from snug.train import run as loop_run
 from snug.train.checkpoint import COMPLETE
-from snug.train.loop import run_training
 from snug.train.memory import StepPeaks
 from snug.train.outputs import OutputDirError
+from snug.train.training import run_training
 
 from conftest import ROOT, make_tiny_model, method_keys
 

@@ -95,7 +95,7 @@ def run_snug(spec: dict) -> dict:
     import torch
 
     from snug.config import load_config
-    from snug.train.loop import run_training
+    from snug.train.training import run_training
 
     cuda = torch.cuda.is_available() and not spec["dry_run"]
     cfg = load_config(

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable
 
 # What the runs import, made once in the dry run's parent (module names).
-PRELOAD = ("peft", "transformers.trainer", "snug.train.loop", "snug.plan.search")
+PRELOAD = ("peft", "transformers.trainer", "snug.train.training", "snug.plan.search")
 
 
 def preload() -> None:

@@ -129,7 +129,7 @@ def run_one(spec: dict) -> dict:
     from snug.plan.hardware import cpu_device, find_gpu, model_config
     from snug.plan.search import plan_one
     from snug.plan.timing import device_model, precision_for
-    from snug.train.loop import run_training
+    from snug.train.training import run_training
 
     import_s = time.perf_counter() - started_imports
     cuda = torch.cuda.is_available() and not spec["dry_run"]

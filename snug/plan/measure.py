@@ -82,7 +82,7 @@ def measure(
     loading and the steps are shown on `console` as they go (nothing when None)."""
     from snug.models.load import resolve_device as train_device
     from snug.models.load import resolve_precision
-    from snug.train.loop import run_training
+    from snug.train.training import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         run_cfg = dataclasses.replace(

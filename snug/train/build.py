@@ -14,12 +14,14 @@ from rich.console import Console
 from transformers import set_seed
 
 from snug.config import Config
+from snug.core import events
+from snug.core.events import Reporter
 from snug.core.registry import get_stage
 from snug.data.dataset import build_datasets
 from snug.methods import count_params
 from snug.models.fingerprint import base_record
 from snug.models.load import load_model, load_tokenizer, resolve_precision
-from snug.progress import Phase
+from snug.progress import Phase, watched
 from snug.train import dist
 from snug.train.checkpoint import read_train_state
 from snug.train.prepare import prepare_for_training, step_options
@@ -34,27 +36,40 @@ def build_run(
     ctx: dist.Dist,
     device,
     resume_path: Path | None,
+    *,
     allow_config_change: bool,
     console: Console,
     summary: dict,
+    reporter: Reporter,
     planner: Callable | None = None,
+    resume_command: str = "the same command",
 ) -> Run:
-    """The run `cfg` describes, ready to train; nothing written (see the module's docstring)."""
+    """The run `cfg` describes, ready to train; nothing written (see the module's docstring).
+    Each phase is told to `reporter` as it begins (tokenizing with its progress)."""
+
+    def phase(name: str, detail: str, done: int | None = None, total: int | None = None):
+        reporter.phase(events.Phase(name, done, total, detail))
+
+    def counted(p: Phase) -> None:  # the progress of tokenizing (snug/progress.py)
+        phase("tokenizing", p.label, p.done, p.total)
+
     given = cfg.to_dict()  # the user's config, before auto_fit or an OOM fallback change it
     precision = resolve_precision(cfg, device)
     set_seed(cfg.train.seed)
+    phase("tokenizing", f"loading the tokenizer of {cfg.model.name_or_path}")
     tok = load_tokenizer(cfg.model)
     if not ctx.main:  # rank 0 tokenizes into the datasets cache first, the others read it
         dist.barrier()
-    train_ds, eval_ds, stats = build_datasets(
-        cfg.data,
-        tok,
-        cfg.train.stage,
-        cfg.train.seed,
-        cfg.model.name_or_path,
-        console,
-        own=get_stage(cfg.train.stage).own(cfg),
-    )
+    with watched(counted):
+        train_ds, eval_ds, stats = build_datasets(
+            cfg.data,
+            tok,
+            cfg.train.stage,
+            cfg.train.seed,
+            cfg.model.name_or_path,
+            console,
+            own=get_stage(cfg.train.stage).own(cfg),
+        )
     if ctx.main:
         dist.barrier()
     summary["data"] = stats.as_dict()
@@ -74,7 +89,9 @@ def build_run(
         if cfg.memory.auto_fit:  # keep what was adopted: the search need not run again
             cfg = _adopted(cfg, resumed["adopted"])
     if cfg.memory.auto_fit and resumed is None:
+        phase("planning", "memory.auto_fit: the fastest settings that fit")
         cfg = _auto_fit(cfg, train_ds, device, console, summary, planner)
+    phase("loading", f"the model {cfg.model.name_or_path}, method {cfg.method.name}")
     model = load_model(cfg, device, precision, stats.labels, tok.pad_token_id)
     # after loading: a hub model is in the cache now
     base = base_record(cfg.model, cfg.given_paths.get("model.name_or_path"))
@@ -110,32 +127,38 @@ def build_run(
         + (f" | {ctx.strategy} x {ctx.world} processes" if ctx.active else "")
     )
     identity = {"config": given, "adopted": cfg.to_dict(), "data_hash": hashed, "base": base}
-    run = Run(
-        ctx,
-        model,
-        tok,
-        train_ds,
-        eval_ds,
-        cfg,
-        opts,
-        device,
-        precision,
-        Path(cfg.output.dir),
-        summary,
-        console,
-        identity,
-    )
-    run.reference = reference
+    evaluate = None
     if eval_ds:
-        run.evaluate = lambda when: _evaluate(
-            dist.unwrap(model), tok, eval_ds, cfg, opts, device, console, when, reference
-        )
+
+        def evaluate(when: str) -> dict:
+            phase("evaluating", f"held-out data, {when} training")
+            return _evaluate(
+                dist.unwrap(model), tok, eval_ds, cfg, opts, device, console, when, reference
+            )
+
+    run = Run(
+        ctx=ctx,
+        model=model,
+        tok=tok,
+        train_ds=train_ds,
+        eval_ds=eval_ds,
+        cfg=cfg,
+        opts=opts,
+        device=device,
+        precision=precision,
+        summary=summary,
+        console=console,
+        identity=identity,
+        reporter=reporter,
+        resume_command=resume_command,
+        reference=reference,
+        evaluate=evaluate,
+    )
     if resume_path is not None:
+        phase("loading", f"the checkpoint {resume_path}")
         run.restore(resume_path)
     # before training; a resumed run kept it in its checkpoint (the model has moved on)
-    before = (
-        resumed["eval_before"] if resumed else (run.evaluate("before") if run.evaluate else None)
-    )
+    before = resumed["eval_before"] if resumed else (evaluate("before") if evaluate else None)
     run.identity["eval_before"] = before
     return run
 

@@ -57,6 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from snug.config.preflight import check_data_paths, check_model_dir
     from snug.hub import offline_said_on_stderr
     from snug.train.outputs import check_output_dir, own_output_dir
+    from snug.train.status import RunStatus
 
     cfg = load_config(args.config, args.overrides)
     if "LOCAL_RANK" not in os.environ:  # said once: by this command, not by each rank it starts
@@ -67,25 +68,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     command = resume_command(args) + " --fresh" * args.fresh
     if cfg.dist.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks (torchrun)
         return _launch(args, cfg, command)
-    with own_output_dir(cfg, args.fresh, command, lock=os.environ.get("RANK", "0") == "0"):
-        if "LOCAL_RANK" not in os.environ:  # (a rank's launcher asked)
-            offline_said_on_stderr()  # after the checks of bad input: its error is one line
-        from snug.plan.autofit import auto_fit
-        from snug.train.loop import run_training
-        from snug.train.resume import EXIT_STOPPED, TrainingStopped
-
+    main = os.environ.get("RANK", "0") == "0"
+    with own_output_dir(cfg, args.fresh, command, lock=main) as out:
+        # status.json from here, before the heavy imports (train/status.py: where, and why)
+        status = RunStatus(out, detail="importing torch, transformers and peft") if main else None
         try:
-            summary = run_training(
-                cfg,
-                fresh=args.fresh,
-                allow_config_change=args.allow_config_change,
-                resume_command=resume_command(args),
-                planner=auto_fit,
-            )
-        except TrainingStopped as e:
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says so
-                print(str(e), file=sys.stderr)
-            return EXIT_STOPPED
+            if "LOCAL_RANK" not in os.environ:  # (a rank's launcher asked)
+                offline_said_on_stderr()  # after the checks of bad input: its error is one line
+            from snug.plan.autofit import auto_fit
+            from snug.train.resume import EXIT_STOPPED, TrainingStopped
+            from snug.train.training import run_training
+
+            try:
+                summary = run_training(
+                    cfg,
+                    fresh=args.fresh,
+                    allow_config_change=args.allow_config_change,
+                    resume_command=resume_command(args),
+                    planner=auto_fit,
+                    status=status,
+                )
+            except TrainingStopped as e:
+                if main:  # under torchrun every rank stops; one says so
+                    print(str(e), file=sys.stderr)
+                return EXIT_STOPPED
+        finally:
+            if status is not None:  # (closed by run_training if it was reached)
+                status.close()
     return 0 if summary["status"] == "completed" else 1
 
 

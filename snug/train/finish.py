@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from snug.config import Config
-from snug.core.events import End, Reporter
+from snug.core.events import End, Phase, Reporter
 from snug.core.registry import get_method
 from snug.files import (
     OutOfSpace,
@@ -37,6 +37,7 @@ def finish(run: Run, out: Path, ctx: dist.Dist, console: Console, summary: dict)
     if run.evaluate:
         summary["eval"] = eval_block(run.identity["eval_before"], run.evaluate("after"))
         console.print(eval_line(summary["eval"]))
+    run.reporter.phase(Phase("saving", detail=f"{out / get_method(run.cfg.method.name).output}"))
     target = save_final(run.model, run.tok, run.cfg, out, ctx)
     console.print(f"saved {target}")
 
@@ -48,8 +49,10 @@ def end(
     last_checkpoint: Path | None,
     console: Console,
     main: bool,
+    reason: str | None = None,
 ) -> None:
-    """summary.json, then the sinks told the run ended (a watcher told finds summary.json in
+    """summary.json, then the sinks told the run ended (`reason`: why a stopped or
+    interrupted run ended, for End.reason) (a watcher told finds summary.json in
     place); previous/ deleted once a completed run's outputs are all in place, or named. A run
     that is failing anyway keeps its own error should these writes fail too (a full disk)."""
     completed = summary["status"] == "completed"
@@ -68,10 +71,10 @@ def end(
             problems.append(e)
     error = summary.get("error")
     peak = (summary.get("peak_memory") or {}).get("measured_bytes")
+    first = error.splitlines()[0] if error else None
+    why = first or (reason.splitlines()[0] if reason else None)
     try:
-        reporter.end(
-            End(summary["status"], error.splitlines()[0] if error else None, peak, last_checkpoint)
-        )
+        reporter.end(End(summary["status"], first, peak, last_checkpoint, why))
     except OSError as e:
         problems.append(e)
     if main and completed and not problems:

@@ -72,15 +72,3 @@ class MetricsLog:
         fig.savefig(tmp, dpi=100)
         tmp.replace(path)
         plt.close(fig)
-
-
-class NoMetrics:
-    """What ranks other than 0 log to: nothing."""
-
-    rows: list[dict] = []
-
-    def write(self, row: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

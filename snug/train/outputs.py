@@ -30,6 +30,8 @@ from snug.errors import UserError, first_line
 from snug.files import fsync
 from snug.train.lock import LOCK_FILE, OutputDirError, link_refused, lock_output_dir
 from snug.train.resume import config_drift
+from snug.train.status import NAME as STATUS
+from snug.train.status import STARTING, is_status_file
 
 RUN_MARKER = ".snug-run"  # marks a directory as a snug run, so a new run may replace its outputs
 FINAL_OUTPUTS = ("adapter", "model", "loss.png", "summary.json")  # what a run ends with
@@ -53,9 +55,14 @@ def check_output_dir(cfg: Config) -> None:
             raise OutputDirError(
                 f"output.dir={out}: {parent} is a file, so no directory can be made there."
             )
+    # snug's own: the lock, and beside it the status of the run that holds it (of every rank,
+    # which check this while rank 0 writes it) or of one killed before taking the folder over
+    locked = (out / LOCK_FILE).exists()
     if (
         out.is_dir()
-        and any(p.name != LOCK_FILE for p in out.iterdir())
+        and any(
+            p.name != LOCK_FILE and not (locked and is_status_file(p.name)) for p in out.iterdir()
+        )
         and not (out / RUN_MARKER).exists()
     ):
         raise OutputDirError(
@@ -93,7 +100,7 @@ def links(out: Path) -> list[Path]:
     be links: they are where the run lives, not what it replaces."""
     if not out.is_dir():
         return []
-    names = {*RUN_OUTPUTS, PREVIOUS, _STAGING, RUN_MARKER, LOCK_FILE, "status.json"}
+    names = {*RUN_OUTPUTS, PREVIOUS, _STAGING, RUN_MARKER, LOCK_FILE, STATUS, STARTING}
     found = [
         p for p in out.iterdir() if p.is_symlink() and (p.name in names or _ASIDE.match(p.name))
     ]

@@ -1,5 +1,5 @@
 """A loaded base -> the model that trains, and the options of its step: shared by `snug train`
-(train/loop.py), `snug plan` (plan/simulate.py, on a meta-device model) and `snug calibrate`."""
+(train/training.py), `snug plan` (plan/simulate.py, on a meta-device model) and `snug calibrate`."""
 
 from __future__ import annotations
 

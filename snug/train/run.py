@@ -64,6 +64,7 @@ class Run:
 
     def __init__(
         self,
+        *,
         ctx: dist.Dist,
         model,
         tok,
@@ -73,21 +74,29 @@ class Run:
         opts: StepOptions,
         device,
         precision,
-        out: Path,
         summary: dict,
         console: Console,
         identity: dict,
+        reporter: Reporter,
+        resume_command: str = "the same command",
+        reference: object = None,
+        evaluate: Callable[[str], dict] | None = None,
     ) -> None:
+        """Everything by name (train/build.py makes the one Run of a run). `identity`: the
+        config, adopted config, data hash and eval before, kept in every checkpoint;
+        `resume_command`: what a stopped run tells the user to run; `reference`: the stage's
+        frozen reference model, if it compares with one; `evaluate`: when there is eval data,
+        when ("before"/"after") -> held-out metrics."""
         self.ctx = ctx
         self.model, self.tok, self.train_ds, self.eval_ds = model, tok, train_ds, eval_ds
         self.cfg, self.opts, self.device = cfg, opts, device
-        self.out, self.summary, self.console = out, summary, console
-        self.identity = identity  # config, adopted config, data hash, eval before: checkpointed
-        self.reporter = Reporter()  # no sinks until run_training gives its own
-        self.evaluate = None  # when there is eval data: when ("before"/"after") -> metrics
-        self.resume_command = "the same command"  # what a stopped run tells the user to run
-        # Called once the first optimizer step is done: until then output.dir is untouched.
-        self.take_over: Callable[[], None] | None = None
+        self.out, self.summary, self.console = Path(cfg.output.dir), summary, console
+        self.identity = identity
+        self.reporter, self.resume_command = reporter, resume_command
+        self.reference, self.evaluate = reference, evaluate
+        # Called once the first optimizer step is done (given to train()): until then
+        # output.dir is untouched.
+        self._take_over: Callable[[], None] | None = None
         t = cfg.train
         self.schedule = Schedule.build(sample_lengths(train_ds), cfg, ctx.world)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
@@ -101,7 +110,6 @@ class Run:
         self.method = get_method(cfg.method.name)
         self.pos = Position(rows_per_micro_batch=t.micro_batch)
         self.last_checkpoint: Path | None = None
-        self.reference = None  # the stage's frozen reference model, if it compares with one
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self) -> Path:
@@ -135,7 +143,9 @@ class Run:
             self.pos.rows_per_micro_batch = self.cfg.train.micro_batch
 
     # -- the loop -----------------------------------------------------------------------------
-    def train(self) -> None:
+    def train(self, take_over: Callable[[], None] | None = None) -> None:
+        """The steps left; `take_over` is called once, right after the first optimizer step."""
+        self._take_over = take_over
         # On CPU the peak comes from snug's tensor tracker, on the steps that can set it.
         self.peaks = StepPeaks() if self.device.type == "cpu" else None
         if self.peaks is None:
@@ -184,9 +194,9 @@ class Run:
         tick = time.perf_counter()
         result, n_tokens = self._step_fitting(window)
         self.scheduler.step()
-        if self.take_over is not None:
-            self.take_over()
-            self.take_over = None
+        if self._take_over is not None:
+            self._take_over()
+            self._take_over = None
         loss = result.loss.item()
         pos.seconds += time.perf_counter() - tick
         pos.step += 1

@@ -1,6 +1,7 @@
 """The sinks every run has (the protocol: core/events.py): the console, metrics.jsonl with
-TensorBoard, and status.json. The last two write into output.dir, so run_training attaches
-them only when the run takes output.dir over."""
+TensorBoard, and status.json. metrics.jsonl writes into output.dir, so run_training attaches
+it only when the run takes output.dir over; status.json is there from the start (where it is
+written before the take-over: train/status.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from snug.core.events import Checkpoint, End, Eval, Start, Step
+from snug.core.events import Checkpoint, End, Eval, Phase, Start, Step
 from snug.train.metrics import MetricsLog
 from snug.train.status import RunStatus
 
@@ -99,16 +100,26 @@ class MetricsSink:
 
 
 class StatusSink:
-    """output.dir/status.json (train/status.py): written at the start, after steps at most
-    once a second (the last step always), at each checkpoint and at the end."""
+    """output.dir/status.json (train/status.py, made when the run starts): each phase as it
+    comes, after steps at most once a second (the last step always), at the take-over, at
+    each checkpoint and at the end."""
 
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.status: RunStatus | None = None  # made at the start, which gives total_steps
+    def __init__(self, status: RunStatus) -> None:
+        self.status = status
+
+    def on_phase(self, event: Phase) -> None:
+        if event.name == "training":  # counted in steps: the step fields say it
+            self.status.update(step=event.done or 0, total_steps=event.total)
+            self.status.phase(event.name, None, None, event.detail)
+        else:
+            self.status.phase(event.name, event.done, event.total, event.detail)
 
     def on_start(self, event: Start) -> None:
-        self.status = RunStatus(self.out, event.total_steps, event.predicted_peak_bytes)
-        self.status.update(force=True, last_checkpoint=_text(event.last_checkpoint))
+        self.status.take_over(
+            total_steps=event.total_steps,
+            predicted_peak_bytes=event.predicted_peak_bytes,
+            last_checkpoint=_text(event.last_checkpoint),
+        )
 
     def on_step(self, event: Step) -> None:
         self.status.update(
@@ -131,5 +142,9 @@ class StatusSink:
             else {"peak_memory_bytes": event.peak_memory_bytes}
         )
         self.status.end(
-            event.state, event.error, last_checkpoint=_text(event.last_checkpoint), **kept
+            event.state,
+            event.error,
+            detail=event.reason or "",
+            last_checkpoint=_text(event.last_checkpoint),
+            **kept,
         )

@@ -1,19 +1,33 @@
 """`output.dir/status.json`: where a run stands, for whatever watches it (a web UI, a script,
-`watch cat`), rewritten whole (written aside, then renamed) as the run goes.
+`watch cat`), from its first second: rewritten whole (written aside, then renamed) at every
+phase, after steps at most once a second, and every HEARTBEAT_S seconds whatever happens.
 
-Keys: `state` (training, completed, stopped, interrupted, failed), `step`, `total_steps`,
-`epoch`, `loss`, `tokens_per_second`, `elapsed_seconds`, `eta_seconds`, `peak_memory_bytes`
-(measured so far: snug's tensor tracker on a CPU, `max_memory_allocated` on a GPU),
-`predicted_peak_bytes` (the plan's, when memory.auto_fit planned the run), `pid`, `host`,
-`last_checkpoint` (the newest complete one), `error` (the one-line reason of a failed run),
-`started_at` and `updated_at` (UTC, ISO 8601).
+Keys: `state` (a phase of core/events.py PHASES: validating, tokenizing, planning, loading,
+evaluating, training, saving; or how it ended: completed, stopped, interrupted, failed),
+`detail` (what the phase does now, in words; once ended, the one-line reason: a failed
+run's error, a stopped run's signal and checkpoint), `done` and `total` (the phase's counted progress,
+null when not counted; tokenizing counts records), `step`, `total_steps`, `epoch`, `loss`,
+`tokens_per_second`, `elapsed_seconds` (since the process began the run), `eta_seconds`
+(while training), `peak_memory_bytes` (measured so far), `predicted_peak_bytes` (when
+memory.auto_fit planned the run), `pid`, `host`, `last_checkpoint`, `error` (the one-line
+reason of a failed run), `started_at`, `updated_at` and `heartbeat_at` (UTC, ISO 8601).
 
-When: from the end of the first optimizer step, when the run owns output.dir (before that an
-earlier run's files, its status.json included, stay as they were: the rule of
-train/outputs.py), then after each step at most once a second, at each checkpoint, and at the
-end. A watcher tells a live run from a dead one by `state` with `pid`: a run killed with -9
-leaves `training` and a pid that no longer runs. Written here: no library keeps a run's state
-file (TensorBoard and metrics.jsonl keep history, not the present)."""
+Alive or dead (`alive` below): an ended state is an ended run; otherwise the run is alive
+while its heartbeat is younger than STALE_S seconds and, read on its own host, its pid runs.
+A run killed with -9 leaves its last phase, a pid that runs no more and a heartbeat that ages.
+
+Where, and the rule of train/outputs.py (nothing of an earlier run changes before the new run
+has proven it can start): the status is written from the moment the run holds output.dir's
+lock and has checked the folder (a config error writes nothing). If the folder holds no
+status.json, the new run writes status.json itself; if an earlier run's status.json is there,
+the new run writes STARTING beside it, which the take-over (after the first optimizer step)
+renames over status.json. A run that ends before taking the folder over removes the file it
+wrote, so the folder is as it was (and a folder made for the lock goes with it): its exit
+status and one-line error say why. A watcher of a folder therefore reads STARTING when it is
+there (a run is starting), else status.json.
+
+Written here: no library keeps a run's state file (TensorBoard and metrics.jsonl keep
+history, not the present). No torch: `snug train` starts it before the heavy imports."""
 
 from __future__ import annotations
 
@@ -21,58 +35,145 @@ import datetime
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
 from snug.files import write_text_atomic
 
-STATES = ("training", "completed", "stopped", "interrupted", "failed")
+NAME = "status.json"
+STARTING = "status.starting.json"  # a starting run's, while an earlier run's status.json stays
+ENDED = ("completed", "stopped", "interrupted", "failed")
 EVERY_SECONDS = 1.0  # at most one rewrite a second while steps run
+HEARTBEAT_S = 2.0  # rewritten at least this often while the run lives
+STALE_S = 30.0  # a heartbeat older than this: the run is dead (or hung)
+
+
+def is_status_file(name: str) -> bool:
+    """status.json, status.starting.json, or one of them being written aside."""
+    return name in (NAME, STARTING) or name.startswith((f".{NAME}.tmp-", f".{STARTING}.tmp-"))
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def alive(fields: dict, now: float | None = None) -> bool:
+    """Whether the run of a status.json's `fields` lives (the rule of the module docstring)."""
+    if fields.get("state") in ENDED:
+        return False
+    beat = datetime.datetime.fromisoformat(fields["heartbeat_at"]).timestamp()
+    if (time.time() if now is None else now) - beat > STALE_S:
+        return False
+    if fields.get("host") != socket.gethostname():
+        return True  # another host's pid cannot be asked
+    try:
+        os.kill(fields["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # runs, as another user
+    return True
+
+
 class RunStatus:
-    def __init__(self, out: Path, total_steps: int, predicted_bytes: int | None = None) -> None:
-        self.path = out / "status.json"
+    """The status of the run in `out`, written from now on (see the module docstring); a
+    thread refreshes its heartbeat until `close`."""
+
+    def __init__(self, out: Path, state: str = "validating", detail: str = "") -> None:
+        self.out = Path(out)
+        self.taken_over = False
+        self.path = self.out / (STARTING if (self.out / NAME).exists() else NAME)
         self.started = time.perf_counter()
         self._written = 0.0
+        self._training: tuple[float, int] | None = None  # (when, step) training began
+        self._lock = threading.Lock()  # one writer at a time: the run and the heartbeat
+        self._stop = threading.Event()
         self.fields = {
-            "state": "training",
+            "state": state,
+            "detail": detail,
+            "done": None,
+            "total": None,
             "step": 0,
-            "total_steps": total_steps,
+            "total_steps": None,
             "epoch": 0.0,
             "loss": None,
             "tokens_per_second": None,
             "elapsed_seconds": 0.0,
             "eta_seconds": None,
             "peak_memory_bytes": None,
-            "predicted_peak_bytes": predicted_bytes,
+            "predicted_peak_bytes": None,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "last_checkpoint": None,
             "error": None,
             "started_at": _now(),
             "updated_at": None,
+            "heartbeat_at": None,
         }
+        self.update(force=True)
+        self._beat = threading.Thread(target=self._keep_beating, daemon=True, name="status")
+        self._beat.start()
+
+    def phase(self, name: str, done: int | None, total: int | None, detail: str) -> None:
+        """A new phase, or progress within one: written at once when the phase changes or its
+        count completes, else at most once a second."""
+        if name == "training" and self._training is None:
+            self._training = (time.perf_counter(), self.fields["step"])
+        changed = name != self.fields["state"] or detail != self.fields["detail"]
+        finished = done is not None and done == total  # a counted phase's last count
+        self.update(force=changed or finished, state=name, done=done, total=total, detail=detail)
 
     def update(self, force: bool = False, **fields) -> None:
-        self.fields.update(fields)
+        with self._lock:
+            self.fields.update(fields)
+            if force or time.perf_counter() - self._written >= EVERY_SECONDS:
+                self._write()
+
+    def take_over(self, **fields) -> None:
+        """The run owns output.dir now: its status becomes status.json."""
+        with self._lock:
+            self.fields.update(fields)
+            self._write()
+            if self.path.name != NAME:
+                os.replace(self.path, self.out / NAME)
+                self.path = self.out / NAME
+            self.taken_over = True
+
+    def end(self, state: str, error: str | None = None, detail: str = "", **fields) -> None:
+        """How the run ended; `detail`: why, in one line (a stopped run's signal)."""
+        self.update(
+            force=True, state=state, error=error, detail=detail, done=None, total=None, **fields
+        )
+
+    def close(self) -> None:
+        """Stop the heartbeat; a run that never took output.dir over removes its file (the
+        folder as it was). Idempotent."""
+        self._stop.set()
+        if self._beat.is_alive() and self._beat is not threading.current_thread():
+            self._beat.join()
+        with self._lock:
+            if not self.taken_over:
+                self.path.unlink(missing_ok=True)
+
+    def _keep_beating(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.update(force=True)
+            except OSError:  # a full disk: the run says so itself where it matters
+                pass
+
+    def _write(self) -> None:
         now = time.perf_counter()
-        if not force and now - self._written < EVERY_SECONDS:
-            return
         f = self.fields
         f["elapsed_seconds"] = round(now - self.started, 2)
-        f["updated_at"] = _now()
-        done, total = f["step"], f["total_steps"]
-        if f["state"] == "training" and done:
-            f["eta_seconds"] = round(f["elapsed_seconds"] / done * (total - done), 1)
-        elif f["state"] != "training":
+        f["updated_at"] = f["heartbeat_at"] = _now()
+        step, total = f["step"], f["total_steps"]
+        if f["state"] == "training" and self._training is not None and total:
+            began, first = self._training
+            if step > first:  # the time per step of this run's steps so far
+                f["eta_seconds"] = round((now - began) / (step - first) * (total - step), 1)
+        elif f["state"] in ENDED:
             f["eta_seconds"] = 0.0 if f["state"] == "completed" else None
         write_text_atomic(self.path, json.dumps(f, indent=2, allow_nan=False) + "\n")
         self._written = now
-
-    def end(self, state: str, error: str | None = None, **fields) -> None:
-        self.update(force=True, state=state, error=error, **fields)
