@@ -1,7 +1,7 @@
 """How fast `snug train` reports a config or path error, against importing torch and
 transformers (what every error cost before snug checked them first); and what a process that
 imported snug's training path spends ending: Python's own exit against snug's `exit_now`
-(snug/shutdown.py), which the `snug` command ends with.
+(snug/runtime/shutdown.py), which the `snug` command ends with.
 
 Run: python benchmarks/startup.py  (each command 3 times in a fresh process; median seconds)
 """
@@ -55,7 +55,7 @@ def main() -> None:
     imports = "import snug.cli, snug.train.training"
     plain = exit_seconds(f"{imports}\nprint(time.time(), flush=True)")
     fast = exit_seconds(
-        f"{imports}\nfrom snug.shutdown import exit_now\nprint(time.time(), flush=True)\n"
+        f"{imports}\nfrom snug.runtime.shutdown import exit_now\nprint(time.time(), flush=True)\n"
         "exit_now(0)"
     )
     print(

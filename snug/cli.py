@@ -13,8 +13,8 @@ from snug.deploy.chat import add_parser as add_chat_parser
 from snug.deploy.evaluate import add_eval_parser
 from snug.deploy.generate import add_generate_parser
 from snug.errors import AlreadySaid, RunError, UserError, exit_code, first_line
-from snug.files import disk_full, failed_write
 from snug.plan.command import add_plan_parsers
+from snug.runtime.files import disk_full, failed_write
 from snug.train.command import add_train_parser
 
 DEBUG_HELP = "show tracebacks on errors (also accepted before the sub-command)"
@@ -24,8 +24,8 @@ OVERRIDE = re.compile(r"[A-Za-z_]\w*\.[\w.]+=")  # section.key=value
 def cmd_merge(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from snug.hub import offline_said_on_stderr
-    from snug.progress import Phase
+    from snug.runtime.hub import offline_said_on_stderr
+    from snug.runtime.progress import Phase
 
     offline_said_on_stderr()
     # the steps: the imports (seconds), then merge()'s: loading, adapter, folding, verifying,
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The `snug` command: `main`, then the process ends without Python's teardown of every
-    imported module (snug/shutdown.py: 1.5 s after a training command's imports here)."""
-    from snug.shutdown import exit_now, stacks_on_request
+    imported module (snug/runtime/shutdown.py: 1.5 s after a training command's imports here)."""
+    from snug.runtime.shutdown import exit_now, stacks_on_request
 
     stacks_on_request()
     exit_now(main())

@@ -14,7 +14,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # and a search plans its methods in this process: the workers already use every core, and
     # worker processes of its own would each warm the fake-tensor cache again
     os.environ.setdefault("SNUG_PLAN_WORKERS", "1")
-# The suite runs offline: snug's question to the hub (snug/hub.py) is answered by the environment,
+# The suite runs offline: snug's question to the hub (snug/runtime/hub.py) is answered by the environment,
 # as a user's HF_HUB_OFFLINE answers it (tests/test_hub.py asks the question itself).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A user's `snug calibrate` entries must not change what the tests' plans predict: they plan

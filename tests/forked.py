@@ -73,7 +73,7 @@ def _child(
             os.close(w)
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        from snug.shutdown import stacks_on_request
+        from snug.runtime.shutdown import stacks_on_request
 
         stacks_on_request()  # as the snug command does
         if "PYTEST_XDIST_WORKER" in env:  # one core's worth of threads, as conftest.py sets

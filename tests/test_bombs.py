@@ -533,7 +533,7 @@ def test_tokenizing_tells_its_progress_batch_by_batch(tokenizer, tmp_path, monke
 
     told: list[tuple] = []
 
-    class Phase:  # snug.progress.Phase's API, recording what it is told
+    class Phase:  # snug.runtime.progress.Phase's API, recording what it is told
         def __init__(self, console, label, total, unit):
             told.append((label, total, unit))
 

@@ -198,9 +198,9 @@ def test_calibrate_counts_what_it_builds_and_times_with_the_time_left(monkeypatc
     are stood in for: the counting is the point."""
     import torch
 
-    from snug import progress
     from snug.cli import main
     from snug.plan import calibrate as calibrate_module
+    from snug.runtime import progress
 
     def start_one(spec, device, precision, narrow=True):
         i = calibrate_module.CPU_SERIES.index(spec)

@@ -299,7 +299,7 @@ def test_adapter_specs_name_and_path(tmp_path):
 
 
 def test_eval_loss_is_the_training_loops_held_out_loss(run, tmp_path, capsys, monkeypatch):
-    from snug import progress
+    from snug.runtime import progress
 
     summary = json.loads((run / "summary.json").read_text())["eval"]
     results = tmp_path / "results.json"
@@ -595,7 +595,7 @@ def test_a_second_generate_on_the_same_output_is_refused_naming_the_first(tmp_pa
     finally:
         first.kill()
         first.wait()
-    from snug import lockfile
+    from snug.runtime import lockfile
 
     lockfile.release(lock, lockfile.take(lock))  # free once its holder is gone
 

@@ -1,4 +1,4 @@
-"""snug/hub.py: a hub that does not answer is found out once, quickly, and said once; snug then
+"""snug/runtime/hub.py: a hub that does not answer is found out once, quickly, and said once; snug then
 works offline instead of waiting on the hub (for ever, behind a proxy that never answers)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from snug import hub
+from snug.runtime import hub
 
 from conftest import ROOT
 

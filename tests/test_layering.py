@@ -117,7 +117,7 @@ def test_snug_has_no_import_cycle():
 LAYERS = [
     ("snug", "snug.errors"),
     ("snug.core",),
-    ("snug.arguments", "snug.files", "snug.lockfile", "snug.progress", "snug.hub", "snug.shutdown"),
+    ("snug.arguments", "snug.runtime"),
     ("snug.config",),
     ("snug.data", "snug.models"),
     ("snug.methods",),

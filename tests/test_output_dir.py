@@ -317,7 +317,7 @@ def test_the_launcher_of_several_ranks_holds_the_lock_for_them(tmp_path, monkeyp
         def wait(self):
             lock = out / LOCK_FILE
             assert lock.is_file()  # (before: only checked, not taken)
-            from snug import lockfile
+            from snug.runtime import lockfile
             from snug.train.lock import HANDED_ON
 
             with pytest.raises(lockfile.Busy) as busy:  # a second run: refused
@@ -418,7 +418,7 @@ def test_every_retry_of_the_lock_is_bounded(tmp_path, monkeypatch):
         with lock.lock_output_dir(tmp_path / "gone"):
             pass
     monkeypatch.undo()
-    from snug import lockfile
+    from snug.runtime import lockfile
 
     monkeypatch.setattr(lockfile, "_same_file", lambda fd, path: False, raising=False)
     with deadline(20), pytest.raises(lock.OutputDirError, match="cannot take its lock"):

@@ -472,8 +472,8 @@ def test_a_search_tells_its_progress_and_its_json_stays_pure(capsys, monkeypatch
     import json
 
     import snug.plan.search as search_module
-    from snug import progress
     from snug.cli import main
+    from snug.runtime import progress
 
     monkeypatch.setattr(search_module, "simulate", replay_stand_in)
     monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line at each method searched

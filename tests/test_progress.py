@@ -1,4 +1,4 @@
-"""snug/progress.py: what a long phase prints where the output is not a terminal (a log, a
+"""snug/runtime/progress.py: what a long phase prints where the output is not a terminal (a log, a
 pipe), timed by a fake clock."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import threading
 import pytest
 from rich.console import Console
 
-from snug import progress
-from snug.progress import Phase
+from snug.runtime import progress
+from snug.runtime.progress import Phase
 
 
 class Clock:

@@ -437,7 +437,7 @@ def test_progressive_unfreezing_resumes(tmp_path):
 
 
 def test_ending_without_the_interpreters_teardown_loses_nothing(tmp_path):
-    """`snug` ends through snug/shutdown.py's exit_now (os._exit after the work): what a normal
+    """`snug` ends through snug/runtime/shutdown.py's exit_now (os._exit after the work): what a normal
     exit does before its teardown still happens. A thread that is not a daemon finishes its
     write, a thread pool left running finishes its job and lets its idle worker go, atexit
     handlers run (after them, as in Python's exit), output still in Python's buffers and in the
@@ -450,7 +450,7 @@ def test_ending_without_the_interpreters_teardown_loses_nothing(tmp_path):
         "import atexit, ctypes, sys, threading, time\n"
         "from concurrent.futures import ThreadPoolExecutor\n"
         "from pathlib import Path\n"
-        "from snug.shutdown import exit_now\n"
+        "from snug.runtime.shutdown import exit_now\n"
         "def late(path):\n"
         "    time.sleep(0.3)\n"
         "    Path(path).write_text('yes')\n"
@@ -477,10 +477,10 @@ def test_a_command_left_running_says_where_it_waits_and_is_stopped():
     """A test's deadline passed while what a command started still runs (a rank after its
     launcher died): tests/forked.py names the process still holding the output, with each of
     its threads' Python stacks (snug's processes print them on SIGUSR1:
-    snug/shutdown.py's stacks_on_request), and kills it; nothing is left running."""
+    snug/runtime/shutdown.py's stacks_on_request), and kills it; nothing is left running."""
     script = (
         "import subprocess, sys\n"
-        "subprocess.Popen([sys.executable, '-c', 'from snug.shutdown import stacks_on_request\\n"
+        "subprocess.Popen([sys.executable, '-c', 'from snug.runtime.shutdown import stacks_on_request\\n"
         "stacks_on_request()\\nimport time\\ndef held_here():\\n    time.sleep(120)\\n"
         "held_here()'])\n"
         "import time; time.sleep(1.5)\n"  # the child's imports

@@ -211,6 +211,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from snug.shutdown import exit_now  # without the interpreter's teardown (1.5 s here)
+    from snug.runtime.shutdown import exit_now  # without the interpreter's teardown (1.5 s here)
 
     exit_now(main())

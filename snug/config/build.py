@@ -38,7 +38,7 @@ from snug.core.sections import (  # noqa: F401  (re-exported: snug.config names 
     TrainConfig,
 )
 from snug.errors import ConfigError
-from snug.files import write_text_atomic
+from snug.runtime.files import write_text_atomic
 
 # Names other fine-tuning tools give these keys (Hugging Face TrainingArguments, PEFT,
 # LLaMA-Factory), for the suggestion when one of them is used here.

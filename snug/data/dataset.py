@@ -39,7 +39,7 @@ from snug.data.tokenize import (
     tokenize_classes,
     tokenize_records,
 )
-from snug.progress import Phase
+from snug.runtime.progress import Phase
 
 # snug.config.DataConfig: not imported, since the stages (snug/stages/) that call this module
 # sit below snug.config, which registers them.
@@ -131,7 +131,7 @@ def tokenize_source(
     the dropped ones (unreadable lines count as invalid), tokenized as the stage (a
     snug.stages.base.Stage, or its name) says. Under data.on_error=strict the first problem
     stops the run here instead. `console` shows the records tokenized as they are (a
-    snug.progress.Phase) and the counts. `own`: the stage's own settings (Stage.own; None:
+    snug.runtime.progress.Phase) and the counts. `own`: the stage's own settings (Stage.own; None:
     their defaults)."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
     started = time.monotonic()

@@ -80,11 +80,11 @@ def open_from_args(
 ) -> Session:
     """The session the options name, with --use's adapter active; with a `console`, its two
     steps (the imports, the loading: seconds each) are counted there as `label`."""
-    from snug.hub import offline_said_on_stderr
+    from snug.runtime.hub import offline_said_on_stderr
 
-    offline_said_on_stderr()  # before the imports that would ask the hub (snug/hub.py)
+    offline_said_on_stderr()  # before the imports that would ask the hub (snug/runtime/hub.py)
     if console is not None:
-        from snug.progress import Phase
+        from snug.runtime.progress import Phase
 
         with Phase(console, label, 2, "steps") as steps:
             steps.step("importing torch, transformers and peft")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from snug.deploy.session import Session
-    from snug.progress import PhaseFactory
+    from snug.runtime.progress import PhaseFactory
 
 METRICS = ("loss", "exact", "contains")  # as --metrics names them
 SAMPLES = 3  # generations kept per model in the results file
@@ -85,10 +85,10 @@ def score(
     phase: PhaseFactory | None = None,
 ) -> dict:
     """The metrics of one model: `name` is an adapter or BASE; `phase(title, total, unit)`
-    (snug/progress.py) counts the samples scored."""
+    (snug/runtime/progress.py) counts the samples scored."""
     from snug.core.registry import get_stage
     from snug.models.load import resolve_precision
-    from snug.progress import quiet
+    from snug.runtime.progress import quiet
     from snug.train.evaluate import eval_metrics, exact_match, normalize
     from snug.train.prepare import step_options
 
@@ -211,7 +211,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from snug.deploy.session import BASE, SessionError
-    from snug.progress import phases
+    from snug.runtime.progress import phases
 
     out = Path(args.output) if args.output else None
     if out is not None:

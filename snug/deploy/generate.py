@@ -323,7 +323,7 @@ def _generate(args: argparse.Namespace, out: Path) -> int:
     from rich.console import Console
 
     from snug.deploy.partial import check_before_loading, open_partial
-    from snug.progress import Phase
+    from snug.runtime.progress import Phase
 
     check_before_loading(out, "--output")
     source = Path(args.input)

@@ -22,7 +22,7 @@ from snug.core.registry import get_method, get_stage, methods
 from snug.errors import UserError, first_line, read_utf8
 from snug.methods.saved import read_config
 from snug.models.load import DTYPES, load_model, load_tokenizer
-from snug.progress import Phase, quiet
+from snug.runtime.progress import Phase, quiet
 
 # The few prompts whose logits `--verify` compares.
 VERIFY_PROMPTS = (
@@ -261,7 +261,7 @@ def merge(
     progress: Phase | None = None,
 ) -> dict:
     """Merge, verify, then write `out` (a new directory); returns what merge_report.json says.
-    `progress` (a Phase counted in steps, snug/progress.py) hears each step: loading, putting
+    `progress` (a Phase counted in steps, snug/runtime/progress.py) hears each step: loading, putting
     the adapter on, folding, verifying, writing."""
     from peft import PeftModel
 

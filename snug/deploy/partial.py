@@ -9,7 +9,7 @@ without its record, is refused and left as it is. When every row is answered, OU
 becomes OUT: a file under the name asked for is always whole.
 
 A full disk stops the command with one line naming the file and how many answers it keeps.
-While a command writes OUT, it holds OUT.partial.lock (an OS lock, snug/lockfile.py): a second
+While a command writes OUT, it holds OUT.partial.lock (an OS lock, snug/runtime/lockfile.py): a second
 `snug generate` on the same output would go on with the same partial file and append into it,
 so it is refused, naming the first.
 """
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snug import lockfile
 from snug.errors import RunError, UserError
-from snug.files import OutOfSpace, disk_full
+from snug.runtime import lockfile
+from snug.runtime.files import OutOfSpace, disk_full
 
 KIND = "snug generate job"  # the job record's "kind": what marks a file as one of snug's
 # the job record's settings and the options that set them, to name a difference

@@ -51,7 +51,7 @@ from snug.plan.calibration import Calibration, fit_model, quant_rows
 from snug.plan.device_probe import copy_bandwidth, cuda_context, matmul_rate, sync
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
 from snug.plan.simulate import PlanError, simulate, with_depth
-from snug.progress import PhaseFactory, quiet
+from snug.runtime.progress import PhaseFactory, quiet
 from snug.train.optim import build_optimizer
 from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
@@ -337,7 +337,7 @@ def calibrate(
 ) -> Calibration:
     """Run the series on `kind` ("cuda" or "cpu") and return what it measured (unsaved).
     `progress(line)` hears what each configuration is; `phase(title, total, unit)`
-    (snug/progress.py) counts the configurations built and the steps timed."""
+    (snug/runtime/progress.py) counts the configurations built and the steps timed."""
     if kind == "cuda" and not torch.cuda.is_available():
         raise PlanError("snug calibrate --device cuda: torch sees no CUDA device here.")
     context = cuda_context() if kind == "cuda" else None  # before anything else touches CUDA

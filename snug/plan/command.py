@@ -96,12 +96,12 @@ def add_plan_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _hub_or_offline(label: str, to_stderr: bool) -> None:
-    """Whether the hub answers, asked before the planner's imports ask it (snug/hub.py); then
+    """Whether the hub answers, asked before the planner's imports ask it (snug/runtime/hub.py); then
     those imports, counted (on stderr where stdout is JSON)."""
     from rich.console import Console
 
-    from snug.hub import offline_said_on_stderr
-    from snug.progress import importing
+    from snug.runtime.hub import offline_said_on_stderr
+    from snug.runtime.progress import importing
 
     offline_said_on_stderr()
     importing(Console(stderr=to_stderr), label, "snug.plan.report")

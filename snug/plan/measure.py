@@ -19,7 +19,7 @@ from snug.plan.hardware import cpu_device, model_config
 from snug.plan.report import _gib, sequence_length
 from snug.plan.simulate import PlanError, simulate
 from snug.plan.timing import device_model
-from snug.progress import Phase
+from snug.runtime.progress import Phase
 
 
 def cmd_measure(args) -> int:

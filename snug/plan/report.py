@@ -17,7 +17,7 @@ from snug.plan.search import Candidate, plan_one, recommend, search
 from snug.plan.simulate import PlanError, with_overrides
 from snug.plan.simulate import explain as explain_peak
 from snug.plan.timing import precision_for
-from snug.progress import phases
+from snug.runtime.progress import phases
 
 
 def resolve_device(args, cfg: Config) -> Device:

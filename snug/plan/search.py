@@ -15,7 +15,7 @@ from snug.plan.calibration import StepModel
 from snug.plan.hardware import GIB, Device
 from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
 from snug.plan.timing import TYPICAL, device_model, precision_for
-from snug.progress import PhaseFactory, quiet
+from snug.runtime.progress import PhaseFactory, quiet
 
 # Terms between the peak of live tensors and what the device must hold; each carries its
 # source into the plan's output. `snug calibrate` replaces the context and scales the
@@ -320,7 +320,7 @@ def search(
     `workers` processes (default: $SNUG_PLAN_WORKERS, else one per CPU core), forked from this
     one: the replay is Python bound to one core, and a 7B search on 2 cores takes half the time.
     The result is the same as one process's (tests/test_plan_search.py). `phase(title, total,
-    unit)` (snug/progress.py) is told of each method searched."""
+    unit)` (snug/runtime/progress.py) is told of each method searched."""
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
     model = device_model(device, precision_for(device, cfg))

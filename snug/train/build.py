@@ -21,7 +21,7 @@ from snug.data.dataset import build_datasets
 from snug.methods import count_params
 from snug.models.fingerprint import base_record
 from snug.models.load import load_model, load_tokenizer, resolve_precision
-from snug.progress import Phase, watched
+from snug.runtime.progress import Phase, watched
 from snug.train import dist
 from snug.train.checkpoint import read_train_state
 from snug.train.prepare import prepare_for_training, step_options
@@ -50,7 +50,7 @@ def build_run(
     def phase(name: str, detail: str, done: int | None = None, total: int | None = None):
         reporter.phase(events.Phase(name, done, total, detail))
 
-    def counted(p: Phase) -> None:  # the progress of tokenizing (snug/progress.py)
+    def counted(p: Phase) -> None:  # the progress of tokenizing (snug/runtime/progress.py)
         phase("tokenizing", p.label, p.done, p.total)
 
     given = cfg.to_dict()  # the user's config, before auto_fit or an OOM fallback change it

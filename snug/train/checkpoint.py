@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from snug.errors import RunError, UserError, first_line
-from snug.files import disk_full, free_bytes, fsync, out_of_space
+from snug.runtime.files import disk_full, free_bytes, fsync, out_of_space
 from snug.train.outputs import COMPLETE, complete_checkpoints, prune
 from snug.train.statefile import load_state, save_state, tensor_bytes
 

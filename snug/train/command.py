@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # then output.dir's lock (a torchrun launcher takes it for its ranks).
     from snug.config import load_config
     from snug.config.preflight import check_data_paths, check_model_dir
-    from snug.hub import offline_said_on_stderr
+    from snug.runtime.hub import offline_said_on_stderr
     from snug.train.outputs import check_output_dir, own_output_dir
     from snug.train.status import RunStatus
 
@@ -103,7 +103,7 @@ def _launch(args: argparse.Namespace, cfg, command: str) -> int:
     process holds output.dir's lock from before any rank starts until torchrun has ended
     (torchrun keeps it should this process be killed; rank 0 checks it is held: train/lock.py);
     the launchers of other nodes check the folder and take no lock."""
-    from snug.hub import offline_said_on_stderr
+    from snug.runtime.hub import offline_said_on_stderr
     from snug.train.outputs import own_output_dir
 
     with own_output_dir(cfg, args.fresh, command, lock=args.node_rank in (None, 0)):

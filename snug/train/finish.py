@@ -14,7 +14,8 @@ from rich.console import Console
 from snug.config import Config
 from snug.core.events import End, Phase, Reporter
 from snug.core.registry import get_method
-from snug.files import (
+from snug.models.fingerprint import base_record, write_base_record
+from snug.runtime.files import (
     OutOfSpace,
     aside,
     check_space,
@@ -24,7 +25,6 @@ from snug.files import (
     replace_dir,
     write_text_atomic,
 )
-from snug.models.fingerprint import base_record, write_base_record
 from snug.train import dist
 from snug.train.outputs import PREVIOUS, discard_previous
 from snug.train.run import Run

@@ -1,4 +1,4 @@
-"""One run per output.dir: an OS file lock on `output.dir/.snug-lock` (snug/lockfile.py), held
+"""One run per output.dir: an OS file lock on `output.dir/.snug-lock` (snug/runtime/lockfile.py), held
 from before anything is loaded until the run has ended.
 
 The kernel drops the lock when the process ends, however it ends, so a crash or `kill -9` never
@@ -22,8 +22,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from snug import lockfile
 from snug.errors import UserError
+from snug.runtime import lockfile
 
 LOCK_FILE = ".snug-lock"
 # set by `snug train`'s torchrun launcher for its ranks: the pid of the process that holds

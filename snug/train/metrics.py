@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from snug.files import write_text_atomic
+from snug.runtime.files import write_text_atomic
 
 
 class MetricsLog:

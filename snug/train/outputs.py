@@ -27,7 +27,7 @@ from pathlib import Path
 from snug.config import Config, load_config, save_config
 from snug.config.paths import is_inside
 from snug.errors import UserError, first_line
-from snug.files import fsync
+from snug.runtime.files import fsync
 from snug.train.lock import LOCK_FILE, OutputDirError, link_refused, lock_output_dir
 from snug.train.resume import config_drift
 from snug.train.status import NAME as STATUS

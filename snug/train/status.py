@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from snug.files import write_text_atomic
+from snug.runtime.files import write_text_atomic
 
 NAME = "status.json"
 STARTING = "status.starting.json"  # a starting run's, while an earlier run's status.json stays

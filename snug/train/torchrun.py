@@ -27,7 +27,7 @@ def torchrun(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from snug.shutdown import exit_now, stacks_on_request
+    from snug.runtime.shutdown import exit_now, stacks_on_request
 
     stacks_on_request()
     exit_now(torchrun(sys.argv[1:]))
