@@ -407,3 +407,32 @@ def test_a_dpo_run_trains_with_a_plugin_loss(robust, tmp_path, monkeypatch):
     summary = run_training(config_from_dict(raw))
     assert summary["status"] == "completed" and summary["steps"] == 2
     assert len(calls) == 2  # one micro-batch per step
+
+
+def test_no_file_under_snug_names_the_plugins():
+    """Issue 34's proof: the plug-ins tests/test_extending.py trains (a method with an optimizer
+    hook and keys of its own, a preference loss, a stage with a section of its own) live
+    outside snug/, and no file under snug/ names them, their keys or their section."""
+    names = [
+        "head_only",
+        "head_lr_scale",
+        "with_norm",
+        "head_groups",
+        "RobustDPO",
+        '"robust"',
+        "'robust'",
+        '"completion"',
+        "'completion'",
+        "min_completion_tokens",
+        "CompletionSettings",
+        "token_accuracy",
+    ]
+    snug = Path(__file__).resolve().parent.parent / "snug"
+    found = [
+        f"{path.relative_to(snug)}: {name}"
+        for path in sorted(snug.rglob("*"))
+        if path.is_file() and path.suffix in (".py", ".json", ".yaml", ".txt", ".md")
+        for name in names
+        if name in path.read_text(encoding="utf-8")
+    ]
+    assert found == []

@@ -21,8 +21,8 @@ class HeadOnlySettings:
     )
 
 
-def apply_head_only(model, cfg):
-    own = METHOD.own(cfg)
+def apply_head_only(model, cfg):  # cfg: the method section (snug.core.sections.MethodConfig)
+    own = METHOD.own(cfg)  # this method's own keys (their defaults when none are given)
     model.requires_grad_(False)
     model.get_output_embeddings().requires_grad_(True)
     if own.with_norm:
@@ -41,10 +41,10 @@ def head_groups(model, cfg, lr, weight_decay):
 METHOD = Method(
     "head_only",
     apply_head_only,
-    output="model",
+    output="model",  # "adapter": output.dir/adapter/, "model": output.dir/model/
     mergeable=False,
     unmergeable_because="head_only already writes a whole model (model/), with nothing to fold in",
     settings=HeadOnlySettings,
-    param_groups=head_groups,
+    param_groups=head_groups,  # a hook: the core never reads head_lr_scale itself
 )
 register(METHOD)
