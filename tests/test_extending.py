@@ -421,8 +421,7 @@ def test_no_file_under_snug_names_the_plugins():
         "RobustDPO",
         '"robust"',
         "'robust'",
-        '"completion"',
-        "'completion'",
+        # (the stage's name, "completion", is also the field of kto's unpaired records)
         "min_completion_tokens",
         "CompletionSettings",
         "token_accuracy",
