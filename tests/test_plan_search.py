@@ -518,3 +518,24 @@ def test_a_search_in_worker_processes_counts_each_method_as_it_ends(monkeypatch)
     found = search_module.search(cfg, config, cpu_device(), 32, methods, 1, workers=2, phase=Told)
     assert {c.cfg.method.name for c in found} == set(methods)
     assert told == [("search", 3, "methods"), 1, 1, 1, "end"]
+
+
+@pytest.mark.parametrize(
+    ("example", "longest"), [("quickstart.yaml", 33), ("cls.yaml", 9), ("dpo.yaml", None)]
+)
+def test_a_config_is_planned_for_its_longest_tokenized_sample(example, longest):
+    """`snug plan CONFIG` plans for the longest sample of the config's data, whatever the stage
+    (issue 34's review: the stage's keys had moved, the call that tokenized failed unseen and
+    the plan fell back to data.cutoff_len: 128 tokens where the quickstart's longest is 33)."""
+    import argparse
+
+    from snug.plan.report import sequence_length
+
+    root = Path(__file__).resolve().parent.parent
+    # dpo.yaml trains the quickstart's merge (merged/quickstart): the bundled base has its tokenizer
+    cfg = load_config(root / "examples" / example, [f"model.name_or_path={root / 'models/tiny'}"])
+    seq_len, why = sequence_length(argparse.Namespace(seq_len=None), cfg, has_config=True)
+    assert why == "longest tokenized sample of data.train", (seq_len, why)
+    assert seq_len < cfg.data.cutoff_len
+    if longest is not None:  # measured on 5c0403b, before the keys moved
+        assert seq_len == longest

@@ -12,6 +12,8 @@ from rich.table import Table
 
 from snug.config import Config, load_config, save_config
 from snug.config.paths import looks_like_hub_id
+from snug.core.registry import get_stage
+from snug.errors import UserError
 from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
 from snug.plan.search import Candidate, plan_one, recommend, search
 from snug.plan.simulate import PlanError, with_overrides
@@ -37,11 +39,11 @@ def sequence_length(args, cfg: Config, has_config: bool) -> tuple[int, str]:
     if cfg.data.packing:
         return cfg.data.cutoff_len, "data.cutoff_len (packed rows)"
     if has_config:
-        try:
-            from snug.data.dataset import build_datasets
-            from snug.models.load import load_tokenizer
-            from snug.train.schedule import sample_lengths
+        from snug.data.dataset import build_datasets
+        from snug.models.load import load_tokenizer
+        from snug.train.schedule import sample_lengths
 
+        try:
             tok = load_tokenizer(cfg.model)
             train, _, _ = build_datasets(
                 cfg.data,
@@ -49,10 +51,10 @@ def sequence_length(args, cfg: Config, has_config: bool) -> tuple[int, str]:
                 cfg.train.stage,
                 cfg.train.seed,
                 cfg.model.name_or_path,
-                train=cfg.train,
+                own=get_stage(cfg.train.stage).own(cfg),
             )
             return max(sample_lengths(train)), "longest tokenized sample of data.train"
-        except Exception:  # no tokenizer or data here: plan for the cutoff
+        except (UserError, OSError, ValueError):  # no tokenizer or data here: plan for the cutoff
             pass
     return cfg.data.cutoff_len, "data.cutoff_len"
 
