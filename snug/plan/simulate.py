@@ -206,8 +206,8 @@ def _simulate_once(
             tracker.track(model_tensors(model))
             tracker.track(held_by_wrapper)
             tracker.mark(held_by_wrapper, "gradients")  # DDP's gradient buckets
-            if getattr(reference, "frozen", None) is not None:  # a copy holds weights
-                tracker.track(model_tensors(reference.frozen))
+            for frozen in opts.stage.frozen_models(reference):  # a copy holds weights
+                tracker.track(model_tensors(frozen))
             weights = tracker.live
             loaded = len(events or ())
             optimizer = _optimizer(model, cfg, device_type)

@@ -340,8 +340,8 @@ class Run:
         def persistent() -> list[torch.Tensor]:  # and this step's batches, made before it
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             inputs = [v for b in batches for v in b.values() if isinstance(v, torch.Tensor)]
-            frozen = getattr(self.reference, "frozen", None)  # a preference stage's copy
-            copy = model_tensors(frozen) if frozen is not None else []
+            frozen = self.opts.stage.frozen_models(self.reference)  # a preference stage's copy
+            copy = [t for m in frozen for t in model_tensors(m)]
             return [
                 *model_tensors(self.model),
                 *copy,
