@@ -82,3 +82,22 @@ def test_the_dry_runs_budgets_guard_against_a_hang_not_a_busy_cpu(tmp_path):
         budgets[part] = int(line.split()[0])
     assert set(budgets) == {"calibrate", "reality.py", "baseline.py"}
     assert min(budgets.values()) >= 900, budgets
+
+
+def test_the_kit_gives_snug_its_entry_point_where_it_is_not_installed(tmp_path):
+    """On a device the kit runs snug from the source folder, not installed (no .venv carried):
+    the registry's door finds snug's own methods and stages through its entry point, so
+    benchmarks/gpu/metadata.py writes the metadata run.sh then puts on the path (issue 34's
+    review: every command of the kit would have stopped with 'install snug')."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/gpu/metadata.py"), str(tmp_path)], check=True
+    )
+    (dist,) = importlib.metadata.distributions(path=[str(tmp_path)])
+    assert dist.name == "snug" and dist.version == __import__("snug").__version__
+    (door,) = dist.entry_points.select(group="snug.plugins")
+    assert (door.name, door.value) == ("snug", "snug.builtin")
+    assert "metadata.py /tmp/snug-metadata" in (ROOT / "benchmarks/gpu/run.sh").read_text()

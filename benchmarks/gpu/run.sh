@@ -31,6 +31,11 @@ if [ -z "$DRY" ] && [ -d .whl ]; then
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# snug's own methods and stages come in through its entry point (snug/core/registry.py): where
+# snug runs from this folder without being installed, write its metadata where Python looks.
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(not any(e.dist.name == 'snug' for e in m.entry_points(group='snug.plugins')))"; then
+  "$PY" benchmarks/gpu/metadata.py /tmp/snug-metadata && export PYTHONPATH="/tmp/snug-metadata:$PYTHONPATH"
+fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # Every measured run is a fresh interpreter. Where PYTHONDONTWRITEBYTECODE is set (as on this
 # project's CPU machines) each one compiled the carried packages again (installed --no-compile):
