@@ -276,6 +276,7 @@ def lora_kept(monkeypatch):
     own = registry.METHODS["lora"]
     yield
     registry.METHODS["lora"] = own
+    registry._OWNERS[("method", "lora")] = "snug.methods.lora"
     registry.REPLACED.clear()
     for said in [s for s in registry._loaded if "mine_" in s]:
         registry._loaded.discard(said)
@@ -291,7 +292,7 @@ def test_a_name_taken_is_refused_naming_both_modules(lora_kept, monkeypatch, tmp
     with pytest.raises(registry.PluginError) as refused:
         load_config(None, ["method.r=4"])
     assert str(refused.value) == (
-        "method name 'lora' is taken: snug_plugin_mine_dup registers it and snug.methods.lora "
+        f"method name 'lora' is taken: {plugin} registers it and snug.methods.lora "
         "already did; rename it, or register it with replace=True to replace "
         "snug.methods.lora's."
     )
@@ -313,7 +314,7 @@ def test_a_plugin_that_asks_to_replace_is_said_at_start(lora_kept, monkeypatch, 
     load_config(None, [])
     assert registry.METHODS["lora"].apply.__module__ == "snug_plugin_mine_replace"
     assert capsys.readouterr().err == (
-        "snug: method 'lora' of snug.methods.lora replaced by snug_plugin_mine_replace "
+        f"snug: method 'lora' of snug.methods.lora replaced by {plugin} "
         "(it asked to: replace=True)\n"
     )
     assert list(registry.METHODS)[:3] == ["full", "freeze", "lora"]  # in its place

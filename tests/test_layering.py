@@ -136,10 +136,48 @@ def layer(module: str) -> int:
     best, found = -1, None
     for i, names in enumerate(LAYERS):
         for name in names:
-            if (module == name or module.startswith(name + ".")) and len(name) > best:
+            # "snug" (the package's __init__) is itself only; every other name is a prefix too
+            prefix = name != "snug" and module.startswith(name + ".")
+            if (module == name or prefix) and len(name) > best:
                 best, found = len(name), i
     assert found is not None, f"{module}: in no layer of tests/test_layering.py's LAYERS"
     return found
+
+
+def dynamic_imports(package: Path) -> list[str]:
+    """Where a module imports a name it computes (not a string constant): such an import
+    escapes the graph, so each one is listed."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("import_module", "__import__", "find_spec", "exec_module") and not all(
+                isinstance(a, ast.Constant) for a in node.args
+            ):
+                found.append(str(path.relative_to(package.parent)))
+    return sorted(set(found))
+
+
+def test_only_the_door_imports_a_computed_name():
+    """The registry's door imports the plug-in modules it is told of (entry points,
+    $SNUG_PLUGINS); runtime/progress.py's `importing` imports what its callers name, each a
+    string constant the graph counts. Any other import of a computed name would hide an edge
+    from the checks here."""
+    assert dynamic_imports(ROOT / "snug") == [
+        "snug/core/registry.py",
+        "snug/runtime/progress.py",
+    ]
+
+
+def test_nothing_imports_snugs_own_plugin_module():
+    """snug/builtin.py (every method and stage of snug's) comes in through the entry point
+    only: a module importing it would register them by another road (and reach up the
+    layers sideways)."""
+    graph = import_graph(ROOT / "snug")
+    assert [m for m, targets in graph.items() if "snug.builtin" in targets] == []
 
 
 def upward(graph: dict[str, set[str]]) -> list[str]:

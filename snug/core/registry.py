@@ -19,6 +19,7 @@ asks for it (`register(m, replace=True)`), which is then said on stderr as it ha
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,19 +49,20 @@ class PluginError(UserError):
     """A plug-in cannot be imported, or registers a name already taken (names both)."""
 
 
-def _owner(record: object) -> str:
-    """The module a method, stage or loss comes from (its apply function's, or its class's)."""
-    if isinstance(record, type):  # a preference loss: the class itself
-        return record.__module__
-    apply = getattr(record, "apply", None)
-    return getattr(apply, "__module__", None) or type(record).__module__
+# (kind, name) -> the module that registered it, as said in messages (a plug-in given as a
+# .py file by its path)
+_OWNERS: dict[tuple[str, str], str] = {}
+# the module names the door gives plug-ins it loads from .py files -> their paths
+_FILES: dict[str, str] = {}
 
 
-def _add(kind: str, table: dict, name: str, record: object, replace: bool) -> None:
+def _add(kind: str, table: dict, name: str, record: object, module: str, replace: bool) -> None:
+    """Register `record` under `name`; `module`: the module it comes from."""
     if not name:
         raise ValueError(f"{type(record).__name__}: a {kind} needs a name.")
+    new = _FILES.get(module, module)
     if name in table and table[name] is not record:
-        old, new = _owner(table[name]), _owner(record)
+        old = _OWNERS[(kind, name)]
         if not replace:
             raise PluginError(
                 f"{kind} name {name!r} is taken: {new} registers it and {old} already did; "
@@ -70,27 +72,29 @@ def _add(kind: str, table: dict, name: str, record: object, replace: bool) -> No
         REPLACED.append(line)
         print(f"snug: {line}", file=sys.stderr)
     table[name] = record
+    _OWNERS[(kind, name)] = new
 
 
 def register(method: Method, replace: bool = False) -> None:
     """Make a method known by its name; a name taken is refused unless `replace`."""
-    _add("method", METHODS, method.name, method, replace)
+    _add("method", METHODS, method.name, method, method.apply.__module__, replace)
 
 
 def register_stage(stage: Any, replace: bool = False) -> None:
     """Make a stage known by its name; a name taken is refused unless `replace`."""
-    _add("stage", STAGES, stage.name, stage, replace)
+    _add("stage", STAGES, stage.name, stage, type(stage).__module__, replace)
 
 
 def register_pref_loss(loss: type, replace: bool = False) -> None:
     """Make a preference loss class known by its `name`; a name taken is refused unless
     `replace`."""
-    _add("preference loss", PREF_LOSSES, loss.name, loss, replace)
+    _add("preference loss", PREF_LOSSES, loss.name, loss, loss.__module__, replace)
 
 
-def _wanted() -> list[tuple[str, str]]:
-    """(how to say it, what to import) for each plug-in, in the door's order."""
-    import os
+@functools.cache
+def _entry_points() -> tuple[tuple[str, str], ...]:
+    """(how to say it, what to import) for each module of the entry-point group, snug's own
+    first; read once a process (a scan of every installed package's metadata)."""
     from importlib.metadata import entry_points
 
     found = sorted(
@@ -103,7 +107,14 @@ def _wanted() -> list[tuple[str, str]]:
             f"{ENTRY_POINTS!r}, which names none of snug's: install snug (pip install -e . in "
             f"its folder; make test does) rather than running it from the source folder."
         )
-    wanted = [(f"entry point {ep.name}={ep.value}", ep.value.split(":")[0]) for ep in found]
+    return tuple((f"entry point {ep.name}={ep.value}", ep.value.split(":")[0]) for ep in found)
+
+
+def _wanted() -> list[tuple[str, str]]:
+    """(how to say it, what to import) for each plug-in, in the door's order."""
+    import os
+
+    wanted = list(_entry_points())
     for plugin in os.environ.get("SNUG_PLUGINS", "").split(","):
         if plugin.strip():
             wanted.append((plugin.strip(), plugin.strip()))
@@ -123,6 +134,7 @@ def _import(target: str) -> None:
         raise FileNotFoundError(f"no file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
+    _FILES[spec.name] = str(path)
     spec.loader.exec_module(module)
 
 

@@ -286,11 +286,12 @@ def map_cached(
     return ds.remove_columns(["status", "problem"]), counts, problems
 
 
-def tokenize_classes_of(source: Source) -> tuple[Dataset, Counter, list[str]]:
+def tokenize_classes_of(
+    source: Source, text_column: str, label_column: str
+) -> tuple[Dataset, Counter, list[str]]:
     """Records of a text and a class label (the cls stage's settings name their columns:
     cls.text_column, cls.label_column): its samples, one class id as the label of each."""
     cfg, spec, tok, labels = source.data, source.spec, source.tok, source.labels
-    text_column, label_column = source.own.text_column, source.own.label_column
     columns = column_names(source.raw)
     missing = [c for c in (text_column, label_column) if c not in columns]
     if missing:

@@ -51,7 +51,7 @@ class Classify(BaseStage):
     def tokenize(self, source):
         from snug.data.dataset import tokenize_classes_of
 
-        return tokenize_classes_of(source)
+        return tokenize_classes_of(source, source.own.text_column, source.own.label_column)
 
     def model_class(self, labels, pad_id):
         from transformers import AutoModelForSequenceClassification

@@ -44,7 +44,7 @@ class DPOSettings:
 
 class DPO(PreferenceStage):
     name = "dpo"
-    help = "direct preference optimisation on pairs (pref.loss: sigmoid, ipo, hinge)"
+    help = "direct preference optimisation on pairs (pref.loss picks the loss)"
     settings = DPOSettings
 
     def loss_name(self, settings):
