@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -189,7 +190,8 @@ def _dead_pid() -> int:
 def test_snug_train_writes_its_status_before_the_heavy_imports(tmp_path, monkeypatch, capsys):
     """`snug train` writes status.json (validating, its pid) once it holds output.dir's lock,
     before run_training is reached; a config error writes nothing, and a run that never took
-    the folder over leaves none behind (the folder made for the lock goes too)."""
+    the folder over leaves its status saying how it ended (the folder made for the lock stays
+    for it)."""
     import yaml
 
     import snug.train.training as training
@@ -213,7 +215,9 @@ def test_snug_train_writes_its_status_before_the_heavy_imports(tmp_path, monkeyp
     [(status, handed)] = seen
     assert handed and status["state"] == "validating" and status["pid"] == os.getpid()
     assert alive(status) and "importing" in status["detail"]
-    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["status.json"]
+    ended = json.loads((out / "status.json").read_text())
+    assert ended["state"] == "interrupted" and ended["pid"] == os.getpid() and not alive(ended)
 
 
 def test_the_heartbeat_rewrites_the_status_while_a_phase_runs(tmp_path, monkeypatch):
@@ -233,4 +237,98 @@ def test_the_heartbeat_rewrites_the_status_while_a_phase_runs(tmp_path, monkeypa
             pytest.fail("status.json was not rewritten by the heartbeat")
     finally:
         status.close()
-    assert not path.exists()  # never taken over: removed
+    assert json.loads(path.read_text())["state"] == "loading"  # kept, as last written
+
+
+def _failing_start(tmp_path, out) -> tuple[Path, dict]:
+    """A config of a run into `out` that fails while tokenizing (a column the data lacks)."""
+    import yaml
+
+    raw = classify_run(tmp_path)
+    raw["output"]["dir"] = str(out)
+    raw["cls"] = {"label_column": "nope"}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return config, raw
+
+
+def _error_line(err: str) -> str:
+    [line] = [line for line in err.splitlines() if line.startswith("error: ")]
+    return line.removeprefix("error: ")
+
+
+def _interrupted_start(monkeypatch, out: Path, seen: list) -> None:
+    """The next `snug train` reads the status files when run_training is reached, then ends
+    before taking the folder over (Ctrl-C)."""
+    import snug.train.training as training
+
+    def run_training(cfg, status=None, **_):
+        seen.append({p.name: json.loads(p.read_text()) for p in out.glob("status*.json")})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "run_training", run_training)
+
+
+def test_a_run_that_fails_while_starting_leaves_its_status_failed_with_the_reason(
+    tmp_path, monkeypatch, capsys
+):
+    """A run that fails before taking output.dir over (here while tokenizing) leaves status.json
+    saying failed, with the one line stderr says; the next run into the folder takes that file
+    as snug's and writes status.json over it (it is no earlier run's output)."""
+    from snug.cli import main
+
+    out = tmp_path / "new/run"
+    config, _ = _failing_start(tmp_path, out)
+    assert main(["train", str(config)]) == 2
+    said = _error_line(capsys.readouterr().err)
+    assert "has no column 'nope'" in said
+    assert sorted(p.name for p in out.iterdir()) == ["status.json"]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].split(": ", 1)[1] == said
+    assert status["detail"] == status["error"] and status["taken_over"] is False
+    assert status["pid"] == os.getpid() and not alive(status)
+    seen: list = []
+    _interrupted_start(monkeypatch, out, seen)
+    assert main(["train", str(config), "cls.label_column=label"]) == 130
+    [files] = seen
+    assert list(files) == ["status.json"] and files["status.json"]["state"] == "validating"
+    assert sorted(p.name for p in out.iterdir()) == ["status.json"]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["error"] is None
+    assert "interrupted" in status["detail"] and not alive(status)
+
+
+def test_a_failed_start_beside_an_earlier_runs_status_leaves_that_status_as_it_was(
+    tmp_path, monkeypatch, capsys
+):
+    """Beside an earlier run's status.json, a run that fails while starting leaves its failed
+    status in status.starting.json; status.json and every other file stay byte-identical, and
+    the next start replaces status.starting.json."""
+    from snug.cli import main
+    from snug.train.outputs import RUN_MARKER
+    from snug.train.status import RunStatus
+
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = RunStatus(out, "training")  # an earlier run's, as it ends
+    earlier.take_over(total_steps=2)
+    earlier.end("completed")
+    earlier.close()
+    (out / RUN_MARKER).touch()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    config, _ = _failing_start(tmp_path, out)
+    assert main(["train", str(config)]) == 2
+    said = _error_line(capsys.readouterr().err)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    starting = json.loads(after.pop(STARTING))
+    assert after == before
+    assert starting["state"] == "failed" and starting["error"].split(": ", 1)[1] == said
+    assert starting["taken_over"] is False and not alive(starting)
+    seen: list = []
+    _interrupted_start(monkeypatch, out, seen)
+    assert main(["train", str(config), "cls.label_column=label"]) == 130
+    assert seen[0][STARTING]["state"] == "validating"
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert json.loads(after.pop(STARTING))["state"] == "interrupted"
+    assert after == before

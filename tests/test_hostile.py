@@ -6,7 +6,9 @@ checkpoints and a finished full run) is built once and copied back to the same p
 each case, so absolute paths recorded by the runs stay true. Each case changes something in
 it, runs the `snug` command line in this process, and the test checks the exit status, that
 stderr is one line matching the case's message, and that every file of the world is
-byte-identical afterwards (`changes` lists the ones the case may write)."""
+byte-identical afterwards (`changes` lists the ones the case may write), but for the status
+a `snug train` that failed while starting leaves beside the earlier run's (train/status.py),
+which must say failed with that same line."""
 
 from __future__ import annotations
 
@@ -82,6 +84,20 @@ def snapshot(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def failed_start_status(root: Path, new: set[str], lines: list[str]) -> set[str]:
+    """Of the `new` files, the status files a run that failed while starting left (a new
+    status.json, or status.starting.json beside an earlier run's), each checked to say failed
+    with the one line on stderr."""
+    from snug.train.status import NAME, STARTING
+
+    found = {k for k in new if Path(k).name in (NAME, STARTING)}
+    for k in found:
+        status = json.loads((root / k).read_text())
+        assert status["state"] == "failed" and status["taken_over"] is False, status
+        assert lines == [f"error: {status['error'].split(': ', 1)[1]}"], (status, lines)
+    return found
 
 
 def run_cli(argv: list[str], capsys, cwd: Path | None = None, stdin: str | None = None):
@@ -844,6 +860,7 @@ def test_hostile_input(name, world, capsys):
         for k in before.keys() | after.keys()
         if before.get(k) != after.get(k) and not k.startswith(c.changes or ("\0",))
     }
+    changed -= failed_start_status(world.root, changed - before.keys(), lines)
     assert not changed, sorted(changed)
     if c.check is not None:
         c.check(world, out, err)

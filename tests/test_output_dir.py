@@ -365,9 +365,10 @@ def test_the_launcher_of_several_ranks_holds_the_lock_for_them(tmp_path, monkeyp
     assert not out.exists()  # made for the lock, and nothing else put in it
 
 
-def test_a_run_that_fails_before_taking_over_leaves_no_folder_behind(tmp_path, monkeypatch, capsys):
-    """output.dir (and a folder above it) made for the lock go again when the run stops before
-    it took the folder over (here: a data file that is not JSON, found while tokenizing)."""
+def test_a_run_that_fails_before_taking_over_leaves_only_its_status(tmp_path, monkeypatch, capsys):
+    """A run that stops before it took the folder over (here: a data file that is not JSON,
+    found while tokenizing) leaves in the output.dir made for the lock only its status.json,
+    saying failed with the line stderr says (train/status.py)."""
     import snug.train.training as training
     from snug.train.lock import LOCK_FILE
 
@@ -385,7 +386,10 @@ def test_a_run_that_fails_before_taking_over_leaves_no_folder_behind(tmp_path, m
     code, said, err = run_snug(["train", cfg], capsys)
     assert code == 2 and "bad.jsonl line 2: not valid JSON" in one_line(err)
     assert locked == [True]
-    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["status.json"]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["taken_over"] is False
+    assert one_line(err) == f"error: {status['error'].split(': ', 1)[1]}"
 
 
 def test_a_link_to_a_missing_folder_as_output_dir_is_one_line_at_once(tmp_path, capsys):

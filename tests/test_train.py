@@ -17,6 +17,7 @@ from snug.train import run as loop_run
 from snug.train.checkpoint import COMPLETE
 from snug.train.memory import StepPeaks
 from snug.train.outputs import OutputDirError
+from snug.train.status import STARTING
 from snug.train.training import run_training
 
 from conftest import ROOT, make_tiny_model, method_keys
@@ -233,17 +234,20 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
 def test_a_run_that_cannot_start_writes_nothing_and_a_failed_one_says_why(
     tmp_path, tiny_llama, monkeypatch
 ):
-    """Bad data: no output directory is made (nothing to replace, nothing written). A run that
-    fails in its first step leaves the earlier run's files byte-identical; one that failed
-    after it records the reason in summary.json; a later good run replaces it."""
+    """Bad data: the output directory holds only the failed start's status.json (nothing to
+    replace, nothing else written). A run that fails in its first step leaves the earlier run's
+    files byte-identical (its failed status beside them); one that failed after it records the
+    reason in summary.json; a later good run replaces it."""
     bad = tiny_run(
         tmp_path, tiny_llama, data={"train": str(tmp_path / "missing.jsonl"), "eval": None}
     )
     from snug.data.formats import DataError
 
-    with pytest.raises(DataError):
+    with pytest.raises(DataError) as raised:
         run_training(config_from_dict(bad))
-    assert not (tmp_path / "run").exists()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["status.json"]
+    status = json.loads((tmp_path / "run/status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == f"DataError: {raised.value}"
     run_training(config_from_dict(tiny_run(tmp_path, tiny_llama, train={"max_steps": 1})))
     finished = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     real_step, calls = loop_run.train_step, []
@@ -261,7 +265,9 @@ def test_a_run_that_cannot_start_writes_nothing_and_a_failed_one_says_why(
             run_training(config_from_dict(tiny_run(tmp_path, tiny_llama)), fresh=True)
         if broken.at == 1:  # the first step never finished: the earlier run is untouched
             now = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-            assert now == finished
+            starting = json.loads(now.pop(tmp_path / "run" / STARTING))
+            assert now == finished and starting["state"] == "failed"
+            assert starting["error"] == "RuntimeError: the step broke"
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"] == "RuntimeError: the step broke"
     assert summary["steps"] == 1

@@ -92,6 +92,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if main:  # under torchrun every rank stops; one says so
                     print(str(e), file=sys.stderr)
                 return EXIT_STOPPED
+        except BaseException as e:
+            if status is not None:  # before run_training, or a start it did not end
+                status.ended_by(e)
+            raise
         finally:
             if status is not None:  # (closed by run_training if it was reached)
                 status.close()

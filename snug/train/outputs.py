@@ -6,7 +6,8 @@ read back into memory, the first optimizer step done. Only then does `commit` ta
 directory over: the earlier run's outputs are moved aside into `previous/` (renames, no copy),
 where they stay until a run in the folder completes; every output after that is written aside
 and renamed into place. So a run that fails before its first optimizer step leaves every file
-byte-identical, and one that fails later leaves the earlier run's outputs in `previous/`.
+byte-identical (its own status aside, saying why: train/status.py), and one that fails later
+leaves the earlier run's outputs in `previous/`.
 
 From before anything is loaded to its end a run holds the folder's lock (train/lock.py), so no
 second run writes into it. Every path snug writes, renames or removes inside the folder is
@@ -31,7 +32,7 @@ from snug.runtime.files import fsync
 from snug.train.lock import LOCK_FILE, OutputDirError, link_refused, lock_output_dir
 from snug.train.resume import config_drift
 from snug.train.status import NAME as STATUS
-from snug.train.status import STARTING, is_status_file
+from snug.train.status import STARTING, is_status_file, left_by_start
 
 RUN_MARKER = ".snug-run"  # marks a directory as a snug run, so a new run may replace its outputs
 FINAL_OUTPUTS = ("adapter", "model", "loss.png", "summary.json")  # what a run ends with
@@ -56,13 +57,18 @@ def check_output_dir(cfg: Config) -> None:
                 f"output.dir={out}: {parent} is a file, so no directory can be made there."
             )
     # snug's own: the lock, and beside it the status of the run that holds it (of every rank,
-    # which check this while rank 0 writes it) or of one killed before taking the folder over
+    # which check this while rank 0 writes it) or of one killed before taking the folder over;
+    # without it, the status a run left that failed before taking the folder over
     locked = (out / LOCK_FILE).exists()
+
+    def snugs(p: Path) -> bool:
+        return p.name == LOCK_FILE or (
+            is_status_file(p.name) and (locked or (p.is_file() and left_by_start(p)))
+        )
+
     if (
         out.is_dir()
-        and any(
-            p.name != LOCK_FILE and not (locked and is_status_file(p.name)) for p in out.iterdir()
-        )
+        and not all(snugs(p) for p in out.iterdir())
         and not (out / RUN_MARKER).exists()
     ):
         raise OutputDirError(

@@ -10,7 +10,9 @@ null when not counted; tokenizing counts records), `step`, `total_steps`, `epoch
 `tokens_per_second`, `elapsed_seconds` (since the process began the run), `eta_seconds`
 (while training), `peak_memory_bytes` (measured so far), `predicted_peak_bytes` (when
 memory.auto_fit planned the run), `pid`, `host`, `last_checkpoint`, `error` (the one-line
-reason of a failed run), `started_at`, `updated_at` and `heartbeat_at` (UTC, ISO 8601).
+reason of a failed run), `taken_over` (whether the run has taken output.dir over, after its
+first optimizer step: false while it starts, and in the file of a start that failed),
+`started_at`, `updated_at` and `heartbeat_at` (UTC, ISO 8601).
 
 Alive or dead (`alive` below): an ended state is an ended run; otherwise the run is alive
 while its heartbeat is younger than STALE_S seconds and, read on its own host, its pid runs.
@@ -19,12 +21,16 @@ A run killed with -9 leaves its last phase, a pid that runs no more and a heartb
 Where, and the rule of train/outputs.py (nothing of an earlier run changes before the new run
 has proven it can start): the status is written from the moment the run holds output.dir's
 lock and has checked the folder (a config error writes nothing). If the folder holds no
-status.json, the new run writes status.json itself; if an earlier run's status.json is there,
-the new run writes STARTING beside it, which the take-over (after the first optimizer step)
-renames over status.json. A run that ends before taking the folder over removes the file it
-wrote, so the folder is as it was (and a folder made for the lock goes with it): its exit
-status and one-line error say why. A watcher of a folder therefore reads STARTING when it is
-there (a run is starting), else status.json.
+status.json, or only one that a run which never took the folder over left (`taken_over`
+false: a failed start's, replaced freely), the new run writes status.json itself; if an
+earlier run's status.json is there, the new run writes STARTING beside it, which the take-over
+(after the first optimizer step) renames over status.json. A run that ends before taking the
+folder over leaves its file saying how it ended (failed with `error`, or interrupted) and
+changes nothing else: in a fresh folder that is status.json (the folder made for the lock
+stays for it), beside an earlier run's status.json it is STARTING, the earlier one untouched.
+A watcher of a folder therefore reads STARTING when it is there (a run is starting, or its
+start failed), else status.json; train/outputs.py takes a status file that says `taken_over`
+false as snug's own.
 
 Written here: no library keeps a run's state file (TensorBoard and metrics.jsonl keep
 history, not the present). No torch: `snug train` starts it before the heavy imports."""
@@ -39,6 +45,7 @@ import threading
 import time
 from pathlib import Path
 
+from snug.errors import AlreadySaid, first_line
 from snug.runtime.files import write_text_atomic
 
 NAME = "status.json"
@@ -52,6 +59,23 @@ STALE_S = 30.0  # a heartbeat older than this: the run is dead (or hung)
 def is_status_file(name: str) -> bool:
     """status.json, status.starting.json, or one of them being written aside."""
     return name in (NAME, STARTING) or name.startswith((f".{NAME}.tmp-", f".{STARTING}.tmp-"))
+
+
+def left_by_start(path: Path) -> bool:
+    """Whether `path` is the status a run left that never took its folder over (`taken_over`
+    false): snug's own, which the next run into the folder replaces."""
+    try:
+        fields = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(fields, dict) and fields.get("taken_over") is False
+
+
+def reason(e: BaseException) -> str:
+    """The one-line reason a run failed with `e`, as status.json's `error` says it."""
+    if isinstance(e, AlreadySaid):  # another rank failed and printed why
+        return f"another process of this run failed (exit {e.code}); its error is on stderr"
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
 
 
 def _now() -> str:
@@ -83,7 +107,10 @@ class RunStatus:
     def __init__(self, out: Path, state: str = "validating", detail: str = "") -> None:
         self.out = Path(out)
         self.taken_over = False
-        self.path = self.out / (STARTING if (self.out / NAME).exists() else NAME)
+        earlier = (self.out / NAME).exists() and not left_by_start(self.out / NAME)
+        self.path = self.out / (STARTING if earlier else NAME)
+        if not earlier:  # a failed start's, left beside a status.json since removed
+            (self.out / STARTING).unlink(missing_ok=True)
         self.started = time.perf_counter()
         self._written = 0.0
         self._training: tuple[float, int] | None = None  # (when, step) training began
@@ -107,6 +134,7 @@ class RunStatus:
             "host": socket.gethostname(),
             "last_checkpoint": None,
             "error": None,
+            "taken_over": False,
             "started_at": _now(),
             "updated_at": None,
             "heartbeat_at": None,
@@ -133,7 +161,7 @@ class RunStatus:
     def take_over(self, **fields) -> None:
         """The run owns output.dir now: its status becomes status.json."""
         with self._lock:
-            self.fields.update(fields)
+            self.fields.update(fields, taken_over=True)
             self._write()
             if self.path.name != NAME:
                 os.replace(self.path, self.out / NAME)
@@ -146,15 +174,24 @@ class RunStatus:
             force=True, state=state, error=error, detail=detail, done=None, total=None, **fields
         )
 
+    def ended_by(self, e: BaseException) -> None:
+        """A run that `e` ends before it took output.dir over says so: interrupted (Ctrl-C),
+        else failed with its one-line reason. Nothing once it took over (the run tells its end
+        then) or said how it ended."""
+        if self.taken_over or self.fields["state"] in ENDED:
+            return
+        if isinstance(e, KeyboardInterrupt):
+            why = "interrupted (Ctrl-C) while starting: output.dir left as it was"
+            self.end("interrupted", detail=why)
+        else:
+            self.end("failed", reason(e), detail=reason(e))
+
     def close(self) -> None:
-        """Stop the heartbeat; a run that never took output.dir over removes its file (the
-        folder as it was). Idempotent."""
+        """Stop the heartbeat; the file stays as last written (a run that never took output.dir
+        over leaves it beside the earlier run's outputs, saying how it ended). Idempotent."""
         self._stop.set()
         if self._beat.is_alive() and self._beat is not threading.current_thread():
             self._beat.join()
-        with self._lock:
-            if not self.taken_over:
-                self.path.unlink(missing_ok=True)
 
     def _keep_beating(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -60,8 +60,9 @@ def run_training(
     Rank 0 holds output.dir's lock throughout (or checks that the torchrun launcher holding it
     for the ranks does: train/lock.py). Nothing in output.dir changes until the run has proven
     it can start, its first optimizer step included (train/outputs.py): an error before that
-    leaves an earlier run's files as they were (the status it wrote removed: train/status.py),
-    writes no summary and sends phases only (no start, no end); after it, the earlier run's
+    leaves an earlier run's files as they were and its own status saying how it ended
+    (train/status.py: status.json, or status.starting.json beside an earlier run's), writes no
+    summary and sends phases only (no start, no end); after it, the earlier run's
     outputs wait in previous/ until the run completes."""
     console = console or Console()
     started = time.perf_counter()
@@ -107,10 +108,12 @@ def run_training(
             raise
         except Exception as e:  # the reason, in the summary too
             summary["error"] = f"{type(e).__name__}: {e}"
+            _ended_before_take_over(status, take_over, e)
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             summary["status"] = "interrupted"
             reason = "interrupted (a second Ctrl-C, or one outside the steps): nothing saved"
+            _ended_before_take_over(status, take_over, e)
             raise
         finally:
             summary["wall_seconds"] = round(time.perf_counter() - started, 2)
@@ -118,10 +121,20 @@ def run_training(
                 if take_over is not None and take_over.done:
                     end(out, summary, reporter, run.last_checkpoint, console, ctx.main, reason)
             finally:
-                if status is not None:  # a run that never took over leaves no status behind
+                if status is not None:
                     status.close()
                 dist.teardown()
     return summary
+
+
+def _ended_before_take_over(
+    status: RunStatus | None, take_over: TakeOver | None, e: BaseException
+) -> None:
+    """A run that `e` ends before taking output.dir over: its status says failed (with the
+    reason) or interrupted, and stays (train/status.py); after the take-over the end event
+    says it."""
+    if status is not None and (take_over is None or not take_over.done):
+        status.ended_by(e)
 
 
 @dataclass
