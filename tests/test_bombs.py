@@ -195,7 +195,11 @@ def test_a_chat_template_that_never_ends_or_reads_a_file_stops_training_naming_i
     line = one_error(capsys)
     assert code == 2
     assert re.search(rf"error: \S*model/chat_template\.jinja: the chat template {message}", line)
-    assert "unexpected" not in line and not (tmp_path / "run").exists()
+    assert "unexpected" not in line
+    # the run could not start: its folder holds only its status, failed with the same reason
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["status.json"]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].split(": ", 1)[1] == line[7:]
 
 
 def test_a_conversation_the_template_refuses_is_one_records_problem(tmp_path, capsys):
