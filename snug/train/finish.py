@@ -104,10 +104,7 @@ def json_safe(value):
 def eval_block(before: dict, after: dict) -> dict:
     """summary.json's eval: the metric the stage names (cls: accuracy, sft: exact match by
     generation where scored), else the loss."""
-    # (a checkpoint of an earlier snug holds no "metric": the one its keys show)
-    metric = before.get("metric") or next(
-        (m for m in ("accuracy", "exact_match") if m in before), "loss"
-    )
+    metric = before.get("metric", "loss")
     block = {
         "metric": metric,
         "before": before[metric],
