@@ -24,18 +24,12 @@ from snug.config.paths import Ambiguous, resolve
 from snug.config.switch import file_choices, set_aside
 from snug.config.values import coerce, one_of
 from snug.config.yamlfile import load_text, read_mapping
-from snug.core.sections import (  # noqa: F401  (re-exported: snug.config names every section)
+from snug.core.sections import (
     PATH_KEYS,
     SECTIONS,
     Config,
-    DataConfig,
-    DistConfig,
-    MemoryConfig,
     MethodConfig,
-    ModelConfig,
-    OutputConfig,
     StageSection,
-    TrainConfig,
 )
 from snug.errors import ConfigError
 from snug.runtime.files import write_text_atomic

@@ -34,29 +34,8 @@ class BaseStage(Stage):
     """A training stage. Subclass it, set the class attributes, override what differs from a
     causal LM learning next tokens, and register one instance."""
 
-    name: str = ""
-    help: str = ""  # one line for the train.stage reference
-    # Keys of its own: a dataclass declared with snug.core.settings.setting, validated and
-    # documented with the others, read as `stage.own(cfg)`; None: none.
-    settings: type | None = None
-    # The config section those keys live in (needed with settings; stages may share one).
-    section: str = ""
-    # The record formats (data.format) it reads; () when it reads named columns instead.
-    formats: tuple[str, ...] = ()
-    # What the records must be, for the error when a source holds another format
-    # ("<spec>: train.stage=<name> needs <needs> (found <format> records).").
-    needs: str = ""
-    # Loads a sequence classifier (a new head over Stage.labels) instead of a causal LM.
-    classifier: bool = False
-    # Why samples cannot be packed into shared rows ("" if they can).
-    no_packing_because: str = ""
-    # Why `snug merge` / `snug chat` cannot take its result ("" if they can).
-    not_a_chat_model_because: str = ""
-    # The fewest samples a micro-batch may hold: train.micro_batch below it is refused (saying
-    # min_rows_because), the out-of-memory fallback halves no further, and a short last
-    # micro-batch of an epoch or of evaluation is filled or joined (kto: 2, for its KL estimate).
-    min_rows: int = 1
-    min_rows_because: str = ""
+    # The class attributes (name, help, settings, section, formats, ...) and their defaults
+    # are the protocol's (snug/core/stage.py), where each is documented.
 
     def configured(self, cfg: Config) -> BaseStage:
         """The stage as the step runs it for `cfg` (a stage whose loss reads settings returns a
