@@ -1,4 +1,4 @@
-"""Chat templates: the tokenizer's own, or a small built-in set for tokenizers that lack one.
+"""Chat templates: the tokenizer's own, or a built-in one per model family, by LLaMA-Factory's name.
 
 Built-ins are Jinja strings in the format `tokenizer.apply_chat_template` takes, so training and
 generation render conversations through one code path. Each ends assistant turns with the end
@@ -15,10 +15,78 @@ from snug.data.render import ChatTemplate, TemplateError
 if TYPE_CHECKING:  # only for annotations: a config check must not load transformers
     from transformers import PreTrainedTokenizerBase
 
+# The built-ins, one for each model family in snug/models/catalog/models/, named as LLaMA-Factory
+# names its templates (src/llamafactory/data/template.py) so that its `template:` key carries
+# over. Each renders the text LLaMA-Factory's format strings give for the same conversation
+# (tests/test_templates.py holds those texts), written as Jinja so that training, masking and
+# generation go through one code path. Where LLaMA-Factory's text depends on more than the
+# messages (a default system prompt, an empty thinking block), the Jinja does the same.
+# Differences from the models' own templates are named in docs/design.md ("Built-in templates").
+
+_FIRST_SYSTEM = "(messages and messages[0]['role'] == 'system')"
+
+
+def _chatml(default_system: str = "", answer: str = "{{ m['content'] }}", reply: str = "") -> str:
+    """ChatML turns (<|im_start|>role\\n...<|im_end|>\\n): `default_system` when the
+    conversation has none, `answer` renders an assistant's content, `reply` follows the
+    assistant header of the generation prompt (and of every assistant turn)."""
+    default = (
+        f"{{% if messages and not {_FIRST_SYSTEM} %}}<|im_start|>system\n{default_system}"
+        "<|im_end|>\n{% endif %}"
+        if default_system
+        else ""
+    )
+    return (
+        f"{default}{{% for m in messages %}}{{% if m['role'] == 'assistant' %}}"
+        f"<|im_start|>assistant\n{reply}{answer}<|im_end|>\n"
+        "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+        f"{{% endfor %}}{{% if add_generation_prompt %}}<|im_start|>assistant\n{reply}{{% endif %}}"
+    )
+
+
+# Reasoning models' answers (LLaMA-Factory's ReasoningTemplate, thinking enabled): an answer
+# that carries no <think> block gets an empty one, trained as part of the answer.
+_THINK_OR_EMPTY = (
+    "{% if '<think>' in m['content'] or '</think>' in m['content'] %}{{ m['content'] }}"
+    "{% else %}<think>\n\n</think>\n\n{{ m['content'] }}{% endif %}"
+)
+# Qwen 3 without thinking: the empty block belongs to the prompt (as Qwen3's template renders
+# it with enable_thinking=False), and a thought in the data is dropped, as LLaMA-Factory does.
+_THOUGHT_DROPPED = "{{ m['content'].split('</think>')[-1].lstrip('\n') }}"
+
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n"
+)
+
+_GEMMA = (
+    "{{ bos_token }}{% set sys = messages[0]['content'] + '\n\n' if "
+    + _FIRST_SYSTEM
+    + " else '' %}"
+    "{% for m in messages if m['role'] != 'system' %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ sys if loop.first else '' }}{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+_PHI = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
 BUILTIN = {
-    "chatml": (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "chatml": _chatml(),
+    "yi": _chatml(),
+    "qwen": _chatml(QWEN_SYSTEM),
+    "qwen3": _chatml(answer=_THINK_OR_EMPTY),
+    "qwen3_nothink": _chatml(answer=_THOUGHT_DROPPED, reply="<think>\n\n</think>\n\n"),
+    "llama2": (
+        "{% set sys = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' if "
+        + _FIRST_SYSTEM
+        + " else '' %}{% for m in messages if m['role'] != 'system' %}"
+        "{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ sys if loop.first else '' }}"
+        "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+        "{% endfor %}"
     ),
     "llama3": (
         "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
@@ -26,26 +94,42 @@ BUILTIN = {
         "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
     ),
     "mistral": (
-        "{{ bos_token }}{% set sys = messages[0]['content'] + '\n\n' if messages and "
-        "messages[0]['role'] == 'system' else '' %}{% for m in messages if m['role'] != 'system' %}"
-        "{% if m['role'] == 'user' %}[INST] {{ sys if loop.first else '' }}{{ m['content'] }} [/INST]"
-        "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+        "{{ bos_token }}{% set sys = messages[0]['content'] + '\n\n' if "
+        + _FIRST_SYSTEM
+        + " else '' %}"
+        "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+        "[INST] {{ sys if loop.first else '' }}{{ m['content'] }}[/INST]"
+        "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     ),
-    "gemma": (
-        "{{ bos_token }}{% set sys = messages[0]['content'] + '\n\n' if messages and "
-        "messages[0]['role'] == 'system' else '' %}{% for m in messages if m['role'] != 'system' %}"
-        "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-        "{{ sys if loop.first else '' }}{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
+    "phi": _PHI,
+    "phi3": _PHI,  # snug's earlier name for `phi`
+    "phi4": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_sep|>{{ m['content'] }}<|im_end|>"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant<|im_sep|>{% endif %}"
     ),
-    "phi3": (
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "deepseekr1": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+        "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+        "{% else %}<｜Assistant｜>" + _THINK_OR_EMPTY + "{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
     ),
     "alpaca": (
-        "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+        "{% if messages and not "
+        + _FIRST_SYSTEM
+        + " %}"
+        + ALPACA_SYSTEM
+        + "{% endif %}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
         "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n### Response:\n"
         "{% else %}{{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
+    ),
+    "default": (
+        "{% for m in messages %}{% if m['role'] == 'system' %}System: {{ m['content'] }}"
+        "{{ eos_token }}\n{% elif m['role'] == 'user' %}Human: {{ m['content'] }}{{ eos_token }}"
+        "\n{% else %}Assistant:{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
     ),
 }
 
@@ -74,6 +158,7 @@ def resolve_template(
         )
     if name not in BUILTIN:
         raise TemplateError(
-            f"data.template={name} is unknown; use auto or one of {', '.join(BUILTIN)}."
+            f"data.template={name} is unknown; use auto (the tokenizer's own) or one of "
+            f"{', '.join(BUILTIN)}."
         )
     return ChatTemplate(BUILTIN[name], f"data.template={name}")
