@@ -107,8 +107,9 @@ class DataConfig:
     )
     template: str = _f(
         "auto",
-        "Chat template: auto (the tokenizer's own, else an error), or a built-in one: "
-        "chatml, llama3, mistral, gemma, phi3, alpaca.",
+        "Chat template: auto (the tokenizer's own, else an error), or a built-in one by "
+        "LLaMA-Factory's name: chatml, yi, qwen, qwen3, qwen3_nothink, llama2, llama3, mistral, "
+        "gemma, gemma2, gemma3, phi (or phi3), phi4, deepseekr1, alpaca, default.",
     )
     cutoff_len: int = _f(
         1024,
