@@ -429,3 +429,26 @@ def test_plan_refuses_unknown_targets(capsys):
     code = main(["plan", quickstart, "method.targets=[q_proj, vproj]", "--device", "cpu"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert code == 2 and len(lines) == 1 and "did you mean 'v_proj'" in lines[0], lines
+
+
+def test_freeze_patterns_are_checked_against_the_models_module_names():
+    """method.trainable_modules: each glob pattern matches a module, else it is refused before
+    tokenizing (apply_freeze refused only patterns matching nothing at all, after it)."""
+    from snug.config import config_from_dict
+    from snug.errors import ConfigError
+    from snug.methods import check_against_model
+
+    from conftest import ROOT
+
+    def check(patterns):
+        raw = {"model": {"name_or_path": str(ROOT / "models/tiny")}}
+        raw["method"] = {"name": "freeze", "trainable_modules": patterns}
+        check_against_model(config_from_dict(raw))
+
+    check(["model.layers.1.*", "lm_head"])
+    with pytest.raises(
+        ConfigError,
+        match=r"method.trainable_modules: no module of \S*tiny matches "
+        r"'model.layer.1.\*' \(did you mean 'model.layers.1'\?\); give glob",
+    ):
+        check(["lm_head", "model.layer.1.*"])

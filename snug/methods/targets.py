@@ -1,4 +1,5 @@
-"""Module names a method's key gives (lora's, dora's and ia3's `targets`), checked against the
+"""Module names a method's key gives (lora's, dora's and ia3's `targets`, freeze's
+`trainable_modules`), checked against the
 model built on the meta device before anything is tokenized or loaded: peft would refuse a list
 matching nothing only when the model is applied, after tokenizing, and train a list matching
 partly on the names it found, silently dropping the rest."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from fnmatch import fnmatch
 from typing import TYPE_CHECKING
 
 from snug.errors import ConfigError
@@ -61,6 +63,22 @@ def check_targets(model: nn.Module, targets: str | list[str], key: str = "method
         raise ConfigError(f"{key} names no module{of} called {said}; {listed}.")
 
 
-def _near(word: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(word.rsplit(".", 1)[-1], known, n=1, cutoff=0.6)
+def check_patterns(model: nn.Module, patterns: list[str] | None, key: str) -> None:
+    """Every glob pattern (fnmatch over whole module names, as freeze reads them) matches a
+    module of `model`; else one ConfigError naming the key, the pattern and the near name."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [p for p in patterns or [] if not any(fnmatch(name, p) for name in names)]
+    if missing:
+        of = f" of {model.config.name_or_path}" if getattr(model.config, "name_or_path", "") else ""
+        said = ", ".join(f"'{p}'{_near(p.rstrip('.*'), names, whole=True)}" for p in missing)
+        raise ConfigError(
+            f"{key}: no module{of} matches {said}; give glob patterns over whole module "
+            "names, such as model.layers.1.* or lm_head."
+        )
+
+
+def _near(word: str, known: list[str], whole: bool = False) -> str:
+    """' (did you mean X?)' for the known name nearest `word` (its last part, unless `whole`)."""
+    word = word if whole else word.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
