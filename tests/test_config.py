@@ -380,3 +380,47 @@ def test_another_stage_on_the_command_line_sets_the_files_keys_of_its_stage_asid
     dpo = load_config(p, ["train.stage=dpo"])  # another section: the file's cls keys set aside
     assert dpo.set_aside[0].startswith(f"{p}: cls.head set aside: not a key of train.stage=dpo")
     assert get_stage("dpo").own(dpo).beta == 0.1
+
+
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        # a key at the top level, as LLaMA-Factory's YAML and flags write it
+        (
+            {"learning_rate": 1e-4},
+            r"^config: 'learning_rate' is not a section; did you mean "
+            r"'train.lr'",
+        ),
+        ({"lr": 1e-4}, r"^config: 'lr' is not a section; did you mean 'train.lr'"),
+        ({"save_steps": 100}, r"did you mean 'output.save_every'"),
+        ({"lora_rank": 8}, r"did you mean 'method.r'"),
+        ({"output_dir": "out"}, r"did you mean 'output.dir'"),
+        ({"cutoff_len": 512}, r"did you mean 'data.cutoff_len'"),
+        # a key in the wrong section, by its own name or another tool's
+        (
+            {"train": {"save_steps": 100}},
+            r"^config: unknown key 'train.save_steps'; did you "
+            r"mean 'output.save_every'\?$",
+        ),
+        ({"data": {"lr": 1e-4}}, r"^config: unknown key 'data.lr'; did you mean 'train.lr'\?$"),
+        ({"train": {"lora_rank": 8}}, r"unknown key 'train.lora_rank'; did you mean 'method.r'"),
+        ({"method": {"learning_rate": 1e-4}}, r"'method.learning_rate'; did you mean 'train.lr'"),
+        ({"model": {"cutoff_len": 9}}, r"'model.cutoff_len'; did you mean 'data.cutoff_len'"),
+        # an alias of a key in its own section keeps naming the key within it
+        ({"train": {"learning_rate": 1e-4}}, r"'train.learning_rate'; did you mean 'lr'\?$"),
+        ({"method": {"lora_rank": 8}}, r"'method.lora_rank'; did you mean 'r'\?$"),
+        # neither a key nor an alias anywhere: the nearest, as before
+        ({"trian": {}}, r"unknown section 'trian'; did you mean 'train'\?"),
+        ({"train": {"micro_bach": 2}}, r"'train.micro_bach'; did you mean 'micro_batch'\?"),
+    ],
+)
+def test_a_key_in_the_wrong_place_names_its_section(raw, error):
+    with pytest.raises(ConfigError, match=error):
+        config_from_dict(raw)
+
+
+def test_a_top_level_key_names_its_line(tmp_path):
+    p = tmp_path / "lf.yaml"
+    p.write_text("train:\n  epochs: 1\nlearning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"lf.yaml line 3: 'learning_rate' is not a section; "):
+        load_config(p)

@@ -866,6 +866,29 @@ def test_hostile_input(name, world, capsys):
         c.check(world, out, err)
 
 
+def test_unknown_target_modules_are_refused_before_tokenizing(world, capsys, monkeypatch):
+    """method.targets naming a module the model lacks: one line naming it and the near name,
+    before any data is tokenized (peft refused only a list matching nothing, after tokenizing,
+    and trained a list matching partly on the names it found), and nothing written."""
+    import snug.train.build as build
+
+    def tokenize(*args, **kwargs):
+        raise AssertionError("tokenized before the targets were checked")
+
+    monkeypatch.setattr(build, "build_datasets", tokenize)
+    before = snapshot(world.root)
+    argv = ["train", str(world.cfg), f"output.dir={world.root / 'new'}"]
+    code, out, err = run_cli([*argv, "method.targets=[q_proj, vproj]"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, (code, out[-2000:], err[-2000:])
+    assert re.search(r"method\.targets.*'vproj'.*did you mean 'v_proj'", lines[0]), lines[0]
+    assert "q_proj'" not in lines[0].split("did you mean")[0], lines[0]
+    after = snapshot(world.root)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    changed -= failed_start_status(world.root, changed - before.keys(), lines)
+    assert not changed, sorted(changed)
+
+
 class _Loaded(BaseException):  # not an Exception: `snug`'s main lets it through
     pass
 

@@ -385,3 +385,70 @@ def test_no_module_outside_snug_methods_reads_a_methods_own_keys():
         for hit in _own_key_reads(path, keys)
     ]
     assert not found, found
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3"])
+def test_targets_are_checked_against_the_models_module_names(name):
+    """method.targets names modules the model has (the model built on the meta device, no
+    weights), or each name that matches none is refused with the near name."""
+    from snug.config import config_from_dict
+    from snug.errors import ConfigError
+    from snug.methods import check_against_model
+
+    from conftest import ROOT
+
+    def check(targets):
+        raw = {"model": {"name_or_path": str(ROOT / "models/tiny")}}
+        raw["method"] = {"name": name, "targets": targets}
+        check_against_model(config_from_dict(raw))
+
+    for fine in ("all-linear", ["q_proj", "v_proj"], ["self_attn.q_proj"], ".*\\.v_proj"):
+        check(fine)
+    with pytest.raises(
+        ConfigError,
+        match=r"^method.targets names no module of \S*tiny called "
+        r"'vproj' \(did you mean 'v_proj'\?\), 'qq_proj' \(did you mean 'q_proj'",
+    ):
+        check(["vproj", "qq_proj", "k_proj"])
+    with pytest.raises(
+        ConfigError,
+        match=r"method.targets is 'vproj', a regular expression .* "
+        r"matches no module of \S*tiny \(did you mean 'v_proj'\?\); its modules",
+    ):
+        check("vproj")
+    with pytest.raises(ConfigError, match=r"method.targets is '\(q_proj', which peft reads as"):
+        check("(q_proj")
+
+
+def test_plan_refuses_unknown_targets(capsys):
+    from snug.cli import main
+
+    from conftest import ROOT
+
+    quickstart = str(ROOT / "examples/quickstart.yaml")
+    code = main(["plan", quickstart, "method.targets=[q_proj, vproj]", "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(lines) == 1 and "did you mean 'v_proj'" in lines[0], lines
+
+
+def test_freeze_patterns_are_checked_against_the_models_module_names():
+    """method.trainable_modules: each glob pattern matches a module, else it is refused before
+    tokenizing (apply_freeze refused only patterns matching nothing at all, after it)."""
+    from snug.config import config_from_dict
+    from snug.errors import ConfigError
+    from snug.methods import check_against_model
+
+    from conftest import ROOT
+
+    def check(patterns):
+        raw = {"model": {"name_or_path": str(ROOT / "models/tiny")}}
+        raw["method"] = {"name": "freeze", "trainable_modules": patterns}
+        check_against_model(config_from_dict(raw))
+
+    check(["model.layers.1.*", "lm_head"])
+    with pytest.raises(
+        ConfigError,
+        match=r"method.trainable_modules: no module of \S*tiny matches "
+        r"'model.layer.1.\*' \(did you mean 'model.layers.1'\?\); give glob",
+    ):
+        check(["lm_head", "model.layer.1.*"])

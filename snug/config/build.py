@@ -76,6 +76,31 @@ def _section_types() -> dict[str, type]:
     return {name: hints[name] for name in SECTIONS}
 
 
+def _every_key() -> dict[str, list[str]]:
+    """Each key of a config -> the sections that declare it: snug's own sections, every
+    method's keys (method:) and every stage's (its own section)."""
+    places: dict[str, list[str]] = {}
+    found = [(name, list(_user_fields(cls))) for name, cls in _section_types().items()]
+    found.append(("method", list(METHOD.owners("method"))))
+    found += [(place, list(STAGE.owners(place))) for place in STAGE.sections()]
+    for section, keys in found:
+        for key in keys:
+            if section not in places.setdefault(key, []):
+                places[key].append(section)
+    return places
+
+
+def _placed(word: str, besides: str = "") -> str:
+    """'a.k' (or 'a.k' or 'b.k') for a key of another section than `besides` named `word`, by
+    its own name or another tool's (ALIASES), "" where none is."""
+    places = _every_key()
+    for key in (word, ALIASES.get(word)):
+        found = [f"'{section}.{key}'" for section in places.get(key, []) if section != besides]
+        if found:
+            return " or ".join(found)
+    return ""
+
+
 def _nearest(word: str, choices: list[str]) -> str:
     """'; did you mean X?' for the choice that shares most of the key's own words (its parts
     between underscores), then the closest spelling; else the valid keys."""
@@ -128,7 +153,9 @@ def _unknown(where: str, section: str, key: str, choices: list[str]) -> ConfigEr
                     f"{where}: unknown key '{section}.{key}'; did you mean '{place}.{name}' "
                     f"(a key of {STAGE.path}={', '.join(owners[name])})?"
                 )
-    return ConfigError(f"{where}: unknown key '{section}.{key}'" + _nearest(key, choices))
+    elsewhere = "" if ALIASES.get(key) in choices else _placed(key, section)
+    hint = f"; did you mean {elsewhere}?" if elsewhere else _nearest(key, choices)
+    return ConfigError(f"{where}: unknown key '{section}.{key}'" + hint)
 
 
 def _build_own(
@@ -267,6 +294,11 @@ def config_from_dict(
     for name, values in raw.items():
         if name in stage_sections:
             continue  # built below, once train.stage is known
+        if name not in sections and (placed := _placed(str(name))):
+            raise ConfigError(  # a key written at the top level (LLaMA-Factory's YAML is flat)
+                f"{origins.of(str(name))}: '{name}' is not a section; did you mean {placed} "
+                "(the key indented under its section)?"
+            )
         if name not in sections:
             raise ConfigError(
                 f"{origins.of(str(name))}: unknown section '{name}'"

@@ -106,6 +106,11 @@ class Method:
     # snug.errors.UserError naming the file and key where the config's numbers disagree with
     # its weights' shapes (read from the header) or with the base.
     check_saved: Callable[[Path, dict], None] | None = None
+    # Checks its keys against the model before anything is tokenized or loaded (lora:
+    # method.targets names modules the model has): (the base model as the stage builds it, on
+    # the meta device: names and shapes, no weights; the method section) -> raises
+    # snug.errors.ConfigError naming the key. Called by `snug train` and `snug plan`.
+    check_model: Callable[[nn.Module, Any], None] | None = None
     # Hooks the core calls instead of reading this method's keys; each gets the method
     # section (cfg.method) and has a default. Which decoder layers train, for the planner's
     # replay depth (None: every layer alike):

@@ -17,10 +17,26 @@ from snug.core.registry import get_method
 if TYPE_CHECKING:  # torch is imported when a method is applied, not when a config is checked
     import torch
     from torch import nn
+    from transformers import PretrainedConfig
 
-    from snug.core.sections import MethodConfig
+    from snug.core.sections import Config, MethodConfig
 
-__all__ = ["apply_method", "count_params", "logical_numel"]
+__all__ = ["apply_method", "check_against_model", "count_params", "logical_numel"]
+
+
+def check_against_model(cfg: Config, config: PretrainedConfig | None = None) -> None:
+    """The method's keys checked against the model `cfg` trains (`Method.check_model`: lora's
+    targets), built from `config` (default: the base's config.json) on the meta device, so
+    cheaply and before anything is tokenized; a base whose config cannot be read is left to
+    loading, which says why."""
+    check = get_method(cfg.method.name).check_model
+    if check is None:
+        return
+    from snug.models.load import base_config, meta_model  # torch: imported when used
+
+    config = config if config is not None else base_config(cfg.model)
+    if config is not None:
+        check(meta_model(cfg, config), cfg.method)
 
 
 def apply_method(

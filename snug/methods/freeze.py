@@ -13,6 +13,7 @@ from snug.core.sections import MethodConfig
 from snug.core.settings import AT_LEAST_1, NON_NEGATIVE
 from snug.core.settings import setting as _f
 from snug.errors import ConfigError
+from snug.methods.targets import check_patterns
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,6 +60,10 @@ def check_freeze(cfg: Any, source: str) -> None:
             f"{source}: method.unfreeze_every changes the trainable set during training, which "
             "DDP and FSDP fix at wrapping; leave it unset with dist.strategy."
         )
+
+
+def check_freeze_patterns(model: nn.Module, cfg: MethodConfig) -> None:
+    check_patterns(model, cfg.trainable_modules, "method.trainable_modules")
 
 
 def apply_freeze(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -117,6 +122,7 @@ register(
         quality=6,
         settings=FreezeSettings,
         check=check_freeze,
+        check_model=check_freeze_patterns,
         trained_layers=trained_layers,
     )
 )

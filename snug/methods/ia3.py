@@ -9,6 +9,7 @@ from snug.core.method import Method, peft_task
 from snug.core.registry import register
 from snug.core.sections import MethodConfig
 from snug.core.settings import setting as _f
+from snug.methods.targets import check_targets
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,6 +40,10 @@ def apply_ia3(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def check_ia3_targets(model: nn.Module, cfg: MethodConfig) -> None:
+    check_targets(model, cfg.targets)
+
+
 register(
     Method(
         "ia3",
@@ -49,5 +54,6 @@ register(
         tuner="ia3",
         quality=7,
         settings=IA3Settings,
+        check_model=check_ia3_targets,
     )
 )

@@ -12,6 +12,7 @@ from snug.core.sections import MethodConfig
 from snug.core.settings import AT_LEAST_1, POSITIVE
 from snug.core.settings import setting as _f
 from snug.methods.saved import read_saved, refuse, whole_number
+from snug.methods.targets import check_targets
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -116,6 +117,10 @@ def lora_plus_groups(model: nn.Module, cfg: MethodConfig, lr: float, weight_deca
     ).groups
 
 
+def check_lora_targets(model: nn.Module, cfg: MethodConfig) -> None:
+    check_targets(model, cfg.targets)
+
+
 def rank_label(cfg: MethodConfig) -> str:
     """A search candidate's name says its rank (lora r8)."""
     return f"r{cfg.r}"
@@ -132,6 +137,7 @@ LORA = dict(
     shardable=True,
     settings=LoRASettings,
     check_saved=check_saved_lora,
+    check_model=check_lora_targets,
     param_groups=lora_plus_groups,
     search_label=rank_label,
 )

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from snug.config import Config, ModelConfig
 from snug.config.preflight import ModelLoadError, check_model_dir
@@ -156,6 +163,37 @@ def _prepare_kbit(model: torch.nn.Module, precision: str) -> None:
             # so training after an evaluation would silently lose gradients through the layer
             # (tests/test_methods.py). snug trains, so it keeps the trainable layout.
             module.support_avx512bf16_for_cpu = False
+
+
+def base_config(mcfg: ModelConfig) -> PretrainedConfig | None:
+    """The base's config.json (local, or a hub id in the cache or reachable); None where it
+    cannot be read (loading the model says why)."""
+    try:
+        return AutoConfig.from_pretrained(
+            mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code, revision=mcfg.revision
+        )
+    except Exception:  # noqa: BLE001 (missing, damaged or foreign: load_model names it)
+        return None
+
+
+def meta_model(
+    cfg: Config, config: PretrainedConfig, dtype: torch.dtype | None = None, attn: str = "sdpa"
+) -> torch.nn.Module:
+    """The model `cfg` trains, built from `config` on the meta device (names and shapes, no
+    weights, no memory) as its stage loads it: a classifier gets its head, over two classes
+    standing in for the data's (the head is tiny)."""
+    stage = get_stage(cfg.train.stage)
+    auto, labels = AutoModelForCausalLM, None
+    if stage.classifier:
+        labels = ["0", "1"]
+        auto, head = stage.model_class(labels, config.pad_token_id or 0)
+        config = copy.deepcopy(config)
+        for key, value in head.items():
+            setattr(config, key, value)
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn)
+        stage.after_load(model, cfg, labels, "meta")
+    return model
 
 
 def load_model(

@@ -14,6 +14,7 @@ from snug.config import Config, load_config, save_config
 from snug.config.paths import looks_like_hub_id
 from snug.core.registry import get_stage
 from snug.errors import UserError
+from snug.methods import check_against_model
 from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
 from snug.plan.search import Candidate, plan_one, recommend, search
 from snug.plan.simulate import PlanError, with_overrides
@@ -211,6 +212,7 @@ def cmd_plan(args) -> int:
         overrides.append(f"train.micro_batch={args.micro_batch}")
     cfg = load_config(args.config, overrides)
     config = model_config(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
+    check_against_model(cfg, config)  # lora's targets: names the model has
     device = resolve_device(args, cfg)
     seq_len, seq_source = sequence_length(args, cfg, args.config is not None)
     searching = args.search or (args.config is None and args.method is None)

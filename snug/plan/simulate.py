@@ -25,14 +25,14 @@ from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import AutoModelForCausalLM, PretrainedConfig, masking_utils
+from transformers import PretrainedConfig, masking_utils
 
 from snug.config import Config
-from snug.core.registry import get_method, get_stage
+from snug.core.registry import get_method
 from snug.core.sections import with_method
 from snug.errors import UserError
 from snug.methods import count_params
-from snug.models.load import compute_dtype, quant_storage, resolve_dtype
+from snug.models.load import compute_dtype, meta_model, quant_storage, resolve_dtype
 from snug.plan.allocator import run_reserved
 from snug.plan.distributed import fake_group, shard
 from snug.plan.standins import (
@@ -126,21 +126,8 @@ def _simulate_once(
     `padded`: micro-batches of several rows carry an attention mask (see `simulate`)."""
     device = torch.device(device_type)
     dtype = resolve_dtype(cfg, device, precision)
-    stage = get_stage(cfg.train.stage)
-    auto, labels = AutoModelForCausalLM, None
-    if stage.classifier:  # the class count is the data's: two stand in (the head is tiny)
-        labels = ["0", "1"]
-        auto, head = stage.model_class(labels, config.pad_token_id or 0)
-        config = copy.deepcopy(config)
-        for key, value in head.items():
-            setattr(config, key, value)
-    with torch.device("meta"):
-        model = auto.from_config(
-            config,
-            dtype=dtype,
-            attn_implementation="sdpa" if cfg.model.attn == "auto" else cfg.model.attn,
-        )
-        stage.after_load(model, cfg, labels, "meta")
+    attn = "sdpa" if cfg.model.attn == "auto" else cfg.model.attn
+    model = meta_model(cfg, config, dtype, attn)  # a classifier: two classes stand in
     model.config.use_cache = False
     if cfg.model.quant != "none":
         storage = quant_storage(cfg, compute_dtype(precision))

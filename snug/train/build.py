@@ -18,7 +18,7 @@ from snug.core import events
 from snug.core.events import Reporter
 from snug.core.registry import get_stage
 from snug.data.dataset import build_datasets
-from snug.methods import count_params
+from snug.methods import check_against_model, count_params
 from snug.models.fingerprint import base_record
 from snug.models.load import load_model, load_tokenizer, resolve_precision
 from snug.runtime.progress import Phase, watched
@@ -58,6 +58,7 @@ def build_run(
     set_seed(cfg.train.seed)
     phase("tokenizing", f"loading the tokenizer of {cfg.model.name_or_path}")
     tok = load_tokenizer(cfg.model)
+    check_against_model(cfg)  # lora's targets: the model's module names, before tokenizing
     if not ctx.main:  # rank 0 tokenizes into the datasets cache first, the others read it
         dist.barrier()
     with watched(counted):
