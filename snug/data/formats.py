@@ -196,7 +196,7 @@ def _parts(content: list[Any], where: str, label: str) -> tuple[str, str, set[An
         if kind in MEDIA_PARTS:
             raise DataError(
                 f"{where}: {label} holds a part of type '{kind}'; snug trains on text only, so "
-                "multimodal records are refused: remove them from the data."
+                "multimodal records are refused."
             )
         if kind in TOOL_PARTS:
             raise DataError(
@@ -283,7 +283,7 @@ def refuse_media(record: dict[str, Any], where: str) -> None:
         if record.get(column):
             raise DataError(
                 f"{where}: the record carries '{column}'; snug trains on text only, so "
-                "multimodal records are refused: remove them (or that column) from the data."
+                "multimodal records are refused."
             )
 
 

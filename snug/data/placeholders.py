@@ -38,5 +38,5 @@ def placeholder_warning(spec: str, found: Counter[str]) -> str:
     each = ", ".join(f"{name} in {n:,}" for name, n in found.most_common())
     return (
         f"{spec}: placeholders left in the data ({each} records) are trained as written; "
-        "replace them with your model's values first (README: Data formats)."
+        "replace them with your model's values first (README: Your data)."
     )

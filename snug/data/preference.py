@@ -312,8 +312,9 @@ def refuse_preference_records(record: dict, spec: str, stage: str) -> None:
     """Preference data is never trained as something else: pairs and labelled completions
     given to a stage that reads neither are an error naming the file."""
     if is_pair(record):
+        keys = PAIR_KEYS if all(record.get(k) is not None for k in PAIR_KEYS) else V1_PAIR_KEYS
         raise DataError(
-            f"{spec}: holds preference pairs ('chosen' and 'rejected'); train.stage={stage} "
+            f"{spec}: holds preference pairs ('{keys[0]}' and '{keys[1]}'); train.stage={stage} "
             "would not compare them: use train.stage=dpo, orpo or simpo."
         )
     if is_unpaired(record):
