@@ -1,3 +1,4 @@
+import functools
 import json
 import re
 
@@ -483,3 +484,172 @@ def test_a_named_pipe_as_data_is_refused_before_it_is_opened(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"instruction": "hi", "output": "there"}])
     with pytest.raises(DataError, match=rf"^{tmp_path} holds {tmp_path}/pipe.jsonl, a named pipe"):
         load_raw(str(tmp_path), "train")
+
+
+# -- LLaMA-Factory's formats (issue 35): .txt, typed content, v1 pairs, media, placeholders
+
+
+def _v1(role: str, *parts: dict, loss_weight: float | None = None) -> dict:
+    """A message as LLaMA-Factory v1 writes it: typed parts, a loss_weight per message."""
+    message = {"role": role, "content": list(parts)}
+    return message if loss_weight is None else {**message, "loss_weight": loss_weight}
+
+
+def _text(value: str, key: str = "value") -> dict:
+    return {"type": "text", key: value}
+
+
+def test_txt_file_trains_pt_one_sample_per_line(tmp_path, tokenizer):
+    path = tmp_path / "wiki.txt"
+    path.write_text("the red cat\n\nsaw the dog\nand ran\n", encoding="utf-8")
+    train, _, stats = build_datasets(DataConfig(train=str(path)), tokenizer, "pt", 0, "tiny")
+    eos = [tokenizer.eos_token_id]
+    lines = ["the red cat", "saw the dog", "and ran"]  # the blank line holds no document
+    assert [r["input_ids"] for r in train] == [tokenizer(t)["input_ids"] + eos for t in lines]
+    assert stats.kept == 3 and stats.dropped == 0
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "cls"])
+def test_txt_file_for_another_stage_is_refused_naming_file_and_stage(tmp_path, tokenizer, stage):
+    path = tmp_path / "wiki.txt"
+    path.write_text("the red cat\nsaw the dog\n", encoding="utf-8")
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(str(path))}: .*only train.stage=pt.*train.stage={stage}"
+    ):
+        build_datasets(DataConfig(train=str(path)), tokenizer, stage, 0, "tiny")
+
+
+def test_typed_text_parts_are_joined_as_written():
+    openai = {
+        "messages": [
+            {"role": "user", "content": [_text("Name a ", "text"), _text("colour.", "text")]},
+            {"role": "assistant", "content": [_text("red")]},
+        ]
+    }
+    v1 = {
+        "messages": [
+            _v1("user", _text("Name a "), _text("colour.")),
+            _v1("assistant", _text("red")),
+        ]
+    }
+    plain = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"}]
+    assert to_canonical(openai, "messages", "x")["messages"] == plain
+    assert to_canonical(v1, "messages", "x")["messages"] == plain
+
+
+def test_loss_weight_zero_masks_that_answer_and_others_are_refused(tokenizer):
+    turns = [
+        _v1("user", _text("a"), loss_weight=0.0),
+        _v1("assistant", _text("first answer"), loss_weight=0.0),
+        _v1("user", _text("b"), loss_weight=0.0),
+        _v1("assistant", _text("second"), loss_weight=1.0),
+    ]
+    messages = to_canonical({"messages": turns}, "messages", "x")["messages"]
+    template = tokenizer.chat_template
+    ids, labels, status, _ = encode_chat(tokenizer, template, messages, 256, False, "x")
+    trained = tokenizer.decode([t for t in labels if t != IGNORE])
+    assert status == "kept" and "second" in trained and "first" not in trained
+    halves = [{**turns[0]}, {**turns[1], "loss_weight": 0.5}]
+    with pytest.raises(DataError, match=r"f.jsonl line 4: .*turn 2 has loss_weight 0.5; .*0 or 1"):
+        to_canonical({"messages": halves}, "messages", "f.jsonl line 4")
+    trains_user = [{**turns[0], "loss_weight": 1.0}, turns[3]]
+    with pytest.raises(DataError, match=r"turn 1 .*user.* loss_weight 1.0"):
+        to_canonical({"messages": trains_user}, "messages", "x")
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "http://x/1.jpg"}},
+        {"type": "image", "value": "1.jpg"},
+        {"type": "input_audio", "input_audio": {"data": "..."}},
+        {"type": "video", "value": "1.mp4"},
+        {"type": "file", "file": {"file_id": "f"}},
+    ],
+)
+def test_media_parts_are_refused_naming_the_record(part):
+    record = {"messages": [_v1("user", _text("look"), part), _v1("assistant", _text("ok"))]}
+    kind = part["type"].removeprefix("input_").removesuffix("_url")
+    with pytest.raises(DataError, match=rf"^m.json line 7: .*turn 1 .*{kind}.*text only"):
+        to_canonical(record, "messages", "m.json line 7")
+
+
+@pytest.mark.parametrize("column", ["images", "videos", "audios"])
+def test_records_carrying_media_are_refused_never_trained_as_text(tmp_path, tokenizer, column):
+    chat = [{"role": "user", "content": "<image>Who?"}, {"role": "assistant", "content": "Kane."}]
+    path = tmp_path / "mllm.json"
+    path.write_text(
+        json.dumps([{"messages": chat, column: []}, {"messages": chat, column: ["1.jpg"]}])
+    )
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} line \d+: .*'{column}'.*text"):
+        build_datasets(DataConfig(train=str(path)), tokenizer, "sft", 0, "tiny")
+    _, _, stats = build_datasets(
+        DataConfig(train=str(path), on_error="skip"), tokenizer, "sft", 0, "t"
+    )
+    assert stats.kept == 1 and stats.invalid == 1  # the empty list carries nothing
+
+
+THINKING = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if m.get('reasoning_content') %}<think>"
+    "{{ m['reasoning_content'] }}</think>{% endif %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_reasoning_parts_render_as_the_thinking_block_else_are_refused(tmp_path, tokenizer):
+    reasoning = {"type": "reasoning", "value": "the cat is red"}
+    record = {
+        "messages": [_v1("user", _text("colour?")), _v1("assistant", reasoning, _text("red"))]
+    }
+    fn = functools.partial(
+        tokenize_records,
+        tok=tokenizer,
+        fmt="messages",
+        cutoff_len=256,
+        train_on_prompt=False,
+        max_chars=10_000,
+        where=lambda i: f"r.jsonl line {i + 1}",
+    )
+    out = fn({"messages": [record["messages"]]}, [0], template=THINKING)
+    answer = tokenizer.decode([t for t in out["labels"][0] if t != IGNORE])
+    assert out["status"] == ["kept"]
+    assert "<think>thecatisred</think>red" in answer.replace(" ", "")
+    out = fn({"messages": [record["messages"]]}, [0], template=BUILTIN["chatml"])
+    assert out["status"] == ["invalid"]
+    assert re.match(r"r.jsonl line 1: .*reasoning.*thinking", out["problem"][0])
+
+
+def test_v1_chosen_and_rejected_messages_are_read_as_pairs(tmp_path, tokenizer):
+    from snug.data.preference import canonical_pair
+
+    prompt = [
+        _v1("system", _text("be brief"), loss_weight=0.0),
+        _v1("user", _text("2+2?"), loss_weight=0.0),
+    ]
+    record = {
+        "chosen_messages": [*prompt, _v1("assistant", _text("4"), loss_weight=1.0)],
+        "rejected_messages": [*prompt, _v1("assistant", _text("5"), loss_weight=1.0)],
+    }
+    pair = canonical_pair(record, "x")
+    assert (pair["chosen"], pair["rejected"]) == ("4", "5")
+    assert pair["prompt"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    path = write_jsonl(tmp_path / "v1_dpo.jsonl", [record] * 3)
+    train, _, stats = build_datasets(DataConfig(train=str(path)), tokenizer, "dpo", 0, "tiny")
+    assert len(train) == 3 and stats.kept == 3
+    with pytest.raises(DataError, match=r"v1_dpo.jsonl: holds preference pairs.*train.stage=dpo"):
+        build_datasets(DataConfig(train=str(path)), tokenizer, "sft", 0, "tiny")
+
+
+def test_placeholders_left_in_data_are_counted(tmp_path, tokenizer):
+    rows = [
+        {"instruction": "hi", "output": "I am {{name}}, made by {{author}}."},
+        {"instruction": "who?", "output": "{{name}}."},
+        {"instruction": "q", "output": "a {{ not a name"},
+    ]
+    path = write_jsonl(tmp_path / "identity.jsonl", rows)
+    _, _, stats = build_datasets(DataConfig(train=str(path)), tokenizer, "sft", 0, "tiny")
+    assert stats.as_dict()["placeholders"] == {"{{name}}": 2, "{{author}}": 1}
+    assert stats.kept == 3  # a warning, not an error

@@ -17,13 +17,15 @@ from typing import Any
 import datasets
 from datasets import Dataset, concatenate_datasets
 from rich.console import Console
+from rich.markup import escape
 from transformers import PreTrainedTokenizerBase
 
 from snug.core.registry import get_stage
 from snug.data.formats import FORMATS, DataError, detect_format
 from snug.data.locate import Locator
+from snug.data.placeholders import count_placeholders, placeholder_warning
 from snug.data.preference import refuse_preference_records
-from snug.data.sources import load_raw
+from snug.data.sources import RawSource, load_raw
 from snug.data.templates import TemplateError, resolve_template
 from snug.data.tokenize import (
     CLIPPED,
@@ -75,8 +77,13 @@ class DataStats:
     problems: list[str] = field(default_factory=list)
 
     labels: list[str] | None = None  # class names, for train.stage=cls (index = class id)
+    # Records of train and eval data holding each {{placeholder}} (data/placeholders.py).
+    placeholders: Counter = field(default_factory=Counter)
 
     def add(self, counts: Counter, problems: list[str], train: bool = True) -> None:
+        """`counts`: tokenize_source's, samples of each status and records of each
+        placeholder ("{{name}}")."""
+        self.placeholders.update({k: n for k, n in counts.items() if k.startswith("{{")})
         dropped = counts[FULLY_MASKED] + counts[EMPTY] + counts[INVALID]
         if train:
             self.kept += counts[KEPT] + counts[TRUNCATED] + counts[CLIPPED]
@@ -90,7 +97,7 @@ class DataStats:
             self.eval_dropped += dropped
         self.problems += problems[: MAX_PROBLEMS - len(self.problems)]
 
-    def as_dict(self) -> dict[str, int | list[str]]:
+    def as_dict(self) -> dict[str, int | list[str] | dict[str, int]]:
         return {
             "kept": self.kept,
             "dropped": self.dropped,
@@ -101,6 +108,7 @@ class DataStats:
             "invalid": self.invalid,
             "eval_dropped": self.eval_dropped,
             "problems": self.problems,
+            "placeholders": dict(self.placeholders.most_common()),
         }
 
 
@@ -136,12 +144,17 @@ def tokenize_source(
     stage = get_stage(stage) if isinstance(stage, str) else stage
     started = time.monotonic()
     src = load_raw(spec, cfg.split, cfg.on_error)
+    if "text" not in stage.formats:
+        refuse_plain_text(src, spec, stage.name, stage.needs)
     raw = src.records
     if cfg.max_samples is not None:
         raw = raw.select(range(min(cfg.max_samples, len(raw))))
     if len(raw) == 0:
         lost = f" (the first unreadable line: {src.unreadable[0]})" if src.unreadable else ""
         raise DataError(f"{spec}: holds no records{lost}.")
+    placeholders = count_placeholders(raw)
+    if placeholders and console is not None:
+        console.print(f"[yellow]{escape(placeholder_warning(spec, placeholders))}[/yellow]")
     own = own if own is not None else stage.own(None)
     source = Source(raw, src.where, spec, cfg, tok, model_name, labels, own)
     if console is None:
@@ -152,6 +165,7 @@ def tokenize_source(
             ds, counts, problems = stage.tokenize(source)
             phase.advance(len(raw) - source.progress.done)  # records read from the cache
     counts[INVALID] += len(src.unreadable)
+    counts.update(placeholders)  # counted apart from the statuses: DataStats.add
     if console is not None:
         dropped = counts[FULLY_MASKED] + counts[EMPTY] + counts[INVALID]
         console.print(
@@ -159,6 +173,16 @@ def tokenize_source(
             f"({time.monotonic() - started:.1f} s)"
         )
     return ds, counts, src.unreadable + problems
+
+
+def refuse_plain_text(src: RawSource, spec: str, stage: str, needs: str) -> None:
+    """A .txt file given to a stage that reads no plain text: one error naming both."""
+    if src.plain_text:
+        raise DataError(
+            f"{spec}: a .txt file is plain text (one document a line), which only "
+            f"train.stage=pt reads; train.stage={stage} "
+            + (f"needs {needs}." if needs else "reads other records.")
+        )
 
 
 @dataclass
@@ -326,7 +350,9 @@ def class_labels(cfg: DataConfig, label_column: str) -> list[str]:
     tokenized)."""
     names: set[str] = set()
     for spec in _as_list(cfg.train):
-        raw = load_raw(spec, cfg.split, cfg.on_error).records
+        src = load_raw(spec, cfg.split, cfg.on_error)
+        refuse_plain_text(src, spec, "cls", "a text and a class label in named columns")
+        raw = src.records
         if label_column not in column_names(raw):
             raise DataError(f"{spec}: has no column {label_column!r}; set cls.label_column.")
         values = (r.get(label_column) for r in records_of(raw[:]))

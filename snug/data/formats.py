@@ -4,6 +4,11 @@ alpaca:   {"instruction", "input"?, "output", "system"?, "history"?: [[user, ass
 sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value"}], "system"?}
 messages: {"messages": [{"role": "system"|"user"|"assistant", "content"}]}  (OpenAI style)
 text:     {"text"}  (plain language modelling, train.stage=pt)
+
+A message's content is a string or a list of typed parts (`read_turn`): OpenAI's
+`{"type": "text", "text"}` and LLaMA-Factory v1's `{"type": "text", "value"}`, v1's
+`reasoning` parts and per-message `loss_weight`. A record carrying images, videos or audios is
+refused: snug trains on text only.
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from snug.errors import UserError
+
+# Columns of LLaMA-Factory's multimodal records: a record that fills one is never trained as
+# text (its "<image>" markers would be learned as words).
+MEDIA_COLUMNS = ("images", "videos", "audios")
 
 FORMATS = ("alpaca", "sharegpt", "messages", "text")
 # The field that holds what a record trains on, named when nothing of it is left to train on.
@@ -162,22 +171,125 @@ def _messages(r: dict[str, Any], where: str) -> list[dict[str, str]]:
             raise DataError(
                 f"{where}: field 'messages' turn {i + 1} has unknown role {t['role']!r}."
             )
-        content = t["content"]
-        if content is None or not isinstance(content, str):
-            kind = "null" if content is None else f"a {type(content).__name__}"
-            raise DataError(
-                f"{where}: field 'messages' turn {i + 1} has {kind} content, where its text "
-                "should be."
-            )
-        messages.append({"role": t["role"], "content": _text(content, where, "messages")})
+        messages.append(read_turn(t, t["role"], where, f"field 'messages' turn {i + 1}"))
+        messages[-1]["content"] = _text(messages[-1]["content"], where, "messages")
     return _check_turns(messages, where, "messages")
+
+
+# Part types that hold media: a record with one is refused (snug trains on text only).
+MEDIA_PARTS = ("image", "image_url", "input_image", "audio", "input_audio", "video", "video_url")
+MEDIA_PARTS += ("file", "input_file")
+TOOL_PARTS = ("tool_call", "tool_calls", "tools", "function_call")
+
+
+def _parts(content: list[Any], where: str, label: str) -> tuple[str, str, set[Any]]:
+    """Typed parts -> (their text, their reasoning, the loss weights they carry). Parts of a
+    kind are joined with nothing between them, as OpenAI's API and LLaMA-Factory v1 join them."""
+    texts, thoughts, weights = [], [], set()
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise DataError(
+                f"{where}: {label} part {j + 1} must be an object with a 'type', such as "
+                '{"type": "text", "text": "..."}.'
+            )
+        if kind in MEDIA_PARTS:
+            raise DataError(
+                f"{where}: {label} holds a part of type '{kind}'; snug trains on text only, so "
+                "multimodal records are refused."
+            )
+        if kind in TOOL_PARTS:
+            raise DataError(
+                f"{where}: {label} holds a '{kind}' part; snug trains on the text turns of "
+                "system, user and assistant only."
+            )
+        if kind not in ("text", "reasoning"):
+            raise DataError(
+                f"{where}: {label} part {j + 1} has type '{kind}'; snug reads 'text' and "
+                "'reasoning' parts."
+            )
+        value = part.get("text", part.get("value"))  # OpenAI: "text"; LLaMA-Factory v1: "value"
+        if not isinstance(value, str):
+            raise DataError(
+                f"{where}: {label} part {j + 1} needs its text as a string in 'text' or 'value'."
+            )
+        (texts if kind == "text" else thoughts).append(value)
+        if part.get("loss_weight") is not None:
+            weights.add(part["loss_weight"])
+    return "".join(texts), "".join(thoughts), weights
+
+
+def _trained(weights: set[Any], role: str, where: str, label: str) -> bool:
+    """Whether a turn trains, from the loss_weight it (or its parts) carry: an assistant turn
+    trains unless its weight is 0; any other turn never does (its weight, if any, is 0)."""
+    if len(weights) > 1:
+        raise DataError(
+            f"{where}: {label} carries several loss_weight values {sorted(map(str, weights))}; "
+            "snug trains a turn whole or not at all: give it one loss_weight, 0 or 1."
+        )
+    weight = weights.pop() if weights else None
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+        raise DataError(f"{where}: {label} has loss_weight {weight!r}; use 0 or 1.")
+    if role != "assistant":
+        if weight:
+            raise DataError(
+                f"{where}: {label} is a {role} turn with loss_weight {weight}; snug trains on "
+                "assistant turns only (data.train_on_prompt: true trains every prompt): use 0."
+            )
+        return False
+    if weight not in (None, 0, 1):
+        raise DataError(
+            f"{where}: {label} has loss_weight {weight}; snug trains a turn whole or not at "
+            "all: use 0 or 1."
+        )
+    return weight != 0
+
+
+def read_turn(turn: dict[str, Any], role: str, where: str, label: str) -> dict[str, Any]:
+    """One message whose role is known -> {"role", "content"}, with "reasoning_content" (the
+    key chat templates with a thinking block read) when it has reasoning parts and
+    "loss_weight": 0.0 when it is an assistant turn not to train on. Its content is a string
+    or typed parts (`_parts`); `label` names it in errors ("field 'messages' turn 2")."""
+    content = turn.get("content", turn.get("value"))
+    if isinstance(content, list):
+        text, thought, weights = _parts(content, where, label)
+    elif isinstance(content, str):
+        text, thought, weights = content, "", set()
+    else:
+        kind = "null" if content is None else f"a {type(content).__name__}"
+        raise DataError(f"{where}: {label} has {kind} content, where its text should be.")
+    if turn.get("loss_weight") is not None:
+        weights.add(turn["loss_weight"])
+    message: dict[str, Any] = {"role": role, "content": text}
+    if thought and role != "assistant":
+        raise DataError(
+            f"{where}: {label} is a {role} turn with a 'reasoning' part; only "
+            "assistant turns reason."
+        )
+    if thought:
+        message["reasoning_content"] = thought
+    if not _trained(weights, role, where, label) and role == "assistant":
+        message["loss_weight"] = 0.0  # encode_chat masks its answer (data/tokenize.py)
+    return message
 
 
 CONVERTERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}
 
 
+def refuse_media(record: dict[str, Any], where: str) -> None:
+    """DataError for a record that carries images, videos or audios (LLaMA-Factory's
+    multimodal columns): snug trains text models on text only."""
+    for column in MEDIA_COLUMNS:
+        if record.get(column):
+            raise DataError(
+                f"{where}: the record carries '{column}'; snug trains on text only, so "
+                "multimodal records are refused."
+            )
+
+
 def to_canonical(record: dict[str, Any], fmt: str, where: str) -> dict[str, Any]:
     """One raw record -> {"messages": [...]} or {"text": str}."""
+    refuse_media(record, where)
     if fmt == "text":
         return {"text": _text(record.get("text"), where, "text")}
     return {"messages": CONVERTERS[fmt](record, where)}

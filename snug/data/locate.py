@@ -94,6 +94,13 @@ def record_lines(path: Path) -> list[int]:
     return [n for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
+def text_lines(path: Path) -> list[int]:
+    """The line of each document of a .txt file, as sources.py reads it: one a line (universal
+    newlines, as `datasets`' text loader splits them), blank lines left out."""
+    with open(path, encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
 def read_json(path: Path) -> tuple[list[int], list[Any], list[tuple[int, str]]]:
     """(the 1-based line of each record, the records, (line, why) of each line that holds no
     record) of a JSON Lines file or of a file holding one JSON array. A syntax error in an array
@@ -146,11 +153,14 @@ class Locator:
     json_files: list[Path] = field(default_factory=list)
     rows: int = 0  # rows the source loaded, to check the lines found against
     known: list[tuple[str, int]] | None = None  # (file, line) of each row, when already known
+    text_file: Path | None = None  # a .txt file of one document a line (sources.py)
 
     @functools.cached_property
     def _origins(self) -> list[tuple[str, int]] | None:
         if self.known is not None:
             return self.known
+        if self.text_file is not None:
+            return [(str(self.text_file), n) for n in text_lines(self.text_file)]
         try:
             origins = [(str(p), n) for p in self.json_files for n in record_lines(p)]
         except (OSError, ValueError, IndexError):  # not as `datasets` read it: name rows

@@ -8,7 +8,10 @@ Paired layouts, told apart by their keys (a record with `chosen` and `rejected`)
 - LLaMA-Factory's sharegpt ranking layout: `conversations` ending on a user turn (and an
   optional `system`), `chosen` and `rejected` single messages `{"from": "gpt", "value": ...}`;
   the same with OpenAI-style `messages`;
-- alpaca: `instruction`, optional `input`, `system` and `history`, with `chosen`/`rejected`.
+- alpaca: `instruction`, optional `input`, `system` and `history`, with `chosen`/`rejected`;
+- LLaMA-Factory v1: `chosen_messages` and `rejected_messages`, two whole conversations (typed
+  content, data/formats.py: read_turn) sharing their turns up to the answer, as TRL's implicit
+  prompt.
 
 Unpaired layouts (a record with a boolean `label`): TRL's `prompt` + `completion`, a message
 list ending on the assistant turn that is judged (LLaMA-Factory's kto layout, `messages` or
@@ -25,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from snug.data.formats import SHAREGPT_ROLES, DataError, to_canonical
+from snug.data.formats import SHAREGPT_ROLES, DataError, read_turn, refuse_media, to_canonical
 from snug.data.render import TemplateError
 from snug.data.tokenize import (
     CLIPPED,
@@ -45,12 +48,13 @@ if TYPE_CHECKING:  # only for annotations: a config check must not load transfor
     from transformers import PreTrainedTokenizerBase
 
 PAIR_KEYS = ("chosen", "rejected")
+V1_PAIR_KEYS = ("chosen_messages", "rejected_messages")  # LLaMA-Factory v1's pairs
 PAIR_COLUMNS = ("input_ids", "labels", "rejected_ids", "rejected_labels", "prompt_len")
 UNPAIRED_COLUMNS = ("input_ids", "labels", "prompt_len", "desirable")
 
 
 def is_pair(record: dict[str, Any]) -> bool:
-    return all(record.get(k) is not None for k in PAIR_KEYS)
+    return any(all(record.get(k) is not None for k in keys) for keys in (PAIR_KEYS, V1_PAIR_KEYS))
 
 
 def is_unpaired(record: dict[str, Any]) -> bool:
@@ -59,20 +63,30 @@ def is_unpaired(record: dict[str, Any]) -> bool:
 
 def _message(value: Any, where: str, key: str, role: str) -> dict[str, str]:
     """A string, `{"role", "content"}` or `{"from", "value"}` -> one message of `role`."""
+    weight: dict[str, float] = {}  # "loss_weight": 0.0 for an assistant turn not trained
     if isinstance(value, str):
         content = value
     elif isinstance(value, dict) and ("content" in value or "value" in value):
-        content = value.get("content", value.get("value"))
         said = value.get("role", value.get("from"))
         if said is not None and SHAREGPT_ROLES.get(str(said).lower(), said) != role:
             raise DataError(f"{where}: field '{key}' is a '{said}' message; it must be {role}.")
+        message = read_turn(value, role, where, f"field '{key}'")
+        if "reasoning_content" in message:
+            raise DataError(
+                f"{where}: field '{key}' holds a 'reasoning' part; snug reads reasoning for "
+                "train.stage=sft only."
+            )
+        content, weight = (
+            message["content"],
+            {k: message[k] for k in ("loss_weight",) if k in message},
+        )
     else:
         raise DataError(
             f"{where}: field '{key}' must be a string or a message, not {type(value).__name__}."
         )
     if not isinstance(content, str) or not content.strip():
         raise DataError(f"{where}: field '{key}' has no text.")
-    return {"role": role, "content": content}
+    return {"role": role, "content": content, **weight}
 
 
 def _turns(value: Any, where: str, key: str) -> list[dict[str, str]]:
@@ -128,31 +142,38 @@ def _answer(value: Any, where: str, key: str) -> str:
     return _message(value, where, key, "assistant")["content"]
 
 
+def _implicit_pair(record: dict[str, Any], where: str, keys: tuple[str, str]) -> dict[str, Any]:
+    """TRL's implicit prompt (and LLaMA-Factory v1's pairs): two whole conversations, under
+    `keys`, sharing all but the answer."""
+    chosen, rejected = (_turns(record[k], where, k) for k in keys)
+    if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+        raise DataError(
+            f"{where}: without 'prompt', '{keys[0]}' and '{keys[1]}' must be conversations "
+            "that differ only in their last (assistant) message."
+        )
+    prompt = chosen[:-1]
+    if prompt[-1]["role"] != "user" or chosen[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the answers must follow a user turn.")
+    if any(turns[-1].get("loss_weight") == 0 for turns in (chosen, rejected)):
+        raise DataError(f"{where}: an answer has loss_weight 0; the judged answers train.")
+    return {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+
+
 def canonical_pair(record: dict[str, Any], where: str) -> dict[str, Any]:
     """A paired record -> {"prompt": messages, "chosen": text, "rejected": text}."""
     if not is_pair(record):
         raise DataError(f"{where}: a preference pair needs 'chosen' and 'rejected'.")
+    refuse_media(record, where)
+    if all(record.get(k) is not None for k in V1_PAIR_KEYS):
+        return _implicit_pair(record, where, V1_PAIR_KEYS)
     implicit = not any(k in record for k in ("prompt", "conversations", "messages", "instruction"))
     if implicit and not all(isinstance(record[k], list) for k in PAIR_KEYS):
         raise DataError(
             f"{where}: no prompt: expected 'prompt', 'conversations', 'messages' or "
             "'instruction' beside the answers, or 'chosen' and 'rejected' as whole conversations."
         )
-    if implicit:  # TRL's implicit prompt: two whole conversations sharing all but the answer
-        chosen, rejected = (_turns(record[k], where, k) for k in PAIR_KEYS)
-        if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
-            raise DataError(
-                f"{where}: without 'prompt', 'chosen' and 'rejected' must be conversations that "
-                "differ only in their last (assistant) message."
-            )
-        prompt = chosen[:-1]
-        if prompt[-1]["role"] != "user" or chosen[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the answers must follow a user turn.")
-        return {
-            "prompt": prompt,
-            "chosen": chosen[-1]["content"],
-            "rejected": rejected[-1]["content"],
-        }
+    if implicit:
+        return _implicit_pair(record, where, PAIR_KEYS)
     prompt = _prompt(record, where)
     return {
         "prompt": prompt,
@@ -165,6 +186,7 @@ def canonical_unpaired(record: dict[str, Any], where: str) -> dict[str, Any]:
     """An unpaired record -> {"prompt": messages, "completion": text, "desirable": bool}."""
     if not isinstance(record.get("label"), bool):
         raise DataError(f"{where}: field 'label' must be true or false.")
+    refuse_media(record, where)
     if "completion" in record:
         completion = _answer(record["completion"], where, "completion")
         prompt = _prompt(record, where)
@@ -290,8 +312,9 @@ def refuse_preference_records(record: dict, spec: str, stage: str) -> None:
     """Preference data is never trained as something else: pairs and labelled completions
     given to a stage that reads neither are an error naming the file."""
     if is_pair(record):
+        keys = PAIR_KEYS if all(record.get(k) is not None for k in PAIR_KEYS) else V1_PAIR_KEYS
         raise DataError(
-            f"{spec}: holds preference pairs ('chosen' and 'rejected'); train.stage={stage} "
+            f"{spec}: holds preference pairs ('{keys[0]}' and '{keys[1]}'); train.stage={stage} "
             "would not compare them: use train.stage=dpo, orpo or simpo."
         )
     if is_unpaired(record):

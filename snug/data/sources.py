@@ -1,5 +1,6 @@
 """One data source read into raw records: a JSON or JSON Lines file, CSV, Parquet or Arrow, a
-directory of one kind of them, a dataset saved by `datasets`, or a hub dataset id. `datasets`
+directory of one kind of them, a dataset saved by `datasets`, a hub dataset id, or a .txt file of
+plain text (one document a line, for train.stage=pt, as LLaMA-Factory reads it). `datasets`
 reads them; JSON it cannot read (or would coerce) is read here, line by line, so that a bad
 line is named."""
 
@@ -35,6 +36,7 @@ class RawSource:
     records: Dataset
     where: Locator
     unreadable: list[str] = field(default_factory=list)  # only under data.on_error=skip
+    plain_text: bool = False  # a .txt file: text records that only train.stage=pt reads
 
 
 def load_raw(spec: str, split: str, on_error: str = "strict") -> RawSource:
@@ -45,10 +47,13 @@ def load_raw(spec: str, split: str, on_error: str = "strict") -> RawSource:
         where = "is" if found == path else f"holds {found},"
         raise DataError(f"{spec} {where} {what}, {NOT_A_FILE_BECAUSE}.")
     if path.is_file():
+        if path.suffix.lower() == ".txt":
+            return _load_text(path, spec)
         builder = BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DataError(
-                f"{spec}: unsupported file type '{path.suffix}' (use {', '.join(BUILDERS)})."
+                f"{spec}: unsupported file type '{path.suffix}' (use {', '.join(BUILDERS)}, "
+                "or .txt for train.stage=pt)."
             )
         if builder == "json":
             return _load_json([path], spec, on_error)
@@ -86,6 +91,15 @@ def _load(builder: str, where: str, data_files=None, split: str = "train") -> Da
         return datasets.load_dataset(builder, data_files=data_files, split=split)
     except Exception as e:  # datasets raises many types; all mean "this source cannot be read"
         raise DataError(f"{where}: cannot read the data ({first_line(e)}).") from None
+
+
+def _load_text(path: Path, spec: str) -> RawSource:
+    """A .txt file -> one {"text"} record a line, blank lines left out (they hold no
+    document), through `datasets`' text loader (cached), as LLaMA-Factory reads .txt files."""
+    check_utf8(path)
+    lines = _load("text", data_files=str(path), where=spec)
+    docs = lines.filter(lambda text: bool(text.strip()), input_columns="text")
+    return RawSource(docs, Locator(spec, rows=len(docs), text_file=path), plain_text=True)
 
 
 def _load_json(files: list[Path], spec: str, on_error: str) -> RawSource:

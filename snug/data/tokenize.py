@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from snug.data.formats import ANSWER_FIELD, DataError
-from snug.data.render import TemplateRefused, render_chat
+from snug.data.render import TemplateRefused, origin_of, render_chat
 
 if TYPE_CHECKING:  # only for annotations: a config check must not load transformers
     from transformers import PreTrainedTokenizerBase
@@ -111,7 +111,8 @@ def encode_chat(
     ids: list[int] = []
     labels: list[int] = []
     status, prompt_len = KEPT, 0
-    turns = sum(m["role"] == "assistant" for m in messages)
+    answers = [m for m in messages if m["role"] == "assistant"]
+    turns = len(answers)
     # Turns past the budget are never rendered: nothing of them could be kept.
     for k, (prompt, answer) in enumerate(segments(tok, template, messages, where)):
         src = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -125,7 +126,9 @@ def encode_chat(
         src, tgt = src[:head] + src[len(src) - n_src + head :], tgt[:n_tgt]
         prompt_len = len(ids) + len(src)
         ids += src + tgt
-        labels += (src if train_on_prompt else [IGNORE] * len(src)) + tgt
+        trained = answers[k].get("loss_weight") != 0  # LLaMA-Factory v1's weight 0: masked
+        labels += src if train_on_prompt else [IGNORE] * len(src)
+        labels += tgt if trained else [IGNORE] * len(tgt)
         if len(ids) >= cutoff_len:
             status = TRUNCATED if k < turns - 1 else status
             break
@@ -213,6 +216,8 @@ def clip_messages(messages: list[dict], limit: int) -> tuple[list[dict], bool]:
         if len(text) > limit:
             text = text[:limit] if m["role"] == "assistant" else text[len(text) - limit :]
             m = {**m, "content": text}
+        if len(m.get("reasoning_content", "")) > limit:  # rendered before the answer's text
+            m = {**m, "reasoning_content": m["reasoning_content"][:limit]}
         clipped.append(m)
     return clipped, any(a is not b for a, b in zip(clipped, messages, strict=True))
 
@@ -227,6 +232,19 @@ def _problem(status: str, where: str, field: str, cutoff_len: int) -> str:
             f"after truncation to data.cutoff_len={cutoff_len}, or the template renders none)."
         )
     return ""
+
+
+def _unrendered_reasoning(messages: list[dict], template: str, at: str) -> str:
+    """Why a conversation with reasoning parts cannot render through `template` ("" when it
+    can): the template has no thinking block (it never reads `reasoning_content`, the key
+    Qwen3's and DeepSeek-R1's templates render as one), so the reasoning would be lost."""
+    if "reasoning_content" in template or not any("reasoning_content" in m for m in messages):
+        return ""
+    return (
+        f"{at}: a 'reasoning' part needs a chat template with a thinking block (one that "
+        f"renders reasoning_content, as Qwen3's does), and {origin_of(template)} has none: "
+        "set data.template to one that has, or remove the reasoning parts."
+    )
 
 
 def _encode(
@@ -255,6 +273,8 @@ def _encode(
                 f"{MAX_TEXT_CHARS:,} one record may hold; split it into several records."
             )
         return encode_text(tok, canon["text"], cutoff_len), ""
+    if problem := _unrendered_reasoning(canon["messages"], template, at):
+        return invalid, problem
     messages, clipped = clip_messages(canon["messages"], max_chars)
     try:
         ids, labels, status, prompt_len = encode_chat(
