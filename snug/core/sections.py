@@ -98,7 +98,7 @@ class DataConfig:
     train: str | list[str] = _f(
         "data/train.jsonl",
         "Training data: a file (json, jsonl, csv, parquet, arrow), a directory, a hub dataset "
-        "id, or a list of these to mix.",
+        "id, a dataset named in dataset_dir's dataset_info.json, or a list of these to mix.",
         SOME_DATA,
     )
     eval: str | list[str] | None = _f(None, "Held-out data, in the same forms as train.", SOME_DATA)
