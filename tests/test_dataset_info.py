@@ -137,6 +137,20 @@ def test_unknown_name_is_one_error_naming_the_file_and_near_names(tmp_path):
         data_config(tmp_path, "my_alpaca")
 
 
+def test_an_entry_snug_cannot_read_is_refused_when_named_only(tmp_path, tokenizer):
+    folder = write_registry(tmp_path / "data")
+    info = json.loads((folder / "dataset_info.json").read_text())
+    info["ms_only"] = {"ms_hub_url": "org/set"}
+    info["odd"] = {"file_name": "alpaca.json", "formatting": "openai"}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    train, _, _ = build_datasets(data_config(folder, "my_alpaca"), tokenizer, "sft", 0, "t")
+    assert len(train) == len(ALPACA)
+    with pytest.raises(ConfigError, match=r"entry 'ms_only': has neither file_name nor hf_hub"):
+        data_config(folder, "ms_only")
+    with pytest.raises(ConfigError, match=r"entry 'odd': formatting is 'openai'"):
+        data_config(folder, "odd")
+
+
 def test_a_registered_file_that_is_missing_is_named_before_loading(tmp_path):
     folder = write_registry(tmp_path / "data")
     (folder / "chat.json").unlink()
@@ -209,3 +223,27 @@ def test_hub_entries_load_through_datasets(tmp_path, tokenizer, monkeypatch):
     train, _, _ = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
     assert asked == [("org/set", {"name": "en", "data_dir": "d", "split": "dev"})]
     assert "Answer." in decoded(train, tokenizer)[0]
+
+
+def test_snug_train_on_registered_names(tmp_path, capsys):
+    """The command, end to end: a relative data.dataset_dir read from the config's folder, two
+    names mixed, two steps; a misspelt name stops it before anything is written."""
+    from conftest import TINY_BASE
+
+    from snug.cli import main
+
+    write_registry(tmp_path / "data")
+    config = tmp_path / "lf.yaml"
+    config.write_text(
+        f"model:\n  name_or_path: {TINY_BASE}\n"
+        "data:\n  dataset_dir: data\n  train: [my_alpaca, my_chat]\n  cutoff_len: 64\n"
+        "train:\n  max_steps: 2\n  grad_accum: 1\n"
+        f"output:\n  dir: {tmp_path / 'run'}\n"
+    )
+    assert main(["train", str(config), "data.train=[my_chat, my_alpacca]"]) == 2
+    assert "did you mean my_alpaca" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["train", str(config)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["data"]["kept"] == len(ALPACA) + len(SHAREGPT)

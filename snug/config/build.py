@@ -235,7 +235,8 @@ def _resolve_paths(cfg: Config, origins: Origins, base: Path | None) -> None:
 
         def one(v: str, key: str = key, folder: Path = folder, hub: str | None = hub) -> str:
             if key in ("data.train", "data.eval"):  # names of data.dataset_dir stay names
-                return resolve_data(v, key, folder, cfg.data.dataset_dir)
+                where = f"{origins.of(key)}: {key}"
+                return resolve_data(v, where, folder, cfg.data.dataset_dir)
             return resolve(v, folder, hub)
 
         try:

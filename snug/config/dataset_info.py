@@ -75,9 +75,10 @@ class DatasetEntry:
         return None if self.file_name is None else self.info_file.parent / self.file_name
 
 
-def read_registry(dataset_dir: str | Path) -> dict[str, DatasetEntry]:
-    """Every entry of `dataset_dir`/dataset_info.json; a ConfigError naming the file and the
-    entry for one snug cannot read."""
+def read_registry(dataset_dir: str | Path) -> dict[str, Any]:
+    """The entries of `dataset_dir`/dataset_info.json as written, by name. Each is checked
+    only when named (`registered`): LLaMA-Factory's own file lists entries of ModelScope's hub
+    and scripts that snug does not read, which must not stop the others."""
     info_file = Path(dataset_dir) / INFO_FILE
     if not info_file.is_file():
         raise ConfigError(
@@ -92,7 +93,7 @@ def read_registry(dataset_dir: str | Path) -> dict[str, DatasetEntry]:
         raise ConfigError(f"{info_file} line {e.lineno}: not valid JSON ({e.msg}).") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{info_file}: must hold one JSON object of named datasets.")
-    return {name: _entry(name, value, info_file) for name, value in raw.items()}
+    return raw
 
 
 def _entry(name: str, value: Any, info_file: Path) -> DatasetEntry:
@@ -151,10 +152,13 @@ def registered(spec: str, dataset_dir: str | None) -> DatasetEntry | None:
     """The entry `spec` names in data.dataset_dir's registry, or None (a path or a hub id)."""
     if dataset_dir is None:
         return None
-    return read_registry(dataset_dir).get(spec)
+    found = read_registry(dataset_dir)
+    if spec not in found:
+        return None
+    return _entry(spec, found[spec], Path(dataset_dir) / INFO_FILE)
 
 
-def unknown_name(key: str, spec: str, dataset_dir: str) -> ConfigError:
+def unknown_name(where: str, spec: str, dataset_dir: str) -> ConfigError:
     """The error for a name of data.train / data.eval that is neither registered nor a path."""
     names = read_registry(dataset_dir)
     info_file = Path(dataset_dir) / INFO_FILE
@@ -162,12 +166,12 @@ def unknown_name(key: str, spec: str, dataset_dir: str) -> ConfigError:
         ", ...)" if len(names) > 8 else ")"
     )
     return ConfigError(
-        f"{key}: {spec!r} is not a dataset of {info_file}{listed}, nor a file or directory; "
+        f"{where}: {spec!r} is not a dataset of {info_file}{listed}, nor a file or directory; "
         "add it there or give its path."
     )
 
 
-def resolve_data(spec: str, key: str, folder: Path, dataset_dir: str | None) -> str:
+def resolve_data(spec: str, where: str, folder: Path, dataset_dir: str | None) -> str:
     """An entry of data.train / data.eval as the config keeps it: a name registered in
     data.dataset_dir as it is, else the path or hub id it is (snug/config/paths.py: resolve);
     with data.dataset_dir set, a value that is none of these is an unknown name."""
@@ -175,7 +179,7 @@ def resolve_data(spec: str, key: str, folder: Path, dataset_dir: str | None) -> 
         return spec
     found = resolve(spec, folder, "dataset")
     if dataset_dir is not None and not Path(found).exists() and found != spec:
-        raise unknown_name(key, spec, dataset_dir)
+        raise unknown_name(where, spec, dataset_dir)
     return found
 
 
