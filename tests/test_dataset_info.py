@@ -228,9 +228,9 @@ def test_hub_entries_load_through_datasets(tmp_path, tokenizer, monkeypatch):
 def test_snug_train_on_registered_names(tmp_path, capsys):
     """The command, end to end: a relative data.dataset_dir read from the config's folder, two
     names mixed, two steps; a misspelt name stops it before anything is written."""
-    from conftest import TINY_BASE
-
     from snug.cli import main
+
+    from conftest import TINY_BASE
 
     write_registry(tmp_path / "data")
     config = tmp_path / "lf.yaml"
