@@ -102,6 +102,8 @@ def test_names_read_each_source_with_its_own_columns_and_tags(tmp_path, tokenize
     # alpaca: the mapped system column is the system prompt; sharegpt: turns by custom tags
     assert sum("Be brief." in t and "Say " in t for t in texts) == len(ALPACA)
     assert sum("You are terse." in t and "Name one." in t for t in texts) == 1
+    held = data_config(cfg.dataset_dir, "my_alpaca", eval="my_chat")
+    assert len(build_datasets(held, tokenizer, "sft", 0, "tiny")[1]) == len(SHAREGPT)
 
 
 def test_a_jsonl_prompt_column_is_pretraining_text(tmp_path, tokenizer):
