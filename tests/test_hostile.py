@@ -193,6 +193,26 @@ def case_1_typo_in_data_train_of_a_finished_run(w: World) -> Case:
     return Case(["train", str(w.cfg)], r"data\.train=\S*data/trian\.jsonl: no such file")
 
 
+def _registry(w: World) -> None:
+    """The world's data folder as LLaMA-Factory's: a dataset_info.json naming its file."""
+    info = {"words": {"file_name": "train.jsonl"}}
+    (w.root / "data" / "dataset_info.json").write_text(json.dumps(info))
+
+
+@case
+def case_35_1_llamafactory_data_folder_given_as_data_train(w: World) -> Case:
+    _registry(w)
+    w.write_config(data__train="data")
+    return Case(["train", str(w.cfg)], r"LLaMA-Factory data folder.*data\.dataset_dir=.*words")
+
+
+@case
+def case_35_1_misspelt_dataset_name_of_a_finished_run(w: World) -> Case:
+    _registry(w)
+    w.write_config(data__dataset_dir="data", data__train="wrods")
+    return Case(["train", str(w.cfg)], r"'wrods' is not a dataset of .*did you mean words")
+
+
 @case
 def case_2_full_fine_tune_continued_from_its_own_model(w: World) -> Case:
     cfg = w.write_config(

@@ -20,6 +20,7 @@ import yaml
 
 from snug.config.checks import check_combinations
 from snug.config.choosers import METHOD, STAGE, Chooser
+from snug.config.dataset_info import resolve_data
 from snug.config.paths import Ambiguous, resolve
 from snug.config.switch import file_choices, set_aside
 from snug.config.values import coerce, one_of
@@ -258,11 +259,15 @@ def _resolve_paths(cfg: Config, origins: Origins, base: Path | None) -> None:
             continue
         in_file = base is not None and key in origins.lines and origins.from_file(key)
         folder = base if in_file else Path.cwd()
+
+        def one(v: str, key: str = key, folder: Path = folder, hub: str | None = hub) -> str:
+            if key in ("data.train", "data.eval"):  # names of data.dataset_dir stay names
+                where = f"{origins.of(key)}: {key}"
+                return resolve_data(v, where, folder, cfg.data.dataset_dir)
+            return resolve(v, folder, hub)
+
         try:
-            if isinstance(value, list):
-                resolved = [resolve(v, folder, hub) for v in value]
-            else:
-                resolved = resolve(value, folder, hub)
+            resolved = [one(v) for v in value] if isinstance(value, list) else one(value)
         except Ambiguous as e:
             raise ConfigError(f"{origins.of(key)}: {key}: {e}.") from None
         if resolved != value:

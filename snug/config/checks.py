@@ -26,6 +26,7 @@ def check_combinations(cfg: Config, source: str) -> None:
             f"{source}: data.val_size holds out part of train as eval data, but data.eval is "
             "given too; set one of them."
         )
+    check_mix(d, source)
     stage = stages()[t.stage]
     if t.micro_batch < stage.min_rows:
         raise ConfigError(
@@ -89,4 +90,25 @@ def _check_dist(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: dist.cpu_offload moves FSDP's shards from the GPU to the host; training "
             "on the CPU keeps them there already, so leave it off there."
+        )
+
+
+def check_mix(d: Any, source: str) -> None:
+    """data.mix_probs: one chance per train source, summing to 1, and only to interleave."""
+    if d.mix_probs is None:
+        return
+    count = 1 if isinstance(d.train, str) else len(d.train)
+    if d.mix == "concat":
+        raise ConfigError(
+            f"{source}: data.mix_probs weighs sources that are interleaved, but data.mix is "
+            "concat (all of each); set data.mix: interleave or remove data.mix_probs."
+        )
+    if len(d.mix_probs) != count or any(p < 0 for p in d.mix_probs):
+        raise ConfigError(
+            f"{source}: data.mix_probs gives {len(d.mix_probs)} chance(s) for {count} train "
+            "source(s); give one chance (>= 0) per entry of data.train, in order."
+        )
+    if abs(sum(d.mix_probs) - 1) > 1e-6:
+        raise ConfigError(
+            f"{source}: data.mix_probs sums to {sum(d.mix_probs):g}; the chances must sum to 1."
         )

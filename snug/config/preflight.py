@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from snug.config.dataset_info import DatasetEntry, registered, registry_folder
 from snug.config.paths import NOT_A_FILE_BECAUSE, looks_like_hub_id, special_data_file
 from snug.errors import UserError, read_utf8
 
@@ -77,12 +78,31 @@ def check_data_paths(data) -> None:
     for key in ("train", "eval"):
         value = getattr(data, key)
         for spec in [] if value is None else [value] if isinstance(value, str) else value:
+            if (entry := registered(spec, data.dataset_dir)) is not None:
+                check_entry(entry, key)
+                continue
             if special := special_data_file(spec):
                 found, what = special
                 where = "is" if found == Path(spec) else f"holds {found},"
                 raise NotAFile(f"data.{key}={spec} {where} {what}, {NOT_A_FILE_BECAUSE}.")
+            if why := registry_folder(Path(spec)):
+                raise MissingData(f"data.{key}: {why}")
             if Path(spec).exists() or (
                 not Path(spec).is_absolute() and looks_like_hub_id(spec, dataset=True)
             ):
                 continue
             raise MissingData(f"data.{key}={spec}: no such file or directory.")
+
+
+def check_entry(entry: DatasetEntry, key: str) -> None:
+    """The file or folder a dataset_info.json entry names exists (hub entries pass)."""
+    if entry.path is None:
+        return
+    if special := special_data_file(entry.path):
+        found, what = special
+        raise NotAFile(f"data.{key}={entry.name}: {found} is {what}, {NOT_A_FILE_BECAUSE}.")
+    if not entry.path.exists():
+        raise MissingData(
+            f"data.{key}={entry.name}: {entry.where} names file_name {entry.file_name!r}, "
+            f"which is not in {entry.info_file.parent}."
+        )

@@ -98,10 +98,26 @@ class DataConfig:
     train: str | list[str] = _f(
         "data/train.jsonl",
         "Training data: a file (json, jsonl, csv, parquet, arrow), a directory, a hub dataset "
-        "id, or a list of these to mix.",
+        "id, a dataset named in dataset_dir's dataset_info.json, or a list of these to mix.",
         SOME_DATA,
     )
     eval: str | list[str] | None = _f(None, "Held-out data, in the same forms as train.", SOME_DATA)
+    dataset_dir: str | None = _f(
+        None,
+        "A folder with LLaMA-Factory's dataset_info.json: train and eval may then name its "
+        "datasets, each read with its own formatting, columns and tags.",
+    )
+    mix: Literal["concat", "interleave", "interleave_over"] = _f(
+        "concat",
+        "How several train sources mix: concat (all of each); interleave (sample by sample, "
+        "by mix_probs, until the first source runs out); interleave_over (until every source "
+        "has run out, repeating the shorter ones).",
+    )
+    mix_probs: list[float] | None = _f(
+        None,
+        "With interleave: the chance of each train source, in order (summing to 1); unset: "
+        "equal chances.",
+    )
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = _f(
         "auto", "Record format; auto detects it from the first record's keys."
     )
@@ -335,6 +351,7 @@ SECTIONS: dict[str, type] = {
 # Keys holding paths, and whether a value may instead be a hub id of a model or a dataset.
 PATH_KEYS: dict[str, str | None] = {
     "model.name_or_path": "model",
+    "data.dataset_dir": None,  # before train and eval, whose names it registers
     "data.train": "dataset",
     "data.eval": "dataset",
     "output.dir": None,

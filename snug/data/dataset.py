@@ -25,6 +25,7 @@ from snug.data.formats import FORMATS, DataError, detect_format
 from snug.data.locate import Locator
 from snug.data.placeholders import count_placeholders, placeholder_warning
 from snug.data.preference import refuse_preference_records
+from snug.data.registry import open_source
 from snug.data.sources import RawSource, load_raw
 from snug.data.templates import TemplateError, resolve_template
 from snug.data.tokenize import (
@@ -134,16 +135,18 @@ def tokenize_source(
     labels: list[str] | None = None,
     console: Console | None = None,
     own: Any = None,
+    seed: int = 0,
 ) -> tuple[Dataset, Counter, list[str]]:
     """One source -> its usable samples, the count of each status, and the first problems of
     the dropped ones (unreadable lines count as invalid), tokenized as the stage (a
     snug.stages.base.Stage, or its name) says. Under data.on_error=strict the first problem
     stops the run here instead. `console` shows the records tokenized as they are (a
     snug.runtime.progress.Phase) and the counts. `own`: the stage's own settings (Stage.own; None:
-    their defaults)."""
+    their defaults). A name of data.dataset_dir's registry is read with its own format and
+    columns (snug/data/registry.py); `seed` draws its num_samples."""
     stage = get_stage(stage) if isinstance(stage, str) else stage
     started = time.monotonic()
-    src = load_raw(spec, cfg.split, cfg.on_error)
+    src, cfg = open_source(spec, cfg, stage, seed)
     if "text" not in stage.formats:
         refuse_plain_text(src, spec, stage.name, stage.needs)
     raw = src.records
@@ -365,6 +368,24 @@ def class_labels(cfg: DataConfig, label_column: str) -> list[str]:
     return sorted(names)
 
 
+def mix(parts: list[Dataset], cfg: DataConfig, seed: int) -> Dataset:
+    """The train sources' samples as one dataset. concat: all of each, one after the other (the
+    sampler shuffles them). interleave / interleave_over: `datasets.interleave_datasets`, which
+    draws each next sample's source by data.mix_probs (equal chances if unset) with
+    train.seed, until the first source runs out (LLaMA-Factory's interleave_under) or, for
+    interleave_over, until every one has (the shorter ones repeated)."""
+    if len(parts) == 1:
+        return parts[0]
+    if cfg.mix == "concat":
+        return concatenate_datasets(parts)
+    return datasets.interleave_datasets(
+        parts,
+        probabilities=cfg.mix_probs or [1 / len(parts)] * len(parts),
+        seed=seed,
+        stopping_strategy="all_exhausted" if cfg.mix == "interleave_over" else "first_exhausted",
+    )
+
+
 def build_datasets(
     cfg: DataConfig,
     tok: PreTrainedTokenizerBase,
@@ -374,8 +395,8 @@ def build_datasets(
     console: Console | None = None,
     own: Any = None,
 ) -> tuple[Dataset, Dataset | None, DataStats]:
-    """(train, eval or None, stats). Several train sources are mixed (concatenated; the
-    sampler shuffles); val_size holds out part of train when there is no eval data. `console`
+    """(train, eval or None, stats). Several train sources are mixed as data.mix says
+    (`mix`); val_size holds out part of train when there is no eval data. `console`
     shows each source's progress (snug train's). `stage`: a snug.stages.base.Stage or its
     name (train.stage); `own`: its own settings (Stage.own; None: their defaults)."""
     datasets.disable_progress_bars()
@@ -385,11 +406,11 @@ def build_datasets(
     parts = []
     for spec in _as_list(cfg.train):
         ds, counts, problems = tokenize_source(
-            spec, cfg, tok, stage, model_name, stats.labels, console, own
+            spec, cfg, tok, stage, model_name, stats.labels, console, own, seed
         )
         stats.add(counts, problems)
         parts.append(ds)
-    train = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    train = mix(parts, cfg, seed)
     if len(train) == 0:
         raise DataError(
             f"data.train: no usable samples remain ({stats.dropped} dropped; the first: "
@@ -398,7 +419,7 @@ def build_datasets(
     evals = []
     for spec in _as_list(cfg.eval):
         ds, counts, problems = tokenize_source(
-            spec, cfg, tok, stage, model_name, stats.labels, console, own
+            spec, cfg, tok, stage, model_name, stats.labels, console, own, seed
         )
         stats.add(counts, problems, train=False)
         if len(ds) == 0:

@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, Json
 
+from snug.config.dataset_info import registry_folder
 from snug.config.paths import NOT_A_FILE_BECAUSE, special_data_file
 from snug.data.formats import DataError
 from snug.data.locate import Locator, check_json_file, check_utf8, holds_array, read_json
@@ -66,6 +67,8 @@ def load_raw(spec: str, split: str, on_error: str = "strict") -> RawSource:
             if split not in saved:
                 raise DataError(f"{spec}: has splits {list(saved)}, not data.split={split}.")
             return RawSource(saved[split], Locator(spec))
+        if why := registry_folder(path):  # not save_to_disk's, which has a state.json too
+            raise DataError(why)
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             return RawSource(datasets.load_from_disk(str(path)), Locator(spec))
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in BUILDERS)
