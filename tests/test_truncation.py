@@ -74,6 +74,25 @@ def test_one_exchange_over_cutoff_keeps_the_system_prompt_and_cuts_as_llamafacto
     assert trained(tokenizer, ids, labels) == answer[: len(trained(tokenizer, ids, labels))]
 
 
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_every_builtin_template_keeps_the_system_prompt_and_the_answer_header(tokenizer, name):
+    """Templates that render the system turn alone (chatml, llama3) and those that put it in
+    the first user turn (mistral, gemma) alike."""
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "word " * 100},
+        {"role": "assistant", "content": "cat " * 200},
+    ]
+    prompt = chat_segments(tokenizer, BUILTIN[name], messages, "x")[0][0]
+    whole = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids, labels, status, prompt_len = encode_chat(
+        tokenizer, BUILTIN[name], messages, 250, False, "x"
+    )
+    assert status == "truncated" and len(ids) == 250 and prompt_len < len(whole)
+    assert SYSTEM in tokenizer.decode(ids[:prompt_len])
+    assert ids[prompt_len - 4 : prompt_len] == whole[-4:]  # the header the answer follows
+
+
 def test_infer_seqlen_keeps_short_sides_whole_and_shares_long_ones():
     assert infer_seqlen(10, 5, 100) == (10, 5)  # fits
     assert infer_seqlen(300, 20, 100) == (80, 20)  # short answer whole, prompt cut

@@ -85,7 +85,7 @@ def prompt_ids(
 ) -> tuple[list[int], int, int]:
     """The token ids of `prompt` (the rendered `messages` up to an answer); how many of its
     first ones a cut keeps: its system turn (rendered alone where the prompt starts with that,
-    else up to the end of the system text), else a leading special token (BOS); and how many
+    else up to the end of the system text, for templates that put it in the first user turn), else a leading special token (BOS); and how many
     of its last ones: the header after the last message's text, which the answer follows."""
     system = split_exchanges(messages)[0]
     head = ""
@@ -94,9 +94,12 @@ def prompt_ids(
             head = render_chat(tok, template, system, False, where)
         except TemplateRefused:  # a template that renders no system turn alone
             head = ""
-        if not (head and prompt.startswith(head)):
-            found = prompt.find(system[-1]["content"])
-            head = prompt[: found + len(system[-1]["content"])] if found >= 0 else ""
+        text = system[-1]["content"]
+        if not (
+            prompt.startswith(head) and text in head
+        ):  # the template holds it for the user turn
+            found = prompt.find(text)
+            head = prompt[: found + len(text)] if found >= 0 else ""
     last = prompt.rfind(messages[-1]["content"]) if messages else -1
     header = prompt[last + len(messages[-1]["content"]) :] if last >= len(head) else ""
     header_len = len(tok(header, add_special_tokens=False)["input_ids"]) if header else 0
