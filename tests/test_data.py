@@ -85,16 +85,7 @@ def test_cutoff_keeps_part_of_the_answer(tokenizer):
     assert tokenizer.decode(ids[: len(ids) - targets]).endswith("<|im_start|>assistant\n")
 
 
-def test_budget_keeps_short_answers_whole_and_shares_long_ones():
-    from snug.data.tokenize import _budget
-
-    assert _budget(10, 5, 100) == (10, 5)  # fits
-    assert _budget(300, 20, 100) == (80, 20)  # short answer whole, prompt cut
-    assert _budget(20, 300, 100) == (20, 80)  # short prompt whole, answer cut
-    assert _budget(300, 100, 100) == (75, 25)  # both long: in proportion
-
-
-def test_multi_turn_masks_every_prompt_and_drops_headerless_turns(tokenizer):
+def test_multi_turn_masks_every_prompt_and_drops_the_earliest_turn(tokenizer):
     convo = [*CHAT, {"role": "user", "content": "again"}, {"role": "assistant", "content": "cat"}]
     ids, labels, status, prompt_len = encode_chat(
         tokenizer, tokenizer.chat_template, convo, 128, False, "x"
@@ -102,11 +93,11 @@ def test_multi_turn_masks_every_prompt_and_drops_headerless_turns(tokenizer):
     targets = tokenizer.decode([t for t, y in zip(ids, labels, strict=True) if y != IGNORE])
     assert targets == "red<|im_end|>\ncat<|im_end|>\n" and status == "kept"
     assert tokenizer.decode(ids[prompt_len:]) == "cat<|im_end|>\n"
-    first_len = len(encode_chat(tokenizer, tokenizer.chat_template, CHAT, 128, False, "x")[0])
-    ids2, _, status2, _ = encode_chat(
-        tokenizer, tokenizer.chat_template, convo, first_len + 3, False, "x"
+    last = encode_chat(tokenizer, tokenizer.chat_template, convo[2:], 128, False, "x")
+    ids2, labels2, status2, _ = encode_chat(
+        tokenizer, tokenizer.chat_template, convo, len(last[0]) + 3, False, "x"
     )
-    assert status2 == "truncated" and len(ids2) == first_len  # turn 2 would lose its header
+    assert status2 == "truncated" and (ids2, labels2) == last[:2]  # the first exchange went
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))

@@ -150,6 +150,16 @@ class DataConfig:
     )
     max_samples: int | None = _f(None, "Use at most this many samples of each dataset.", AT_LEAST_1)
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
+    mask_history: bool = _f(
+        False,
+        "Train only the last assistant turn of each conversation; the earlier answers are "
+        "context, masked like prompts (LLaMA-Factory's mask_history).",
+    )
+    default_system: str | None = _f(
+        None,
+        "System prompt given to records that have none (LLaMA-Factory's template "
+        "default_system); null: none.",
+    )
     split: str = _f("train", "Split to read from a hub dataset.")
     on_error: Literal["strict", "skip"] = _f(
         "strict",

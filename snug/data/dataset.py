@@ -253,6 +253,8 @@ def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, li
         train_on_prompt=cfg.train_on_prompt,
         max_chars=text_limit(tok, cfg.cutoff_len),
         where=source.where,
+        mask_history=cfg.mask_history,
+        default_system=cfg.default_system,
     )
     key = (
         fmt,
@@ -260,6 +262,8 @@ def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, li
         cfg.cutoff_len,
         cfg.train_on_prompt,
         stage.name,
+        cfg.mask_history,
+        cfg.default_system,
     )
     return source.map(fn, key)
 

@@ -18,9 +18,11 @@ list ending on the assistant turn that is judged (LLaMA-Factory's kto layout, `m
 `conversations`), or alpaca's `instruction`/`input`/`output`.
 
 The prompt is rendered by the chat template with the generation prompt and masked as in sft;
-each answer is what the template adds after it. Truncation to data.cutoff_len cuts the prompt
-first (from its start, keeping a leading special token), down to what leaves room for the
-longer answer or to half the cutoff, then both answers at the same length.
+each answer is what the template adds after it. Truncation to data.cutoff_len keeps the system
+turn and the last user turn: the earliest exchanges of the prompt go first, whole; then the
+prompt and both answers are cut as in sft (data/tokenize.py: LLaMA-Factory's split, judged
+with the longer answer; the prompt keeps its system turn and its end), both answers at the
+same length.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ from snug.data.tokenize import (
     clip_messages,
     records_of,
     text_limit,
+)
+from snug.data.truncate import (
+    cut_prompt,
+    infer_seqlen,
+    latest_fit,
+    prompt_ids,
+    with_default_system,
 )
 
 if TYPE_CHECKING:  # only for annotations: a config check must not load transformers
@@ -211,32 +220,43 @@ def canonical_unpaired(record: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _split(
     tok: PreTrainedTokenizerBase, template: str, prompt: list[dict], answer: str, where: str
-) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered prompt (with the generation prompt) and of the answer after
-    it, as the template renders them."""
+) -> tuple[str, str]:
+    """The rendered prompt (with the generation prompt) and the answer after it, as the
+    template renders them."""
     segments = chat_segments(
         tok, template, [*prompt, {"role": "assistant", "content": answer}], where
     )
-    before = "".join(p + a for p, a in segments[:-1]) + segments[-1][0]
-    return (
-        tok(before, add_special_tokens=False)["input_ids"],
-        tok(segments[-1][1], add_special_tokens=False)["input_ids"],
-    )
+    return "".join(p + a for p, a in segments[:-1]) + segments[-1][0], segments[-1][1]
+
+
+def _ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def _fit(
-    tok: PreTrainedTokenizerBase, src: list[int], answers: list[list[int]], cutoff: int
+    tok: PreTrainedTokenizerBase,
+    template: str,
+    prompt: list[dict],
+    texts: list[str],
+    cutoff: int,
+    where: str,
 ) -> tuple[list[int], list[list[int]], bool]:
-    """Cut the prompt first, then every answer to the same length (module docstring)."""
+    """The prompt's and the answers' token ids within `cutoff` (module docstring), and whether
+    any was cut."""
+    parts = [_split(tok, template, prompt, t, where) for t in texts]
+    if any(p[0] != parts[0][0] for p in parts[1:]):
+        raise DataError(f"{where}: the template renders the prompt differently per answer.")
+    src, answers = _ids(tok, parts[0][0]), [_ids(tok, p[1]) for p in parts]
     longest = max(len(a) for a in answers)
     if len(src) + longest <= cutoff:
         return src, answers, False
-    keep = min(len(src), max(cutoff - longest, cutoff // 2))
-    if keep < len(src):
-        head = 1 if keep > 1 and src[0] in tok.all_special_ids else 0
-        src = src[:head] + src[len(src) - keep + head :]
-    room = cutoff - len(src)
-    return src, [a[:room] for a in answers], True
+    # The earliest exchanges go first, judged with the longer answer (data/tokenize.py).
+    judged = {"role": "assistant", "content": texts[[len(a) for a in answers].index(longest)]}
+    prompt = latest_fit(tok, template, [*prompt, judged], cutoff, where)[:-1]
+    before = _split(tok, template, prompt, judged["content"], where)[0]
+    src, head, header = prompt_ids(tok, template, prompt, before, where)
+    keep_src, keep_answer = infer_seqlen(len(src), longest, cutoff)
+    return cut_prompt(src, head, header, keep_src), [a[:keep_answer] for a in answers], True
 
 
 def _status(answers: list[list[int]], cut: bool) -> str:
@@ -254,9 +274,11 @@ def tokenize_pairs(
     cutoff_len: int,
     paired: bool,
     where: Callable[[int], str],
+    default_system: str | None = None,
 ) -> dict[str, list]:
     """Batched `datasets.map` function: raw records -> the columns of PAIR_COLUMNS (or
-    UNPAIRED_COLUMNS), `status` and `problem`, one row per record."""
+    UNPAIRED_COLUMNS), `status` and `problem`, one row per record; a prompt without a system
+    turn gets `default_system` (data.default_system)."""
     columns = PAIR_COLUMNS if paired else UNPAIRED_COLUMNS
     out: dict[str, list] = {c: [] for c in (*columns, "status", "problem")}
     limit = text_limit(tok, cutoff_len)  # longer texts are cut first (data/tokenize.py)
@@ -276,12 +298,10 @@ def tokenize_pairs(
                 texts = [canon["completion"]]
                 row["desirable"] = int(canon["desirable"])
             prompt, clipped = clip_messages(canon["prompt"], limit)
+            prompt = with_default_system(prompt, default_system)
             clipped = clipped or any(len(t) > limit for t in texts)
-            parts = [_split(tok, template, prompt, t[:limit], at) for t in texts]
-            src = parts[0][0]
-            if any(p[0] != src for p in parts[1:]):
-                raise DataError(f"{at}: the template renders the prompt differently per answer.")
-            src, answers, cut = _fit(tok, src, [p[1] for p in parts], cutoff_len)
+            texts = [t[:limit] for t in texts]
+            src, answers, cut = _fit(tok, template, prompt, texts, cutoff_len, at)
             status = _status(answers, cut)
             status = CLIPPED if clipped and status in (KEPT, TRUNCATED) else status
             problem = (

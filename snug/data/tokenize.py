@@ -14,6 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from snug.data.formats import ANSWER_FIELD, DataError
 from snug.data.render import TemplateRefused, origin_of, render_chat
+from snug.data.truncate import (
+    cut_prompt,
+    infer_seqlen,
+    latest_fit,
+    prompt_ids,
+    split_exchanges,
+    with_default_system,
+)
 
 if TYPE_CHECKING:  # only for annotations: a config check must not load transformers
     from transformers import PreTrainedTokenizerBase
@@ -80,17 +88,41 @@ def segments(
         done = full
 
 
-def _budget(src: int, tgt: int, budget: int) -> tuple[int, int]:
-    """Split `budget` tokens between prompt and answer, keeping part of a long answer."""
-    if src + tgt <= budget:
-        return src, tgt
-    if tgt <= budget // 2:
-        keep_tgt = tgt
-    elif src <= budget // 2:
-        keep_tgt = budget - src
-    else:  # both long: share in proportion
-        keep_tgt = max(1, budget * tgt // (src + tgt))
-    return min(src, budget - keep_tgt), keep_tgt
+def _encode_turns(
+    tok: PreTrainedTokenizerBase,
+    template: str,
+    messages: list[dict],
+    cutoff_len: int,
+    train_on_prompt: bool,
+    mask_history: bool,
+    where: str,
+) -> tuple[list[int], list[int], int, bool] | None:
+    """(input_ids, labels, prompt_len, cut) of the whole of `messages`, or None as soon as a
+    turn does not fit in `cutoff_len` (no further turn is rendered). A conversation of one
+    exchange that does not fit is cut instead (`infer_seqlen`, `cut_prompt`)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    prompt_len, cut = 0, False
+    answers = [m for m in messages if m["role"] == "assistant"]
+    turns = len(answers)
+    for k, (prompt, answer) in enumerate(segments(tok, template, messages, where)):
+        src = tok(prompt, add_special_tokens=False)["input_ids"]
+        tgt = tok(answer, add_special_tokens=False)["input_ids"]
+        if len(ids) + len(src) + len(tgt) > cutoff_len:
+            if turns > 1:
+                return None
+            asked = messages[: [m["role"] for m in messages].index("assistant")]
+            src, head, header = prompt_ids(tok, template, asked, prompt, where)
+            n_src, n_tgt = infer_seqlen(len(src), len(tgt), cutoff_len)
+            src, tgt, cut = cut_prompt(src, head, header, n_src), tgt[:n_tgt], True
+        prompt_len = len(ids) + len(src)
+        ids += src + tgt
+        # masked: an earlier answer under mask_history, or one LLaMA-Factory v1 weighs 0
+        masked = (mask_history and k < turns - 1) or answers[k].get("loss_weight") == 0
+        labels += (src if train_on_prompt else [IGNORE] * len(src)) + (
+            [IGNORE] * len(tgt) if masked else tgt
+        )
+    return ids, labels, prompt_len, cut
 
 
 def encode_chat(
@@ -100,38 +132,27 @@ def encode_chat(
     cutoff_len: int,
     train_on_prompt: bool,
     where: str,
+    mask_history: bool = False,
 ) -> tuple[list[int], list[int], str, int]:
-    """(input_ids, labels, status, prompt_len); the last kept answer starts at prompt_len.
+    """(input_ids, labels, status, prompt_len); the last answer starts at prompt_len.
 
-    A long first prompt loses its start but keeps a leading special token (BOS), since its end
-    carries the turn header the answer follows; a long answer loses its end; a later turn that
-    would lose part of its prompt is dropped whole rather than trained without its header.
-    Rendering stops at the first turn that does not fit whole.
+    A conversation over `cutoff_len` keeps its system turns and its last exchange: its earliest
+    exchanges go first, whole (`latest_fit`); an exchange that does not fit alone keeps its
+    system turn and the end of its prompt, and the start of its answer (`infer_seqlen`, as
+    LLaMA-Factory cuts). Rendering stops at the first turn that does not fit, and then renders
+    only the conversation's end. With `mask_history`, only the last answer is trained.
     """
-    ids: list[int] = []
-    labels: list[int] = []
-    status, prompt_len = KEPT, 0
-    answers = [m for m in messages if m["role"] == "assistant"]
-    turns = len(answers)
-    # Turns past the budget are never rendered: nothing of them could be kept.
-    for k, (prompt, answer) in enumerate(segments(tok, template, messages, where)):
-        src = tok(prompt, add_special_tokens=False)["input_ids"]
-        tgt = tok(answer, add_special_tokens=False)["input_ids"]
-        n_src, n_tgt = _budget(len(src), len(tgt), cutoff_len - len(ids))
-        if (n_src, n_tgt) != (len(src), len(tgt)):
-            status = TRUNCATED
-            if k > 0 and n_src < len(src):
-                break
-        head = 1 if n_src < len(src) and n_src > 1 and src[0] in tok.all_special_ids else 0
-        src, tgt = src[:head] + src[len(src) - n_src + head :], tgt[:n_tgt]
-        prompt_len = len(ids) + len(src)
-        ids += src + tgt
-        trained = answers[k].get("loss_weight") != 0  # LLaMA-Factory v1's weight 0: masked
-        labels += src if train_on_prompt else [IGNORE] * len(src)
-        labels += tgt if trained else [IGNORE] * len(tgt)
-        if len(ids) >= cutoff_len:
-            status = TRUNCATED if k < turns - 1 else status
-            break
+    args = (cutoff_len, train_on_prompt, mask_history, where)
+    got = _encode_turns(tok, template, messages, *args)
+    status = KEPT
+    if got is None:  # the end that fits, less one more exchange should tokens not add up
+        status = TRUNCATED
+        kept = latest_fit(tok, template, messages, cutoff_len, where)
+        while (got := _encode_turns(tok, template, kept, *args)) is None:
+            system, talk = split_exchanges(kept)
+            kept = system + [m for exchange in talk[1:] for m in exchange]
+    ids, labels, prompt_len, cut = got
+    status = TRUNCATED if cut else status
     if not ids:
         return ids, labels, EMPTY, 0
     if all(x == IGNORE for x in labels[1:]):  # position 0 is never predicted
@@ -256,6 +277,8 @@ def _encode(
     cutoff_len: int,
     train_on_prompt: bool,
     max_chars: int,
+    mask_history: bool = False,
+    default_system: str | None = None,
 ) -> tuple[list[tuple[list[int], list[int], str, int]], str]:
     """One raw record's samples, and the problem that makes it invalid ("" if none): a bad
     field, or a conversation its chat template refuses."""
@@ -276,9 +299,10 @@ def _encode(
     if problem := _unrendered_reasoning(canon["messages"], template, at):
         return invalid, problem
     messages, clipped = clip_messages(canon["messages"], max_chars)
+    messages = with_default_system(messages, default_system)
     try:
         ids, labels, status, prompt_len = encode_chat(
-            tok, template, messages, cutoff_len, train_on_prompt, at
+            tok, template, messages, cutoff_len, train_on_prompt, at, mask_history
         )
     except TemplateRefused as e:
         return invalid, str(e)
@@ -298,16 +322,28 @@ def tokenize_records(
     train_on_prompt: bool,
     max_chars: int,
     where: Callable[[int], str],
+    mask_history: bool = False,
+    default_system: str | None = None,
 ) -> dict[str, list]:
     """Batched `datasets.map` function: raw columns -> input_ids, labels, status, prompt_len,
     problem. A record that cannot train becomes one row with a status that drops it and a
     `problem` naming its file, line or row, and field; the caller decides whether to stop.
-    A message over `max_chars` characters (`text_limit`) is cut to it first."""
+    A message over `max_chars` characters (`text_limit`) is cut to it first; a conversation
+    without a system turn gets `default_system` (data.default_system)."""
     out: dict[str, list] = {c: [] for c in COLUMNS}
     for record, index in zip(records_of(records), indices, strict=True):
         at = where(index)
         results, problem = _encode(
-            record, at, tok, template, fmt, cutoff_len, train_on_prompt, max_chars
+            record,
+            at,
+            tok,
+            template,
+            fmt,
+            cutoff_len,
+            train_on_prompt,
+            max_chars,
+            mask_history,
+            default_system,
         )
         for ids, labels, status, prompt_len in results:
             out["input_ids"].append(ids)

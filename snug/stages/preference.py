@@ -286,11 +286,13 @@ class PreferenceStage(BaseStage):
             cutoff_len=source.data.cutoff_len,
             paired=self.paired,
             where=source.where,
+            default_system=source.data.default_system,
         )
         key = (
             "pairs" if self.paired else "unpaired",
             tokenizer_fingerprint(source.tok, template),
             source.data.cutoff_len,
+            source.data.default_system,
         )
         return source.map(fn, key)
 
