@@ -102,6 +102,11 @@ class DataConfig:
         SOME_DATA,
     )
     eval: str | list[str] | None = _f(None, "Held-out data, in the same forms as train.", SOME_DATA)
+    dataset_dir: str | None = _f(
+        None,
+        "Folder of a dataset_info.json (LLaMA-Factory's registry) whose dataset names train "
+        "and eval may give.",
+    )
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = _f(
         "auto", "Record format; auto detects it from the first record's keys."
     )
