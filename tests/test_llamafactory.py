@@ -14,7 +14,7 @@ from snug.cli import main
 from snug.config import load_config
 from snug.config.llamafactory import convert, flags_to_keys, read_file
 from snug.errors import ConfigError
-from tests.conftest import TINY_BASE, write_jsonl
+from tests.conftest import ROOT, TINY_BASE, write_jsonl
 
 # A LoRA SFT config as LLaMA-Factory's examples write one (its keys, its sections by comment).
 LORA_SFT = """\
@@ -217,3 +217,23 @@ def test_snug_train_runs_a_llamafactory_yaml(tmp_path, monkeypatch, capsys):
     assert (summary["status"], summary["steps"]) == ("completed", 2)
     saved = load_config(tmp_path / "out/config.yaml")
     assert (saved.method.alpha, saved.train.max_steps) == (32, 2)
+
+
+def test_snugs_own_arguments_are_told_from_the_flags():
+    from snug.cli import OVERRIDE
+    from snug.config.llamafactory import split_arguments
+
+    tokens = "--stage sft --fresh --plot_loss --nnodes 2 --dataset a,b train.max_steps=2".split()
+    flags, own = split_arguments(tokens, ("--fresh",), ("--nnodes",), OVERRIDE.match)
+    assert flags == ["--stage", "sft", "--plot_loss", "--dataset", "a,b"]
+    assert own == ["--fresh", "--nnodes", "2", "train.max_steps=2"]
+    assert flags_to_keys(flags) == {"stage": "sft", "plot_loss": True, "dataset": "a,b"}
+
+
+def test_the_shipped_llamafactory_example_converts(monkeypatch):
+    monkeypatch.chdir(ROOT)  # as LLaMA-Factory, its paths are read from the current folder
+    converted = read_file("examples/llamafactory/lora_sft.yaml", gpu=False)
+    cfg = _config(converted)
+    assert cfg.data.dataset_dir == str(ROOT / "examples/llamafactory/data")
+    info = json.loads((ROOT / "examples/llamafactory/data/dataset_info.json").read_text())
+    assert converted.sections["data"]["train"] in info

@@ -70,13 +70,15 @@ class _Walk:
     def given(self, *keys: str) -> bool:
         return any(self.left.get(k) is not None for k in keys)
 
-    def set(self, path: str, value: Any, *keys: str) -> None:
+    def set(self, path: str, value: Any, *keys: str, note: str = "") -> None:
+        """`path` ('section.key') gets `value`, converted from `keys` (the first is the one a
+        default stands for); `note` replaces the comment that says so."""
         section, key = path.split(".")
         self.out.sections.setdefault(section, {})[key] = value
         given = [k for k in keys if k in self.written]
         if given and given[0] in self.lines:
             self.out.lines[path] = self.lines[given[0]]
-        self.out.origin[path] = (
+        self.out.origin[path] = note or (
             f"from {', '.join(given)}" if given else f"LLaMA-Factory's default ({keys[0]})"
         )
 
@@ -134,7 +136,9 @@ def _method(w: _Walk) -> None:
         rank = int(w.take("lora_rank", 8))
         w.set("method.r", rank, "lora_rank")
         # LLaMA-Factory: lora_alpha defaults to twice the rank
-        w.set("method.alpha", w.take("lora_alpha", 2 * rank), "lora_alpha", "lora_rank")
+        alpha = w.take("lora_alpha")
+        note = "" if alpha is not None else "lora_alpha unset: 2 x lora_rank, as LLaMA-Factory"
+        w.set("method.alpha", alpha or 2 * rank, "lora_alpha", note=note)
         w.set("method.dropout", w.take("lora_dropout", 0.0), "lora_dropout")
         targets = _comma_list(w.take("lora_target", "all"))
         w.set("method.targets", "all-linear" if targets == ["all"] else targets, "lora_target")
@@ -266,7 +270,8 @@ def _precision(w: _Walk) -> None:
             f"{given}: no CUDA GPU is visible here and {wanted} needs one, so this runs with "
             f"train.precision=auto (fp32 on the CPU); on a GPU, train.precision={wanted}."
         )
-        wanted = "auto"
+        w.set("train.precision", "auto", given, note=f"from {given}: no GPU visible here")
+        return
     w.set("train.precision", wanted, given)
 
 
