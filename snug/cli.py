@@ -61,7 +61,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from snug.config import llamafactory, load_config
+    from snug.config import llamafactory
     from snug.errors import ConfigError
     from snug.runtime.files import write_text_atomic
 
@@ -75,7 +75,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     if args.out and Path(args.out).exists():
         raise ConfigError(f"--out {args.out} exists; name a new file so nothing is overwritten.")
-    load_config(args.config, read=(converted.sections, converted.lines))  # as snug train would
+    llamafactory.load_converted(converted)  # checked as snug train would
     for line in converted.said:
         print(f"note: {line}", file=sys.stderr)
     text = llamafactory.to_yaml(converted, f"{args.config} as a snug config (snug convert)")

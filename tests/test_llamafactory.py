@@ -12,7 +12,7 @@ import yaml
 
 from snug.cli import main
 from snug.config import load_config
-from snug.config.llamafactory import convert, flags_to_keys, read_file
+from snug.config.llamafactory import convert, flags_to_keys, load_converted, read_file
 from snug.errors import ConfigError
 from tests.conftest import ROOT, TINY_BASE, write_jsonl
 
@@ -237,3 +237,10 @@ def test_the_shipped_llamafactory_example_converts(monkeypatch):
     assert cfg.data.dataset_dir == str(ROOT / "examples/llamafactory/data")
     info = json.loads((ROOT / "examples/llamafactory/data/dataset_info.json").read_text())
     assert converted.sections["data"]["train"] in info
+
+
+def test_an_error_about_a_converted_key_names_the_llamafactory_key(tmp_path):
+    raw = {"model_name_or_path": "org/m", "dataset": "d", "stage": "kto"}
+    raw["per_device_train_batch_size"] = 1  # snug's kto needs 2: its KL pairs rows
+    with pytest.raises(ConfigError, match=r"train\.micro_batch \(per_device_train_batch_size\)"):
+        load_converted(convert(raw, "lf.yaml", tmp_path, gpu=False))

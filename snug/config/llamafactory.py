@@ -506,3 +506,20 @@ def split_arguments(
                     i += 1
         i += 1
     return flags, own
+
+
+def load_converted(converted: Converted, overrides: list[str] = ()):
+    """The checked snug config of `converted`; an error about a snug key also names the
+    LLaMA-Factory key it came from (`train.micro_batch (per_device_train_batch_size)`)."""
+    import re
+
+    from snug.config.build import load_config
+
+    try:
+        return load_config(converted.source, overrides, read=(converted.sections, converted.lines))
+    except ConfigError as e:
+        text = str(e)
+        for path, origin in converted.origin.items():
+            if origin.startswith("from "):
+                text = re.sub(rf"\b{re.escape(path)}\b", f"{path} ({origin[5:]})", text, count=1)
+        raise ConfigError(text) from None

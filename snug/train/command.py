@@ -7,9 +7,13 @@ import argparse
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from snug.arguments import LAUNCH_FLAGS, config_arguments
 from snug.config.switch import say_set_aside
+
+if TYPE_CHECKING:
+    from snug.config.llamafactory import Converted
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +68,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from snug.train.outputs import check_output_dir, own_output_dir
     from snug.train.status import RunStatus
 
-    cfg = load_config(args.config, args.overrides, read=_from_llamafactory(args))
+    converted = _from_llamafactory(args)
+    if converted is not None:
+        from snug.config.llamafactory import load_converted
+
+        cfg = load_converted(converted, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     if "LOCAL_RANK" not in os.environ:  # said once: by this command, not by each rank it starts
         say_set_aside(cfg)
     check_output_dir(cfg)
@@ -107,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
-def _from_llamafactory(args: argparse.Namespace) -> tuple[dict, dict] | None:
+def _from_llamafactory(args: argparse.Namespace) -> Converted | None:
     """A LLaMA-Factory config (file or flags) converted, its snug YAML printed (output.dir's
     config.yaml keeps it, as for any run); None for a snug config."""
     from snug.config import llamafactory
@@ -120,7 +130,7 @@ def _from_llamafactory(args: argparse.Namespace) -> tuple[dict, dict] | None:
         for line in converted.said:
             print(f"note: {line}", file=sys.stderr)
         print(llamafactory.to_yaml(converted, f"{converted.source} as a snug config:"))
-    return converted.sections, converted.lines
+    return converted
 
 
 def _launch(args: argparse.Namespace, cfg, command: str) -> int:
