@@ -9,7 +9,7 @@ import re
 import sys
 
 from snug.arguments import LAUNCH_FLAGS
-from snug.config.llamafactory import FLAGS_SOURCE, has_flags, split_arguments
+from snug.config.llamafactory_io import FLAGS_SOURCE, has_flags, split_arguments
 from snug.deploy.args import add_trust_arguments
 from snug.deploy.chat import add_parser as add_chat_parser
 from snug.deploy.evaluate import add_eval_parser
@@ -61,13 +61,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from snug.config import llamafactory
+    from snug.config import llamafactory, llamafactory_io
     from snug.errors import ConfigError
     from snug.runtime.files import write_text_atomic
 
     if not Path(args.config).is_file():
         raise ConfigError(f"{args.config}: no such config file.")
-    converted = llamafactory.read_file(args.config)
+    converted = llamafactory_io.read_file(args.config)
     if converted is None:
         raise ConfigError(
             f"{args.config}: not a LLaMA-Factory config (none of "
@@ -75,10 +75,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     if args.out and Path(args.out).exists():
         raise ConfigError(f"--out {args.out} exists; name a new file so nothing is overwritten.")
-    llamafactory.load_converted(converted)  # checked as snug train would
+    llamafactory_io.load_converted(converted)  # checked as snug train would
     for line in converted.said:
         print(f"note: {line}", file=sys.stderr)
-    text = llamafactory.to_yaml(converted, f"{args.config} as a snug config (snug convert)")
+    text = llamafactory_io.to_yaml(converted, f"{args.config} as a snug config (snug convert)")
     if not args.out:
         print(text, end="")
         return 0

@@ -12,7 +12,8 @@ import yaml
 
 from snug.cli import main
 from snug.config import load_config
-from snug.config.llamafactory import convert, flags_to_keys, load_converted, read_file
+from snug.config.llamafactory import convert
+from snug.config.llamafactory_io import flags_to_keys, load_converted, read_file
 from snug.errors import ConfigError
 from tests.conftest import ROOT, TINY_BASE, write_jsonl
 
@@ -221,7 +222,7 @@ def test_snug_train_runs_a_llamafactory_yaml(tmp_path, monkeypatch, capsys):
 
 def test_snugs_own_arguments_are_told_from_the_flags():
     from snug.cli import OVERRIDE
-    from snug.config.llamafactory import split_arguments
+    from snug.config.llamafactory_io import split_arguments
 
     tokens = "--stage sft --fresh --plot_loss --nnodes 2 --dataset a,b train.max_steps=2".split()
     flags, own = split_arguments(tokens, ("--fresh",), ("--nnodes",), OVERRIDE.match)

@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     converted = _from_llamafactory(args)
     if converted is not None:
-        from snug.config.llamafactory import load_converted
+        from snug.config.llamafactory_io import load_converted
 
         cfg = load_converted(converted, args.overrides)
     else:
@@ -120,16 +120,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _from_llamafactory(args: argparse.Namespace) -> Converted | None:
     """A LLaMA-Factory config (file or flags) converted, its snug YAML printed (output.dir's
     config.yaml keeps it, as for any run); None for a snug config."""
-    from snug.config import llamafactory
+    from snug.config import llamafactory_io
 
     flags = getattr(args, "llamafactory_flags", None)
-    converted = llamafactory.read_flags(flags) if flags else llamafactory.read_file(args.config)
+    converted = (
+        llamafactory_io.read_flags(flags) if flags else llamafactory_io.read_file(args.config)
+    )
     if converted is None:
         return None
     if "LOCAL_RANK" not in os.environ:  # said once: by this command, not by each rank
         for line in converted.said:
             print(f"note: {line}", file=sys.stderr)
-        print(llamafactory.to_yaml(converted, f"{converted.source} as a snug config:"))
+        print(llamafactory_io.to_yaml(converted, f"{converted.source} as a snug config:"))
     return converted
 
 
