@@ -8,6 +8,8 @@ import os
 import re
 import sys
 
+from snug.arguments import LAUNCH_FLAGS
+from snug.config.llamafactory_io import FLAGS_SOURCE, has_flags, split_arguments
 from snug.deploy.args import add_trust_arguments
 from snug.deploy.chat import add_parser as add_chat_parser
 from snug.deploy.evaluate import add_eval_parser
@@ -56,6 +58,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from snug.config import llamafactory, llamafactory_io
+    from snug.errors import ConfigError
+    from snug.runtime.files import write_text_atomic
+
+    if not Path(args.config).is_file():
+        raise ConfigError(f"{args.config}: no such config file.")
+    converted = llamafactory_io.read_file(args.config)
+    if converted is None:
+        raise ConfigError(
+            f"{args.config}: not a LLaMA-Factory config (none of "
+            f"{', '.join(llamafactory.MARKERS)} at its top level); snug train reads it as it is."
+        )
+    if args.out and Path(args.out).exists():
+        raise ConfigError(f"--out {args.out} exists; name a new file so nothing is overwritten.")
+    llamafactory_io.load_converted(converted)  # checked as snug train would
+    for line in converted.said:
+        print(f"note: {line}", file=sys.stderr)
+    text = llamafactory_io.to_yaml(converted, f"{args.config} as a snug config (snug convert)")
+    if not args.out:
+        print(text, end="")
+        return 0
+    write_text_atomic(Path(args.out), text)
+    print(f"wrote {args.out}; run it with: snug train {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snug", description="Fine-tune large language models inside the memory you have."
@@ -91,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     add_trust_arguments(merge)
     merge.set_defaults(func=cmd_merge)
+    convert = sub.add_parser(
+        "convert",
+        help="write a LLaMA-Factory config as a snug config, without running it",
+        description="Convert a LLaMA-Factory training YAML (flat keys: model_name_or_path, stage, "
+        "finetuning_type, dataset, ...) into a snug config, with LLaMA-Factory's defaults for "
+        "the keys it leaves out; keys snug cannot honour are refused in one error. snug train "
+        "reads such a YAML directly, too.",
+    )
+    convert.add_argument("config", help="LLaMA-Factory YAML file")
+    convert.add_argument("--out", help="new file for the snug YAML (default: print it)")
+    convert.set_defaults(func=cmd_convert)
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_chat_parser(sub)
@@ -108,8 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end]
     argv = [a for i, a in enumerate(argv) if a != "--debug" or i >= end]
+    llamafactory_flags = None
+    if argv[:1] == ["train"] and has_flags(argv[1:]):  # `llamafactory-cli train`'s flags
+        switches = ("--fresh", "--allow-config-change")
+        options = tuple(f"--{k.replace('_', '-')}" for k in LAUNCH_FLAGS)
+        llamafactory_flags, own = split_arguments(argv[1:], switches, options, OVERRIDE.match)
+        argv = ["train", FLAGS_SOURCE, *own]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if llamafactory_flags is not None:
+        args.llamafactory_flags = llamafactory_flags
     # `snug train cfg.yaml --fresh train.lr=1e-4`: argparse ends the overrides at the first flag
     if extra and args.command in ("train", "plan", "measure") and all(map(OVERRIDE.match, extra)):
         args.overrides += extra

@@ -76,6 +76,7 @@ KEY_LINES = {
     "generate": r"wrote \d+ answers of \S+ to \S+",
     "eval": r"metric\s+base\s+\S+",
     "chat": r"\[\S+\] you> .*",
+    "convert": r"wrote \S+; run it with: snug train \S+",
 }
 HELP_LINE = r"usage: snug \w+ .*"
 LIST_MODELS_LINE = r"Qwen/Qwen2\.5-7B"

@@ -8,6 +8,7 @@ before any model is loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -337,17 +338,25 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, load_text(raw, where, ConfigError, not_yaml=not_yaml)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] = (),
+    read: tuple[dict[str, Any], dict[str, int]] | None = None,
+) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate everything.
     Relative paths in the file are read from the file's folder (a run's saved config.yaml is
     read like any other). An override choosing another method or stage sets the file's keys of
     its own aside (snug/config/switch.py); `cfg.set_aside` says which, for the command to
-    print."""
+    print. `read`: the sections and their lines already read from `path` (a LLaMA-Factory
+    config converted by snug/config/llamafactory.py; its paths are absolute)."""
     raw: dict[str, Any] = {}
     source = "config"
     lines: dict[str, int] = {}
     base = None
-    if path is not None:
+    if read is not None:
+        source = str(path)
+        raw, lines = copy.deepcopy(read[0]), dict(read[1])
+    elif path is not None:
         source = str(path)
         if Path(path).is_dir():
             raise ConfigError(f"{path}: is a directory; give the config's YAML file.")

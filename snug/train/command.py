@@ -7,9 +7,13 @@ import argparse
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from snug.arguments import LAUNCH_FLAGS, config_arguments
 from snug.config.switch import say_set_aside
+
+if TYPE_CHECKING:
+    from snug.config.llamafactory import Converted
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +44,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=cmd_train)
 
 
+def config_argv(args: argparse.Namespace) -> list[str]:
+    """The config as the command line gave it: a file, or LLaMA-Factory's flags."""
+    return list(getattr(args, "llamafactory_flags", None) or [args.config])
+
+
 def resume_command(args: argparse.Namespace) -> str:
     """The command that resumes a stopped run: this one, less --fresh."""
-    argv = ["snug", "train", args.config, *args.overrides]
+    argv = ["snug", "train", *config_argv(args), *args.overrides]
     argv += ["--allow-config-change"] * args.allow_config_change
     for key in LAUNCH_FLAGS:
         if getattr(args, key) is not None:
@@ -59,7 +68,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from snug.train.outputs import check_output_dir, own_output_dir
     from snug.train.status import RunStatus
 
-    cfg = load_config(args.config, args.overrides)
+    converted = _from_llamafactory(args)
+    if converted is not None:
+        from snug.config.llamafactory_io import load_converted
+
+        cfg = load_converted(converted, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     if "LOCAL_RANK" not in os.environ:  # said once: by this command, not by each rank it starts
         say_set_aside(cfg)
     check_output_dir(cfg)
@@ -102,6 +117,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
+def _from_llamafactory(args: argparse.Namespace) -> Converted | None:
+    """A LLaMA-Factory config (file or flags) converted, its snug YAML printed (output.dir's
+    config.yaml keeps it, as for any run); None for a snug config."""
+    from snug.config import llamafactory_io
+
+    flags = getattr(args, "llamafactory_flags", None)
+    converted = (
+        llamafactory_io.read_flags(flags) if flags else llamafactory_io.read_file(args.config)
+    )
+    if converted is None:
+        return None
+    if "LOCAL_RANK" not in os.environ:  # said once: by this command, not by each rank
+        for line in converted.said:
+            print(f"note: {line}", file=sys.stderr)
+        print(llamafactory_io.to_yaml(converted, f"{converted.source} as a snug config:"))
+    return converted
+
+
 def _launch(args: argparse.Namespace, cfg, command: str) -> int:
     """`snug train` with dist.nproc processes: torchrun starts them. On the node of rank 0 this
     process holds output.dir's lock from before any rank starts until torchrun has ended
@@ -114,7 +147,7 @@ def _launch(args: argparse.Namespace, cfg, command: str) -> int:
         offline_said_on_stderr()  # the ranks inherit the answer (HF_HUB_OFFLINE)
         from snug.train import dist
 
-        argv = ["--debug"] * args.debug + ["train", args.config, *args.overrides]
+        argv = ["--debug"] * args.debug + ["train", *config_argv(args), *args.overrides]
         argv += ["--fresh"] * args.fresh + ["--allow-config-change"] * args.allow_config_change
         for key in LAUNCH_FLAGS:  # the ranks pass them on in the command that resumes
             if getattr(args, key) is not None:
