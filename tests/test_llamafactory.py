@@ -145,7 +145,30 @@ def test_what_snug_cannot_honour_is_listed_in_one_error(tmp_path):
     assert text.startswith("lf.yaml: ") and "\n" not in text
 
 
+def seed_data(folder: Path) -> None:
+    """The seed command's ./data: a dataset_info.json naming its three datasets (alpaca_gpt4_zh
+    and identity as LLaMA-Factory's own file declares them; adgen_local a user's own, with its
+    columns mapped as LLaMA-Factory's README shows), each a few records."""
+    data = folder / "data"
+    data.mkdir(parents=True)
+    info = {
+        "alpaca_gpt4_zh": {"file_name": "alpaca_gpt4_zh.json"},
+        "identity": {"file_name": "identity.json"},
+        "adgen_local": {
+            "file_name": "adgen_local.json",
+            "columns": {"prompt": "content", "response": "summary"},
+        },
+    }
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    rows = [{"instruction": f"say {i}", "input": "", "output": f"{i}"} for i in range(12)]
+    (data / "alpaca_gpt4_zh.json").write_text(json.dumps(rows))
+    (data / "identity.json").write_text(json.dumps(rows[:6]))
+    ads = [{"content": f"type#{i}", "summary": f"ad {i}"} for i in range(12)]
+    (data / "adgen_local.json").write_text(json.dumps(ads))
+
+
 def test_the_seed_command_parses_and_is_refused_only_for_what_snug_cannot_do(tmp_path):
+    seed_data(tmp_path)
     flags = [f.format(model=TINY_BASE) for f in SEED]
     with pytest.raises(ConfigError) as e:
         convert(flags_to_keys(flags), "the flags", tmp_path, gpu=False)
@@ -173,11 +196,32 @@ def test_the_seed_command_parses_and_is_refused_only_for_what_snug_cannot_do(tmp
 
 def test_snug_train_takes_the_seed_flags_and_refuses_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    seed_data(tmp_path)
     flags = [f.format(model=TINY_BASE) for f in SEED]
     assert main(["train", *flags, "train.max_steps=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "load_best_model_at_end" in err
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # nothing written
+
+
+def test_the_seed_command_trains_on_its_registered_datasets(tmp_path, monkeypatch, capsys):
+    """Issue 35's seed command, `llamafactory-cli train` replaced by `snug train`, on a local
+    base and a ./data folder of its three datasets: it trains (2 steps here), with only
+    --load_best_model_at_end taken out, which snug refuses rather than fakes."""
+    monkeypatch.chdir(tmp_path)
+    seed_data(tmp_path)
+    flags = [f.format(model=TINY_BASE) for f in SEED if f != "--load_best_model_at_end"]
+    assert main(["train", *flags, "train.max_steps=2", "train.eval_every=2"]) == 0
+    out = tmp_path / "saves/LLaMA3-8B/lora/sft"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 2
+    # the three datasets, each read with its own columns (12 + 6 + 12 records)
+    assert summary["data"]["kept"] == 30, summary["data"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["train"] == [
+        "alpaca_gpt4_zh",
+        "identity",
+        "adgen_local",
+    ]
 
 
 def test_snug_convert_writes_a_config_snug_train_loads(tmp_path, monkeypatch, capsys):
