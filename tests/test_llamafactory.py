@@ -133,6 +133,7 @@ def test_what_snug_cannot_honour_is_listed_in_one_error(tmp_path):
         "quantization_method": "hqq",
         "lr_scheduler_type": "polynomial",
         "load_best_model_at_end": True,
+        "metric_for_best_model": "accuracy",
         "a_key_nobody_knows": 1,
     }
     with pytest.raises(ConfigError) as e:
@@ -140,7 +141,8 @@ def test_what_snug_cannot_honour_is_listed_in_one_error(tmp_path):
     text = str(e.value)
     for key in ("deepspeed", "use_galore", "quantization_method", "lr_scheduler_type"):
         assert f"{key} (" in text
-    assert "load_best_model_at_end (" in text and "a_key_nobody_knows (" in text
+    assert "metric_for_best_model (" in text and "not accuracy" in text
+    assert "load_best_model_at_end" not in text and "a_key_nobody_knows (" in text
     assert "use_badam" not in text and "dist.strategy=fsdp" in text
     assert text.startswith("lf.yaml: ") and "\n" not in text
 
@@ -167,14 +169,9 @@ def seed_data(folder: Path) -> None:
     (data / "adgen_local.json").write_text(json.dumps(ads))
 
 
-def test_the_seed_command_parses_and_is_refused_only_for_what_snug_cannot_do(tmp_path):
+def test_the_seed_command_parses_every_flag(tmp_path):
     seed_data(tmp_path)
     flags = [f.format(model=TINY_BASE) for f in SEED]
-    with pytest.raises(ConfigError) as e:
-        convert(flags_to_keys(flags), "the flags", tmp_path, gpu=False)
-    listed = str(e.value).split(" keys: ")[1].rsplit("; change or remove", 1)[0]
-    assert listed.startswith("load_best_model_at_end (") and "); " not in listed
-    flags.remove("--load_best_model_at_end")
     converted = convert(flags_to_keys(flags), "the flags", tmp_path, gpu=False)
     assert converted.sections["data"]["train"] == ["alpaca_gpt4_zh", "identity", "adgen_local"]
     cfg = _config(converted)
@@ -184,6 +181,7 @@ def test_the_seed_command_parses_and_is_refused_only_for_what_snug_cannot_do(tmp
     assert (cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.lr) == (2, 8, 5e-5)
     assert (cfg.train.epochs, cfg.train.warmup, cfg.train.log_every) == (5.0, 20, 50)
     assert (cfg.train.eval_every, cfg.output.save_every, cfg.output.plot_loss) == (50, 100, True)
+    assert cfg.output.keep_best  # --load_best_model_at_end: the best by eval loss is the output
     assert cfg.train.precision == "auto"  # --fp16 without a GPU: said on one line
     fp16 = [line for line in converted.said if line.startswith("fp16:")]
     assert len(fp16) == 1 and "train.precision=fp16-mixed" in fp16[0]
@@ -198,23 +196,31 @@ def test_snug_train_takes_the_seed_flags_and_refuses_in_one_line(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     seed_data(tmp_path)
     flags = [f.format(model=TINY_BASE) for f in SEED]
-    assert main(["train", *flags, "train.max_steps=2"]) == 2
+    more = ["--metric_for_best_model", "accuracy", "--greater_is_better", "true"]
+    assert main(["train", *flags, *more, "train.max_steps=2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "load_best_model_at_end" in err
+    assert err.count("\n") == 0 and "metric_for_best_model (" in err
+    assert "greater_is_better (" in err
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # nothing written
 
 
 def test_the_seed_command_trains_on_its_registered_datasets(tmp_path, monkeypatch, capsys):
     """Issue 35's seed command, `llamafactory-cli train` replaced by `snug train`, on a local
-    base and a ./data folder of its three datasets: it trains (2 steps here), with only
-    --load_best_model_at_end taken out, which snug refuses rather than fakes."""
+    base and a ./data folder of its three datasets: it trains (2 steps here, evaluated after
+    each), every flag honoured: --load_best_model_at_end ends with the step of the lower eval
+    loss."""
     monkeypatch.chdir(tmp_path)
     seed_data(tmp_path)
-    flags = [f.format(model=TINY_BASE) for f in SEED if f != "--load_best_model_at_end"]
-    assert main(["train", *flags, "train.max_steps=2", "train.eval_every=2"]) == 0
+    flags = [f.format(model=TINY_BASE) for f in SEED]
+    assert main(["train", *flags, "train.max_steps=2", "train.eval_every=1"]) == 0
     out = tmp_path / "saves/LLaMA3-8B/lora/sft"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    best = min(evals, key=evals.get)
+    assert summary["best"] == {"step": best, "eval_loss": evals[best]}
+    assert (out / "checkpoints" / f"step-{best}" / "COMPLETE").is_file()
     # the three datasets, each read with its own columns (12 + 6 + 12 records)
     assert summary["data"]["kept"] == 30, summary["data"]
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["train"] == [

@@ -27,6 +27,7 @@ def check_combinations(cfg: Config, source: str) -> None:
             "given too; set one of them."
         )
     check_mix(d, source)
+    _check_keep_best(cfg, source)
     stage = stages()[t.stage]
     if t.micro_batch < stage.min_rows:
         raise ConfigError(
@@ -57,6 +58,22 @@ def check_combinations(cfg: Config, source: str) -> None:
     if why and cfg.memory.grad_checkpointing:
         raise ConfigError(
             f"{source}: method.name={cfg.method.name} needs memory.grad_checkpointing=false: {why}."
+        )
+
+
+def _check_keep_best(cfg: Config, source: str) -> None:
+    """output.keep_best chooses among the held-out losses measured every train.eval_every."""
+    if not cfg.output.keep_best:
+        return
+    missing = []
+    if cfg.data.eval is None and not cfg.data.val_size > 0:
+        missing.append("eval data (data.eval or data.val_size)")
+    if not cfg.train.eval_every:
+        missing.append("train.eval_every")
+    if missing:
+        raise ConfigError(
+            f"{source}: output.keep_best keeps the weights of the lowest held-out loss, which "
+            f"needs {' and '.join(missing)}; set them or output.keep_best=false."
         )
 
 

@@ -349,9 +349,26 @@ def _output(w: _Walk) -> None:
     # Hugging Face keeps every checkpoint unless save_total_limit is set; snug: keep_last 0
     w.set("output.keep_last", w.take("save_total_limit", 0), "save_total_limit")
     w.set("output.plot_loss", _flag(w.take("plot_loss", False)), "plot_loss")
+    if _flag(w.take("load_best_model_at_end", False)):
+        _keep_best(w)
     resume = w.take("resume_from_checkpoint")
     if resume is not None and resume is not False:
         w.refuse("resume_from_checkpoint", "snug resumes output.dir's newest checkpoint itself")
+
+
+def _keep_best(w: _Walk) -> None:
+    """load_best_model_at_end: snug keeps the best by held-out loss (Hugging Face's default
+    metric, lower is better); another metric is refused."""
+    metric = w.take("metric_for_best_model", "loss")
+    if str(metric).removeprefix("eval_") != "loss":
+        w.refuse(
+            "metric_for_best_model",
+            f"snug keeps the best checkpoint by eval_loss, not {metric}: set "
+            "metric_for_best_model: eval_loss or remove it",
+        )
+    if w.given("greater_is_better") and _flag(w.take("greater_is_better")):
+        w.refuse("greater_is_better", "a lower eval_loss is better: remove it")
+    w.set("output.keep_best", True, "load_best_model_at_end", "metric_for_best_model")
 
 
 def _leftovers(w: _Walk) -> None:

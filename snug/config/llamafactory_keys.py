@@ -105,12 +105,13 @@ REFUSED_UNLESS_DEFAULT: dict[str, tuple[Any, str]] = {
     "double_quantization": (True, "snug's 4bit always quantizes its constants too"),
     "quantization_method": ("bnb", "snug quantizes with bitsandbytes only (model.quant)"),
     "do_predict": (False, "predict with snug generate after training"),
-    "metric_for_best_model": (None, "snug keeps the last step's weights"),
-    "greater_is_better": (None, "snug keeps the last step's weights"),
-    "load_best_model_at_end": (
-        False,
-        "snug cannot yet make the best checkpoint by eval loss the final output, it keeps the "
-        "last step's: remove it, or pick a checkpoints/step-N/ by the eval loss in metrics.jsonl",
+    "metric_for_best_model": (
+        None,
+        "snug chooses a best checkpoint only with load_best_model_at_end (output.keep_best)",
+    ),
+    "greater_is_better": (
+        None,
+        "snug chooses a best checkpoint only with load_best_model_at_end (output.keep_best)",
     ),
     "use_swanlab": (False, "snug writes metrics.jsonl and status.json"),
     "tool_format": (None, "snug renders tools with the chat template"),

@@ -296,6 +296,13 @@ class OutputConfig:
     keep_last: int = _f(
         2, "Checkpoints to keep; older ones are deleted once a new one is complete.", NON_NEGATIVE
     )
+    keep_best: bool = _f(
+        False,
+        "End with the weights of the lowest held-out loss seen at train.eval_every (Hugging "
+        "Face's load_best_model_at_end by eval_loss): each new lowest is checkpointed, never "
+        "deleted by keep_last, and becomes adapter/ or model/; needs eval data and "
+        "train.eval_every.",
+    )
     plot_loss: bool = _f(True, "Write loss.png at the end.")
 
 

@@ -60,6 +60,12 @@ def check_freeze(cfg: Any, source: str) -> None:
             f"{source}: method.unfreeze_every changes the trainable set during training, which "
             "DDP and FSDP fix at wrapping; leave it unset with dist.strategy."
         )
+    if m.unfreeze_every is not None and cfg.output.keep_best:
+        raise ConfigError(
+            f"{source}: method.unfreeze_every changes the trainable set during training, so the "
+            "checkpoint output.keep_best goes back to lacks the layers unfrozen after it; set "
+            "one of them."
+        )
 
 
 def check_freeze_patterns(model: nn.Module, cfg: MethodConfig) -> None:

@@ -86,10 +86,13 @@ def save_checkpoint(
     keep_last: int,
     scaler: torch.amp.GradScaler | None = None,
     ctx=None,
+    best: int | None = None,
 ) -> Path:
     """`ctx` (train/dist.py Dist) with several ranks: weights and optimizer tensors go through
     torch.distributed.checkpoint (each rank writes its shards; DDP's replicas once), each rank
-    its own RNG files; rank 0 writes the rest, the marker and renames, between barriers."""
+    its own RNG files; rank 0 writes the rest, the marker and renames, between barriers.
+    `best`: the step of the checkpoint output.keep_best ends with, kept beside the newest
+    `keep_last`."""
     from snug.train import dist
 
     sharded = ctx is not None and ctx.active
@@ -130,7 +133,7 @@ def save_checkpoint(
     if not main:
         dist.barrier()  # rank 0 commits
         return final
-    _commit(root, tmp, final, keep_last)
+    _commit(root, tmp, final, keep_last, best)
     if sharded:
         dist.barrier()
     return final
@@ -156,7 +159,7 @@ def _write_state(tmp: Path, step: int, state: dict) -> None:
     fsync(tmp)
 
 
-def _commit(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+def _commit(root: Path, tmp: Path, final: Path, keep_last: int, best: int | None) -> None:
     """The rename is the commit point: before it the old checkpoint (if any) is whole, after
     it the new one is. A checkpoint of the same step is moved aside first (recover() moves it
     back should a kill fall between the two renames), then deleted; then old ones pruned."""
@@ -166,7 +169,7 @@ def _commit(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
     os.replace(tmp, final)
     fsync(root)
     shutil.rmtree(old, ignore_errors=True)
-    prune(root, keep_last)
+    prune(root, keep_last, best)
 
 
 def _kept(root: Path) -> str:

@@ -14,6 +14,7 @@ from rich.console import Console
 from snug.config import Config
 from snug.core.events import End, Phase, Reporter
 from snug.core.registry import get_method
+from snug.errors import RunError
 from snug.models.fingerprint import base_record, write_base_record
 from snug.runtime.files import (
     OutOfSpace,
@@ -26,20 +27,55 @@ from snug.runtime.files import (
     write_text_atomic,
 )
 from snug.train import dist
-from snug.train.outputs import PREVIOUS, discard_previous
+from snug.train.checkpoint import load_checkpoint
+from snug.train.outputs import COMPLETE, PREVIOUS, discard_previous
 from snug.train.run import Run
 from snug.train.statefile import tensor_bytes
 
 
 def finish(run: Run, out: Path, ctx: dist.Dist, console: Console, summary: dict) -> None:
     """After the last step: the held-out evaluation after training (in the summary and said),
-    then the final adapter or model."""
+    then the final adapter or model; with output.keep_best, both of the best checkpoint's
+    weights."""
+    if run.cfg.output.keep_best:
+        summary["best"] = use_best(run)
     if run.evaluate:
         summary["eval"] = eval_block(run.identity["eval_before"], run.evaluate("after"))
         console.print(eval_line(summary["eval"]))
     run.reporter.phase(Phase("saving", detail=f"{out / get_method(run.cfg.method.name).output}"))
     target = save_final(run.model, run.tok, run.cfg, out, ctx)
     console.print(f"saved {target}")
+
+
+def use_best(run: Run) -> dict | None:
+    """output.keep_best, after the last step: the model takes the weights of the best
+    checkpoint (its train_state names it; resumed runs too), so the evaluation after
+    training and the final output are of them. Returns summary.json's `best`."""
+    best = run.pos.best
+    if best is None:
+        warning = (
+            "output.keep_best: no held-out loss was measured (train.eval_every="
+            f"{run.cfg.train.eval_every} > {run.pos.step} steps); the last step's "
+            "weights are the output"
+        )
+        run.summary.setdefault("warnings", []).append(warning)
+        run.console.print(f"[yellow]{warning}[/yellow]")
+        return None
+    if best["step"] != run.pos.step:
+        path = run.out / "checkpoints" / f"step-{best['step']}"
+        if not (path / COMPLETE).is_file():
+            raise RunError(
+                f"output.keep_best: the best checkpoint {path} (held-out loss "
+                f"{best['eval_loss']:.4f}) is missing or incomplete, so its weights cannot "
+                "be the output; run again with output.keep_best=false to end with the last "
+                "checkpoint's, or with --fresh to train again."
+            )
+        load_checkpoint(path, run.model, run.optimizer, run.scheduler, run.scaler, run.ctx)
+    run.console.print(
+        f"output.keep_best: the output is step {best['step']}'s weights (held-out loss "
+        f"{best['eval_loss']:.4f})"
+    )
+    return dict(best)
 
 
 def end(

@@ -257,9 +257,12 @@ def recover(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, best: int | None = None) -> None:
+    """The newest `keep_last` complete checkpoints stay (0: all), and step-`best` (output.
+    keep_best's) whatever its age; older ones and what a kill left aside go."""
     for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+        if old.name != f"step-{best}":
+            shutil.rmtree(old)
     for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
         shutil.rmtree(stale, ignore_errors=True)
 

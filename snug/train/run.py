@@ -21,7 +21,13 @@ from snug.core.events import Checkpoint, Eval, Reporter, Step
 from snug.core.registry import get_method
 from snug.errors import RunError
 from snug.train import dist
-from snug.train.checkpoint import load_checkpoint, read_train_state, save_checkpoint
+from snug.train.checkpoint import (
+    COMPLETE,
+    CheckpointLoadError,
+    load_checkpoint,
+    read_train_state,
+    save_checkpoint,
+)
 from snug.train.evaluate import eval_metrics
 from snug.train.memory import StepPeaks, model_tensors, optimizer_tensors
 from snug.train.optim import build_optimizer, build_scheduler, warmup_too_long
@@ -56,6 +62,7 @@ class Position:
     nonfinite_skipped: list[int] = field(default_factory=list)
     oom_changes: list[dict] = field(default_factory=list)
     train_loss_first: float | None = None
+    best: dict | None = None  # output.keep_best: {"step", "eval_loss"} of the lowest so far
 
 
 class Run:
@@ -124,6 +131,7 @@ class Run:
             self.cfg.output.keep_last,
             self.scaler,
             self.ctx,
+            best=self.pos.best["step"] if self.pos.best else None,
         )
         self.reporter.checkpoint(Checkpoint(self.pos.step, self.last_checkpoint))
         return self.last_checkpoint
@@ -138,6 +146,15 @@ class Run:
         names = {f.name for f in dataclasses.fields(Position)}
         self.pos = Position(**{k: v for k, v in state.items() if k in names})
         self.last_checkpoint = path
+        best = self.pos.best
+        if self.cfg.output.keep_best and best is not None:
+            found = [path.parent / f"{p}step-{best['step']}" for p in ("", ".old-")]
+            if not any((f / COMPLETE).is_file() for f in found):
+                raise CheckpointLoadError(
+                    f"checkpoint {path} names {found[0]} as output.keep_best's best (held-out "
+                    f"loss {best['eval_loss']:.4f}), which is gone; nothing was changed: run "
+                    "with output.keep_best=false to go on without it, or --fresh to start over."
+                )
         if not self.pos.oom_changes or self.pos.rows_per_micro_batch > self.cfg.train.micro_batch:
             # only an out-of-memory fallback carries over; else this run's micro_batch
             self.pos.rows_per_micro_batch = self.cfg.train.micro_batch
@@ -365,9 +382,12 @@ class Run:
                 reference=self.reference,
             )["loss"]
             self.reporter.eval(Eval(pos.step, value))
+            new_best = self.cfg.output.keep_best and self._lowest(value)
+        else:
+            new_best = False
         every = self.cfg.output.save_every
         stop = dist.any_rank(signals.requested is not None, self.device)  # all ranks agree
-        if (every and pos.step % every == 0) or stop:
+        if (every and pos.step % every == 0) or stop or new_best:
             self.save()
         if stop:
             raise TrainingStopped(
@@ -375,6 +395,15 @@ class Run:
                 f"{pos.step}, checkpoint {self.last_checkpoint}; to resume, run: "
                 f"{self.resume_command}"
             )
+
+    def _lowest(self, value: float) -> bool:
+        """output.keep_best: is `value` (this step's held-out loss, the same on every rank) the
+        lowest so far? Then it is the best, and this step is checkpointed."""
+        best = self.pos.best
+        if not math.isfinite(value) or (best is not None and value >= best["eval_loss"]):
+            return False
+        self.pos.best = {"step": self.pos.step, "eval_loss": value}
+        return True
 
 
 def _peak_memory(peaks: StepPeaks | None, device, rss_before: int) -> dict:
