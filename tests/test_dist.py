@@ -329,3 +329,44 @@ def test_an_uneven_last_micro_batch_keeps_the_ranks_in_step(tmp_path):
     run = train(tmp_path, "uneven", raw)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4  # ceil(ceil(25 / 4) / 2)
+
+
+CHOSEN_LOSSES = """
+import json, os, sys
+import snug.train.run as loop
+real, measured = loop.eval_metrics, {}
+# rank 0 sees its lowest at step 2; rank 1 other numbers (rank 0's must decide for both)
+chosen = {0: [3.0, 1.0, 2.0, 2.5], 1: [0.5, 4.0, 0.1, 0.2]}[int(os.environ["RANK"])]
+def fake(model, *args, **kwargs):
+    step = len(measured) + 1
+    measured[step] = real(model, *args, **kwargs)["loss"]
+    with open(os.environ["REAL"] + os.environ["RANK"], "w") as f:
+        json.dump(measured, f)
+    return {"loss": chosen[step - 1]}
+loop.eval_metrics = fake
+from snug.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_keep_best_on_two_fsdp_ranks_ends_with_rank_0s_best(tmp_path):
+    """output.keep_best under FSDP: rank 0's held-out loss decides for both ranks (else they
+    would save at different steps and hang), keep_last 1 keeps only the best's shards, and the
+    final adapter is the best step's: the evaluation after training gives the loss measured
+    at step 2."""
+    raw = raw_config(tmp_path / "run", "fsdp", max_steps=4, eval_every=1)
+    raw["data"]["eval"] = str(ROOT / "data/instruct/heldout.jsonl")
+    raw["output"].update(save_every=None, keep_last=1, keep_best=True)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    procs = ranks(cfg, CHOSEN_LOSSES, REAL=str(tmp_path / "real"))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"] == {"step": 2, "eval_loss": 1.0}
+    # step-1 (the best until step 2) was pruned by keep_last 1 once step-2 was complete
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    real = json.loads((tmp_path / "real0").read_text())
+    assert summary["eval"]["loss_after"] == pytest.approx(real["2"], rel=1e-5)
+    assert real["2"] != pytest.approx(real["4"], rel=1e-5)

@@ -397,8 +397,12 @@ class Run:
             )
 
     def _lowest(self, value: float) -> bool:
-        """output.keep_best: is `value` (this step's held-out loss, the same on every rank) the
-        lowest so far? Then it is the best, and this step is checkpointed."""
+        """output.keep_best: is `value` (this step's held-out loss, rank 0's) the lowest so
+        far? Then it is the best, and this step is checkpointed."""
+        if self.ctx.active:  # rank 0's number on every rank: they all save, or none
+            same = torch.tensor([value], dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(same, src=0)
+            value = same.item()
         best = self.pos.best
         if not math.isfinite(value) or (best is not None and value >= best["eval_loss"]):
             return False
