@@ -84,6 +84,7 @@ def test_train_writes_every_output(tmp_path):
         "invalid": 0,
         "eval_dropped": 0,
         "problems": [],
+        "placeholders": {},  # {{name}}-style placeholders left in the data: none here
     }
     assert summary["eval"]["metric"] == "exact_match" and 0 <= summary["eval"]["before"] <= 1
     assert summary["eval"]["loss_after"] < summary["eval"]["loss_before"]
