@@ -71,22 +71,21 @@ def test_a_json_array_is_tokenized_once_while_nothing_that_changes_its_tokens_ch
     assert run() != first and sum(calls) == 20
 
 
-def test_num_proc_tokenizes_in_processes_as_one_process_does(tmp_path, tokenizer, cache):
+def test_num_proc_tokenizes_in_processes_as_one_process_does(tmp_path, tokenizer, monkeypatch):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(200)]
     rows[150] = {"instruction": "q", "output": 7}  # invalid: named by file and line
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     done = {}
-    for n in (1, 2):
+    for n in (1, 2):  # each in a cache of its own: the other's result is not read back
+        cache = tmp_path / f"cache{n}"
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
         cfg = DataConfig(train=str(data), template="chatml", on_error="skip", num_proc=n)
         done[n] = build_datasets(cfg, tokenizer, "sft", 0, "tiny")
+        shards = list(cache.rglob("*_of_00002.arrow"))
+        assert len(shards) == (2 if n == 2 else 0)  # one per process
+        strict = DataConfig(train=str(data), template="chatml", num_proc=n)
         with pytest.raises(DataError, match=f"{data} line 151: .*data.on_error: skip"):
-            build_datasets(
-                DataConfig(train=str(data), template="chatml", num_proc=n),
-                tokenizer,
-                "sft",
-                0,
-                "tiny",
-            )
+            build_datasets(strict, tokenizer, "sft", 0, "tiny")
     (one, _, stats1), (two, _, stats2) = done[1], done[2]
     assert one["input_ids"] == two["input_ids"] and one["labels"] == two["labels"]
     assert stats1.as_dict() == stats2.as_dict() and stats2.invalid == 1
