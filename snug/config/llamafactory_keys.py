@@ -127,7 +127,6 @@ SET_ASIDE = {
     "dataloader_pin_memory": "snug feeds batches from memory",
     "dataloader_persistent_workers": "snug feeds batches from memory",
     "preprocessing_batch_size": "speed only",
-    "preprocessing_num_workers": "no data.num_proc key in snug yet: tokenizing runs in one process",
     "per_device_eval_batch_size": "speed only: eval runs one micro-batch at a time",
     "buffer_size": "used with streaming only",
     "overwrite_cache": "snug re-tokenizes whenever data, template, tokenizer or cutoff change",

@@ -161,6 +161,13 @@ class DataConfig:
         "default_system); null: none.",
     )
     split: str = _f("train", "Split to read from a hub dataset.")
+    num_proc: int | None = _f(
+        None,
+        "Processes that tokenize (LLaMA-Factory's preprocessing_num_workers), never more "
+        "than the usable cores; 1: in this process; null: one per 1,000 records, at most 8 "
+        "(fewer records gain less than a process takes to start).",
+        AT_LEAST_1,
+    )
     on_error: Literal["strict", "skip"] = _f(
         "strict",
         "A malformed record (bad JSON line, missing or mistyped field, empty sample, roles out "

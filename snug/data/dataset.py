@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from snug.core.registry import get_stage
 from snug.data.formats import FORMATS, DataError, detect_format
 from snug.data.locate import Locator
+from snug.data.parallel import in_memory_cache, processes, run_map
 from snug.data.placeholders import count_placeholders, placeholder_warning
 from snug.data.preference import refuse_preference_records
 from snug.data.registry import open_source
@@ -220,7 +221,16 @@ class Source:
         each sample `input_ids`, `labels`, `prompt_len`, `status` and `problem`
         (snug/data/tokenize.py: COLUMNS), through datasets' cache keyed by `key` (everything
         that changes the tokens); keep the usable samples as data.on_error says."""
-        return map_cached(self.raw, fn, key, self.spec, self.data.on_error, self.progress)
+        return map_cached(
+            self.raw,
+            fn,
+            key,
+            self.spec,
+            self.data.on_error,
+            self.progress,
+            self.data.num_proc,
+            self.where,
+        )
 
 
 def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, list[str]]:
@@ -268,17 +278,6 @@ def tokenize_formatted(source: Source, stage: Any) -> tuple[Dataset, Counter, li
     return source.map(fn, key)
 
 
-def _told(fn: Callable, progress: Callable[[int], None]) -> Callable:
-    """`fn`, a batched map function, telling `progress` how many records each batch held."""
-
-    def counted(records: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = fn(records, indices)
-        progress(len(indices))
-        return out
-
-    return counted
-
-
 def map_cached(
     raw: Dataset,
     fn,
@@ -286,23 +285,32 @@ def map_cached(
     spec: str,
     on_error: str,
     progress: Callable[[int], None] | None = None,
+    num_proc: int | None = 1,
+    where: Locator | None = None,
 ) -> tuple[Dataset, Counter, list[str]]:
     """Tokenize `raw` with `fn` through datasets' map cache (keyed by the raw data, by `key`,
-    everything that changes the tokens, and by `spec`, named in the problems), count each
-    sample's status, keep the usable ones. data.on_error acts after the map, so that strict
-    and skip share one cached result: strict stops at the first dropped sample in row order,
-    skip returns the first problems. `progress` hears the records of each batch tokenized
-    (none when the cache holds the result)."""
+    everything that changes the tokens, by `spec`, named in the problems, and by the lines
+    `where` names), in data.num_proc processes (snug/data/parallel.py, which also caches the
+    result of records held in memory); count each sample's status, keep the usable ones.
+    data.on_error acts after the map, so that strict and skip share one cached result: strict
+    stops at the first dropped sample in row order, skip returns the first problems.
+    `progress` hears the records of each batch tokenized (none when the cache holds the
+    result)."""
+    lines = where.known if where is not None else None
     fingerprint = hashlib.sha256(
-        repr((CACHE_VERSION, raw._fingerprint, key, spec)).encode()
-    ).hexdigest()
-    ds = raw.map(
-        fn if progress is None else _told(fn, progress),
+        repr((CACHE_VERSION, raw._fingerprint, key, spec, lines)).encode()
+    ).hexdigest()[:32]
+    ds = run_map(
+        raw,
+        fn,
+        processes(num_proc, len(raw)),
+        progress,
         batched=True,
         batch_size=MAP_BATCH,
         with_indices=True,
         remove_columns=raw.column_names,
-        new_fingerprint=fingerprint[:32],
+        new_fingerprint=fingerprint,
+        cache_file_name=in_memory_cache(raw, fingerprint),
         desc=f"tokenizing {spec}",
     )
     statuses = ds["status"]
