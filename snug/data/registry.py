@@ -116,6 +116,12 @@ class _Picked:
     def __call__(self, index: int) -> str:
         return self.where(self.rows[index])
 
+    @property
+    def known(self) -> tuple:
+        """What names its rows, for the tokenizing cache's key (dataset.py): the source's lines
+        as known, and the rows drawn from them."""
+        return self.where.known, tuple(self.rows)
+
 
 def _column(record: dict[str, Any], entry: DatasetEntry, part: str) -> Any:
     column = entry.columns.get(part)
