@@ -153,3 +153,14 @@ def test_tool_data_trains_through_build_datasets(tmp_path, tokenizer):
 def test_malformed_tool_turns_are_named(turns, message):
     with pytest.raises(DataError, match=message):
         to_canonical({"conversations": turns + [{"from": "gpt", "value": "a"}]}, "sharegpt", "r")
+
+
+def test_a_tool_exchange_over_the_cutoff_is_cut_not_dropped(tokenizer):
+    canon = to_canonical(GLAIVE, "sharegpt", "r")
+    args = (tokenizer, BUILTIN["qwen"], canon["messages"])
+    whole, _, _, _ = encode_chat(*args, 4096, False, "r", tools=canon["tools"])
+    cutoff = len(whole) - 20
+    ids, labels, status, _ = encode_chat(*args, cutoff, False, "r", tools=canon["tools"])
+    assert status == "truncated" and 0 < len(ids) <= cutoff
+    assert any(lab != IGNORE for lab in labels)
+    assert ids[:5] == whole[:5]  # the system turn (with the tools) keeps its start

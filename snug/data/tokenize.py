@@ -150,21 +150,29 @@ def _encode_turns(
 ) -> tuple[list[int], list[int], int, bool] | None:
     """(input_ids, labels, prompt_len, cut) of the whole of `messages`, or None as soon as a
     turn does not fit in `cutoff_len` (no further turn is rendered). A conversation of one
-    exchange that does not fit is cut instead (`infer_seqlen`, `cut_prompt`)."""
+    exchange that does not fit is cut instead (`infer_seqlen`, `cut_prompt`); an exchange of
+    tool calls has several turns: each is cut to the room the turns before it leave, as
+    LLaMA-Factory cuts its turns, and turns past the cutoff are left out."""
     ids: list[int] = []
     labels: list[int] = []
     prompt_len, cut = 0, False
     answers = [m for m in messages if m["role"] == "assistant"]
     turns = len(answers)
+    exchanges = len(split_exchanges(messages)[1])
     for k, (prompt, answer) in enumerate(segments(tok, template, messages, where, tools)):
         src = tok(prompt, add_special_tokens=False)["input_ids"]
         tgt = tok(answer, add_special_tokens=False)["input_ids"]
         if len(ids) + len(src) + len(tgt) > cutoff_len:
-            if turns > 1:
+            if exchanges > 1:
                 return None
-            asked = messages[: [m["role"] for m in messages].index("assistant")]
-            src, head, header = prompt_ids(tok, template, asked, prompt, where, tools)
-            n_src, n_tgt = infer_seqlen(len(src), len(tgt), cutoff_len)
+            if len(ids) >= cutoff_len:
+                break
+            if k == 0:
+                asked = messages[: [m["role"] for m in messages].index("assistant")]
+                src, head, header = prompt_ids(tok, template, asked, prompt, where, tools)
+            else:  # a turn after a tool call: keep the end of its prompt
+                head, header = 0, 0
+            n_src, n_tgt = infer_seqlen(len(src), len(tgt), cutoff_len - len(ids))
             src, tgt, cut = cut_prompt(src, head, header, n_src), tgt[:n_tgt], True
         prompt_len = len(ids) + len(src)
         ids += src + tgt
