@@ -164,3 +164,14 @@ def test_a_tool_exchange_over_the_cutoff_is_cut_not_dropped(tokenizer):
     assert status == "truncated" and 0 < len(ids) <= cutoff
     assert any(lab != IGNORE for lab in labels)
     assert ids[:5] == whole[:5]  # the system turn (with the tools) keeps its start
+
+
+def test_preference_data_with_tool_turns_is_refused(tmp_path, tokenizer):
+    pair = {
+        "conversations": GLAIVE["conversations"][:3],
+        "chosen": {"from": "gpt", "value": "21."},
+        "rejected": {"from": "gpt", "value": "No idea."},
+    }
+    path = write_jsonl(tmp_path / "pairs.jsonl", [pair])
+    with pytest.raises(DataError, match="item 2 is a tool call or tool result"):
+        build_datasets(DataConfig(train=str(path), template="qwen"), tokenizer, "dpo", 0, "tiny")
