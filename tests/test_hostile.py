@@ -654,7 +654,11 @@ def case_12_messages_with_tool_calls(w: World) -> Case:
     record = {
         "messages": [
             {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "1", "type": "function"}],
+            },  # no name
             {"role": "tool", "content": "4", "tool_call_id": "1"},
             {"role": "assistant", "content": "4"},
         ]
@@ -663,7 +667,7 @@ def case_12_messages_with_tool_calls(w: World) -> Case:
     w.write_config(data__train="data/tools.jsonl")
     return Case(
         ["train", str(w.cfg)],
-        r"\S*data/tools\.jsonl line 1: field 'messages' turn 2 is a tool call or tool result",
+        r"\S*data/tools\.jsonl line 1: field 'messages' turn 2 'tool_calls' call 1 needs a 'name'",
     )
 
 

@@ -1,9 +1,18 @@
 """Record formats -> one canonical form: `{"messages": [{"role", "content"}, ...]}` or `{"text"}`.
 
 alpaca:   {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
-sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value"}], "system"?}
-messages: {"messages": [{"role": "system"|"user"|"assistant", "content"}]}  (OpenAI style)
+sharegpt: {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation",
+           "value"}], "system"?, "tools"?}
+messages: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content",
+           "tool_calls"?}], "tools"?}  (OpenAI style)
 text:     {"text"}  (plain language modelling, train.stage=pt)
+
+Tool calling is read into OpenAI's form, once, here, so that one path renders both layouts: a
+sharegpt `function_call` turn (its value a JSON {"name", "arguments"}, or a list of them, as in
+LLaMA-Factory's glaive_toolcall data) becomes an assistant message with `tool_calls` and empty
+content, an `observation` a `tool` message; a record's `tools` (a JSON string or a list of
+function specs) becomes the canonical record's "tools", each spec as {"type": "function",
+"function": spec}: what `apply_chat_template(messages, tools=...)` takes.
 
 A message's content is a string or a list of typed parts (`read_turn`): OpenAI's
 `{"type": "text", "text"}` and LLaMA-Factory v1's `{"type": "text", "value"}`, v1's
@@ -13,6 +22,7 @@ refused: snug trains on text only.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from snug.errors import UserError
@@ -37,6 +47,9 @@ SHAREGPT_ROLES = {
     "system": "system",
     "bot": "assistant",
     "model": "assistant",
+    "function_call": "assistant",  # its value is the call (`_sharegpt_turn`)
+    "observation": "tool",
+    "tool": "tool",
 }
 
 
@@ -80,17 +93,28 @@ def _text(value: Any, where: str, key: str, allow_empty: bool = False) -> str:
     return value
 
 
-def _check_turns(messages: list[dict[str, str]], where: str, field: str) -> list[dict[str, str]]:
-    """System first (optional), then user/assistant alternating, ending with the assistant."""
+def _check_turns(messages: list[dict[str, Any]], where: str, field: str) -> list[dict[str, Any]]:
+    """System first (optional), then user and assistant alternating, ending with the assistant;
+    an assistant turn that calls tools is followed by their results (tool turns), and then by
+    the assistant again."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
         raise DataError(f"{where}: field '{field}' has no user/assistant turns.")
     for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != expected:
+        before = body[i - 1] if i else None
+        if before is None:
+            expected = ("user",)
+        elif before["role"] == "assistant":
+            expected = ("tool",) if before.get("tool_calls") else ("user",)
+        elif before["role"] == "tool":
+            expected = ("tool", "assistant")
+        else:
+            expected = ("assistant",)
+        if m["role"] not in expected:
             raise DataError(
                 f"{where}: field '{field}' turn {i + 1} is from '{m['role']}' where "
-                f"'{expected}' was expected (roles must alternate user, assistant)."
+                f"'{' or '.join(expected)}' was expected (roles must alternate user, assistant; "
+                "a tool call is followed by its results)."
             )
     if body[-1]["role"] != "assistant":
         raise DataError(f"{where}: field '{field}' must end with an assistant turn.")
@@ -125,8 +149,6 @@ def _sharegpt(r: dict[str, Any], where: str) -> list[dict[str, str]]:
     if system:
         messages.append({"role": "system", "content": _text(system, where, "system")})
     for i, t in enumerate(turns):
-        if isinstance(t, dict):
-            _no_tools(t, str(t.get("from")).lower(), where, "conversations", i)
         if not isinstance(t, dict) or t.get("from") is None or t.get("value") is None:
             raise DataError(
                 f"{where}: field 'conversations' turn {i + 1} needs 'from' and 'value'."
@@ -137,20 +159,84 @@ def _sharegpt(r: dict[str, Any], where: str) -> list[dict[str, str]]:
                 f"{where}: field 'conversations' turn {i + 1} has unknown role '{t['from']}' "
                 f"(known: {', '.join(SHAREGPT_ROLES)})."
             )
-        messages.append({"role": role, "content": _text(t["value"], where, "conversations")})
+        value = _text(t["value"], where, "conversations")
+        if str(t["from"]).lower() == "function_call":
+            label = f"field 'conversations' turn {i + 1}"
+            messages.append(
+                {"role": role, "content": "", "tool_calls": _calls(value, where, label)}
+            )
+        else:
+            messages.append({"role": role, "content": value})
     return _check_turns(messages, where, "conversations")
 
 
-TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
-
-
-def _no_tools(turn: dict[str, Any], role: Any, where: str, field: str, i: int) -> None:
-    """Tool calls and results have no text turn to train on (yet): say so, not 'missing'."""
-    if turn.get("tool_calls") or turn.get("function_call") or role in TOOL_ROLES:
+def _json(value: Any, where: str, label: str) -> Any:
+    """`value`, read as JSON when it is a string (LLaMA-Factory keeps calls and tools as JSON
+    text), else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
         raise DataError(
-            f"{where}: field '{field}' turn {i + 1} is a tool call or tool result; snug trains "
-            "on the text turns of system, user and assistant only."
+            f"{where}: {label} is not valid JSON ({e.msg} at column {e.colno})."
+        ) from None
+
+
+def _calls(value: Any, where: str, label: str) -> list[dict[str, Any]]:
+    """A call, or a list of calls, as sharegpt's function_call value or OpenAI's `tool_calls`
+    hold them -> OpenAI's [{"type": "function", "function": {"name", "arguments": dict}}]
+    (arguments as a dict: chat templates write them with `tojson`)."""
+    calls = _json(value, where, label)
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for j, call in enumerate(calls):
+        call = call.get("function", call) if isinstance(call, dict) else call
+        name = call.get("name") if isinstance(call, dict) else None
+        if not isinstance(name, str) or not name or "arguments" not in call:
+            raise DataError(
+                f"{where}: {label} call {j + 1} needs a 'name' and 'arguments', as "
+                '{"name": "get_weather", "arguments": {"city": "Paris"}}.'
+            )
+        args = _json(call["arguments"], where, f"{label} call {j + 1} 'arguments'")
+        if not isinstance(args, dict):
+            raise DataError(f"{where}: {label} call {j + 1} has 'arguments' that are no object.")
+        out.append({"type": "function", "function": {"name": name, "arguments": args}})
+    return out
+
+
+def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
+    """A record's `tools` (JSON text or a list of function specs, plain or OpenAI's
+    {"type": "function", "function": spec}) -> OpenAI's form, or None when it has none."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    tools = _json(value, where, "field 'tools'")
+    tools = [tools] if isinstance(tools, dict) else tools
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("function", t).get("name"), str) for t in tools
+    ):
+        raise DataError(
+            f"{where}: field 'tools' must be a list of function specs, each with a 'name'."
         )
+    return [
+        t if t.get("type") == "function" else {"type": "function", "function": t} for t in tools
+    ]
+
+
+def _tool_turn(t: dict[str, Any], where: str, label: str) -> dict[str, Any]:
+    """An OpenAI `tool` message -> {"role": "tool", "content", "tool_call_id"?, "name"?}."""
+    content = t.get("content")
+    if isinstance(content, list):
+        content = read_turn(t, "user", where, label)["content"]
+    message = {"role": "tool", "content": _text(content, where, "messages", allow_empty=True)}
+    return message | {k: t[k] for k in ("tool_call_id", "name") if isinstance(t.get(k), str)}
+
+
+def _assistant_calls(t: dict[str, Any], where: str, label: str) -> dict[str, Any]:
+    """An OpenAI assistant message with `tool_calls` (its content may be null)."""
+    message = read_turn({**t, "content": t.get("content") or ""}, "assistant", where, label)
+    message["tool_calls"] = _calls(t["tool_calls"], where, f"{label} 'tool_calls'")
+    return message
 
 
 def _messages(r: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -164,12 +250,19 @@ def _messages(r: dict[str, Any], where: str) -> list[dict[str, str]]:
                 f"{where}: field 'messages' turn {i + 1} must be an object with 'role' and "
                 f"'content', not a {type(t).__name__}."
             )
-        _no_tools(t, t.get("role"), where, "messages", i)
+        label = f"field 'messages' turn {i + 1}"
+        if t.get("role") == "tool":
+            messages.append(_tool_turn(t, where, label))
+            continue
+        if t.get("role") == "assistant" and t.get("tool_calls"):
+            messages.append(_assistant_calls(t, where, label))
+            continue
         if t.get("role") is None or "content" not in t:
             raise DataError(f"{where}: field 'messages' turn {i + 1} needs 'role' and 'content'.")
         if t["role"] not in ("system", "user", "assistant"):
             raise DataError(
-                f"{where}: field 'messages' turn {i + 1} has unknown role {t['role']!r}."
+                f"{where}: field 'messages' turn {i + 1} has unknown role {t['role']!r} "
+                "(known: system, user, assistant, tool)."
             )
         messages.append(read_turn(t, t["role"], where, f"field 'messages' turn {i + 1}"))
         messages[-1]["content"] = _text(messages[-1]["content"], where, "messages")
@@ -292,4 +385,7 @@ def to_canonical(record: dict[str, Any], fmt: str, where: str) -> dict[str, Any]
     refuse_media(record, where)
     if fmt == "text":
         return {"text": _text(record.get("text"), where, "text")}
-    return {"messages": CONVERTERS[fmt](record, where)}
+    canon: dict[str, Any] = {"messages": CONVERTERS[fmt](record, where)}
+    if tools := _tools(record.get("tools"), where):
+        canon["tools"] = tools
+    return canon

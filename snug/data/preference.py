@@ -110,6 +110,11 @@ def _turns(value: Any, where: str, key: str) -> list[dict[str, str]]:
         role = SHAREGPT_ROLES.get(str(said).lower())
         if role is None:
             raise DataError(f"{where}: field '{key}' item {i + 1} has unknown role {said!r}.")
+        if role == "tool" or str(said).lower() == "function_call" or t.get("tool_calls"):
+            raise DataError(
+                f"{where}: field '{key}' item {i + 1} is a tool call or tool result; snug reads "
+                "tool calls for train.stage=sft only."
+            )
         out.append(_message(t, where, key, role))
     return out
 

@@ -135,10 +135,15 @@ def _out_of_steps(origin: str, where: str, count: int, steps: int) -> DataError:
 
 
 def render_chat(
-    tok: Any, template: str, messages: list[dict], add_generation_prompt: bool, where: str = ""
+    tok: Any,
+    template: str,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    where: str = "",
+    tools: list[dict] | None = None,
 ) -> str:
-    """`messages` rendered by `template` as `tok.apply_chat_template(messages, tokenize=False)`
-    renders them (the tokenizer's special tokens as variables), within the budget of steps and
+    """`messages` rendered by `template` as `tok.apply_chat_template(messages, tokenize=False,
+    tools=tools)` renders them (the tokenizer's special tokens as variables), within the budget of steps and
     sizes. TemplateError names the template when it cannot compile, spends past its budget
     (its steps on a conversation of under 500 messages), runs out of memory or does what the
     sandbox forbids; TemplateRefused (naming `where` the messages are from) when it refuses
@@ -160,7 +165,7 @@ def render_chat(
     try:
         text = compiled.render(
             messages=messages,
-            tools=None,
+            tools=tools,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **tok.special_tokens_map,

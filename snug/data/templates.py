@@ -26,22 +26,63 @@ if TYPE_CHECKING:  # only for annotations: a config check must not load transfor
 _FIRST_SYSTEM = "(messages and messages[0]['role'] == 'system')"
 
 
-def _chatml(default_system: str = "", answer: str = "{{ m['content'] }}", reply: str = "") -> str:
-    """ChatML turns (<|im_start|>role\\n...<|im_end|>\\n): `default_system` when the
+def _chatml(
+    default_system: str = "",
+    answer: str = "{{ m['content'] }}",
+    reply: str = "",
+    tools: bool = False,
+) -> str:
+    """ChatML turns (<|im_start|>role\n...<|im_end|>\n): `default_system` when the
     conversation has none, `answer` renders an assistant's content, `reply` follows the
-    assistant header of the generation prompt (and of every assistant turn)."""
+    assistant header of the generation prompt (and of every assistant turn); with `tools`,
+    Qwen's tool calling (`_QWEN_TOOLS`)."""
     default = (
         f"{{% if messages and not {_FIRST_SYSTEM} %}}<|im_start|>system\n{default_system}"
         "<|im_end|>\n{% endif %}"
         if default_system
         else ""
     )
+    calls, tool = "", ""
+    if tools:
+        system = f"messages[0]['content'] if {_FIRST_SYSTEM} else {default_system!r}"
+        default = (
+            f"{{% if tools %}}<|im_start|>system\n{{{{ {system} }}}}{_QWEN_TOOLS}<|im_end|>\n"
+            f"{{% else %}}{default}{{% endif %}}"
+        )
+        calls, tool = _QWEN_CALLS, _QWEN_RESULT
     return (
-        f"{default}{{% for m in messages %}}{{% if m['role'] == 'assistant' %}}"
-        f"<|im_start|>assistant\n{reply}{answer}<|im_end|>\n"
+        f"{default}{{% for m in messages %}}"
+        + ("{% if loop.first and m['role'] == 'system' and tools %}{% el" if tools else "{% ")
+        + f"if m['role'] == 'assistant' %}}<|im_start|>assistant\n{reply}{answer}{calls}"
+        f"<|im_end|>\n{tool}"
         "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
         f"{{% endfor %}}{{% if add_generation_prompt %}}<|im_start|>assistant\n{reply}{{% endif %}}"
     )
+
+
+# Qwen 2.5's and 3's tool calling, as LLaMA-Factory's qwen tool format writes it (its
+# tool_utils.QwenToolUtils; the text of Qwen's own templates, less the grouping of a system
+# turn): the function specs in the system turn (after the system text, the default one where
+# the conversation has none), each call as <tool_call> JSON after the answer's text, and tool
+# results in a user turn as <tool_response>, consecutive results in one turn.
+_QWEN_TOOLS = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for t in tools %}{{ '\\n' }}{{ t | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\nFor each function call, "
+    "return a json object with function name and arguments within <tool_call></tool_call> XML "
+    'tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+_QWEN_CALLS = (
+    "{% if m['tool_calls'] %}{% if m['content'] %}{{ '\\n' }}{% endif %}{% for c in m['tool_calls'] %}"
+    "<tool_call>\n{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']}"
+    " | tojson }}\n</tool_call>{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}{% endif %}"
+)
+_QWEN_RESULT = (
+    "{% elif m['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n' }}<tool_response>\n{{ m['content'] }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+)
 
 
 # Reasoning models' answers (LLaMA-Factory's ReasoningTemplate, thinking enabled): an answer
@@ -77,9 +118,9 @@ _PHI = (
 BUILTIN = {
     "chatml": _chatml(),
     "yi": _chatml(),
-    "qwen": _chatml(QWEN_SYSTEM),
-    "qwen3": _chatml(answer=_THINK_OR_EMPTY),
-    "qwen3_nothink": _chatml(answer=_THOUGHT_DROPPED, reply="<think>\n\n</think>\n\n"),
+    "qwen": _chatml(QWEN_SYSTEM, tools=True),
+    "qwen3": _chatml(answer=_THINK_OR_EMPTY, tools=True),
+    "qwen3_nothink": _chatml(answer=_THOUGHT_DROPPED, reply="<think>\n\n</think>\n\n", tools=True),
     "llama2": (
         "{% set sys = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' if "
         + _FIRST_SYSTEM

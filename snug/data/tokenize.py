@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from snug.data.formats import ANSWER_FIELD, DataError
-from snug.data.render import TemplateRefused, origin_of, render_chat
+from snug.data.render import TemplateError, TemplateRefused, origin_of, render_chat
 from snug.data.truncate import (
     cut_prompt,
     infer_seqlen,
@@ -61,31 +61,81 @@ def column_names(raw) -> list[str]:
 
 
 def chat_segments(
-    tok: PreTrainedTokenizerBase, template: str, messages: list[dict], where: str
+    tok: PreTrainedTokenizerBase,
+    template: str,
+    messages: list[dict],
+    where: str,
+    tools: list[dict] | None = None,
 ) -> list[tuple[str, str]]:
     """[(prompt_text, answer_text), ...], one pair per assistant turn, concatenating to the whole."""
-    return list(segments(tok, template, messages, where))
+    return list(segments(tok, template, messages, where, tools))
 
 
 def segments(
-    tok: PreTrainedTokenizerBase, template: str, messages: list[dict], where: str
+    tok: PreTrainedTokenizerBase,
+    template: str,
+    messages: list[dict],
+    where: str,
+    tools: list[dict] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """chat_segments one turn at a time: a caller that stops early renders no further turn
     (each turn renders the conversation up to it, so all of them take time in proportion to
-    the square of the turns)."""
+    the square of the turns). A tool call is an assistant turn (its answer); tool results fall
+    in the prompt of the turn after them, so they are masked."""
     done = ""
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = render_chat(tok, template, messages[:k], True, where)
-        full = render_chat(tok, template, messages[: k + 1], False, where)
+        prompt = render_chat(tok, template, messages[:k], True, where, tools)
+        full = render_chat(tok, template, messages[: k + 1], False, where, tools)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise DataError(
                 f"{where}: the chat template does not render conversations prefix by prefix, so "
                 "answer tokens cannot be located; set data.template to a built-in template."
             )
+        if tools or any(t.get("tool_calls") or t["role"] == "tool" for t in messages[: k + 1]):
+            shown = (prompt[len(done) :], full[len(prompt) :], full)
+            check_tools_rendered(template, messages[:k], m, shown, tools, where)
         yield prompt[len(done) :], full[len(prompt) :]
         done = full
+
+
+def check_tools_rendered(
+    template: str,
+    asked: list[dict],
+    answer: dict,
+    shown: tuple[str, str, str],
+    tools: list[dict] | None,
+    where: str,
+) -> None:
+    """TemplateError unless `template` renders what a conversation with tools holds: the
+    template reads `tools` / `tool_calls` (the variables of `apply_chat_template`), and its
+    text shows each tool's name, the name of each call `answer` makes (in the answer's text,
+    which trains) and the content of each tool result just before it (in `prompt`, which is
+    masked). Text, not the source alone: a template can name a variable and drop its value.
+    `shown`: the turn's prompt text, its answer text, and the whole text up to the answer."""
+    prompt, answer_text, full = shown
+    names = [t["function"]["name"] for t in tools or ()]
+    calls = [c["function"]["name"] for c in answer.get("tool_calls") or ()]
+    results = []
+    for m in reversed(asked):
+        if m["role"] != "tool":
+            break
+        results.append(m["content"])
+    needs = ("tools" if tools else "") + (" tool_calls" if calls else "")
+    lost = (
+        next((f"the tools' spec '{n}'" for n in names if n not in full), None)
+        or next((f"the call of '{n}'" for n in calls if n not in answer_text), None)
+        or next(("a tool result" for r in results if r not in prompt), None)
+    )
+    if all(v in template for v in needs.split()) and not lost:
+        return
+    missing = lost or f"the variable {' and '.join(needs.split())}"
+    raise TemplateError(
+        f"{where}: the record uses tools, and {origin_of(template)} does not render "
+        f"{missing}; snug trains tool calls with a template that does: set data.template to "
+        "qwen, qwen3 or qwen3_nothink, or auto with a tokenizer whose template renders tools."
+    )
 
 
 def _encode_turns(
@@ -96,24 +146,33 @@ def _encode_turns(
     train_on_prompt: bool,
     mask_history: bool,
     where: str,
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], list[int], int, bool] | None:
     """(input_ids, labels, prompt_len, cut) of the whole of `messages`, or None as soon as a
     turn does not fit in `cutoff_len` (no further turn is rendered). A conversation of one
-    exchange that does not fit is cut instead (`infer_seqlen`, `cut_prompt`)."""
+    exchange that does not fit is cut instead (`infer_seqlen`, `cut_prompt`); an exchange of
+    tool calls has several turns: each is cut to the room the turns before it leave, as
+    LLaMA-Factory cuts its turns, and turns past the cutoff are left out."""
     ids: list[int] = []
     labels: list[int] = []
     prompt_len, cut = 0, False
     answers = [m for m in messages if m["role"] == "assistant"]
     turns = len(answers)
-    for k, (prompt, answer) in enumerate(segments(tok, template, messages, where)):
+    exchanges = len(split_exchanges(messages)[1])
+    for k, (prompt, answer) in enumerate(segments(tok, template, messages, where, tools)):
         src = tok(prompt, add_special_tokens=False)["input_ids"]
         tgt = tok(answer, add_special_tokens=False)["input_ids"]
         if len(ids) + len(src) + len(tgt) > cutoff_len:
-            if turns > 1:
+            if exchanges > 1:
                 return None
-            asked = messages[: [m["role"] for m in messages].index("assistant")]
-            src, head, header = prompt_ids(tok, template, asked, prompt, where)
-            n_src, n_tgt = infer_seqlen(len(src), len(tgt), cutoff_len)
+            if len(ids) >= cutoff_len:
+                break
+            if k == 0:
+                asked = messages[: [m["role"] for m in messages].index("assistant")]
+                src, head, header = prompt_ids(tok, template, asked, prompt, where, tools)
+            else:  # a turn after a tool call: keep the end of its prompt
+                head, header = 0, 0
+            n_src, n_tgt = infer_seqlen(len(src), len(tgt), cutoff_len - len(ids))
             src, tgt, cut = cut_prompt(src, head, header, n_src), tgt[:n_tgt], True
         prompt_len = len(ids) + len(src)
         ids += src + tgt
@@ -133,6 +192,7 @@ def encode_chat(
     train_on_prompt: bool,
     where: str,
     mask_history: bool = False,
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], list[int], str, int]:
     """(input_ids, labels, status, prompt_len); the last answer starts at prompt_len.
 
@@ -140,14 +200,16 @@ def encode_chat(
     exchanges go first, whole (`latest_fit`); an exchange that does not fit alone keeps its
     system turn and the end of its prompt, and the start of its answer (`infer_seqlen`, as
     LLaMA-Factory cuts). Rendering stops at the first turn that does not fit, and then renders
-    only the conversation's end. With `mask_history`, only the last answer is trained.
+    only the conversation's end. With `mask_history`, only the last answer is trained. `tools`
+    (OpenAI's function specs) go to the template as apply_chat_template's `tools`; tool calls
+    train as answers, tool results are masked as prompts.
     """
-    args = (cutoff_len, train_on_prompt, mask_history, where)
+    args = (cutoff_len, train_on_prompt, mask_history, where, tools)
     got = _encode_turns(tok, template, messages, *args)
     status = KEPT
     if got is None:  # the end that fits, less one more exchange should tokens not add up
         status = TRUNCATED
-        kept = latest_fit(tok, template, messages, cutoff_len, where)
+        kept = latest_fit(tok, template, messages, cutoff_len, where, tools)
         while (got := _encode_turns(tok, template, kept, *args)) is None:
             system, talk = split_exchanges(kept)
             kept = system + [m for exchange in talk[1:] for m in exchange]
@@ -302,7 +364,14 @@ def _encode(
     messages = with_default_system(messages, default_system)
     try:
         ids, labels, status, prompt_len = encode_chat(
-            tok, template, messages, cutoff_len, train_on_prompt, at, mask_history
+            tok,
+            template,
+            messages,
+            cutoff_len,
+            train_on_prompt,
+            at,
+            mask_history,
+            canon.get("tools"),
         )
     except TemplateRefused as e:
         return invalid, str(e)

@@ -38,7 +38,7 @@ def with_default_system(messages: list[dict], system: str | None) -> list[dict]:
 
 def split_exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
     """The leading system turns, and the exchanges after them: each the turns up to and
-    including an assistant turn (turns after the last answer are left out: nothing of them
+    including an assistant turn that answers (with the tool calls and results before it; turns after the last answer are left out: nothing of them
     is trained)."""
     lead = 0
     while lead < len(messages) and messages[lead]["role"] == "system":
@@ -47,14 +47,21 @@ def split_exchanges(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]
     turn: list[dict] = []
     for m in messages[lead:]:
         turn.append(m)
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and not m.get("tool_calls"):  # a call waits for its answer
             exchanges.append(turn)
             turn = []
+    if turn and turn[-1]["role"] == "assistant":  # ends with a call
+        exchanges.append(turn)
     return messages[:lead], exchanges
 
 
 def latest_fit(
-    tok: PreTrainedTokenizerBase, template: str, messages: list[dict], cutoff_len: int, where: str
+    tok: PreTrainedTokenizerBase,
+    template: str,
+    messages: list[dict],
+    cutoff_len: int,
+    where: str,
+    tools: list[dict] | None = None,
 ) -> list[dict]:
     """`messages` less as many of their earliest exchanges as must go for the rest to fit in
     `cutoff_len` tokens; the system turns and the last exchange always stay. Searched from the
@@ -64,7 +71,7 @@ def latest_fit(
 
     def fits(first: int) -> bool:
         kept = system + [m for exchange in talk[first:] for m in exchange]
-        text = render_chat(tok, template, kept, False, where)
+        text = render_chat(tok, template, kept, False, where, tools)
         return len(tok(text, add_special_tokens=False)["input_ids"]) <= cutoff_len
 
     good, step, bad = len(talk) - 1, 1, -1  # talk[good:] fits (the last is kept whatever)
@@ -81,7 +88,12 @@ def latest_fit(
 
 
 def prompt_ids(
-    tok: PreTrainedTokenizerBase, template: str, messages: list[dict], prompt: str, where: str
+    tok: PreTrainedTokenizerBase,
+    template: str,
+    messages: list[dict],
+    prompt: str,
+    where: str,
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], int, int]:
     """The token ids of `prompt` (the rendered `messages` up to an answer); how many of its
     first ones a cut keeps: its system turn (rendered alone where the prompt starts with that,
@@ -91,7 +103,7 @@ def prompt_ids(
     head = ""
     if system:
         try:
-            head = render_chat(tok, template, system, False, where)
+            head = render_chat(tok, template, system, False, where, tools)
         except TemplateRefused:  # a template that renders no system turn alone
             head = ""
         text = system[-1]["content"]
