@@ -32,7 +32,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     offline_said_on_stderr()
     # the steps: the imports (seconds), then merge()'s: loading, adapter, folding, verifying,
     # writing
-    with Phase(Console(), "merge", 5 + args.verify, "steps") as steps:
+    with Phase(Console(soft_wrap=True), "merge", 5 + args.verify, "steps") as steps:
         steps.step("importing torch, transformers and peft")
         from snug.deploy.merge import find_source, merge
 

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -468,3 +469,24 @@ def test_auto_fit_refuses_with_the_smallest_change_that_fits(tmp_path, capsys):
     # the smallest change: an 8-bit base before a 4-bit one
     assert "method.name=lora with model.quant=8bit fits" in err and err.count("\n") == 1
     assert not (tmp_path / "run/adapter").exists()
+
+
+def test_a_logged_line_is_never_broken_at_the_terminal_width(tmp_path, capsys, monkeypatch):
+    """In a pipe rich wraps lines at 80 columns, which broke long paths in logs (and the tests
+    that read them, as pytest's temporary folders grew longer): snug's output keeps each line
+    whole."""
+    monkeypatch.setenv("COLUMNS", "80")
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 3) / "run"
+    raw = tiny_run(
+        tmp_path,
+        ROOT / "models/tiny",
+        train={"max_steps": 1, "eval_generate": 0},
+        data={"eval": None},
+        output={"dir": str(deep), "plot_loss": False},
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"saved {deep / 'adapter'}\n" in out, out

@@ -220,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = parse_metrics(args.metrics) if args.metrics else None
     if args.compare and args.use:
         raise SessionError("--compare scores the base and every adapter; leave out --use.")
-    console = Console()  # progress, before the table (stderr keeps to errors)
+    console = Console(soft_wrap=True)  # progress, before the table (stderr keeps to errors)
     session = open_from_args(args, console, "eval: loading")
     if args.compare and not session.base_reachable:
         raise SessionError(

@@ -328,7 +328,7 @@ def _generate(args: argparse.Namespace, out: Path) -> int:
     check_before_loading(out, "--output")
     source = Path(args.input)
     rows = read_prompts(source, args.system)  # bad input stops before the model loads
-    console = Console()  # progress (stderr keeps to errors)
+    console = Console(soft_wrap=True)  # progress (stderr keeps to errors)
     session = open_from_args(args, console, "generate: loading")
     prompts = [session.prompt_ids(row.messages) for row in rows]
     refuse_too_long(session, rows, prompts, source, args.max_new_tokens)

@@ -104,7 +104,7 @@ def _hub_or_offline(label: str, to_stderr: bool) -> None:
     from snug.runtime.progress import importing
 
     offline_said_on_stderr()
-    importing(Console(stderr=to_stderr), label, "snug.plan.report")
+    importing(Console(stderr=to_stderr, soft_wrap=True), label, "snug.plan.report")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

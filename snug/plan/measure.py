@@ -31,7 +31,7 @@ def cmd_measure(args) -> int:
     cfg = load_config(args.config, args.overrides)
     seq_len, seq_source = sequence_length(args, cfg, True)
     # progress beside the result, or on stderr when stdout is JSON
-    shown = Console(stderr=args.json)
+    shown = Console(stderr=args.json, soft_wrap=True)
     result = measure(cfg, args.steps, seq_len, seq_source, args.warmup, shown)
     if args.json:
         print(json.dumps(result, indent=2))

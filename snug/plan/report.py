@@ -217,7 +217,7 @@ def cmd_plan(args) -> int:
     seq_len, seq_source = sequence_length(args, cfg, args.config is not None)
     searching = args.search or (args.config is None and args.method is None)
     # progress beside the table, or on stderr when stdout is JSON
-    phase = phases(Console(stderr=True) if args.json else console)
+    phase = phases(Console(stderr=True, soft_wrap=True) if args.json else console)
     if searching:
         # --method with --search: that method's settings only; without: every method
         methods = (args.method,) if args.method else None
@@ -308,7 +308,7 @@ def cmd_calibrate(args) -> int:
     path = calibration.calibration_path()
     if not args.no_save:
         calibration.load("", path)  # a calibration file we cannot read: say so before the series
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, soft_wrap=True)
     started = time.perf_counter()
     cal = calibrate(
         kind,

@@ -64,7 +64,9 @@ def run_training(
     (train/status.py: status.json, or status.starting.json beside an earlier run's), writes no
     summary and sends phases only (no start, no end); after it, the earlier run's
     outputs wait in previous/ until the run completes."""
-    console = console or Console()
+    # soft_wrap: a line is never broken at the terminal width (80 columns in a pipe), so a
+    # log keeps each path and message whole for grep
+    console = console or Console(soft_wrap=True)
     started = time.perf_counter()
     ctx, device = dist.setup(cfg, resolve_device(cfg))
     if not ctx.main:  # one voice: rank 0 prints, logs and writes the summary
