@@ -27,7 +27,7 @@ from snug.data.parallel import in_memory_cache, processes, run_map
 from snug.data.placeholders import count_placeholders, placeholder_warning
 from snug.data.preference import refuse_preference_records
 from snug.data.registry import open_source
-from snug.data.sources import RawSource, load_raw
+from snug.data.sources import RawSource
 from snug.data.templates import TemplateError, resolve_template
 from snug.data.tokenize import (
     CLIPPED,
@@ -36,11 +36,8 @@ from snug.data.tokenize import (
     INVALID,
     KEPT,
     TRUNCATED,
-    column_names,
     first_record,
-    records_of,
     text_limit,
-    tokenize_classes,
     tokenize_records,
 )
 from snug.runtime.progress import Phase
@@ -323,61 +320,6 @@ def map_cached(
     if dropped:
         ds = ds.filter(lambda s: s in (KEPT, TRUNCATED, CLIPPED), input_columns="status")
     return ds.remove_columns(["status", "problem"]), counts, problems
-
-
-def tokenize_classes_of(
-    source: Source, text_column: str, label_column: str
-) -> tuple[Dataset, Counter, list[str]]:
-    """Records of a text and a class label (the cls stage's settings name their columns:
-    cls.text_column, cls.label_column): its samples, one class id as the label of each."""
-    cfg, spec, tok, labels = source.data, source.spec, source.tok, source.labels
-    columns = column_names(source.raw)
-    missing = [c for c in (text_column, label_column) if c not in columns]
-    if missing:
-        raise DataError(
-            f"{spec}: has no column {missing[0]!r} (columns: {columns}); "
-            "set cls.text_column / cls.label_column."
-        )
-    fn = functools.partial(
-        tokenize_classes,
-        tok=tok,
-        text_column=text_column,
-        label_column=label_column,
-        label_ids={name: i for i, name in enumerate(labels)},
-        cutoff_len=cfg.cutoff_len,
-        max_chars=text_limit(tok, cfg.cutoff_len),
-        where=source.where,
-    )
-    key = (
-        "cls",
-        tokenizer_fingerprint(tok, None),
-        labels,
-        text_column,
-        label_column,
-        cfg.cutoff_len,
-    )
-    return source.map(fn, key)
-
-
-def class_labels(cfg: DataConfig, label_column: str) -> list[str]:
-    """The classes of data.train's label column (cls.label_column), sorted (class id =
-    position); a record without a label names none (it is dropped or stops the run when
-    tokenized)."""
-    names: set[str] = set()
-    for spec in _as_list(cfg.train):
-        src = load_raw(spec, cfg.split, cfg.on_error)
-        refuse_plain_text(src, spec, "cls", "a text and a class label in named columns")
-        raw = src.records
-        if label_column not in column_names(raw):
-            raise DataError(f"{spec}: has no column {label_column!r}; set cls.label_column.")
-        values = (r.get(label_column) for r in records_of(raw[:]))
-        names.update(str(v) for v in values if v is not None and not isinstance(v, (dict, list)))
-    if len(names) < 2:
-        raise DataError(
-            f"data.train: the label column {label_column!r} holds {len(names)} class(es); "
-            "classification needs at least 2."
-        )
-    return sorted(names)
 
 
 def mix(parts: list[Dataset], cfg: DataConfig, seed: int) -> Dataset:

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from snug.data.formats import ANSWER_FIELD, DataError
-from snug.data.render import TemplateError, TemplateRefused, origin_of, render_chat
+from snug.data.render import TemplateRefused, render_chat
+from snug.data.rendered import check_tools_rendered, unrendered_reasoning
 from snug.data.truncate import (
     cut_prompt,
     infer_seqlen,
@@ -98,44 +99,6 @@ def segments(
             check_tools_rendered(template, messages[:k], m, shown, tools, where)
         yield prompt[len(done) :], full[len(prompt) :]
         done = full
-
-
-def check_tools_rendered(
-    template: str,
-    asked: list[dict],
-    answer: dict,
-    shown: tuple[str, str, str],
-    tools: list[dict] | None,
-    where: str,
-) -> None:
-    """TemplateError unless `template` renders what a conversation with tools holds: the
-    template reads `tools` / `tool_calls` (the variables of `apply_chat_template`), and its
-    text shows each tool's name, the name of each call `answer` makes (in the answer's text,
-    which trains) and the content of each tool result just before it (in `prompt`, which is
-    masked). Text, not the source alone: a template can name a variable and drop its value.
-    `shown`: the turn's prompt text, its answer text, and the whole text up to the answer."""
-    prompt, answer_text, full = shown
-    names = [t["function"]["name"] for t in tools or ()]
-    calls = [c["function"]["name"] for c in answer.get("tool_calls") or ()]
-    results = []
-    for m in reversed(asked):
-        if m["role"] != "tool":
-            break
-        results.append(m["content"])
-    needs = ("tools" if tools else "") + (" tool_calls" if calls else "")
-    lost = (
-        next((f"the tools' spec '{n}'" for n in names if n not in full), None)
-        or next((f"the call of '{n}'" for n in calls if n not in answer_text), None)
-        or next(("a tool result" for r in results if r not in prompt), None)
-    )
-    if all(v in template for v in needs.split()) and not lost:
-        return
-    missing = lost or f"the variable {' and '.join(needs.split())}"
-    raise TemplateError(
-        f"{where}: the record uses tools, and {origin_of(template)} does not render "
-        f"{missing}; snug trains tool calls with a template that does: set data.template to "
-        "qwen, qwen3 or qwen3_nothink, or auto with a tokenizer whose template renders tools."
-    )
 
 
 def _encode_turns(
@@ -317,19 +280,6 @@ def _problem(status: str, where: str, field: str, cutoff_len: int) -> str:
     return ""
 
 
-def _unrendered_reasoning(messages: list[dict], template: str, at: str) -> str:
-    """Why a conversation with reasoning parts cannot render through `template` ("" when it
-    can): the template has no thinking block (it never reads `reasoning_content`, the key
-    Qwen3's and DeepSeek-R1's templates render as one), so the reasoning would be lost."""
-    if "reasoning_content" in template or not any("reasoning_content" in m for m in messages):
-        return ""
-    return (
-        f"{at}: a 'reasoning' part needs a chat template with a thinking block (one that "
-        f"renders reasoning_content, as Qwen3's does), and {origin_of(template)} has none: "
-        "set data.template to one that has, or remove the reasoning parts."
-    )
-
-
 def _encode(
     record: dict[str, Any],
     at: str,
@@ -358,7 +308,7 @@ def _encode(
                 f"{MAX_TEXT_CHARS:,} one record may hold; split it into several records."
             )
         return encode_text(tok, canon["text"], cutoff_len), ""
-    if problem := _unrendered_reasoning(canon["messages"], template, at):
+    if problem := unrendered_reasoning(canon["messages"], template, at):
         return invalid, problem
     messages, clipped = clip_messages(canon["messages"], max_chars)
     messages = with_default_system(messages, default_system)
@@ -420,45 +370,4 @@ def tokenize_records(
             out["status"].append(status)
             out["prompt_len"].append(prompt_len)
             out["problem"].append(problem or _problem(status, at, ANSWER_FIELD[fmt], cutoff_len))
-    return out
-
-
-def tokenize_classes(
-    records: dict[str, list[Any]],
-    indices: list[int],
-    *,
-    tok: PreTrainedTokenizerBase,
-    text_column: str,
-    label_column: str,
-    label_ids: dict[str, int],
-    cutoff_len: int,
-    max_chars: int,
-    where: Callable[[int], str],
-) -> dict[str, list]:
-    """Batched `datasets.map` function for train.stage=cls: text -> input_ids, label -> class id
-    (a record without usable text or label: status invalid, as in `tokenize_records`; a text
-    over `max_chars` characters keeps its start)."""
-    out: dict[str, list] = {c: [] for c in COLUMNS}
-    for record, index in zip(records_of(records), indices, strict=True):
-        text, label = record.get(text_column), record.get(label_column)
-        problem = ""
-        if not isinstance(text, str) or not text.strip():
-            problem = f"{where(index)}: field '{text_column}' must be non-empty text."
-        elif label is None:
-            problem = f"{where(index)}: field '{label_column}' is missing."
-        elif isinstance(label, (dict, list)):
-            problem = f"{where(index)}: field '{label_column}' must be a class name or number, not {type(label).__name__}."
-        elif str(label) not in label_ids:
-            problem = (
-                f"{where(index)}: field '{label_column}' holds {label!r}, "
-                "a class that does not occur in data.train."
-            )
-        clipped = not problem and len(text) > max_chars
-        ids = [] if problem else tok(text[:max_chars], add_special_tokens=True)["input_ids"]
-        out["input_ids"].append(ids[:cutoff_len])
-        out["labels"].append(label_ids.get(str(label), -1))
-        cut = CLIPPED if clipped else TRUNCATED if len(ids) > cutoff_len else KEPT
-        out["status"].append(INVALID if problem else cut)
-        out["prompt_len"].append(0)
-        out["problem"].append(problem)
     return out

@@ -44,12 +44,12 @@ class Classify(BaseStage):
             raise ConfigError(f"{source}: method.name={cfg.method.name} cannot classify: {why}.")
 
     def labels(self, data, own):
-        from snug.data.dataset import class_labels
+        from snug.data.classify import class_labels
 
         return class_labels(data, own.label_column)
 
     def tokenize(self, source):
-        from snug.data.dataset import tokenize_classes_of
+        from snug.data.classify import tokenize_classes_of
 
         return tokenize_classes_of(source, source.own.text_column, source.own.label_column)
 
