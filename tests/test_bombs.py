@@ -643,17 +643,10 @@ def test_an_adapter_config_that_disagrees_with_its_weights_is_refused_naming_the
         find_source(adapter, base)
 
 
-@pytest.mark.parametrize("command", ["generate", "merge"])
-def test_generate_and_merge_refuse_a_tampered_adapter_before_loading_the_base(
-    command, saved_adapters, tmp_path, capsys, monkeypatch
-):
-    """r: 2000000 in adapter_config.json made generate allocate 9.5 GB and merge ask for
-    ~156 GB before peft said "size mismatch"; now nothing is loaded."""
+def refused_before_loading(command, adapter, tmp_path, capsys, monkeypatch) -> str:
+    """`snug generate` or `snug merge` of `adapter`: exit 2 and the one line it says, the base
+    model never loaded."""
     from snug.deploy import merge, session
-
-    adapter = shutil.copytree(saved_adapters["lora"], tmp_path / "lora")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 2_000_000}))
 
     def never(*args, **kwargs):
         raise AssertionError("the base model was loaded")
@@ -667,7 +660,20 @@ def test_generate_and_merge_refuse_a_tampered_adapter_before_loading_the_base(
         "merge": ["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")],
     }[command]  # fmt: skip
     assert main(argv) == 2
-    line = one_error(capsys)
+    return one_error(capsys)
+
+
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_generate_and_merge_refuse_a_tampered_adapter_before_loading_the_base(
+    command, saved_adapters, tmp_path, capsys, monkeypatch
+):
+    """r: 2000000 in adapter_config.json made generate allocate 9.5 GB and merge ask for
+    ~156 GB before peft said "size mismatch"; now nothing is loaded."""
+    adapter = shutil.copytree(saved_adapters["lora"], tmp_path / "lora")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 2_000_000}))
+
+    line = refused_before_loading(command, adapter, tmp_path, capsys, monkeypatch)
     assert re.search(
         r"lora/adapter_config\.json: r is 2000000, but adapter_model\.safetensors holds ranks up "
         r"to 4 \(base_model\.\S+\.lora_A\.weight\)",
@@ -683,26 +689,13 @@ def test_a_huge_adapter_config_is_refused_in_one_line_before_it_is_read(
     """adapter_config.json goes through one reader with a size limit (saved.read_config):
     merge's own reader, which ran first for both commands, read and parsed any size (before:
     a 2 MB file was read whole and reported as "not valid JSON")."""
-    from snug.deploy import merge, session
     from snug.methods.saved import MAX_CONFIG_BYTES
 
     adapter = shutil.copytree(saved_adapters["lora"], tmp_path / "lora")
     text = '{"peft_type": "LORA", "pad": "' + "x" * 2 * MAX_CONFIG_BYTES  # never closed
     (adapter / "adapter_config.json").write_text(text)
 
-    def never(*args, **kwargs):
-        raise AssertionError("the base model was loaded")
-
-    monkeypatch.setattr(session, "load_model", never)
-    monkeypatch.setattr(merge, "load_model", never)
-    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
-    argv = {
-        "generate": ["generate", "--adapter", str(adapter), "--input", str(tmp_path / "in.jsonl"),
-                     "--output", str(tmp_path / "out.jsonl")],
-        "merge": ["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")],
-    }[command]  # fmt: skip
-    assert main(argv) == 2
-    line = one_error(capsys)
+    line = refused_before_loading(command, adapter, tmp_path, capsys, monkeypatch)
     assert re.search(
         rf"lora/adapter_config\.json: more than {MAX_CONFIG_BYTES:,} bytes, too large for the "
         "adapter config",
