@@ -241,8 +241,9 @@ def main() -> None:
     from snug.config import load_config
     from snug.plan import calibration
     from snug.plan.hardware import cpu_device, device_key, find_gpu, model_config
+    from snug.plan.recommend import recommend
     from snug.plan.report import breakdown_line
-    from snug.plan.search import recommend, search
+    from snug.plan.search import search
     from snug.plan.simulate import simulate
     from snug.plan.timing import device_model
 

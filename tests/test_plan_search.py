@@ -129,7 +129,8 @@ def test_every_registered_method_can_be_recommended():
     ptuning` failed with "tuple.index(x): x not in tuple")."""
     from snug.core.registry import methods
     from snug.plan.hardware import cpu_device, model_config
-    from snug.plan.search import plan_one, quality_rank, recommend, searched_methods
+    from snug.plan.recommend import quality_rank, recommend
+    from snug.plan.search import plan_one, searched_methods
 
     from conftest import ROOT
 
@@ -146,7 +147,8 @@ def test_every_registered_method_can_be_recommended():
 
 def test_search_tries_lora_on_each_base_and_prefers_the_full_precision_one():
     from snug.plan.hardware import cpu_device
-    from snug.plan.search import method_label, recommend, search
+    from snug.plan.recommend import recommend
+    from snug.plan.search import method_label, search
 
     cfg, config = plan_config("lora", True), small_config(layers=2)
     # micro-batch 1 only: the bases and the ranking are the point, not how far the batch grows

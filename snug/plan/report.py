@@ -16,7 +16,8 @@ from snug.core.registry import get_stage
 from snug.errors import UserError
 from snug.methods import check_against_model
 from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
-from snug.plan.search import Candidate, plan_one, recommend, search
+from snug.plan.recommend import recommend
+from snug.plan.search import Candidate, plan_one, search
 from snug.plan.simulate import PlanError, with_overrides
 from snug.plan.simulate import explain as explain_peak
 from snug.plan.timing import precision_for

@@ -57,17 +57,6 @@ def searched_methods() -> tuple[str, ...]:
     )
 
 
-def quality_rank(label: str) -> int:
-    """The recommendation's order among fitting candidates (each method declares its rank)."""
-    for m in methods().values():
-        if m.name == label:
-            return m.quality
-        for q_label, _, rank in m.quantized:
-            if q_label == label:
-                return rank
-    raise PlanError(f"method {label!r} is not registered; choose one of {', '.join(methods())}.")
-
-
 BASE_BITS = {"8bit": 8, "4bit": 4}  # bits per base weight of each model.quant
 
 
@@ -347,7 +336,7 @@ def search(
             for i, m in enumerate(methods):
                 found[i] = _search_method((m, *job))
                 p.advance(1)
-    return sorted((c for c in found if c is not None), key=_rank)
+    return sorted((c for c in found if c is not None), key=speed_order)
 
 
 # Relative replay cost per method (seconds per candidate of the 7B search, rounded): only the
@@ -401,33 +390,12 @@ def _search_method(args: tuple) -> Candidate | None:
     return best
 
 
+def speed_order(c: Candidate) -> tuple:
+    """Fitting first, then the fastest, then the smallest peak."""
+    return (not c.fits, -(c.tokens_per_second or 0), c.peak_bytes or 0)
+
+
 def _faster(a: Candidate, b: Candidate | None) -> bool:
     if b is None or not b.fits:
         return True
     return (a.tokens_per_second or 0) > (b.tokens_per_second or 0)
-
-
-def _rank(c: Candidate) -> tuple:
-    return (not c.fits, -(c.tokens_per_second or 0), c.peak_bytes or 0)
-
-
-def recommend(cands: list[Candidate]) -> tuple[Candidate | None, str]:
-    """One choice with its reasons: the best-quality method that fits (order from the methods
-    benchmark), then the fastest of its settings; headroom is reported."""
-    fitting = [c for c in cands if c.fits]
-    if not fitting:
-        return None, "nothing fits this device at this sequence length"
-    choice = min(fitting, key=lambda c: (quality_rank(method_label(c.cfg)), _rank(c)))
-    reasons = [
-        f"{method_label(choice.cfg)} ranks highest in quality among the methods that fit "
-        "(held-out exact match, benchmarks/results/methods-2026-11-25.md)",
-        f"its fastest fitting setting is micro-batch {choice.cfg.train.micro_batch} with "
-        + (
-            "gradient checkpointing"
-            + (" and activation offload" if choice.cfg.memory.offload_activations else "")
-            if choice.cfg.memory.grad_checkpointing
-            else "no gradient checkpointing"
-        )
-        + f" and {choice.cfg.memory.optimizer}",
-    ]
-    return choice, "; ".join(reasons)
