@@ -7,6 +7,7 @@ on adapter models (torch 2.13). The same tracker measures a real CPU run (`snug 
 
 from __future__ import annotations
 
+import resource
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -170,3 +171,28 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (an independent measure beside the tracker)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_memory_report(peaks: StepPeaks | None, device, rss_before: int) -> dict:
+    """summary.json's peak_memory: the tracker's peak on a CPU (with the process's RSS), the
+    allocator's on CUDA."""
+    if peaks is not None:
+        return {
+            "measured_bytes": peaks.peak,
+            "tracked_steps": peaks.tracked,
+            "predicted_bytes": None,
+            "device": "cpu",
+            "peak_rss_bytes": peak_rss_bytes(),
+            "rss_before_training_bytes": rss_before,
+        }
+    return {
+        "measured_bytes": torch.cuda.max_memory_allocated(device),
+        "reserved_bytes": torch.cuda.max_memory_reserved(device),
+        "predicted_bytes": None,
+        "device": torch.cuda.get_device_name(device),
+    }

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,15 +28,17 @@ from snug.train.checkpoint import (
     save_checkpoint,
 )
 from snug.train.evaluate import eval_metrics
-from snug.train.memory import StepPeaks, model_tensors, optimizer_tensors
+from snug.train.memory import (
+    StepPeaks,
+    model_tensors,
+    optimizer_tensors,
+    peak_memory_report,
+    peak_rss_bytes,
+)
 from snug.train.optim import build_optimizer, build_scheduler, warmup_too_long
 from snug.train.resume import Signals, TrainingStopped
 from snug.train.schedule import Schedule, sample_lengths, split_window, window_batches
 from snug.train.step import StepOptions, train_step
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class NonFiniteError(RunError):
@@ -167,7 +168,7 @@ class Run:
         self.peaks = StepPeaks() if self.device.type == "cpu" else None
         if self.peaks is None:
             torch.cuda.reset_peak_memory_stats(self.device)
-        rss_before = _peak_rss_bytes()
+        rss_before = peak_rss_bytes()
         loop_started = time.perf_counter()
         with Signals(self.console) as signals:
             while self.pos.step < self.total_steps:
@@ -179,7 +180,7 @@ class Run:
                 self.pos.window = 0
         s = self.summary
         s["train_seconds"] = round(time.perf_counter() - loop_started, 2)  # the loop, no evals
-        s["peak_memory"] = _peak_memory(self.peaks, self.device, rss_before)
+        s["peak_memory"] = peak_memory_report(self.peaks, self.device, rss_before)
         if self.ctx.active:  # every rank's own peak (rank 0's is measured_bytes)
             own = torch.tensor([s["peak_memory"]["measured_bytes"]], dtype=torch.float64)
             peaks = [torch.zeros_like(own) for _ in range(self.ctx.world)]
@@ -408,21 +409,3 @@ class Run:
             return False
         self.pos.best = {"step": self.pos.step, "eval_loss": value}
         return True
-
-
-def _peak_memory(peaks: StepPeaks | None, device, rss_before: int) -> dict:
-    if peaks is not None:
-        return {
-            "measured_bytes": peaks.peak,
-            "tracked_steps": peaks.tracked,
-            "predicted_bytes": None,
-            "device": "cpu",
-            "peak_rss_bytes": _peak_rss_bytes(),
-            "rss_before_training_bytes": rss_before,
-        }
-    return {
-        "measured_bytes": torch.cuda.max_memory_allocated(device),
-        "reserved_bytes": torch.cuda.max_memory_reserved(device),
-        "predicted_bytes": None,
-        "device": torch.cuda.get_device_name(device),
-    }
