@@ -9,8 +9,6 @@ before any model is loaded.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import json
 import typing
 from collections.abc import Sequence
@@ -22,103 +20,25 @@ import yaml
 from snug.config.checks import check_combinations
 from snug.config.choosers import METHOD, STAGE, Chooser
 from snug.config.dataset_info import resolve_data
+from snug.config.keys import (
+    nearest,
+    placed_elsewhere,
+    section_types,
+    unknown_key,
+    user_fields,
+)
 from snug.config.paths import Ambiguous, resolve
 from snug.config.switch import file_choices, set_aside
 from snug.config.values import coerce, one_of
 from snug.config.yamlfile import load_text, read_mapping
 from snug.core.sections import (
     PATH_KEYS,
-    SECTIONS,
     Config,
     MethodConfig,
     StageSection,
 )
 from snug.errors import ConfigError
 from snug.runtime.files import write_text_atomic
-
-# Names other fine-tuning tools give these keys (Hugging Face TrainingArguments, PEFT,
-# LLaMA-Factory), for the suggestion when one of them is used here.
-ALIASES = {
-    "learning_rate": "lr",
-    "lr_scheduler_type": "scheduler",
-    "warmup_ratio": "warmup",
-    "warmup_steps": "warmup",
-    "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "micro_batch",
-    "batch_size": "micro_batch",
-    "gradient_accumulation_steps": "grad_accum",
-    "max_steps": "max_steps",
-    "logging_steps": "log_every",
-    "save_steps": "save_every",
-    "eval_steps": "eval_every",
-    "save_total_limit": "keep_last",
-    "output_dir": "dir",
-    "model_name_or_path": "name_or_path",
-    "gradient_checkpointing": "grad_checkpointing",
-    "lora_rank": "r",
-    "rank": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "lora_target": "targets",
-    "target_modules": "targets",
-    "finetuning_type": "name",
-    "dataset": "train",
-    "template": "template",
-    "cutoff": "cutoff_len",
-    "max_length": "cutoff_len",
-    "max_seq_length": "cutoff_len",
-    "optim": "optimizer",
-    "bf16": "precision",
-    "fp16": "precision",
-}
-
-
-def _section_types() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {name: hints[name] for name in SECTIONS}
-
-
-def _every_key() -> dict[str, list[str]]:
-    """Each key of a config -> the sections that declare it: snug's own sections, every
-    method's keys (method:) and every stage's (its own section)."""
-    places: dict[str, list[str]] = {}
-    found = [(name, list(_user_fields(cls))) for name, cls in _section_types().items()]
-    found.append(("method", list(METHOD.owners("method"))))
-    found += [(place, list(STAGE.owners(place))) for place in STAGE.sections()]
-    for section, keys in found:
-        for key in keys:
-            if section not in places.setdefault(key, []):
-                places[key].append(section)
-    return places
-
-
-def _placed(word: str, besides: str = "") -> str:
-    """'a.k' (or 'a.k' or 'b.k') for a key of another section than `besides` named `word`, by
-    its own name or another tool's (ALIASES), "" where none is."""
-    places = _every_key()
-    for key in (word, ALIASES.get(word)):
-        found = [f"'{section}.{key}'" for section in places.get(key, []) if section != besides]
-        if found:
-            return " or ".join(found)
-    return ""
-
-
-def _nearest(word: str, choices: list[str]) -> str:
-    """'; did you mean X?' for the choice that shares most of the key's own words (its parts
-    between underscores), then the closest spelling; else the valid keys."""
-    if ALIASES.get(word) in choices:
-        return f"; did you mean '{ALIASES[word]}'?"
-    words = set(word.lower().split("_"))
-
-    def score(choice: str) -> tuple[int, float]:
-        shared = len(words & set(choice.split("_")))
-        return shared, difflib.SequenceMatcher(None, word.lower(), choice).ratio()
-
-    best = max(choices, key=score)
-    shared, ratio = score(best)
-    if shared or ratio >= 0.6:
-        return f"; did you mean '{best}'?"
-    return f"; valid keys: {', '.join(choices)}."
 
 
 class Origins:
@@ -139,25 +59,6 @@ class Origins:
 
     def from_file(self, key: str) -> bool:
         return key not in self.overrides
-
-
-def _user_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-
-
-def _unknown(where: str, section: str, key: str, choices: list[str]) -> ConfigError:
-    """An unknown key: the stage section that declares it, when one does (`data.label_column`:
-    `cls.label_column`; `train.cls_head`: `cls.head`), else the nearest of `choices`."""
-    for place, owners in ((p, STAGE.owners(p)) for p in STAGE.sections() if p != section):
-        for name in (key, key.removeprefix(f"{place}_")):
-            if name in owners:
-                return ConfigError(
-                    f"{where}: unknown key '{section}.{key}'; did you mean '{place}.{name}' "
-                    f"(a key of {STAGE.path}={', '.join(owners[name])})?"
-                )
-    elsewhere = "" if ALIASES.get(key) in choices else _placed(key, section)
-    hint = f"; did you mean {elsewhere}?" if elsewhere else _nearest(key, choices)
-    return ConfigError(f"{where}: unknown key '{section}.{key}'" + hint)
 
 
 def _build_own(
@@ -182,7 +83,7 @@ def _build_own(
             raise _not_its_key(
                 where, f"{section}.{key}", owners[key], chooser.path, chosen, own_names
             )
-        raise _unknown(where, section, key, [*shared, *own_names] or list(owners))
+        raise unknown_key(where, section, key, [*shared, *own_names] or list(owners))
     if not own_names:  # it has no keys, or keeps them in another section
         return None
     return _build_section(chooser.registry()[chosen].settings, values, section, origins)
@@ -201,7 +102,7 @@ def _not_its_key(
 def _build_method(values: dict[str, Any], origins: Origins) -> MethodConfig:
     """The method section: `name` and the keys every method shares, then the chosen method's
     own keys beside them."""
-    shared = list(_user_fields(MethodConfig))
+    shared = list(user_fields(MethodConfig))
     given = {k: v for k, v in values.items() if k in shared}
     section = _build_section(MethodConfig, given, "method", origins)
     own = {k: v for k, v in values.items() if k not in shared}
@@ -230,13 +131,13 @@ def _build_stage_section(raw: dict[str, Any], stage: str, origins: Origins) -> S
 
 def _build_section(cls: type, values: dict[str, Any], section: str, origins: Origins) -> Any:
     hints = typing.get_type_hints(cls, include_extras=False)
-    fields = _user_fields(cls)
+    fields = user_fields(cls)
     names = list(fields)
     kwargs = {}
     for key, value in values.items():
         where = origins.of(f"{section}.{key}")
         if key not in names:
-            raise _unknown(where, section, key, names)
+            raise unknown_key(where, section, key, names)
         value = coerce(value, hints[key], f"{where}: {section}.{key}")
         choices = fields[key].metadata["choices"]
         if choices is not None:
@@ -294,13 +195,13 @@ def config_from_dict(
     origins = origins or Origins(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections.")
-    sections = _section_types()
+    sections = section_types()
     stage_sections = STAGE.sections()  # the door opened: method.name's and train.stage's choices
     built = {}
     for name, values in raw.items():
         if name in stage_sections:
             continue  # built below, once train.stage is known
-        if name not in sections and (placed := _placed(str(name))):
+        if name not in sections and (placed := placed_elsewhere(str(name))):
             raise ConfigError(  # a key written at the top level (LLaMA-Factory's YAML is flat)
                 f"{origins.of(str(name))}: '{name}' is not a section; did you mean {placed} "
                 "(the key indented under its section)?"
@@ -308,7 +209,7 @@ def config_from_dict(
         if name not in sections:
             raise ConfigError(
                 f"{origins.of(str(name))}: unknown section '{name}'"
-                + _nearest(str(name), [*sections, *stage_sections])
+                + nearest(str(name), [*sections, *stage_sections])
             )
         if values is None:
             values = {}

@@ -11,8 +11,8 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from snug.config.build import _section_types, _user_fields
 from snug.config.choosers import METHOD, STAGE, Chooser
+from snug.config.keys import section_types, user_fields
 
 
 def _type_name(annotation: Any) -> str:
@@ -29,7 +29,7 @@ def _type_name(annotation: Any) -> str:
 def config_markdown() -> str:
     """The config reference, made from the field docs (README embeds it; a test keeps it in sync)."""
     lines = []
-    for name, cls in _section_types().items():
+    for name, cls in section_types().items():
         lines += [f"#### `{name}` — {cls.__doc__.strip()}", "", *_key_table(cls)]
         if name == METHOD.section:
             lines += _own_tables(METHOD, "")
@@ -71,7 +71,7 @@ def _own_tables(chooser: Chooser, said: str) -> list[str]:
 def _key_table(cls: type) -> list[str]:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     hints = typing.get_type_hints(cls)
-    for f in _user_fields(cls).values():
+    for f in user_fields(cls).values():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata["choices"]
         kind = " \\| ".join(choices()) if choices else _type_name(hints[f.name])
