@@ -42,7 +42,8 @@ def check_tools_rendered(
     raise TemplateError(
         f"{where}: the record uses tools, and {origin_of(template)} does not render "
         f"{missing}; snug trains tool calls with a template that does: set data.template to "
-        "qwen, qwen3 or qwen3_nothink, or auto with a tokenizer whose template renders tools."
+        "qwen, qwen3, qwen3_nothink, llama3 or mistral, or auto with a tokenizer whose template "
+        "renders tools."
     )
 
 

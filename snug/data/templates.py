@@ -115,6 +115,65 @@ _PHI = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+# Llama 3.x's and Mistral's tool calling, as LLaMA-Factory's llama3 and mistral tool formats
+# write it (its tool_utils.Llama3ToolUtils and MistralToolUtils, and the format_tools,
+# format_function and format_observation slots of the llama3 and mistral templates). Each call
+# is the whole answer: a JSON object, or a list of them, and nothing else, so an assistant
+# message with both text and calls is refused (LLaMA-Factory's function turn is JSON only).
+_TEXT_BESIDE_CALLS = (
+    "{% if m['content'] %}{{ raise_exception('an assistant message with text beside its tool "
+    "calls: this template writes the calls as the whole answer, as LLaMA-Factory does; put the "
+    "text in a message of its own, or use a qwen template') }}{% endif %}"
+)
+
+# llama3: the specs after the system text (with nothing between, as LLaMA-Factory joins them)
+# in the system turn, under today's date (LLaMA-Factory's datetime.now(); Llama 3.2's own
+# template calls the same strftime_now); a call as {"name", "parameters"} (one object, or a
+# list of several); each result in an ipython turn.
+_LLAMA3_TOOLS = (
+    "Cutting Knowledge Date: December 2023\nToday Date: {{ strftime_now('%d %b %Y') }}\n\n"
+    "You have access to the following functions. To call a function, please respond with JSON "
+    'for a function call. Respond in the format {"name": function name, "parameters": '
+    'dictionary of argument name and its value}. Do not use variables.{{ "\\n\\n" }}'
+    "{% for t in tools %}{{ t | tojson(indent=4) }}{{ '\\n\\n' }}{% endfor %}"
+)
+_LLAMA3_CALLS = (
+    _TEXT_BESIDE_CALLS + "{% set several = m['tool_calls'] | length > 1 %}"
+    "{% if several %}[{% endif %}{% for c in m['tool_calls'] %}"
+    "{{ {'name': c['function']['name'], 'parameters': c['function']['arguments']} | tojson }}"
+    "{% if not loop.last %}, {% endif %}{% endfor %}{% if several %}]{% endif %}"
+)
+_LLAMA3 = (
+    "{{ bos_token }}{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    f"{{{{ messages[0]['content'] if {_FIRST_SYSTEM} else '' }}}}{_LLAMA3_TOOLS}<|eot_id|>"
+    "{% endif %}{% for m in messages %}"
+    "{% if loop.first and m['role'] == 'system' and tools %}"
+    "{% elif m['role'] == 'assistant' and m['tool_calls'] %}"
+    f"<|start_header_id|>assistant<|end_header_id|>\n\n{_LLAMA3_CALLS}<|eot_id|>"
+    "{% else %}<|start_header_id|>{{ 'ipython' if m['role'] == 'tool' else m['role'] }}"
+    "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# mistral (LLaMA-Factory's Llama2Template: the system text joins the first user turn): the
+# specs as [AVAILABLE_TOOLS] JSON after the system text, a call as [TOOL_CALLS] and a list of
+# {"name", "arguments"}, each result as [TOOL_RESULTS] {"content": result} (the result
+# written as it is, JSON or not, as LLaMA-Factory writes it).
+_MISTRAL = (
+    "{{ bos_token }}"
+    f"{{% set sys = messages[0]['content'] if {_FIRST_SYSTEM} else '' %}}"
+    "{% if tools %}{% set sys = sys + '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' %}"
+    "{% endif %}{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+    "[INST] {{ sys + '\\n\\n' if loop.first and sys else '' }}{{ m['content'] }}[/INST]"
+    "{% elif m['role'] == 'tool' %}[TOOL_RESULTS] {\"content\": {{ m['content'] }}{{ '}' }}"
+    "[/TOOL_RESULTS]{% elif m['tool_calls'] %}"
+    + _TEXT_BESIDE_CALLS
+    + "[TOOL_CALLS] [{% for c in m['tool_calls'] %}"
+    "{{ {'name': c['function']['name'], 'arguments': c['function']['arguments']} | tojson }}"
+    "{% if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
 BUILTIN = {
     "chatml": _chatml(),
     "yi": _chatml(),
@@ -129,19 +188,8 @@ BUILTIN = {
         "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
         "{% endfor %}"
     ),
-    "llama3": (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
-        "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-    ),
-    "mistral": (
-        "{{ bos_token }}{% set sys = messages[0]['content'] + '\n\n' if "
-        + _FIRST_SYSTEM
-        + " else '' %}"
-        "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
-        "[INST] {{ sys if loop.first else '' }}{{ m['content'] }}[/INST]"
-        "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    ),
+    "llama3": _LLAMA3,
+    "mistral": _MISTRAL,
     "gemma": _GEMMA,
     "gemma2": _GEMMA,
     "gemma3": _GEMMA,
