@@ -127,11 +127,12 @@ _TEXT_BESIDE_CALLS = (
 )
 
 # llama3: the specs after the system text (with nothing between, as LLaMA-Factory joins them)
-# in the system turn, under today's date (LLaMA-Factory's datetime.now(); Llama 3.2's own
-# template calls the same strftime_now); a call as {"name", "parameters"} (one object, or a
-# list of several); each result in an ipython turn.
+# in the system turn, under a fixed date: Llama 3.1's own template's default, "26 Jul 2024"
+# (LLaMA-Factory writes datetime.now(), so its text changes daily; a fixed one keeps a dataset's
+# tokens, its cache and a resume's data check the same from one day to the next); a call as
+# {"name", "parameters"} (one object, or a list of several); each result in an ipython turn.
 _LLAMA3_TOOLS = (
-    "Cutting Knowledge Date: December 2023\nToday Date: {{ strftime_now('%d %b %Y') }}\n\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
     "You have access to the following functions. To call a function, please respond with JSON "
     'for a function call. Respond in the format {"name": function name, "parameters": '
     'dictionary of argument name and its value}. Do not use variables.{{ "\\n\\n" }}'
