@@ -54,11 +54,56 @@ def check_combinations(cfg: Config, source: str) -> None:
             + "; set data.packing=false."
         )
     _check_dist(cfg, source)
+    _check_offload_weights(cfg, source)
     why = methods()[cfg.method.name].no_checkpointing_because
     if why and cfg.memory.grad_checkpointing:
         raise ConfigError(
             f"{source}: method.name={cfg.method.name} needs memory.grad_checkpointing=false: {why}."
         )
+
+
+def _check_offload_weights(cfg: Config, source: str) -> None:
+    """memory.offload_weights streams frozen decoder-layer weights (snug/train/streaming.py)."""
+    if not cfg.memory.offload_weights:
+        return
+    where = f"{source}: memory.offload_weights=true"
+    method = methods()[cfg.method.name]
+    if method.output == "model" and cfg.method.name != "freeze":
+        raise ConfigError(
+            f"{where} streams frozen weights, but method.name={cfg.method.name} trains every "
+            "weight, whose gradients and optimizer state must stay on the device; use an "
+            "adapter method (method.name=lora, or qlora with model.quant=4bit) or "
+            "method.name=freeze (its frozen layers stream), or dist.strategy=fsdp with "
+            "dist.cpu_offload=true on several cards."
+        )
+    if not cfg.memory.grad_checkpointing and cfg.model.quant != "none":
+        raise ConfigError(
+            f"{where} with model.quant={cfg.model.quant} needs memory.grad_checkpointing=true: "
+            "without it bitsandbytes' layers keep their weights for backward outside "
+            "autograd's saved tensors, which streaming cannot hand back."
+        )
+    if cfg.dist.strategy != "none":
+        raise ConfigError(
+            f"{where} streams to one device; with dist.strategy={cfg.dist.strategy} use "
+            "dist.cpu_offload=true (fsdp) instead."
+        )
+    if cfg.model.quant == "8bit":
+        raise ConfigError(
+            f"{where} with model.quant=8bit is not supported: bitsandbytes' LLM.int8 layers "
+            "keep their int8 weights and scales in a state object beside the parameter; use "
+            "model.quant=4bit (or none)."
+        )
+    stage = stages()[cfg.train.stage]
+    reference = getattr(stage.own(cfg), "reference", None)
+    if getattr(stage, "uses_reference", False) and reference is not None:
+        switches = method.output == "adapter" and method.peft_type is not None
+        if reference == "copy" or (reference == "auto" and not switches):
+            raise ConfigError(
+                f"{where}: the reference would be a copy of the whole model (pref.reference="
+                f"{reference} with method.name={cfg.method.name}), resident on the device; "
+                "use pref.reference=precompute"
+                + (" or adapter_off." if switches else ".")
+            )
 
 
 def _check_keep_best(cfg: Config, source: str) -> None:

@@ -248,6 +248,13 @@ class MemoryConfig:
         "Keep activations in host memory until backward: each checkpointed layer's input (pinned, "
         "copied on a side stream on CUDA) and every other tensor saved for backward.",
     )
+    offload_weights: bool = _f(
+        False,
+        "Keep the frozen weights of the decoder layers in host memory (pinned on CUDA) and "
+        "stream each layer to the device for its forward, recomputation and backward, the next "
+        "one copied while the current one computes; needs grad_checkpointing and a method that "
+        "leaves the base frozen.",
+    )
     chunked_loss: bool = _f(
         True,
         "Compute the LM head and cross-entropy over chunks of positions that carry loss only, "

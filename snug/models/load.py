@@ -205,10 +205,12 @@ def load_model(
 ) -> torch.nn.Module:
     """The base model on `device`, frozen weights in the resolved storage dtype, as the stage
     loads it: a causal LM, or (train.stage=cls) a sequence classifier with a new head over
-    `labels`."""
+    `labels`. With memory.offload_weights it is loaded into host memory (for `device`: its
+    dtype and attention), and snug/train/streaming.py moves what stays resident."""
     check_model_dir(cfg.model.name_or_path)
     warn_remote_code(cfg.model, "model")
-    return load_weights(cfg, device, precision, labels, pad_token_id)
+    host = torch.device("cpu") if cfg.memory.offload_weights else None
+    return load_weights(cfg, device, precision, labels, pad_token_id, host)
 
 
 def load_weights(
@@ -217,6 +219,7 @@ def load_weights(
     precision: str,
     labels: list[str] | None = None,
     pad_token_id: int | None = None,
+    load_on: torch.device | None = None,
 ) -> torch.nn.Module:
     """`load_model` without its checks of the directory (a tokenizer beside the weights, the
     remote-code warning): for weights snug itself has just saved, as `snug calibrate` saves its
@@ -235,14 +238,14 @@ def load_weights(
             quantization_config=quant,
             trust_remote_code=mcfg.trust_remote_code,
             revision=mcfg.revision,
-            device_map={"": device} if quant is not None else None,
+            device_map={"": load_on or device} if quant is not None else None,
             use_safetensors=True,  # never unpickle weights, local or from the hub
             **head,
         )
     except Exception as e:  # noqa: BLE001 (missing, damaged or foreign files: all bad input)
         raise ModelLoadError(f"{_where(mcfg)}: cannot load the model ({first_line(e)}).") from None
     if quant is None:
-        model.to(device)
+        model.to(load_on or device)
     else:
         _prepare_kbit(model, precision)
     model.config.use_cache = False  # training never reuses the KV cache

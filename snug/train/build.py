@@ -29,6 +29,7 @@ from snug.train.resume import ResumeError, config_drift, data_hash
 from snug.train.run import Run
 from snug.train.schedule import sample_lengths
 from snug.train.step import StepOptions
+from snug.train.streaming import stream_weights
 
 
 def build_run(
@@ -111,6 +112,14 @@ def build_run(
     # the frozen model a preference stage compares with, made before any step (a copy of the
     # weights as loaded, or the adapter switched off)
     reference = get_stage(cfg.train.stage).reference(model, cfg)
+    if cfg.memory.offload_weights:  # loaded into host memory: the layers stream from there
+        stream = stream_weights(model, device)
+        summary["offload_weights"] = {"host_bytes": stream.host_bytes, "layers": len(stream.layers)}
+        console.print(
+            f"offload_weights: {len(stream.layers)} decoder layers' frozen weights stream from "
+            f"host memory ({stream.host_bytes / 2**30:.2f} GiB"
+            + (", pinned)" if device.type == "cuda" else ")")
+        )
     trainable, total = count_params(model)
     opts = dataclasses.replace(step_options(cfg, device, precision), world=ctx.world)
     computes = repr((base["fingerprint"], cfg.method.name, cfg.model.quant, precision))
