@@ -181,6 +181,18 @@ def test_interleave_mixes_by_chance_and_seed(tmp_path, tokenizer):
     assert len(build_datasets(over, tokenizer, "sft", 1, "t")[0]) >= len(ALPACA) + len(SHAREGPT)
 
 
+@pytest.mark.parametrize("mix", ["interleave", "interleave_over"])
+def test_kept_counts_the_samples_trained_after_mixing(tmp_path, tokenizer, mix):
+    """summary.json's data.kept counted the sources' samples before interleaving, more than
+    interleave trains and fewer than interleave_over does; `usable` keeps that count."""
+    folder = write_registry(tmp_path / "data")
+    cfg = data_config(folder, ["my_alpaca", "my_chat"], mix=mix)
+    train, _, stats = build_datasets(cfg, tokenizer, "sft", 1, "t")
+    assert stats.kept == len(train) != len(ALPACA) + len(SHAREGPT)
+    assert stats.usable == len(ALPACA) + len(SHAREGPT) and stats.dropped == 0
+    assert stats.as_dict()["kept"] == len(train)
+
+
 @pytest.mark.parametrize(
     ("keys", "match"),
     [
