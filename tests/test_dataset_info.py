@@ -193,6 +193,24 @@ def test_kept_counts_the_samples_trained_after_mixing(tmp_path, tokenizer, mix):
     assert stats.as_dict()["kept"] == len(train)
 
 
+def test_a_classifier_reads_registered_names(tmp_path, tokenizer):
+    """train.stage=cls read each data.train entry as a path: a registered name failed while
+    listing the classes. Its records keep their own columns (cls.text_column, label_column)."""
+    folder = write_registry(tmp_path / "data")
+    rows = [{"text": f"item {i}", "label": ["odd", "even"][i % 2], "x": i} for i in range(6)]
+    (folder / "classes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = json.loads((folder / "dataset_info.json").read_text())
+    info["my_classes"] = {"file_name": "classes.jsonl"}
+    info["three_classes"] = {"file_name": "classes.jsonl", "num_samples": 3}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    train, _, stats = build_datasets(data_config(folder, "my_classes"), tokenizer, "cls", 0, "t")
+    assert stats.labels == ["even", "odd"] and len(train) == stats.kept == len(rows)
+    assert sorted(train["labels"]) == [0, 0, 0, 1, 1, 1]
+    drawn = data_config(folder, "three_classes")
+    train, _, stats = build_datasets(drawn, tokenizer, "cls", 2, "t")
+    assert len(train) == 3 and stats.invalid == 0
+
+
 @pytest.mark.parametrize(
     ("keys", "match"),
     [
