@@ -257,9 +257,10 @@ def test_hub_entries_load_through_datasets(tmp_path, tokenizer, monkeypatch):
     assert "Answer." in decoded(train, tokenizer)[0]
 
 
-def test_snug_train_on_registered_names(tmp_path, capsys):
+def test_snug_train_on_registered_names(tmp_path, capsys, monkeypatch):
     """The command, end to end: a relative data.dataset_dir read from the config's folder, two
-    names mixed, two steps; a misspelt name stops it before anything is written."""
+    names mixed, two steps; a misspelt name stops it before anything is written. `snug eval`
+    reads the run's names from its data.dataset_dir, wherever it is run."""
     from snug.cli import main
 
     from conftest import TINY_BASE
@@ -279,3 +280,10 @@ def test_snug_train_on_registered_names(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["data"]["kept"] == len(ALPACA) + len(SHAREGPT)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = elsewhere / "scores.json"
+    argv = ["eval", "--adapter", str(tmp_path / "run"), "--data", "my_chat", "--metrics", "loss"]
+    assert main([*argv, "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["counts"]["samples"] == len(SHAREGPT)
