@@ -181,6 +181,36 @@ def test_interleave_mixes_by_chance_and_seed(tmp_path, tokenizer):
     assert len(build_datasets(over, tokenizer, "sft", 1, "t")[0]) >= len(ALPACA) + len(SHAREGPT)
 
 
+@pytest.mark.parametrize("mix", ["interleave", "interleave_over"])
+def test_kept_counts_the_samples_trained_after_mixing(tmp_path, tokenizer, mix):
+    """summary.json's data.kept counted the sources' samples before interleaving, more than
+    interleave trains and fewer than interleave_over does; `usable` keeps that count."""
+    folder = write_registry(tmp_path / "data")
+    cfg = data_config(folder, ["my_alpaca", "my_chat"], mix=mix)
+    train, _, stats = build_datasets(cfg, tokenizer, "sft", 1, "t")
+    assert stats.kept == len(train) != len(ALPACA) + len(SHAREGPT)
+    assert stats.usable == len(ALPACA) + len(SHAREGPT) and stats.dropped == 0
+    assert stats.as_dict()["kept"] == len(train)
+
+
+def test_a_classifier_reads_registered_names(tmp_path, tokenizer):
+    """train.stage=cls read each data.train entry as a path: a registered name failed while
+    listing the classes. Its records keep their own columns (cls.text_column, label_column)."""
+    folder = write_registry(tmp_path / "data")
+    rows = [{"text": f"item {i}", "label": ["odd", "even"][i % 2], "x": i} for i in range(6)]
+    (folder / "classes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = json.loads((folder / "dataset_info.json").read_text())
+    info["my_classes"] = {"file_name": "classes.jsonl"}
+    info["three_classes"] = {"file_name": "classes.jsonl", "num_samples": 3}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    train, _, stats = build_datasets(data_config(folder, "my_classes"), tokenizer, "cls", 0, "t")
+    assert stats.labels == ["even", "odd"] and len(train) == stats.kept == len(rows)
+    assert sorted(train["labels"]) == [0, 0, 0, 1, 1, 1]
+    drawn = data_config(folder, "three_classes")
+    train, _, stats = build_datasets(drawn, tokenizer, "cls", 2, "t")
+    assert len(train) == 3 and stats.invalid == 0
+
+
 @pytest.mark.parametrize(
     ("keys", "match"),
     [
@@ -227,9 +257,10 @@ def test_hub_entries_load_through_datasets(tmp_path, tokenizer, monkeypatch):
     assert "Answer." in decoded(train, tokenizer)[0]
 
 
-def test_snug_train_on_registered_names(tmp_path, capsys):
+def test_snug_train_on_registered_names(tmp_path, capsys, monkeypatch):
     """The command, end to end: a relative data.dataset_dir read from the config's folder, two
-    names mixed, two steps; a misspelt name stops it before anything is written."""
+    names mixed, two steps; a misspelt name stops it before anything is written. `snug eval`
+    reads the run's names from its data.dataset_dir, wherever it is run."""
     from snug.cli import main
 
     from conftest import TINY_BASE
@@ -249,3 +280,10 @@ def test_snug_train_on_registered_names(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["data"]["kept"] == len(ALPACA) + len(SHAREGPT)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = elsewhere / "scores.json"
+    argv = ["eval", "--adapter", str(tmp_path / "run"), "--data", "my_chat", "--metrics", "loss"]
+    assert main([*argv, "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["counts"]["samples"] == len(SHAREGPT)

@@ -77,6 +77,7 @@ def test_train_writes_every_output(tmp_path):
         assert summary[key] > 0, key
     assert summary["data"] == {
         "kept": 32,
+        "usable": 32,  # one source: mixing changes nothing
         "dropped": 0,
         "truncated": 0,
         "clipped": 0,

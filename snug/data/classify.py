@@ -10,9 +10,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from snug.core.registry import get_stage
 from snug.data.dataset import _as_list, refuse_plain_text, tokenizer_fingerprint
 from snug.data.formats import DataError
-from snug.data.sources import load_raw
+from snug.data.registry import open_source
 from snug.data.tokenize import (
     CLIPPED,
     COLUMNS,
@@ -69,10 +70,13 @@ def tokenize_classes_of(
 def class_labels(cfg: DataConfig, label_column: str) -> list[str]:
     """The classes of data.train's label column (cls.label_column), sorted (class id =
     position); a record without a label names none (it is dropped or stops the run when
-    tokenized)."""
+    tokenized). Each entry is read as tokenizing reads it (snug/data/registry.py: a name of
+    data.dataset_dir's registry too), every record of a registered one: its num_samples draw
+    (by train.seed) takes no class the file lacks."""
     names: set[str] = set()
+    stage = get_stage("cls")
     for spec in _as_list(cfg.train):
-        src = load_raw(spec, cfg.split, cfg.on_error)
+        src, _ = open_source(spec, cfg, stage, seed=None)
         refuse_plain_text(src, spec, "cls", "a text and a class label in named columns")
         raw = src.records
         if label_column not in column_names(raw):

@@ -62,12 +62,15 @@ FIXES = {
 
 @dataclass
 class DataStats:
-    """Counts of train samples (kept, dropped and why), and the first problems of train and
-    eval data alike, each naming file, line or row, and field."""
+    """Counts of train samples (trained, dropped and why), and the first problems of train and
+    eval data alike, each naming file, line or row, and field. The sources are counted as
+    tokenized (each record read is usable or dropped for one reason); `kept` is what data.mix
+    made of their usable samples (`mixed`): the samples training draws from."""
 
-    kept: int = 0
+    kept: int = 0  # after data.mix: what is trained (and what data.val_size splits)
+    usable: int = 0  # the sources' samples before data.mix (= kept for concat)
     dropped: int = 0  # fully_masked + empty + invalid
-    truncated: int = 0
+    truncated: int = 0  # of the usable ones
     clipped: int = 0  # of the truncated: a message or text was cut before tokenizing
     fully_masked: int = 0
     empty: int = 0
@@ -85,7 +88,9 @@ class DataStats:
         self.placeholders.update({k: n for k, n in counts.items() if k.startswith("{{")})
         dropped = counts[FULLY_MASKED] + counts[EMPTY] + counts[INVALID]
         if train:
-            self.kept += counts[KEPT] + counts[TRUNCATED] + counts[CLIPPED]
+            usable = counts[KEPT] + counts[TRUNCATED] + counts[CLIPPED]
+            self.usable += usable
+            self.kept += usable  # until `mixed` says what data.mix made of them
             self.truncated += counts[TRUNCATED] + counts[CLIPPED]
             self.clipped += counts[CLIPPED]
             self.fully_masked += counts[FULLY_MASKED]
@@ -96,9 +101,15 @@ class DataStats:
             self.eval_dropped += dropped
         self.problems += problems[: MAX_PROBLEMS - len(self.problems)]
 
+    def mixed(self, samples: int) -> None:
+        """The train sources mixed into `samples` samples (data.mix: interleave stops at the
+        first source that runs out, interleave_over repeats the shorter ones)."""
+        self.kept = samples
+
     def as_dict(self) -> dict[str, int | list[str] | dict[str, int]]:
         return {
             "kept": self.kept,
+            "usable": self.usable,
             "dropped": self.dropped,
             "truncated": self.truncated,
             "clipped": self.clipped,
@@ -365,6 +376,7 @@ def build_datasets(
         stats.add(counts, problems)
         parts.append(ds)
     train = mix(parts, cfg, seed)
+    stats.mixed(len(train))
     if len(train) == 0:
         raise DataError(
             f"data.train: no usable samples remain ({stats.dropped} dropped; the first: "

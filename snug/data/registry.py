@@ -39,11 +39,13 @@ PASSED_ON = ("tools", "images", "videos", "audios")  # columns kept under LLaMA-
 
 
 def open_source(
-    spec: str, cfg: DataConfig, stage: Any, seed: int = 0
+    spec: str, cfg: DataConfig, stage: Any, seed: int | None = 0
 ) -> tuple[RawSource, DataConfig]:
     """One entry of data.train / data.eval -> its raw records and the data settings that read
     them: a name of data.dataset_dir's registry with its own format, else the path or hub id
-    as snug/data/sources.py reads it, with `cfg` as it is."""
+    as snug/data/sources.py reads it, with `cfg` as it is. A classifier's (`stage.classifier`)
+    records keep their columns: its settings name the text and the label, not the entry's.
+    `seed` draws the entry's num_samples (None: every record, undrawn)."""
     entry = registered(spec, cfg.dataset_dir)
     if entry is None:
         return load_raw(spec, cfg.split, cfg.on_error), cfg
@@ -56,8 +58,12 @@ def open_source(
         )
     src = _load(entry, cfg.on_error)
     raw = src.records
-    if entry.num_samples is not None:
+    drawn = entry.num_samples is not None and seed is not None
+    if drawn:
         raw = raw.select(_sample(len(raw), entry.num_samples, seed))
+    where = _Picked(src.where, raw["__row__"]) if drawn else src.where
+    if stage.classifier:  # its own columns name the text and label (cls.text_column, ...)
+        return RawSource(raw.remove_columns("__row__"), where, src.unreadable), cfg
     rewrite = _alpaca if entry.formatting == "alpaca" else _sharegpt
 
     def rewritten(batch: dict[str, list]) -> dict[str, list]:
@@ -72,7 +78,6 @@ def open_source(
         new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
         desc=f"reading {spec}",
     )
-    where = src.where if entry.num_samples is None else _Picked(src.where, raw["__row__"])
     fmt = "text" if text else entry.formatting
     return RawSource(out, where, src.unreadable), dataclasses.replace(cfg, format=fmt)
 

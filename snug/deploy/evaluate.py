@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 METRICS = ("loss", "exact", "contains")  # as --metrics names them
 SAMPLES = 3  # generations kept per model in the results file
+LF_DATASET_DIR = "data"  # LLaMA-Factory's default dataset_dir, read from the current folder
 
 
 @dataclass
@@ -39,24 +40,107 @@ class EvalData:
     records: int  # records read (at most --limit)
     dropped: int  # records left out (data.on_error=skip in the run's config)
     answers: bool  # conversations whose answers generation can be scored on (not plain text)
+    read_as: str = "sft"  # the stage that tokenized it: sft, dpo (pairs) or pt (plain text)
 
 
-def load_eval_data(session: Session, spec: str, limit: int | None) -> EvalData:
-    """`spec` (a file, directory or hub dataset, as data.eval takes) tokenized with the run's
-    data settings; plain text records ({"text"}) are scored as language modelling."""
+def eval_dataset_dir(given: str | None, run_dir: str | None) -> str | None:
+    """The dataset_info.json folder that --data's names are read from: --dataset-dir, else the
+    evaluated run's data.dataset_dir (where it still holds one), else ./data when it holds one
+    (LLaMA-Factory's default dataset_dir), else none."""
+    from snug.config.dataset_info import INFO_FILE, read_registry
+
+    if given is not None:
+        read_registry(given)  # one error naming it when it holds no dataset_info.json
+        return given
+    for folder in (run_dir, LF_DATASET_DIR):
+        if folder is not None and (Path(folder) / INFO_FILE).is_file():
+            return folder
+    return None
+
+
+def data_specs(data: str) -> list[str]:
+    """--data as the sources it names: a comma list (LLaMA-Factory's eval_dataset), unless it is
+    a path that exists."""
+    if Path(data).exists():
+        return [data]
+    return [s.strip() for s in data.split(",") if s.strip()] or [data]
+
+
+def resolve_specs(specs: list[str], dataset_dir: str | None) -> list[str]:
+    """Each of --data's sources as data.eval keeps it (snug/config/dataset_info.py:
+    resolve_data): a registered name as it is, else a path or hub id; an unknown name is one
+    error naming dataset_info.json and the names near it. A named pipe or device is refused
+    before it is opened, given or registered."""
+    from snug.config.dataset_info import registered, resolve_data
+
+    found = []
+    for spec in specs:
+        spec = resolve_data(spec, "--data", Path.cwd(), dataset_dir)
+        entry = registered(spec, dataset_dir)
+        if entry is None:
+            refuse_special("--data", Path(spec))
+        elif entry.path is not None:
+            refuse_special(f"--data {spec}:", entry.path)
+        found.append(spec)
+    return found
+
+
+def load_eval_data(
+    session: Session, specs: list[str], limit: int | None, dataset_dir: str | None = None
+) -> EvalData:
+    """Each of `specs` (a file, directory, hub dataset or name of `dataset_dir`'s registry, as
+    data.eval takes them; `resolve_specs`) tokenized with the run's data settings, at most
+    `limit` records of each; several are scored as one set, when they are of one kind."""
+    from datasets import concatenate_datasets
+
+    from snug.deploy.session import SessionError
+
+    parts = [read_eval_source(session, spec, limit, dataset_dir) for spec in specs]
+    kinds = {p.read_as for p in parts}
+    if len(kinds) > 1:
+        held = ", ".join(f"{spec} ({p.read_as})" for spec, p in zip(specs, parts, strict=True))
+        raise SessionError(
+            f"--data {','.join(specs)}: holds records of several kinds ({held}), scored apart; "
+            "score them one at a time."
+        )
+    if len(parts) == 1:
+        return parts[0]
+    return EvalData(
+        concatenate_datasets([p.dataset for p in parts]),
+        sum(p.records for p in parts),
+        sum(p.dropped for p in parts),
+        parts[0].answers,
+        parts[0].read_as,
+    )
+
+
+def read_eval_source(
+    session: Session, spec: str, limit: int | None, dataset_dir: str | None
+) -> EvalData:
+    """One source, read as training reads data.eval (snug/data/registry.py: open_source, a
+    registered name with its own format and its num_samples drawn by train.seed); plain text
+    records ({"text"}) are scored as language modelling."""
     import datasets
 
+    from snug.config.dataset_info import registered
+    from snug.core.registry import get_stage
     from snug.data.dataset import tokenize_source
     from snug.data.formats import detect_format
     from snug.data.preference import is_pair, is_unpaired
-    from snug.data.sources import load_raw
+    from snug.data.registry import open_source
     from snug.data.tokenize import EMPTY, FULLY_MASKED, INVALID, first_record
     from snug.deploy.session import SessionError
 
     datasets.disable_progress_bars()  # as training reads data: quietly
-    cfg = dataclasses.replace(session.cfg.data, max_samples=limit)  # the run's format too
-    raw = load_raw(spec, cfg.split, cfg.on_error).records
-    fmt = cfg.format
+    # the run's format too
+    cfg = dataclasses.replace(session.cfg.data, max_samples=limit, dataset_dir=dataset_dir)
+    seed = session.cfg.train.seed
+    entry = registered(spec, dataset_dir)
+    plain = get_stage(session.cfg.train.stage).formats == ("text",)  # pt reads alpaca as text
+    reader = "dpo" if entry is not None and entry.ranking else "pt" if plain else "sft"
+    src, read = open_source(spec, cfg, get_stage(reader), seed)
+    raw = src.records
+    fmt = read.format
     first = first_record(raw) if raw else {}
     if is_unpaired(first):
         raise SessionError(
@@ -70,9 +154,11 @@ def load_eval_data(session: Session, spec: str, limit: int | None) -> EvalData:
     stage = "dpo" if pairs else "pt" if text else "sft"
     if pairs:
         cfg = dataclasses.replace(cfg, format="auto", packing=False)
-    ds, counts, _ = tokenize_source(spec, cfg, session.tok, stage, session.cfg.model.name_or_path)
+    model = session.cfg.model.name_or_path
+    ds, counts, _ = tokenize_source(spec, cfg, session.tok, stage, model, seed=seed)
     records = min(len(raw), limit or len(raw))
-    return EvalData(ds, records, counts[EMPTY] + counts[FULLY_MASKED] + counts[INVALID], not text)
+    dropped = counts[EMPTY] + counts[FULLY_MASKED] + counts[INVALID]
+    return EvalData(ds, records, dropped, not text, stage)
 
 
 def score(
@@ -181,9 +267,20 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_session_arguments(parser)
     parser.add_argument(
-        "--data", required=True, help="eval data: a file, directory or hub dataset (as data.eval)"
+        "--data",
+        required=True,
+        help="eval data: a file, directory, hub dataset or dataset named in --dataset-dir's "
+        "dataset_info.json, or a comma list of these (as data.eval)",
     )
-    parser.add_argument("--limit", type=at_least_1, help="score only the first N records")
+    parser.add_argument(
+        "--dataset-dir",
+        metavar="DIR",
+        help="a folder with LLaMA-Factory's dataset_info.json, whose names --data may give "
+        "(default: the run's data.dataset_dir, else ./data when it holds dataset_info.json)",
+    )
+    parser.add_argument(
+        "--limit", type=at_least_1, help="score only the first N records (of each --data source)"
+    )
     parser.add_argument(
         "--compare",
         action="store_true",
@@ -216,7 +313,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else None
     if out is not None:
         refuse_existing(out, "--output")
-    refuse_special("--data", Path(args.data))  # before the model loads: a pipe would wait
+    for spec in data_specs(args.data):  # before the model loads: a pipe would wait
+        if Path(spec).exists():
+            refuse_special("--data", Path(spec))
+    specs = None  # --data's sources, resolved when the dataset_info.json folder is known
+    if args.dataset_dir is not None:  # known before the model loads
+        specs = resolve_specs(data_specs(args.data), eval_dataset_dir(args.dataset_dir, None))
     metrics = parse_metrics(args.metrics) if args.metrics else None
     if args.compare and args.use:
         raise SessionError("--compare scores the base and every adapter; leave out --use.")
@@ -228,7 +330,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "model's layers and cannot be switched off; score the base on its own with --model."
         )
     names = [BASE, *session.adapters] if args.compare else [session.active]
-    data = load_eval_data(session, args.data, args.limit)
+    dataset_dir = eval_dataset_dir(args.dataset_dir, session.cfg.data.dataset_dir)
+    specs = specs or resolve_specs(data_specs(args.data), dataset_dir)
+    data = load_eval_data(session, specs, args.limit, dataset_dir)
     if len(data.dataset) == 0:  # scores of nothing would read as loss 0, perplexity 1
         raise SessionError(
             f"--data {args.data}: no sample to score ({data.records} records read, {data.dropped} "

@@ -78,8 +78,11 @@ def build_run(
     clipped = (
         f" ({stats.clipped} cut to data.cutoff_len before tokenizing)" if stats.clipped else ""
     )
+    mixed = (
+        f" (data.mix={cfg.data.mix} of {stats.usable} usable)" if stats.kept != stats.usable else ""
+    )
     console.print(
-        f"data: {stats.kept} samples kept, {stats.dropped} dropped, "
+        f"data: {stats.kept} samples kept{mixed}, {stats.dropped} dropped, "
         f"{stats.truncated} truncated{clipped}; eval: {len(eval_ds) if eval_ds else 0}"
     )
     for problem in stats.problems[:3]:  # data.on_error=skip: what was dropped, and why
