@@ -48,6 +48,7 @@ from snug.train.dist import Dist, wrap_reference
 from snug.train.memory import local, model_tensors
 from snug.train.prepare import prepare_for_training, step_options
 from snug.train.step import train_step
+from snug.train.streaming import stream_weights
 from snug.train.wrapped import causal_lm
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes.
@@ -84,6 +85,10 @@ class Simulation:
     traffic_per_step: int = 0
     # matmuls with a 4-bit weight in one optimizer step (tracker.py: quant_calls)
     quant_calls_per_step: int = 0
+    # memory.offload_weights (train/streaming.py): the host memory (pinned on CUDA) the
+    # streamed weights take, outside the peak, and the bytes copied to the device per step
+    host_bytes: int = 0
+    streamed_bytes_per_step: int = 0
 
 
 def with_depth(config: PretrainedConfig, layers: int) -> PretrainedConfig:
@@ -173,6 +178,9 @@ def _simulate_once(
         wrap_reference(
             opts.stage, reference, cfg, Dist(world, strategy=cfg.dist.strategy), precision, mesh
         )
+        # the streamed layers' host tensors are not device memory: left out of the peak
+        stream = stream_weights(model, torch.device("cpu")) if cfg.memory.offload_weights else None
+        on_host = {id(t.untyped_storage()) for t in stream.host_tensors()} if stream else set()
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: tracker.mark([p.grad], "gradients"))
@@ -190,7 +198,11 @@ def _simulate_once(
 
         tracker.layers = LayerTags(causal_lm(model).get_decoder()) if record else None
         with modules, tracker, tracker.layers or contextlib.nullcontext():
-            tracker.track(model_tensors(model))
+            tracker.track(
+                t for t in model_tensors(model) if id(local(t).untyped_storage()) not in on_host
+            )
+            if stream is not None:  # a layer's copy on the device holds weights
+                stream.on_load = lambda copies: tracker.mark(copies, "weights")
             tracker.track(held_by_wrapper)
             tracker.mark(held_by_wrapper, "gradients")  # DDP's gradient buckets
             for frozen in opts.stage.frozen_models(reference):  # a copy holds weights
@@ -227,9 +239,11 @@ def _simulate_once(
             accum = min(cfg.train.grad_accum, 2)
             held = [batch() for _ in range(cfg.train.grad_accum - accum)]
             tracker.counting = True
+            streamed = stream.loaded_bytes if stream else 0
             train_step(
                 model, optimizer, [batch() for _ in range(accum)], opts, None, None, reference
             )
+            streamed = (stream.loaded_bytes if stream else 0) - streamed
             tracker.counting = False
             del held
             step_end = len(events or ())
@@ -247,6 +261,8 @@ def _simulate_once(
         ops_per_step=tracker.ops * cfg.train.grad_accum // accum,
         traffic_per_step=tracker.traffic * cfg.train.grad_accum // accum,
         quant_calls_per_step=tracker.quant_calls * cfg.train.grad_accum // accum,
+        host_bytes=stream.host_bytes if stream else 0,
+        streamed_bytes_per_step=streamed * cfg.train.grad_accum // accum,
         optimizer_bytes=optimizer_bytes,
         trainable_params=trainable,
         total_params=total,
@@ -355,6 +371,8 @@ def simulate(
         ops_per_step=grow(a.ops_per_step, b.ops_per_step),
         traffic_per_step=grow(a.traffic_per_step, b.traffic_per_step),
         quant_calls_per_step=grow(a.quant_calls_per_step, b.quant_calls_per_step),
+        host_bytes=grow(a.host_bytes, b.host_bytes),
+        streamed_bytes_per_step=grow(a.streamed_bytes_per_step, b.streamed_bytes_per_step),
         optimizer_bytes=grow(a.optimizer_bytes, b.optimizer_bytes),
         trainable_params=grow(a.trainable_params, b.trainable_params),
         total_params=grow(a.total_params, b.total_params),

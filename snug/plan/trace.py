@@ -53,7 +53,11 @@ class LayerTags:
             self.decoder.register_forward_hook(lambda m, a, o: self._decoder(-1), always_call=True)
         )
         for i, layer in enumerate(self.layers):
-            self.handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: self._enter(i)))
+            # first among the layer's hooks: what weight streaming's hook brings in (the next
+            # layer's copy) is made while this layer runs (train/streaming.py)
+            self.handles.append(
+                layer.register_forward_pre_hook(lambda m, a, i=i: self._enter(i), prepend=True)
+            )
             self.handles.append(
                 layer.register_forward_hook(lambda m, a, out: self._leave(), always_call=True)
             )

@@ -94,7 +94,10 @@ class WeightStream:
         self.side = torch.cuda.Stream(device) if self.cuda else None
         self.modules = layers
         self.layers = [_Layer(_frozen_slots(layer)) for layer in layers]
-        self.loads = 0  # layer copies made (a test counts them; the plan's traffic is these)
+        self.loads = 0  # layer copies made (a test counts them)
+        self.loaded_bytes = 0  # bytes copied to the device so far (the plan's traffic)
+        # told the copies of each layer brought in (the planner marks them as weights)
+        self.on_load: Callable[[list[torch.Tensor]], None] | None = None
         self._saving: dict[int, _Tokens] = {}  # forwards saving their weights as tokens
 
     @property
@@ -124,10 +127,14 @@ class WeightStream:
         if layer.resident:
             return
         self.loads += 1
+        self.loaded_bytes += layer.nbytes
         if not self.cuda:  # host to host: the same path, so a CPU run exercises it
-            for slot in layer.slots:
-                slot.install(slot.host.clone())
+            copies = [slot.host.clone() for slot in layer.slots]
+            for slot, copy in zip(layer.slots, copies, strict=True):
+                slot.install(copy)
             layer.resident = True
+            if self.on_load is not None:
+                self.on_load(copies)
             return
         current = torch.cuda.current_stream(self.device)
         # made on the compute stream (whose work orders their reuse), filled on the side one
@@ -142,6 +149,8 @@ class WeightStream:
         for slot, dev in zip(layer.slots, copies, strict=True):
             slot.install(dev)
         layer.resident = True
+        if self.on_load is not None:
+            self.on_load(copies)
 
     def _evict(self, i: int) -> None:
         layer = self.layers[i]
@@ -150,11 +159,13 @@ class WeightStream:
                 slot.install(slot.host)  # the device copy is freed once nothing holds it
             layer.resident, layer.ready = False, None
 
-    def before(self, i: int, module: nn.Module | None = None) -> None:
+    def before(self, i: int, module: nn.Module | None = None, args: tuple = ()) -> None:
         """Layer `i` is about to run: have it on the device, prefetch the next one the pass
         will need (below it in backward, above it in a forward), and let go of every other
-        layer. A forward that backward will need without recomputing it (no checkpointing)
-        saves the layer's weights as tokens that bring them back (`_Tokens`)."""
+        layer. In a forward that backward will follow, the gradient of the layer's input
+        (`args[0]`) says when the layer's backward is done, and then its weights leave. A
+        forward that backward will need without recomputing it (no checkpointing) saves the
+        layer's weights as tokens that bring them back (`_Tokens`)."""
         backward = torch._C._current_graph_task_id() != -1
         step = -1 if backward else 1
         self._load(i)
@@ -169,6 +180,9 @@ class WeightStream:
             torch.cuda.current_stream(self.device).wait_event(ready)
             self.layers[i].ready = None
         if module is not None and not backward and torch.is_grad_enabled():
+            hidden = args[0] if args else None
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(lambda grad: self._evict(i))
             if not _checkpointed(module):
                 self._saving[i] = _Tokens(self, i)
                 self._saving[i].__enter__()
@@ -253,7 +267,7 @@ def stream_weights(model: nn.Module, device: torch.device) -> WeightStream:
                 state.to(device)  # code books and nested state (small)
                 state.absmax = absmax  # streamed with its weight
     for i, layer in enumerate(layers):
-        layer.register_forward_pre_hook(lambda m, args, i=i: stream.before(i, m))
+        layer.register_forward_pre_hook(lambda m, args, i=i: stream.before(i, m, args))
         layer.register_forward_hook(lambda m, args, out, i=i: stream.after(i, m))
         if getattr(layer, "gradient_checkpointing", False):
             layer._gradient_checkpointing_func = _recomputing(
