@@ -11,7 +11,9 @@ where layers run first to last and in reverse where backward runs them last to f
 
 The tags only read what autograd exposes: forward hooks on the decoder layers (no tensors held,
 unlike module backward hooks, which would move the peak), the sequence number each autograd
-node gets when forward creates it, and the node backward is running.
+node gets when forward creates it, and the node backward is running. The pre-hook runs before
+any other: FSDP2 all-gathers a layer in its own pre-hook and there makes the node whose backward
+reduce-scatters the gradients and frees the gathered weights, all of which belong to that layer.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ class LayerTags:
             self.decoder.register_forward_hook(lambda m, a, o: self._decoder(-1), always_call=True)
         )
         for i, layer in enumerate(self.layers):
-            # first among the layer's hooks: what weight streaming's hook brings in (the next
-            # layer's copy) is made while this layer runs (train/streaming.py)
+            # prepend: ahead of FSDP2's pre-forward hook (itself prepended when the layer was
+            # wrapped), so its all-gather and the post-backward node it creates belong to this
+            # layer, not to the one before; so is what weight streaming's hook brings in (the
+            # next layer's copy: train/streaming.py)
             self.handles.append(
                 layer.register_forward_pre_hook(lambda m, a, i=i: self._enter(i), prepend=True)
             )

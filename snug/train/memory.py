@@ -71,8 +71,10 @@ class TensorMemoryTracker(TorchDispatchMode):
         if key not in self._sizes:
             return
         if self.events is not None:  # FSDP frees (to 0 bytes) and re-allocates (from 0)
-            self._event(key, -1)
-            self._event(key, storage.nbytes())
+            if self._sizes[key]:  # an empty storage holds no block: nothing to free
+                self._event(key, -1)
+            if storage.nbytes():  # nor does one resized to 0: no empty block is made
+                self._event(key, storage.nbytes())
         nbytes = self._rounded(storage.nbytes())
         self.live += nbytes - self._sizes[key]
         self._sizes[key] = nbytes
