@@ -184,7 +184,7 @@ def rss_section(work: Path) -> list[str]:
     return [
         "## Against RSS, controlled and as users measure it",
         "",
-        "Small models of shapes the table above lacks (benchmarks/plan_rss.py: 2 layers of "
+        "Small models of shapes plan_accuracy.py's main table lacks (benchmarks/plan_rss.py: 2 layers of "
         "width 256, fp32, LoRA; phi3 at 2 x 1,024 tokens, gemma (tied, 256,000-token "
         "vocabulary) at 2 x 512, qwen2 (151,936) dpo with 2 pairs of a 40-token prompt and "
         "two answers of about 1,000 tokens, reference adapter-off), each minus the same run on "
