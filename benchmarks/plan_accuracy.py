@@ -78,7 +78,7 @@ CONFIGS = [  # (family, method, checkpointing, tokens per sample)
 # and tokenizing the data peak on their own, and would otherwise hide a small model's training
 # peak) and read as it ends, before the final save.
 CHILD = """
-import json, statistics, sys
+import json, os, statistics, sys
 from pathlib import Path
 from rich.console import Console
 from snug.config import load_config
@@ -91,14 +91,18 @@ def hwm():
 
 measured = {}
 train = loop_run.Run.train
-def measured_train(self):
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    train(self)
+whole = os.environ.get("SNUG_BENCH_WHOLE_RUN") == "1"  # the process's peak, as users read it
+def measured_train(self, *args, **kwargs):
+    if not whole:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    train(self, *args, **kwargs)
     measured["peak_rss_bytes"] = hwm()
 loop_run.Run.train = measured_train
 cfg = load_config(None, json.loads(sys.argv[1]))
 summary = training.run_training(cfg, Console(quiet=True))
+if whole:
+    measured["peak_rss_bytes"] = hwm()  # loading, training and the final save
 measured["tracked_bytes"] = summary["peak_memory"]["measured_bytes"]
 # each step's seconds from metrics.jsonl (logged every step; its tokens/s is cumulative), all
 # but the first (which pays for first-touch page faults and warm-up)
@@ -223,8 +227,18 @@ def main() -> None:
         help="use the calibration file already there (or typical values) instead of running "
         "`snug calibrate --device cpu` into a temporary one first",
     )
+    parser.add_argument(
+        "--rss-only",
+        action="store_true",
+        help="only the rows measured against RSS both ways (benchmarks/plan_rss.py)",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.rss_only:
+        from plan_rss import rss_report
+
+        rss_report(args.out, started)
+        return
     calibrate_s = None
     if not args.no_calibrate:
         # `snug calibrate` on this CPU first, into a file of this run's own: the plan's step
@@ -351,6 +365,10 @@ def main() -> None:
                 }
             )
 
+    from plan_rss import rss_section
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rss_lines = rss_section(Path(tmp))
     t = time.perf_counter()
     cfg70 = load_config(None, ["method.name=lora", "train.micro_batch=1", "train.grad_accum=8"])
     sim70 = simulate(cfg70, model_config("meta-llama/Llama-3.1-70B"), 2048, "cuda")
@@ -428,6 +446,8 @@ def main() -> None:
         f"(1,024 tokens): {t7:.1f} s (target 120 s); its fastest fitting candidate: "
         f"{best.name if best else 'nothing'}; recommended: {choice.name if choice else 'nothing'}, "
         f"{breakdown_line(choice) if choice else ''} (GiB).",
+        "",
+        *rss_lines,
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
