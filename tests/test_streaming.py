@@ -29,7 +29,9 @@ def _model(overrides: list[str], stream: bool, quant: str = "none"):
     if quant == "4bit":
         from snug.models.load import load_model
 
-        cfg = config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "quant": quant}})
+        cfg = config_from_dict(
+            {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "quant": quant}}
+        )
         model = load_model(cfg, torch.device("cpu"), "fp32")
     else:
         model = AutoModelForCausalLM.from_pretrained(ROOT / "models/tiny")
@@ -46,7 +48,9 @@ def _steps(cfg, model, n: int = 3) -> tuple[list[float], list[torch.Tensor]]:
     opts = step_options(cfg, torch.device("cpu"), "fp32")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    losses = [train_step(model, opt, [dict(batch), dict(batch)], opts).loss.item() for _ in range(n)]
+    losses = [
+        train_step(model, opt, [dict(batch), dict(batch)], opts).loss.item() for _ in range(n)
+    ]
     return losses, [p.detach().clone() for p in params]
 
 

@@ -101,8 +101,7 @@ def _check_offload_weights(cfg: Config, source: str) -> None:
             raise ConfigError(
                 f"{where}: the reference would be a copy of the whole model (pref.reference="
                 f"{reference} with method.name={cfg.method.name}), resident on the device; "
-                "use pref.reference=precompute"
-                + (" or adapter_off." if switches else ".")
+                "use pref.reference=precompute" + (" or adapter_off." if switches else ".")
             )
 
 

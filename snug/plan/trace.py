@@ -18,6 +18,7 @@ reduce-scatters the gradients and frees the gathered weights, all of which belon
 
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_right
 from collections.abc import Sequence
 from difflib import SequenceMatcher
@@ -48,6 +49,7 @@ class LayerTags:
         self._open: list[int] = []  # the passes still running (their index in _ranges)
         self.of_tensor: dict[int, int] = {}  # id(parameter or buffer) -> layer
         self.of_storage: dict[int, int] = {}  # id(its storage) -> layer
+        self.forced: int | None = None  # `forcing`
 
     def __enter__(self) -> LayerTags:
         self.handles.append(self.decoder.register_forward_pre_hook(lambda m, a: self._decoder(1)))
@@ -99,7 +101,19 @@ class LayerTags:
         self._ranges[self._open.pop()] = (torch._C._autograd._get_sequence_nr(), i)
         self.just_ran = i
 
+    @contextlib.contextmanager
+    def forcing(self, layer: int):
+        """Tag what happens inside with `layer` (weight streaming's release of a layer's
+        copies: train/streaming.py)."""
+        before, self.forced = self.forced, layer
+        try:
+            yield
+        finally:
+            self.forced = before
+
     def current(self) -> int | None:
+        if self.forced is not None:
+            return self.forced
         if self.stack:
             return self.stack[-1]
         if self.in_decoder:

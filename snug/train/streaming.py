@@ -22,6 +22,7 @@ that streams on a GPU trains (and is tested) anywhere; `snug plan` replays it on
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,6 +99,10 @@ class WeightStream:
         self.loaded_bytes = 0  # bytes copied to the device so far (the plan's traffic)
         # told the copies of each layer brought in (the planner marks them as weights)
         self.on_load: Callable[[list[torch.Tensor]], None] | None = None
+        # around the release of layer i's copies (the planner tags those frees with layer i:
+        # backward releases a layer from the gradient hook of its input, which runs in the
+        # node of the layer below)
+        self.tagging: Callable[[int], contextlib.AbstractContextManager] | None = None
         self._saving: dict[int, _Tokens] = {}  # forwards saving their weights as tokens
 
     @property
@@ -155,8 +160,9 @@ class WeightStream:
     def _evict(self, i: int) -> None:
         layer = self.layers[i]
         if layer.resident:
-            for slot in layer.slots:
-                slot.install(slot.host)  # the device copy is freed once nothing holds it
+            with self.tagging(i) if self.tagging is not None else contextlib.nullcontext():
+                for slot in layer.slots:
+                    slot.install(slot.host)  # the device copy is freed once nothing holds it
             layer.resident, layer.ready = False, None
 
     def before(self, i: int, module: nn.Module | None = None, args: tuple = ()) -> None:
