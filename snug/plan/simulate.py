@@ -84,6 +84,10 @@ class Simulation:
     traffic_per_step: int = 0
     # matmuls with a 4-bit weight in one optimizer step (tracker.py: quant_calls)
     quant_calls_per_step: int = 0
+    # memory.offload_weights (train/streaming.py): the host memory (pinned on CUDA) the
+    # streamed weights take, outside the peak, and the bytes copied to the device per step
+    host_bytes: int = 0
+    streamed_bytes_per_step: int = 0
 
 
 def with_depth(config: PretrainedConfig, layers: int) -> PretrainedConfig:
