@@ -190,6 +190,7 @@ def test_a_4bit_step_that_fails_leaves_the_rest_of_the_calibration(monkeypatch):
         assert row["seconds"] == row["seconds_spread"][0] >= slept
     # measured before the rounds and after each, alternating: the best of each kept
     assert cal.matmul_flops == 1e12 * (100 + 2 * rounds) and cal.bandwidth_gbs == 101 + 2 * rounds
+    assert cal.h2d_gbs > 0  # a real clone's rate: what streaming copies at on a CPU
 
 
 def test_calibrate_counts_what_it_builds_and_times_with_the_time_left(monkeypatch, capsys):
@@ -235,7 +236,8 @@ def test_calibrate_counts_what_it_builds_and_times_with_the_time_left(monkeypatc
 
 def test_the_gpu_series_runs_one_configuration_at_a_time(monkeypatch):
     """calibrate("cuda") measures each configuration with measure_one (its steps in a row, the
-    card holding one at a time), not in the CPU's rounds, and the matmul and copy after them."""
+    card holding one at a time), not in the CPU's rounds, and the matmul, the copy and the
+    host-to-device copy after them."""
     from snug.plan import calibrate as calibrate_module
     from snug.plan.hardware import Device
 
@@ -263,10 +265,14 @@ def test_the_gpu_series_runs_one_configuration_at_a_time(monkeypatch):
     monkeypatch.setattr(
         calibrate_module, "copy_bandwidth", lambda where: calls.append("copy") or 3000.0
     )
+    monkeypatch.setattr(
+        calibrate_module, "h2d_bandwidth", lambda where: calls.append(where.type) or 52.0
+    )
     series = calibrate_module.GPU_SERIES
     cal = calibrate_module.calibrate("cuda")
-    assert calls == [("measure", s[3]) for s in series] + ["matmul", "copy"]
+    assert calls == [("measure", s[3]) for s in series] + ["matmul", "copy", "cuda"]
     assert len(cal.steps) == len(series) and cal.context_bytes == 2**29
+    assert cal.h2d_gbs == 52.0  # the pinned host-to-device copy, kept in the entry
 
 
 def test_calibration_learns_what_each_4bit_matmul_costs_from_the_qlora_step():

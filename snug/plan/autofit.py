@@ -3,6 +3,8 @@ the config's own method, and, when nothing fits, the smallest change that would.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from snug.config import Config
@@ -17,15 +19,16 @@ def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]
     optimizer that fits the budget (memory.gpu, else the training device's memory), with the
     effective batch (micro_batch x grad_accum) kept. Returns the adopted config and what to
     report; raises PlanError with the smallest change that fits when nothing does."""
-    from snug.plan.hardware import cpu_device, find_gpu, model_config, parse_memory
+    from snug.plan.hardware import cpu_device, find_gpu, local_host, model_config, parse_memory
 
     budget = cfg.memory.gpu
-    if device_type == "cuda":
+    if device_type == "cuda":  # this machine trains: streamed weights must fit its RAM
         if budget:
-            device = find_gpu(budget)
+            device = dataclasses.replace(find_gpu(budget), host=local_host())
         else:
             total = torch.cuda.get_device_properties(0).total_memory
-            device = Device(name=torch.cuda.get_device_name(0), type="cuda", memory_bytes=total)
+            name = torch.cuda.get_device_name(0)
+            device = Device(name=name, type="cuda", memory_bytes=total, host=local_host())
     else:
         memory = parse_memory(budget) if budget else None
         if budget and memory is None:
@@ -39,6 +42,13 @@ def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]
     found = search(cfg, config, device, seq_len, (method_label(cfg),), cap)
     choice = next((c for c in found if c.fits), None)
     if choice is None:
+        short = next((c.host_short for c in found if c.host_short), None)
+        if short:  # no setting the search varies changes what streaming keeps on the host
+            raise PlanError(
+                f"memory.auto_fit: method {cfg.method.name} with memory.offload_weights=true "
+                f"{short}; set memory.offload_weights=false, or train on a machine with more "
+                "memory."
+            )
         raise PlanError(_smallest_change(cfg, config, device, seq_len, found))
     m, t = choice.cfg.memory, choice.cfg.train
     report = {
@@ -52,6 +62,7 @@ def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]
         "optimizer": m.optimizer,
         "predicted_peak_bytes": choice.peak_bytes,
         "predicted_reserved_bytes": choice.reserved_bytes,
+        "host_bytes": choice.sim.host_bytes,
         "calibration": choice.calibration,
         "why": f"the fastest setting of {cfg.method.name} that fits {device.name} "
         f"({choice.reserved_bytes / GIB:.2f} of {device.memory_bytes / GIB:.2f} GiB) with the "

@@ -24,7 +24,10 @@ Measured:
   other processes held, read with nvidia-smi), `max_memory_reserved` against the plan's
   replayed reserve (their ratio, its median and spread), and `max_memory_allocated` against the
   plan's peak (reported, not learned: the replay is exact or it is a bug);
-- the device's best case: one large matmul's FLOP rate (a cap on the fitted rate).
+- the device's best case: one large matmul's FLOP rate (a cap on the fitted rate);
+- the rate memory.offload_weights streams weights at (`h2d_gbs`): on a GPU a large pinned
+  host-to-device copy on a side stream, on a CPU a large clone (the copy streaming makes there;
+  device_probe.py).
 
 The result goes to the calibration file (plan/calibration.py), one entry per device, which
 `snug plan` and `memory.auto_fit` then use and name.
@@ -48,7 +51,13 @@ from snug.data.collate import target_positions
 from snug.errors import UserError, first_line
 from snug.models.load import resolve_dtype
 from snug.plan.calibration import Calibration, fit_model, quant_rows
-from snug.plan.device_probe import copy_bandwidth, cuda_context, matmul_rate, sync
+from snug.plan.device_probe import (
+    copy_bandwidth,
+    cuda_context,
+    h2d_bandwidth,
+    matmul_rate,
+    sync,
+)
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
 from snug.plan.simulate import PlanError, simulate, with_depth
 from snug.runtime.progress import PhaseFactory, quiet
@@ -375,6 +384,7 @@ def calibrate(
         )
     if not interleaved:
         matmul, bandwidth = matmul_rate(where), copy_bandwidth(where)
+    h2d = h2d_bandwidth(where)
     model = fit_model(rows, matmul, bandwidth, overlap=kind == "cuda")
     for r in rows:
         r["fitted_seconds"] = model.seconds(r["flops"], r["ops"], 0, r["traffic"], r["quant_calls"])
@@ -399,6 +409,7 @@ def calibrate(
         context_bytes=context,
         overlap=model.overlap,
         quant_call_seconds=model.quant_call_seconds if quant_rows(rows) else None,
+        h2d_gbs=h2d,
         reserved_ratio=reserved_ratio,
         reserved_error=reserved_error,
         steps=tuple(rows),

@@ -23,7 +23,20 @@ one-large-matmul rate: a whole step cannot beat its best case) and the 4-bit cos
 step; without it the rate is the card's table rate times a typical efficiency, op_seconds a
 typical value (below, with where they come from), the two parts add up, and the traffic and
 4-bit terms are left out (the typical values were fitted without them), as they are for a
-calibration entry written before those terms existed. Pure Python, no torch.
+calibration entry written before those terms existed.
+
+With memory.offload_weights the frozen weights of the decoder layers are copied from host memory
+for every layer's forward and again for its recomputation in backward (`streamed`, the replay
+counts the bytes), at `h2d_gbs`: the pinned host-to-device rate `snug calibrate` measured, else
+the GPU table's PCIe figure, else a typical one; on a CPU the rate of a large clone (the copy is
+host to host). On a GPU the next layer's copy runs on a side stream while the current layer
+computes, so each pass takes the longer of its compute and its copies: forward copies half the
+bytes beside forward's compute, backward the other half beside the recomputation and backward
+(`FORWARD_SHARE` of the device's time is forward's), and the step's device part becomes
+`max(share x device, copies / 2) + max((1 - share) x device, copies / 2)`: the device's time
+while the copies keep up, the copies' time when they do not, and more than either near the
+crossover, where forward waits on its copies while backward does not. On a CPU the host makes the
+copies itself and they add up. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -52,6 +65,14 @@ FILE_VERSION = 1
 GPU_EFFICIENCY = 0.4
 GPU_OP_SECONDS = 15.8e-6
 CPU_OP_SECONDS = 21e-6
+# A GPU with neither a calibration nor a PCIe figure in the table (a size such as 24GiB): the
+# practical pinned host-to-device rate of PCIe 4.0 x16, the commonest link of the table's cards
+# (snug/models/catalog/GPUS.md: 25.13 GB/s measured on an A100).
+TYPICAL_H2D_GBS = 25.1
+# The share of a step's device time that its forward passes take: with checkpointing a layer
+# runs forward, again in backward, then its backward (two forwards' FLOPs): 1 of 4; without,
+# forward and backward: 1 of 3. Streamed copies overlap the pass they belong to.
+FORWARD_SHARE = {True: 1 / 4, False: 1 / 3}
 
 
 # Entries snug ships, for cards its GPU kit calibrated (each names its source): a plan for such a
@@ -83,6 +104,9 @@ class Calibration:
     # seconds each matmul with a 4-bit weight costs beyond its FLOPs and ops (None: the series
     # had no 4-bit step, as on a CPU)
     quant_call_seconds: float | None = None
+    # the rate memory.offload_weights streams at: on a GPU a pinned host-to-device copy, on a
+    # CPU a large clone (None: an entry written before it was measured)
+    h2d_gbs: float | None = None
     reserved_ratio: float | None = None  # measured max_memory_reserved / planned, median
     reserved_error: tuple[float, float] | None = None  # min, max of planned/measured - 1
     steps: tuple[dict, ...] = ()  # each configuration of the series, as measured
@@ -173,6 +197,7 @@ NUMBERS = {
     "traffic_gbs": ABOVE_0,
     "context_bytes": AT_LEAST_0,
     "quant_call_seconds": AT_LEAST_0,
+    "h2d_gbs": ABOVE_0,
     "reserved_ratio": ABOVE_0,
     "reserved_error": PAIR,
 }
@@ -224,9 +249,21 @@ class StepModel:
     traffic_gbs: float | None = None  # None: no traffic term (typical values)
     overlap: bool = False  # the host's dispatch runs while the device works (CUDA, calibrated)
     quant_call_seconds: float = 0.0  # per matmul with a 4-bit weight
+    # memory.offload_weights: the rate its copies run at (GB/s), whether they run on a side
+    # stream beside the compute (a GPU) or in line (a CPU's clones), and where the rate is from
+    h2d_gbs: float | None = None
+    h2d_overlaps: bool = False
+    h2d_source: str = ""
 
     def seconds(
-        self, flops: int, ops: int, weights_bytes: int, traffic: int = 0, quant_calls: int = 0
+        self,
+        flops: int,
+        ops: int,
+        weights_bytes: int,
+        traffic: int = 0,
+        quant_calls: int = 0,
+        streamed: int = 0,
+        forward_share: float = FORWARD_SHARE[True],
     ) -> float | None:
         if not self.rate_flops:
             return None
@@ -234,17 +271,32 @@ class StepModel:
         memory = 3 * weights_bytes / (self.bandwidth_gbs * 1e9) if self.bandwidth_gbs else 0.0
         moved = traffic / (self.traffic_gbs * 1e9) if self.traffic_gbs else 0.0
         device, host = max(compute, memory) + moved, ops * self.op_seconds
+        if streamed:
+            device = self.streaming(device, streamed, forward_share)
         both = max(device, host) if self.overlap else device + host
         return both + quant_calls * self.quant_call_seconds
 
-    def of(self, sim) -> float | None:
-        """The step seconds of a replay (plan/simulate.py's Simulation)."""
+    def streaming(self, device: float, streamed: int, forward_share: float) -> float:
+        """The device's seconds with `streamed` bytes copied in (module docstring)."""
+        if not self.h2d_gbs:
+            raise ValueError("the step streams weights, but no host-to-device rate is known")
+        copies = streamed / (self.h2d_gbs * 1e9)
+        if not self.h2d_overlaps:
+            return device + copies
+        forward, backward = forward_share * device, (1 - forward_share) * device
+        return max(forward, copies / 2) + max(backward, copies / 2)
+
+    def of(self, sim, checkpointing: bool = True) -> float | None:
+        """The step seconds of a replay (plan/simulate.py's Simulation) of a configuration
+        with `checkpointing` (memory.grad_checkpointing: what share of the step is forward)."""
         return self.seconds(
             sim.flops_per_step,
             sim.ops_per_step,
             sim.weights_bytes,
             sim.traffic_per_step,
             sim.quant_calls_per_step,
+            sim.streamed_bytes_per_step,
+            FORWARD_SHARE[checkpointing],
         )
 
 

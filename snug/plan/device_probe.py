@@ -1,8 +1,10 @@
 """What a device does at its best, measured for `snug calibrate`: one large matmul's FLOP rate,
-a large copy's bandwidth and, on CUDA, the memory the context takes."""
+a large copy's bandwidth, the host-to-device copy rate weight streaming gets and, on CUDA, the
+memory the context takes."""
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import time
 
@@ -67,3 +69,34 @@ def copy_bandwidth(device: torch.device) -> float:
         dst.copy_(src)
     sync(device)
     return 2 * 5 * src.numel() / (time.perf_counter() - started) / 1e9
+
+
+def h2d_bandwidth(device: torch.device) -> float:
+    """GB/s at which memory.offload_weights streams weights to `device` (bytes copied, counted
+    once). On a GPU: a 256 MiB pinned host tensor copied to the device with non_blocking on a
+    side stream, as train/streaming.py copies, timed with CUDA events, the median of five. On a
+    CPU: a 32 MiB clone (the host-to-host copy streaming makes there, into fresh memory, so its
+    page faults count as they do in training), the median of three after a first; about a third
+    of a second on this project's 2-core machines, where a clone runs at 0.35 GB/s."""
+    if device.type != "cuda":
+        src = torch.ones(2**25, dtype=torch.uint8)
+        times = []
+        for _ in range(4):
+            started = time.perf_counter()
+            src.clone()
+            times.append(time.perf_counter() - started)
+        return src.numel() / statistics.median(times[1:]) / 1e9
+    src = torch.empty(2**28, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(src.numel(), dtype=torch.uint8, device=device)
+    side = torch.cuda.Stream(device)
+    times = []
+    with torch.cuda.stream(side):
+        dst.copy_(src, non_blocking=True)  # warm-up
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(side)
+            dst.copy_(src, non_blocking=True)
+            end.record(side)
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)  # ms -> s
+    return src.numel() / statistics.median(times) / 1e9

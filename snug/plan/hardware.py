@@ -9,6 +9,7 @@ Models: a local directory, a `config.json`, a name from the bundled catalog
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -57,6 +58,29 @@ def model_config(
 
 
 @dataclass(frozen=True)
+class Host:
+    """The memory of the machine a local run trains on (`local_host`)."""
+
+    memory_bytes: int  # its RAM
+    process_bytes: int  # what this process holds already (torch, libraries, data): a floor on
+    # what training needs beside the streamed weights
+
+
+def host_memory_bytes() -> int:
+    """This machine's RAM."""
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def local_host() -> Host:
+    """This machine's RAM and this process's resident memory now."""
+    import psutil
+
+    return Host(host_memory_bytes(), psutil.Process().memory_info().rss)
+
+
+@dataclass(frozen=True)
 class Device:
     name: str
     type: str  # "cuda" | "cpu"
@@ -67,9 +91,37 @@ class Device:
     fp32_tflops: float | None = None
     bandwidth_gbs: float | None = None
     supports_bf16: bool = True
+    pcie_gbs: float | None = None  # practical pinned host-to-device GB/s of its PCIe link
+    # the machine that trains, when the plan is for the machine it runs on (a local run):
+    # streamed weights are checked against its RAM. None: another machine, not checked
+    host: Host | None = None
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "memory_bytes": self.memory_bytes, "count": self.count}
+        out = {"name": self.name, "memory_bytes": self.memory_bytes, "count": self.count}
+        if self.host is not None:
+            out["host_memory_bytes"] = self.host.memory_bytes
+        return out
+
+
+def host_shortfall(device: Device, streamed: int, tensors: int = 0) -> str | None:
+    """Why the machine that trains on `device` cannot hold the `streamed` bytes of weights that
+    memory.offload_weights keeps in host memory (pinned on a GPU), or None: those, the run's
+    `tensors` in host memory (on a CPU its reserved bytes), and what this process holds
+    already, against the machine's RAM. Only for a local run (`device.host`): another machine's
+    RAM is not known."""
+    host = device.host
+    if host is None or not streamed:
+        return None
+    need = streamed + tensors + host.process_bytes
+    if need <= host.memory_bytes:
+        return None
+    pinned = "pinned host memory" if device.type == "cuda" else "host memory"
+    besides = f", the run's tensors {tensors / GIB:.1f} GiB" if tensors else ""
+    return (
+        f"needs {need / GIB:.1f} GiB of {pinned} (the streamed weights {streamed / GIB:.1f} "
+        f"GiB{besides}, this process {host.process_bytes / GIB:.1f} GiB), this machine has "
+        f"{host.memory_bytes / GIB:.1f} GiB"
+    )
 
 
 def gpu_table() -> list[dict]:
@@ -128,14 +180,27 @@ def find_gpu(query: str, count: int = 1) -> Device:
         fp32_tflops=_num(row, "fp32_tflops"),
         bandwidth_gbs=_num(row, "mem_bandwidth_gbs"),
         supports_bf16=row["supports_bf16"] == "true",
+        pcie_gbs=_num(row, "pcie_h2d_gbs"),
     )
 
 
 def cpu_device(memory: int | None = None) -> Device:
-    import psutil
+    """This machine's CPU, its memory `memory` (a budget) or all its RAM."""
+    host = local_host()
+    return Device(name="cpu", type="cpu", memory_bytes=memory or host.memory_bytes, host=host)
 
-    total = memory or psutil.virtual_memory().total
-    return Device(name="cpu", type="cpu", memory_bytes=total)
+
+def local_gpu(device: Device) -> Device:
+    """`device` with this machine's host memory when it is the GPU this machine has (a plan
+    for the machine it runs on), else as it is. Asks CUDA for the card's name."""
+    import torch
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return device
+    here = Device(name=torch.cuda.get_device_name(0), type="cuda", memory_bytes=None)
+    if device_key(here) != device_key(device):
+        return device
+    return dataclasses.replace(device, host=local_host())
 
 
 def cpu_name() -> str:

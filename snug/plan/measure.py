@@ -108,7 +108,10 @@ def measure(
             shown.note("loading the model and data, then the real steps")
             clock = _StepClock(shown)
             summary = run_training(run_cfg, Console(quiet=True), sinks=[clock], planner=auto_fit)
-        timing = device_model(cpu_device(), "fp32") if device.type == "cpu" else None
+        streams = run_cfg.memory.offload_weights
+        timing = (
+            device_model(cpu_device(), "fp32", streams=streams) if device.type == "cpu" else None
+        )
     # step i's time is from the end of step i-1 to its own end: the steps after the warm-up
     step_seconds = [b - a for a, b in itertools.pairwise(clock.ends[warmup - 1 :])]
     measured = summary["peak_memory"]
@@ -131,7 +134,9 @@ def measure(
         "tokens_per_second": summary.get("tokens_per_second"),
         "step_seconds": [round(s, 4) for s in step_seconds],
         "measured_step_seconds": statistics.median(step_seconds),
-        "predicted_step_seconds": timing.of(predicted) if timing else None,
+        "predicted_step_seconds": timing.of(predicted, run_cfg.memory.grad_checkpointing)
+        if timing
+        else None,
         "step_time_from": timing.source if timing else None,
     }
     return result

@@ -15,7 +15,7 @@ from snug.config.paths import looks_like_hub_id
 from snug.core.registry import get_stage
 from snug.errors import UserError
 from snug.methods import check_against_model
-from snug.plan.hardware import Device, cpu_device, find_gpu, model_config
+from snug.plan.hardware import Device, cpu_device, find_gpu, local_gpu, model_config
 from snug.plan.recommend import recommend
 from snug.plan.search import Candidate, plan_one, search
 from snug.plan.simulate import PlanError, with_overrides
@@ -25,12 +25,15 @@ from snug.runtime.progress import phases
 
 
 def resolve_device(args, cfg: Config) -> Device:
+    """The device planned for; a plan for this machine's CPU, or (with memory.offload_weights,
+    whose weights live in host memory) for the GPU this machine has, knows its RAM."""
     if args.device == "cpu":
         return cpu_device()
     gpu = args.gpu or cfg.memory.gpu
     if not gpu:
         raise PlanError("name the device: --gpu NAME (e.g. 'RTX 4090' or 24GiB) or --device cpu.")
-    return find_gpu(gpu, args.num_gpus)
+    device = find_gpu(gpu, args.num_gpus)
+    return local_gpu(device) if cfg.memory.offload_weights else device
 
 
 def sequence_length(args, cfg: Config, has_config: bool) -> tuple[int, str]:
@@ -71,16 +74,21 @@ def _gib(n: int | None) -> str:
 
 def print_table(console: Console, cands: list[Candidate], device: Device, title: str) -> None:
     table = Table(title=title)
-    for col in ("candidate", "peak GiB", "reserved GiB", "fits", "trainable", "step s", "tokens/s"):
+    # the host memory streamed weights take, only when a candidate streams them
+    streams = any(c.sim is not None and c.sim.host_bytes for c in cands)
+    cols = ("candidate", "peak GiB", "reserved GiB") + (("host GiB",) if streams else ())
+    for col in cols + ("fits", "trainable", "step s", "tokens/s"):
         table.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=True)
     for c in cands:
         if c.error:  # a failed simulation is no verdict on fit: its cause follows the table
-            table.add_row(c.name, "—", "—", "error", "—", "—", "—")
+            table.add_row(c.name, *["—"] * (len(cols) - 1), "error", "—", "—", "—")
             continue
+        host = (_gib(c.sim.host_bytes),) if streams else ()
         table.add_row(
             c.name,
             _gib(c.peak_bytes),
             _gib(c.reserved_bytes),
+            *host,
             {True: "yes", False: "no", None: "—"}[c.fits],
             f"{c.sim.trainable_params:,}",
             "—" if c.step_seconds is None else f"{c.step_seconds:.2f}",
@@ -90,6 +98,20 @@ def print_table(console: Console, cands: list[Candidate], device: Device, title:
     for c in cands:
         if c.error:
             console.print(f"{c.name}: the simulation failed: {c.error}")
+        elif c.host_short:
+            console.print(f"{c.name} does not fit host memory: it {c.host_short}")
+    if streams:
+        c = next(c for c in cands if c.sim is not None and c.sim.host_bytes)
+        copied = (
+            f"; {c.sim.streamed_bytes_per_step / 1e9:,.1f} GB copied per step at {c.h2d}"
+            if c.h2d
+            else ""
+        )
+        pinned = "pinned " if device.type == "cuda" else ""
+        console.print(
+            f"memory.offload_weights: host GiB is the streamed weights in {pinned}host memory"
+            + copied
+        )
     if device.memory_bytes:
         console.print(f"device: {device.name}, {_gib(device.memory_bytes)} GiB usable")
     shown = next((c for c in cands if c.sim is not None), None)
@@ -364,6 +386,9 @@ def cmd_calibrate(args) -> int:
         f"{cal.op_seconds * 1e6:.1f} us per op{quant}; fitted within {100 * lo:+.1f}% to "
         f"{100 * hi:+.1f}% of the measured steps"
     )
+    if cal.h2d_gbs is not None:
+        where = "pinned host to device" if kind == "cuda" else "a large clone, host to host"
+        console.print(f"memory.offload_weights streams at {cal.h2d_gbs:,.1f} GB/s ({where})")
     if kind == "cuda":
         ctx = (
             "unread (no nvidia-smi)"

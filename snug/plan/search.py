@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 from snug.config import Config
 from snug.core.registry import get_method, methods
 from snug.plan.calibration import StepModel
-from snug.plan.hardware import GIB, Device
+from snug.plan.hardware import GIB, Device, host_shortfall
 from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
 from snug.plan.timing import TYPICAL, device_model, precision_for
 from snug.runtime.progress import PhaseFactory, quiet
@@ -80,6 +80,9 @@ class Candidate:
     tokens_per_second: float | None = None
     fits: bool | None = None
     calibration: str = TYPICAL  # where the step time and reserved terms come from
+    # why it does not fit the machine's host memory (memory.offload_weights on a local run)
+    host_short: str | None = None
+    h2d: str | None = None  # memory.offload_weights: the rate the weights stream at, its source
 
     @property
     def peak_bytes(self) -> int | None:
@@ -122,6 +125,10 @@ class Candidate:
             "ops_per_step": s.ops_per_step if s else None,
             "traffic_per_step": s.traffic_per_step if s else None,
             "quant_calls_per_step": s.quant_calls_per_step if s else None,
+            "host_bytes": s.host_bytes if s else None,
+            "streamed_bytes_per_step": s.streamed_bytes_per_step if s else None,
+            "host_short": self.host_short,
+            "h2d": self.h2d,
             "step_seconds": self.step_seconds,
             "tokens_per_second": self.tokens_per_second,
             "calibration": self.calibration,
@@ -160,6 +167,8 @@ def evaluate(
         cand.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return cand
     cand.calibration = model.source
+    if cand.sim.streamed_bytes_per_step:
+        cand.h2d = f"{model.h2d_gbs:,.1f} GB/s ({model.h2d_source})"
     if device.type == "cuda":
         allocator = cand.sim.reserved_bytes - cand.sim.peak_bytes
         context = {"bytes": CUDA_CONTEXT_BYTES, "source": CUDA_CONTEXT_SOURCE}
@@ -174,8 +183,13 @@ def evaluate(
             }
         cand.reserved_terms = {"cuda_context": context, "allocator": allocator_term}
     if device.memory_bytes is not None:
-        cand.fits = cand.reserved_bytes <= device.memory_bytes
-    seconds = model.of(cand.sim)
+        on_device = cand.reserved_bytes + (cand.sim.host_bytes if device.type == "cpu" else 0)
+        cand.fits = on_device <= device.memory_bytes
+    on_host = cand.reserved_bytes if device.type == "cpu" else 0  # a CPU's tensors are in RAM
+    cand.host_short = host_shortfall(device, cand.sim.host_bytes, on_host)
+    if cand.host_short:
+        cand.fits = False
+    seconds = model.of(cand.sim, cand.cfg.memory.grad_checkpointing)
     if seconds:
         cand.step_seconds = seconds  # per rank; communication is not modelled
         train = cand.cfg.train
@@ -187,7 +201,7 @@ def evaluate(
 def plan_one(
     cfg: Config, config: PretrainedConfig, device: Device, seq_len: int, padded: bool | None = None
 ) -> Candidate:
-    model = device_model(device, precision_for(device, cfg))
+    model = device_model(device, precision_for(device, cfg), streams=cfg.memory.offload_weights)
     return evaluate(Candidate(cfg, candidate_name(cfg)), config, device, seq_len, model, padded)
 
 
@@ -312,7 +326,7 @@ def search(
     unit)` (snug/runtime/progress.py) is told of each method searched."""
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
-    model = device_model(device, precision_for(device, cfg))
+    model = device_model(device, precision_for(device, cfg), streams=cfg.memory.offload_weights)
     methods = methods or searched_methods()
     job = (cfg, config, device, seq_len, model, max_micro_batch, num_gpus)
     workers = min(

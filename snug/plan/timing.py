@@ -1,16 +1,19 @@
 """What a plan's step time and reserved memory are computed from for a device: its
 `snug calibrate` entry, else typical values (this CPU's measured matmul rate, the GPU table's
-peak rates); and the precision a plan assumes on it."""
+peak rates); the rate streamed weights are copied at (memory.offload_weights); and the precision
+a plan assumes on it."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from snug.config import Config
 from snug.plan import calibration
-from snug.plan.calibration import StepModel
+from snug.plan.calibration import Calibration, StepModel
+from snug.plan.device_probe import h2d_bandwidth
 from snug.plan.hardware import Device, device_key
 from snug.plan.simulate import PlanError
 
@@ -27,10 +30,37 @@ def _cpu_rate() -> float:
     return n * 2 * 1024**3 / (time.perf_counter() - started)
 
 
-def device_model(device: Device, precision: str, calibrated: bool = True) -> StepModel:
+def device_model(
+    device: Device, precision: str, calibrated: bool = True, streams: bool = False
+) -> StepModel:
     """The step-time and reserved-memory inputs for `device`: its `snug calibrate` entry when
-    there is one (and `calibrated`), else typical values (plan/calibration.py says which)."""
+    there is one (and `calibrated`), else typical values (plan/calibration.py says which);
+    with `streams` (memory.offload_weights) the rate the weights are copied at too."""
     cal = calibration.load(device_key(device)) if calibrated else None
+    model = _step_model(device, precision, cal)
+    if not streams:
+        return model
+    h2d, source = _h2d(device, cal)
+    return dataclasses.replace(
+        model, h2d_gbs=h2d, h2d_overlaps=device.type == "cuda", h2d_source=source
+    )
+
+
+def _h2d(device: Device, cal: Calibration | None) -> tuple[float, str]:
+    """(GB/s, where it is from) at which streamed weights reach `device`: what `snug calibrate`
+    measured, else on a GPU the table's PCIe figure or a typical one, on a CPU a large clone's
+    rate measured now (the copy is host to host)."""
+    if cal is not None and cal.h2d_gbs:
+        return cal.h2d_gbs, f"measured by snug calibrate ({cal.label()})"
+    if device.type == "cpu":
+        return h2d_bandwidth(torch.device("cpu")), "a large clone on this CPU, measured now"
+    if device.pcie_gbs:
+        return device.pcie_gbs, f"the GPU table's PCIe figure for {device.name}"
+    typical = calibration.TYPICAL_H2D_GBS
+    return typical, f"typical pinned PCIe 4.0 x16 ({typical} GB/s), not calibrated"
+
+
+def _step_model(device: Device, precision: str, cal: Calibration | None) -> StepModel:
     family = precision.split("-")[0]
     if cal is not None:
         rate = cal.rate_flops
