@@ -252,8 +252,8 @@ class MemoryConfig:
         False,
         "Keep the frozen weights of the decoder layers in host memory (pinned on CUDA) and "
         "stream each layer to the device for its forward, recomputation and backward, the next "
-        "one copied while the current one computes; needs grad_checkpointing and a method that "
-        "leaves the base frozen.",
+        "one copied while the current one computes; needs a method that leaves the base "
+        "frozen (and grad_checkpointing with a quantized base).",
     )
     chunked_loss: bool = _f(
         True,
