@@ -1,6 +1,7 @@
 """The GPU kit (benchmarks/gpu/run.sh) end to end on this CPU, so it cannot rot where no GPU is
-at hand (issue 16): `--cpu-dry-run` runs snug calibrate, the plan against real steps and the
-Trainer baseline with tiny shapes, and writes the same report and CSV a GPU run writes."""
+at hand (issue 16): `--cpu-dry-run` runs snug calibrate, the stream proof (issue 36), the plan
+against real steps and the Trainer baseline with tiny shapes, and writes the same report and CSV
+a GPU run writes."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_the_gpu_kit_runs_end_to_end_on_this_cpu(tmp_path):
         timeout=3 * 900 + 60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for step in ("calibrate: rc 0", "reality: rc 0", "baseline: rc 0"):
+    for step in ("calibrate: rc 0", "stream: rc 0", "reality: rc 0", "baseline: rc 0"):
         assert step in proc.stdout, proc.stdout
     # snug calibrate kept a CPU entry in OUTDIR, and the plans below used it
     cal = json.loads((out / "calibration.json").read_text())
@@ -46,9 +47,24 @@ def test_the_gpu_kit_runs_end_to_end_on_this_cpu(tmp_path):
         assert abs(float(row["peak_error"])) < 0.02, row
         assert row["calibration"] == f"calibrated on {cal['devices'][key]['date']} ({key})"
         assert float(row["predicted_step_s"]) > 0 and float(row["measured_step_s"]) > 0
+    # the stream proof (memory.offload_weights): streamed and resident QLoRA, each planned
+    streamed, resident = csv.DictReader((out / "stream.csv").open())
+    assert (streamed["config"], resident["config"]) == ("streamed", "resident")
+    for row in (streamed, resident):
+        assert not row["error"], row["error"]
+        assert abs(float(row["peak_error"])) < 0.05, row  # the CPU replay is exact (tests/)
+        assert float(row["tokens_per_s"]) > 0 and float(row["predicted_step_s"]) > 0
+    # the streamed run's layers lived in host memory, as many bytes as the plan says
+    assert float(streamed["measured_host_gib"]) > 0 and not float(resident["predicted_host_gib"])
+    assert float(streamed["predicted_host_gib"]) == float(streamed["measured_host_gib"])
+    assert float(streamed["streamed_gb_per_step"]) > 0
     report = (out / "report.md").read_text()
+    assert "# memory.offload_weights on CPU dry run" in report and "Tokens/s streamed" in report
     assert "## snug calibrate" in report and "saved to" in report
     assert "snug / Trainer tokens/s" in report
+
+
+PARTS = ("calibrate", "stream_proof.py", "reality.py", "baseline.py")
 
 
 def test_the_dry_runs_budgets_guard_against_a_hang_not_a_busy_cpu(tmp_path):
@@ -65,7 +81,7 @@ def test_the_dry_runs_budgets_guard_against_a_hang_not_a_busy_cpu(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(fake_python)}
-    for key in ("CALIBRATE_S", "REALITY_S", "BASELINE_S"):
+    for key in ("CALIBRATE_S", "STREAM_S", "REALITY_S", "BASELINE_S", "STREAM_ARGS"):
         env.pop(key, None)
     proc = subprocess.run(
         ["bash", "benchmarks/gpu/run.sh", "--cpu-dry-run", str(tmp_path / "kit")],
@@ -78,9 +94,11 @@ def test_the_dry_runs_budgets_guard_against_a_hang_not_a_busy_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     budgets = {}
     for line in log.read_text().splitlines():  # "SECONDS PYTHON ARGS..."
-        part = next(p for p in ("calibrate", "reality.py", "baseline.py") if p in line)
+        part = next(p for p in PARTS if p in line)
         budgets[part] = int(line.split()[0])
-    assert set(budgets) == {"calibrate", "reality.py", "baseline.py"}
+        if part == "stream_proof.py":  # the GPU's options (a 14B model's layers) stay out
+            assert "--layers" not in line and "--cap-gib" not in line, line
+    assert set(budgets) == set(PARTS)
     assert min(budgets.values()) >= 900, budgets
 
 

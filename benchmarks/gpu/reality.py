@@ -77,13 +77,13 @@ FIELDS = [
 GIB = 2**30
 
 
-def build_model(name: str, work: Path, shrink: bool) -> Path:
-    """A random-weight model of the catalog config (shrunk for the CPU dry run), with the bundled
-    tokenizer; written once per name."""
+def build_model(name: str, work: Path, shrink: bool, layers: int | None = None) -> Path:
+    """A random-weight model of the catalog config (shrunk for the CPU dry run; `layers` cuts
+    its depth), with the bundled tokenizer; written once per name and depth."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = work / name.replace("/", "__")
+    path = work / (name.replace("/", "__") + (f"-{layers}-layers" if layers else ""))
     if (path / "config.json").exists():
         return path
     raw = json.loads((CATALOG / f"{name.replace('/', '__')}.json").read_text())
@@ -94,6 +94,8 @@ def build_model(name: str, work: Path, shrink: bool) -> Path:
         heads = 4
         raw.update(CPU_SHRINK, num_attention_heads=heads, num_key_value_heads=2, head_dim=32)
         raw["vocab_size"] = min(raw["vocab_size"], 32000)
+    if layers:
+        raw["num_hidden_layers"] = layers
     config = AutoConfig.for_model(raw.pop("model_type"), **raw)
     device = "cuda" if torch.cuda.is_available() and not shrink else "cpu"
     torch.manual_seed(0)
@@ -134,6 +136,9 @@ def run_one(spec: dict) -> dict:
     import_s = time.perf_counter() - started_imports
     cuda = torch.cuda.is_available() and not spec["dry_run"]
     context = cuda_context() if cuda else None  # before anything else touches CUDA
+    if cuda and spec.get("cap_bytes"):  # stream_proof.py: the card made smaller than the model
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(spec["cap_bytes"] / total)
     cfg = load_config(
         None,
         [
@@ -156,7 +161,8 @@ def run_one(spec: dict) -> dict:
             f"output.dir={spec['out']}",
             "output.plot_loss=false",
         ]
-        + (["model.dtype=bfloat16"] if spec["precision"] == "bf16-true" else []),
+        + (["model.dtype=bfloat16"] if spec["precision"] == "bf16-true" else [])
+        + spec.get("overrides", []),
     )
     device = find_gpu(torch.cuda.get_device_name()) if cuda else cpu_device()
     started = time.perf_counter()
@@ -166,13 +172,14 @@ def run_one(spec: dict) -> dict:
         raise RuntimeError(f"the plan failed: {cand.error}")
     sim = cand.sim
     # the same plan with typical values, for the step time before `snug calibrate`
-    typical = device_model(device, precision_for(device, cfg), calibrated=False)
+    streams = cfg.memory.offload_weights  # stream_proof.py's streamed run: its copies too
+    typical = device_model(device, precision_for(device, cfg), calibrated=False, streams=streams)
     predicted = {
         "peak": cand.peak_bytes,
         "reserved": cand.peak_bytes + cand.reserved_terms["allocator"]["bytes"] if cuda else None,
         "device": cand.reserved_bytes if cuda else None,
         "step": cand.step_seconds,
-        "step_typical": typical.of(sim),
+        "step_typical": typical.of(sim, cfg.memory.grad_checkpointing),
         "calibration": cand.calibration,
     }
     plan_s = time.perf_counter() - started
@@ -198,6 +205,14 @@ def run_one(spec: dict) -> dict:
         "import_s": import_s,
         "train_s": train_s,  # run_training whole: load, tokenize, STEPS steps, save
         "tokens_per_s": tokens / step_s if step_s else None,
+        # memory.offload_weights: the host memory the streamed weights hold, planned and real
+        "host": {
+            "predicted": sim.host_bytes,
+            "measured": summary.get("offload_weights", {}).get("host_bytes"),
+        },
+        "weights_bytes": sim.breakdown.get("weights"),  # frozen weights on the device at peak
+        "streamed_per_step": sim.streamed_bytes_per_step,
+        "h2d": cand.h2d if sim.streamed_bytes_per_step else None,
     }
 
 

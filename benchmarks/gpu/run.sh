@@ -6,16 +6,22 @@
 #   benchmarks/gpu/run.sh OUTDIR                 on a CUDA machine (carried wheels in .whl/)
 #   benchmarks/gpu/run.sh --cpu-dry-run OUTDIR   the same scripts on this CPU, tiny shapes
 #
-# Budgets (seconds, override by environment): CALIBRATE_S=120 REALITY_S=320 BASELINE_S=100
-# PYTEST_S=90 on a GPU, whose lease is short; 0 skips that part. The CPU dry run checks that the
-# kit works, not how fast a (maybe busy) CPU is: its budgets default to 900 s each, a guard
-# against a hang only (a 2-core CPU shared with the test suite took 121 s to calibrate). On an H100 (2026-11-28): calibrate 49 s, about 29 s a
-# reality configuration (10 in 320 s), baseline 76 s, pytest 80 s: about 9 minutes.
+# Budgets (seconds, override by environment): CALIBRATE_S=120 STREAM_S=180 REALITY_S=320
+# BASELINE_S=100 PYTEST_S=90 on a GPU, whose lease is short; 0 skips that part. STREAM_ARGS are
+# stream_proof.py's options (default "--layers 24 --cap-gib 5.5": Qwen2.5-14B at half depth,
+# 6.1 GiB of 4-bit weights under a 5.5 GiB cap; STREAM_ARGS="--cap-gib 8" for the whole model).
+# The CPU dry run checks that the kit works, not how fast a (maybe busy) CPU is: its budgets
+# default to 900 s each, a guard against a hang only (a 2-core CPU shared with the test suite
+# took 121 s to calibrate). On an H100 (2026-11-28, before the stream proof): calibrate 49 s,
+# about 29 s a reality configuration (10 in 320 s), baseline 76 s, pytest 80 s: about 9 minutes.
+# The stream proof alone, after calibrating (its step time is planned with the card's measured
+# H2D rate): REALITY_S=0 BASELINE_S=0 PYTEST_S=0 STREAM_S=420 STREAM_ARGS="--cap-gib 8" run.sh OUTDIR
 set -uo pipefail
 DRY=""
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   DRY="--cpu-dry-run"; shift
-  : "${CALIBRATE_S:=900}" "${REALITY_S:=900}" "${BASELINE_S:=900}"
+  : "${CALIBRATE_S:=900}" "${STREAM_S:=900}" "${REALITY_S:=900}" "${BASELINE_S:=900}"
+  : "${STREAM_ARGS=}"  # stream_proof.py's own tiny shapes
 fi
 OUT=${1:?usage: benchmarks/gpu/run.sh [--cpu-dry-run] OUTDIR}
 mkdir -p "$OUT"
@@ -83,9 +89,21 @@ if [ "${CALIBRATE_S:-120}" != 0 ]; then  # 0 skips it
   echo "calibrate: rc $? at $(( $(date +%s) - started )) s"
 fi
 
-timeout "${REALITY_S:-320}" "$PY" benchmarks/gpu/reality.py "$OUT" $DRY \
-  --budget $(( ${REALITY_S:-320} - 15 )) >"$OUT/reality.log" 2>&1
-echo "reality: rc $? at $(( $(date +%s) - started )) s"
+# memory.offload_weights proven (issue 36): QLoRA streamed under a cap below its 4-bit weights,
+# against its plan, and resident beside it
+if [ "${STREAM_S:-180}" != 0 ]; then  # 0 skips it
+  # shellcheck disable=SC2086  # STREAM_ARGS is a list of options
+  timeout "${STREAM_S:-180}" "$PY" benchmarks/gpu/stream_proof.py "$OUT" $DRY \
+    --budget $(( ${STREAM_S:-180} - 10 )) ${STREAM_ARGS---layers 24 --cap-gib 5.5} \
+    >"$OUT/stream.log" 2>&1
+  echo "stream: rc $? at $(( $(date +%s) - started )) s"
+fi
+
+if [ "${REALITY_S:-320}" != 0 ]; then  # 0 skips it
+  timeout "${REALITY_S:-320}" "$PY" benchmarks/gpu/reality.py "$OUT" $DRY \
+    --budget $(( ${REALITY_S:-320} - 15 )) >"$OUT/reality.log" 2>&1
+  echo "reality: rc $? at $(( $(date +%s) - started )) s"
+fi
 
 if [ "${BASELINE_S:-100}" != 0 ]; then  # 0 skips it
   timeout "${BASELINE_S:-100}" "$PY" benchmarks/gpu/baseline.py "$OUT" $DRY >"$OUT/baseline.log" 2>&1
@@ -108,7 +126,13 @@ fi
   if [ -f "$OUT/calibrate.txt" ]; then
     echo "## snug calibrate"; echo; echo '```'; cat "$OUT/calibrate.txt"; echo '```'; echo
   fi
-  cat "$OUT/reality.md" 2>/dev/null || { echo "reality.py wrote no report:"; tail -5 "$OUT/reality.log"; }
+  if [ -f "$OUT/stream.log" ]; then
+    cat "$OUT/stream.md" 2>/dev/null || { echo "stream_proof.py wrote no report:"; tail -5 "$OUT/stream.log"; }
+    echo
+  fi
+  if [ -f "$OUT/reality.log" ]; then
+    cat "$OUT/reality.md" 2>/dev/null || { echo "reality.py wrote no report:"; tail -5 "$OUT/reality.log"; }
+  fi
   echo
   cat "$OUT/baseline.md" 2>/dev/null || { echo "baseline.py wrote no report:"; tail -5 "$OUT/baseline.log"; }
   if [ -f "$OUT/pytest-gpu.txt" ]; then
