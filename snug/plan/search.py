@@ -104,6 +104,7 @@ class Candidate:
                 "memory": {
                     "grad_checkpointing": self.cfg.memory.grad_checkpointing,
                     "offload_activations": self.cfg.memory.offload_activations,
+                    "offload_weights": self.cfg.memory.offload_weights,
                     "chunked_loss": self.cfg.memory.chunked_loss,
                     "optimizer": self.cfg.memory.optimizer,
                 },
@@ -139,6 +140,7 @@ class Candidate:
 def candidate_name(cfg: Config) -> str:
     m = cfg.memory
     gc = ("gc+offload" if m.offload_activations else "gc") if m.grad_checkpointing else "no-gc"
+    gc += " stream" if m.offload_weights else ""
     label = method_label(cfg)
     said = get_method(cfg.method.name).search_label(cfg.method)  # lora: its rank, r8
     method = f"{label} {said}" if said else label
@@ -233,6 +235,28 @@ def _variant_key(variant: Config) -> tuple:
     return (m.grad_checkpointing, m.offload_activations, m.optimizer, d.strategy, d.nproc)
 
 
+def can_stream(method: str) -> bool:
+    """Whether a search label may train with memory.offload_weights (config/checks.py says
+    why not): it streams frozen weights, so not full (freeze streams its frozen layers), and
+    not an LLM.int8 base."""
+    base = get_method(base_of(method))
+    return (base.output != "model" or base.name == "freeze") and quant_of().get(method) != "8bit"
+
+
+def streamed_variants(variant: Config, device: Device) -> list[Config]:
+    """What is tried when nothing fits resident: the frozen weights streamed from host memory,
+    with checkpointing (streaming needs it on a quantized base, and a model too large for the
+    device has activations to match), then on a GPU with activation offload too."""
+    streamed = with_overrides(
+        variant,
+        memory={"offload_weights": True, "grad_checkpointing": True, "offload_activations": False},
+    )
+    out = [streamed]
+    if device.type == "cuda":
+        out.append(with_overrides(streamed, memory={"offload_activations": True}))
+    return out
+
+
 def _held_bytes(cand: Candidate, optimizer: bool = True) -> int:
     """A lower bound on the device memory of every variant of this candidate that changes only
     activation settings (checkpointing, offload) and, with `optimizer=False`, the optimizer: the
@@ -282,6 +306,8 @@ def _largest_fitting_micro_batch(
     one = at(base)
     if one.error or not one.fits or cap < 2 * base or effective % (2 * base):
         return one
+    if variant.memory.offload_weights:
+        return _grown_from_one(one, at, base, cap, effective, device.memory_bytes)
     two = at(2 * base)
     if two.error or not two.fits:
         return one
@@ -300,6 +326,28 @@ def _largest_fitting_micro_batch(
             break
         b //= 2
     return two if b == 2 * base else cand
+
+
+def _grown_from_one(one: Candidate, at, base: int, cap: int, effective: int, budget: int):
+    """The largest micro-batch a streamed candidate fits at, from one replay and a confirming
+    one (a streamed replay costs more than a resident one: plan/simulate.py replays it at 3 and
+    4 layers). Peak is affine in the micro-batch, F + s x rows, with F at least what is held
+    whatever the rows (_held_bytes); so held + (peak at `base` - held) x rows / base is never
+    below it: the line picks a micro-batch, a replay confirms (halving while it does not fit)."""
+    per_row = (one.reserved_bytes - _held_bytes(one)) / base
+    b = base
+    while (
+        b * 2 <= cap
+        and effective % (b * 2) == 0
+        and (one.reserved_bytes + per_row * (b * 2 - base) <= budget)
+    ):
+        b *= 2
+    while b > base:
+        cand = at(b)
+        if cand.fits:
+            return cand
+        b //= 2
+    return one
 
 
 def search(
@@ -327,8 +375,11 @@ def search(
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
     model = device_model(device, precision_for(device, cfg), streams=cfg.memory.offload_weights)
+    # streaming comes in when a method fits nowhere resident, on a GPU, one process
+    streams = device.type == "cuda" and num_gpus == 1 and cfg.dist.strategy == "none"
+    streaming = device_model(device, precision_for(device, cfg), streams=True) if streams else None
     methods = methods or searched_methods()
-    job = (cfg, config, device, seq_len, model, max_micro_batch, num_gpus)
+    job = (cfg, config, device, seq_len, model, max_micro_batch, num_gpus, streaming)
     workers = min(
         workers or int(os.environ.get("SNUG_PLAN_WORKERS") or os.cpu_count() or 1), len(methods)
     )
@@ -370,7 +421,7 @@ def _search_method(args: tuple) -> Candidate | None:
     from snug.plan.distributed import STRATEGIES
     from snug.train.dist import trains_sharded
 
-    method, cfg, config, device, seq_len, model, max_micro_batch, num_gpus = args
+    method, cfg, config, device, seq_len, model, max_micro_batch, num_gpus, streaming = args
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     strategies = STRATEGIES if num_gpus > 1 else ("none",)
     if num_gpus > 1 and not trains_sharded(base_of(method), quant_of().get(method, "none")):
@@ -381,6 +432,11 @@ def _search_method(args: tuple) -> Candidate | None:
         for s in strategies
         for v in _variants(cfg, method, device)
     ]
+    streams = streaming is not None and can_stream(method)
+    if num_gpus == 1 and _weights_exceed(queue[0], config, device, model):
+        # the weights alone do not fit: no resident setting does. Stream them; a method that
+        # cannot is replayed once, in its smallest setting, to show how far it is
+        queue = [] if streams else queue[-1:]
     # a fallback reached from two variants (8-bit AdamW with offload, from "offload" and from
     # "8-bit AdamW") is planned once
     queued = {_variant_key(v) for v in queue}
@@ -393,7 +449,7 @@ def _search_method(args: tuple) -> Candidate | None:
             if _faster(cand, best):
                 best = cand
         else:
-            best = best or cand
+            best = cand if _closer(cand, best) else best
             if _held_bytes(cand, optimizer=False) > device.memory_bytes:
                 break  # its weights and gradients alone: no other setting of it fits
             if not cand.error and not best.fits:
@@ -401,7 +457,38 @@ def _search_method(args: tuple) -> Candidate | None:
                     if _variant_key(v) not in queued:
                         queued.add(_variant_key(v))
                         queue.append(v)
+    if streams and (best is None or not best.fits):  # slower than any resident setting
+        for variant in streamed_variants(_variants(cfg, method, device)[-1], device):
+            cand = _largest_fitting_micro_batch(
+                variant, config, device, seq_len, streaming, effective, max_micro_batch
+            )
+            if cand.fits or _closer(cand, best):
+                best = cand
+            if cand.fits:
+                break
     return best
+
+
+def _weights_exceed(variant: Config, config, device: Device, model: StepModel) -> bool:
+    """Whether the weights `variant` loads, with the CUDA context, exceed the device: a count
+    on the meta device (plan/bound.py), no replay."""
+    from snug.plan.bound import weights_bytes
+
+    if device.type != "cuda":
+        return False
+    context = CUDA_CONTEXT_BYTES if model.context_bytes is None else model.context_bytes
+    held = weights_bytes(variant, config, device.type, precision_for(device, variant))
+    return held + context > device.memory_bytes
+
+
+def _closer(a: Candidate, b: Candidate | None) -> bool:
+    """Whether miss `a` shows better than `b` how far a method is from fitting: planned rather
+    than failed, then the smaller reserve."""
+    if b is None or (b.error and not a.error):
+        return True
+    if a.error or b.fits:
+        return False
+    return a.reserved_bytes < b.reserved_bytes
 
 
 def speed_order(c: Candidate) -> tuple:
