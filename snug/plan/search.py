@@ -240,19 +240,24 @@ def can_stream(method: str) -> bool:
     why not): it streams frozen weights, so not full (freeze streams its frozen layers), and
     not an LLM.int8 base."""
     base = get_method(base_of(method))
-    return (base.output != "model" or base.name == "freeze") and quant_of().get(method) != "8bit"
+    quant = quant_of().get(method, "none")
+    if base.no_checkpointing_because and quant != "none":  # a quantized base streams with it
+        return False
+    return (base.output != "model" or base.name == "freeze") and quant != "8bit"
 
 
 def streamed_variants(variant: Config, device: Device) -> list[Config]:
     """What is tried when nothing fits resident: the frozen weights streamed from host memory,
     with checkpointing (streaming needs it on a quantized base, and a model too large for the
-    device has activations to match), then on a GPU with activation offload too."""
+    device has activations to match), then on a GPU with activation offload too; a method that
+    cannot checkpoint (prefix) streams without it."""
+    gc = not get_method(variant.method.name).no_checkpointing_because
     streamed = with_overrides(
         variant,
-        memory={"offload_weights": True, "grad_checkpointing": True, "offload_activations": False},
+        memory={"offload_weights": True, "grad_checkpointing": gc, "offload_activations": False},
     )
     out = [streamed]
-    if device.type == "cuda":
+    if device.type == "cuda" and gc:
         out.append(with_overrides(streamed, memory={"offload_activations": True}))
     return out
 
