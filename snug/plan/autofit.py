@@ -44,7 +44,9 @@ def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]
     choice = next((c for c in found if c.fits), None)
     if choice is None:
         short = next((c.host_short for c in found if c.host_short), None)
-        if short and cfg.memory.offload_weights:  # the user's streaming, not the search's  # no setting the search varies changes what streaming keeps on the host
+        if (
+            short and cfg.memory.offload_weights
+        ):  # the user's streaming, not the search's  # no setting the search varies changes what streaming keeps on the host
             raise PlanError(
                 f"memory.auto_fit: method {cfg.method.name} with memory.offload_weights=true "
                 f"{short}; set memory.offload_weights=false, or train on a machine with more "

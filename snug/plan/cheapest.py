@@ -16,15 +16,9 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from snug.plan.hardware import GIB, Device, find_gpu, gpu_table
-from snug.plan.search import (
-    BASE_BITS,
-    Candidate,
-    can_stream,
-    method_label,
-    plan_one,
-    streamed_variants,
-)
+from snug.plan.search import BASE_BITS, Candidate, method_label, plan_one
 from snug.plan.simulate import with_overrides
+from snug.plan.streamed import can_stream, streamed_variants
 from snug.train.dist import trains_sharded
 
 FSDP_CARDS = (2, 4, 8)

@@ -235,33 +235,6 @@ def _variant_key(variant: Config) -> tuple:
     return (m.grad_checkpointing, m.offload_activations, m.optimizer, d.strategy, d.nproc)
 
 
-def can_stream(method: str) -> bool:
-    """Whether a search label may train with memory.offload_weights (config/checks.py says
-    why not): it streams frozen weights, so not full (freeze streams its frozen layers), and
-    not an LLM.int8 base."""
-    base = get_method(base_of(method))
-    quant = quant_of().get(method, "none")
-    if base.no_checkpointing_because and quant != "none":  # a quantized base streams with it
-        return False
-    return (base.output != "model" or base.name == "freeze") and quant != "8bit"
-
-
-def streamed_variants(variant: Config, device: Device) -> list[Config]:
-    """What is tried when nothing fits resident: the frozen weights streamed from host memory,
-    with checkpointing (streaming needs it on a quantized base, and a model too large for the
-    device has activations to match), then on a GPU with activation offload too; a method that
-    cannot checkpoint (prefix) streams without it."""
-    gc = not get_method(variant.method.name).no_checkpointing_because
-    streamed = with_overrides(
-        variant,
-        memory={"offload_weights": True, "grad_checkpointing": gc, "offload_activations": False},
-    )
-    out = [streamed]
-    if device.type == "cuda" and gc:
-        out.append(with_overrides(streamed, memory={"offload_activations": True}))
-    return out
-
-
 def _held_bytes(cand: Candidate, optimizer: bool = True) -> int:
     """A lower bound on the device memory of every variant of this candidate that changes only
     activation settings (checkpointing, offload) and, with `optimizer=False`, the optimizer: the
@@ -312,7 +285,9 @@ def _largest_fitting_micro_batch(
     if one.error or not one.fits or cap < 2 * base or effective % (2 * base):
         return one
     if variant.memory.offload_weights:
-        return _grown_from_one(one, at, base, cap, effective, device.memory_bytes)
+        from snug.plan.streamed import grown_from_one
+
+        return grown_from_one(one, at, base, cap, effective, device.memory_bytes)
     two = at(2 * base)
     if two.error or not two.fits:
         return one
@@ -331,28 +306,6 @@ def _largest_fitting_micro_batch(
             break
         b //= 2
     return two if b == 2 * base else cand
-
-
-def _grown_from_one(one: Candidate, at, base: int, cap: int, effective: int, budget: int):
-    """The largest micro-batch a streamed candidate fits at, from one replay and a confirming
-    one (a streamed replay costs more than a resident one: plan/simulate.py replays it at 3 and
-    4 layers). Peak is affine in the micro-batch, F + s x rows, with F at least what is held
-    whatever the rows (_held_bytes); so held + (peak at `base` - held) x rows / base is never
-    below it: the line picks a micro-batch, a replay confirms (halving while it does not fit)."""
-    per_row = (one.reserved_bytes - _held_bytes(one)) / base
-    b = base
-    while (
-        b * 2 <= cap
-        and effective % (b * 2) == 0
-        and (one.reserved_bytes + per_row * (b * 2 - base) <= budget)
-    ):
-        b *= 2
-    while b > base:
-        cand = at(b)
-        if cand.fits:
-            return cand
-        b //= 2
-    return one
 
 
 def search(
@@ -424,6 +377,7 @@ def _search_method(args: tuple) -> Candidate | None:
     micro-batch that fits, fallbacks (optimizer, offload) when nothing fits; the fastest fitting
     candidate, else the closest miss, else None (the method does not train sharded)."""
     from snug.plan.distributed import STRATEGIES
+    from snug.plan.streamed import can_stream, streamed_variants, weights_exceed
     from snug.train.dist import trains_sharded
 
     method, cfg, config, device, seq_len, model, max_micro_batch, num_gpus, streaming = args
@@ -438,7 +392,7 @@ def _search_method(args: tuple) -> Candidate | None:
         for v in _variants(cfg, method, device)
     ]
     streams = streaming is not None and can_stream(method)
-    if num_gpus == 1 and _weights_exceed(queue[0], config, device, model):
+    if num_gpus == 1 and weights_exceed(queue[0], config, device, model):
         # the weights alone do not fit: no resident setting does. Stream them; a method that
         # cannot is replayed once, in its smallest setting, to show how far it is
         queue = [] if streams else queue[-1:]
@@ -472,18 +426,6 @@ def _search_method(args: tuple) -> Candidate | None:
             if cand.fits:
                 break
     return best
-
-
-def _weights_exceed(variant: Config, config, device: Device, model: StepModel) -> bool:
-    """Whether the weights `variant` loads, with the CUDA context, exceed the device: a count
-    on the meta device (plan/bound.py), no replay."""
-    from snug.plan.bound import weights_bytes
-
-    if device.type != "cuda":
-        return False
-    context = CUDA_CONTEXT_BYTES if model.context_bytes is None else model.context_bytes
-    held = weights_bytes(variant, config, device.type, precision_for(device, variant))
-    return held + context > device.memory_bytes
 
 
 def _closer(a: Candidate, b: Candidate | None) -> bool:
