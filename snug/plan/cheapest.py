@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from snug.plan.hardware import GIB, Device, find_gpu, gpu_table
-from snug.plan.search import BASE_BITS, Candidate, method_label, plan_one
+from snug.plan.search import BASE_BITS, Candidate, plan_one
 from snug.plan.simulate import with_overrides
 from snug.plan.streamed import can_stream, streamed_variants
 from snug.train.dist import trains_sharded
@@ -118,7 +118,10 @@ def cheapest_changes(
 
 
 def _streamed(held: Candidate, config, device: Device, seq_len: int, padded) -> list[Change]:
-    if not can_stream(method_label(held.cfg)) or held.cfg.dist.strategy != "none":
+    if (
+        not can_stream(held.cfg.method.name, held.cfg.model.quant)
+        or held.cfg.dist.strategy != "none"
+    ):
         return []
     for variant in streamed_variants(held.cfg, device):
         cand = plan_one(variant, config, device, seq_len, padded)

@@ -14,6 +14,7 @@ from snug.core.registry import get_method, methods
 from snug.plan.calibration import StepModel
 from snug.plan.hardware import GIB, Device, host_shortfall
 from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
+from snug.plan.streamed import can_stream, grown_from_one, streamed_variants, weights_exceed
 from snug.plan.timing import TYPICAL, device_model, precision_for
 from snug.runtime.progress import PhaseFactory, quiet
 
@@ -285,9 +286,8 @@ def _largest_fitting_micro_batch(
     if one.error or not one.fits or cap < 2 * base or effective % (2 * base):
         return one
     if variant.memory.offload_weights:
-        from snug.plan.streamed import grown_from_one
-
-        return grown_from_one(one, at, base, cap, effective, device.memory_bytes)
+        held = _held_bytes(one)
+        return grown_from_one(one, held, at, base, cap, effective, device.memory_bytes)
     two = at(2 * base)
     if two.error or not two.fits:
         return one
@@ -377,7 +377,6 @@ def _search_method(args: tuple) -> Candidate | None:
     micro-batch that fits, fallbacks (optimizer, offload) when nothing fits; the fastest fitting
     candidate, else the closest miss, else None (the method does not train sharded)."""
     from snug.plan.distributed import STRATEGIES
-    from snug.plan.streamed import can_stream, streamed_variants, weights_exceed
     from snug.train.dist import trains_sharded
 
     method, cfg, config, device, seq_len, model, max_micro_batch, num_gpus, streaming = args
@@ -391,8 +390,9 @@ def _search_method(args: tuple) -> Candidate | None:
         for s in strategies
         for v in _variants(cfg, method, device)
     ]
-    streams = streaming is not None and can_stream(method)
-    if num_gpus == 1 and weights_exceed(queue[0], config, device, model):
+    streams = streaming is not None and can_stream(base_of(method), quant_of().get(method, "none"))
+    context = CUDA_CONTEXT_BYTES if model.context_bytes is None else model.context_bytes
+    if num_gpus == 1 and weights_exceed(queue[0], config, device, context):
         # the weights alone do not fit: no resident setting does. Stream them; a method that
         # cannot is replayed once, in its smallest setting, to show how far it is
         queue = [] if streams else queue[-1:]

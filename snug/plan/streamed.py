@@ -6,25 +6,16 @@ from __future__ import annotations
 
 from snug.config import Config
 from snug.core.registry import get_method
-from snug.plan.calibration import StepModel
 from snug.plan.hardware import Device
-from snug.plan.search import (
-    CUDA_CONTEXT_BYTES,
-    Candidate,
-    _held_bytes,
-    base_of,
-    quant_of,
-)
 from snug.plan.simulate import with_overrides
 from snug.plan.timing import precision_for
 
 
-def can_stream(method: str) -> bool:
-    """Whether a search label may train with memory.offload_weights (config/checks.py says
-    why not): it streams frozen weights, so not full (freeze streams its frozen layers), and
-    not an LLM.int8 base."""
-    base = get_method(base_of(method))
-    quant = quant_of().get(method, "none")
+def can_stream(method: str, quant: str) -> bool:
+    """Whether `method` on a `quant` base may train with memory.offload_weights (config/checks.py
+    says why not): it streams frozen weights, so not full (freeze streams its frozen layers),
+    not an LLM.int8 base, and a quantized base only with checkpointing."""
+    base = get_method(method)
     if base.no_checkpointing_because and quant != "none":  # a quantized base streams with it
         return False
     return (base.output != "model" or base.name == "freeze") and quant != "8bit"
@@ -46,13 +37,13 @@ def streamed_variants(variant: Config, device: Device) -> list[Config]:
     return out
 
 
-def grown_from_one(one: Candidate, at, base: int, cap: int, effective: int, budget: int):
+def grown_from_one(one, held: int, at, base: int, cap: int, effective: int, budget: int):
     """The largest micro-batch a streamed candidate fits at, from one replay and a confirming
     one (a streamed replay costs more than a resident one: plan/simulate.py replays it at 3 and
     4 layers). Peak is affine in the micro-batch, F + s x rows, with F at least what is held
     whatever the rows (_held_bytes); so held + (peak at `base` - held) x rows / base is never
     below it: the line picks a micro-batch, a replay confirms (halving while it does not fit)."""
-    per_row = (one.reserved_bytes - _held_bytes(one)) / base
+    per_row = (one.reserved_bytes - held) / base
     b = base
     while (
         b * 2 <= cap
@@ -68,13 +59,12 @@ def grown_from_one(one: Candidate, at, base: int, cap: int, effective: int, budg
     return one
 
 
-def weights_exceed(variant: Config, config, device: Device, model: StepModel) -> bool:
+def weights_exceed(variant: Config, config, device: Device, context: int) -> bool:
     """Whether the weights `variant` loads, with the CUDA context, exceed the device: a count
     on the meta device (plan/bound.py), no replay."""
     from snug.plan.bound import weights_bytes
 
     if device.type != "cuda":
         return False
-    context = CUDA_CONTEXT_BYTES if model.context_bytes is None else model.context_bytes
     held = weights_bytes(variant, config, device.type, precision_for(device, variant))
     return held + context > device.memory_bytes
