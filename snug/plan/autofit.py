@@ -16,7 +16,8 @@ from snug.plan.simulate import PlanError
 
 def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]:
     """`memory.auto_fit`: the user's method, the fastest micro-batch / checkpointing / offload /
-    optimizer that fits the budget (memory.gpu, else the training device's memory), with the
+    optimizer that fits (on a GPU, when nothing fits resident, with the frozen weights streamed
+    from host memory: memory.offload_weights) the budget (memory.gpu, else the training device's memory), with the
     effective batch (micro_batch x grad_accum) kept. Returns the adopted config and what to
     report; raises PlanError with the smallest change that fits when nothing does."""
     from snug.plan.hardware import cpu_device, find_gpu, local_host, model_config, parse_memory
@@ -43,7 +44,9 @@ def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]
     choice = next((c for c in found if c.fits), None)
     if choice is None:
         short = next((c.host_short for c in found if c.host_short), None)
-        if short:  # no setting the search varies changes what streaming keeps on the host
+        if (
+            short and cfg.memory.offload_weights
+        ):  # the user's streaming, not the search's  # no setting the search varies changes what streaming keeps on the host
             raise PlanError(
                 f"memory.auto_fit: method {cfg.method.name} with memory.offload_weights=true "
                 f"{short}; set memory.offload_weights=false, or train on a machine with more "
@@ -59,6 +62,7 @@ def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]
         "grad_accum": t.grad_accum,
         "grad_checkpointing": m.grad_checkpointing,
         "offload_activations": m.offload_activations,
+        "offload_weights": m.offload_weights,
         "optimizer": m.optimizer,
         "predicted_peak_bytes": choice.peak_bytes,
         "predicted_reserved_bytes": choice.reserved_bytes,
@@ -72,6 +76,8 @@ def auto_fit(cfg: Config, device_type: str, seq_len: int) -> tuple[Config, dict]
 
 
 def _smallest_change(cfg: Config, config, device: Device, seq_len: int, tried) -> str:
+    from snug.plan.cheapest import cheapest_changes, why_nothing_fits
+
     miss = tried[0] if tried else None
     need = f"needs {miss.reserved_bytes / GIB:.2f} GiB at best" if miss and miss.sim else ""
     head = (
@@ -79,6 +85,11 @@ def _smallest_change(cfg: Config, config, device: Device, seq_len: int, tried) -
         f"({device.memory_bytes / GIB:.2f} GiB) at {seq_len} tokens per sample"
         + (f"; it {need}" if need else "")
     )
+    if device.type == "cuda":  # on a GPU: the cause, and each change planned (plan/cheapest.py)
+        changes = cheapest_changes(tried, config, device, seq_len)
+        head += f" ({why_nothing_fits(tried, device, seq_len)})"
+        if changes:
+            return f"{head}. Cheapest changes that fit: " + "; ".join(c.line() for c in changes)
     for shorter in (seq_len // 2, seq_len // 4):
         if shorter < 16:
             break

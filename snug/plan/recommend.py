@@ -39,4 +39,9 @@ def recommend(cands: list[Candidate]) -> tuple[Candidate | None, str]:
         )
         + f" and {choice.cfg.memory.optimizer}",
     ]
+    if choice.cfg.memory.offload_weights:
+        reasons.append(
+            "its frozen weights stream from host memory (memory.offload_weights): no resident "
+            "setting fits, and streaming is slower than any that would"
+        )
     return choice, "; ".join(reasons)

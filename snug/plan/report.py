@@ -15,6 +15,7 @@ from snug.config.paths import looks_like_hub_id
 from snug.core.registry import get_stage
 from snug.errors import UserError
 from snug.methods import check_against_model
+from snug.plan.cheapest import Change, cheapest_changes, why_nothing_fits
 from snug.plan.hardware import Device, cpu_device, find_gpu, local_gpu, model_config
 from snug.plan.recommend import recommend
 from snug.plan.search import Candidate, plan_one, search
@@ -170,6 +171,7 @@ SEARCHED = (
     "train.grad_accum",
     "memory.grad_checkpointing",
     "memory.offload_activations",
+    "memory.offload_weights",
     "memory.optimizer",
     "memory.chunked_loss",
 )
@@ -256,6 +258,12 @@ def cmd_plan(args) -> int:
             cands = [plan_one(cfg, config, device, seq_len)]
             p.advance(1)
         choice, why = (cands[0], "the configuration as given") if cands[0].fits else (None, "")
+    changes: list[Change] = []
+    if choice is None and not any(c.error for c in cands) and device.memory_bytes is not None:
+        why = why_nothing_fits(cands, device, seq_len)
+        with phase("cheapest changes that fit", 1, "plans") as p:
+            changes = cheapest_changes(cands, config, device, seq_len)
+            p.advance(1)
     result = {
         "model": cfg.model.name_or_path,
         "device": device.as_dict(),
@@ -267,6 +275,8 @@ def cmd_plan(args) -> int:
         "best": cands.index(choice) if choice is not None else None,
         "why": why,
     }
+    if choice is None:
+        result["cheapest_changes"] = [c.as_dict() for c in changes]
     if searching:
         result["searched"] = searched_keys(bool(args.method), args.num_gpus)
         result["held_fixed"] = held_fixed(cfg, result["searched"], args.config)
@@ -315,6 +325,10 @@ def cmd_plan(args) -> int:
         raise PlanError(failed_simulations(cands))
     else:
         console.print("nothing fits" + (f": {why}" if why else ""))
+        if changes:
+            console.print("the cheapest changes that fit, each planned:")
+            for change in changes:
+                console.print(f"  {change.line()}", markup=False, highlight=False)
     return 0 if choice is not None else 1
 
 

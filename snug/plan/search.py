@@ -14,6 +14,7 @@ from snug.core.registry import get_method, methods
 from snug.plan.calibration import StepModel
 from snug.plan.hardware import GIB, Device, host_shortfall
 from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
+from snug.plan.streamed import can_stream, grown_from_one, streamed_variants, weights_exceed
 from snug.plan.timing import TYPICAL, device_model, precision_for
 from snug.runtime.progress import PhaseFactory, quiet
 
@@ -104,6 +105,7 @@ class Candidate:
                 "memory": {
                     "grad_checkpointing": self.cfg.memory.grad_checkpointing,
                     "offload_activations": self.cfg.memory.offload_activations,
+                    "offload_weights": self.cfg.memory.offload_weights,
                     "chunked_loss": self.cfg.memory.chunked_loss,
                     "optimizer": self.cfg.memory.optimizer,
                 },
@@ -139,6 +141,7 @@ class Candidate:
 def candidate_name(cfg: Config) -> str:
     m = cfg.memory
     gc = ("gc+offload" if m.offload_activations else "gc") if m.grad_checkpointing else "no-gc"
+    gc += " stream" if m.offload_weights else ""
     label = method_label(cfg)
     said = get_method(cfg.method.name).search_label(cfg.method)  # lora: its rank, r8
     method = f"{label} {said}" if said else label
@@ -282,6 +285,9 @@ def _largest_fitting_micro_batch(
     one = at(base)
     if one.error or not one.fits or cap < 2 * base or effective % (2 * base):
         return one
+    if variant.memory.offload_weights:
+        held = _held_bytes(one)
+        return grown_from_one(one, held, at, base, cap, effective, device.memory_bytes)
     two = at(2 * base)
     if two.error or not two.fits:
         return one
@@ -327,8 +333,11 @@ def search(
     if device.memory_bytes is None:
         raise PlanError("--search needs a memory budget: --gpu NAME or SIZE, or --device cpu.")
     model = device_model(device, precision_for(device, cfg), streams=cfg.memory.offload_weights)
+    # streaming comes in when a method fits nowhere resident, on a GPU, one process
+    streams = device.type == "cuda" and num_gpus == 1 and cfg.dist.strategy == "none"
+    streaming = device_model(device, precision_for(device, cfg), streams=True) if streams else None
     methods = methods or searched_methods()
-    job = (cfg, config, device, seq_len, model, max_micro_batch, num_gpus)
+    job = (cfg, config, device, seq_len, model, max_micro_batch, num_gpus, streaming)
     workers = min(
         workers or int(os.environ.get("SNUG_PLAN_WORKERS") or os.cpu_count() or 1), len(methods)
     )
@@ -370,7 +379,7 @@ def _search_method(args: tuple) -> Candidate | None:
     from snug.plan.distributed import STRATEGIES
     from snug.train.dist import trains_sharded
 
-    method, cfg, config, device, seq_len, model, max_micro_batch, num_gpus = args
+    method, cfg, config, device, seq_len, model, max_micro_batch, num_gpus, streaming = args
     effective = cfg.train.micro_batch * cfg.train.grad_accum
     strategies = STRATEGIES if num_gpus > 1 else ("none",)
     if num_gpus > 1 and not trains_sharded(base_of(method), quant_of().get(method, "none")):
@@ -381,6 +390,12 @@ def _search_method(args: tuple) -> Candidate | None:
         for s in strategies
         for v in _variants(cfg, method, device)
     ]
+    streams = streaming is not None and can_stream(base_of(method), quant_of().get(method, "none"))
+    context = CUDA_CONTEXT_BYTES if model.context_bytes is None else model.context_bytes
+    if num_gpus == 1 and weights_exceed(queue[0], config, device, context):
+        # the weights alone do not fit: no resident setting does. Stream them; a method that
+        # cannot is replayed once, in its smallest setting, to show how far it is
+        queue = [] if streams else queue[-1:]
     # a fallback reached from two variants (8-bit AdamW with offload, from "offload" and from
     # "8-bit AdamW") is planned once
     queued = {_variant_key(v) for v in queue}
@@ -393,7 +408,7 @@ def _search_method(args: tuple) -> Candidate | None:
             if _faster(cand, best):
                 best = cand
         else:
-            best = best or cand
+            best = cand if _closer(cand, best) else best
             if _held_bytes(cand, optimizer=False) > device.memory_bytes:
                 break  # its weights and gradients alone: no other setting of it fits
             if not cand.error and not best.fits:
@@ -401,7 +416,26 @@ def _search_method(args: tuple) -> Candidate | None:
                     if _variant_key(v) not in queued:
                         queued.add(_variant_key(v))
                         queue.append(v)
+    if streams and (best is None or not best.fits):  # slower than any resident setting
+        for variant in streamed_variants(_variants(cfg, method, device)[-1], device):
+            cand = _largest_fitting_micro_batch(
+                variant, config, device, seq_len, streaming, effective, max_micro_batch
+            )
+            if cand.fits or _closer(cand, best):
+                best = cand
+            if cand.fits:
+                break
     return best
+
+
+def _closer(a: Candidate, b: Candidate | None) -> bool:
+    """Whether miss `a` shows better than `b` how far a method is from fitting: planned rather
+    than failed, then the smaller reserve."""
+    if b is None or (b.error and not a.error):
+        return True
+    if a.error or b.fits:
+        return False
+    return a.reserved_bytes < b.reserved_bytes
 
 
 def speed_order(c: Candidate) -> tuple:

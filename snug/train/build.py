@@ -209,7 +209,8 @@ def _adopted(cfg: Config, adopted: dict) -> Config:
     """The current config with the memory settings auto_fit chose for the checkpoint's run
     (everything else as the user has it now)."""
     m, t = adopted["memory"], adopted["train"]
-    memory = {k: m[k] for k in ("grad_checkpointing", "offload_activations", "optimizer")}
+    keys = ("grad_checkpointing", "offload_activations", "offload_weights", "optimizer")
+    memory = {k: m[k] for k in keys if k in m}  # a checkpoint from before offload_weights
     return dataclasses.replace(
         cfg,
         memory=dataclasses.replace(cfg.memory, **memory),
@@ -257,7 +258,8 @@ def _auto_fit(
     console.print(
         f"auto_fit: micro_batch {report['micro_batch']} x grad_accum {report['grad_accum']}, "
         f"grad_checkpointing {report['grad_checkpointing']}, offload "
-        f"{report['offload_activations']}, optimizer {report['optimizer']}: {report['why']} "
+        f"{report['offload_activations']}, offload_weights {report['offload_weights']}, "
+        f"optimizer {report['optimizer']}: {report['why']} "
         f"(step time and reserved memory: {report['calibration']})"
     )
     return cfg
