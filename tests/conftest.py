@@ -132,6 +132,13 @@ def method_keys(name: str, /, **keys):
 # fixtures are made once) in this order as workers free up: longest first keeps the two
 # workers' loads even. Order within a file is kept.
 LONGEST_FIRST = (  # summed seconds a file took in a clean run (AVX-512 kind, 2026-11-29)
+    # added 2026-12-08 without a per-file timing (the suite took 18 min 48 s of pytest that day:
+    # these are the new files that replay 32B/70B searches, real runs and the GPU kit's stream
+    # proof, first so that the two workers' loads stay even)
+    "test_plan_cheapest.py",
+    "test_plan_benchmark.py",
+    "test_streaming.py",
+    "test_plan_streaming.py",
     "test_plan.py",  # 105
     "test_train.py",  # 103
     "test_dist.py",  # 98
