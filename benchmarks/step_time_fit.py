@@ -63,7 +63,8 @@ def main() -> int:
     chunk_option(parser)
     args = parser.parse_args()
     as_measured(args.chunk_positions)
-    from snug.plan.calibration import GPU_EFFICIENCY, fit_step_time
+    from snug.plan.calibration import GPU_EFFICIENCY
+    from snug.plan.fitting import fit_step_time
     from snug.plan.hardware import find_gpu
 
     table_rate = find_gpu(args.gpu).bf16_tflops * 1e12

@@ -49,7 +49,7 @@ def main() -> None:
 
     from snug.config import load_config
     from snug.plan.calibrate import _config
-    from snug.plan.calibration import fit_model, fit_rates, fit_step_time
+    from snug.plan.fitting import fit_model, fit_rates, fit_step_time
     from snug.plan.hardware import model_config
     from snug.plan.simulate import simulate
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from snug.plan import calibration
-from snug.plan.calibration import Calibration, CalibrationError, StepModel, fit_step_time
+from snug.plan.calibration import Calibration, CalibrationError, StepModel
+from snug.plan.fitting import fit_step_time
 
 
 def _entry(device: str, **extra) -> Calibration:
@@ -42,7 +43,7 @@ def test_the_fit_leaves_out_what_the_memory_traffic_already_explains():
 
 
 def test_a_fitted_rate_beyond_one_large_matmul_is_held_at_it():
-    from snug.plan.calibration import fit_rates
+    from snug.plan.fitting import fit_rates
 
     # steps whose traffic at 1 GB/s takes nearly all their time: a free fit would ask for a
     # FLOP rate far beyond the 1e10 FLOP/s of the device's best matmul
@@ -106,7 +107,7 @@ def test_on_a_gpu_the_hosts_dispatch_overlaps_the_devices_work_and_4bit_matmuls_
 
 
 def test_the_overlapped_fit_recovers_the_rate_and_the_cost_per_op():
-    from snug.plan.calibration import fit_overlapped
+    from snug.plan.fitting import fit_overlapped
 
     a, b = 1 / 4e14, 15e-6  # a card at half its best matmul rate of 8e14
     shapes = ((6e11, 11000, 0.003), (7e12, 7000, 0.025), (3e13, 11600, 0.07), (1.2e14, 12000, 0.28))
@@ -121,7 +122,7 @@ def test_the_overlapped_fit_recovers_the_rate_and_the_cost_per_op():
 
 
 def test_when_every_step_is_on_one_side_of_the_maximum_the_sum_is_fitted():
-    from snug.plan.calibration import fit_model
+    from snug.plan.fitting import fit_model
 
     # every step launch-bound: the maximum would leave the FLOP rate anything (the fit's edge,
     # the best matmul's); the sum takes both costs from every row
@@ -276,7 +277,7 @@ def test_the_gpu_series_runs_one_configuration_at_a_time(monkeypatch):
 
 
 def test_calibration_learns_what_each_4bit_matmul_costs_from_the_qlora_step():
-    from snug.plan.calibration import fit_model
+    from snug.plan.fitting import fit_model
 
     a, b, q = 1 / 4e14, 15e-6, 300e-6
     rows = [

@@ -50,7 +50,7 @@ from snug.config import load_config
 from snug.data.collate import target_positions
 from snug.errors import UserError, first_line
 from snug.models.load import resolve_dtype
-from snug.plan.calibration import Calibration, fit_model, quant_rows
+from snug.plan.calibration import Calibration
 from snug.plan.device_probe import (
     copy_bandwidth,
     cuda_context,
@@ -58,6 +58,7 @@ from snug.plan.device_probe import (
     matmul_rate,
     sync,
 )
+from snug.plan.fitting import fit_model, quant_rows
 from snug.plan.hardware import Device, cpu_device, device_key, find_gpu, model_config
 from snug.plan.simulate import PlanError, simulate, with_depth
 from snug.runtime.progress import PhaseFactory, quiet
