@@ -150,7 +150,7 @@ def test_switching_methods_keeps_shared_keys_and_a_runs_config_is_read_like_any(
     """A search moving a config to another method keeps the keys both declare; a run's
     config.yaml is read like any config (snug 0.1.0 is unreleased: no earlier snug wrote every
     method's keys), so one holding another method's key is refused there too."""
-    from snug.plan.simulate import with_overrides
+    from snug.config.overrides import with_overrides
     from snug.train.resume import config_drift
 
     cfg = config_from_dict({"method": {"name": "lora", "r": 32, "alpha": 64}})

@@ -11,10 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from snug.config import load_config
+from snug.config.overrides import with_overrides
 from snug.core.registry import methods
 from snug.data.collate import collate
 from snug.methods import apply_method
-from snug.plan.simulate import simulate, with_depth, with_overrides
+from snug.plan.simulate import simulate, with_depth
 from snug.train.memory import TensorMemoryTracker, model_tensors
 from snug.train.optim import build_optimizer
 from snug.train.prepare import prepare_for_training, step_options

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from snug.config.overrides import with_overrides
 from snug.plan.hardware import GIB, Device, find_gpu, gpu_table
 from snug.plan.search import BASE_BITS, Candidate, plan_one
-from snug.plan.simulate import with_overrides
 from snug.plan.streamed import can_stream, streamed_variants
 from snug.train.dist import trains_sharded
 

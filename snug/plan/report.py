@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from snug.config import Config, load_config, save_config
+from snug.config.overrides import with_overrides
 from snug.config.paths import looks_like_hub_id
 from snug.core.registry import get_stage
 from snug.errors import UserError
@@ -19,7 +20,7 @@ from snug.plan.cheapest import Change, cheapest_changes, why_nothing_fits
 from snug.plan.hardware import Device, cpu_device, find_gpu, local_gpu, model_config
 from snug.plan.recommend import recommend
 from snug.plan.search import Candidate, plan_one, search
-from snug.plan.simulate import PlanError, with_overrides
+from snug.plan.simulate import PlanError
 from snug.plan.simulate import explain as explain_peak
 from snug.plan.timing import precision_for
 from snug.runtime.progress import phases

@@ -10,10 +10,11 @@ import torch
 from transformers import PretrainedConfig
 
 from snug.config import Config
+from snug.config.overrides import with_overrides
 from snug.core.registry import get_method, methods
 from snug.plan.calibration import StepModel
 from snug.plan.hardware import GIB, Device, host_shortfall
-from snug.plan.simulate import PlanError, Simulation, simulate, with_overrides
+from snug.plan.simulate import PlanError, Simulation, simulate
 from snug.plan.streamed import can_stream, grown_from_one, streamed_variants, weights_exceed
 from snug.plan.timing import TYPICAL, device_model, precision_for
 from snug.runtime.progress import PhaseFactory, quiet

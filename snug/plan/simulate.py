@@ -29,7 +29,6 @@ from transformers import PretrainedConfig, masking_utils
 
 from snug.config import Config
 from snug.core.registry import get_method
-from snug.core.sections import with_method
 from snug.errors import UserError
 from snug.methods import count_params
 from snug.models.load import compute_dtype, meta_model, quant_storage, resolve_dtype
@@ -408,19 +407,3 @@ def explain(
         padded=not cfg.data.packing,
     )  # fmt: skip
     return sim.largest_at_peak, layers
-
-
-def with_overrides(cfg: Config, **sections) -> Config:
-    """A copy of cfg with some keys of some sections replaced, e.g. memory={"optimizer": ...}.
-    A new method.name brings that method's own keys (snug.core.registry.with_method)."""
-    out = {}
-    for name, keys in sections.items():
-        section = getattr(cfg, name)
-        if name == "method" and keys.get("name", section.name) != section.name:
-            keys = dict(keys)
-            section = with_method(section, keys.pop("name"))
-        if name == "method" and section.own is not None:
-            own = {k: keys.pop(k) for k in list(keys) if hasattr(section.own, k)}
-            section = dataclasses.replace(section, own=dataclasses.replace(section.own, **own))
-        out[name] = dataclasses.replace(section, **keys)
-    return dataclasses.replace(cfg, **out)

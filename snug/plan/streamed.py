@@ -5,9 +5,9 @@ and the count that sends a method to streaming without a replay (plan/bound.py).
 from __future__ import annotations
 
 from snug.config import Config
+from snug.config.overrides import with_overrides
 from snug.core.registry import get_method
 from snug.plan.hardware import Device
-from snug.plan.simulate import with_overrides
 from snug.plan.timing import precision_for
 
 
