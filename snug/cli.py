@@ -14,6 +14,7 @@ from snug.deploy.args import add_trust_arguments
 from snug.deploy.chat import add_parser as add_chat_parser
 from snug.deploy.evaluate import add_eval_parser
 from snug.deploy.generate import add_generate_parser
+from snug.deploy.serve import add_serve_parser
 from snug.errors import AlreadySaid, RunError, UserError, exit_code, first_line
 from snug.plan.command import add_plan_parsers
 from snug.runtime.files import disk_full, failed_write
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_chat_parser(sub)
+    add_serve_parser(sub)
     for command in sub.choices.values():  # `snug train --debug` as well as `snug --debug train`
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP

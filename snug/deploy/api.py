@@ -1,0 +1,410 @@
+"""The HTTP side of `snug serve`: OpenAI's routes on Starlette, each request checked
+(snug/deploy/wire.py), queued to the batcher (snug/deploy/engine.py) and answered whole or as
+server-sent events. The app answers from its first second: 503 while the model loads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from snug.deploy.wire import (
+    ApiError,
+    Limits,
+    Sampling,
+    chat_messages,
+    chunk,
+    completion_prompts,
+    new_id,
+    sampling,
+    usage,
+)
+from snug.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from snug.deploy.engine import Engine, Job
+    from snug.deploy.session import Session
+    from snug.deploy.toolcalls import ToolFormat
+
+log = logging.getLogger("snug.serve")
+
+
+@dataclass
+class Served:
+    """What the app serves: filled in by the loader (`ready`), or the reason it failed."""
+
+    limits: Limits
+    api_key: str | None = None
+    log_prompts: bool = False
+    session: Session | None = None
+    engine: Engine | None = None
+    tools: ToolFormat | None = None
+    marker: str = ""  # the chat template's end-of-turn text
+    failed: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def ready(self, session: Session, engine: Engine) -> None:
+        from snug.deploy.toolcalls import tool_format
+        from snug.train.evaluate import end_of_turn
+
+        self.marker = end_of_turn(session.tok, session.template)
+        self.tools = tool_format(
+            session.cfg.data.template if session.cfg else None, session.template
+        )
+        self.session, self.engine = session, engine
+
+    def names(self) -> list[str]:
+        from snug.deploy.session import BASE
+
+        session = self.session
+        return ([BASE] if session.base_reachable else []) + list(session.adapters)
+
+
+def build_app(served: Served, on_startup=(), on_shutdown=()):
+    """The Starlette app; `on_startup` callables run as it starts (the loader's thread)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        for call in on_startup:
+            call()
+        yield
+        for call in on_shutdown:
+            call()
+
+    def refused(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def on_api_error(request, e: ApiError):
+        return refused(e)
+
+    async def on_http(request, e: HTTPException):
+        return refused(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
+
+    async def on_error(request, e: Exception):  # never a traceback: one line, as the CLI says it
+        if isinstance(e, UserError):
+            return refused(ApiError(400, " ".join(str(e).split())))
+        log.exception("%s %s failed", request.method, request.url.path)
+        return refused(ApiError(500, f"{e.__class__.__name__}: {first_line(e)} (unexpected)"))
+
+    async def health(request: Request):
+        if served.failed:
+            return JSONResponse({"status": "failed", "error": served.failed}, status_code=503)
+        if served.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok", **served.engine.status()})
+
+    async def models(request: Request):
+        check(served, request)
+        data = [
+            {"id": n, "object": "model", "created": served.created, "owned_by": "snug"}
+            for n in served.names()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat(request: Request):
+        check(served, request)
+        body = await read_json(request, served.limits)
+        asked = sampling(body, served.limits)
+        messages, tools = chat_messages(body, served.limits)
+        model = pick(served, asked.model)
+        ids = await asyncio.to_thread(prompt_ids, served, messages, tools)
+        return await answer(request, served, asked, model, [ids], "chat", tools is not None)
+
+    async def completions(request: Request):
+        check(served, request)
+        body = await read_json(request, served.limits)
+        asked = sampling(body, served.limits)
+        prompts = completion_prompts(body, served.limits)
+        model = pick(served, asked.model)
+        tok = served.session.tok
+        ids = [tok(p)["input_ids"] for p in prompts]
+        return await answer(request, served, asked, model, ids, "text", False)
+
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/models", models),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http, Exception: on_error},
+        lifespan=lifespan,
+    )
+
+
+def check(served: Served, request: Request) -> None:
+    """401 without the key (when the server has one), 503 while loading."""
+    if served.api_key is not None:
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), served.api_key.encode()
+        )
+        if not ok:
+            raise ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'.")
+    if served.failed:
+        raise ApiError(503, f"the model failed to load: {served.failed}")
+    if served.engine is None:
+        raise ApiError(
+            503, "the model is still loading; try again shortly (GET /health says when)."
+        )
+
+
+async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
+    """The body as a JSON object: 413 past the size limit (read no further), 400 if not JSON."""
+    declared = request.headers.get("content-length")
+    too_big = ApiError(
+        413,
+        f"the request is larger than {limits.max_request_bytes:,} bytes "
+        "(snug serve --max-request-bytes).",
+    )
+    if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
+        raise too_big
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > limits.max_request_bytes:
+            raise too_big
+    try:
+        body = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not JSON ({e}).") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
+    return body
+
+
+def pick(served: Served, model: str) -> str:
+    names = served.names()
+    if model not in names:
+        raise ApiError(
+            404,
+            f"The model '{model}' does not exist; this server serves: {', '.join(names)}.",
+            "model",
+            "model_not_found",
+        )
+    return model
+
+
+def prompt_ids(served: Served, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    """The conversation rendered by the session's template (with the tools, which must show)."""
+    from snug.data.render import origin_of, render_chat
+
+    session = served.session
+    text = render_chat(session.tok, session.template, messages, True, "request", tools)
+    if tools and text == render_chat(session.tok, session.template, messages, True, "request"):
+        raise ApiError(
+            400,
+            f"the chat template ({origin_of(session.template)}) does not write tools; "
+            "serve with a template that does (--template qwen, llama3 or mistral).",
+            "tools",
+        )
+    return session.tok(text, add_special_tokens=False)["input_ids"]
+
+
+async def answer(request, served, asked: Sampling, model, prompts, kind, tools: bool):
+    """Queue one job per prompt, then answer whole or stream."""
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    from snug.deploy.engine import Job, QueueFull
+
+    limits, context = served.limits, served.session.context()
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    jobs: list[Job] = []
+    for index, ids in enumerate(prompts):
+        room = limits.max_tokens if context is None else context - len(ids)
+        wanted = asked.max_tokens or min(limits.max_tokens, room)
+        if wanted > room or room < 1:
+            raise ApiError(
+                400,
+                f"a {len(ids)}-token prompt and max_tokens {wanted} overflow the model's "
+                f"{context}-token context; shorten the prompt or lower max_tokens.",
+                "max_tokens",
+            )
+        jobs.append(
+            Job(
+                model=model,
+                prompt=ids,
+                max_tokens=wanted,
+                emit=lambda piece, i=index: loop.call_soon_threadsafe(
+                    events.put_nowait, (i, piece)
+                ),
+                finish=lambda job, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, None)),
+                temperature=asked.temperature,
+                top_p=asked.top_p,
+                seed=asked.seed,
+                stop=asked.stop,
+                marker=served.marker if kind == "chat" else "",
+                deadline=time.monotonic() + limits.timeout_s,
+            )
+        )
+    try:
+        for job in jobs:
+            served.engine.submit(job)
+    except QueueFull as e:
+        for job in jobs:
+            served.engine.cancel(job)
+        raise ApiError(429, f"the server is busy: {e}") from None
+    rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+    started = time.monotonic()
+    reply = _Reply(served, asked, model, rid, kind, jobs, served.tools if tools else None)
+    if asked.stream:
+        return StreamingResponse(
+            _guarded(reply.stream(events), served, jobs, started, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    try:
+        while len(reply.ended) < len(jobs):
+            try:
+                index, piece = await asyncio.wait_for(events.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it; _release freed the jobs
+                continue
+            if piece is None:
+                reply.ended.add(index)
+    finally:
+        _release(served, jobs, started, messages_of(request))
+    failed = next((j for j in jobs if j.finish_reason in ("error", "timeout")), None)
+    if failed is not None:
+        status, why = (
+            (504, "timed out") if failed.finish_reason == "timeout" else (500, failed.error)
+        )
+        raise ApiError(status, f"the answer {why} (after {time.monotonic() - started:.0f} s).")
+    return JSONResponse(reply.whole())
+
+
+def messages_of(request) -> str:
+    return f"{request.method} {request.url.path}"
+
+
+def _release(served: Served, jobs: list, started: float, what: str) -> None:
+    """Cancel what is still running (a client gone) and log the request: no prompts unless
+    --log-prompts."""
+    for job in jobs:
+        if not job.done:
+            served.engine.cancel(job)
+    reasons = ",".join(str(j.finish_reason) for j in jobs)
+    tokens = sum(len(j.tokens) for j in jobs)
+    line = f"{what} model={jobs[0].model} prompt_tokens={sum(len(j.prompt) for j in jobs)} "
+    line += f"completion_tokens={tokens} finish={reasons} {time.monotonic() - started:.2f}s"
+    if served.log_prompts:
+        tok = served.session.tok
+        line += (
+            f" prompts={[tok.decode(j.prompt) for j in jobs]!r} answers={[j.text for j in jobs]!r}"
+        )
+    log.info(line)
+
+
+async def _guarded(
+    events: AsyncIterator[str], served, jobs, started, request
+) -> AsyncIterator[str]:
+    """The stream; whatever ends it (the last event, the client gone) frees its jobs."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        _release(served, jobs, started, messages_of(request))
+
+
+class _Reply:
+    """One request's answer, whole or as chunks, with tool calls read back where asked."""
+
+    def __init__(self, served, asked, model, rid, kind, jobs, tools):
+        self.served, self.asked, self.model, self.rid = served, asked, model, rid
+        self.kind, self.jobs, self.tools = kind, jobs, tools
+        self.ended: set[int] = set()
+
+    def _choice(self, i: int, job) -> dict[str, Any]:
+        reason = "length" if job.finish_reason == "length" else "stop"
+        if self.kind == "text":
+            return {"index": i, "text": job.text, "finish_reason": reason, "logprobs": None}
+        content, calls = self.tools.parse(job.text) if self.tools else (job.text, [])
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content or (None if calls else ""),
+        }
+        if calls:
+            message["tool_calls"] = calls
+            reason = "tool_calls"
+        return {"index": i, "message": message, "finish_reason": reason, "logprobs": None}
+
+    def whole(self) -> dict[str, Any]:
+        kind = "chat.completion" if self.kind == "chat" else "text_completion"
+        choices = [self._choice(i, j) for i, j in enumerate(self.jobs)]
+        tokens = usage(sum(len(j.prompt) for j in self.jobs), sum(len(j.tokens) for j in self.jobs))
+        return chunk(self.rid, kind, self.model, choices, usage=tokens)
+
+    def _event(self, choices: list[dict], **extra) -> str:
+        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return f"data: {json.dumps(chunk(self.rid, kind, self.model, choices, **extra))}\n\n"
+
+    def _delta(self, i: int, text: str) -> dict[str, Any]:
+        if self.kind == "text":
+            return {"index": i, "text": text, "finish_reason": None, "logprobs": None}
+        return {"index": i, "delta": {"content": text}, "finish_reason": None, "logprobs": None}
+
+    async def stream(self, events: asyncio.Queue) -> AsyncIterator[str]:
+        if self.kind == "chat":
+            for i in range(len(self.jobs)):
+                first = {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "finish_reason": None,
+                }
+                yield self._event([first])
+        raw = [""] * len(self.jobs)  # each answer's text as it came
+        texts = [""] * len(self.jobs)  # what of it has been streamed (a tool call is held back)
+        while len(self.ended) < len(self.jobs):
+            index, piece = await events.get()
+            job = self.jobs[index]
+            if piece is not None:
+                raw[index] += piece
+                upto = self.tools.held(raw[index]) if self.tools else len(raw[index])
+                if upto > len(texts[index]):
+                    yield self._event([self._delta(index, raw[index][len(texts[index]) : upto])])
+                    texts[index] = raw[index][:upto]
+                continue
+            self.ended.add(index)
+            if job.finish_reason in ("error", "timeout"):
+                why = "timed out" if job.finish_reason == "timeout" else job.error
+                error = ApiError(
+                    504 if job.finish_reason == "timeout" else 500, f"the answer {why}."
+                )
+                yield f"data: {json.dumps(error.body())}\n\n"
+                return
+            final = self._choice(index, job)
+            if self.kind == "chat":
+                calls = final["message"].get("tool_calls")
+                rest = final["message"]["content"] or ""
+                delta: dict[str, Any] = {}
+                if len(rest) > len(texts[index]):
+                    delta["content"] = rest[len(texts[index]) :]
+                if calls:
+                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                final = {"index": index, "delta": delta, "finish_reason": final["finish_reason"]}
+            elif len(job.text) > len(texts[index]):
+                final["text"] = job.text[len(texts[index]) :]
+            else:
+                final["text"] = ""
+            yield self._event([final])
+        if self.asked.include_usage:
+            tokens = usage(
+                sum(len(j.prompt) for j in self.jobs), sum(len(j.tokens) for j in self.jobs)
+            )
+            yield self._event([], usage=tokens)
+        yield "data: [DONE]\n\n"
