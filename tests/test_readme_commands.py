@@ -58,6 +58,12 @@ NOT_RUN = {
     "make base": "retrains models/tiny (about 20 minutes)",
     "pip install -e .": "needs the package registry (network)",
     "pip install flash-attn": "needs the package registry (network) and CUDA",
+    "pip install -e '.[serve]'": "needs the package registry (network); the dev extra has it",
+    "snug serve --adapter qs=runs/quickstart": "serves until stopped; tests/test_serve.py starts "
+    "`snug serve` and drives it with the openai client",
+    'curl -s http://127.0.0.1:8000/v1/chat/completions -d \'{"model": "qs", "temperature": 0, '
+    '"messages": [{"role": "user", "content": "Say hi"}]}\'': "needs the server above; its "
+    "body is checked as JSON here, and tests/test_serve.py sends such requests",
     "snug calibrate": "a minute of real steps, and it writes the user's calibration file; "
     "tests/test_calibrate.py runs it",
     "snug train examples/fsdp.yaml dist.nproc=2": "starts torchrun and 2 ranks (~35 s); "
@@ -190,6 +196,14 @@ def parse_only(line: str, where: Path) -> str | None:
         return None if done.returncode == 0 else f"make -n: {done.stderr.strip()}"
     if words[0] == "pip":
         return None if words[1] == "install" else "not a pip install"
+    if words[0] == "curl":  # a request to `snug serve`: its body must be JSON
+        import json
+
+        try:
+            json.loads(words[words.index("-d") + 1])
+        except (ValueError, IndexError) as e:
+            return f"curl: no JSON body after -d ({e})"
+        return None
     # as snug.cli.main parses: overrides after a flag join the others; SystemExit(2) on a bad
     # option
     args, extra = build_parser().parse_known_args(words[1:])

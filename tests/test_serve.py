@@ -170,7 +170,8 @@ def test_refusals_are_openai_errors_naming_what_is_wrong(server):
     assert e.value.status_code == 413
     status, bad = http(f"{url}/v1/chat/completions", b"{not json")
     assert status == 400 and "not JSON" in bad["error"]["message"]
-    assert "word word" not in log.read_text()  # prompts are not logged without --log-prompts
+    assert "POST /v1/chat/completions model=a" in log.read_text()  # requests are logged,
+    assert "word word" not in log.read_text()  # their prompts not without --log-prompts
 
 
 def test_tools_reach_the_template(server):
@@ -214,10 +215,10 @@ def session(adapters):
 
 
 @contextlib.contextmanager
-def serving(session, engine, **served):
+def serving(session, engine, limits=None, **served):
     import uvicorn
 
-    state = Served(Limits(), **served)
+    state = Served(limits or Limits(), **served)
     state.ready(session, engine)
     sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning"))
@@ -408,3 +409,34 @@ def test_refused_before_starting(tmp_path, capsys):
     assert main(["serve", "--model", str(BASE), "--port", port]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     taken.close()
+
+
+def test_a_request_past_its_time_limit_is_a_504(session):
+    engine = Engine(session)
+    gate = gated(engine)
+    with serving(session, engine, Limits(timeout_s=0.5)) as url:
+        threading.Timer(1.0, gate.set).start()  # the model answers after the limit
+        with pytest.raises(openai.InternalServerError, match="timed out") as e:
+            chat(client(url), "a", "hi")
+        assert e.value.status_code == 504
+        wait_for(url, timed_out=1, running=0)
+
+
+def test_vllm_is_started_with_snugs_base_adapters_template_and_defaults(adapters, tmp_path):
+    """`--engine vllm` (on a GPU with vLLM) runs vLLM's server with what snug resolved; here the
+    command is checked (vLLM is not installed on a CPU machine)."""
+    from snug.cli import build_parser
+    from snug.deploy.vllm import vllm_command
+
+    argv = ["serve", *session_args(adapters), "--engine", "vllm", "--api-key", "k" * 12]
+    command = vllm_command(build_parser().parse_args(argv), tmp_path)
+    flags = " ".join(command)
+    assert command[command.index("--model") + 1] == str(BASE.resolve())
+    assert "--served-model-name base --host 127.0.0.1 --port 8000" in flags
+    assert "--allowed-origins []" in flags  # vLLM's own default allows every origin
+    assert f"--lora-modules a={adapters['a']} b={adapters['b']}" in flags
+    assert "--max-lora-rank 8" in flags  # r=4, rounded up to a rank vLLM takes
+    template = Path(command[command.index("--chat-template") + 1])
+    assert template.read_text() == BUILTIN[TEMPLATE]
+    assert "--tool-call-parser hermes" in flags  # vLLM's parser of Qwen's <tool_call>
+    assert "k" * 12 not in flags  # the key goes by environment, out of `ps`

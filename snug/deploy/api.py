@@ -239,9 +239,12 @@ async def answer(request, served, asked: Sampling, model, prompts, kind, tools: 
                 model=model,
                 prompt=ids,
                 max_tokens=wanted,
-                emit=lambda piece, i=index: loop.call_soon_threadsafe(
-                    events.put_nowait, (i, piece)
-                ),
+                # a whole answer is read at its end: no wake-up of the loop per token
+                emit=(
+                    lambda piece, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, piece))
+                )
+                if asked.stream
+                else _ignore,
                 finish=lambda job, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, None)),
                 temperature=asked.temperature,
                 top_p=asked.top_p,
@@ -286,6 +289,10 @@ async def answer(request, served, asked: Sampling, model, prompts, kind, tools: 
         )
         raise ApiError(status, f"the answer {why} (after {time.monotonic() - started:.0f} s).")
     return JSONResponse(reply.whole())
+
+
+def _ignore(piece: str) -> None:
+    pass
 
 
 def messages_of(request) -> str:

@@ -70,6 +70,8 @@ class Job:
 class Engine:
     """One worker thread generating for the queued jobs of a `Session`, `max_batch` at a time."""
 
+    gather_s = 0.02  # the longest a batch waits for more requests once one has come
+
     def __init__(self, session: Session, max_batch: int = 16, max_queue: int = 64) -> None:
         from snug.train.evaluate import prompt_learning, stop_token_ids
 
@@ -80,7 +82,11 @@ class Engine:
         self.stops = stop_token_ids(session.model, session.tok, session.template)
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
-        self.counts = {"answered": 0, "cancelled": 0, "timed_out": 0, "failed": 0, "batches": 0}
+        self.last_batch = 1
+        # requests ended each way, batches run and the rows they held (rows / batches: the
+        # mean batch)
+        self.counts = dict.fromkeys(("answered", "cancelled", "timed_out", "failed"), 0)
+        self.counts |= {"batches": 0, "rows": 0}
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="snug-serve-engine", daemon=True)
@@ -118,24 +124,31 @@ class Engine:
         that can share its batch (any adapter in a mixable session, else the same one). Jobs
         that waited past their deadline end here, timed out."""
         with self._cond:
-            while True:
-                while not self.waiting and not self._closed:
+            while not self._closed:
+                if not self.waiting:
                     self._cond.wait()
-                if self._closed:
-                    return []
+                    continue
+                # Clients answered together come back together: up to gather_s for as many as
+                # the last batch held keeps the next one whole instead of starting it with one.
+                until = time.monotonic() + self.gather_s
+                enough = min(self.max_batch, self.last_batch)
+                while 0 < len(self.waiting) < enough and time.monotonic() < until:
+                    self._cond.wait(until - time.monotonic())
                 now = time.monotonic()
                 for job in [j for j in self.waiting if j.deadline < now]:
                     self.waiting.remove(job)
                     self._end(job, "timeout")
-                if self.waiting:
-                    break
-            first = self.waiting[0]
-            batch = [j for j in self.waiting if self.mixable or j.model == first.model]
-            batch = batch[: self.max_batch]
-            for job in batch:
-                self.waiting.remove(job)
-            self.running = batch
-            return batch
+                if not self.waiting:  # cancelled or timed out meanwhile
+                    continue
+                first = self.waiting[0]
+                batch = [j for j in self.waiting if self.mixable or j.model == first.model]
+                batch = batch[: self.max_batch]
+                for job in batch:
+                    self.waiting.remove(job)
+                self.running, self.last_batch = batch, len(batch)
+                self.counts["rows"] += len(batch)
+                return batch
+            return []
 
     def _work(self) -> None:
         while batch := self._take():

@@ -144,6 +144,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from snug.deploy.session import parse_adapters
 
     parse_adapters(args.adapter)  # a bad spec stops before the port is taken
+    if args.engine == "vllm":
+        from snug.deploy.vllm import serve_with_vllm
+
+        return serve_with_vllm(args, key)
     sock = listen(args.host, args.port)
     return serve(args, key, sock)
 

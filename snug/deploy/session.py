@@ -122,9 +122,11 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     return pairs
 
 
-def _sources(
+def sources_of(
     pairs: list[tuple[str, Path]], model: str | None, trust_remote_code: bool
 ) -> list[Source]:
+    """What each named adapter is (its run's config and method), checked as loadable together
+    on one base; nothing is loaded."""
     sources = [find_source(path, model, trust_remote_code) for _, path in pairs]
     for (name, _), src in zip(pairs, sources, strict=True):
         if get_method(src.method).output != "adapter":
@@ -245,7 +247,7 @@ def open_session(
 
     base = resolve_model(model, trust_remote_code) if model else None
     pairs = parse_adapters(adapters or [])
-    sources = _sources(pairs, base.name_or_path if base else None, trust_remote_code)
+    sources = sources_of(pairs, base.name_or_path if base else None, trust_remote_code)
     cfg = _config(base, sources, device, dtype, trust_remote_code)
     dev = resolve_device(cfg)
     precision = resolve_precision(cfg, dev)
