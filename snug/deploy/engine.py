@@ -70,7 +70,7 @@ class Job:
 class Engine:
     """One worker thread generating for the queued jobs of a `Session`, `max_batch` at a time."""
 
-    gather_s = 0.02  # the longest a batch waits for more requests once one has come
+    gather_s = 0.05  # the longest a batch waits for more requests once one has come
 
     def __init__(self, session: Session, max_batch: int = 16, max_queue: int = 64) -> None:
         from snug.train.evaluate import prompt_learning, stop_token_ids
@@ -82,7 +82,7 @@ class Engine:
         self.stops = stop_token_ids(session.model, session.tok, session.template)
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
-        self.last_batch = 1
+        self.in_flight = 1  # the most requests waiting or running at once since the last batch
         # requests ended each way, batches run and the rows they held (rows / batches: the
         # mean batch)
         self.counts = dict.fromkeys(("answered", "cancelled", "timed_out", "failed"), 0)
@@ -99,6 +99,7 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests wait already; try again shortly.")
             self.waiting.append(job)
+            self.in_flight = max(self.in_flight, len(self.waiting) + len(self.running))
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
@@ -128,10 +129,11 @@ class Engine:
                 if not self.waiting:
                     self._cond.wait()
                     continue
-                # Clients answered together come back together: up to gather_s for as many as
-                # the last batch held keeps the next one whole instead of starting it with one.
+                # Clients answered together come back together: waiting up to gather_s for as
+                # many requests as were in flight at once during the last batch keeps the next
+                # one whole instead of starting it with the first to come back.
                 until = time.monotonic() + self.gather_s
-                enough = min(self.max_batch, self.last_batch)
+                enough = min(self.max_batch, self.in_flight)
                 while 0 < len(self.waiting) < enough and time.monotonic() < until:
                     self._cond.wait(until - time.monotonic())
                 now = time.monotonic()
@@ -145,7 +147,8 @@ class Engine:
                 batch = batch[: self.max_batch]
                 for job in batch:
                     self.waiting.remove(job)
-                self.running, self.last_batch = batch, len(batch)
+                self.running = batch
+                self.in_flight = len(batch) + len(self.waiting)
                 self.counts["rows"] += len(batch)
                 return batch
             return []
