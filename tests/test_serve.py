@@ -445,3 +445,38 @@ def test_vllm_is_started_with_snugs_base_adapters_template_and_defaults(adapters
     assert template.read_text() == BUILTIN[TEMPLATE]
     assert "--tool-call-parser hermes" in flags  # vLLM's parser of Qwen's <tool_call>
     assert "k" * 12 not in flags  # the key goes by environment, out of `ps`
+
+
+def test_prompt_learning_adapters_are_answered_one_request_at_a_time(tmp_path):
+    """peft generates a prompt-tuning adapter's answers wrong from a padded batch or a KV cache
+    (snug/train/evaluate.py: prompt_learning): the server answers them one by one, uncached,
+    each as whole forward passes of the model give it."""
+    from peft import PromptTuningConfig
+
+    from snug.train.evaluate import stop_token_ids
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(BASE)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8)
+    get_peft_model(model, config).save_pretrained(tmp_path / "virtual")
+    session = open_session(adapters=[f"v={tmp_path / 'virtual'}"], device="cpu")
+    engine = Engine(session)
+    assert (engine.max_batch, engine.mixable) == (1, False)
+    prompts = [session.prompt_ids([{"role": "user", "content": p}]) for p in PROMPTS[:3]]
+    done = threading.Semaphore(0)
+    jobs = [Job("v", p, 6, lambda _: None, lambda _: done.release()) for p in prompts]
+    for job in jobs:
+        engine.submit(job)
+    for _ in jobs:
+        assert done.acquire(timeout=60)
+    engine.close()
+    assert engine.counts["batches"] == 3
+    stops = stop_token_ids(session.model, session.tok, session.template)
+    for job in jobs:
+        ids = list(job.prompt)
+        with torch.no_grad():
+            while len(ids) < len(job.prompt) + 6:
+                ids.append(int(session.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+                if ids[-1] in stops:
+                    break
+        assert job.tokens == ids[len(job.prompt) :]
