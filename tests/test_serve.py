@@ -480,3 +480,14 @@ def test_prompt_learning_adapters_are_answered_one_request_at_a_time(tmp_path):
                 if ids[-1] in stops:
                     break
         assert job.tokens == ids[len(job.prompt) :]
+
+
+def test_tools_for_a_template_that_cannot_write_them_are_refused():
+    plain = open_session(str(BASE), template="chatml", device="cpu")
+    tools = [{"type": "function", "function": {"name": "test_tool", "parameters": {}}}]
+    with serving(plain, Scripted("hi")) as url:
+        with pytest.raises(openai.BadRequestError, match="does not write tools"):
+            client(url).chat.completions.create(
+                model="base", messages=[{"role": "user", "content": "hi"}], tools=tools
+            )
+        assert chat(client(url), "base", "hi") == "hi"  # without tools it answers

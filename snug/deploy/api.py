@@ -199,19 +199,19 @@ def pick(served: Served, model: str) -> str:
 
 
 def prompt_ids(served: Served, messages: list[dict], tools: list[dict] | None) -> list[int]:
-    """The conversation rendered by the session's template (with the tools, which must show)."""
-    from snug.data.render import origin_of, render_chat
+    """The conversation rendered by the session's template, with the tools, which must show."""
+    from snug.data.render import origin_of
 
     session = served.session
-    text = render_chat(session.tok, session.template, messages, True, "request", tools)
-    if tools and text == render_chat(session.tok, session.template, messages, True, "request"):
+    ids = session.prompt_ids(messages, tools)
+    if tools and ids == session.prompt_ids(messages):
         raise ApiError(
             400,
             f"the chat template ({origin_of(session.template)}) does not write tools; "
             "serve with a template that does (--template qwen, llama3 or mistral).",
             "tools",
         )
-    return session.tok(text, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 async def answer(request, served, asked: Sampling, model, prompts, kind, tools: bool):

@@ -91,9 +91,10 @@ class Session:
         virtual = max((c.num_virtual_tokens for c in configs if c.is_prompt_learning), default=0)
         return None if limit is None else limit - virtual
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered with the chat template, ready for the answer."""
-        text = render_chat(self.tok, self.template, messages, True)
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (and `tools`, OpenAI's
+        function specs, where given), ready for the answer."""
+        text = render_chat(self.tok, self.template, messages, True, tools=tools)
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
 
