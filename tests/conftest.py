@@ -131,32 +131,33 @@ def method_keys(name: str, /, **keys):
 # pytest-xdist with --dist loadfile, which gives each file whole to one worker (so module
 # fixtures are made once) in this order as workers free up: longest first keeps the two
 # workers' loads even. Order within a file is kept.
-LONGEST_FIRST = (  # summed seconds a file took in a clean run (AVX-512 kind, 2026-11-29)
-    # added 2026-12-08 without a per-file timing (the suite took 18 min 48 s of pytest that day:
-    # these are the new files that replay 32B/70B searches, real runs and the GPU kit's stream
-    # proof, first so that the two workers' loads stay even)
-    "test_plan_cheapest.py",
-    "test_plan_benchmark.py",
-    "test_streaming.py",
-    "test_plan_streaming.py",
-    "test_plan.py",  # 105
-    "test_train.py",  # 103
-    "test_dist.py",  # 98
-    "test_gpu_kit.py",  # 92
-    "test_reliability.py",  # 58
-    "test_preference.py",  # 42
-    "test_dist_plan.py",  # 35
-    "test_calibrate.py",  # 30
-    "test_dist_signals.py",  # 29
-    "test_plan_search.py",  # 27
-    "test_methods.py",  # 20
-    "test_hostile.py",  # 19
-    "test_data_fuzz.py",  # 12
-    "test_extending.py",  # 10
-    "test_step.py",  # 9
-    "test_data.py",  # 6
-    "test_generate.py",  # 5
-    "test_memory.py",  # 4
+LONGEST_FIRST = (  # summed seconds a file took in `make test` (2-core Xeon, 2026-12-08: 9 min 2 s)
+    "test_plan.py",  # 126
+    "test_dist.py",  # 108
+    "test_train.py",  # 90
+    "test_reliability.py",  # 68
+    "test_gpu_kit.py",  # 129 then; its dry run's calibrate without the wide steps: 103 -> 45 alone
+    "test_readme_commands.py",  # 50
+    "test_preference.py",  # 50
+    "test_calibrate.py",  # 46
+    "test_plan_search.py",  # 41
+    "test_plan_cheapest.py",  # 57 then; two searches of three: 58 -> 33 alone
+    "test_dist_plan.py",  # 32
+    "test_template_bombs.py",  # 29
+    "test_dist_signals.py",  # 28
+    "test_hostile.py",  # 23
+    "test_streaming.py",  # 21
+    "test_methods.py",  # 19
+    "test_plan_benchmark.py",  # 15
+    "test_data_fuzz.py",  # 13
+    "test_hub.py",  # 10
+    "test_step.py",  # 10
+    "test_extending.py",  # 9
+    "test_generate.py",  # 9
+    "test_keep_best.py",  # 8
+    "test_output_dir.py",  # 7
+    "test_llamafactory.py",  # 5
+    "test_memory.py",  # 5
 )
 
 

@@ -516,10 +516,10 @@ def test_calibrating_a_gpu_that_is_not_there_is_one_clear_error(tmp_path, capsys
 
 def test_calibrate_on_this_cpu_measures_and_keeps_an_entry(tmp_path, capsys, monkeypatch):
     """The whole command, in this process, on this machine's CPU, with three of the series'
-    configurations (the whole series runs in tests/test_gpu_kit.py's dry run of the GPU kit) and
-    a QLoRA one as the GPU series has (its bitsandbytes model built and loaded as on a GPU): real
-    steps timed, the fitted step times near the measured ones, the entry kept, progress on
-    stderr under --json."""
+    configurations (the GPU kit's dry run, tests/test_gpu_kit.py, runs its five narrow ones), a
+    step at a catalog model's own width as CPU_WIDE_SERIES has, and a QLoRA one as the GPU
+    series has (its bitsandbytes model built and loaded as on a GPU): real steps timed, the
+    fitted step times near the measured ones, the entry kept, progress on stderr under --json."""
     from snug.cli import main
     from snug.plan import calibrate as calibrate_module
 

@@ -34,10 +34,15 @@ def test_the_gpu_kit_runs_end_to_end_on_this_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for step in ("calibrate: rc 0", "stream: rc 0", "reality: rc 0", "baseline: rc 0"):
         assert step in proc.stdout, proc.stdout
-    # snug calibrate kept a CPU entry in OUTDIR, and the plans below used it
+    # snug calibrate kept a CPU entry in OUTDIR, and the plans below used it: the CPU series'
+    # narrow configurations, each a row (benchmarks/gpu/calibrate_dry.py leaves out the wide)
+    from snug.plan.calibrate import CPU_SERIES, CPU_SHRINK
+
     cal = json.loads((out / "calibration.json").read_text())
     (key,) = cal["devices"]
-    assert key.startswith("cpu: ") and len(cal["devices"][key]["steps"]) >= 4  # the whole series
+    steps = cal["devices"][key]["steps"]
+    assert key.startswith("cpu: ") and len(steps) == len(CPU_SERIES)
+    assert {s["hidden"] for s in steps} == {CPU_SHRINK["hidden_size"]}
     rows = list(csv.DictReader((out / "reality.csv").open()))
     assert len(rows) >= 2  # every configuration of reality.py's CPU_CONFIGS
     for row in rows:

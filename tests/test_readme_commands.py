@@ -15,7 +15,8 @@ last two parts of a path allowed; for a command the test shrinks (below), only i
 
 So that the whole README runs in seconds, not minutes, exactly these changes are made (the
 README's Development section lists them too):
-- every `snug train` gets SHRINK_TRAIN appended: 2 steps, 2 generated answers, 64 samples;
+- every `snug train` gets SHRINK_TRAIN appended: 2 steps of one micro-batch each, 2 generated
+  answers, 64 samples;
 - a `snug plan ... --search` without `--method` gets `--method lora --max-micro-batch 1`: one
   method's settings at one micro-batch, not every method's at every micro-batch (a minute of
   replays for a 7B model on 2 cores, 45 s for the tiny one; 2-3 s so);
@@ -40,7 +41,14 @@ from snug.cli import OVERRIDE, build_parser, main
 
 from conftest import ROOT
 
-SHRINK_TRAIN = ["train.max_steps=2", "train.eval_generate=2", "data.max_samples=64"]
+# one micro-batch a step: the search's chosen.yaml accumulates 16 of one row (at
+# --max-micro-batch 1), my.yaml 4 of 4 rows; 2 steps of those were 5 of the test's 31 s here
+SHRINK_TRAIN = [
+    "train.max_steps=2",
+    "train.eval_generate=2",
+    "data.max_samples=64",
+    "train.grad_accum=1",
+]
 SHRINK_SEARCH = ["--method", "lora", "--max-micro-batch", "1"]
 STAND_INS = {"my_data.jsonl": "data/instruct/train.jsonl"}
 

@@ -5,6 +5,8 @@
 #
 #   benchmarks/gpu/run.sh OUTDIR                 on a CUDA machine (carried wheels in .whl/)
 #   benchmarks/gpu/run.sh --cpu-dry-run OUTDIR   the same scripts on this CPU, tiny shapes
+#                                                (snug calibrate --device cpu without its two
+#                                                wide steps: calibrate_dry.py)
 #
 # Budgets (seconds, override by environment): CALIBRATE_S=120 STREAM_S=180 REALITY_S=320
 # BASELINE_S=100 PYTEST_S=90 on a GPU, whose lease is short; 0 skips that part. STREAM_ARGS are
@@ -84,8 +86,10 @@ echo "env: $(( $(date +%s) - started )) s"
 # values) and after it, on configurations the calibration series did not run.
 export SNUG_CALIBRATION="$OUT/calibration.json"
 if [ "${CALIBRATE_S:-120}" != 0 ]; then  # 0 skips it
-  kind=cuda; [ -n "$DRY" ] && kind=cpu
-  timeout "${CALIBRATE_S:-120}" "$PY" -m snug.cli calibrate --device $kind >"$OUT/calibrate.txt" 2>&1
+  # the dry run: `snug calibrate --device cpu` without its two wide steps (calibrate_dry.py)
+  calibrate=(-m snug.cli calibrate --device cuda)
+  [ -n "$DRY" ] && calibrate=(benchmarks/gpu/calibrate_dry.py)
+  timeout "${CALIBRATE_S:-120}" "$PY" "${calibrate[@]}" >"$OUT/calibrate.txt" 2>&1
   echo "calibrate: rc $? at $(( $(date +%s) - started )) s"
 fi
 
