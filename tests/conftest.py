@@ -131,7 +131,7 @@ def method_keys(name: str, /, **keys):
 # pytest-xdist with --dist loadfile, which gives each file whole to one worker (so module
 # fixtures are made once) in this order as workers free up: longest first keeps the two
 # workers' loads even. Order within a file is kept.
-LONGEST_FIRST = (  # summed seconds a file took in `make test` (2-core Xeon, 2026-12-08: 9 min 2 s)
+LONGEST_FIRST = (  # summed seconds a file took in `make test` (2-core EPYC with AVX-512, 2026-12-08: 9 min 2 s)
     "test_plan.py",  # 126
     "test_dist.py",  # 108
     "test_train.py",  # 90
@@ -145,6 +145,7 @@ LONGEST_FIRST = (  # summed seconds a file took in `make test` (2-core Xeon, 202
     "test_dist_plan.py",  # 32
     "test_template_bombs.py",  # 29
     "test_dist_signals.py",  # 28
+    "test_serve.py",  # new: ~20 alone
     "test_hostile.py",  # 23
     "test_streaming.py",  # 21
     "test_methods.py",  # 19
