@@ -131,7 +131,7 @@ def method_keys(name: str, /, **keys):
 # pytest-xdist with --dist loadfile, which gives each file whole to one worker (so module
 # fixtures are made once) in this order as workers free up: longest first keeps the two
 # workers' loads even. Order within a file is kept.
-LONGEST_FIRST = (  # summed seconds a file took in `make test` (2-core EPYC with AVX-512, 2026-12-08: 9 min 2 s)
+LONGEST_FIRST = (  # summed seconds a file took in `make test` (2-core Xeon with AVX-512, 2026-12-08: 9 min 2 s)
     "test_plan.py",  # 126
     "test_dist.py",  # 108
     "test_train.py",  # 90
