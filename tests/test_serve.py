@@ -491,3 +491,32 @@ def test_tools_for_a_template_that_cannot_write_them_are_refused():
                 model="base", messages=[{"role": "user", "content": "hi"}], tools=tools
             )
         assert chat(client(url), "base", "hi") == "hi"  # without tools it answers
+
+
+def test_one_requests_sampling_cannot_fail_the_others_in_its_batch(session):
+    """A temperature so small that dividing by it overflows float32 is greedy (as vLLM takes
+    temperatures below 1e-5), not a NaN that fails every request of its batch."""
+    engine = Engine(session)
+    ids = session.prompt_ids([{"role": "user", "content": PROMPTS[0]}])
+
+    def job(model, **kw):
+        return Job(model, ids, MAX_NEW, emit=lambda _: None, finish=lambda _: None, **kw)
+
+    other, tiny, greedy = job("base"), job("a", temperature=1e-40, seed=1), job("a")
+    engine._generate([other, tiny])
+    engine._generate([greedy])
+    engine.close()
+    assert other.finish_reason in ("stop", "length") and other.tokens
+    assert (tiny.finish_reason, tiny.tokens) == (greedy.finish_reason, greedy.tokens)
+
+
+def test_a_seed_torch_cannot_take_is_refused(session):
+    """torch's generators take 64-bit seeds: a larger one failed its whole batch (a 500 for
+    every request in it)."""
+    messages = [{"role": "user", "content": "hi"}]
+    with serving(session, Engine(session)) as url:
+        c = client(url)
+        with pytest.raises(openai.BadRequestError, match="'seed'"):
+            c.chat.completions.create(model="a", messages=messages, seed=2**64, max_tokens=2)
+        got = c.chat.completions.create(model="a", messages=messages, seed=2**64 - 1, max_tokens=2)
+        assert got.choices[0].finish_reason in ("stop", "length")

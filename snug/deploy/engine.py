@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("snug.serve")
 
 BASE_ROW = "__base__"  # peft's name for a row of a mixed batch that uses no adapter
+# Temperatures below this are greedy, as vLLM takes them: scores divided by a much smaller one
+# overflow float32, and the NaN from one request failed every request of its batch.
+GREEDY_BELOW = 1e-5
 
 
 class QueueFull(Exception):
@@ -241,7 +244,7 @@ class _Rows:
         self.batch, self.stops, self.tok, self.end = batch, set(stops), tok, end
         self.generators: list[torch.Generator | None] = [None] * len(batch)
         for row, job in enumerate(batch):
-            if job.temperature > 0:
+            if job.temperature >= GREEDY_BELOW:
                 seed = job.seed if job.seed is not None else secrets.randbits(63)
                 self.generators[row] = torch.Generator().manual_seed(seed)
 
