@@ -520,3 +520,10 @@ def test_a_seed_torch_cannot_take_is_refused(session):
             c.chat.completions.create(model="a", messages=messages, seed=2**64, max_tokens=2)
         got = c.chat.completions.create(model="a", messages=messages, seed=2**64 - 1, max_tokens=2)
         assert got.choices[0].finish_reason in ("stop", "length")
+
+
+def test_bodies_json_cannot_hold_are_a_400_not_a_500(session):
+    with serving(session, Scripted("hi")) as url:
+        for body in (b"[" * 5000, b'{"seed": ' + b"9" * 5000 + b"}"):
+            status, got = http(f"{url}/v1/chat/completions", body)
+            assert status == 400 and "not JSON" in got["error"]["message"], got

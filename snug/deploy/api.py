@@ -179,7 +179,7 @@ async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
             raise too_big
     try:
         body = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (too deep, or an integer of 4,300+ digits)
         raise ApiError(400, f"the request body is not JSON ({e}).") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object.")
