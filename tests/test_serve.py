@@ -527,3 +527,38 @@ def test_bodies_json_cannot_hold_are_a_400_not_a_500(session):
         for body in (b"[" * 5000, b'{"seed": ' + b"9" * 5000 + b"}"):
             status, got = http(f"{url}/v1/chat/completions", body)
             assert status == 400 and "not JSON" in got["error"]["message"], got
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_waiting_past_its_time_limit_is_a_504_at_its_limit(session, stream):
+    """The limit holds while a request waits behind a batch (or its batch's first step) that
+    takes longer: the client hears 504 at its limit, not when the batch ends."""
+    engine = Engine(session)
+    gate = gated(engine)
+    with serving(session, engine, Limits(timeout_s=1.0)) as url:
+        started = time.monotonic()  # (the gate holds the batch for 30 s)
+        with pytest.raises(openai.APIError, match="timed out"):
+            chat(client(url), "a", "hi", stream=stream)
+        assert time.monotonic() - started < 4
+        gate.set()
+        wait_for(url, timed_out=1, running=0, waiting=0)
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(session):
+    """Not streamed: a client gone while its request waits frees its place in the queue, and
+    one gone while its request runs stops its row."""
+    engine = Engine(session, max_batch=1)
+    gate = gated(engine)
+    with serving(session, engine) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=0.5)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(chat, c, "a", "hi")
+            wait_for(url, running=1)
+            second = pool.submit(chat, c, "b", "hello")
+            wait_for(url, waiting=1)
+            for call in (first, second):
+                with pytest.raises(openai.APITimeoutError):
+                    call.result(timeout=30)
+        wait_for(url, waiting=0, cancelled=1)
+        gate.set()
+        wait_for(url, running=0, cancelled=2)

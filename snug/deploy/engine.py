@@ -106,12 +106,13 @@ class Engine:
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: drop the job if it waits, stop its row if it runs."""
+        """The client is gone, or its time is up: drop the job if it waits, stop its row if it
+        runs."""
         job.cancelled.set()
         with self._cond:
             if job in self.waiting:
                 self.waiting.remove(job)
-                self._end(job, "cancelled")
+                self._end(job, "timeout" if time.monotonic() > job.deadline else "cancelled")
 
     def close(self) -> None:
         with self._cond:
@@ -293,10 +294,10 @@ class _Rows:
                 done[row] = True
                 continue
             job.tokens.append(int(input_ids[row, -1]))
-            if job.cancelled.is_set():
-                reason = "cancelled"
-            elif now > job.deadline:
+            if now > job.deadline:
                 reason = "timeout"
+            elif job.cancelled.is_set():
+                reason = "cancelled"
             elif job.tokens[-1] in self.stops:
                 reason = "stop"
             else:
