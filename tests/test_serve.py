@@ -26,7 +26,7 @@ from snug.cli import main
 from snug.data.templates import BUILTIN
 from snug.deploy.api import Served, build_app
 from snug.deploy.engine import Engine, Job
-from snug.deploy.serve import listen
+from snug.deploy.serve import allow_origins, listen
 from snug.deploy.session import open_session
 from snug.deploy.toolcalls import ToolFormat
 from snug.deploy.wire import Limits
@@ -216,13 +216,16 @@ def session(adapters):
 
 
 @contextlib.contextmanager
-def serving(session, engine, limits=None, **served):
+def serving(session, engine, limits=None, origins=(), **served):
     import uvicorn
 
     state = Served(limits or Limits(), **served)
     state.ready(session, engine)
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning"))
+    app = build_app(state)
+    if origins:
+        allow_origins(app, list(origins))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -562,3 +565,27 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(session):
         wait_for(url, waiting=0, cancelled=1)
         gate.set()
         wait_for(url, running=0, cancelled=2)
+
+
+def test_a_named_origin_may_call_with_the_headers_of_openais_browser_client(session):
+    """openai-node sends x-stainless-* headers from a browser: the preflight naming them passes
+    for an origin that --cors-origin names, and no other origin is let in."""
+    asked = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,"
+        "x-stainless-retry-count,x-stainless-timeout",
+    }
+
+    def preflight(url, origin):
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", method="OPTIONS", headers={"Origin": origin, **asked}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, r.headers.get("access-control-allow-origin")
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("access-control-allow-origin")
+
+    with serving(session, Scripted("hi"), origins=["https://app.example"]) as url:
+        assert preflight(url, "https://app.example") == (200, "https://app.example")
+        assert preflight(url, "https://other.example")[1] is None
