@@ -26,7 +26,7 @@ from snug.cli import main
 from snug.data.templates import BUILTIN
 from snug.deploy.api import Served, build_app
 from snug.deploy.engine import Engine, Job
-from snug.deploy.serve import listen
+from snug.deploy.serve import allow_origins, listen
 from snug.deploy.session import open_session
 from snug.deploy.toolcalls import ToolFormat
 from snug.deploy.wire import Limits
@@ -216,13 +216,16 @@ def session(adapters):
 
 
 @contextlib.contextmanager
-def serving(session, engine, limits=None, **served):
+def serving(session, engine, limits=None, origins=(), **served):
     import uvicorn
 
     state = Served(limits or Limits(), **served)
     state.ready(session, engine)
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning"))
+    app = build_app(state)
+    if origins:
+        allow_origins(app, list(origins))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -491,3 +494,98 @@ def test_tools_for_a_template_that_cannot_write_them_are_refused():
                 model="base", messages=[{"role": "user", "content": "hi"}], tools=tools
             )
         assert chat(client(url), "base", "hi") == "hi"  # without tools it answers
+
+
+def test_one_requests_sampling_cannot_fail_the_others_in_its_batch(session):
+    """A temperature so small that dividing by it overflows float32 is greedy (as vLLM takes
+    temperatures below 1e-5), not a NaN that fails every request of its batch."""
+    engine = Engine(session)
+    ids = session.prompt_ids([{"role": "user", "content": PROMPTS[0]}])
+
+    def job(model, **kw):
+        return Job(model, ids, MAX_NEW, emit=lambda _: None, finish=lambda _: None, **kw)
+
+    other, tiny, greedy = job("base"), job("a", temperature=1e-40, seed=1), job("a")
+    engine._generate([other, tiny])
+    engine._generate([greedy])
+    engine.close()
+    assert other.finish_reason in ("stop", "length") and other.tokens
+    assert (tiny.finish_reason, tiny.tokens) == (greedy.finish_reason, greedy.tokens)
+
+
+def test_a_seed_torch_cannot_take_is_refused(session):
+    """torch's generators take 64-bit seeds: a larger one failed its whole batch (a 500 for
+    every request in it)."""
+    messages = [{"role": "user", "content": "hi"}]
+    with serving(session, Engine(session)) as url:
+        c = client(url)
+        with pytest.raises(openai.BadRequestError, match="'seed'"):
+            c.chat.completions.create(model="a", messages=messages, seed=2**64, max_tokens=2)
+        got = c.chat.completions.create(model="a", messages=messages, seed=2**64 - 1, max_tokens=2)
+        assert got.choices[0].finish_reason in ("stop", "length")
+
+
+def test_bodies_json_cannot_hold_are_a_400_not_a_500(session):
+    with serving(session, Scripted("hi")) as url:
+        for body in (b"[" * 5000, b'{"seed": ' + b"9" * 5000 + b"}"):
+            status, got = http(f"{url}/v1/chat/completions", body)
+            assert status == 400 and "not JSON" in got["error"]["message"], got
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_waiting_past_its_time_limit_is_a_504_at_its_limit(session, stream):
+    """The limit holds while a request waits behind a batch (or its batch's first step) that
+    takes longer: the client hears 504 at its limit, not when the batch ends."""
+    engine = Engine(session)
+    gate = gated(engine)
+    with serving(session, engine, Limits(timeout_s=1.0)) as url:
+        started = time.monotonic()  # (the gate holds the batch for 30 s)
+        with pytest.raises(openai.APIError, match="timed out"):
+            chat(client(url), "a", "hi", stream=stream)
+        assert time.monotonic() - started < 4
+        gate.set()
+        wait_for(url, timed_out=1, running=0, waiting=0)
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(session):
+    """Not streamed: a client gone while its request waits frees its place in the queue, and
+    one gone while its request runs stops its row."""
+    engine = Engine(session, max_batch=1)
+    gate = gated(engine)
+    with serving(session, engine) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=0.5)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(chat, c, "a", "hi")
+            wait_for(url, running=1)
+            second = pool.submit(chat, c, "b", "hello")
+            wait_for(url, waiting=1)
+            for call in (first, second):
+                with pytest.raises(openai.APITimeoutError):
+                    call.result(timeout=30)
+        wait_for(url, waiting=0, cancelled=1)
+        gate.set()
+        wait_for(url, running=0, cancelled=2)
+
+
+def test_a_named_origin_may_call_with_the_headers_of_openais_browser_client(session):
+    """openai-node sends x-stainless-* headers from a browser: the preflight naming them passes
+    for an origin that --cors-origin names, and no other origin is let in."""
+    asked = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,"
+        "x-stainless-retry-count,x-stainless-timeout",
+    }
+
+    def preflight(url, origin):
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", method="OPTIONS", headers={"Origin": origin, **asked}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, r.headers.get("access-control-allow-origin")
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("access-control-allow-origin")
+
+    with serving(session, Scripted("hi"), origins=["https://app.example"]) as url:
+        assert preflight(url, "https://app.example") == (200, "https://app.example")
+        assert preflight(url, "https://other.example")[1] is None

@@ -179,7 +179,7 @@ async def read_json(request: Request, limits: Limits) -> dict[str, Any]:
             raise too_big
     try:
         body = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (too deep, or an integer of 4,300+ digits)
         raise ApiError(400, f"the request body is not JSON ({e}).") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object.")
@@ -277,6 +277,9 @@ async def answer(request, served, asked: Sampling, model, prompts, kind, tools: 
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return Response(status_code=499)  # nobody reads it; _release freed the jobs
+                if time.monotonic() > jobs[0].deadline:  # waiting, or in a step, past its limit
+                    late = time.monotonic() - started  # (_release ends its jobs)
+                    raise ApiError(504, f"the answer timed out (after {late:.0f} s).") from None
                 continue
             if piece is None:
                 reply.ended.add(index)
@@ -377,7 +380,13 @@ class _Reply:
         raw = [""] * len(self.jobs)  # each answer's text as it came
         texts = [""] * len(self.jobs)  # what of it has been streamed (a tool call is held back)
         while len(self.ended) < len(self.jobs):
-            index, piece = await events.get()
+            try:
+                index, piece = await asyncio.wait_for(events.get(), 0.5)
+            except asyncio.TimeoutError:
+                if time.monotonic() > self.jobs[0].deadline:  # waiting, or in a step, too long
+                    yield f"data: {json.dumps(ApiError(504, 'the answer timed out.').body())}\n\n"
+                    return  # (_guarded ends its jobs)
+                continue
             job = self.jobs[index]
             if piece is not None:
                 raw[index] += piece

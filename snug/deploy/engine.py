@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("snug.serve")
 
 BASE_ROW = "__base__"  # peft's name for a row of a mixed batch that uses no adapter
+# Temperatures below this are greedy, as vLLM takes them: scores divided by a much smaller one
+# overflow float32, and the NaN from one request failed every request of its batch.
+GREEDY_BELOW = 1e-5
 
 
 class QueueFull(Exception):
@@ -103,12 +106,13 @@ class Engine:
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: drop the job if it waits, stop its row if it runs."""
+        """The client is gone, or its time is up: drop the job if it waits, stop its row if it
+        runs."""
         job.cancelled.set()
         with self._cond:
             if job in self.waiting:
                 self.waiting.remove(job)
-                self._end(job, "cancelled")
+                self._end(job, "timeout" if time.monotonic() > job.deadline else "cancelled")
 
     def close(self) -> None:
         with self._cond:
@@ -241,7 +245,7 @@ class _Rows:
         self.batch, self.stops, self.tok, self.end = batch, set(stops), tok, end
         self.generators: list[torch.Generator | None] = [None] * len(batch)
         for row, job in enumerate(batch):
-            if job.temperature > 0:
+            if job.temperature >= GREEDY_BELOW:
                 seed = job.seed if job.seed is not None else secrets.randbits(63)
                 self.generators[row] = torch.Generator().manual_seed(seed)
 
@@ -290,10 +294,10 @@ class _Rows:
                 done[row] = True
                 continue
             job.tokens.append(int(input_ids[row, -1]))
-            if job.cancelled.is_set():
-                reason = "cancelled"
-            elif now > job.deadline:
+            if now > job.deadline:
                 reason = "timeout"
+            elif job.cancelled.is_set():
+                reason = "cancelled"
             elif job.tokens[-1] in self.stops:
                 reason = "stop"
             else:

@@ -205,14 +205,7 @@ def serve(args: argparse.Namespace, key: str | None, sock: socket.socket) -> int
 
     app = build_app(served, [start], [stop])
     if args.cors_origin:
-        from starlette.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=args.cors_origin,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-        )
+        allow_origins(app, args.cors_origin)
     logging.getLogger("snug.serve").setLevel(logging.INFO)
     port = sock.getsockname()[1]
     print(
@@ -231,6 +224,17 @@ def serve(args: argparse.Namespace, key: str | None, sock: socket.socket) -> int
             print(f"error: {e.__class__.__name__}: {first_line(e)} (unexpected)", file=sys.stderr)
         return exit_code(e) if isinstance(e, Exception) else 1
     return 0
+
+
+def allow_origins(app, origins: list[str]) -> None:
+    """CORS for the web pages of `origins` alone, with any request header: OpenAI's clients
+    send their own from a browser (openai-node's x-stainless-*), and a preflight naming one
+    that is not allowed fails (ollama fixed the same: ollama#6910, #9237). No cookies."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    app.add_middleware(
+        CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+    )
 
 
 def open_engine(args: argparse.Namespace):

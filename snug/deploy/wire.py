@@ -115,8 +115,11 @@ def sampling(body: dict, limits: Limits) -> Sampling:
             key,
         )
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, "'seed' must be a whole number.", "seed")
+    # torch's generators take 64-bit seeds; a larger one failed its whole batch
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64
+    ):
+        raise ApiError(400, "'seed' must be a whole number that fits in 64 bits.", "seed")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if (
