@@ -169,6 +169,13 @@ def test_refusals_are_openai_errors_naming_what_is_wrong(server):
     with pytest.raises(openai.APIStatusError, match="larger than 20,000 bytes") as e:
         chat(c, "a", "x" * 30000)
     assert e.value.status_code == 413
+    with pytest.raises(openai.BadRequestError, match="1 to 256 characters"):
+        chat(c, "a", "hi", stop=["x" * 257])
+    with pytest.raises(openai.BadRequestError, match="the queue holds 64"):
+        c.completions.create(model="a", prompt=["hi"] * 65, max_tokens=1)
+    assert c.models.retrieve("b").id == "b"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("c")
     status, bad = http(f"{url}/v1/chat/completions", b"{not json")
     assert status == 400 and "not JSON" in bad["error"]["message"]
     assert "POST /v1/chat/completions model=a" in log.read_text()  # requests are logged,
@@ -589,3 +596,23 @@ def test_a_named_origin_may_call_with_the_headers_of_openais_browser_client(sess
     with serving(session, Scripted("hi"), origins=["https://app.example"]) as url:
         assert preflight(url, "https://app.example") == (200, "https://app.example")
         assert preflight(url, "https://other.example")[1] is None
+
+
+def test_text_completions_whole_and_streamed_agree(server):
+    from transformers import AutoTokenizer
+
+    url, _ = server
+    c = client(url)
+    prompts = ["Once upon a time", "The sea and the sky"]
+    whole = c.completions.create(model="b", prompt=prompts, max_tokens=8, temperature=0)
+    assert whole.usage.prompt_tokens == sum(
+        len(AutoTokenizer.from_pretrained(BASE)(p)["input_ids"]) for p in prompts
+    )
+    texts = ["", ""]
+    for piece in c.completions.create(
+        model="b", prompt=prompts, max_tokens=8, temperature=0, stream=True
+    ):
+        for choice in piece.choices:
+            texts[choice.index] += choice.text
+    assert texts == [choice.text for choice in sorted(whole.choices, key=lambda x: x.index)]
+    assert texts[0] and texts[0] != texts[1]

@@ -113,6 +113,13 @@ def build_app(served: Served, on_startup=(), on_shutdown=()):
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    async def one_model(request: Request):
+        check(served, request)
+        name = pick(served, request.path_params["model"])
+        return JSONResponse(
+            {"id": name, "object": "model", "created": served.created, "owned_by": "snug"}
+        )
+
     async def chat(request: Request):
         check(served, request)
         body = await read_json(request, served.limits)
@@ -129,13 +136,14 @@ def build_app(served: Served, on_startup=(), on_shutdown=()):
         prompts = completion_prompts(body, served.limits)
         model = pick(served, asked.model)
         tok = served.session.tok
-        ids = [tok(p)["input_ids"] for p in prompts]
+        ids = await asyncio.to_thread(lambda: [tok(p)["input_ids"] for p in prompts])
         return await answer(request, served, asked, model, ids, "text", False)
 
     return Starlette(
         routes=[
             Route("/health", health),
             Route("/v1/models", models),
+            Route("/v1/models/{model:path}", one_model),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
         ],

@@ -42,7 +42,7 @@ class QueueFull(Exception):
     """More requests wait than the queue holds (the server answers 429)."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: found in the queue by identity, not by its fields
 class Job:
     """One request's answer: what to generate, and where its text goes as it comes."""
 
@@ -176,7 +176,8 @@ class Engine:
     def _end(self, job: Job, reason: str) -> None:
         job.finish_reason = reason
         key = {"cancelled": "cancelled", "timeout": "timed_out", "error": "failed"}.get(reason)
-        self.counts[key or "answered"] += 1
+        with self._cond:  # (re-entrant) cancel() counts from the HTTP side's thread
+            self.counts[key or "answered"] += 1
         job.finish(job)
 
     def _generate(self, batch: list[Job]) -> None:

@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import ipaddress
 import logging
-import os
 import socket
 import sys
 import threading
@@ -178,7 +177,9 @@ def serve(args: argparse.Namespace, key: str | None, sock: socket.socket) -> int
     from snug.deploy.api import Served, build_app
     from snug.deploy.wire import Limits
 
-    limits = Limits(args.max_request_bytes, args.max_tokens, args.max_messages, args.timeout)
+    limits = Limits(
+        args.max_request_bytes, args.max_tokens, args.max_messages, args.timeout, args.max_queue
+    )
     served = Served(limits, key, args.log_prompts)
     failure: list[BaseException] = []
     server: uvicorn.Server
@@ -243,11 +244,4 @@ def open_engine(args: argparse.Namespace):
     from snug.deploy.engine import Engine
 
     session = open_from_args(args)
-    if session.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # One core is the HTTP side's (parsing, rendering, streaming) and the clients': torch's
-        # threads on every core stall at each step when another process takes one
-        # (benchmarks/results/serve-2026-12-08.md). OMP_NUM_THREADS, where set, decides.
-        import torch
-
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
     return session, Engine(session, args.max_batch, args.max_queue)

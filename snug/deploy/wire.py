@@ -47,6 +47,9 @@ class Limits:
     max_tokens: int = 2048  # a request's max_tokens
     max_messages: int = 256  # messages of a chat, prompts of a completion
     timeout_s: float = 600.0  # from arrival to the last token, waiting included
+    max_queue: int = (
+        64  # requests that may wait (the engine's bound; a request of more prompts is refused)
+    )
 
 
 @dataclass
@@ -62,6 +65,10 @@ class Sampling:
     stream: bool
     include_usage: bool
 
+
+# The longest stop string: each is looked for at the end of every new token's text, in the
+# thread every request of a batch shares
+MAX_STOP = 256
 
 # Fields of OpenAI's API that snug serve does not implement: refused when set to anything but
 # their neutral value, rather than silently ignored.
@@ -125,10 +132,12 @@ def sampling(body: dict, limits: Limits) -> Sampling:
     if (
         not isinstance(stop, list)
         or len(stop) > 4
-        or not all(isinstance(s, str) and s for s in stop)
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP for s in stop)
     ):
         raise ApiError(
-            400, "'stop' must be a string or a list of up to 4 non-empty strings.", "stop"
+            400,
+            f"'stop' must be a string or a list of up to 4 strings of 1 to {MAX_STOP} characters.",
+            "stop",
         )
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
@@ -202,6 +211,13 @@ def completion_prompts(body: dict, limits: Limits) -> list[str]:
     if len(prompts) > limits.max_messages:
         raise ApiError(
             400, f"'prompt' holds {len(prompts)} prompts; at most {limits.max_messages}.", "prompt"
+        )
+    if len(prompts) > limits.max_queue:
+        raise ApiError(
+            400,
+            f"'prompt' holds {len(prompts)} prompts; the queue holds {limits.max_queue} "
+            "(snug serve --max-queue).",
+            "prompt",
         )
     return prompts
 
