@@ -285,6 +285,7 @@ def test_a_full_queue_answers_429_and_a_gone_client_frees_its_slot(session):
         with pytest.raises(openai.RateLimitError, match="busy"):
             chat(c, "base", "hi")
         stream.close()  # the client goes away mid-stream
+        assert jobs[0].cancelled.wait(20)  # the server hears it and cancels its job
         gate.set()
         assert second.result(timeout=60)  # the slot it held went to the one waiting
         wait_for(url, running=0, waiting=0, cancelled=1)
