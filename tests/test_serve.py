@@ -561,7 +561,7 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(session):
     engine = Engine(session, max_batch=1)
     gate = gated(engine)
     with serving(session, engine) as url:
-        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=0.5)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=2.0)
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(chat, c, "a", "hi")
             wait_for(url, running=1)
