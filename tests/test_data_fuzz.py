@@ -154,7 +154,7 @@ def test_random_json_in_every_field_trains_or_names_file_and_line(model, tmp_pat
         cfg = tmp_path / f"cfg-{n}.yaml"
         raw = {
             "model": {"name_or_path": str(model)},
-            "method": {"name": "lora", "r": 2},
+            "method": {"name": "full"},  # what trains is no matter here: 0.12 s a run, LoRA 0.18
             "data": {"train": str(data), "cutoff_len": 64, "on_error": on_error},
             "train": {
                 "stage": "pt" if fmt == "text" else "sft",

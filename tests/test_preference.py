@@ -460,7 +460,7 @@ def test_the_plan_replays_the_preference_step_exactly(stage, method, gc, referen
          "train.micro_batch=2", "train.grad_accum=2", f"pref.reference={reference}"],
     )  # fmt: skip
     config = AutoConfig.for_model(
-        "llama", vocab_size=3000, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        "llama", vocab_size=3000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2,
     )  # fmt: skip
     targets = cfg.train.micro_batch * 63 - 1  # per answer: the shorter pair has one fewer
