@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 
@@ -146,6 +147,8 @@ def test_the_plan_tab_in_a_browser(ui_server, tmp_path):
     from snug.config import load_config
 
     url, root = ui_server
+    with urllib.request.urlopen(url) as page:  # the browser loads nothing from elsewhere
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'self';")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):

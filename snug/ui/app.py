@@ -1,7 +1,8 @@
 """The page (gradio Blocks: Plan, and the tabs still to come) and its server (uvicorn, on the
 socket `snug ui` bound), offline: system fonts, no analytics (snug/ui/__init__.py), no tunnel,
-and a Content-Security-Policy that lets the page load nothing from another origin (gradio's
-front end adds Google Fonts links of its own; the browser drops them)."""
+and a Content-Security-Policy under which the page loads nothing from another origin (gradio's
+front end carries code that adds Google Fonts links, for its embedded web component: should
+that or anything else try, the browser refuses)."""
 
 from __future__ import annotations
 
