@@ -19,6 +19,7 @@ from snug.errors import AlreadySaid, RunError, UserError, exit_code, first_line
 from snug.plan.command import add_plan_parsers
 from snug.runtime.files import disk_full, failed_write
 from snug.train.command import add_train_parser
+from snug.ui.command import add_ui_parser
 
 DEBUG_HELP = "show tracebacks on errors (also accepted before the sub-command)"
 OVERRIDE = re.compile(r"[A-Za-z_]\w*\.[\w.]+=")  # section.key=value
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_chat_parser(sub)
     add_serve_parser(sub)
+    add_ui_parser(sub)
     for command in sub.choices.values():  # `snug train --debug` as well as `snug --debug train`
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP

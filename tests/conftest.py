@@ -135,6 +135,7 @@ LONGEST_FIRST = (  # summed seconds a file took in `make test` (2-core Xeon with
     "test_plan.py",  # 126
     "test_dist.py",  # 108
     "test_train.py",  # 90
+    "test_ui.py",  # new: ~70 alone, the search of the browser test
     "test_reliability.py",  # 68
     "test_gpu_kit.py",  # 129 then; its dry run's calibrate without the wide steps: 103 -> 45 alone
     "test_readme_commands.py",  # 50

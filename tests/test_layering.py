@@ -124,6 +124,7 @@ LAYERS = [
     ("snug.train",),
     ("snug.stages",),
     ("snug.builtin", "snug.plan", "snug.deploy"),
+    ("snug.ui",),  # the web page over the commands: plans, runs, chats and merges
     ("snug.cli", "command"),
 ]
 

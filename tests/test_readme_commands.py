@@ -69,9 +69,12 @@ NOT_RUN = {
     "pip install -e '.[serve]'": "needs the package registry (network); the dev extra has it",
     "snug serve --adapter qs=runs/quickstart": "serves until stopped; tests/test_serve.py starts "
     "`snug serve` and drives it with the openai client",
+    "pip install -e '.[ui]'": "needs the package registry (network); the dev extra has it",
+    "snug ui --root .": "serves until stopped; tests/test_ui.py starts `snug ui` and drives it "
+    "in a headless Chromium",
     'curl -s http://127.0.0.1:8000/v1/chat/completions -d \'{"model": "qs", "temperature": 0, '
     '"messages": [{"role": "user", "content": "What is the last word in the list small king uma '
-    'lamp rain?"}]}\'': "needs the server above; its "
+    "lamp rain?\"}]}'": "needs the server above; its "
     "body is checked as JSON here, and tests/test_serve.py sends such requests",
     "snug calibrate": "a minute of real steps, and it writes the user's calibration file; "
     "tests/test_calibrate.py runs it",

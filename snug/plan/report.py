@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from transformers import PretrainedConfig
 
 from snug.config import Config, load_config, save_config
 from snug.config.overrides import with_overrides
@@ -23,7 +25,7 @@ from snug.plan.search import Candidate, plan_one, search
 from snug.plan.simulate import PlanError
 from snug.plan.simulate import explain as explain_peak
 from snug.plan.timing import precision_for
-from snug.runtime.progress import phases
+from snug.runtime.progress import PhaseFactory, phases, quiet
 
 
 def resolve_device(args, cfg: Config) -> Device:
@@ -220,15 +222,26 @@ def data_naming_no_file(cfg: Config) -> dict[str, str]:
     return unset
 
 
-def cmd_plan(args) -> int:
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)  # the table's columns stay whole in logs and pipes
-    if args.list_models:
-        from snug.plan.hardware import catalog_models
+@dataclass
+class Plan:
+    """What `snug plan` found, before it is printed: `result` is its --json output."""
 
-        console.print("\n".join(catalog_models()))
-        return 0
+    cfg: Config
+    config: PretrainedConfig
+    device: Device
+    seq_len: int
+    cands: list[Candidate]
+    choice: Candidate | None
+    why: str
+    changes: list[Change]
+    searching: bool
+    result: dict
+
+
+def make_plan(args, phase: PhaseFactory = quiet) -> Plan:
+    """The plan `snug plan` prints for its parsed arguments `args` (also `snug ui`'s Plan tab):
+    the config with the flags as overrides, the model and device resolved, one candidate or the
+    search, the recommendation and, when nothing fits, the cheapest changes that do."""
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model.name_or_path={args.model}")
@@ -242,8 +255,6 @@ def cmd_plan(args) -> int:
     device = resolve_device(args, cfg)
     seq_len, seq_source = sequence_length(args, cfg, args.config is not None)
     searching = args.search or (args.config is None and args.method is None)
-    # progress beside the table, or on stderr when stdout is JSON
-    phase = phases(Console(stderr=True, soft_wrap=True) if args.json else console)
     if searching:
         # --method with --search: that method's settings only; without: every method
         methods = (args.method,) if args.method else None
@@ -281,6 +292,25 @@ def cmd_plan(args) -> int:
     if searching:
         result["searched"] = searched_keys(bool(args.method), args.num_gpus)
         result["held_fixed"] = held_fixed(cfg, result["searched"], args.config)
+    return Plan(cfg, config, device, seq_len, cands, choice, why, changes, searching, result)
+
+
+def cmd_plan(args) -> int:
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # the table's columns stay whole in logs and pipes
+    if args.list_models:
+        from snug.plan.hardware import catalog_models
+
+        console.print("\n".join(catalog_models()))
+        return 0
+    # progress beside the table, or on stderr when stdout is JSON
+    planned = make_plan(
+        args, phases(Console(stderr=True, soft_wrap=True) if args.json else console)
+    )
+    cfg, config, device, seq_len = planned.cfg, planned.config, planned.device, planned.seq_len
+    cands, choice, why, changes = planned.cands, planned.choice, planned.why, planned.changes
+    searching, result = planned.searching, planned.result
     explained = None
     if args.explain:
         target = choice or cands[0]
@@ -306,7 +336,7 @@ def cmd_plan(args) -> int:
         if broken:
             raise PlanError(failed_simulations(cands))
         return 0 if choice is not None else 1
-    title = f"{cfg.model.name_or_path}, {seq_len} tokens per sample ({seq_source})"
+    title = f"{cfg.model.name_or_path}, {seq_len} tokens per sample ({result['seq_len_from']})"
     print_table(console, cands, device, title)
     shown = choice or cands[0]
     if shown.sim is not None:
