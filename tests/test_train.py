@@ -113,7 +113,9 @@ def test_train_writes_every_output(tmp_path):
     )
 
 
-def test_the_peak_of_the_steps_that_can_set_it_is_the_peak_of_every_step(tmp_path, monkeypatch):
+def test_the_peak_of_the_steps_that_can_set_it_is_the_peak_of_every_step(
+    tmp_path, monkeypatch, tiny_llama
+):
     """The CPU tracker runs on the first two steps and on steps with a larger micro-batch
     (rows x length or rows x length²) than any tracked before; the peak it reports is the
     peak of tracking every step, on rows of 1 to 20 words (5 to 80 tokens) in random order."""
@@ -127,7 +129,7 @@ def test_the_peak_of_the_steps_that_can_set_it_is_the_peak_of_every_step(tmp_pat
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def run(name: str) -> dict:
-        raw = tiny_run(tmp_path, ROOT / "models/tiny", output={"dir": str(tmp_path / name)})
+        raw = tiny_run(tmp_path, tiny_llama, output={"dir": str(tmp_path / name)})
         raw["data"] = {"train": str(data), "cutoff_len": 256}
         raw["train"].update(max_steps=12, micro_batch=2, grad_accum=1, eval_generate=0)
         return run_training(config_from_dict(raw))["peak_memory"]
@@ -287,11 +289,11 @@ def test_a_run_that_cannot_start_writes_nothing_and_a_failed_one_says_why(
     assert [r["step"] for r in rows if "eval_loss" in r] == [1, 2]
 
 
-def test_packed_length_grouped_offloaded_run_trains(tmp_path):
+def test_packed_length_grouped_offloaded_run_trains(tmp_path, tiny_llama):
     """Packing fits 32 short samples into a few 256-token rows: fewer, fuller micro-batches."""
     raw = tiny_run(
         tmp_path,
-        ROOT / "models/tiny",
+        tiny_llama,
         data={"packing": True, "group_by_length": True, "cutoff_len": 256},
         memory={"offload_activations": True},
         train={"max_steps": None, "epochs": 3, "micro_batch": 2, "grad_accum": 1, "lr": 3e-3},
@@ -363,20 +365,18 @@ def test_every_tiny_example_trains(example, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("quant", ["4bit", "8bit"])
-def test_qlora_trains_on_cpu(quant, tmp_path):
+def test_qlora_trains_on_cpu(quant, tmp_path, tiny_llama):
     raw = tiny_run(
         tmp_path,
-        ROOT / "models/tiny",
-        model={"name_or_path": str(ROOT / "models/tiny"), "quant": quant},
+        tiny_llama,
+        model={"name_or_path": str(tiny_llama), "quant": quant},
         train={"max_steps": 2, "eval_generate": 2},
     )
     summary = run_training(config_from_dict(raw))
     assert summary["status"] == "completed" and summary["train_loss_last"] > 0
     full = run_training(
         config_from_dict(
-            tiny_run(
-                tmp_path / "fp", ROOT / "models/tiny", train={"max_steps": 1, "eval_generate": 0}
-            )
+            tiny_run(tmp_path / "fp", tiny_llama, train={"max_steps": 1, "eval_generate": 0})
         )
     )
     assert summary["total_params"] == full["total_params"]  # 4-bit packing is counted by shape
@@ -428,14 +428,14 @@ def test_classification_strategies_learn(strategy, tmp_path):
     assert summary["eval"]["after"] > 0.4  # three balanced classes: chance is 1/3
 
 
-def test_auto_fit_keeps_the_effective_batch_and_stays_under_the_budget(tmp_path):
-    """A budget below what micro-batch 16 without checkpointing needs: auto_fit picks a
-    setting the plan says fits, and the real run's measured peak stays under it."""
-    budget = 40 * 2**20
+def test_auto_fit_keeps_the_effective_batch_and_stays_under_the_budget(tmp_path, tiny_llama):
+    """A budget below what micro-batch 16 without checkpointing needs (7.2 MiB planned): auto_fit
+    picks a setting the plan says fits, and the real run's measured peak stays under it."""
+    budget = 4 * 2**20
     raw = tiny_run(
         tmp_path,
-        ROOT / "models/tiny",
-        memory={"auto_fit": True, "gpu": "40MiB", "grad_checkpointing": False},
+        tiny_llama,
+        memory={"auto_fit": True, "gpu": "4MiB", "grad_checkpointing": False},
         data={"max_samples": 64, "cutoff_len": 128},
         train={"micro_batch": 16, "grad_accum": 1, "max_steps": 3, "eval_generate": 0},
     )
@@ -452,10 +452,17 @@ def test_auto_fit_keeps_the_effective_batch_and_stays_under_the_budget(tmp_path)
 
 
 def test_auto_fit_refuses_with_the_smallest_change_that_fits(tmp_path, capsys):
+    from transformers import AutoConfig, AutoTokenizer
+
+    # models/tiny at 2 layers of its 4: each of the search's replays costs half
+    base = tmp_path / "two-layers"
+    config = AutoConfig.from_pretrained(ROOT / "models/tiny", num_hidden_layers=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    AutoTokenizer.from_pretrained(ROOT / "models/tiny").save_pretrained(base)
     raw = tiny_run(
         tmp_path,
-        ROOT / "models/tiny",
-        memory={"auto_fit": True, "gpu": "10MiB"},  # less than the weights (14 MB)
+        base,
+        memory={"auto_fit": True, "gpu": "6MiB"},  # less than the weights (7.1 MB)
         data={"max_samples": 64, "cutoff_len": 128},
         train={"eval_generate": 0},
     )
@@ -463,6 +470,7 @@ def test_auto_fit_refuses_with_the_smallest_change_that_fits(tmp_path, capsys):
     import yaml
 
     path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()  # saving the model's progress bar
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "memory.auto_fit: method lora does not fit cpu (0.01 GiB)" in err
