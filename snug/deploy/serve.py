@@ -110,19 +110,25 @@ def loopback(host: str) -> bool:
         return False
 
 
+def read_secret(flag: str, path: Path, error: type[UserError]) -> str:
+    """The first line of a key or token file, stripped (a file keeps it out of `ps`); `error`
+    naming the file when it is missing or that line is empty."""
+    if not path.is_file():
+        raise error(f"{flag} {path}: no such file.")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise error(f"{flag} {path}: the file's first line is empty.")
+    return secret
+
+
 def api_key(args: argparse.Namespace) -> str | None:
     """The key from --api-key or --api-key-file; a non-loopback --host without one is refused."""
     if args.api_key and args.api_key_file:
         raise ServeError("give --api-key or --api-key-file, not both.")
     key = args.api_key
     if args.api_key_file:
-        path = Path(args.api_key_file)
-        if not path.is_file():
-            raise ServeError(f"--api-key-file {path}: no such file.")
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        key = lines[0].strip() if lines else ""
-        if not key:
-            raise ServeError(f"--api-key-file {path}: the file's first line is empty.")
+        key = read_secret("--api-key-file", Path(args.api_key_file), ServeError)
     if key is not None and len(key) < 8:
         raise ServeError("the API key is shorter than 8 characters; use a longer, random one.")
     if key is None and not loopback(args.host):

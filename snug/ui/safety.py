@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
+from snug.deploy.serve import read_secret
 from snug.errors import UserError
 
 TOKEN_MIN_CHARS = 8
@@ -45,12 +46,7 @@ def read_token(token_file: str | None, host: str, is_loopback: bool) -> str | No
             )
         return None
     path = Path(token_file)
-    if not path.is_file():
-        raise UiError(f"--token-file {path}: no such file.")
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    token = lines[0].strip() if lines else ""
-    if not token:
-        raise UiError(f"--token-file {path}: the file's first line is empty.")
+    token = read_secret("--token-file", path, UiError)
     if len(token) < TOKEN_MIN_CHARS:
         raise UiError(
             f"--token-file {path}: the token is shorter than {TOKEN_MIN_CHARS} characters; use "
