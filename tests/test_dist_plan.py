@@ -45,6 +45,7 @@ def test_planner_predicts_the_per_rank_peak(strategy, quant, reshard, precision,
     raw["model"]["quant"] = quant
     raw["dist"]["reshard_after_forward"] = reshard  # false: gathered layers kept until backward
     raw["train"]["precision"] = precision
+    raw["output"]["save_every"] = None  # the steps' peak is the point, not a checkpoint's save
     run = train(tmp_path, strategy, raw)
     measured = json.loads((run / "summary.json").read_text())["peak_memory"]["per_rank_bytes"]
     cfg = config_from_dict(raw)
